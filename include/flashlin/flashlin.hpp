@@ -1,0 +1,156 @@
+// flashlin C++ API: a thin, header-only layer over the C ABI (flashlin.h).
+// Errors become flashlin::Error exceptions carrying the status and the library's message.
+#ifndef FLASHLIN_FLASHLIN_HPP_
+#define FLASHLIN_FLASHLIN_HPP_
+
+#include <flashlin/flashlin.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace flashlin {
+
+class Error : public std::runtime_error {
+ public:
+  Error(flashlin_status status, const std::string& message)
+      : std::runtime_error(message), status_(status) {}
+  flashlin_status status() const noexcept { return status_; }
+
+ private:
+  flashlin_status status_;
+};
+
+// Throws flashlin::Error unless status is FLASHLIN_SUCCESS.
+inline void check(flashlin_status status) {
+  if (status != FLASHLIN_SUCCESS) throw Error(status, flashlin_last_error());
+}
+
+inline std::string version() { return flashlin_version(); }
+inline bool has_cuda() { return flashlin_has_cuda() != 0; }
+inline int cuda_device_count() { return flashlin_cuda_device_count(); }
+inline void set_num_threads(int n) { flashlin_set_num_threads(n); }
+inline int num_threads() { return flashlin_get_num_threads(); }
+
+enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64, kInt32, kInt64 };
+
+inline DLDataType to_dlpack(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return DLDataType{kDLFloat, 32, 1};
+    case DType::kFloat16: return DLDataType{kDLFloat, 16, 1};
+    case DType::kBFloat16: return DLDataType{kDLBfloat, 16, 1};
+    case DType::kFloat64: return DLDataType{kDLFloat, 64, 1};
+    case DType::kInt32: return DLDataType{kDLInt, 32, 1};
+    case DType::kInt64: return DLDataType{kDLInt, 64, 1};
+  }
+  return DLDataType{kDLFloat, 32, 1};
+}
+
+// A DLTensor view that owns its shape and strides arrays (not the data). Copyable.
+class TensorView {
+ public:
+  TensorView() = default;
+  // strides empty means compact row-major.
+  TensorView(void* data, DType dtype, std::vector<int64_t> shape, std::vector<int64_t> strides = {},
+             DLDevice device = DLDevice{kDLCPU, 0})
+      : shape_(std::move(shape)), strides_(std::move(strides)) {
+    if (strides_.empty()) {
+      strides_.assign(shape_.size(), 1);
+      for (size_t i = shape_.size(); i-- > 1;) strides_[i - 1] = strides_[i] * shape_[i];
+    }
+    tensor_.data = data;
+    tensor_.device = device;
+    tensor_.ndim = static_cast<int32_t>(shape_.size());
+    tensor_.dtype = to_dlpack(dtype);
+    tensor_.byte_offset = 0;
+    sync();
+  }
+  TensorView(const TensorView& other) { *this = other; }
+  TensorView& operator=(const TensorView& other) {
+    shape_ = other.shape_;
+    strides_ = other.strides_;
+    tensor_ = other.tensor_;
+    sync();
+    return *this;
+  }
+  DLTensor* get() { return &tensor_; }
+  const DLTensor* get() const { return &tensor_; }
+  DLTensor& dl() { return tensor_; }
+  const std::vector<int64_t>& shape() const { return shape_; }
+  const std::vector<int64_t>& strides() const { return strides_; }
+
+ private:
+  void sync() {
+    tensor_.shape = shape_.data();
+    tensor_.strides = strides_.data();
+  }
+  std::vector<int64_t> shape_, strides_;
+  DLTensor tensor_{};
+};
+
+struct RecurrenceConfig : flashlin_recurrence_config {
+  RecurrenceConfig() : flashlin_recurrence_config{} {}
+  RecurrenceConfig& gate(flashlin_gate_kind kind) { gate_kind = kind; return *this; }
+  RecurrenceConfig& with_form(flashlin_form f) { form = f; return *this; }
+  RecurrenceConfig& with_scale(double s) { scale = s; return *this; }
+  RecurrenceConfig& with_chunk_size(int c) { chunk_size = c; return *this; }
+  RecurrenceConfig& reversed(bool r = true) { reverse = r; return *this; }
+  RecurrenceConfig& with_bonus(bool b = true) { bonus = b; return *this; }
+};
+
+// Views of the inputs; a null pointer stands for an absent optional tensor.
+struct RecurrenceInputs {
+  const DLTensor* q = nullptr;
+  const DLTensor* k = nullptr;
+  const DLTensor* v = nullptr;
+  const DLTensor* g = nullptr;
+  const DLTensor* u = nullptr;
+  const DLTensor* initial_state = nullptr;
+  const DLTensor* cu_seqlens = nullptr;
+  flashlin_recurrence_inputs c_struct() const {
+    return flashlin_recurrence_inputs{q, k, v, g, u, initial_state, cu_seqlens};
+  }
+};
+
+struct RecurrenceGrads {
+  DLTensor* dq = nullptr;
+  DLTensor* dk = nullptr;
+  DLTensor* dv = nullptr;
+  DLTensor* dg = nullptr;
+  DLTensor* du = nullptr;
+  DLTensor* d_initial_state = nullptr;
+  flashlin_recurrence_grads c_struct() const {
+    return flashlin_recurrence_grads{dq, dk, dv, dg, du, d_initial_state};
+  }
+};
+
+inline void recurrence_forward(const flashlin_recurrence_config& config,
+                               const RecurrenceInputs& inputs, DLTensor* o,
+                               DLTensor* final_state = nullptr,
+                               const flashlin_execution* exec = nullptr) {
+  const flashlin_recurrence_inputs c_inputs = inputs.c_struct();
+  check(flashlin_recurrence_forward(&config, &c_inputs, o, final_state, exec));
+}
+
+inline void recurrence_backward(const flashlin_recurrence_config& config,
+                                const RecurrenceInputs& inputs, const DLTensor* d_o,
+                                const DLTensor* d_final_state, const RecurrenceGrads& grads,
+                                const flashlin_execution* exec = nullptr) {
+  const flashlin_recurrence_inputs c_inputs = inputs.c_struct();
+  const flashlin_recurrence_grads c_grads = grads.c_struct();
+  check(flashlin_recurrence_backward(&config, &c_inputs, d_o, d_final_state, &c_grads, exec));
+}
+
+inline size_t recurrence_workspace_size(const flashlin_recurrence_config& config,
+                                        const RecurrenceInputs& inputs, bool backward) {
+  const flashlin_recurrence_inputs c_inputs = inputs.c_struct();
+  size_t bytes = 0;
+  check(flashlin_recurrence_workspace_size(&config, &c_inputs, backward ? 1 : 0, &bytes));
+  return bytes;
+}
+
+}  // namespace flashlin
+
+#endif  // FLASHLIN_FLASHLIN_HPP_

@@ -1,0 +1,353 @@
+// C ABI entry points of the gated linear recurrence (DESIGN.md §3): argument checking, layout
+// normalisation into RecurrenceParams, and dispatch to a backend. All checks run before any
+// backend writes anything.
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "api/error.hpp"
+#include "api/params.hpp"
+#include "api/tensor_checks.hpp"
+#include "cpu/backend.hpp"
+
+namespace flashlin::detail {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 4096;           // K and V; larger is rejected as unsupported
+constexpr int kMaxChunkSize = 1024;
+constexpr int64_t kMaxParallelLength = 8192;    // the parallel form materialises T x T per sequence
+
+StridedTensor strided(const DLTensor* t, const std::vector<int>& dims_to_logical) {
+  // dims_to_logical[i] = logical dimension (0..3) that tensor dimension i maps to.
+  StridedTensor s;
+  if (!t) return s;
+  s.present = true;
+  s.data = element_data(*t);
+  s.dtype = storage_of(t->dtype);
+  for (int i = 0; i < t->ndim; ++i)
+    s.stride[dims_to_logical[i]] = t->shape[i] > 1 ? element_stride(*t, i) : 0;
+  return s;
+}
+
+const std::vector<int> kIdentity4 = {0, 1, 2, 3};
+
+// Everything both directions share: config, q, k, v, g, u, cu_seqlens, initial_state.
+struct Validated {
+  int64_t batch = 0, time = 0, heads = 0, key_dim = 0, value_dim = 0, num_seqs = 0;
+  RecurrenceParams params;
+};
+
+std::vector<int64_t> read_cu_seqlens(ArgumentChecker& check, const DLTensor* cu, int64_t batch,
+                                     int64_t time) {
+  if (cu->ndim != 1 || !cu->shape)
+    check.fail("cu_seqlens", "a 1-D tensor [N + 1]", std::to_string(cu->ndim) + "-D tensor");
+  const DLDataType dt = cu->dtype;
+  if (dt.code != kDLInt || (dt.bits != 32 && dt.bits != 64) || dt.lanes != 1)
+    check.fail("cu_seqlens", "dtype int32 or int64", dtype_string(dt));
+  if (cu->device.device_type != kDLCPU && cu->device.device_type != kDLCUDAHost)
+    check.fail("cu_seqlens", "a tensor in host memory (cpu)", device_string(cu->device));
+  const int64_t count = cu->shape[0];
+  if (count < 2) check.fail("cu_seqlens", "at least 2 entries (one sequence)", shape_string(*cu));
+  if (batch != 1)
+    check.fail("cu_seqlens", "batch size B == 1 with packed sequences (q is [1, T, H, K])",
+               "B = " + std::to_string(batch));
+  if (!cu->data) check.fail("cu_seqlens", "a data pointer", "NULL");
+  if (cu->strides && cu->strides[0] < 0)
+    check.fail("cu_seqlens", "non-negative strides", std::to_string(cu->strides[0]));
+  const int64_t stride = element_stride(*cu, 0);
+  std::vector<int64_t> offsets(static_cast<size_t>(count));
+  const char* base = element_data(*cu);
+  for (int64_t i = 0; i < count; ++i) {
+    if (dt.bits == 32) {
+      int32_t value;
+      std::memcpy(&value, base + 4 * i * stride, 4);
+      offsets[i] = value;
+    } else {
+      std::memcpy(&offsets[i], base + 8 * i * stride, 8);
+    }
+  }
+  if (offsets[0] != 0) check.fail("cu_seqlens", "cu_seqlens[0] == 0", std::to_string(offsets[0]));
+  for (int64_t i = 1; i < count; ++i)
+    if (offsets[i] < offsets[i - 1])
+      check.fail("cu_seqlens", "non-decreasing offsets",
+                 "cu_seqlens[" + std::to_string(i) + "] = " + std::to_string(offsets[i]) +
+                     " < cu_seqlens[" + std::to_string(i - 1) + "] = " +
+                     std::to_string(offsets[i - 1]));
+  if (offsets.back() != time)
+    check.fail("cu_seqlens", "last offset == T = " + std::to_string(time) + " (tokens in q)",
+               std::to_string(offsets.back()));
+  return offsets;
+}
+
+Validated validate_common(ArgumentChecker& check, const flashlin_recurrence_config* config,
+                          const flashlin_recurrence_inputs* inputs) {
+  if (!config) check.fail("config", "a configuration", "NULL");
+  if (!inputs) check.fail("inputs", "an inputs struct", "NULL");
+  const int gate = static_cast<int>(config->gate_kind);
+  if (gate < 0 || gate > 3)
+    check.fail("config.gate_kind", "one of FLASHLIN_GATE_NONE/PER_HEAD/PER_TOKEN/PER_KEY (0..3)",
+               std::to_string(gate));
+  const int form = static_cast<int>(config->form);
+  if (form < 0 || form > 2)
+    check.fail("config.form", "one of FLASHLIN_FORM_CHUNKED/RECURRENT/PARALLEL (0..2)",
+               std::to_string(form));
+  if (config->chunk_size < 0 || config->chunk_size > kMaxChunkSize)
+    check.fail("config.chunk_size", "0 (default 64) or 1.." + std::to_string(kMaxChunkSize),
+               std::to_string(config->chunk_size));
+  if (!std::isfinite(config->scale))
+    check.fail("config.scale", "a finite value (0 selects K^-1/2)", std::to_string(config->scale));
+
+  Validated out;
+  check.float_tensor(inputs->q, "q", 4);
+  const DLTensor& q = *inputs->q;
+  out.batch = q.shape[0];
+  out.time = q.shape[1];
+  out.heads = q.shape[2];
+  out.key_dim = q.shape[3];
+  if (out.key_dim < 1) check.fail("q", "key dimension K >= 1", shape_string(q));
+  if (out.key_dim > kMaxHeadDim)
+    check.fail("q", "key dimension K <= " + std::to_string(kMaxHeadDim), shape_string(q),
+               FLASHLIN_ERROR_UNSUPPORTED);
+  check.float_tensor(inputs->k, "k", 4);
+  check.shape_equals(inputs->k, "k", {out.batch, out.time, out.heads, out.key_dim}, "(as q)");
+  check.dtype_equals(inputs->k, "k", q.dtype, "q");
+  check.float_tensor(inputs->v, "v", 4);
+  const DLTensor& v = *inputs->v;
+  out.value_dim = v.shape[3];
+  check.shape_equals(inputs->v, "v", {out.batch, out.time, out.heads, out.value_dim},
+                     "([B, T, H, V] with B, T, H of q)");
+  check.dtype_equals(inputs->v, "v", q.dtype, "q");
+  if (out.value_dim < 1) check.fail("v", "value dimension V >= 1", shape_string(v));
+  if (out.value_dim > kMaxHeadDim)
+    check.fail("v", "value dimension V <= " + std::to_string(kMaxHeadDim), shape_string(v),
+               FLASHLIN_ERROR_UNSUPPORTED);
+
+  RecurrenceParams& p = out.params;
+  p.gate = static_cast<GateKind>(gate);
+  p.form = static_cast<Form>(form);
+  p.bonus = config->bonus != 0;
+  p.reverse = config->reverse != 0;
+  p.chunk_size = config->chunk_size == 0 ? 64 : config->chunk_size;
+  p.scale = config->scale == 0 ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(out.key_dim)))
+                               : static_cast<float>(config->scale);
+  p.num_heads = out.heads;
+  p.key_dim = out.key_dim;
+  p.value_dim = out.value_dim;
+
+  // Gate.
+  const DLTensor* g = inputs->g;
+  if (p.gate == GateKind::kNone) {
+    if (g) check.fail("g", "NULL (gate_kind is FLASHLIN_GATE_NONE)", "a tensor");
+  } else {
+    static const char* const kGateShapes[] = {"", "[H]", "[B, T, H]", "[B, T, H, K]"};
+    if (!g) check.fail("g", std::string("a gate tensor ") + kGateShapes[gate], "NULL");
+    const int ndim = gate == 1 ? 1 : gate == 2 ? 3 : 4;
+    check.float_tensor(g, "g", ndim);
+    if (p.gate == GateKind::kPerHead) {
+      check.shape_equals(g, "g", {out.heads}, "(per-head gate [H])");
+      p.g = strided(g, {2});
+    } else if (p.gate == GateKind::kPerToken) {
+      check.shape_equals(g, "g", {out.batch, out.time, out.heads}, "(per-token gate [B, T, H])");
+      p.g = strided(g, {0, 1, 2});
+    } else {
+      check.shape_equals(g, "g", {out.batch, out.time, out.heads, out.key_dim},
+                         "(per-key gate [B, T, H, K])");
+      p.g = strided(g, kIdentity4);
+    }
+  }
+  // Bonus.
+  if (!p.bonus && inputs->u) check.fail("u", "NULL (config.bonus is 0)", "a tensor");
+  if (p.bonus) {
+    if (!inputs->u) check.fail("u", "a bonus tensor [H, K] (config.bonus is set)", "NULL");
+    check.float_tensor(inputs->u, "u", 2);
+    check.shape_equals(inputs->u, "u", {out.heads, out.key_dim}, "([H, K])");
+    p.u = strided(inputs->u, {2, 3});
+  }
+  // Sequences.
+  if (inputs->cu_seqlens) {
+    const std::vector<int64_t> offsets = read_cu_seqlens(check, inputs->cu_seqlens, out.batch, out.time);
+    for (size_t i = 0; i + 1 < offsets.size(); ++i)
+      p.sequences.push_back({0, offsets[i], offsets[i + 1] - offsets[i]});
+  } else {
+    for (int64_t b = 0; b < out.batch; ++b) p.sequences.push_back({b, 0, out.time});
+  }
+  out.num_seqs = static_cast<int64_t>(p.sequences.size());
+  if (inputs->initial_state) {
+    check.float_tensor(inputs->initial_state, "initial_state", 4);
+    check.shape_equals(inputs->initial_state, "initial_state",
+                       {out.num_seqs, out.heads, out.key_dim, out.value_dim},
+                       inputs->cu_seqlens ? "([N, H, K, V], N = sequences in cu_seqlens)"
+                                          : "([N, H, K, V], N = B)");
+    p.initial_state = strided(inputs->initial_state, kIdentity4);
+  }
+  if (p.form == Form::kParallel && p.max_sequence_length() > kMaxParallelLength)
+    check.fail("config.form",
+               "sequences of at most " + std::to_string(kMaxParallelLength) +
+                   " tokens for the parallel form (use the chunked form)",
+               "a sequence of " + std::to_string(p.max_sequence_length()),
+               FLASHLIN_ERROR_UNSUPPORTED);
+
+  p.q = strided(inputs->q, kIdentity4);
+  p.k = strided(inputs->k, kIdentity4);
+  p.v = strided(inputs->v, kIdentity4);
+  for (const auto& [tensor, name] :
+       {std::pair<const DLTensor*, const char*>{inputs->q, "q"}, {inputs->k, "k"},
+        {inputs->v, "v"}, {inputs->g, "g"}, {inputs->u, "u"},
+        {inputs->initial_state, "initial_state"}, {inputs->cu_seqlens, "cu_seqlens"}})
+    check.register_input(tensor, name);
+  return out;
+}
+
+std::vector<int64_t> state_shape(const Validated& val) {
+  return {val.num_seqs, val.heads, val.key_dim, val.value_dim};
+}
+
+void optional_state(ArgumentChecker& check, const DLTensor* t, const char* arg,
+                    const Validated& val) {
+  check.float_tensor(t, arg, 4);
+  check.shape_equals(t, arg, state_shape(val), "([N, H, K, V])");
+}
+
+flashlin_status run(const RecurrenceParams& params, bool backward, const DLDevice& device) {
+  if (device.device_type == kDLCUDA) {
+    throw ApiError{FLASHLIN_ERROR_UNSUPPORTED,
+                   "flashlin: the CUDA backend of the recurrence is not available in this build"};
+  }
+  return backward ? cpu::recurrence_backward(params) : cpu::recurrence_forward(params);
+}
+
+}  // namespace
+}  // namespace flashlin::detail
+
+using flashlin::detail::ArgumentChecker;
+using flashlin::detail::guarded;
+using flashlin::detail::kIdentity4;
+using flashlin::detail::strided;
+using flashlin::detail::Validated;
+
+extern "C" {
+
+flashlin_status flashlin_recurrence_forward(const flashlin_recurrence_config* config,
+                                            const flashlin_recurrence_inputs* inputs, DLTensor* o,
+                                            DLTensor* final_state, const flashlin_execution* exec) {
+  static const char* const kFn = "flashlin_recurrence_forward";
+  return guarded(kFn, [&]() {
+    ArgumentChecker check(kFn);
+    Validated val = flashlin::detail::validate_common(check, config, inputs);
+    if (!o) check.fail("o", "an output tensor [B, T, H, V]", "NULL");
+    check.float_tensor(o, "o", 4);
+    check.shape_equals(o, "o", {val.batch, val.time, val.heads, val.value_dim}, "(as v)");
+    check.dtype_equals(o, "o", inputs->v->dtype, "v");
+    if (final_state) flashlin::detail::optional_state(check, final_state, "final_state", val);
+    check.register_output(o, "o");
+    check.register_output(final_state, "final_state", inputs->initial_state);
+    val.params.o = strided(o, kIdentity4);
+    val.params.final_state = strided(final_state, kIdentity4);
+    if (exec) {
+      val.params.stream = exec->stream;
+      val.params.workspace = exec->workspace;
+      val.params.workspace_bytes = exec->workspace_bytes;
+    }
+    return flashlin::detail::run(val.params, false, check.device());
+  });
+}
+
+flashlin_status flashlin_recurrence_backward(const flashlin_recurrence_config* config,
+                                             const flashlin_recurrence_inputs* inputs,
+                                             const DLTensor* d_o, const DLTensor* d_final_state,
+                                             const flashlin_recurrence_grads* grads,
+                                             const flashlin_execution* exec) {
+  static const char* const kFn = "flashlin_recurrence_backward";
+  return guarded(kFn, [&]() {
+    ArgumentChecker check(kFn);
+    Validated val = flashlin::detail::validate_common(check, config, inputs);
+    flashlin::detail::RecurrenceParams& p = val.params;
+    if (!d_o) check.fail("d_o", "the output gradient [B, T, H, V]", "NULL");
+    if (!grads) check.fail("grads", "a gradients struct", "NULL");
+    check.float_tensor(d_o, "d_o", 4);
+    check.shape_equals(d_o, "d_o", {val.batch, val.time, val.heads, val.value_dim}, "(as v)");
+    check.dtype_equals(d_o, "d_o", inputs->v->dtype, "v");
+    check.register_input(d_o, "d_o");
+    if (d_final_state) {
+      flashlin::detail::optional_state(check, d_final_state, "d_final_state", val);
+      check.register_input(d_final_state, "d_final_state");
+    }
+    const std::vector<int64_t> qk_shape = {val.batch, val.time, val.heads, val.key_dim};
+    if (grads->dq) {
+      check.float_tensor(grads->dq, "dq", 4);
+      check.shape_equals(grads->dq, "dq", qk_shape, "(as q)");
+      check.dtype_equals(grads->dq, "dq", inputs->q->dtype, "q");
+    }
+    if (grads->dk) {
+      check.float_tensor(grads->dk, "dk", 4);
+      check.shape_equals(grads->dk, "dk", qk_shape, "(as k)");
+      check.dtype_equals(grads->dk, "dk", inputs->k->dtype, "k");
+    }
+    if (grads->dv) {
+      check.float_tensor(grads->dv, "dv", 4);
+      check.shape_equals(grads->dv, "dv", {val.batch, val.time, val.heads, val.value_dim}, "(as v)");
+      check.dtype_equals(grads->dv, "dv", inputs->v->dtype, "v");
+    }
+    if (grads->dg) {
+      if (p.gate == flashlin::detail::GateKind::kNone)
+        check.fail("dg", "NULL (gate_kind FLASHLIN_GATE_NONE has no gate)", "a tensor");
+      if (p.gate == flashlin::detail::GateKind::kPerHead)
+        check.fail("dg", "NULL (a constant per-head decay has no gradient)", "a tensor");
+      const DLTensor* g = inputs->g;
+      check.float_tensor(grads->dg, "dg", g->ndim);
+      check.shape_equals(grads->dg, "dg", std::vector<int64_t>(g->shape, g->shape + g->ndim),
+                         "(as g)");
+      check.dtype_equals(grads->dg, "dg", g->dtype, "g");
+    }
+    if (grads->du) {
+      if (!p.bonus) check.fail("du", "NULL (config.bonus is 0: there is no u)", "a tensor");
+      check.float_tensor(grads->du, "du", 2);
+      check.shape_equals(grads->du, "du", {val.heads, val.key_dim}, "(as u)");
+    }
+    if (grads->d_initial_state)
+      flashlin::detail::optional_state(check, grads->d_initial_state, "d_initial_state", val);
+    check.register_output(grads->dq, "dq");
+    check.register_output(grads->dk, "dk");
+    check.register_output(grads->dv, "dv");
+    check.register_output(grads->dg, "dg");
+    check.register_output(grads->du, "du");
+    check.register_output(grads->d_initial_state, "d_initial_state");
+
+    p.d_o = strided(d_o, kIdentity4);
+    p.d_final_state = strided(d_final_state, kIdentity4);
+    p.dq = strided(grads->dq, kIdentity4);
+    p.dk = strided(grads->dk, kIdentity4);
+    p.dv = strided(grads->dv, kIdentity4);
+    if (grads->dg) {
+      if (p.gate == flashlin::detail::GateKind::kPerToken)
+        p.dg = strided(grads->dg, {0, 1, 2});
+      else
+        p.dg = strided(grads->dg, kIdentity4);
+    }
+    p.du = strided(grads->du, {2, 3});
+    p.d_initial_state = strided(grads->d_initial_state, kIdentity4);
+    if (exec) {
+      p.stream = exec->stream;
+      p.workspace = exec->workspace;
+      p.workspace_bytes = exec->workspace_bytes;
+    }
+    return flashlin::detail::run(p, true, check.device());
+  });
+}
+
+flashlin_status flashlin_recurrence_workspace_size(const flashlin_recurrence_config* config,
+                                                   const flashlin_recurrence_inputs* inputs,
+                                                   int backward, size_t* bytes) {
+  static const char* const kFn = "flashlin_recurrence_workspace_size";
+  return guarded(kFn, [&]() {
+    ArgumentChecker check(kFn);
+    if (!bytes) check.fail("bytes", "a pointer to write the size to", "NULL");
+    flashlin::detail::validate_common(check, config, inputs);
+    (void)backward;
+    *bytes = 0;  // the CPU backend manages its own host scratch memory
+    return FLASHLIN_SUCCESS;
+  });
+}
+
+}  // extern "C"
