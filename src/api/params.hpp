@@ -41,6 +41,7 @@ enum class GateKind : uint8_t { kNone = 0, kPerHead = 1, kPerToken = 2, kPerKey 
 enum class Form : uint8_t { kChunked = 0, kRecurrent = 1, kParallel = 2 };
 
 struct RecurrenceParams {
+  int64_t batch = 0, time = 0;  // B and T of the token tensors
   int64_t num_heads = 0, key_dim = 0, value_dim = 0;
   std::vector<SequenceSpan> sequences;  // N sequences; state tensors are indexed by position here
 

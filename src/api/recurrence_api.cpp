@@ -173,6 +173,8 @@ Validated validate_common(ArgumentChecker& check, const flashlin_recurrence_conf
     for (int64_t b = 0; b < out.batch; ++b) p.sequences.push_back({b, 0, out.time});
   }
   out.num_seqs = static_cast<int64_t>(p.sequences.size());
+  p.batch = out.batch;
+  p.time = out.time;
   if (inputs->initial_state) {
     check.float_tensor(inputs->initial_state, "initial_state", 4);
     check.shape_equals(inputs->initial_state, "initial_state",
