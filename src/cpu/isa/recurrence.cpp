@@ -173,9 +173,12 @@ struct Workspace {
   MatrixF scores, d_scores;  // row block x rows
   MatrixF product;           // rows x K scratch for products before a decay is applied
   MatrixF gate_grad;         // rows x gate_cols: dG (chunked) or dg (recurrent)
-  RowF u, final_gate_grad, next_query_term, gate_grad_carry, du;
+  RowF u, gate_grad_carry, du;
+  RowF boundary_gate_grad;  // dg of the current chunk's last token (see chunk_boundary_dg)
+  RowF pair_grad;  // rows: dA of the pair whose decay is exactly 1 (see chunk_backward)
   std::vector<float> checkpoints;   // saved states at segment starts
   std::vector<float> chunk_states;  // states at chunk starts of the current segment (+ exit)
+  std::vector<float> prefix_states;  // the same without the previous chunk's last token
   std::vector<float> token_states;  // recurrent backward: states before each token of a block
 
   Workspace(const Plan& plan) {
@@ -202,10 +205,13 @@ struct Workspace {
       const int64_t segments = static_cast<int64_t>(std::ceil(std::sqrt(double(cp.num_blocks)))) + 1;
       checkpoints.resize(static_cast<size_t>(segments * K * Vb));
       chunk_states.resize(static_cast<size_t>((std::max(cp.segment, fitting) + 1) * K * Vb));
+      if (plan.p.form != Form::kRecurrent) prefix_states.resize(chunk_states.size());
       if (plan.p.form == Form::kRecurrent)
         token_states.resize(static_cast<size_t>((kRecurrentBlock + 1) * K * Vb));
     }
-    for (RowF* r : {&u, &final_gate_grad, &next_query_term, &gate_grad_carry, &du}) r->resize(K);
+    for (RowF* r : {&u, &gate_grad_carry, &du, &boundary_gate_grad})
+      r->resize(K);
+    pair_grad.resize(rows);
   }
 };
 
@@ -277,24 +283,23 @@ class SequenceKernel {
       advance_block(b * block, std::min(block, len_ - b * block));
       if ((b + 1) % segment == 0) copy_state_to(state_, checkpoint((b + 1) / segment));
     }
-    w_.next_query_term.setZero();
     w_.gate_grad_carry.setZero();
     for (int64_t s = num_segments - 1; s >= 0; --s) {
       const int64_t b_begin = s * segment, b_end = std::min(num_blocks, b_begin + segment);
       copy_state_from(checkpoint(s), state_);
       copy_state_to(state_, saved_state(0));
       for (int64_t b = b_begin; b < b_end; ++b) {
-        advance_block(b * block, std::min(block, len_ - b * block));
+        advance_block(b * block, std::min(block, len_ - b * block),
+                      recurrent ? nullptr : saved_prefix_state(b - b_begin + 1));
         copy_state_to(state_, saved_state(b - b_begin + 1));
       }
-      if (s == num_segments - 1) final_state_term(saved_state(b_end - b_begin));
       for (int64_t b = b_end - 1; b >= b_begin; --b) {
         const int64_t c0 = b * block, rows = std::min(block, len_ - c0);
         copy_state_from(saved_state(b - b_begin), state_);  // entry state of the block
         if (recurrent) {
           recurrent_backward_block(c0, rows);
         } else {
-          chunk_backward(c0, rows);
+          chunk_backward(c0, rows, saved_prefix_state(b - b_begin + 1));
         }
       }
     }
@@ -316,6 +321,8 @@ class SequenceKernel {
   int64_t time_of(int64_t t) const { return p_.token_index(seq_, t); }
   float* checkpoint(int64_t s) { return w_.checkpoints.data() + s * K_ * Vb_; }
   float* saved_state(int64_t i) { return w_.chunk_states.data() + i * K_ * Vb_; }
+  // Exit state of block i - 1 without that block's last token (chunked and parallel forms).
+  float* saved_prefix_state(int64_t i) { return w_.prefix_states.data() + i * K_ * Vb_; }
   void copy_state_to(ConstRefF s, float* dst) const {
     for (int64_t i = 0; i < K_; ++i) std::copy(s.row(i).data(), s.row(i).data() + Vb_, dst + i * Vb_);
   }
@@ -467,18 +474,25 @@ class SequenceKernel {
   }
 
   // S = exp(G_last) * S + (K * exp(G_last - G))^T V, for the chunk in the workspace.
-  void state_update(int64_t rows) {
+  // prefix_out: if given, receives the new state without the last token's k v^T (see backward()).
+  void state_update(int64_t rows, float* prefix_out = nullptr) {
     auto k_decayed = w_.k_decayed.topRows(rows);
     k_decayed = w_.k.topRows(rows);
     if constexpr (kDecay != Decay::kNone) {
       apply_factors(k_decayed, w_.key_decay.topRows(rows));
       decay_state(state_, w_.gate_cumsum.row(rows - 1));
     }
-    state_.noalias() += k_decayed.transpose() * v_.topRows(rows);
+    if (!prefix_out) {
+      state_.noalias() += k_decayed.transpose() * v_.topRows(rows);
+      return;
+    }
+    state_.noalias() += k_decayed.topRows(rows - 1).transpose() * v_.topRows(rows - 1);
+    copy_state_to(state_, prefix_out);
+    state_.noalias() += k_decayed.row(rows - 1).transpose() * v_.row(rows - 1);
   }
 
   // Moves state_ over block [c0, c0 + rows) (no outputs).
-  void advance_block(int64_t c0, int64_t rows) {
+  void advance_block(int64_t c0, int64_t rows, float* prefix_out = nullptr) {
     if (p_.form == Form::kRecurrent) {
       load_rows(p_.k, c0, rows, 0, K_, w_.k);
       load_rows(p_.v, c0, rows, task_.v_begin, Vb_, v_);
@@ -486,14 +500,17 @@ class SequenceKernel {
       for (int64_t i = 0; i < rows; ++i) recurrent_step(i, nullptr, state_.data(), nullptr);
     } else {
       load_chunk(c0, rows, false, false);
-      state_update(rows);
+      state_update(rows, prefix_out);
     }
   }
 
   // ---- chunked / parallel backward ----
   // state_ holds the chunk's entry state, d_state_ the gradient of its exit state.
-  void chunk_backward(int64_t c0, int64_t rows) {
+  // exit_prefix_state: the exit state without the chunk's last k v^T (see chunk_boundary_dg).
+  void chunk_backward(int64_t c0, int64_t rows, const float* exit_prefix_state) {
     load_chunk(c0, rows, true, true);
+    const bool want_gate_grad = p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
+    if (want_gate_grad) chunk_boundary_dg(rows, exit_prefix_state);
     auto dq = w_.dq.topRows(rows), dk = w_.dk.topRows(rows);
     auto dv = dv_.topRows(rows);
     auto d_o = d_o_.topRows(rows);
@@ -501,6 +518,7 @@ class SequenceKernel {
     dk.setZero();
     dv.setZero();
     const int64_t diag_shift = p_.bonus ? 0 : 1;
+    const int64_t pair_offset = p_.bonus ? 1 : 0;
     const int64_t block = row_block(rows);
     for (int64_t s = 0; s < rows; s += block) {
       const int64_t e = std::min(rows, s + block), n = e - s;
@@ -517,6 +535,14 @@ class SequenceKernel {
               (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array())
                   .template cast<float>().exp().transpose();
         }
+      }
+      // The pair (i, i - pair_offset) has decay exactly 1; its terms in q'_i * dq'_i and
+      // k_j * dk_j are equal and cancel in dG, so it is kept out of dq, dk until dG is formed
+      // (otherwise dG would carry float32 rounding of O(1) terms that cancel).
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = s + i, col = row - pair_offset;
+        w_.pair_grad(row) = col >= 0 ? d_scores(i, col) : 0.0f;
+        if (col >= 0) d_scores(i, col) = 0.0f;
       }
       if constexpr (kDecay != Decay::kPerKey) {
         dq.middleRows(s, n).noalias() += d_scores * w_.k.topRows(e);
@@ -570,26 +596,28 @@ class SequenceKernel {
     }
     d_state_.noalias() += q_decayed.transpose() * d_o;
 
-    const bool want_gate_grad = p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
-    if (want_gate_grad) chunk_gate_grad(c0, rows);
+    if (want_gate_grad) chunk_gate_grad(rows);
+    for (int64_t row = pair_offset; row < rows; ++row) {
+      const float d = w_.pair_grad(row);
+      dq.row(row) += d * w_.k.row(row - pair_offset);
+      dk.row(row - pair_offset) += d * w_.q.row(row);
+    }
     bonus_backward(rows);
     emit(c0, rows, /*gate_grad_is_final=*/false);
   }
 
-  // dG of the chunk's rows into w_.gate_grad (before the reverse cumulative sum).
-  void chunk_gate_grad(int64_t c0, int64_t rows) {
+  // dG of the chunk's rows into w_.gate_grad (before the reverse cumulative sum). The last row
+  // is not needed: its dg comes directly from chunk_boundary_dg.
+  void chunk_gate_grad(int64_t rows) {
     auto per_key = w_.product.topRows(rows);  // free again here
     per_key = -w_.k.topRows(rows).cwiseProduct(w_.dk.topRows(rows));
-    if (p_.bonus) {
+    if (p_.bonus) {  // o_{t+1} reads the state decayed by g_t
       if (rows > 1)
         per_key.topRows(rows - 1) +=
             w_.q.middleRows(1, rows - 1).cwiseProduct(w_.dq.middleRows(1, rows - 1));
-      per_key.row(rows - 1) += w_.next_query_term;
-      w_.next_query_term = w_.q.row(0).cwiseProduct(w_.dq.row(0));
     } else {
       per_key += w_.q.topRows(rows).cwiseProduct(w_.dq.topRows(rows));
     }
-    if (c0 + rows == len_) per_key.row(rows - 1) += w_.final_gate_grad;
     if (Kg_ == 1) {
       w_.gate_grad.topRows(rows) = per_key.rowwise().sum();
     } else {
@@ -597,13 +625,23 @@ class SequenceKernel {
     }
   }
 
-  // rowsum(S_T * dS_T): the final state's dependence on the last cumulative decay.
-  void final_state_term(const float* final_state) {
-    w_.final_gate_grad.setZero();
-    if (!final_state || p_.form == Form::kRecurrent) return;
-    for (int64_t i = 0; i < K_; ++i) {
-      w_.final_gate_grad(i) = Eigen::Map<const RowF>(final_state + i * Vb_, Vb_).dot(d_state_.row(i));
+  // dg of the chunk's last token t, directly: g_t scales the state S_{t-1} inside
+  // S_t = exp(g_t) S_{t-1} + k_t v_t^T, so dg_t = rowsum(dS_t * exp(g_t) S_{t-1}), with dS_t the
+  // gradient of S_t from later chunks (d_state_ on entry) plus, standard form, q'_t do_t^T.
+  // exp(g_t) S_{t-1} is computed directly (exit_prefix_state), not as S_t - k_t v_t^T, and the
+  // reverse cumulative sum restarts from this value in every chunk: no rounding of cancelling
+  // O(1) terms reaches dg, however small the true gradient.
+  void chunk_boundary_dg(int64_t rows, const float* exit_prefix_state) {
+    Eigen::Map<const MatrixF> prefix(exit_prefix_state, K_, Vb_);
+    RowF per_key = d_state_.cwiseProduct(prefix).rowwise().sum().transpose();
+    if (!p_.bonus)
+      per_key += w_.q.row(rows - 1).cwiseProduct((prefix * d_o_.row(rows - 1).transpose()).transpose());
+    if (Kg_ == 1) {
+      w_.boundary_gate_grad(0) = per_key.sum();
+    } else {
+      w_.boundary_gate_grad = per_key;
     }
+    has_boundary_gate_grad_ = true;
   }
 
   // RWKV-6 bonus: o_i += (q'_i . (u * k_i)) v_i. Adds dv here and keeps dq, dk parts apart.
@@ -745,18 +783,23 @@ class SequenceKernel {
     }
     if (p_.dv.present) store_rows(dv_, c0, rows, p_.dv, task_.v_begin, Vb_);
     const bool want_gate_grad = p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
+    if (want_gate_grad && !gate_grad_is_final) {  // reverse cumulative sum of dG -> dg
+      for (int64_t i = rows - 1; i >= 0; --i) {
+        if (i == rows - 1 && has_boundary_gate_grad_) {
+          w_.gate_grad_carry.head(Kg_) = w_.boundary_gate_grad.head(Kg_);
+        } else {
+          w_.gate_grad_carry.head(Kg_) += w_.gate_grad.row(i);
+        }
+        w_.gate_grad.row(i) = w_.gate_grad_carry.head(Kg_);
+      }
+    }
     if (plan_.num_v_blocks == 1) {
       if (p_.dq.present) store_rows(w_.dq, c0, rows, p_.dq, 0, K_, p_.scale);
       if (p_.dk.present) store_rows(w_.dk, c0, rows, p_.dk, 0, K_);
       if (want_gate_grad) {
-        for (int64_t i = rows - 1; i >= 0; --i) {
-          if (!gate_grad_is_final) {
-            w_.gate_grad_carry.head(Kg_) += w_.gate_grad.row(i);
-            w_.gate_grad.row(i) = w_.gate_grad_carry.head(Kg_);
-          }
+        for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < Kg_; ++j)
             if (!(w_.gate_raw(i, j) > kLogDecayFloor)) w_.gate_grad(i, j) = 0.0f;
-        }
         store_rows(w_.gate_grad, c0, rows, p_.dg, 0, Kg_);
       }
       return;
@@ -784,12 +827,14 @@ class SequenceKernel {
   const int64_t K_, Kg_, Vb_, len_;
   // Value-block views at this task's exact width.
   Eigen::Map<MatrixF> v_, d_o_, out_, dv_, state_, d_state_;
+  bool has_boundary_gate_grad_ = false;  // boundary_gate_grad holds dg of the chunk's last row
 };
 
 // --- Drivers -------------------------------------------------------------------------------------
 
-// Sums the value-block partials of dq, dk and dg in a fixed order and writes the gradients.
-void write_summed_partials(const Plan& plan, const Partials& partials, bool gate_grad_is_final) {
+// Sums the value-block partials of dq, dk and dg (each block's dg already summed over time) in a
+// fixed order and writes the gradients.
+void write_summed_partials(const Plan& plan, const Partials& partials) {
   const RecurrenceParams& p = plan.p;
   const int64_t K = plan.K, Kg = plan.gate_cols, H = p.num_heads;
   const int64_t block_stride = p.batch * p.time * H;
@@ -799,7 +844,7 @@ void write_summed_partials(const Plan& plan, const Partials& partials, bool gate
   for (int64_t pair = 0; pair < pairs; ++pair) {
     const SequenceSpan& seq = p.sequences[static_cast<size_t>(pair / H)];
     const int64_t head = pair % H;
-    RowF sum(K), carry = RowF::Zero(Kg), gate_raw(Kg);
+    RowF sum(K), gate_raw(Kg);
     for (int64_t t = seq.length - 1; t >= 0; --t) {
       const int64_t time = p.token_index(seq, t);
       const int64_t token = (seq.batch * p.time + time) * H + head;
@@ -816,10 +861,6 @@ void write_summed_partials(const Plan& plan, const Partials& partials, bool gate
       RowF gate_grad = RowF::Zero(Kg);
       for (int64_t b = 0; b < plan.num_v_blocks; ++b)
         gate_grad += Eigen::Map<const RowF>(partials.dg.data() + (b * block_stride + token) * Kg, Kg);
-      if (!gate_grad_is_final) {
-        carry += gate_grad;
-        gate_grad = carry;
-      }
       load_row(p.g.at(seq.batch, time, head, 0), p.g.dtype, p.g.stride[3], Kg, gate_raw.data());
       for (int64_t j = 0; j < Kg; ++j)
         if (!(gate_raw(j) > kLogDecayFloor)) gate_grad(j) = 0.0f;
@@ -863,7 +904,7 @@ flashlin_status run(const RecurrenceParams& p, bool backward, int threads) {
       }
     }
     if (backward && plan.num_v_blocks > 1)
-      write_summed_partials(plan, partials, p.form == Form::kRecurrent);
+      write_summed_partials(plan, partials);
   }
   if (backward && p.du.present) {  // du[h] = sum over sequences and value blocks, fixed order
     RowF du(plan.K);
