@@ -54,6 +54,10 @@ FLASHLIN_API int flashlin_cuda_device_count(void); /* 0 without CUDA or without 
 /* Threads used by the CPU backend (0 = all hardware threads, the default). */
 FLASHLIN_API void flashlin_set_num_threads(int num_threads);
 FLASHLIN_API int flashlin_get_num_threads(void);
+/* Instruction set of the CPU kernels in use: "avx512", "avx2" or "generic" (chosen once, at
+ * first use, from the CPU; the environment variable FLASHLIN_CPU_ISA=generic|avx2 forces a
+ * narrower one). */
+FLASHLIN_API const char* flashlin_cpu_isa(void);
 
 typedef enum flashlin_gate_kind {
   FLASHLIN_GATE_NONE = 0,      /* g must be NULL: plain linear attention                */
@@ -81,8 +85,9 @@ typedef struct flashlin_recurrence_config {
 /*
  * Inputs. Layout is sequence-first (as in `fla`): q, k [B, T, H, K]; v [B, T, H, V];
  * g per gate kind (see above); u [H, K]; initial_state [N, H, K, V] where N = B, or the number of
- * sequences when cu_seqlens is given. q/k/v: float32, float16 or bfloat16 (all the same dtype);
- * g, u, states: any of those (computation is float32 throughout).
+ * sequences when cu_seqlens is given. q/k/v: float32, float16, bfloat16 or float64 (all the same
+ * dtype); g, u, states: any of those. Computation is in float32, or in float64 when q is float64
+ * (for gradient checks and references; CPU only).
  * cu_seqlens: [N + 1] int32 or int64 on the CPU, starting at 0, non-decreasing, ending at T;
  * requires B == 1 (packed sequences). Sequences of length 0 are allowed.
  */

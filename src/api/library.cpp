@@ -61,5 +61,6 @@ int flashlin_cuda_device_count(void) {
 
 void flashlin_set_num_threads(int num_threads) { flashlin::cpu::set_num_threads(num_threads); }
 int flashlin_get_num_threads(void) { return flashlin::cpu::num_threads(); }
+const char* flashlin_cpu_isa(void) { return flashlin::cpu::isa_name(); }
 
 }  // extern "C"

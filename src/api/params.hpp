@@ -9,9 +9,11 @@
 
 namespace flashlin::detail {
 
-enum class Storage : uint8_t { kFloat32, kFloat16, kBFloat16 };
+enum class Storage : uint8_t { kFloat32, kFloat16, kBFloat16, kFloat64 };
 
-inline size_t storage_bytes(Storage s) { return s == Storage::kFloat32 ? 4 : 2; }
+inline size_t storage_bytes(Storage s) {
+  return s == Storage::kFloat64 ? 8 : s == Storage::kFloat32 ? 4 : 2;
+}
 
 // A tensor normalised to four logical dimensions. Broadcast dimensions have stride 0, so a
 // per-head gate [H] is seen as [B, T, H, K] with strides (0, 0, s_h, 0).
@@ -50,7 +52,7 @@ struct RecurrenceParams {
   bool bonus = false;    // RWKV-6 variant
   bool reverse = false;  // visit each sequence from its last token to its first
   int chunk_size = 64;
-  float scale = 1.0f;
+  double scale = 1.0;  // rounded to the compute type by the backend
 
   // Forward inputs and outputs.
   StridedTensor q, k, v, g, u, initial_state;

@@ -129,8 +129,7 @@ Validated validate_common(ArgumentChecker& check, const flashlin_recurrence_conf
   p.bonus = config->bonus != 0;
   p.reverse = config->reverse != 0;
   p.chunk_size = config->chunk_size == 0 ? 64 : config->chunk_size;
-  p.scale = config->scale == 0 ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(out.key_dim)))
-                               : static_cast<float>(config->scale);
+  p.scale = config->scale == 0 ? 1.0 / std::sqrt(static_cast<double>(out.key_dim)) : config->scale;
   p.num_heads = out.heads;
   p.key_dim = out.key_dim;
   p.value_dim = out.value_dim;

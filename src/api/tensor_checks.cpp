@@ -75,6 +75,7 @@ bool same_view(const DLTensor& a, const DLTensor& b) {
 
 Storage storage_of(DLDataType dtype) {
   if (dtype.code == kDLBfloat) return Storage::kBFloat16;
+  if (dtype.bits == 64) return Storage::kFloat64;
   return dtype.bits == 16 ? Storage::kFloat16 : Storage::kFloat32;
 }
 
@@ -93,9 +94,10 @@ void ArgumentChecker::float_tensor(const DLTensor* t, const char* arg, int ndim)
   for (int i = 0; i < ndim; ++i)
     if (t->shape[i] < 0) fail(arg, "non-negative sizes", "shape " + shape_string(*t));
   const DLDataType dt = t->dtype;
-  const bool ok = dt.lanes == 1 && ((dt.code == kDLFloat && (dt.bits == 32 || dt.bits == 16)) ||
-                                    (dt.code == kDLBfloat && dt.bits == 16));
-  if (!ok) fail(arg, "dtype float32, float16 or bfloat16", dtype_string(dt));
+  const bool ok =
+      dt.lanes == 1 && ((dt.code == kDLFloat && (dt.bits == 64 || dt.bits == 32 || dt.bits == 16)) ||
+                        (dt.code == kDLBfloat && dt.bits == 16));
+  if (!ok) fail(arg, "dtype float32, float64, float16 or bfloat16", dtype_string(dt));
   if (t->strides)
     for (int i = 0; i < ndim; ++i)
       if (t->strides[i] < 0)

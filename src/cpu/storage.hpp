@@ -1,5 +1,5 @@
-// Conversion between the storage dtypes (float32, float16, bfloat16) and float32, and strided
-// row loads/stores. Rounding to 16-bit types is to nearest, ties to even; NaN stays NaN and
+// Conversion between the storage dtypes (float32, float64, float16, bfloat16) and the compute
+// type, and strided row loads/stores. Rounding to 16-bit types is to nearest, ties to even; NaN stays NaN and
 // overflow gives infinity. Written without intrinsics so the compiler vectorizes it for whichever
 // instruction set the including file is compiled for; the functions live in that instruction
 // set's namespace so copies compiled for different instruction sets never merge at link time.
@@ -66,49 +66,65 @@ inline uint16_t float_to_float16(float value) {
   return static_cast<uint16_t>(sign | (bits >> 13));
 }
 
-// dst[i] = multiplier * src[i * stride] for i < count; stride in elements.
-inline void load_row(const char* src, detail::Storage dtype, int64_t stride, int64_t count,
-                     float* dst, float multiplier = 1.0f) {
+// dst[i] = multiplier * src[i * stride] for i < count; stride in elements. T: float or double.
+template <typename T>
+inline void load_row(const char* src, detail::Storage dtype, int64_t stride, int64_t count, T* dst,
+                     T multiplier = T(1)) {
   switch (dtype) {
     case detail::Storage::kFloat32: {
       const float* x = reinterpret_cast<const float*>(src);
       if (stride == 1) {
-        for (int64_t i = 0; i < count; ++i) dst[i] = multiplier * x[i];
+        for (int64_t i = 0; i < count; ++i) dst[i] = multiplier * static_cast<T>(x[i]);
       } else {
-        for (int64_t i = 0; i < count; ++i) dst[i] = multiplier * x[i * stride];
+        for (int64_t i = 0; i < count; ++i) dst[i] = multiplier * static_cast<T>(x[i * stride]);
       }
+      break;
+    }
+    case detail::Storage::kFloat64: {
+      const double* x = reinterpret_cast<const double*>(src);
+      for (int64_t i = 0; i < count; ++i) dst[i] = multiplier * static_cast<T>(x[i * stride]);
       break;
     }
     case detail::Storage::kBFloat16: {
       const uint16_t* x = reinterpret_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < count; ++i) dst[i] = multiplier * bfloat16_to_float(x[i * stride]);
+      for (int64_t i = 0; i < count; ++i)
+        dst[i] = multiplier * static_cast<T>(bfloat16_to_float(x[i * stride]));
       break;
     }
     case detail::Storage::kFloat16: {
       const uint16_t* x = reinterpret_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < count; ++i) dst[i] = multiplier * float16_to_float(x[i * stride]);
+      for (int64_t i = 0; i < count; ++i)
+        dst[i] = multiplier * static_cast<T>(float16_to_float(x[i * stride]));
       break;
     }
   }
 }
 
 // dst[i * stride] = multiplier * src[i], rounded to the storage dtype.
-inline void store_row(const float* src, int64_t count, char* dst, detail::Storage dtype,
-                      int64_t stride, float multiplier = 1.0f) {
+template <typename T>
+inline void store_row(const T* src, int64_t count, char* dst, detail::Storage dtype,
+                      int64_t stride, T multiplier = T(1)) {
   switch (dtype) {
     case detail::Storage::kFloat32: {
       float* y = reinterpret_cast<float*>(dst);
-      for (int64_t i = 0; i < count; ++i) y[i * stride] = multiplier * src[i];
+      for (int64_t i = 0; i < count; ++i) y[i * stride] = static_cast<float>(multiplier * src[i]);
+      break;
+    }
+    case detail::Storage::kFloat64: {
+      double* y = reinterpret_cast<double*>(dst);
+      for (int64_t i = 0; i < count; ++i) y[i * stride] = static_cast<double>(multiplier * src[i]);
       break;
     }
     case detail::Storage::kBFloat16: {
       uint16_t* y = reinterpret_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < count; ++i) y[i * stride] = float_to_bfloat16(multiplier * src[i]);
+      for (int64_t i = 0; i < count; ++i)
+        y[i * stride] = float_to_bfloat16(static_cast<float>(multiplier * src[i]));
       break;
     }
     case detail::Storage::kFloat16: {
       uint16_t* y = reinterpret_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < count; ++i) y[i * stride] = float_to_float16(multiplier * src[i]);
+      for (int64_t i = 0; i < count; ++i)
+        y[i * stride] = float_to_float16(static_cast<float>(multiplier * src[i]));
       break;
     }
   }

@@ -49,8 +49,8 @@ int run_info(int argc, char** argv) {
   std::printf("cpu threads: %d", effective_cpu_threads());
   if (setting <= 0) std::printf(" (all hardware threads)");
   std::printf(", hardware threads: %u\n", std::thread::hardware_concurrency());
-  std::printf("cpu simd: %s (avx512f %s, avx2 %s, fma %s)\n", level, yes_no(avx512f), yes_no(avx2),
-              yes_no(fma));
+  std::printf("cpu simd: %s (avx512f %s, avx2 %s, fma %s); kernels in use: %s\n", level,
+              yes_no(avx512f), yes_no(avx2), yes_no(fma), flashlin_cpu_isa());
 #if defined(FLASHLIN_HAVE_CBLAS) && FLASHLIN_HAVE_CBLAS
   std::printf("cblas (for bench): yes\n");
 #else

@@ -1,6 +1,6 @@
 // CPU kernels of the gated linear recurrence (DESIGN.md §3). This file is compiled once per
-// instruction set (generic x86-64 / AVX2 / AVX-512, see CMakeLists.txt) into its own namespace
-// FLASHLIN_CPU_ISA_NS; backend.cpp picks one at run time. Dense products go through Eigen
+// instruction set (generic x86-64 / AVX2 / AVX-512) and compute type (FLASHLIN_CPU_REAL: float, or
+// double for float64 inputs), see CMakeLists.txt, each into its own namespace FLASHLIN_CPU_ISA_NS; backend.cpp picks one at run time. Dense products go through Eigen
 // (renamed per instruction set below so the copies never merge at link time).
 //
 // Per sequence and head, tokens in visited order t (last to first when `reverse`), q' = scale q,
@@ -31,8 +31,8 @@
 //        + [t = last] rowsum(S_T * dS_T)      (summed over keys for per-token gates).
 // The recurrent backward uses the direct form dg_t = exp(g_t) rowsum(dS_t * S_{t-1}) instead, so
 // the two forms check each other.
-#ifndef FLASHLIN_CPU_ISA_NS
-#error "compile with -DFLASHLIN_CPU_ISA_NS=<namespace>"
+#if !defined(FLASHLIN_CPU_ISA_NS) || !defined(FLASHLIN_CPU_REAL)
+#error "compile with -DFLASHLIN_CPU_ISA_NS=<namespace> -DFLASHLIN_CPU_REAL=<float|double>"
 #endif
 
 #define FLASHLIN_PASTE_(a, b) a##b
@@ -64,9 +64,11 @@ using detail::RecurrenceParams;
 using detail::SequenceSpan;
 using detail::StridedTensor;
 
-using MatrixF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+// The compute type: float for float32/float16/bfloat16 inputs, double for float64 inputs.
+using Real = FLASHLIN_CPU_REAL;
+using MatrixF = Eigen::Matrix<Real, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using RowF = Eigen::Matrix<float, 1, Eigen::Dynamic>;
+using RowF = Eigen::Matrix<Real, 1, Eigen::Dynamic>;
 using RowD = Eigen::Matrix<double, 1, Eigen::Dynamic>;
 using RefF = Eigen::Ref<MatrixF>;
 using ConstRefF = const Eigen::Ref<const MatrixF>&;
@@ -132,8 +134,8 @@ Plan make_plan(const RecurrenceParams& p, bool backward, int threads) {
 // Partial gradients of the key-indexed outputs when value columns are split over tasks; they are
 // summed in a fixed order afterwards, so results do not depend on the thread count.
 struct Partials {
-  std::vector<float> dq, dk, dg;  // [v_block][B * T][H][K or gate_cols]
-  std::vector<float> du;          // [task][K]
+  std::vector<Real> dq, dk, dg;  // [v_block][B * T][H][K or gate_cols]
+  std::vector<Real> du;          // [task][K]
 };
 
 // Backward checkpointing: the entry state of every block (chunk, or kRecurrentBlock tokens) is
@@ -162,7 +164,7 @@ CheckpointPlan checkpoint_plan(const Plan& plan, int64_t len, int64_t v_len) {
 struct Workspace {
   MatrixF q, k, dq, dk, dq_bonus, dk_bonus;  // rows x K
   // rows x V-block and K x V-block storage, viewed at the task's exact block width (Map).
-  std::vector<float> v_store, d_o_store, out_store, dv_store, state_store, d_state_store;
+  std::vector<Real> v_store, d_o_store, out_store, dv_store, state_store, d_state_store;
   MatrixF gate_raw;                                           // rows x gate_cols, as loaded
   MatrixD gate_cumsum, gate_query;                            // G and Gq, rows x gate_cols
   MatrixF query_decay, key_decay;                             // exp(Gq), exp(G_last - G)
@@ -176,17 +178,17 @@ struct Workspace {
   RowF u, gate_grad_carry, du;
   RowF boundary_gate_grad;  // dg of the current chunk's last token (see chunk_boundary_dg)
   RowF pair_grad;  // rows: dA of the pair whose decay is exactly 1 (see chunk_backward)
-  std::vector<float> checkpoints;   // saved states at segment starts
-  std::vector<float> chunk_states;  // states at chunk starts of the current segment (+ exit)
-  std::vector<float> prefix_states;  // the same without the previous chunk's last token
-  std::vector<float> token_states;  // recurrent backward: states before each token of a block
+  std::vector<Real> checkpoints;   // saved states at segment starts
+  std::vector<Real> chunk_states;  // states at chunk starts of the current segment (+ exit)
+  std::vector<Real> prefix_states;  // the same without the previous chunk's last token
+  std::vector<Real> token_states;  // recurrent backward: states before each token of a block
 
   Workspace(const Plan& plan) {
     const int64_t rows = plan.rows, K = plan.K, Vb = plan.v_block_len, Kg = plan.gate_cols;
     for (MatrixF* m : {&q, &k, &dq, &dk, &dq_bonus, &dk_bonus, &q_decayed, &k_decayed,
                        &key_factors, &key_hat, &product})
       m->resize(rows, K);
-    for (std::vector<float>* m : {&v_store, &d_o_store, &out_store, &dv_store})
+    for (std::vector<Real>* m : {&v_store, &d_o_store, &out_store, &dv_store})
       m->resize(static_cast<size_t>(rows * Vb));
     state_store.resize(static_cast<size_t>(K * Vb));
     d_state_store.resize(static_cast<size_t>(K * Vb));
@@ -227,9 +229,9 @@ void apply_factors(RefF x, ConstRefF f) {
 // Rows of state (K x Vb) times exp(G_last) (one value or one per key).
 void decay_state(RefF state, const Eigen::Ref<const RowD>& g_last) {
   if (g_last.size() == 1) {
-    state *= static_cast<float>(std::exp(g_last(0)));
+    state *= static_cast<Real>(std::exp(g_last(0)));
   } else {
-    state.array().colwise() *= g_last.transpose().cast<float>().array().exp();
+    state.array().colwise() *= g_last.transpose().cast<Real>().array().exp();
   }
 }
 
@@ -319,14 +321,14 @@ class SequenceKernel {
     return p_.form == Form::kParallel ? std::max<int64_t>(1, len_) : p_.chunk_size;
   }
   int64_t time_of(int64_t t) const { return p_.token_index(seq_, t); }
-  float* checkpoint(int64_t s) { return w_.checkpoints.data() + s * K_ * Vb_; }
-  float* saved_state(int64_t i) { return w_.chunk_states.data() + i * K_ * Vb_; }
+  Real* checkpoint(int64_t s) { return w_.checkpoints.data() + s * K_ * Vb_; }
+  Real* saved_state(int64_t i) { return w_.chunk_states.data() + i * K_ * Vb_; }
   // Exit state of block i - 1 without that block's last token (chunked and parallel forms).
-  float* saved_prefix_state(int64_t i) { return w_.prefix_states.data() + i * K_ * Vb_; }
-  void copy_state_to(ConstRefF s, float* dst) const {
+  Real* saved_prefix_state(int64_t i) { return w_.prefix_states.data() + i * K_ * Vb_; }
+  void copy_state_to(ConstRefF s, Real* dst) const {
     for (int64_t i = 0; i < K_; ++i) std::copy(s.row(i).data(), s.row(i).data() + Vb_, dst + i * Vb_);
   }
-  void copy_state_from(const float* src, RefF s) const {
+  void copy_state_from(const Real* src, RefF s) const {
     for (int64_t i = 0; i < K_; ++i) std::copy(src + i * Vb_, src + (i + 1) * Vb_, s.row(i).data());
   }
 
@@ -349,13 +351,13 @@ class SequenceKernel {
   }
   // rows [c0, c0 + rows) of the visited order, columns [col0, col0 + cols) of a token tensor.
   void load_rows(const StridedTensor& t, int64_t c0, int64_t rows, int64_t col0, int64_t cols,
-                 RefF dst, float multiplier = 1.0f) const {
+                 RefF dst, Real multiplier = Real(1)) const {
     for (int64_t i = 0; i < rows; ++i)
       load_row(t.at(seq_.batch, time_of(c0 + i), task_.head, col0), t.dtype, t.stride[3], cols,
                dst.row(i).data(), multiplier);
   }
   void store_rows(ConstRefF src, int64_t c0, int64_t rows, const StridedTensor& t,
-                  int64_t col0, int64_t cols, float multiplier = 1.0f) const {
+                  int64_t col0, int64_t cols, Real multiplier = Real(1)) const {
     for (int64_t i = 0; i < rows; ++i)
       store_row(src.row(i).data(), cols, t.at(seq_.batch, time_of(c0 + i), task_.head, col0),
                 t.dtype, t.stride[3], multiplier);
@@ -364,7 +366,7 @@ class SequenceKernel {
   // Loads q' (if wanted), k, v (this value block), d_o (if wanted) and the gates of rows
   // [c0, c0 + rows), and the in-chunk cumulative decays G and Gq.
   void load_chunk(int64_t c0, int64_t rows, bool with_queries, bool with_d_o) {
-    if (with_queries) load_rows(p_.q, c0, rows, 0, K_, w_.q, p_.scale);
+    if (with_queries) load_rows(p_.q, c0, rows, 0, K_, w_.q, static_cast<Real>(p_.scale));
     load_rows(p_.k, c0, rows, 0, K_, w_.k);
     load_rows(p_.v, c0, rows, task_.v_begin, Vb_, v_);
     if (with_d_o) load_rows(p_.d_o, c0, rows, task_.v_begin, Vb_, d_o_);
@@ -380,10 +382,10 @@ class SequenceKernel {
         }
       }
       if (!p_.bonus) w_.gate_query.topRows(rows) = w_.gate_cumsum.topRows(rows);
-      w_.query_decay.topRows(rows) = w_.gate_query.topRows(rows).cast<float>().array().exp().matrix();
+      w_.query_decay.topRows(rows) = w_.gate_query.topRows(rows).cast<Real>().array().exp().matrix();
       w_.key_decay.topRows(rows) =
           (-(w_.gate_cumsum.topRows(rows).rowwise() - w_.gate_cumsum.row(rows - 1)))
-              .cast<float>().array().exp().matrix();
+              .cast<Real>().array().exp().matrix();
     }
   }
 
@@ -402,7 +404,7 @@ class SequenceKernel {
         if constexpr (kDecay == Decay::kScalar) {
           scores.row(i).head(visible).array() *=
               (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array())
-                  .template cast<float>().exp().transpose();
+                  .template cast<Real>().exp().transpose();
         }
       }
       return false;
@@ -410,18 +412,18 @@ class SequenceKernel {
       const RowD g_ref = s > 0 ? RowD(w_.gate_cumsum.row(s - 1)) : RowD::Zero(K_);
       if (s > 0) {  // keys before the block: exp(G_ref - G_j) <= 1
         w_.key_factors.topRows(s) = (-(w_.gate_cumsum.topRows(s).rowwise() - g_ref))
-                                        .cast<float>().array().exp().matrix();
+                                        .cast<Real>().array().exp().matrix();
         w_.key_hat.topRows(s) = w_.k.topRows(s).cwiseProduct(w_.key_factors.topRows(s));
       }
       w_.query_factors.topRows(n) = (w_.gate_query.middleRows(s, n).rowwise() - g_ref)
-                                        .cast<float>().array().exp().matrix();
+                                        .cast<Real>().array().exp().matrix();
       w_.query_hat.topRows(n) = w_.q.middleRows(s, n).cwiseProduct(w_.query_factors.topRows(n));
       if (s > 0)
         scores.leftCols(s).noalias() = w_.query_hat.topRows(n) * w_.key_hat.topRows(s).transpose();
       const double range = (g_ref - w_.gate_cumsum.row(e - 1)).maxCoeff();
       if (range <= kMaxFactorRange) {  // keys of the block: exp(G_ref - G_j) in [1, e^range]
         w_.diag_factors.topRows(n) = (-(w_.gate_cumsum.middleRows(s, n).rowwise() - g_ref))
-                                         .cast<float>().array().exp().matrix();
+                                         .cast<Real>().array().exp().matrix();
         w_.diag_key_hat.topRows(n) =
             w_.k.middleRows(s, n).cwiseProduct(w_.diag_factors.topRows(n));
         scores.middleCols(s, n).noalias() =
@@ -434,9 +436,9 @@ class SequenceKernel {
           scores(i, s + j) =
               j < i + diag_shift ? (w_.q.row(s + i).array() * w_.k.row(s + j).array() *
                                     (w_.gate_query.row(s + i) - w_.gate_cumsum.row(s + j))
-                                        .cast<float>().array().exp())
+                                        .cast<Real>().array().exp())
                                        .sum()
-                                 : 0.0f;
+                                 : Real(0);
         }
       }
       return false;
@@ -475,7 +477,7 @@ class SequenceKernel {
 
   // S = exp(G_last) * S + (K * exp(G_last - G))^T V, for the chunk in the workspace.
   // prefix_out: if given, receives the new state without the last token's k v^T (see backward()).
-  void state_update(int64_t rows, float* prefix_out = nullptr) {
+  void state_update(int64_t rows, Real* prefix_out = nullptr) {
     auto k_decayed = w_.k_decayed.topRows(rows);
     k_decayed = w_.k.topRows(rows);
     if constexpr (kDecay != Decay::kNone) {
@@ -492,7 +494,7 @@ class SequenceKernel {
   }
 
   // Moves state_ over block [c0, c0 + rows) (no outputs).
-  void advance_block(int64_t c0, int64_t rows, float* prefix_out = nullptr) {
+  void advance_block(int64_t c0, int64_t rows, Real* prefix_out = nullptr) {
     if (p_.form == Form::kRecurrent) {
       load_rows(p_.k, c0, rows, 0, K_, w_.k);
       load_rows(p_.v, c0, rows, task_.v_begin, Vb_, v_);
@@ -507,7 +509,7 @@ class SequenceKernel {
   // ---- chunked / parallel backward ----
   // state_ holds the chunk's entry state, d_state_ the gradient of its exit state.
   // exit_prefix_state: the exit state without the chunk's last k v^T (see chunk_boundary_dg).
-  void chunk_backward(int64_t c0, int64_t rows, const float* exit_prefix_state) {
+  void chunk_backward(int64_t c0, int64_t rows, const Real* exit_prefix_state) {
     load_chunk(c0, rows, true, true);
     const bool want_gate_grad = p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
     if (want_gate_grad) chunk_boundary_dg(rows, exit_prefix_state);
@@ -533,7 +535,7 @@ class SequenceKernel {
         if constexpr (kDecay == Decay::kScalar) {
           d_scores.row(i).head(visible).array() *=
               (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array())
-                  .template cast<float>().exp().transpose();
+                  .template cast<Real>().exp().transpose();
         }
       }
       // The pair (i, i - pair_offset) has decay exactly 1; its terms in q'_i * dq'_i and
@@ -541,8 +543,8 @@ class SequenceKernel {
       // (otherwise dG would carry float32 rounding of O(1) terms that cancel).
       for (int64_t i = 0; i < n; ++i) {
         const int64_t row = s + i, col = row - pair_offset;
-        w_.pair_grad(row) = col >= 0 ? d_scores(i, col) : 0.0f;
-        if (col >= 0) d_scores(i, col) = 0.0f;
+        w_.pair_grad(row) = col >= 0 ? d_scores(i, col) : Real(0);
+        if (col >= 0) d_scores(i, col) = Real(0);
       }
       if constexpr (kDecay != Decay::kPerKey) {
         dq.middleRows(s, n).noalias() += d_scores * w_.k.topRows(e);
@@ -565,10 +567,10 @@ class SequenceKernel {
         } else {
           for (int64_t i = 0; i < n; ++i) {
             for (int64_t j = 0; j < i + diag_shift && j < n; ++j) {
-              const float d = d_scores(i, s + j);
-              if (d == 0.0f) continue;
+              const Real d = d_scores(i, s + j);
+              if (d == Real(0)) continue;
               const RowF decay = (w_.gate_query.row(s + i) - w_.gate_cumsum.row(s + j))
-                                     .cast<float>().array().exp().matrix();
+                                     .cast<Real>().array().exp().matrix();
               dq.row(s + i) += d * w_.k.row(s + j).cwiseProduct(decay);
               dk.row(s + j) += d * w_.q.row(s + i).cwiseProduct(decay);
             }
@@ -598,7 +600,7 @@ class SequenceKernel {
 
     if (want_gate_grad) chunk_gate_grad(rows);
     for (int64_t row = pair_offset; row < rows; ++row) {
-      const float d = w_.pair_grad(row);
+      const Real d = w_.pair_grad(row);
       dq.row(row) += d * w_.k.row(row - pair_offset);
       dk.row(row - pair_offset) += d * w_.q.row(row);
     }
@@ -631,7 +633,7 @@ class SequenceKernel {
   // exp(g_t) S_{t-1} is computed directly (exit_prefix_state), not as S_t - k_t v_t^T, and the
   // reverse cumulative sum restarts from this value in every chunk: no rounding of cancelling
   // O(1) terms reaches dg, however small the true gradient.
-  void chunk_boundary_dg(int64_t rows, const float* exit_prefix_state) {
+  void chunk_boundary_dg(int64_t rows, const Real* exit_prefix_state) {
     Eigen::Map<const MatrixF> prefix(exit_prefix_state, K_, Vb_);
     RowF per_key = d_state_.cwiseProduct(prefix).rowwise().sum().transpose();
     if (!p_.bonus)
@@ -648,8 +650,8 @@ class SequenceKernel {
   void bonus_backward(int64_t rows) {
     if (!p_.bonus) return;
     for (int64_t i = 0; i < rows; ++i) {
-      const float d_bonus = d_o_.row(i).dot(v_.row(i));
-      const float bonus = w_.q.row(i).cwiseProduct(w_.u).dot(w_.k.row(i));
+      const Real d_bonus = d_o_.row(i).dot(v_.row(i));
+      const Real bonus = w_.q.row(i).cwiseProduct(w_.u).dot(w_.k.row(i));
       dv_.row(i) += bonus * d_o_.row(i);
       w_.dq_bonus.row(i) = d_bonus * w_.u.cwiseProduct(w_.k.row(i));
       w_.dk_bonus.row(i) = d_bonus * w_.u.cwiseProduct(w_.q.row(i));
@@ -660,31 +662,31 @@ class SequenceKernel {
   // ---- recurrent form ----
   // One token i of the loaded block: state (K x Vb, row-major) updated in place; out (Vb) gets
   // o_i if non-null; `previous` (if non-null) receives the state before the update.
-  void recurrent_step(int64_t i, float* out, float* state, float* previous) {
-    const float* q = w_.q.row(i).data();
-    const float* k = w_.k.row(i).data();
-    const float* v = v_.row(i).data();
-    const float* g = w_.gate_raw.row(i).data();
+  void recurrent_step(int64_t i, Real* out, Real* state, Real* previous) {
+    const Real* q = w_.q.row(i).data();
+    const Real* k = w_.k.row(i).data();
+    const Real* v = v_.row(i).data();
+    const Real* g = w_.gate_raw.row(i).data();
     const int64_t vb = Vb_;
-    if (out) std::fill(out, out + vb, 0.0f);
+    if (out) std::fill(out, out + vb, Real(0));
     if (out && p_.bonus) {
-      const float bonus = w_.q.row(i).cwiseProduct(w_.u).dot(w_.k.row(i));
+      const Real bonus = w_.q.row(i).cwiseProduct(w_.u).dot(w_.k.row(i));
       for (int64_t j = 0; j < vb; ++j) out[j] = bonus * v[j];
     }
-    const float head_decay = kDecay == Decay::kNone ? 1.0f : std::exp(g[0]);
+    const Real head_decay = kDecay == Decay::kNone ? Real(1) : std::exp(g[0]);
     for (int64_t r = 0; r < K_; ++r) {
-      float* row = state + r * vb;
+      Real* row = state + r * vb;
       if (previous) std::copy(row, row + vb, previous + r * vb);
-      const float decay = kDecay == Decay::kPerKey ? std::exp(g[r]) : head_decay;
-      const float key = k[r];
+      const Real decay = kDecay == Decay::kPerKey ? std::exp(g[r]) : head_decay;
+      const Real key = k[r];
       if (out && p_.bonus) {
-        const float query = q[r];
+        const Real query = q[r];
         for (int64_t j = 0; j < vb; ++j) {
           out[j] += query * row[j];
           row[j] = decay * row[j] + key * v[j];
         }
       } else if (out) {
-        const float query = q[r];
+        const Real query = q[r];
         for (int64_t j = 0; j < vb; ++j) {
           row[j] = decay * row[j] + key * v[j];
           out[j] += query * row[j];
@@ -696,7 +698,7 @@ class SequenceKernel {
   }
 
   void recurrent_forward_block(int64_t c0, int64_t rows) {
-    load_rows(p_.q, c0, rows, 0, K_, w_.q, p_.scale);
+    load_rows(p_.q, c0, rows, 0, K_, w_.q, static_cast<Real>(p_.scale));
     load_rows(p_.k, c0, rows, 0, K_, w_.k);
     load_rows(p_.v, c0, rows, task_.v_begin, Vb_, v_);
     if constexpr (kDecay != Decay::kNone) load_rows(p_.g, c0, rows, 0, Kg_, w_.gate_raw);
@@ -706,14 +708,14 @@ class SequenceKernel {
 
   // state_ holds the block's entry state, d_state_ the gradient of its exit state.
   void recurrent_backward_block(int64_t c0, int64_t rows) {
-    load_rows(p_.q, c0, rows, 0, K_, w_.q, p_.scale);
+    load_rows(p_.q, c0, rows, 0, K_, w_.q, static_cast<Real>(p_.scale));
     load_rows(p_.k, c0, rows, 0, K_, w_.k);
     load_rows(p_.v, c0, rows, task_.v_begin, Vb_, v_);
     load_rows(p_.d_o, c0, rows, task_.v_begin, Vb_, d_o_);
     if constexpr (kDecay != Decay::kNone) load_rows(p_.g, c0, rows, 0, Kg_, w_.gate_raw);
     // Token states: token_states[i] = state before token i, token_states[rows] = after the block.
     const int64_t state_floats = K_ * Vb_;
-    std::vector<float>& token_states = w_.token_states;
+    std::vector<Real>& token_states = w_.token_states;
     copy_state_to(state_, token_states.data());
     for (int64_t i = 0; i < rows; ++i) {
       std::copy(token_states.data() + i * state_floats, token_states.data() + (i + 1) * state_floats,
@@ -721,30 +723,30 @@ class SequenceKernel {
       recurrent_step(i, nullptr, token_states.data() + (i + 1) * state_floats, nullptr);
     }
     const int64_t vb = Vb_;
-    float* d_state = d_state_.data();
+    Real* d_state = d_state_.data();
     const bool want_gate_grad = p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
     for (int64_t i = rows - 1; i >= 0; --i) {
-      const float* q = w_.q.row(i).data();
-      const float* k = w_.k.row(i).data();
-      const float* v = v_.row(i).data();
-      const float* d_o = d_o_.row(i).data();
-      const float* g = w_.gate_raw.row(i).data();
-      const float* before = token_states.data() + i * state_floats;
-      const float* after = token_states.data() + (i + 1) * state_floats;
+      const Real* q = w_.q.row(i).data();
+      const Real* k = w_.k.row(i).data();
+      const Real* v = v_.row(i).data();
+      const Real* d_o = d_o_.row(i).data();
+      const Real* g = w_.gate_raw.row(i).data();
+      const Real* before = token_states.data() + i * state_floats;
+      const Real* after = token_states.data() + (i + 1) * state_floats;
       // Standard: o_i reads the state after the update, so its gradient joins dS first.
       // Bonus: o_i reads the state before the update; dS_prev gets it after the decay.
-      const float* read_state = p_.bonus ? before : after;
-      float* dv = dv_.row(i).data();
-      std::fill(dv, dv + vb, 0.0f);
-      const float head_decay = kDecay == Decay::kNone ? 1.0f : std::exp(g[0]);
-      float gate_sum = 0.0f;
+      const Real* read_state = p_.bonus ? before : after;
+      Real* dv = dv_.row(i).data();
+      std::fill(dv, dv + vb, Real(0));
+      const Real head_decay = kDecay == Decay::kNone ? Real(1) : std::exp(g[0]);
+      Real gate_sum = Real(0);
       for (int64_t r = 0; r < K_; ++r) {
-        float* d_row = d_state + r * vb;
-        const float* read_row = read_state + r * vb;
-        const float* before_row = before + r * vb;
-        const float query = q[r], key = k[r];
-        const float decay = kDecay == Decay::kPerKey ? std::exp(g[r]) : head_decay;
-        float dq = 0.0f, dk = 0.0f, d_decay = 0.0f;
+        Real* d_row = d_state + r * vb;
+        const Real* read_row = read_state + r * vb;
+        const Real* before_row = before + r * vb;
+        const Real query = q[r], key = k[r];
+        const Real decay = kDecay == Decay::kPerKey ? std::exp(g[r]) : head_decay;
+        Real dq = Real(0), dk = Real(0), d_decay = Real(0);
         if (!p_.bonus) {
           for (int64_t j = 0; j < vb; ++j) d_row[j] += query * d_o[j];
         }
@@ -794,12 +796,12 @@ class SequenceKernel {
       }
     }
     if (plan_.num_v_blocks == 1) {
-      if (p_.dq.present) store_rows(w_.dq, c0, rows, p_.dq, 0, K_, p_.scale);
+      if (p_.dq.present) store_rows(w_.dq, c0, rows, p_.dq, 0, K_, static_cast<Real>(p_.scale));
       if (p_.dk.present) store_rows(w_.dk, c0, rows, p_.dk, 0, K_);
       if (want_gate_grad) {
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < Kg_; ++j)
-            if (!(w_.gate_raw(i, j) > kLogDecayFloor)) w_.gate_grad(i, j) = 0.0f;
+            if (!(w_.gate_raw(i, j) > kLogDecayFloor)) w_.gate_grad(i, j) = Real(0);
         store_rows(w_.gate_grad, c0, rows, p_.dg, 0, Kg_);
       }
       return;
@@ -849,7 +851,7 @@ void write_summed_partials(const Plan& plan, const Partials& partials) {
       const int64_t time = p.token_index(seq, t);
       const int64_t token = (seq.batch * p.time + time) * H + head;
       for (const auto& [tensor, values, multiplier] :
-           {std::tuple{&p.dq, &partials.dq, p.scale}, std::tuple{&p.dk, &partials.dk, 1.0f}}) {
+           {std::tuple{&p.dq, &partials.dq, static_cast<Real>(p.scale)}, std::tuple{&p.dk, &partials.dk, Real(1)}}) {
         if (!tensor->present) continue;
         sum.setZero();
         for (int64_t b = 0; b < plan.num_v_blocks; ++b)
@@ -863,7 +865,7 @@ void write_summed_partials(const Plan& plan, const Partials& partials) {
         gate_grad += Eigen::Map<const RowF>(partials.dg.data() + (b * block_stride + token) * Kg, Kg);
       load_row(p.g.at(seq.batch, time, head, 0), p.g.dtype, p.g.stride[3], Kg, gate_raw.data());
       for (int64_t j = 0; j < Kg; ++j)
-        if (!(gate_raw(j) > kLogDecayFloor)) gate_grad(j) = 0.0f;
+        if (!(gate_raw(j) > kLogDecayFloor)) gate_grad(j) = Real(0);
       store_row(gate_grad.data(), Kg, p.dg.at(seq.batch, time, head, 0), p.dg.dtype,
                 p.dg.stride[3]);
     }
@@ -888,7 +890,7 @@ flashlin_status run(const RecurrenceParams& p, bool backward, int threads) {
       partials.dk.resize(tokens * static_cast<size_t>(plan.K));
       if (p.dg.present) partials.dg.resize(tokens * static_cast<size_t>(plan.gate_cols));
     }
-    if (p.du.present) partials.du.assign(static_cast<size_t>(num_tasks * plan.K), 0.0f);
+    if (p.du.present) partials.du.assign(static_cast<size_t>(num_tasks * plan.K), Real(0));
   }
 #pragma omp parallel num_threads(threads)
   {
