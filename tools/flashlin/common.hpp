@@ -221,6 +221,48 @@ class HostTensor {
   flashlin::TensorView view_;
 };
 
+// The configurations of the op family (DESIGN.md §3), named after the model each is known for.
+struct OpSpec {
+  const char* name;
+  flashlin_gate_kind gate;
+  bool bonus;               // RWKV-6 variant
+  const char* description;  // the gate, in words
+};
+inline constexpr OpSpec kOpSpecs[] = {
+    {"linear", FLASHLIN_GATE_NONE, false, "no gate"},
+    {"retention", FLASHLIN_GATE_PER_HEAD, false, "constant per-head decay"},
+    {"simple_gla", FLASHLIN_GATE_PER_TOKEN, false, "scalar gate per token"},
+    {"gla", FLASHLIN_GATE_PER_KEY, false, "per-key gate"},
+    {"rwkv6", FLASHLIN_GATE_PER_KEY, true, "per-key gate + bonus u"},
+};
+
+// Random numbers that are the same with every standard library (std::normal_distribution is not):
+// splitmix64, uniform in (0, 1], normal by Box-Muller.
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : state_(seed) {}
+
+  uint64_t next_u64() {
+    uint64_t z = (state_ += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return (static_cast<double>(next_u64() >> 11) + 1.0) * 0x1.0p-53; }
+  double normal() {
+    const double radius = std::sqrt(-2.0 * std::log(uniform()));
+    return radius * std::cos(6.283185307179586 * uniform());
+  }
+
+ private:
+  uint64_t state_;
+};
+
+// log(sigmoid(x)) without overflow: the usual way to draw realistic log decays (<= 0).
+inline double log_sigmoid(double x) {
+  return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x));
+}
+
 // Threads the CPU backend will use (flashlin_get_num_threads() with 0 resolved).
 int effective_cpu_threads();
 

@@ -768,7 +768,7 @@ class SequenceKernel {
           gate_sum += decay * d_decay;
         }
       }
-      if (want_gate_grad && Kg_ == 1) w_.gate_grad(i, 0) = gate_sum;
+      if (want_gate_grad && kDecay != Decay::kPerKey) w_.gate_grad(i, 0) = gate_sum;
     }
     bonus_backward(rows);
     emit(c0, rows, /*gate_grad_is_final=*/true);
