@@ -1,0 +1,179 @@
+"""Loading libflashlin with ctypes and passing torch tensors to it as DLPack views.
+
+No compiled extension and no dependency on torch's C++ ABI: a DLTensor is filled in from the
+tensor's data pointer, shape, strides, dtype and device, so torch 1.13 and 2.x work alike.
+The library is looked for, in order: $FLASHLIN_LIBRARY, next to this package (pip install), and
+in the source tree's build folders (build/, build-*/).
+"""
+import ctypes
+import glob
+import os
+
+import torch
+
+_LIB_NAME = "libflashlin.so"
+
+# Status codes (flashlin.h).
+SUCCESS, INVALID_ARGUMENT, UNSUPPORTED, BACKEND_ERROR, OUT_OF_MEMORY = range(5)
+
+# flashlin_gate_kind, flashlin_form (flashlin.h).
+GATE_NONE, GATE_PER_HEAD, GATE_PER_TOKEN, GATE_PER_KEY = range(4)
+FORMS = {"chunked": 0, "recurrent": 1, "parallel": 2}
+
+
+class FlashlinError(RuntimeError):
+    """A failure inside the library (not a bad argument)."""
+
+
+class UnsupportedError(FlashlinError, NotImplementedError):
+    """A valid request the library does not support (size, device, build without CUDA)."""
+
+
+# --- DLPack (dlpack.h, v0.6 layout) ---------------------------------------------------------------
+class DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int), ("device_id", ctypes.c_int32)]
+
+
+class DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+_DL_INT, _DL_FLOAT, _DL_BFLOAT = 0, 2, 4
+_DL_CPU, _DL_CUDA = 1, 2
+_DTYPES = {
+    torch.float32: (_DL_FLOAT, 32),
+    torch.float64: (_DL_FLOAT, 64),
+    torch.float16: (_DL_FLOAT, 16),
+    torch.bfloat16: (_DL_BFLOAT, 16),
+    torch.int32: (_DL_INT, 32),
+    torch.int64: (_DL_INT, 64),
+}
+
+
+class TensorView:
+    """A DLTensor describing a torch tensor (which it keeps alive), or NULL for None."""
+
+    def __init__(self, tensor, name):
+        self.tensor = tensor
+        if tensor is None:
+            self.pointer = None
+            return
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"argument '{name}': expected a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"argument '{name}': unsupported dtype {tensor.dtype}")
+        if tensor.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"argument '{name}': unsupported device {tensor.device}")
+        code, bits = _DTYPES[tensor.dtype]
+        ndim = tensor.dim()
+        self._shape = (ctypes.c_int64 * max(ndim, 1))(*tensor.shape)
+        self._strides = (ctypes.c_int64 * max(ndim, 1))(*tensor.stride())
+        device = DLDevice(_DL_CUDA if tensor.is_cuda else _DL_CPU,
+                          (tensor.device.index or 0) if tensor.is_cuda else 0)
+        self.dl = DLTensor(
+            ctypes.c_void_p(tensor.data_ptr()), device, ndim, DLDataType(code, bits, 1),
+            self._shape, self._strides, 0)
+        self.pointer = ctypes.pointer(self.dl)
+
+
+# --- The C ABI (flashlin.h) -----------------------------------------------------------------------
+class RecurrenceConfig(ctypes.Structure):
+    _fields_ = [("gate_kind", ctypes.c_int), ("form", ctypes.c_int), ("scale", ctypes.c_double),
+                ("chunk_size", ctypes.c_int32), ("reverse", ctypes.c_int32),
+                ("bonus", ctypes.c_int32)]
+
+
+_PDL = ctypes.POINTER(DLTensor)
+
+
+class RecurrenceInputs(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in
+                ("q", "k", "v", "g", "u", "initial_state", "cu_seqlens")]
+
+
+class RecurrenceGrads(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("dq", "dk", "dv", "dg", "du", "d_initial_state")]
+
+
+class Execution(ctypes.Structure):
+    _fields_ = [("stream", ctypes.c_void_p), ("workspace", ctypes.c_void_p),
+                ("workspace_bytes", ctypes.c_size_t)]
+
+
+def _candidates():
+    env = os.environ.get("FLASHLIN_LIBRARY")
+    if env:
+        yield env
+    here = os.path.dirname(os.path.abspath(__file__))
+    yield os.path.join(here, _LIB_NAME)
+    root = os.path.dirname(os.path.dirname(here))  # python/flashlin -> repository root
+    yield os.path.join(root, "build", _LIB_NAME)
+    yield from sorted(glob.glob(os.path.join(root, "build-*", _LIB_NAME)))
+
+
+def _load():
+    tried = []
+    for path in _candidates():
+        tried.append(path)
+        if os.path.exists(path):
+            lib = ctypes.CDLL(path)
+            break
+    else:
+        raise ImportError(
+            "flashlin: cannot find libflashlin.so; looked at:\n  " + "\n  ".join(tried) +
+            "\nBuild it (bash scripts/build.sh), pip install the package, or set FLASHLIN_LIBRARY.")
+    lib.flashlin_version.restype = ctypes.c_char_p
+    lib.flashlin_last_error.restype = ctypes.c_char_p
+    lib.flashlin_cpu_isa.restype = ctypes.c_char_p
+    lib.flashlin_has_cuda.restype = ctypes.c_int
+    lib.flashlin_set_num_threads.argtypes = [ctypes.c_int]
+    lib.flashlin_recurrence_forward.argtypes = [
+        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), _PDL, _PDL,
+        ctypes.POINTER(Execution)]
+    lib.flashlin_recurrence_backward.argtypes = [
+        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), _PDL, _PDL,
+        ctypes.POINTER(RecurrenceGrads), ctypes.POINTER(Execution)]
+    lib.path = path
+    return lib
+
+
+lib = _load()
+
+
+def rename_arguments(message, names):
+    for c_name, py_name in (names or {}).items():
+        message = message.replace(f"argument '{c_name}'", f"argument '{py_name}'")
+    return message
+
+
+def check(status, names=None):
+    """Raises for a non-zero status, naming arguments as the caller knows them (names maps the
+    C ABI's argument names, e.g. 'q', to the op's, e.g. 'r')."""
+    if status == SUCCESS:
+        return
+    message = rename_arguments(lib.flashlin_last_error().decode(), names)
+    if status == INVALID_ARGUMENT:
+        raise ValueError(message)
+    if status == UNSUPPORTED:
+        raise UnsupportedError(message)
+    if status == OUT_OF_MEMORY:
+        raise MemoryError(message)
+    raise FlashlinError(message)
+
+
+def execution_for(tensor):
+    """Run on torch's current stream for CUDA tensors."""
+    stream = torch.cuda.current_stream(tensor.device).cuda_stream if tensor.is_cuda else None
+    return Execution(stream, None, 0)

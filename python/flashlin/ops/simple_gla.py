@@ -1,0 +1,41 @@
+"""Simple GLA: a scalar (per head and token) data-dependent decay.
+
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T,   o_t = S_t^T (scale q_t)
+
+g: [B, T, H] log decay per token (gradient flows to it); g_gamma: [H] constant log decay per head
+(no gradient, as in fla); both given: the decays multiply. Same API as fla.ops.simple_gla (0.6).
+"""
+from ._common import _lib, recurrence, take_chunk_size
+
+
+def _simple_gla(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
+                reverse, form, chunk_size):
+    names = {}
+    if g is not None and g_gamma is not None:
+        g = g + g_gamma.to(g.dtype)[None, None, :]
+        kind = _lib.GATE_PER_TOKEN
+    elif g is not None:
+        kind = _lib.GATE_PER_TOKEN
+    elif g_gamma is not None:
+        g, kind, names = g_gamma.detach(), _lib.GATE_PER_HEAD, {"g": "g_gamma"}
+    else:
+        kind = _lib.GATE_NONE
+    return recurrence(q, k, v, g, kind, None, initial_state, output_final_state, cu_seqlens,
+                      scale, reverse, form, chunk_size, names)
+
+
+def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
+                     output_final_state=False, cu_seqlens=None, **kwargs):
+    """Chunked simple GLA. Returns (o, final_state or None)."""
+    chunk_size = take_chunk_size(kwargs, "chunk_simple_gla")
+    return _simple_gla(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
+                       False, "chunked", chunk_size)
+
+
+def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
+                               output_final_state=False, reverse=False, cu_seqlens=None,
+                               **kwargs):
+    """Token-by-token simple GLA. Returns (o, final_state or None)."""
+    take_chunk_size(kwargs, "fused_recurrent_simple_gla")
+    return _simple_gla(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
+                       reverse, "recurrent", 64)
