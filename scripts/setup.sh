@@ -18,6 +18,8 @@ packages=(
   libdlpack-dev    # dlpack/dlpack.h: the tensor type of the C ABI
   libeigen3-dev    # dense kernels of the CPU backend (header-only)
   libopenblas-dev  # optional sgemm baseline of `flashlin bench`
+  python3-torch    # the PyTorch front end's tests (Debian: torch 1.13)
+  python3-pytest
 )
 
 installed() {

@@ -13,9 +13,9 @@ bash scripts/build.sh -DFLASHLIN_BUILD_TESTS=ON "$@"
 # --no-tests=error: a build that registered no test fails instead of passing silently.
 ctest --test-dir build --output-on-failure --no-tests=error -j"$(nproc)"
 
-# ---------------------------------------------------------------------------------------------
-# Python (tests/python, pytest): not yet written. When it lands, run it here against the
-# library just built, e.g.
-#   FLASHLIN_LIBRARY="$PWD/build/libflashlin.so" python3 -m pytest -q tests/python
-# and treat pytest's exit code 5 ("no tests collected") as a failure, not a pass.
-# ---------------------------------------------------------------------------------------------
+# Python: the PyTorch front end (tests/python) against the library just built. CI uses Debian's
+# python3-torch (torch 1.13, installed by scripts/setup.sh); FLASHLIN_PYTHON picks another
+# interpreter (e.g. one with torch 2.x). pytest's exit code 5 (no tests collected) is a failure.
+python="${FLASHLIN_PYTHON:-/usr/bin/python3}"
+FLASHLIN_LIBRARY="$PWD/build/libflashlin.so" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" \
+  "$python" -m pytest -q -p no:cacheprovider tests/python
