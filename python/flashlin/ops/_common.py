@@ -14,6 +14,8 @@ def take_chunk_size(kwargs, op):
         raise DeprecationWarning(
             f"{op}: head_first has been removed. Inputs must be in `[B, T, H, ...]` format.")
     chunk_size = kwargs.pop("chunk_size", 64)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not 1 <= chunk_size <= 1024:
+        raise ValueError(f"{op}: argument 'chunk_size': expected an int in 1..1024, got {chunk_size!r}")
     for name in ("state_v_first", "transpose_state_layout"):
         if kwargs.pop(name, False):
             raise _lib.UnsupportedError(f"{op}: {name}=True is not supported (states are "
@@ -25,8 +27,10 @@ def take_chunk_size(kwargs, op):
 
 
 def per_head_decay(log_decay, q):
-    """A [H] float32 gate on q's device from a list/tensor of per-head log decays."""
-    return torch.as_tensor(log_decay, dtype=torch.float32, device=q.device)
+    """A [H] gate on q's device from per-head log decays: float64 for float64 inputs (which are
+    computed in float64), float32 otherwise."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.as_tensor(log_decay, dtype=dtype, device=q.device)
 
 
 __all__ = ["recurrence", "take_chunk_size", "per_head_decay", "_lib"]

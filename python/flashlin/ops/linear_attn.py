@@ -6,6 +6,8 @@ and the state becomes the pair (kv_state [N, H, K, V], z_state [N, 1, H, K]): th
 (o, (final_state or None, z_state)) and initial_state may be such a pair. Feature maps are the
 caller's (apply them to q and k first). Same API and defaults as fla.ops.linear_attn (0.6):
 chunk_linear_attn normalizes by default, fused_recurrent_linear_attn does not.
+Difference from fla: z_state is float32 (float64 for float64 inputs) like the kv state, not k's
+dtype, so that carrying the state across calls loses nothing (fla's bfloat16 z_state does).
 """
 import torch
 
@@ -23,19 +25,20 @@ def _sequence_bounds(k, cu_seqlens):
 def _normalize(q, k, o, scale, z_init, reverse, cu_seqlens):
     """o / (scale q . z) with z the running key sum; returns (o, z_state [N, 1, H, K])."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     z_parts, z_finals = [], []
     for n, (b, start, end) in enumerate(_sequence_bounds(k, cu_seqlens)):
-        keys = k[b:b + 1, start:end].float()
+        keys = k[b:b + 1, start:end].to(compute)
         running = keys.flip(1).cumsum(1).flip(1) if reverse else keys.cumsum(1)
         total = keys.sum(1, keepdim=True)
         if z_init is not None:
-            running = running + z_init[n:n + 1].float()
-            total = total + z_init[n:n + 1].float()
+            running = running + z_init[n:n + 1].to(compute)
+            total = total + z_init[n:n + 1].to(compute)
         z_parts.append(running)
         z_finals.append(total)
     z = torch.cat(z_parts, dim=1) if cu_seqlens is not None else torch.cat(z_parts, dim=0)
-    denominator = (q.float() * scale * z).sum(-1, keepdim=True) + 1e-10
-    return (o.float() / denominator).to(o.dtype), torch.cat(z_finals, 0).to(k.dtype)
+    denominator = (q.to(compute) * scale * z).sum(-1, keepdim=True) + 1e-10
+    return (o.to(compute) / denominator).to(o.dtype), torch.cat(z_finals, 0)
 
 
 def _linear(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens, reverse,

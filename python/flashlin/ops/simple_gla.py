@@ -5,13 +5,24 @@
 g: [B, T, H] log decay per token (gradient flows to it); g_gamma: [H] constant log decay per head
 (no gradient, as in fla); both given: the decays multiply. Same API as fla.ops.simple_gla (0.6).
 """
+import torch
+
 from ._common import _lib, recurrence, take_chunk_size
 
 
 def _simple_gla(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
                 reverse, form, chunk_size):
     names = {}
+    if g_gamma is not None:
+        if not isinstance(g_gamma, torch.Tensor) or g_gamma.dim() != 1 or (
+                g_gamma.shape[0] != q.shape[2]):
+            raise ValueError(f"argument 'g_gamma': expected a per-head log decay of shape "
+                             f"[{q.shape[2]}] (H of q), got "
+                             f"{list(g_gamma.shape) if isinstance(g_gamma, torch.Tensor) else g_gamma}")
     if g is not None and g_gamma is not None:
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(q.shape[:3]):
+            raise ValueError(f"argument 'g': expected shape {list(q.shape[:3])} ([B, T, H]), got "
+                             f"{list(g.shape) if isinstance(g, torch.Tensor) else g}")
         g = g + g_gamma.to(g.dtype)[None, None, :]
         kind = _lib.GATE_PER_TOKEN
     elif g is not None:

@@ -72,6 +72,9 @@ using RowF = Eigen::Matrix<Real, 1, Eigen::Dynamic>;
 using RowD = Eigen::Matrix<double, 1, Eigen::Dynamic>;
 using RefF = Eigen::Ref<MatrixF>;
 using ConstRefF = const Eigen::Ref<const MatrixF>&;
+// Scratch storage aligned like Eigen's own matrices: the vectorised reductions then take the same
+// path on every call, so results are bitwise reproducible for a given shape and thread count.
+using AlignedVector = std::vector<Real, Eigen::aligned_allocator<Real>>;
 
 constexpr double kLogDecayFloor = -1.0e4;  // exp(float(-1e4)) == 0: a hard reset
 constexpr double kMaxFactorRange = 60.0;   // exp(60) ~ 1e26: safe to factorise inside a block
@@ -134,8 +137,8 @@ Plan make_plan(const RecurrenceParams& p, bool backward, int threads) {
 // Partial gradients of the key-indexed outputs when value columns are split over tasks; they are
 // summed in a fixed order afterwards, so results do not depend on the thread count.
 struct Partials {
-  std::vector<Real> dq, dk, dg;  // [v_block][B * T][H][K or gate_cols]
-  std::vector<Real> du;          // [task][K]
+  AlignedVector dq, dk, dg;  // [v_block][B * T][H][K or gate_cols]
+  AlignedVector du;          // [task][K]
 };
 
 // Backward checkpointing: the entry state of every block (chunk, or kRecurrentBlock tokens) is
@@ -164,7 +167,7 @@ CheckpointPlan checkpoint_plan(const Plan& plan, int64_t len, int64_t v_len) {
 struct Workspace {
   MatrixF q, k, dq, dk, dq_bonus, dk_bonus;  // rows x K
   // rows x V-block and K x V-block storage, viewed at the task's exact block width (Map).
-  std::vector<Real> v_store, d_o_store, out_store, dv_store, state_store, d_state_store;
+  AlignedVector v_store, d_o_store, out_store, dv_store, state_store, d_state_store;
   MatrixF gate_raw;                                           // rows x gate_cols, as loaded
   MatrixD gate_cumsum, gate_query;                            // G and Gq, rows x gate_cols
   MatrixF query_decay, key_decay;                             // exp(Gq), exp(G_last - G)
@@ -178,17 +181,17 @@ struct Workspace {
   RowF u, gate_grad_carry, du;
   RowF boundary_gate_grad;  // dg of the current chunk's last token (see chunk_boundary_dg)
   RowF pair_grad;  // rows: dA of the pair whose decay is exactly 1 (see chunk_backward)
-  std::vector<Real> checkpoints;   // saved states at segment starts
-  std::vector<Real> chunk_states;  // states at chunk starts of the current segment (+ exit)
-  std::vector<Real> prefix_states;  // the same without the previous chunk's last token
-  std::vector<Real> token_states;  // recurrent backward: states before each token of a block
+  AlignedVector checkpoints;   // saved states at segment starts
+  AlignedVector chunk_states;  // states at chunk starts of the current segment (+ exit)
+  AlignedVector prefix_states;  // the same without the previous chunk's last token
+  AlignedVector token_states;  // recurrent backward: states before each token of a block
 
   Workspace(const Plan& plan) {
     const int64_t rows = plan.rows, K = plan.K, Vb = plan.v_block_len, Kg = plan.gate_cols;
     for (MatrixF* m : {&q, &k, &dq, &dk, &dq_bonus, &dk_bonus, &q_decayed, &k_decayed,
                        &key_factors, &key_hat, &product})
       m->resize(rows, K);
-    for (std::vector<Real>* m : {&v_store, &d_o_store, &out_store, &dv_store})
+    for (AlignedVector* m : {&v_store, &d_o_store, &out_store, &dv_store})
       m->resize(static_cast<size_t>(rows * Vb));
     state_store.resize(static_cast<size_t>(K * Vb));
     d_state_store.resize(static_cast<size_t>(K * Vb));
@@ -715,7 +718,7 @@ class SequenceKernel {
     if constexpr (kDecay != Decay::kNone) load_rows(p_.g, c0, rows, 0, Kg_, w_.gate_raw);
     // Token states: token_states[i] = state before token i, token_states[rows] = after the block.
     const int64_t state_floats = K_ * Vb_;
-    std::vector<Real>& token_states = w_.token_states;
+    AlignedVector& token_states = w_.token_states;
     copy_state_to(state_, token_states.data());
     for (int64_t i = 0; i < rows; ++i) {
       std::copy(token_states.data() + i * state_floats, token_states.data() + (i + 1) * state_floats,
