@@ -1,0 +1,38 @@
+"""Run-to-run determinism: the same call repeated gives bitwise identical outputs, final states
+and gradients (torch.autograd.gradcheck's default nondet_tol=0 relies on it, and so does
+reproducible training).
+"""
+import pytest
+import torch
+
+from cases import DEVICES, F64, OPS, initial_state_of, make_inputs, run_op
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_repeated_calls_are_bitwise_identical(op, dtype, device):
+    if device == "cuda" and dtype == F64:
+        pytest.skip("float64 is computed on the CPU only")
+    x = make_inputs(op, 2, 7, 2, 3, 4, dtype=dtype, device=device)
+    names = [n for n in x if n != "g_gamma"]
+    x = {n: t.requires_grad_(n in names) for n, t in x.items()}
+    kw = {"chunk_size": 4} if op.has_chunk_size else {}
+    state = initial_state_of(op, x) if op.stateful else None
+    gos, first = None, None
+    for _ in range(4):
+        outs = [t for t in run_op(op, x, initial_state=state, output_final_state=op.stateful, **kw)
+                if t is not None]
+        gos = gos or [torch.randn_like(t) for t in outs]
+        grads = torch.autograd.grad(outs, [x[n] for n in names], gos, allow_unused=True)
+        results = [t.detach() for t in outs] + list(grads)
+        labels = ["o", "final_state", "z_state"][:len(outs)] + [f"d{n}" for n in names]
+        if first is None:
+            first = results
+            continue
+        for label, a, b in zip(labels, results, first):
+            if a is None and b is None:
+                continue
+            diff = (a - b).abs().max().item()
+            assert torch.equal(a, b), (
+                f"{op.id} {dtype}: {label} changed between calls by {diff:.3g}")
