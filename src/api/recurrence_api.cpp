@@ -84,11 +84,16 @@ Validated validate_common(ArgumentChecker& check, const flashlin_recurrence_conf
                           const flashlin_recurrence_inputs* inputs) {
   if (!config) check.fail("config", "a configuration", "NULL");
   if (!inputs) check.fail("inputs", "an inputs struct", "NULL");
-  const int gate = static_cast<int>(config->gate_kind);
+  // A C caller may store any int in the enum fields; loading an out-of-range value as the C++
+  // enum type is undefined behaviour, so read the raw bits.
+  static_assert(sizeof(flashlin_gate_kind) == sizeof(int) && sizeof(flashlin_form) == sizeof(int),
+                "enum fields are int-sized");
+  int gate = 0, form = 0;
+  std::memcpy(&gate, &config->gate_kind, sizeof gate);
+  std::memcpy(&form, &config->form, sizeof form);
   if (gate < 0 || gate > 3)
     check.fail("config.gate_kind", "one of FLASHLIN_GATE_NONE/PER_HEAD/PER_TOKEN/PER_KEY (0..3)",
                std::to_string(gate));
-  const int form = static_cast<int>(config->form);
   if (form < 0 || form > 2)
     check.fail("config.form", "one of FLASHLIN_FORM_CHUNKED/RECURRENT/PARALLEL (0..2)",
                std::to_string(form));
