@@ -1,6 +1,6 @@
-// Tests of the suite's own helpers (test_util.hpp): 16-bit rounding (nearest, ties to even,
-// subnormals, overflow), the strided layouts of HostTensor (element placement, gaps, poisoning,
-// time slices), and the error metric's handling of NaN.
+// Tests of the suite's own helpers (the test support library, support/, and test_util.hpp): 16-bit
+// rounding (nearest, ties to even, subnormals, overflow, NaN), the strided layouts of HostTensor
+// (element placement, gaps, poisoning, time slices), and the error metric's handling of NaN.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -27,6 +27,8 @@ TEST(Helpers, HalfRoundsToNearestEven) {
   EXPECT_EQ(float_to_half(std::ldexp(3.0f, -25)), 0x0002);     // tie: rounds up to even
   EXPECT_EQ(float_to_half(std::ldexp(1023.5f, -24)), 0x0400);  // rounds up to the smallest normal
   EXPECT_TRUE(std::isnan(half_to_float(float_to_half(std::nanf("")))));
+  EXPECT_EQ(float_to_half(bits_to_float(0xffc02000u)), 0xfe01);  // quiet, sign and payload kept
+  EXPECT_EQ(float_to_half(bits_to_float(0x7f800001u)), 0x7e00);  // signalling NaN: made quiet
   for (uint32_t h = 0; h < 0x7c00; ++h)  // every finite half survives a round trip
     ASSERT_EQ(float_to_half(half_to_float(static_cast<uint16_t>(h))), h);
 }

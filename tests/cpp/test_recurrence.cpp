@@ -72,24 +72,25 @@ void check_against_reference(const RecurrenceProblem& p) {
 
   const ForwardResult fwd = run_forward(p);
   EXPECT_TRUE(close_to("o", fwd.o.values(), ref.o, output_tolerance(spec.dtype)));
-  EXPECT_TRUE(
-      close_to("final_state", fwd.final_state.values(), ref.ht, output_tolerance(spec.aux_dtype)));
+  EXPECT_TRUE(close_to("final_state", fwd.final_state.values(), ref.ht,
+                       output_tolerance(spec.state_dtype)));
   expect_gaps_untouched("o", fwd.o);
   expect_gaps_untouched("final_state", fwd.final_state);
 
   const BackwardResult bwd = run_backward(p);
   const Tolerance grad_tol = gradient_tolerance(spec.dtype),
-                  aux_tol = gradient_tolerance(spec.aux_dtype);
+                  gate_tol = gradient_tolerance(spec.gate_dtype),
+                  state_tol = gradient_tolerance(spec.state_dtype);
   EXPECT_TRUE(close_to("dq", bwd.dq.values(), ref_grads.dq, grad_tol));
   EXPECT_TRUE(close_to("dk", bwd.dk.values(), ref_grads.dk, grad_tol));
   EXPECT_TRUE(close_to("dv", bwd.dv.values(), ref_grads.dv, grad_tol));
   if (spec.has_dg()) {
-    EXPECT_TRUE(close_to("dg", bwd.dg.values(), ref_grads.dg, aux_tol));
+    EXPECT_TRUE(close_to("dg", bwd.dg.values(), ref_grads.dg, gate_tol));
   }
   if (spec.bonus()) {
-    EXPECT_TRUE(close_to("du", bwd.du.values(), ref_grads.du, aux_tol));
+    EXPECT_TRUE(close_to("du", bwd.du.values(), ref_grads.du, gate_tol));
   }
-  EXPECT_TRUE(close_to("d_initial_state", bwd.d_initial_state.values(), ref_grads.dh0, aux_tol));
+  EXPECT_TRUE(close_to("d_initial_state", bwd.d_initial_state.values(), ref_grads.dh0, state_tol));
   for (const auto& [name, t] : {std::pair<const char*, const HostTensor*>{"dq", &bwd.dq},
                                 {"dk", &bwd.dk},
                                 {"dv", &bwd.dv},
@@ -310,7 +311,7 @@ std::vector<ProblemSpec> dtypes_and_scale() {
         std::pair{DType::kFloat16, DType::kFloat16}})
     for (Kind kind : {Kind::kPerToken, Kind::kPerKeyBonus}) {
       ProblemSpec s = spec_of(kind, FLASHLIN_FORM_CHUNKED, dtype);
-      s.aux_dtype = aux;
+      s.gate_dtype = s.state_dtype = aux;
       specs.push_back(s);
     }
   ProblemSpec packed = spec_of(Kind::kPerKeyBonus, FLASHLIN_FORM_CHUNKED, DType::kBFloat16);
@@ -341,7 +342,7 @@ std::vector<ProblemSpec> float64() {
   for (Kind kind : kAllKinds)
     for (flashlin_form form : kAllForms) {
       ProblemSpec s = spec_of(kind, form, DType::kFloat64);
-      s.aux_dtype = DType::kFloat64;
+      s.gate_dtype = s.state_dtype = DType::kFloat64;
       s.T = 70;
       s.chunk_size = 16;
       specs.push_back(s);
@@ -349,12 +350,12 @@ std::vector<ProblemSpec> float64() {
   for (GateValues values : {GateValues::kVeryNegative, GateValues::kSomeNegInf})
     for (flashlin_form form : kAllForms) {
       ProblemSpec s = spec_of(Kind::kPerKeyBonus, form, DType::kFloat64);
-      s.aux_dtype = DType::kFloat64;
+      s.gate_dtype = s.state_dtype = DType::kFloat64;
       s.gate_values = values;
       specs.push_back(s);
     }
   ProblemSpec packed = spec_of(Kind::kPerToken, FLASHLIN_FORM_CHUNKED, DType::kFloat64);
-  packed.aux_dtype = DType::kFloat64;
+  packed.gate_dtype = packed.state_dtype = DType::kFloat64;
   packed.seq_lens = {1, 17, 0, 64, 130};
   packed.reverse = true;
   specs.push_back(packed);
@@ -389,7 +390,7 @@ INSTANTIATE_TEST_SUITE_P(BatchAndHeads, RecurrenceVsReference,
 // Replaces a float input by a view of the given strides holding new random values, and the
 // reference's copy by the values stored (a stride of 0 keeps the last value written).
 void restride(HostTensor& tensor, std::vector<double>& ref_values, std::vector<int64_t> strides,
-              Random& rng) {
+              RandomSource& rng) {
   HostTensor replaced =
       HostTensor::with_strides(tensor.dtype(), tensor.shape(), std::move(strides));
   ref_values = store_values(replaced, rng.normals(replaced.numel()));
@@ -400,7 +401,7 @@ TEST(UnusualViews, BatchStrideZero) {
   ProblemSpec spec = spec_of(Kind::kPerKeyBonus, FLASHLIN_FORM_CHUNKED);
   spec.B = 3;
   RecurrenceProblem p = make_problem(spec, seed_for_current_test());
-  Random rng(seed_for_current_test(1));
+  StdRandom rng(seed_for_current_test(1));
   const int64_t H = spec.H, K = spec.K;
   const std::vector<int64_t> shared_by_batch = {0, H * K, K, 1};
   restride(p.q, p.ref.q, shared_by_batch, rng);
@@ -443,11 +444,11 @@ TEST(UnusualViews, ByteOffsets) {
       flashlin_ref::backward(p.ref, p.ref_d_o, p.ref_d_final_state);
 
   HostTensor o = p.poisoned(spec.dtype, p.token_shape(spec.V));
-  HostTensor final_state = p.poisoned(spec.aux_dtype, p.state_shape());
+  HostTensor final_state = p.poisoned(spec.state_dtype, p.state_shape());
   HostTensor dq = p.poisoned(spec.dtype, p.token_shape(spec.K));
-  HostTensor dg = p.poisoned(spec.aux_dtype, p.gate_shape());
-  HostTensor du = p.poisoned(spec.aux_dtype, {spec.H, spec.K});
-  HostTensor d_initial_state = p.poisoned(spec.aux_dtype, p.state_shape());
+  HostTensor dg = p.poisoned(spec.gate_dtype, p.gate_shape());
+  HostTensor du = p.poisoned(spec.gate_dtype, {spec.H, spec.K});
+  HostTensor d_initial_state = p.poisoned(spec.state_dtype, p.state_shape());
   for (HostTensor* t : {&o, &final_state, &dq, &dg, &du, &d_initial_state}) use_byte_offset(*t);
   flashlin::recurrence_forward(p.config(), p.inputs(), o.dl(), final_state.dl());
   flashlin::RecurrenceGrads grads;
@@ -552,20 +553,20 @@ TEST_P(SplitSequence, TwoCallsCarryingTheStateEqualOneCall) {
 
   const flashlin::RecurrenceConfig config = p.config();
   HostTensor o = p.poisoned(spec.dtype, p.token_shape(spec.V));
-  HostTensor middle_state = p.poisoned(spec.aux_dtype, p.state_shape());
-  HostTensor final_state = p.poisoned(spec.aux_dtype, p.state_shape());
+  HostTensor middle_state = p.poisoned(spec.state_dtype, p.state_shape());
+  HostTensor final_state = p.poisoned(spec.state_dtype, p.state_shape());
   BackwardResult grads;
   grads.dq = p.poisoned(spec.dtype, p.token_shape(spec.K));
   grads.dk = p.poisoned(spec.dtype, p.token_shape(spec.K));
   grads.dv = p.poisoned(spec.dtype, p.token_shape(spec.V));
-  if (spec.has_dg()) grads.dg = p.poisoned(spec.aux_dtype, p.gate_shape());
+  if (spec.has_dg()) grads.dg = p.poisoned(spec.gate_dtype, p.gate_shape());
   HostTensor du_first, du_second;
   if (spec.bonus()) {
-    du_first = p.poisoned(spec.aux_dtype, {spec.H, spec.K});
-    du_second = p.poisoned(spec.aux_dtype, {spec.H, spec.K});
+    du_first = p.poisoned(spec.gate_dtype, {spec.H, spec.K});
+    du_second = p.poisoned(spec.gate_dtype, {spec.H, spec.K});
   }
-  grads.d_initial_state = p.poisoned(spec.aux_dtype, p.state_shape());
-  HostTensor d_middle_state = p.poisoned(spec.aux_dtype, p.state_shape());
+  grads.d_initial_state = p.poisoned(spec.state_dtype, p.state_shape());
+  HostTensor d_middle_state = p.poisoned(spec.state_dtype, p.state_shape());
 
   struct PartViews {
     flashlin::TensorView q, k, v, g, o, d_o, dq, dk, dv, dg;
@@ -656,7 +657,7 @@ TEST_P(InPlaceState, BlockByBlockEqualsWholeSequence) {
   const RecurrenceProblem p = make_problem(spec, seed_for_current_test());
   const flashlin_ref::Outputs ref = flashlin_ref::forward(p.ref);
 
-  HostTensor state(spec.aux_dtype, p.state_shape());
+  HostTensor state(spec.state_dtype, p.state_shape());
   state.set_values(p.initial_state.values());
   HostTensor o = p.poisoned(spec.dtype, p.token_shape(spec.V));
   const int64_t block = GetParam() == FLASHLIN_FORM_RECURRENT ? 1 : 13;  // 13: an odd block
@@ -674,7 +675,7 @@ TEST_P(InPlaceState, BlockByBlockEqualsWholeSequence) {
     flashlin::recurrence_forward(p.config(), in, o_part.get(), state.dl());
   }
   EXPECT_TRUE(close_to("o", o.values(), ref.o, output_tolerance(spec.dtype)));
-  EXPECT_TRUE(close_to("state", state.values(), ref.ht, output_tolerance(spec.aux_dtype)));
+  EXPECT_TRUE(close_to("state", state.values(), ref.ht, output_tolerance(spec.state_dtype)));
 }
 
 TEST_P(InPlaceState, PackedSequencesWithADistinctButIdenticalView) {
@@ -684,16 +685,16 @@ TEST_P(InPlaceState, PackedSequencesWithADistinctButIdenticalView) {
   const RecurrenceProblem p = make_problem(spec, seed_for_current_test());
   const flashlin_ref::Outputs ref = flashlin_ref::forward(p.ref);
 
-  HostTensor state(spec.aux_dtype, p.state_shape());
+  HostTensor state(spec.state_dtype, p.state_shape());
   state.set_values(p.initial_state.values());
-  flashlin::TensorView same_memory(state.dl()->data, spec.aux_dtype, state.shape(),
+  flashlin::TensorView same_memory(state.dl()->data, spec.state_dtype, state.shape(),
                                    state.strides());
   HostTensor o = p.poisoned(spec.dtype, p.token_shape(spec.V));
   flashlin::RecurrenceInputs in = p.inputs();
   in.initial_state = state.dl();
   flashlin::recurrence_forward(p.config(), in, o.dl(), same_memory.get());
   EXPECT_TRUE(close_to("o", o.values(), ref.o, output_tolerance(spec.dtype)));
-  EXPECT_TRUE(close_to("state", state.values(), ref.ht, output_tolerance(spec.aux_dtype)));
+  EXPECT_TRUE(close_to("state", state.values(), ref.ht, output_tolerance(spec.state_dtype)));
 }
 
 INSTANTIATE_TEST_SUITE_P(Forms, InPlaceState, ::testing::ValuesIn(kAllForms),
@@ -725,15 +726,15 @@ TEST_P(OptionalOutputs, EachGradientAlone) {
       {"dq", &flashlin::RecurrenceGrads::dq, spec.dtype, p.token_shape(spec.K), &ref.dq, true},
       {"dk", &flashlin::RecurrenceGrads::dk, spec.dtype, p.token_shape(spec.K), &ref.dk, true},
       {"dv", &flashlin::RecurrenceGrads::dv, spec.dtype, p.token_shape(spec.V), &ref.dv, true},
-      {"dg", &flashlin::RecurrenceGrads::dg, spec.aux_dtype, p.gate_shape(), &ref.dg,
+      {"dg", &flashlin::RecurrenceGrads::dg, spec.gate_dtype, p.gate_shape(), &ref.dg,
        spec.has_dg()},
       {"du",
        &flashlin::RecurrenceGrads::du,
-       spec.aux_dtype,
+       spec.gate_dtype,
        {spec.H, spec.K},
        &ref.du,
        spec.bonus()},
-      {"d_initial_state", &flashlin::RecurrenceGrads::d_initial_state, spec.aux_dtype,
+      {"d_initial_state", &flashlin::RecurrenceGrads::d_initial_state, spec.state_dtype,
        p.state_shape(), &ref.dh0, true},
   };
   for (const Wanted& w : wanted) {

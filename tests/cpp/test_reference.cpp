@@ -40,7 +40,7 @@ struct ReferenceCase {
 void PrintTo(const ReferenceCase& c, std::ostream* os) { *os << c.name; }
 
 // A random reference problem (inputs drawn in float64; no rounding).
-flashlin_ref::Problem make_reference_problem(const ReferenceCase& c, Random& rng) {
+flashlin_ref::Problem make_reference_problem(const ReferenceCase& c, RandomSource& rng) {
   flashlin_ref::Problem p;
   p.gate = c.gate;
   p.bonus = c.bonus;
@@ -120,7 +120,7 @@ class ReferenceGradientTest : public ::testing::TestWithParam<ReferenceCase> {};
 
 TEST_P(ReferenceGradientTest, MatchesFiniteDifferences) {
   const ReferenceCase& c = GetParam();
-  Random rng(seed_for_current_test());
+  StdRandom rng(seed_for_current_test());
   const flashlin_ref::Problem p = make_reference_problem(c, rng);
   const int64_t T = p.total_tokens(), N = p.num_seqs();
   const std::vector<double> d_o = rng.normals(T * c.H * c.V);
@@ -286,7 +286,7 @@ std::vector<double> attention_form(const flashlin_ref::Problem& p) {
 }
 
 TEST(ReferenceForward, EqualsAttentionForm) {
-  Random rng(seed_for_current_test());
+  StdRandom rng(seed_for_current_test());
   for (Gate gate : {Gate::kNone, Gate::kPerHead, Gate::kPerToken, Gate::kPerKey}) {
     for (bool bonus : {false, true}) {
       for (bool reverse : {false, true}) {
@@ -312,7 +312,7 @@ TEST(ReferenceForward, HardResetForgetsThePast) {
   c.gate = Gate::kPerToken;
   c.seq_lens = {4};
   c.H = 1;
-  Random rng(seed_for_current_test());
+  StdRandom rng(seed_for_current_test());
   flashlin_ref::Problem p = make_reference_problem(c, rng);
   p.g[3] = -std::numeric_limits<double>::infinity();
   const flashlin_ref::Outputs out = flashlin_ref::forward(p);
@@ -354,7 +354,7 @@ class ReferenceSplitTest : public ::testing::TestWithParam<ReferenceCase> {};
 TEST_P(ReferenceSplitTest, TwoPartsCarryingTheStateEqualWhole) {
   ReferenceCase c = GetParam();
   c.seq_lens = {7};
-  Random rng(seed_for_current_test());
+  StdRandom rng(seed_for_current_test());
   const flashlin_ref::Problem whole = make_reference_problem(c, rng);
   const int64_t T = 7, split = 3, H = c.H, K = c.K, V = c.V;
   const std::vector<double> d_o = rng.normals(T * H * V), dht = rng.normals(H * K * V);
@@ -427,7 +427,7 @@ TEST(ReferenceProperties, ReverseEqualsForwardOnFlippedTime) {
   ReferenceCase c;
   c.bonus = true;
   c.seq_lens = {6};
-  Random rng(seed_for_current_test());
+  StdRandom rng(seed_for_current_test());
   flashlin_ref::Problem reversed = make_reference_problem(c, rng);
   reversed.reverse = true;
   const int64_t T = 6, H = c.H, K = c.K, V = c.V;

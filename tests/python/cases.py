@@ -18,7 +18,8 @@ import reference as ref
 
 F64 = torch.float64
 CUDA = torch.cuda.is_available() and flashlin.has_cuda()  # a GPU and a library built with CUDA
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="no GPU or library built without CUDA"))]
 
 # Lightning attention's layer position used throughout (decays 0, -3, -6, ... per head).
 LAYER_IDX, NUM_LAYERS = 1, 4

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "support/problem.hpp"
 
 #if defined(FLASHLIN_HAVE_CBLAS) && FLASHLIN_HAVE_CBLAS
 #include <cblas.h>
@@ -26,6 +27,14 @@ __attribute__((weak)) char* openblas_get_config(void);
 
 namespace flashlin_cli {
 namespace {
+
+using flashlin_test::GateValues;
+using flashlin_test::HostTensor;
+using flashlin_test::Kind;
+using flashlin_test::make_problem;
+using flashlin_test::PortableRandom;
+using flashlin_test::ProblemSpec;
+using flashlin_test::RecurrenceProblem;
 
 constexpr int64_t kChunkSize = 64;  // the library's default, used by every chunked row
 
@@ -117,93 +126,61 @@ class Workload {
  public:
   // with_state: an initial state that the forward updates in place (decode).
   Workload(const OpSpec& op, const Shape& s, bool with_grads, bool with_state, uint64_t seed)
-      : op_(op), shape_(s) {
+      : shape_(s) {
     using flashlin::DType;
-    Rng rng(seed);
+    ProblemSpec spec;
+    spec.kind = op.kind;
+    spec.B = s.batch;
+    spec.T = s.time;
+    spec.H = s.heads;
+    spec.K = s.key_dim;
+    spec.V = s.value_dim;
+    spec.gate_values = op.kind == Kind::kPerHead ? GateValues::kRetNet : GateValues::kRealistic;
+    spec.chunk_size = static_cast<int>(kChunkSize);
+    spec.initial_state = with_state;
+    spec.d_final_state = false;
+    PortableRandom rng(seed);
+    problem_ = make_problem(spec, rng);
+
     const int64_t B = s.batch, T = s.time, H = s.heads, K = s.key_dim, V = s.value_dim;
-    const auto normal = [&](int64_t) { return rng.normal(); };
-    const auto gate = [&](int64_t) { return log_sigmoid(rng.normal()) / 16; };
-    q_ = HostTensor(DType::kFloat32, {B, T, H, K});
-    k_ = HostTensor(DType::kFloat32, {B, T, H, K});
-    v_ = HostTensor(DType::kFloat32, {B, T, H, V});
-    o_ = HostTensor(DType::kFloat32, {B, T, H, V});
-    q_.fill(normal);
-    k_.fill(normal);
-    v_.fill(normal);
-    o_.fill([](int64_t) { return 0.0; });
-    switch (op.gate) {
-      case FLASHLIN_GATE_NONE: break;
-      case FLASHLIN_GATE_PER_HEAD:
-        g_ = HostTensor(DType::kFloat32, {H});
-        g_.fill([](int64_t h) { return std::log1p(-std::ldexp(1.0, static_cast<int>(-5 - h))); });
-        break;
-      case FLASHLIN_GATE_PER_TOKEN: g_ = HostTensor(DType::kFloat32, {B, T, H}); break;
-      case FLASHLIN_GATE_PER_KEY: g_ = HostTensor(DType::kFloat32, {B, T, H, K}); break;
-    }
-    if (op.gate == FLASHLIN_GATE_PER_TOKEN || op.gate == FLASHLIN_GATE_PER_KEY) g_.fill(gate);
-    if (op.bonus) {
-      u_ = HostTensor(DType::kFloat32, {H, K});
-      u_.fill(normal);
-    }
-    if (with_state) {
-      state_ = HostTensor(DType::kFloat32, {B, H, K, V});
-      state_.fill(normal);
-    }
-    if (with_grads) {
-      d_o_ = HostTensor(DType::kFloat32, {B, T, H, V});
-      d_o_.fill(normal);
-      dq_ = HostTensor(DType::kFloat32, {B, T, H, K});
-      dk_ = HostTensor(DType::kFloat32, {B, T, H, K});
-      dv_ = HostTensor(DType::kFloat32, {B, T, H, V});
-      if (op.gate == FLASHLIN_GATE_PER_TOKEN || op.gate == FLASHLIN_GATE_PER_KEY) {
-        const DLTensor* g = g_.dl();
-        dg_ = HostTensor(DType::kFloat32, std::vector<int64_t>(g->shape, g->shape + g->ndim));
-      }
-      if (op.bonus) du_ = HostTensor(DType::kFloat32, {H, K});
-      for (HostTensor* t : {&dq_, &dk_, &dv_, &dg_, &du_}) t->fill([](int64_t) { return 0.0; });
+    o_ = HostTensor(DType::kFloat32, {B, T, H, V});  // HostTensors start zeroed
+    if (with_grads) {                                // no d_initial_state
+      grads_.dq = HostTensor(DType::kFloat32, {B, T, H, K});
+      grads_.dk = HostTensor(DType::kFloat32, {B, T, H, K});
+      grads_.dv = HostTensor(DType::kFloat32, {B, T, H, V});
+      if (spec.has_dg()) grads_.dg = HostTensor(DType::kFloat32, problem_.gate_shape());
+      if (spec.bonus()) grads_.du = HostTensor(DType::kFloat32, {H, K});
     }
   }
 
   flashlin::RecurrenceConfig config(flashlin_form form) const {
-    flashlin::RecurrenceConfig c;
-    c.gate(op_.gate).with_form(form).with_bonus(op_.bonus).with_chunk_size(kChunkSize);
+    flashlin::RecurrenceConfig c = problem_.config();
+    c.with_form(form);
     return c;
-  }
-
-  flashlin::RecurrenceInputs inputs() {
-    flashlin::RecurrenceInputs in;
-    in.q = q_.dl();
-    in.k = k_.dl();
-    in.v = v_.dl();
-    in.g = g_.dl();
-    in.u = u_.dl();
-    in.initial_state = state_.dl();
-    return in;
   }
 
   // With a state, final_state is the initial state itself: the step updates it in place.
   void forward(flashlin_form form) {
-    flashlin::recurrence_forward(config(form), inputs(), o_.dl(), state_.dl());
+    flashlin::recurrence_forward(config(form), problem_.inputs(), o_.dl(),
+                                 problem_.initial_state.dl());
   }
 
   void backward(flashlin_form form) {
-    flashlin::RecurrenceGrads grads;
-    grads.dq = dq_.dl();
-    grads.dk = dk_.dl();
-    grads.dv = dv_.dl();
-    grads.dg = dg_.dl();
-    grads.du = du_.dl();
-    flashlin::recurrence_backward(config(form), inputs(), d_o_.dl(), nullptr, grads);
+    flashlin::recurrence_backward(config(form), problem_.inputs(), problem_.d_o.dl(), nullptr,
+                                  grads_.grads());
   }
 
   const Shape& shape() const { return shape_; }
-  size_t state_bytes() const { return state_.bytes(); }
+  size_t state_bytes() const {
+    const HostTensor& state = problem_.initial_state;
+    return static_cast<size_t>(state.numel()) * flashlin_test::dtype_bytes(state.dtype());
+  }
 
  private:
-  OpSpec op_;
   Shape shape_;
-  HostTensor q_, k_, v_, g_, u_, o_, state_;
-  HostTensor d_o_, dq_, dk_, dv_, dg_, du_;
+  RecurrenceProblem problem_;  // q, k, v, g, u, the state (decode) and d_o
+  HostTensor o_;
+  flashlin_test::BackwardResult grads_;  // the buffers backward() writes
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -288,7 +265,7 @@ constexpr bool kHaveSgemm = true;
 
 // C = A B with square float32 matrices of side n, row-major.
 Row time_sgemm(int64_t n, const TimingPolicy& policy) {
-  Rng rng(7);
+  PortableRandom rng(7);
   std::vector<float> a(static_cast<size_t>(n * n)), b(a.size()), c(a.size());
   for (float& x : a) x = static_cast<float>(rng.normal());
   for (float& x : b) x = static_cast<float>(rng.normal());

@@ -3,9 +3,7 @@
 // on every available backend, forward and backward, and compares each output and gradient with
 // the float64 reference (tests/cpp/reference) evaluated on the very values the library was given
 // (the inputs rounded to their storage dtype). Exit status 1 when any case fails.
-#include <algorithm>
 #include <array>
-#include <cmath>
 #include <cstdio>
 #include <limits>
 #include <string>
@@ -13,15 +11,30 @@
 
 #include "common.hpp"
 #include "reference/reference.hpp"
+#include "support/error_metrics.hpp"
+#include "support/problem.hpp"
 
 namespace flashlin_cli {
 namespace {
 
 using flashlin::DType;
+using flashlin_test::BackwardResult;
+using flashlin_test::dtype_name;
+using flashlin_test::ForwardResult;
+using flashlin_test::GateValues;
+using flashlin_test::HostTensor;
+using flashlin_test::Kind;
+using flashlin_test::make_problem;
+using flashlin_test::measure_error;
+using flashlin_test::PortableRandom;
+using flashlin_test::ProblemSpec;
+using flashlin_test::RecurrenceProblem;
+using flashlin_test::run_backward;
+using flashlin_test::run_forward;
 
 // Seed of one case: the run's seed mixed with the case's position in the grid.
 uint64_t mix_seed(uint64_t seed, uint64_t position) {
-  Rng rng(seed ^ (position * 0x2545f4914f6cdd1dull));
+  PortableRandom rng(seed ^ (position * 0x2545f4914f6cdd1dull));
   return rng.next_u64();
 }
 
@@ -76,177 +89,64 @@ struct CaseResult {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Inputs: the library's tensors and, for the reference, the values they hold.
+// Inputs (the library's tensors and, for the reference, the values they hold) and comparison.
 
-struct CaseInputs {
-  flashlin_ref::Problem problem;     // stored (rounded) input values, packed sequences
-  std::vector<double> d_o, d_ht;     // stored values of the incoming gradients
-  std::vector<int64_t> token_shape;  // [B, T, H] of the token tensors
-  int64_t num_seqs = 0;
-  HostTensor q, k, v, g, u, h0, cu_seqlens, d_o_tensor, d_ht_tensor;
-
-  flashlin::RecurrenceInputs views() const {
-    flashlin::RecurrenceInputs in;
-    in.q = q.dl();
-    in.k = k.dl();
-    in.v = v.dl();
-    in.g = g.dl();
-    in.u = u.dl();
-    in.initial_state = h0.dl();
-    in.cu_seqlens = cu_seqlens.dl();
-    return in;
-  }
-};
-
-// A tensor of `dtype` filled by `draw`; *stored receives the values it holds after rounding.
-template <class Draw>
-HostTensor random_tensor(DType dtype, std::vector<int64_t> shape, Draw&& draw,
-                         std::vector<double>* stored) {
-  HostTensor t(dtype, std::move(shape));
-  t.fill([&](int64_t) { return draw(); });
-  *stored = t.get();
-  return t;
-}
-
-CaseInputs make_inputs(const CaseSpec& spec, const Sizes& sizes, uint64_t seed) {
-  Rng rng(seed);
-  const auto normal = [&] { return rng.normal(); };
+// The problem of one case: g and u in the case's dtype, states float32. Batched: mild gates
+// (RetNet's per-head constants for the per-head gate). Packed: strong gates and, for per-token and
+// per-key gates, a hard reset.
+ProblemSpec problem_spec(const CaseSpec& spec, const Sizes& sizes) {
+  ProblemSpec s;
+  s.kind = spec.op->kind;
+  s.form = spec.form->form;
+  s.dtype = s.gate_dtype = spec.dtype;
+  s.state_dtype = DType::kFloat32;
+  s.H = sizes.heads;
+  s.K = sizes.key_dim;
+  s.V = sizes.value_dim;
   const bool packed = spec.layout == Layout::kPacked;
-  const int64_t B = packed ? 1 : sizes.batch_size, T = sizes.time, H = sizes.heads;
-  const int64_t K = sizes.key_dim, V = sizes.value_dim;
-  const DType dtype = spec.dtype;
-
-  CaseInputs in;
-  flashlin_ref::Problem& p = in.problem;
-  p.gate = static_cast<flashlin_ref::Gate>(spec.op->gate);
-  p.bonus = spec.op->bonus;
-  p.H = H;
-  p.K = K;
-  p.V = V;
-  p.seq_lens = packed ? sizes.packed_lengths : std::vector<int64_t>(static_cast<size_t>(B), T);
-  in.num_seqs = static_cast<int64_t>(p.seq_lens.size());
-  in.token_shape = {B, T, H};
-
-  in.q = random_tensor(dtype, {B, T, H, K}, normal, &p.q);
-  in.k = random_tensor(dtype, {B, T, H, K}, normal, &p.k);
-  in.v = random_tensor(dtype, {B, T, H, V}, normal, &p.v);
-
-  // Gates (log decays): RetNet's per-head constants; otherwise logsigmoid(x)/16 (mild) for the
-  // batched layout, logsigmoid(x) (strong: decays to ~1e-22 within a chunk) for the packed one.
-  const double gate_strength = packed ? 1.0 : 1.0 / 16;
-  const auto gate_draw = [&] { return gate_strength * log_sigmoid(rng.normal()); };
-  switch (spec.op->gate) {
-    case FLASHLIN_GATE_NONE: break;
-    case FLASHLIN_GATE_PER_HEAD:
-      in.g = HostTensor(dtype, {H});
-      in.g.fill([](int64_t h) { return std::log1p(-std::ldexp(1.0, static_cast<int>(-5 - h))); });
-      p.g = in.g.get();
-      break;
-    case FLASHLIN_GATE_PER_TOKEN: in.g = random_tensor(dtype, {B, T, H}, gate_draw, &p.g); break;
-    case FLASHLIN_GATE_PER_KEY: in.g = random_tensor(dtype, {B, T, H, K}, gate_draw, &p.g); break;
-  }
-  if (packed &&
-      (spec.op->gate == FLASHLIN_GATE_PER_TOKEN || spec.op->gate == FLASHLIN_GATE_PER_KEY)) {
-    // A hard reset on head 0 in the middle of the longest sequence (all keys of the scalar gate,
-    // the first half of the keys of the per-key gate).
-    const auto longest = std::max_element(p.seq_lens.begin(), p.seq_lens.end());
-    int64_t token = *longest / 3;
-    for (auto it = p.seq_lens.begin(); it != longest; ++it) token += *it;
-    const double minus_inf = -std::numeric_limits<double>::infinity();
-    const int64_t reset_keys = spec.op->gate == FLASHLIN_GATE_PER_KEY ? (K + 1) / 2 : 1;
-    const int64_t per_token = spec.op->gate == FLASHLIN_GATE_PER_KEY ? K : 1;
-    for (int64_t i = 0; i < reset_keys; ++i) in.g.store(token * H * per_token + i, minus_inf);
-    p.g = in.g.get();
-  }
-  if (spec.op->bonus) in.u = random_tensor(dtype, {H, K}, normal, &p.u);
-
-  // States are float32.
-  in.h0 = random_tensor(DType::kFloat32, {in.num_seqs, H, K, V}, normal, &p.h0);
   if (packed) {
-    in.cu_seqlens = HostTensor(DType::kInt32, {in.num_seqs + 1});
-    int64_t offset = 0;
-    in.cu_seqlens.store(0, 0);
-    for (int64_t n = 0; n < in.num_seqs; ++n) {
-      offset += p.seq_lens[static_cast<size_t>(n)];
-      in.cu_seqlens.store(n + 1, static_cast<double>(offset));
-    }
+    s.seq_lens = sizes.packed_lengths;
+  } else {
+    s.B = sizes.batch_size;
+    s.T = sizes.time;
   }
-  in.d_o_tensor = random_tensor(dtype, {B, T, H, V}, normal, &in.d_o);
-  in.d_ht_tensor = random_tensor(DType::kFloat32, {in.num_seqs, H, K, V}, normal, &in.d_ht);
-  return in;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Comparison.
-
-// max |x - ref| / max |ref| (the absolute error when ref is all zeros); NaN if x holds a NaN,
-// +inf if it holds an infinity.
-double relative_error(const std::vector<double>& x, const std::vector<double>& ref) {
-  if (x.size() != ref.size()) return std::numeric_limits<double>::quiet_NaN();
-  double max_diff = 0, max_ref = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    if (std::isnan(x[i])) return std::numeric_limits<double>::quiet_NaN();
-    max_diff = std::max(max_diff, std::fabs(x[i] - ref[i]));
-    max_ref = std::max(max_ref, std::fabs(ref[i]));
-  }
-  return max_ref > 0 ? max_diff / max_ref : max_diff;
+  if (s.kind == Kind::kPerHead)
+    s.gate_values = GateValues::kRetNet;
+  else
+    s.gate_values = packed ? GateValues::kStrong : GateValues::kRealistic;
+  s.hard_reset = packed && s.has_dg();
+  return s;
 }
 
 CaseResult run_case(const CaseSpec& spec, const Sizes& sizes, uint64_t seed) {
   CaseResult result;
-  const CaseInputs in = make_inputs(spec, sizes, seed);
-  const flashlin_ref::Problem& p = in.problem;
-  const int64_t B = in.token_shape[0], T = in.token_shape[1], H = p.H, K = p.K, V = p.V;
-  const int64_t N = in.num_seqs;
-  const flashlin_ref::Outputs ref_out = flashlin_ref::forward(p);
-  const flashlin_ref::Grads ref_grads = flashlin_ref::backward(p, in.d_o, in.d_ht);
+  PortableRandom rng(seed);
+  const RecurrenceProblem p = make_problem(problem_spec(spec, sizes), rng);
+  const flashlin_ref::Outputs ref_out = flashlin_ref::forward(p.ref);
+  const flashlin_ref::Grads ref_grads =
+      flashlin_ref::backward(p.ref, p.ref_d_o, p.ref_d_final_state);
 
-  flashlin::RecurrenceConfig config;
-  config.gate(spec.op->gate).with_form(spec.form->form).with_bonus(spec.op->bonus);
-  const flashlin::RecurrenceInputs views = in.views();
-
-  // Every output is poisoned with NaN first: an element the library does not write fails.
-  HostTensor o(spec.dtype, {B, T, H, V}), ht(DType::kFloat32, {N, H, K, V});
-  o.poison();
-  ht.poison();
-  const bool has_dg =
-      spec.op->gate == FLASHLIN_GATE_PER_TOKEN || spec.op->gate == FLASHLIN_GATE_PER_KEY;
-  HostTensor dq(spec.dtype, {B, T, H, K}), dk(spec.dtype, {B, T, H, K}),
-      dv(spec.dtype, {B, T, H, V});
-  HostTensor dh0(DType::kFloat32, {N, H, K, V}), dg, du;
-  if (has_dg) {
-    const DLTensor* g = in.g.dl();
-    dg = HostTensor(in.g.dtype(), std::vector<int64_t>(g->shape, g->shape + g->ndim));
-  }
-  if (spec.op->bonus) du = HostTensor(in.u.dtype(), {H, K});
-  for (HostTensor* t : {&dq, &dk, &dv, &dh0, &dg, &du}) t->poison();
-
+  // run_forward / run_backward poison every output with NaN first: an element the library does
+  // not write makes the error NaN, which fails (an infinity makes it +inf).
   const auto compare = [&](TensorId id, const HostTensor& got, const std::vector<double>& want) {
     result.checked[id] = true;
-    result.error[id] = relative_error(got.get(), want);
+    result.error[id] = measure_error(got.values(), want).rel_max;
   };
   try {
-    flashlin::recurrence_forward(config, views, o.dl(), ht.dl());
-    compare(kO, o, ref_out.o);
-    compare(kHt, ht, ref_out.ht);
+    const ForwardResult out = run_forward(p);
+    compare(kO, out.o, ref_out.o);
+    compare(kHt, out.final_state, ref_out.ht);
   } catch (const flashlin::Error& e) {
     result.failure = std::string("forward: ") + e.what();
   }
   try {
-    flashlin::RecurrenceGrads grads;
-    grads.dq = dq.dl();
-    grads.dk = dk.dl();
-    grads.dv = dv.dl();
-    grads.dg = dg.dl();
-    grads.du = du.dl();
-    grads.d_initial_state = dh0.dl();
-    flashlin::recurrence_backward(config, views, in.d_o_tensor.dl(), in.d_ht_tensor.dl(), grads);
-    compare(kDq, dq, ref_grads.dq);
-    compare(kDk, dk, ref_grads.dk);
-    compare(kDv, dv, ref_grads.dv);
-    if (has_dg) compare(kDg, dg, ref_grads.dg);
-    if (spec.op->bonus) compare(kDu, du, ref_grads.du);
-    compare(kDh0, dh0, ref_grads.dh0);
+    const BackwardResult grads = run_backward(p);
+    compare(kDq, grads.dq, ref_grads.dq);
+    compare(kDk, grads.dk, ref_grads.dk);
+    compare(kDv, grads.dv, ref_grads.dv);
+    if (p.spec.has_dg()) compare(kDg, grads.dg, ref_grads.dg);
+    if (p.spec.bonus()) compare(kDu, grads.du, ref_grads.du);
+    compare(kDh0, grads.d_initial_state, ref_grads.dh0);
   } catch (const flashlin::Error& e) {
     if (!result.failure.empty()) result.failure += "; ";
     result.failure += std::string("backward: ") + e.what();
