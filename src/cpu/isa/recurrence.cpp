@@ -181,6 +181,7 @@ struct Workspace {
   RowF u, gate_grad_carry, du;
   RowF boundary_gate_grad;  // dg of the current chunk's last token (see chunk_boundary_dg)
   RowF pair_grad;  // rows: dA of the pair whose decay is exactly 1 (see chunk_backward)
+  RowF decay_row;  // rows: scratch for one row of scalar decays
   AlignedVector checkpoints;   // saved states at segment starts
   AlignedVector chunk_states;  // states at chunk starts of the current segment (+ exit)
   AlignedVector prefix_states;  // the same without the previous chunk's last token
@@ -217,6 +218,7 @@ struct Workspace {
     for (RowF* r : {&u, &gate_grad_carry, &du, &boundary_gate_grad})
       r->resize(K);
     pair_grad.resize(rows);
+    decay_row.resize(rows);
   }
 };
 
@@ -227,6 +229,15 @@ void apply_factors(RefF x, ConstRefF f) {
   } else {
     x.array() *= f.array();
   }
+}
+
+// dst = exp(exponent), where the exponent is a difference of cumulative decays kept in double:
+// it is rounded to the compute type into dst first and the exp then runs on dst in place, because
+// Eigen does not vectorise exp() of a cast expression (it calls the scalar libm exp per element).
+template <typename Dst, typename Exponent>
+void exp_into(Dst&& dst, const Exponent& exponent) {
+  dst.array() = exponent.array().template cast<Real>();
+  dst.array() = dst.array().exp();
 }
 
 // Rows of state (K x Vb) times exp(G_last) (one value or one per key).
@@ -385,10 +396,9 @@ class SequenceKernel {
         }
       }
       if (!p_.bonus) w_.gate_query.topRows(rows) = w_.gate_cumsum.topRows(rows);
-      w_.query_decay.topRows(rows) = w_.gate_query.topRows(rows).cast<Real>().array().exp().matrix();
-      w_.key_decay.topRows(rows) =
-          (-(w_.gate_cumsum.topRows(rows).rowwise() - w_.gate_cumsum.row(rows - 1)))
-              .cast<Real>().array().exp().matrix();
+      exp_into(w_.query_decay.topRows(rows), w_.gate_query.topRows(rows));
+      exp_into(w_.key_decay.topRows(rows),
+               -(w_.gate_cumsum.topRows(rows).rowwise() - w_.gate_cumsum.row(rows - 1)));
     }
   }
 
@@ -405,28 +415,26 @@ class SequenceKernel {
         const int64_t visible = s + i + diag_shift;
         scores.row(i).tail(e - visible).setZero();
         if constexpr (kDecay == Decay::kScalar) {
-          scores.row(i).head(visible).array() *=
-              (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array())
-                  .template cast<Real>().exp().transpose();
+          auto decay = w_.decay_row.head(visible);
+          exp_into(decay, (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array())
+                              .transpose());
+          scores.row(i).head(visible).array() *= decay.array();
         }
       }
       return false;
     } else {
       const RowD g_ref = s > 0 ? RowD(w_.gate_cumsum.row(s - 1)) : RowD::Zero(K_);
       if (s > 0) {  // keys before the block: exp(G_ref - G_j) <= 1
-        w_.key_factors.topRows(s) = (-(w_.gate_cumsum.topRows(s).rowwise() - g_ref))
-                                        .cast<Real>().array().exp().matrix();
+        exp_into(w_.key_factors.topRows(s), -(w_.gate_cumsum.topRows(s).rowwise() - g_ref));
         w_.key_hat.topRows(s) = w_.k.topRows(s).cwiseProduct(w_.key_factors.topRows(s));
       }
-      w_.query_factors.topRows(n) = (w_.gate_query.middleRows(s, n).rowwise() - g_ref)
-                                        .cast<Real>().array().exp().matrix();
+      exp_into(w_.query_factors.topRows(n), w_.gate_query.middleRows(s, n).rowwise() - g_ref);
       w_.query_hat.topRows(n) = w_.q.middleRows(s, n).cwiseProduct(w_.query_factors.topRows(n));
       if (s > 0)
         scores.leftCols(s).noalias() = w_.query_hat.topRows(n) * w_.key_hat.topRows(s).transpose();
       const double range = (g_ref - w_.gate_cumsum.row(e - 1)).maxCoeff();
       if (range <= kMaxFactorRange) {  // keys of the block: exp(G_ref - G_j) in [1, e^range]
-        w_.diag_factors.topRows(n) = (-(w_.gate_cumsum.middleRows(s, n).rowwise() - g_ref))
-                                         .cast<Real>().array().exp().matrix();
+        exp_into(w_.diag_factors.topRows(n), -(w_.gate_cumsum.middleRows(s, n).rowwise() - g_ref));
         w_.diag_key_hat.topRows(n) =
             w_.k.middleRows(s, n).cwiseProduct(w_.diag_factors.topRows(n));
         scores.middleCols(s, n).noalias() =
@@ -536,9 +544,10 @@ class SequenceKernel {
         const int64_t visible = s + i + diag_shift;
         d_scores.row(i).tail(e - visible).setZero();
         if constexpr (kDecay == Decay::kScalar) {
-          d_scores.row(i).head(visible).array() *=
-              (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array())
-                  .template cast<Real>().exp().transpose();
+          auto decay = w_.decay_row.head(visible);
+          exp_into(decay, (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array())
+                              .transpose());
+          d_scores.row(i).head(visible).array() *= decay.array();
         }
       }
       // The pair (i, i - pair_offset) has decay exactly 1; its terms in q'_i * dq'_i and
