@@ -49,6 +49,7 @@
 #include <limits>
 #include <memory>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "api/params.hpp"
@@ -264,8 +265,9 @@ class SequenceKernel {
         d_state_(w.d_state_store.data(), plan.K, task.v_len) {}
 
   void forward() {
-    load_state(p_.initial_state, state_);
     if (p_.bonus) load_u();
+    if (decode_step_in_place()) return;
+    load_state(p_.initial_state, state_);
     if (p_.form == Form::kRecurrent) {
       for (int64_t c0 = 0; c0 < len_; c0 += kRecurrentBlock)
         recurrent_forward_block(c0, std::min(kRecurrentBlock, len_ - c0));
@@ -707,6 +709,51 @@ class SequenceKernel {
         for (int64_t j = 0; j < vb; ++j) row[j] = decay * row[j] + key * v[j];
       }
     }
+  }
+
+  // One-token decode with float32 state rows: each state row goes straight from initial_state to
+  // final_state (the same memory when updated in place), so the step reads and writes every
+  // state byte once, with no copy through the scratch state. Returns false when not applicable.
+  bool decode_step_in_place() {
+    const auto row_major_f32 = [](const StridedTensor& t) {
+      return !t.present || (t.dtype == detail::Storage::kFloat32 && t.stride[3] == 1);
+    };
+    if (p_.form != Form::kRecurrent || len_ != 1 || !std::is_same_v<Real, float> ||
+        !row_major_f32(p_.initial_state) || !row_major_f32(p_.final_state))
+      return false;
+    load_rows(p_.q, 0, 1, 0, K_, w_.q, static_cast<Real>(p_.scale));
+    load_rows(p_.k, 0, 1, 0, K_, w_.k);
+    load_rows(p_.v, 0, 1, task_.v_begin, Vb_, v_);
+    if constexpr (kDecay != Decay::kNone) load_rows(p_.g, 0, 1, 0, Kg_, w_.gate_raw);
+    const Real* q = w_.q.row(0).data();
+    const Real* k = w_.k.row(0).data();
+    const Real* v = v_.row(0).data();
+    const Real* g = w_.gate_raw.row(0).data();
+    Real* out = out_.row(0).data();
+    const int64_t vb = Vb_;
+    const Real bonus = p_.bonus ? w_.q.row(0).cwiseProduct(w_.u).dot(w_.k.row(0)) : Real(0);
+    for (int64_t j = 0; j < vb; ++j) out[j] = bonus * v[j];
+    Real* scratch_row = state_.data();  // the new row when there is no final_state to hold it
+    for (int64_t r = 0; r < K_; ++r) {
+      const Real* old_row = p_.initial_state.present
+          ? reinterpret_cast<const Real*>(p_.initial_state.at(task_.seq, task_.head, r, task_.v_begin))
+          : nullptr;
+      Real* new_row = p_.final_state.present
+          ? reinterpret_cast<Real*>(p_.final_state.at(task_.seq, task_.head, r, task_.v_begin))
+          : scratch_row;
+      const Real decay = kDecay == Decay::kNone      ? Real(1)
+                         : kDecay == Decay::kPerKey ? std::exp(g[r])
+                                                    : std::exp(g[0]);
+      const Real key = k[r], query = q[r];
+      for (int64_t j = 0; j < vb; ++j) {
+        const Real old_value = old_row ? old_row[j] : Real(0);
+        const Real new_value = decay * old_value + key * v[j];
+        out[j] += query * (p_.bonus ? old_value : new_value);
+        new_row[j] = new_value;
+      }
+    }
+    store_rows(out_, 0, 1, p_.o, task_.v_begin, Vb_);
+    return true;
   }
 
   void recurrent_forward_block(int64_t c0, int64_t rows) {
