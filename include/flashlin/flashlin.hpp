@@ -92,12 +92,30 @@ class TensorView {
 
 struct RecurrenceConfig : flashlin_recurrence_config {
   RecurrenceConfig() : flashlin_recurrence_config{} {}
-  RecurrenceConfig& gate(flashlin_gate_kind kind) { gate_kind = kind; return *this; }
-  RecurrenceConfig& with_form(flashlin_form f) { form = f; return *this; }
-  RecurrenceConfig& with_scale(double s) { scale = s; return *this; }
-  RecurrenceConfig& with_chunk_size(int c) { chunk_size = c; return *this; }
-  RecurrenceConfig& reversed(bool r = true) { reverse = r; return *this; }
-  RecurrenceConfig& with_bonus(bool b = true) { bonus = b; return *this; }
+  RecurrenceConfig& gate(flashlin_gate_kind kind) {
+    gate_kind = kind;
+    return *this;
+  }
+  RecurrenceConfig& with_form(flashlin_form f) {
+    form = f;
+    return *this;
+  }
+  RecurrenceConfig& with_scale(double s) {
+    scale = s;
+    return *this;
+  }
+  RecurrenceConfig& with_chunk_size(int c) {
+    chunk_size = c;
+    return *this;
+  }
+  RecurrenceConfig& reversed(bool r = true) {
+    reverse = r;
+    return *this;
+  }
+  RecurrenceConfig& with_bonus(bool b = true) {
+    bonus = b;
+    return *this;
+  }
 };
 
 // Views of the inputs; a null pointer stands for an absent optional tensor.

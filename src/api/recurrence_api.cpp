@@ -14,9 +14,9 @@
 namespace flashlin::detail {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 4096;           // K and V; larger is rejected as unsupported
+constexpr int64_t kMaxHeadDim = 4096;  // K and V; larger is rejected as unsupported
 constexpr int kMaxChunkSize = 1024;
-constexpr int64_t kMaxParallelLength = 8192;    // the parallel form materialises T x T per sequence
+constexpr int64_t kMaxParallelLength = 8192;  // the parallel form materialises T x T per sequence
 
 StridedTensor strided(const DLTensor* t, const std::vector<int>& dims_to_logical) {
   // dims_to_logical[i] = logical dimension (0..3) that tensor dimension i maps to.
@@ -72,8 +72,8 @@ std::vector<int64_t> read_cu_seqlens(ArgumentChecker& check, const DLTensor* cu,
     if (offsets[i] < offsets[i - 1])
       check.fail("cu_seqlens", "non-decreasing offsets",
                  "cu_seqlens[" + std::to_string(i) + "] = " + std::to_string(offsets[i]) +
-                     " < cu_seqlens[" + std::to_string(i - 1) + "] = " +
-                     std::to_string(offsets[i - 1]));
+                     " < cu_seqlens[" + std::to_string(i - 1) +
+                     "] = " + std::to_string(offsets[i - 1]));
   if (offsets.back() != time)
     check.fail("cu_seqlens", "last offset == T = " + std::to_string(time) + " (tokens in q)",
                std::to_string(offsets.back()));
@@ -170,7 +170,8 @@ Validated validate_common(ArgumentChecker& check, const flashlin_recurrence_conf
   }
   // Sequences.
   if (inputs->cu_seqlens) {
-    const std::vector<int64_t> offsets = read_cu_seqlens(check, inputs->cu_seqlens, out.batch, out.time);
+    const std::vector<int64_t> offsets =
+        read_cu_seqlens(check, inputs->cu_seqlens, out.batch, out.time);
     for (size_t i = 0; i + 1 < offsets.size(); ++i)
       p.sequences.push_back({0, offsets[i], offsets[i + 1] - offsets[i]});
   } else {
@@ -197,10 +198,13 @@ Validated validate_common(ArgumentChecker& check, const flashlin_recurrence_conf
   p.q = strided(inputs->q, kIdentity4);
   p.k = strided(inputs->k, kIdentity4);
   p.v = strided(inputs->v, kIdentity4);
-  for (const auto& [tensor, name] :
-       {std::pair<const DLTensor*, const char*>{inputs->q, "q"}, {inputs->k, "k"},
-        {inputs->v, "v"}, {inputs->g, "g"}, {inputs->u, "u"},
-        {inputs->initial_state, "initial_state"}, {inputs->cu_seqlens, "cu_seqlens"}})
+  for (const auto& [tensor, name] : {std::pair<const DLTensor*, const char*>{inputs->q, "q"},
+                                     {inputs->k, "k"},
+                                     {inputs->v, "v"},
+                                     {inputs->g, "g"},
+                                     {inputs->u, "u"},
+                                     {inputs->initial_state, "initial_state"},
+                                     {inputs->cu_seqlens, "cu_seqlens"}})
     check.register_input(tensor, name);
   return out;
 }
@@ -292,7 +296,8 @@ flashlin_status flashlin_recurrence_backward(const flashlin_recurrence_config* c
     }
     if (grads->dv) {
       check.float_tensor(grads->dv, "dv", 4);
-      check.shape_equals(grads->dv, "dv", {val.batch, val.time, val.heads, val.value_dim}, "(as v)");
+      check.shape_equals(grads->dv, "dv", {val.batch, val.time, val.heads, val.value_dim},
+                         "(as v)");
       check.dtype_equals(grads->dv, "dv", inputs->v->dtype, "v");
     }
     if (grads->dg) {

@@ -68,7 +68,8 @@ bool same_view(const DLTensor& a, const DLTensor& b) {
       a.dtype.bits != b.dtype.bits || a.dtype.lanes != b.dtype.lanes)
     return false;
   for (int i = 0; i < a.ndim; ++i)
-    if (a.shape[i] != b.shape[i] || (a.shape[i] > 1 && element_stride(a, i) != element_stride(b, i)))
+    if (a.shape[i] != b.shape[i] ||
+        (a.shape[i] > 1 && element_stride(a, i) != element_stride(b, i)))
       return false;
   return true;
 }
@@ -94,15 +95,15 @@ void ArgumentChecker::float_tensor(const DLTensor* t, const char* arg, int ndim)
   for (int i = 0; i < ndim; ++i)
     if (t->shape[i] < 0) fail(arg, "non-negative sizes", "shape " + shape_string(*t));
   const DLDataType dt = t->dtype;
-  const bool ok =
-      dt.lanes == 1 && ((dt.code == kDLFloat && (dt.bits == 64 || dt.bits == 32 || dt.bits == 16)) ||
-                        (dt.code == kDLBfloat && dt.bits == 16));
+  const bool ok = dt.lanes == 1 &&
+                  ((dt.code == kDLFloat && (dt.bits == 64 || dt.bits == 32 || dt.bits == 16)) ||
+                   (dt.code == kDLBfloat && dt.bits == 16));
   if (!ok) fail(arg, "dtype float32, float64, float16 or bfloat16", dtype_string(dt));
   if (t->strides)
     for (int i = 0; i < ndim; ++i)
       if (t->strides[i] < 0)
-        fail(arg, "non-negative strides", "stride " + std::to_string(t->strides[i]) +
-                                              " in dimension " + std::to_string(i));
+        fail(arg, "non-negative strides",
+             "stride " + std::to_string(t->strides[i]) + " in dimension " + std::to_string(i));
   if (!t->data && element_count(*t) > 0) fail(arg, "a data pointer", "NULL");
   const DLDevice dev = t->device;
   const bool cpu = dev.device_type == kDLCPU || dev.device_type == kDLCUDAHost;

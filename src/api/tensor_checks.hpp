@@ -33,7 +33,8 @@ class ArgumentChecker {
  public:
   explicit ArgumentChecker(const char* function) : function_(function) {}
 
-  [[noreturn]] void fail(const std::string& arg, const std::string& expected, const std::string& got,
+  [[noreturn]] void fail(const std::string& arg, const std::string& expected,
+                         const std::string& got,
                          flashlin_status status = FLASHLIN_ERROR_INVALID_ARGUMENT) const;
 
   // Non-null, rank, floating dtype (float32/float16/bfloat16), non-negative strides, data present

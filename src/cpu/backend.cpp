@@ -40,14 +40,15 @@ using Entry = flashlin_status (*)(const detail::RecurrenceParams&, int);
 
 struct Kernels {
   const char* name;
-  Entry forward[2];   // [0]: float compute, [1]: double compute (float64 inputs)
+  Entry forward[2];  // [0]: float compute, [1]: double compute (float64 inputs)
   Entry backward[2];
 };
 
-#define FLASHLIN_CPU_KERNELS(name, isa)                                        \
-  Kernels {                                                                    \
-    name, {isa##_float::recurrence_forward, isa##_double::recurrence_forward}, \
-        {isa##_float::recurrence_backward, isa##_double::recurrence_backward}  \
+#define FLASHLIN_CPU_KERNELS(name, isa)                                          \
+  Kernels {                                                                      \
+    name, {isa##_float::recurrence_forward, isa##_double::recurrence_forward}, { \
+      isa##_float::recurrence_backward, isa##_double::recurrence_backward        \
+    }                                                                            \
   }
 
 Kernels select_kernels() {

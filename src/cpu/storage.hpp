@@ -1,8 +1,9 @@
 // Conversion between the storage dtypes (float32, float64, float16, bfloat16) and the compute
-// type, and strided row loads/stores. Rounding to 16-bit types is to nearest, ties to even; NaN stays NaN and
-// overflow gives infinity. Written without intrinsics so the compiler vectorizes it for whichever
-// instruction set the including file is compiled for; the functions live in that instruction
-// set's namespace so copies compiled for different instruction sets never merge at link time.
+// type, and strided row loads/stores. Rounding to 16-bit types is to nearest, ties to even; NaN
+// stays NaN and overflow gives infinity. Written without intrinsics so the compiler vectorizes it
+// for whichever instruction set the including file is compiled for; the functions live in that
+// instruction set's namespace so copies compiled for different instruction sets never merge at link
+// time.
 #ifndef FLASHLIN_SRC_CPU_STORAGE_HPP_
 #define FLASHLIN_SRC_CPU_STORAGE_HPP_
 
@@ -55,8 +56,8 @@ inline uint16_t float_to_float16(float value) {
   uint32_t bits = float_to_bits(value);
   const uint32_t sign = (bits >> 16) & 0x8000u;
   bits &= 0x7fffffffu;
-  if (bits > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);    // NaN
-  if (bits >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);   // rounds to inf
+  if (bits > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
+  if (bits >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf
   if (bits < 0x38800000u) {  // below 2^-14: a float16 subnormal (or zero), in units of 2^-24
     const float units = std::nearbyint(bits_to_float(bits) * 16777216.0f);
     return static_cast<uint16_t>(sign | static_cast<uint32_t>(units));
@@ -102,8 +103,8 @@ inline void load_row(const char* src, detail::Storage dtype, int64_t stride, int
 
 // dst[i * stride] = multiplier * src[i], rounded to the storage dtype.
 template <typename T>
-inline void store_row(const T* src, int64_t count, char* dst, detail::Storage dtype,
-                      int64_t stride, T multiplier = T(1)) {
+inline void store_row(const T* src, int64_t count, char* dst, detail::Storage dtype, int64_t stride,
+                      T multiplier = T(1)) {
   switch (dtype) {
     case detail::Storage::kFloat32: {
       float* y = reinterpret_cast<float*>(dst);

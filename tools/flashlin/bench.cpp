@@ -418,13 +418,14 @@ int run_bench(int argc, char** argv) {
     const Row single = time_pass(work, "decode", FLASHLIN_FORM_RECURRENT, false, decode);
     flashlin_set_num_threads(threads_given ? static_cast<int>(threads_option) : 0);
     std::vector<char> source(work.state_bytes(), 1), target(work.state_bytes(), 0);
-    const double copy_seconds = median_seconds(
-        [&] { std::memcpy(target.data(), source.data(), source.size()); }, decode);
-    std::printf("decode vs copy, 1 thread: decode step %.3f ms, memcpy of the state %.3f ms "
-                "(%.1f GB/s read+write): decode = %.2fx the copy\n",
-                single.seconds * 1e3, copy_seconds * 1e3,
-                2.0 * static_cast<double>(source.size()) / copy_seconds * 1e-9,
-                single.seconds / copy_seconds);
+    const double copy_seconds =
+        median_seconds([&] { std::memcpy(target.data(), source.data(), source.size()); }, decode);
+    std::printf(
+        "decode vs copy, 1 thread: decode step %.3f ms, memcpy of the state %.3f ms "
+        "(%.1f GB/s read+write): decode = %.2fx the copy\n",
+        single.seconds * 1e3, copy_seconds * 1e3,
+        2.0 * static_cast<double>(source.size()) / copy_seconds * 1e-9,
+        single.seconds / copy_seconds);
   }
 
   std::printf("\n%s", kFlopModel);

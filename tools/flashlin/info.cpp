@@ -34,7 +34,10 @@ int run_info(int argc, char** argv) {
   const bool avx512f = __builtin_cpu_supports("avx512f");
   const bool avx2 = __builtin_cpu_supports("avx2");
   const bool fma = __builtin_cpu_supports("fma");
-  const char* level = avx512f ? "avx512f" : (avx2 && fma) ? "avx2+fma" : avx2 ? "avx2" : "below avx2";
+  const char* level = avx512f         ? "avx512f"
+                      : (avx2 && fma) ? "avx2+fma"
+                      : avx2          ? "avx2"
+                                      : "below avx2";
 
   std::printf("flashlin %s\n", flashlin_version());
   std::printf("backends:\n");

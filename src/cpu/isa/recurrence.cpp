@@ -1,7 +1,8 @@
 // CPU kernels of the gated linear recurrence (DESIGN.md §3). This file is compiled once per
 // instruction set (generic x86-64 / AVX2 / AVX-512) and compute type (FLASHLIN_CPU_REAL: float, or
-// double for float64 inputs), see CMakeLists.txt, each into its own namespace FLASHLIN_CPU_ISA_NS; backend.cpp picks one at run time. Dense products go through Eigen
-// (renamed per instruction set below so the copies never merge at link time).
+// double for float64 inputs), see CMakeLists.txt, each into its own namespace FLASHLIN_CPU_ISA_NS;
+// backend.cpp picks one at run time. Dense products go through Eigen (renamed per instruction set
+// below so the copies never merge at link time).
 //
 // Per sequence and head, tokens in visited order t (last to first when `reverse`), q' = scale q,
 // g_t a log decay per key (per-token and per-head gates broadcast over the keys, none = 0):
@@ -38,7 +39,7 @@
 #define FLASHLIN_PASTE_(a, b) a##b
 #define FLASHLIN_PASTE(a, b) FLASHLIN_PASTE_(a, b)
 #define Eigen FLASHLIN_PASTE(FLASHLIN_CPU_ISA_NS, _eigen)  // one Eigen per instruction set
-#define EIGEN_DONT_PARALLELIZE             // we parallelise over tasks ourselves
+#define EIGEN_DONT_PARALLELIZE                             // we parallelise over tasks ourselves
 
 #include <omp.h>
 
@@ -77,11 +78,11 @@ using ConstRefF = const Eigen::Ref<const MatrixF>&;
 // path on every call, so results are bitwise reproducible for a given shape and thread count.
 using AlignedVector = std::vector<Real, Eigen::aligned_allocator<Real>>;
 
-constexpr double kLogDecayFloor = -1.0e4;  // exp(float(-1e4)) == 0: a hard reset
-constexpr double kMaxFactorRange = 60.0;   // exp(60) ~ 1e26: safe to factorise inside a block
-constexpr int64_t kPerKeyRowBlock = 16;    // row block when a chunk's decay range is too wide
-constexpr int64_t kParallelRowBlock = 64;  // query rows per score block in the parallel form
-constexpr int64_t kRecurrentBlock = 64;    // tokens loaded at once by the recurrent form
+constexpr double kLogDecayFloor = -1.0e4;       // exp(float(-1e4)) == 0: a hard reset
+constexpr double kMaxFactorRange = 60.0;        // exp(60) ~ 1e26: safe to factorise inside a block
+constexpr int64_t kPerKeyRowBlock = 16;         // row block when a chunk's decay range is too wide
+constexpr int64_t kParallelRowBlock = 64;       // query rows per score block in the parallel form
+constexpr int64_t kRecurrentBlock = 64;         // tokens loaded at once by the recurrent form
 constexpr int64_t kCheckpointBudget = 8 << 20;  // floats of saved states per thread (32 MiB)
 
 // How the decay enters the intra-chunk scores.
@@ -99,7 +100,7 @@ struct Plan {
   bool backward;
   int64_t K, V, gate_cols;  // gate_cols: K for per-key gates, 1 otherwise
   int64_t num_v_blocks, v_block_len;
-  int64_t rows;             // token rows held at once: chunk size, longest sequence, or block
+  int64_t rows;  // token rows held at once: chunk size, longest sequence, or block
   int64_t num_tasks() const {
     return static_cast<int64_t>(p.sequences.size()) * p.num_heads * num_v_blocks;
   }
@@ -117,11 +118,12 @@ struct Plan {
 // Split the value columns when there are fewer (sequence, head) pairs than threads, unless the
 // backward's per-block partial gradients would need too much memory.
 Plan make_plan(const RecurrenceParams& p, bool backward, int threads) {
-  Plan plan{p, backward, p.key_dim, p.value_dim, p.gate == GateKind::kPerKey ? p.key_dim : 1,
+  Plan plan{p, backward,    p.key_dim, p.value_dim, p.gate == GateKind::kPerKey ? p.key_dim : 1,
             1, p.value_dim, 0};
   const int64_t pairs = static_cast<int64_t>(p.sequences.size()) * p.num_heads;
   if (pairs > 0 && pairs < threads) {
-    int64_t blocks = std::min<int64_t>((threads + pairs - 1) / pairs, std::max<int64_t>(1, p.value_dim / 16));
+    int64_t blocks =
+        std::min<int64_t>((threads + pairs - 1) / pairs, std::max<int64_t>(1, p.value_dim / 16));
     const int64_t partial_floats = blocks * p.batch * p.time * p.num_heads * p.key_dim * 3;
     if (backward && partial_floats > (int64_t{128} << 20)) blocks = 1;
     plan.v_block_len = (p.value_dim + blocks - 1) / blocks;
@@ -152,46 +154,48 @@ struct CheckpointPlan {
 CheckpointPlan checkpoint_plan(const Plan& plan, int64_t len, int64_t v_len) {
   CheckpointPlan cp;
   const RecurrenceParams& p = plan.p;
-  cp.block = p.form == Form::kRecurrent ? kRecurrentBlock
+  cp.block = p.form == Form::kRecurrent  ? kRecurrentBlock
              : p.form == Form::kParallel ? std::max<int64_t>(1, len)
                                          : p.chunk_size;
   cp.num_blocks = (len + cp.block - 1) / cp.block;
   cp.segment = std::max<int64_t>(1, cp.num_blocks);
   if (cp.num_blocks * plan.K * v_len > kCheckpointBudget)
-    cp.segment = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(double(cp.num_blocks)))));
+    cp.segment =
+        std::max<int64_t>(1, static_cast<int64_t>(std::ceil(std::sqrt(double(cp.num_blocks)))));
   cp.num_segments = std::max<int64_t>(1, (cp.num_blocks + cp.segment - 1) / cp.segment);
   return cp;
 }
 
-// --- Per-thread scratch ---------------------------------------------------------------------------
+// --- Per-thread scratch
+// ---------------------------------------------------------------------------
 
 struct Workspace {
   MatrixF q, k, dq, dk, dq_bonus, dk_bonus;  // rows x K
   // rows x V-block and K x V-block storage, viewed at the task's exact block width (Map).
   AlignedVector v_store, d_o_store, out_store, dv_store, state_store, d_state_store;
-  MatrixF gate_raw;                                           // rows x gate_cols, as loaded
-  MatrixD gate_cumsum, gate_query;                            // G and Gq, rows x gate_cols
-  MatrixF query_decay, key_decay;                             // exp(Gq), exp(G_last - G)
-  MatrixF q_decayed, k_decayed;                               // Q' * exp(Gq), K * exp(G_last - G)
-  MatrixF key_factors, key_hat;     // exp(G_ref - G) and K times it, keys before a row block
+  MatrixF gate_raw;                  // rows x gate_cols, as loaded
+  MatrixD gate_cumsum, gate_query;   // G and Gq, rows x gate_cols
+  MatrixF query_decay, key_decay;    // exp(Gq), exp(G_last - G)
+  MatrixF q_decayed, k_decayed;      // Q' * exp(Gq), K * exp(G_last - G)
+  MatrixF key_factors, key_hat;      // exp(G_ref - G) and K times it, keys before a row block
   MatrixF query_factors, query_hat;  // exp(Gq - G_ref) and Q' times it, rows of the block
   MatrixF diag_factors, diag_key_hat;
   MatrixF scores, d_scores;  // row block x rows
   MatrixF product;           // rows x K scratch for products before a decay is applied
   MatrixF gate_grad;         // rows x gate_cols: dG (chunked) or dg (recurrent)
   RowF u, gate_grad_carry, du;
-  RowF boundary_gate_grad;  // dg of the current chunk's last token (see chunk_boundary_dg)
-  RowF pair_grad;  // rows: dA of the pair whose decay is exactly 1 (see chunk_backward)
-  RowF decay_row;  // rows: scratch for one row of scalar decays
+  RowF boundary_gate_grad;     // dg of the current chunk's last token (see chunk_boundary_dg)
+  RowF pair_grad;              // rows: dA of the pair whose decay is exactly 1 (see chunk_backward)
+  RowF decay_row;              // rows: scratch for one row of scalar decays
   AlignedVector checkpoints;   // saved states at segment starts
   AlignedVector chunk_states;  // states at chunk starts of the current segment (+ exit)
   AlignedVector prefix_states;  // the same without the previous chunk's last token
-  AlignedVector token_states;  // recurrent backward: states before each token of a block
+  AlignedVector token_states;   // recurrent backward: states before each token of a block
 
   Workspace(const Plan& plan) {
     const int64_t rows = plan.rows, K = plan.K, Vb = plan.v_block_len, Kg = plan.gate_cols;
-    for (MatrixF* m : {&q, &k, &dq, &dk, &dq_bonus, &dk_bonus, &q_decayed, &k_decayed,
-                       &key_factors, &key_hat, &product})
+    for (MatrixF* m : {&q, &k, &dq, &dk, &dq_bonus, &dk_bonus, &q_decayed, &k_decayed, &key_factors,
+                       &key_hat, &product})
       m->resize(rows, K);
     for (AlignedVector* m : {&v_store, &d_o_store, &out_store, &dv_store})
       m->resize(static_cast<size_t>(rows * Vb));
@@ -209,15 +213,15 @@ struct Workspace {
       // Capacity for any sequence up to the longest (see checkpoint_plan).
       const CheckpointPlan cp = checkpoint_plan(plan, plan.p.max_sequence_length(), Vb);
       const int64_t fitting = std::min(cp.num_blocks, kCheckpointBudget / (K * Vb));
-      const int64_t segments = static_cast<int64_t>(std::ceil(std::sqrt(double(cp.num_blocks)))) + 1;
+      const int64_t segments =
+          static_cast<int64_t>(std::ceil(std::sqrt(double(cp.num_blocks)))) + 1;
       checkpoints.resize(static_cast<size_t>(segments * K * Vb));
       chunk_states.resize(static_cast<size_t>((std::max(cp.segment, fitting) + 1) * K * Vb));
       if (plan.p.form != Form::kRecurrent) prefix_states.resize(chunk_states.size());
       if (plan.p.form == Form::kRecurrent)
         token_states.resize(static_cast<size_t>((kRecurrentBlock + 1) * K * Vb));
     }
-    for (RowF* r : {&u, &gate_grad_carry, &du, &boundary_gate_grad})
-      r->resize(K);
+    for (RowF* r : {&u, &gate_grad_carry, &du, &boundary_gate_grad}) r->resize(K);
     pair_grad.resize(rows);
     decay_row.resize(rows);
   }
@@ -250,17 +254,27 @@ void decay_state(RefF state, const Eigen::Ref<const RowD>& g_last) {
   }
 }
 
-// --- One (sequence, head, value block) ------------------------------------------------------------
+// --- One (sequence, head, value block)
+// ------------------------------------------------------------
 
 template <Decay kDecay>
 class SequenceKernel {
  public:
   SequenceKernel(const Plan& plan, Workspace& w, Partials& partials, const Task& task)
-      : plan_(plan), p_(plan.p), w_(w), partials_(partials), task_(task),
-        seq_(p_.sequences[static_cast<size_t>(task.seq)]), K_(plan.K), Kg_(plan.gate_cols),
-        Vb_(task.v_len), len_(seq_.length),
-        v_(w.v_store.data(), plan.rows, task.v_len), d_o_(w.d_o_store.data(), plan.rows, task.v_len),
-        out_(w.out_store.data(), plan.rows, task.v_len), dv_(w.dv_store.data(), plan.rows, task.v_len),
+      : plan_(plan),
+        p_(plan.p),
+        w_(w),
+        partials_(partials),
+        task_(task),
+        seq_(p_.sequences[static_cast<size_t>(task.seq)]),
+        K_(plan.K),
+        Kg_(plan.gate_cols),
+        Vb_(task.v_len),
+        len_(seq_.length),
+        v_(w.v_store.data(), plan.rows, task.v_len),
+        d_o_(w.d_o_store.data(), plan.rows, task.v_len),
+        out_(w.out_store.data(), plan.rows, task.v_len),
+        dv_(w.dv_store.data(), plan.rows, task.v_len),
         state_(w.state_store.data(), plan.K, task.v_len),
         d_state_(w.d_state_store.data(), plan.K, task.v_len) {}
 
@@ -323,8 +337,7 @@ class SequenceKernel {
     }
     if (p_.d_initial_state.present) store_state(d_state_, p_.d_initial_state);
     if (p_.du.present) {
-      std::copy(w_.du.data(), w_.du.data() + K_,
-                partials_.du.data() + task_index() * K_);
+      std::copy(w_.du.data(), w_.du.data() + K_, partials_.du.data() + task_index() * K_);
     }
   }
 
@@ -342,7 +355,8 @@ class SequenceKernel {
   // Exit state of block i - 1 without that block's last token (chunked and parallel forms).
   Real* saved_prefix_state(int64_t i) { return w_.prefix_states.data() + i * K_ * Vb_; }
   void copy_state_to(ConstRefF s, Real* dst) const {
-    for (int64_t i = 0; i < K_; ++i) std::copy(s.row(i).data(), s.row(i).data() + Vb_, dst + i * Vb_);
+    for (int64_t i = 0; i < K_; ++i)
+      std::copy(s.row(i).data(), s.row(i).data() + Vb_, dst + i * Vb_);
   }
   void copy_state_from(const Real* src, RefF s) const {
     for (int64_t i = 0; i < K_; ++i) std::copy(src + i * Vb_, src + (i + 1) * Vb_, s.row(i).data());
@@ -372,8 +386,8 @@ class SequenceKernel {
       load_row(t.at(seq_.batch, time_of(c0 + i), task_.head, col0), t.dtype, t.stride[3], cols,
                dst.row(i).data(), multiplier);
   }
-  void store_rows(ConstRefF src, int64_t c0, int64_t rows, const StridedTensor& t,
-                  int64_t col0, int64_t cols, Real multiplier = Real(1)) const {
+  void store_rows(ConstRefF src, int64_t c0, int64_t rows, const StridedTensor& t, int64_t col0,
+                  int64_t cols, Real multiplier = Real(1)) const {
     for (int64_t i = 0; i < rows; ++i)
       store_row(src.row(i).data(), cols, t.at(seq_.batch, time_of(c0 + i), task_.head, col0),
                 t.dtype, t.stride[3], multiplier);
@@ -418,8 +432,9 @@ class SequenceKernel {
         scores.row(i).tail(e - visible).setZero();
         if constexpr (kDecay == Decay::kScalar) {
           auto decay = w_.decay_row.head(visible);
-          exp_into(decay, (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array())
-                              .transpose());
+          exp_into(
+              decay,
+              (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array()).transpose());
           scores.row(i).head(visible).array() *= decay.array();
         }
       }
@@ -437,8 +452,7 @@ class SequenceKernel {
       const double range = (g_ref - w_.gate_cumsum.row(e - 1)).maxCoeff();
       if (range <= kMaxFactorRange) {  // keys of the block: exp(G_ref - G_j) in [1, e^range]
         exp_into(w_.diag_factors.topRows(n), -(w_.gate_cumsum.middleRows(s, n).rowwise() - g_ref));
-        w_.diag_key_hat.topRows(n) =
-            w_.k.middleRows(s, n).cwiseProduct(w_.diag_factors.topRows(n));
+        w_.diag_key_hat.topRows(n) = w_.k.middleRows(s, n).cwiseProduct(w_.diag_factors.topRows(n));
         scores.middleCols(s, n).noalias() =
             w_.query_hat.topRows(n) * w_.diag_key_hat.topRows(n).transpose();
         for (int64_t i = 0; i < n; ++i) scores.row(i).tail(n - i - diag_shift).setZero();
@@ -446,10 +460,12 @@ class SequenceKernel {
       }
       for (int64_t i = 0; i < n; ++i) {  // too wide to factorise: one exp per (i, j, k)
         for (int64_t j = 0; j < n; ++j) {
-          scores(i, s + j) =
-              j < i + diag_shift ? (w_.q.row(s + i).array() * w_.k.row(s + j).array() *
+          scores(i, s + j) = j < i + diag_shift
+                                 ? (w_.q.row(s + i).array() * w_.k.row(s + j).array() *
                                     (w_.gate_query.row(s + i) - w_.gate_cumsum.row(s + j))
-                                        .cast<Real>().array().exp())
+                                        .cast<Real>()
+                                        .array()
+                                        .exp())
                                        .sum()
                                  : Real(0);
         }
@@ -524,7 +540,8 @@ class SequenceKernel {
   // exit_prefix_state: the exit state without the chunk's last k v^T (see chunk_boundary_dg).
   void chunk_backward(int64_t c0, int64_t rows, const Real* exit_prefix_state) {
     load_chunk(c0, rows, true, true);
-    const bool want_gate_grad = p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
+    const bool want_gate_grad =
+        p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
     if (want_gate_grad) chunk_boundary_dg(rows, exit_prefix_state);
     auto dq = w_.dq.topRows(rows), dk = w_.dk.topRows(rows);
     auto dv = dv_.topRows(rows);
@@ -547,8 +564,9 @@ class SequenceKernel {
         d_scores.row(i).tail(e - visible).setZero();
         if constexpr (kDecay == Decay::kScalar) {
           auto decay = w_.decay_row.head(visible);
-          exp_into(decay, (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array())
-                              .transpose());
+          exp_into(
+              decay,
+              (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array()).transpose());
           d_scores.row(i).head(visible).array() *= decay.array();
         }
       }
@@ -584,7 +602,10 @@ class SequenceKernel {
               const Real d = d_scores(i, s + j);
               if (d == Real(0)) continue;
               const RowF decay = (w_.gate_query.row(s + i) - w_.gate_cumsum.row(s + j))
-                                     .cast<Real>().array().exp().matrix();
+                                     .cast<Real>()
+                                     .array()
+                                     .exp()
+                                     .matrix();
               dq.row(s + i) += d * w_.k.row(s + j).cwiseProduct(decay);
               dk.row(s + j) += d * w_.q.row(s + i).cwiseProduct(decay);
             }
@@ -651,7 +672,8 @@ class SequenceKernel {
     Eigen::Map<const MatrixF> prefix(exit_prefix_state, K_, Vb_);
     RowF per_key = d_state_.cwiseProduct(prefix).rowwise().sum().transpose();
     if (!p_.bonus)
-      per_key += w_.q.row(rows - 1).cwiseProduct((prefix * d_o_.row(rows - 1).transpose()).transpose());
+      per_key +=
+          w_.q.row(rows - 1).cwiseProduct((prefix * d_o_.row(rows - 1).transpose()).transpose());
     if (Kg_ == 1) {
       w_.boundary_gate_grad(0) = per_key.sum();
     } else {
@@ -736,12 +758,14 @@ class SequenceKernel {
     Real* scratch_row = state_.data();  // the new row when there is no final_state to hold it
     for (int64_t r = 0; r < K_; ++r) {
       const Real* old_row = p_.initial_state.present
-          ? reinterpret_cast<const Real*>(p_.initial_state.at(task_.seq, task_.head, r, task_.v_begin))
-          : nullptr;
-      Real* new_row = p_.final_state.present
-          ? reinterpret_cast<Real*>(p_.final_state.at(task_.seq, task_.head, r, task_.v_begin))
-          : scratch_row;
-      const Real decay = kDecay == Decay::kNone      ? Real(1)
+                                ? reinterpret_cast<const Real*>(
+                                      p_.initial_state.at(task_.seq, task_.head, r, task_.v_begin))
+                                : nullptr;
+      Real* new_row =
+          p_.final_state.present
+              ? reinterpret_cast<Real*>(p_.final_state.at(task_.seq, task_.head, r, task_.v_begin))
+              : scratch_row;
+      const Real decay = kDecay == Decay::kNone     ? Real(1)
                          : kDecay == Decay::kPerKey ? std::exp(g[r])
                                                     : std::exp(g[0]);
       const Real key = k[r], query = q[r];
@@ -761,7 +785,8 @@ class SequenceKernel {
     load_rows(p_.k, c0, rows, 0, K_, w_.k);
     load_rows(p_.v, c0, rows, task_.v_begin, Vb_, v_);
     if constexpr (kDecay != Decay::kNone) load_rows(p_.g, c0, rows, 0, Kg_, w_.gate_raw);
-    for (int64_t i = 0; i < rows; ++i) recurrent_step(i, out_.row(i).data(), state_.data(), nullptr);
+    for (int64_t i = 0; i < rows; ++i)
+      recurrent_step(i, out_.row(i).data(), state_.data(), nullptr);
     store_rows(out_, c0, rows, p_.o, task_.v_begin, Vb_);
   }
 
@@ -777,13 +802,15 @@ class SequenceKernel {
     AlignedVector& token_states = w_.token_states;
     copy_state_to(state_, token_states.data());
     for (int64_t i = 0; i < rows; ++i) {
-      std::copy(token_states.data() + i * state_floats, token_states.data() + (i + 1) * state_floats,
+      std::copy(token_states.data() + i * state_floats,
+                token_states.data() + (i + 1) * state_floats,
                 token_states.data() + (i + 1) * state_floats);
       recurrent_step(i, nullptr, token_states.data() + (i + 1) * state_floats, nullptr);
     }
     const int64_t vb = Vb_;
     Real* d_state = d_state_.data();
-    const bool want_gate_grad = p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
+    const bool want_gate_grad =
+        p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
     for (int64_t i = rows - 1; i >= 0; --i) {
       const Real* q = w_.q.row(i).data();
       const Real* k = w_.k.row(i).data();
@@ -843,7 +870,8 @@ class SequenceKernel {
       w_.dk.topRows(rows) += w_.dk_bonus.topRows(rows);
     }
     if (p_.dv.present) store_rows(dv_, c0, rows, p_.dv, task_.v_begin, Vb_);
-    const bool want_gate_grad = p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
+    const bool want_gate_grad =
+        p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
     if (want_gate_grad && !gate_grad_is_final) {  // reverse cumulative sum of dG -> dg
       for (int64_t i = rows - 1; i >= 0; --i) {
         if (i == rows - 1 && has_boundary_gate_grad_) {
@@ -899,7 +927,8 @@ void write_summed_partials(const Plan& plan, const Partials& partials) {
   const RecurrenceParams& p = plan.p;
   const int64_t K = plan.K, Kg = plan.gate_cols, H = p.num_heads;
   const int64_t block_stride = p.batch * p.time * H;
-  const bool want_gate_grad = p.dg.present && p.gate != GateKind::kNone && p.gate != GateKind::kPerHead;
+  const bool want_gate_grad =
+      p.dg.present && p.gate != GateKind::kNone && p.gate != GateKind::kPerHead;
   const int64_t pairs = static_cast<int64_t>(p.sequences.size()) * H;
 #pragma omp for schedule(dynamic, 1)
   for (int64_t pair = 0; pair < pairs; ++pair) {
@@ -910,7 +939,8 @@ void write_summed_partials(const Plan& plan, const Partials& partials) {
       const int64_t time = p.token_index(seq, t);
       const int64_t token = (seq.batch * p.time + time) * H + head;
       for (const auto& [tensor, values, multiplier] :
-           {std::tuple{&p.dq, &partials.dq, static_cast<Real>(p.scale)}, std::tuple{&p.dk, &partials.dk, Real(1)}}) {
+           {std::tuple{&p.dq, &partials.dq, static_cast<Real>(p.scale)},
+            std::tuple{&p.dk, &partials.dk, Real(1)}}) {
         if (!tensor->present) continue;
         sum.setZero();
         for (int64_t b = 0; b < plan.num_v_blocks; ++b)
@@ -921,7 +951,8 @@ void write_summed_partials(const Plan& plan, const Partials& partials) {
       if (!want_gate_grad) continue;
       RowF gate_grad = RowF::Zero(Kg);
       for (int64_t b = 0; b < plan.num_v_blocks; ++b)
-        gate_grad += Eigen::Map<const RowF>(partials.dg.data() + (b * block_stride + token) * Kg, Kg);
+        gate_grad +=
+            Eigen::Map<const RowF>(partials.dg.data() + (b * block_stride + token) * Kg, Kg);
       load_row(p.g.at(seq.batch, time, head, 0), p.g.dtype, p.g.stride[3], Kg, gate_raw.data());
       for (int64_t j = 0; j < Kg; ++j)
         if (!(gate_raw(j) > kLogDecayFloor)) gate_grad(j) = Real(0);
@@ -964,8 +995,7 @@ flashlin_status run(const RecurrenceParams& p, bool backward, int threads) {
         kernel.forward();
       }
     }
-    if (backward && plan.num_v_blocks > 1)
-      write_summed_partials(plan, partials);
+    if (backward && plan.num_v_blocks > 1) write_summed_partials(plan, partials);
   }
   if (backward && p.du.present) {  // du[h] = sum over sequences and value blocks, fixed order
     RowF du(plan.K);
@@ -974,7 +1004,8 @@ flashlin_status run(const RecurrenceParams& p, bool backward, int threads) {
       for (int64_t n = 0; n < static_cast<int64_t>(p.sequences.size()); ++n)
         for (int64_t b = 0; b < plan.num_v_blocks; ++b)
           du += Eigen::Map<const RowF>(
-              partials.du.data() + ((n * p.num_heads + h) * plan.num_v_blocks + b) * plan.K, plan.K);
+              partials.du.data() + ((n * p.num_heads + h) * plan.num_v_blocks + b) * plan.K,
+              plan.K);
       store_row(du.data(), plan.K, p.du.at(0, 0, h, 0), p.du.dtype, p.du.stride[3]);
     }
   }

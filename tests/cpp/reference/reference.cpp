@@ -26,7 +26,8 @@ void expect_size(const std::vector<double>& x, int64_t n, const char* name) {
 }
 
 void validate(const Problem& p) {
-  if (p.H < 1 || p.K < 1 || p.V < 1) throw std::invalid_argument("flashlin_ref: H, K, V must be >= 1");
+  if (p.H < 1 || p.K < 1 || p.V < 1)
+    throw std::invalid_argument("flashlin_ref: H, K, V must be >= 1");
   for (int64_t len : p.seq_lens) {
     if (len < 0) throw std::invalid_argument("flashlin_ref: negative sequence length");
   }

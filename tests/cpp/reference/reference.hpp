@@ -31,7 +31,8 @@ struct Problem {
   std::vector<int64_t> seq_lens;  // N sequences, packed one after another (total tokens Ttot)
   std::vector<double> q, k;       // [Ttot, H, K]
   std::vector<double> v;          // [Ttot, H, V]
-  std::vector<double> g;  // kNone: empty; kPerHead: [H]; kPerToken: [Ttot, H]; kPerKey: [Ttot, H, K]
+  std::vector<double>
+      g;  // kNone: empty; kPerHead: [H]; kPerToken: [Ttot, H]; kPerKey: [Ttot, H, K]
   std::vector<double> u;   // [H, K] when bonus, else empty
   std::vector<double> h0;  // [N, H, K, V] or empty (zeros)
 
