@@ -2,12 +2,14 @@
 
 No compiled extension and no dependency on torch's C++ ABI: a DLTensor is filled in from the
 tensor's data pointer, shape, strides, dtype and device, so torch 1.13 and 2.x work alike.
-The library is looked for, in order: $FLASHLIN_LIBRARY, next to this package (pip install), and
-in the source tree's build folders (build/, build-*/).
+The library is looked for, in order: $FLASHLIN_LIBRARY, next to this package (pip install),
+flashlin/ in each sys.path entry (pip install -e .), and the source tree's build folders (build/,
+build-*/).
 """
 import ctypes
 import glob
 import os
+import sys
 
 import torch
 
@@ -118,6 +120,10 @@ def _candidates():
         yield env
     here = os.path.dirname(os.path.abspath(__file__))
     yield os.path.join(here, _LIB_NAME)
+    # An editable install (pip install -e .) leaves the Python files in the source tree and puts
+    # the library in site-packages/flashlin/.
+    for entry in sys.path:
+        yield os.path.join(entry, "flashlin", _LIB_NAME)
     root = os.path.dirname(os.path.dirname(here))  # python/flashlin -> repository root
     yield os.path.join(root, "build", _LIB_NAME)
     yield from sorted(glob.glob(os.path.join(root, "build-*", _LIB_NAME)))

@@ -192,7 +192,7 @@ struct Workspace {
   AlignedVector prefix_states;  // the same without the previous chunk's last token
   AlignedVector token_states;   // recurrent backward: states before each token of a block
 
-  Workspace(const Plan& plan) {
+  explicit Workspace(const Plan& plan) {
     const int64_t rows = plan.rows, K = plan.K, Vb = plan.v_block_len, Kg = plan.gate_cols;
     for (MatrixF* m : {&q, &k, &dq, &dk, &dq_bonus, &dk_bonus, &q_decayed, &k_decayed, &key_factors,
                        &key_hat, &product})
@@ -971,6 +971,7 @@ flashlin_status run(const RecurrenceParams& p, bool backward, int threads) {
   // Everything is allocated here, before the parallel region: an allocation failure becomes an
   // exception (FLASHLIN_ERROR_OUT_OF_MEMORY at the C ABI) instead of terminating a worker.
   std::vector<std::unique_ptr<Workspace>> workspaces;
+  workspaces.reserve(static_cast<size_t>(threads));
   for (int i = 0; i < threads; ++i) workspaces.push_back(std::make_unique<Workspace>(plan));
   Partials partials;
   if (backward) {
