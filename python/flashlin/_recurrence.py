@@ -9,6 +9,8 @@ key [B, T, H, K]. Every public op in flashlin.ops is this function with its own 
 On torch >= 2.4 the forward and backward are torch.library custom ops (so torch.compile traces
 through them); on older torch an autograd.Function calls the same two functions.
 """
+from typing import List, Optional, Tuple
+
 import torch
 
 from . import _lib
@@ -104,10 +106,10 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
 
     @torch.library.custom_op("flashlin::recurrence_forward", mutates_args=())
     def _custom_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        g: torch.Tensor | None, u: torch.Tensor | None,
-                        initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                        g: Optional[torch.Tensor], u: Optional[torch.Tensor],
+                        initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                         gate_kind: int, form: str, scale: float, chunk_size: int, reverse: bool,
-                        bonus: bool, output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                        bonus: bool, output_final_state: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         o, final_state = forward_impl(q, k, v, g, u, initial_state, cu_seqlens, gate_kind, form,
                                       scale, chunk_size, reverse, bonus, output_final_state)
         if final_state is None:
@@ -123,11 +125,11 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
 
     @torch.library.custom_op("flashlin::recurrence_backward", mutates_args=())
     def _custom_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         g: torch.Tensor | None, u: torch.Tensor | None,
-                         initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                         d_o: torch.Tensor, d_final_state: torch.Tensor | None, gate_kind: int,
+                         g: Optional[torch.Tensor], u: Optional[torch.Tensor],
+                         initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                         d_o: torch.Tensor, d_final_state: Optional[torch.Tensor], gate_kind: int,
                          form: str, scale: float, chunk_size: int, reverse: bool, bonus: bool,
-                         needs: list[bool]) -> list[torch.Tensor]:
+                         needs: List[bool]) -> List[torch.Tensor]:
         grads = backward_impl(q, k, v, g, u, initial_state, cu_seqlens, d_o, d_final_state,
                               gate_kind, form, scale, chunk_size, reverse, bonus, needs)
         return [grad if grad is not None else q.new_empty(_EMPTY) for grad in grads]
@@ -136,7 +138,8 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
     def _(q, k, v, g, u, initial_state, cu_seqlens, d_o, d_final_state, gate_kind, form, scale,
           chunk_size, reverse, bonus, needs):
         sources = (q, k, v, g, u, initial_state)
-        return [torch.empty_like(src) if want and src is not None else q.new_empty(_EMPTY)
+        return [torch.empty_like(src, memory_format=torch.contiguous_format)
+                if want and src is not None else q.new_empty(_EMPTY)
                 for want, src in zip(needs, sources)]
 
     def _setup_context(ctx, inputs, output):
@@ -182,4 +185,6 @@ def recurrence(q, k, v, g=None, gate_kind=_lib.GATE_NONE, u=None, initial_state=
                                          output_final_state)
     except ValueError as error:  # the library's message, in the op's argument names
         raise ValueError(_lib.rename_arguments(str(error), names)) from None
+    except _lib.UnsupportedError as error:
+        raise _lib.UnsupportedError(_lib.rename_arguments(str(error), names)) from None
     return o, (final_state if output_final_state else None)

@@ -1,5 +1,9 @@
 #include "api/tensor_checks.hpp"
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #include <sstream>
 
 namespace flashlin::detail {
@@ -144,6 +148,23 @@ void ArgumentChecker::register_input(const DLTensor* t, const char* arg) {
 void ArgumentChecker::register_output(const DLTensor* t, const char* arg,
                                       const DLTensor* may_equal) {
   if (!t) return;
+  // An output whose own elements alias (e.g. an expand()ed view with stride 0) would be written
+  // by several tasks at once: with the dimensions of size > 1 sorted by stride, each stride must
+  // step past everything the smaller-stride dimensions span.
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int i = 0; i < t->ndim; ++i)
+    if (t->shape[i] > 1) dims.push_back({element_stride(*t, i), t->shape[i]});
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // elements spanned by the dimensions so far, minus one
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) {
+      std::vector<int64_t> strides;
+      for (int i = 0; i < t->ndim; ++i) strides.push_back(element_stride(*t, i));
+      fail(arg, "an output whose elements do not overlap each other",
+           "strides " + shape_string(strides) + " for shape " + shape_string(*t));
+    }
+    span += (size - 1) * stride;
+  }
   const ByteRange range = byte_range(*t);
   for (const Registered& r : registered_) {
     if (r.tensor == may_equal && may_equal && same_view(*t, *may_equal)) continue;

@@ -546,6 +546,25 @@ TEST_F(BadArguments, OAliasesQ) {
   expect_forward_rejected("o");
 }
 
+TEST_F(BadArguments, OOverlapsItself) {
+  // An expand()ed output (stride 0 over T): every time step would write the same elements.
+  HostTensor* storage = output(DType::kFloat32, {B, 1, H, V});
+  const int64_t t_stride = 0, h_stride = V;
+  flashlin::TensorView expanded(storage->dl()->data, DType::kFloat32, {B, T, H, V},
+                                {H * V, t_stride, h_stride, 1});
+  o_arg_ = expanded.get();
+  expect_forward_rejected("o");
+}
+
+TEST_F(BadArguments, DqOverlapsItself) {
+  // Strides that interleave two dimensions: element (t, h) and (t + 1, h - 1) coincide.
+  HostTensor* storage = output(DType::kFloat32, {B, T + H, 1, K});
+  flashlin::TensorView interleaved(storage->dl()->data, DType::kFloat32, {B, T, H, K},
+                                   {(T + H) * K, K, K, 1});
+  grads_.dq = interleaved.get();
+  expect_backward_rejected("dq");
+}
+
 TEST_F(BadArguments, FinalStateAliasesO) {
   HostTensor* shared = output(DType::kFloat32, {B, T, H, V});  // 36 floats; the state needs 24
   o_arg_ = shared->dl();

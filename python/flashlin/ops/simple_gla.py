@@ -23,7 +23,7 @@ def _simple_gla(q, k, v, g, g_gamma, scale, initial_state, output_final_state, c
         if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(q.shape[:3]):
             raise ValueError(f"argument 'g': expected shape {list(q.shape[:3])} ([B, T, H]), got "
                              f"{list(g.shape) if isinstance(g, torch.Tensor) else g}")
-        g = g + g_gamma.to(g.dtype)[None, None, :]
+        g = g + g_gamma.detach().to(g.dtype)[None, None, :]  # g_gamma: no gradient, as in fla
         kind = _lib.GATE_PER_TOKEN
     elif g is not None:
         kind = _lib.GATE_PER_TOKEN

@@ -45,8 +45,10 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <tuple>
@@ -306,7 +308,8 @@ class SequenceKernel {
       return;
     }
     const bool recurrent = p_.form == Form::kRecurrent;
-    const CheckpointPlan cp = checkpoint_plan(plan_, len_, Vb_);
+    // Segmenting is decided with the widest value block, as the buffers were sized (Workspace).
+    const CheckpointPlan cp = checkpoint_plan(plan_, len_, plan_.v_block_len);
     const int64_t block = cp.block, num_blocks = cp.num_blocks, segment = cp.segment;
     const int64_t num_segments = cp.num_segments;
     load_state(p_.initial_state, state_);
@@ -968,8 +971,8 @@ flashlin_status run(const RecurrenceParams& p, bool backward, int threads) {
   const int64_t num_tasks = plan.num_tasks();
   if (num_tasks == 0) return FLASHLIN_SUCCESS;
   threads = static_cast<int>(std::min<int64_t>(threads, num_tasks));
-  // Everything is allocated here, before the parallel region: an allocation failure becomes an
-  // exception (FLASHLIN_ERROR_OUT_OF_MEMORY at the C ABI) instead of terminating a worker.
+  // The large buffers are allocated here, before the parallel region; inside it only small Eigen
+  // temporaries (vectors of K) are allocated, and any exception is carried out of the region.
   std::vector<std::unique_ptr<Workspace>> workspaces;
   workspaces.reserve(static_cast<size_t>(threads));
   for (int i = 0; i < threads; ++i) workspaces.push_back(std::make_unique<Workspace>(plan));
@@ -983,21 +986,39 @@ flashlin_status run(const RecurrenceParams& p, bool backward, int threads) {
     }
     if (p.du.present) partials.du.assign(static_cast<size_t>(num_tasks * plan.K), Real(0));
   }
+  // An exception must not leave an OpenMP region (it would terminate the process): the first
+  // one is kept and rethrown after the region (the C ABI turns it into a status).
+  std::exception_ptr failure;
+  std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(threads)
   {
     Workspace& w = *workspaces[static_cast<size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t index = 0; index < num_tasks; ++index) {
-      const Task task = plan.task(index);
-      SequenceKernel<kDecay> kernel(plan, w, partials, task);
-      if (backward) {
-        kernel.backward();
-      } else {
-        kernel.forward();
+      if (failed.load(std::memory_order_relaxed)) continue;
+      try {
+        const Task task = plan.task(index);
+        SequenceKernel<kDecay> kernel(plan, w, partials, task);
+        if (backward) {
+          kernel.backward();
+        } else {
+          kernel.forward();
+        }
+      } catch (...) {
+#pragma omp critical(flashlin_failure)
+        if (!failed.exchange(true)) failure = std::current_exception();
       }
     }
-    if (backward && plan.num_v_blocks > 1) write_summed_partials(plan, partials);
+    if (backward && plan.num_v_blocks > 1 && !failed.load()) {
+      try {
+        write_summed_partials(plan, partials);
+      } catch (...) {
+#pragma omp critical(flashlin_failure)
+        if (!failed.exchange(true)) failure = std::current_exception();
+      }
+    }
   }
+  if (failure) std::rethrow_exception(failure);
   if (backward && p.du.present) {  // du[h] = sum over sequences and value blocks, fixed order
     RowF du(plan.K);
     for (int64_t h = 0; h < p.num_heads; ++h) {
