@@ -139,6 +139,11 @@ Plan make_plan(const RecurrenceParams& p, bool backward, int threads) {
   return plan;
 }
 
+// dg is written only when asked for and the gate has a gradient (per-head decays are constants).
+bool gate_grad_wanted(const RecurrenceParams& p) {
+  return p.dg.present && (p.gate == GateKind::kPerToken || p.gate == GateKind::kPerKey);
+}
+
 // Partial gradients of the key-indexed outputs when value columns are split over tasks; they are
 // summed in a fixed order afterwards, so results do not depend on the thread count.
 struct Partials {
@@ -396,15 +401,20 @@ class SequenceKernel {
                 t.dtype, t.stride[3], multiplier);
   }
 
-  // Loads q' (if wanted), k, v (this value block), d_o (if wanted) and the gates of rows
-  // [c0, c0 + rows), and the in-chunk cumulative decays G and Gq.
-  void load_chunk(int64_t c0, int64_t rows, bool with_queries, bool with_d_o) {
+  // Loads q' = scale q (if wanted), k, v (this value block), d_o (if wanted) and the gates of
+  // rows [c0, c0 + rows).
+  void load_tokens(int64_t c0, int64_t rows, bool with_queries, bool with_d_o) {
     if (with_queries) load_rows(p_.q, c0, rows, 0, K_, w_.q, static_cast<Real>(p_.scale));
     load_rows(p_.k, c0, rows, 0, K_, w_.k);
     load_rows(p_.v, c0, rows, task_.v_begin, Vb_, v_);
     if (with_d_o) load_rows(p_.d_o, c0, rows, task_.v_begin, Vb_, d_o_);
+    if constexpr (kDecay != Decay::kNone) load_rows(p_.g, c0, rows, 0, Kg_, w_.gate_raw);
+  }
+
+  // load_tokens, then the in-chunk cumulative decays G and Gq.
+  void load_chunk(int64_t c0, int64_t rows, bool with_queries, bool with_d_o) {
+    load_tokens(c0, rows, with_queries, with_d_o);
     if constexpr (kDecay != Decay::kNone) {
-      load_rows(p_.g, c0, rows, 0, Kg_, w_.gate_raw);
       RowD running = RowD::Zero(Kg_);
       for (int64_t i = 0; i < rows; ++i) {
         for (int64_t j = 0; j < Kg_; ++j) {
@@ -422,6 +432,25 @@ class SequenceKernel {
   }
 
   // ---- intra-chunk scores ----
+  // Rows of x are query rows s, s+1, ... of the chunk against its first x.cols() keys: zero the
+  // keys a query cannot see (j >= i + 1; j >= i with bonus) and, for scalar gates, multiply the
+  // rest by exp(Gq_i - G_j). Per-key decays are applied by factorisation in block_scores instead.
+  template <typename Block>
+  void mask_and_decay(Block&& x, int64_t s) {
+    const int64_t diag_shift = p_.bonus ? 0 : 1, e = x.cols();
+    for (int64_t i = 0; i < x.rows(); ++i) {
+      const int64_t visible = s + i + diag_shift;
+      x.row(i).tail(e - visible).setZero();
+      if constexpr (kDecay == Decay::kScalar) {
+        auto decay = w_.decay_row.head(visible);
+        exp_into(
+            decay,
+            (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array()).transpose());
+        x.row(i).head(visible).array() *= decay.array();
+      }
+    }
+  }
+
   // Fills scores[0:n, 0:e] with the decayed, masked scores of query rows [s, e), n = e - s, and
   // keeps the factors the backward needs. Returns whether the diagonal block was factorised.
   bool block_scores(int64_t s, int64_t e) {
@@ -430,17 +459,7 @@ class SequenceKernel {
     const int64_t diag_shift = p_.bonus ? 0 : 1;  // key j is visible to query i iff j < i + shift
     if constexpr (kDecay != Decay::kPerKey) {
       scores.noalias() = w_.q.middleRows(s, n) * w_.k.topRows(e).transpose();
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t visible = s + i + diag_shift;
-        scores.row(i).tail(e - visible).setZero();
-        if constexpr (kDecay == Decay::kScalar) {
-          auto decay = w_.decay_row.head(visible);
-          exp_into(
-              decay,
-              (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array()).transpose());
-          scores.row(i).head(visible).array() *= decay.array();
-        }
-      }
+      mask_and_decay(scores, s);
       return false;
     } else {
       const RowD g_ref = s > 0 ? RowD(w_.gate_cumsum.row(s - 1)) : RowD::Zero(K_);
@@ -528,9 +547,7 @@ class SequenceKernel {
   // Moves state_ over block [c0, c0 + rows) (no outputs).
   void advance_block(int64_t c0, int64_t rows, Real* prefix_out = nullptr) {
     if (p_.form == Form::kRecurrent) {
-      load_rows(p_.k, c0, rows, 0, K_, w_.k);
-      load_rows(p_.v, c0, rows, task_.v_begin, Vb_, v_);
-      if constexpr (kDecay != Decay::kNone) load_rows(p_.g, c0, rows, 0, Kg_, w_.gate_raw);
+      load_tokens(c0, rows, /*with_queries=*/false, /*with_d_o=*/false);
       for (int64_t i = 0; i < rows; ++i) recurrent_step(i, nullptr, state_.data(), nullptr);
     } else {
       load_chunk(c0, rows, false, false);
@@ -543,9 +560,7 @@ class SequenceKernel {
   // exit_prefix_state: the exit state without the chunk's last k v^T (see chunk_boundary_dg).
   void chunk_backward(int64_t c0, int64_t rows, const Real* exit_prefix_state) {
     load_chunk(c0, rows, true, true);
-    const bool want_gate_grad =
-        p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
-    if (want_gate_grad) chunk_boundary_dg(rows, exit_prefix_state);
+    if (want_gate_grad_) chunk_boundary_dg(rows, exit_prefix_state);
     auto dq = w_.dq.topRows(rows), dk = w_.dk.topRows(rows);
     auto dv = dv_.topRows(rows);
     auto d_o = d_o_.topRows(rows);
@@ -562,17 +577,7 @@ class SequenceKernel {
       auto d_scores = w_.d_scores.topLeftCorner(n, e);
       dv.topRows(e).noalias() += scores.transpose() * d_o.middleRows(s, n);
       d_scores.noalias() = d_o.middleRows(s, n) * v_.topRows(e).transpose();
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t visible = s + i + diag_shift;
-        d_scores.row(i).tail(e - visible).setZero();
-        if constexpr (kDecay == Decay::kScalar) {
-          auto decay = w_.decay_row.head(visible);
-          exp_into(
-              decay,
-              (w_.gate_query(s + i, 0) - w_.gate_cumsum.col(0).head(visible).array()).transpose());
-          d_scores.row(i).head(visible).array() *= decay.array();
-        }
-      }
+      mask_and_decay(d_scores, s);
       // The pair (i, i - pair_offset) has decay exactly 1; its terms in q'_i * dq'_i and
       // k_j * dk_j are equal and cancel in dG, so it is kept out of dq, dk until dG is formed
       // (otherwise dG would carry float32 rounding of O(1) terms that cancel).
@@ -636,7 +641,7 @@ class SequenceKernel {
     }
     d_state_.noalias() += q_decayed.transpose() * d_o;
 
-    if (want_gate_grad) chunk_gate_grad(rows);
+    if (want_gate_grad_) chunk_gate_grad(rows);
     for (int64_t row = pair_offset; row < rows; ++row) {
       const Real d = w_.pair_grad(row);
       dq.row(row) += d * w_.k.row(row - pair_offset);
@@ -746,10 +751,7 @@ class SequenceKernel {
     if (p_.form != Form::kRecurrent || len_ != 1 || !std::is_same_v<Real, float> ||
         !row_major_f32(p_.initial_state) || !row_major_f32(p_.final_state))
       return false;
-    load_rows(p_.q, 0, 1, 0, K_, w_.q, static_cast<Real>(p_.scale));
-    load_rows(p_.k, 0, 1, 0, K_, w_.k);
-    load_rows(p_.v, 0, 1, task_.v_begin, Vb_, v_);
-    if constexpr (kDecay != Decay::kNone) load_rows(p_.g, 0, 1, 0, Kg_, w_.gate_raw);
+    load_tokens(0, 1, /*with_queries=*/true, /*with_d_o=*/false);
     const Real* q = w_.q.row(0).data();
     const Real* k = w_.k.row(0).data();
     const Real* v = v_.row(0).data();
@@ -784,10 +786,7 @@ class SequenceKernel {
   }
 
   void recurrent_forward_block(int64_t c0, int64_t rows) {
-    load_rows(p_.q, c0, rows, 0, K_, w_.q, static_cast<Real>(p_.scale));
-    load_rows(p_.k, c0, rows, 0, K_, w_.k);
-    load_rows(p_.v, c0, rows, task_.v_begin, Vb_, v_);
-    if constexpr (kDecay != Decay::kNone) load_rows(p_.g, c0, rows, 0, Kg_, w_.gate_raw);
+    load_tokens(c0, rows, /*with_queries=*/true, /*with_d_o=*/false);
     for (int64_t i = 0; i < rows; ++i)
       recurrent_step(i, out_.row(i).data(), state_.data(), nullptr);
     store_rows(out_, c0, rows, p_.o, task_.v_begin, Vb_);
@@ -795,11 +794,7 @@ class SequenceKernel {
 
   // state_ holds the block's entry state, d_state_ the gradient of its exit state.
   void recurrent_backward_block(int64_t c0, int64_t rows) {
-    load_rows(p_.q, c0, rows, 0, K_, w_.q, static_cast<Real>(p_.scale));
-    load_rows(p_.k, c0, rows, 0, K_, w_.k);
-    load_rows(p_.v, c0, rows, task_.v_begin, Vb_, v_);
-    load_rows(p_.d_o, c0, rows, task_.v_begin, Vb_, d_o_);
-    if constexpr (kDecay != Decay::kNone) load_rows(p_.g, c0, rows, 0, Kg_, w_.gate_raw);
+    load_tokens(c0, rows, /*with_queries=*/true, /*with_d_o=*/true);
     // Token states: token_states[i] = state before token i, token_states[rows] = after the block.
     const int64_t state_floats = K_ * Vb_;
     AlignedVector& token_states = w_.token_states;
@@ -812,8 +807,6 @@ class SequenceKernel {
     }
     const int64_t vb = Vb_;
     Real* d_state = d_state_.data();
-    const bool want_gate_grad =
-        p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
     for (int64_t i = rows - 1; i >= 0; --i) {
       const Real* q = w_.q.row(i).data();
       const Real* k = w_.k.row(i).data();
@@ -857,7 +850,7 @@ class SequenceKernel {
           gate_sum += decay * d_decay;
         }
       }
-      if (want_gate_grad && kDecay != Decay::kPerKey) w_.gate_grad(i, 0) = gate_sum;
+      if (want_gate_grad_ && kDecay != Decay::kPerKey) w_.gate_grad(i, 0) = gate_sum;
     }
     bonus_backward(rows);
     emit(c0, rows, /*gate_grad_is_final=*/true);
@@ -873,9 +866,7 @@ class SequenceKernel {
       w_.dk.topRows(rows) += w_.dk_bonus.topRows(rows);
     }
     if (p_.dv.present) store_rows(dv_, c0, rows, p_.dv, task_.v_begin, Vb_);
-    const bool want_gate_grad =
-        p_.dg.present && kDecay != Decay::kNone && p_.gate != GateKind::kPerHead;
-    if (want_gate_grad && !gate_grad_is_final) {  // reverse cumulative sum of dG -> dg
+    if (want_gate_grad_ && !gate_grad_is_final) {  // reverse cumulative sum of dG -> dg
       for (int64_t i = rows - 1; i >= 0; --i) {
         if (i == rows - 1 && has_boundary_gate_grad_) {
           w_.gate_grad_carry.head(Kg_) = w_.boundary_gate_grad.head(Kg_);
@@ -888,7 +879,7 @@ class SequenceKernel {
     if (plan_.num_v_blocks == 1) {
       if (p_.dq.present) store_rows(w_.dq, c0, rows, p_.dq, 0, K_, static_cast<Real>(p_.scale));
       if (p_.dk.present) store_rows(w_.dk, c0, rows, p_.dk, 0, K_);
-      if (want_gate_grad) {
+      if (want_gate_grad_) {
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < Kg_; ++j)
             if (!(w_.gate_raw(i, j) > kLogDecayFloor)) w_.gate_grad(i, j) = Real(0);
@@ -904,7 +895,7 @@ class SequenceKernel {
                 partials_.dq.data() + (offset + token) * K_);
       std::copy(w_.dk.row(i).data(), w_.dk.row(i).data() + K_,
                 partials_.dk.data() + (offset + token) * K_);
-      if (want_gate_grad)
+      if (want_gate_grad_)
         std::copy(w_.gate_grad.row(i).data(), w_.gate_grad.row(i).data() + Kg_,
                   partials_.dg.data() + (offset + token) * Kg_);
     }
@@ -919,6 +910,7 @@ class SequenceKernel {
   const int64_t K_, Kg_, Vb_, len_;
   // Value-block views at this task's exact width.
   Eigen::Map<MatrixF> v_, d_o_, out_, dv_, state_, d_state_;
+  const bool want_gate_grad_ = gate_grad_wanted(p_);
   bool has_boundary_gate_grad_ = false;  // boundary_gate_grad holds dg of the chunk's last row
 };
 
@@ -930,8 +922,7 @@ void write_summed_partials(const Plan& plan, const Partials& partials) {
   const RecurrenceParams& p = plan.p;
   const int64_t K = plan.K, Kg = plan.gate_cols, H = p.num_heads;
   const int64_t block_stride = p.batch * p.time * H;
-  const bool want_gate_grad =
-      p.dg.present && p.gate != GateKind::kNone && p.gate != GateKind::kPerHead;
+  const bool want_gate_grad = gate_grad_wanted(p);
   const int64_t pairs = static_cast<int64_t>(p.sequences.size()) * H;
 #pragma omp for schedule(dynamic, 1)
   for (int64_t pair = 0; pair < pairs; ++pair) {
