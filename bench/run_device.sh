@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # One run on the GPU machine (the `device` tool): builds nothing. Expects the library, the CLI
-# and their runtime libraries in build-device/ (copied from a local build), runs every check and
-# test there (C++ CLI check on its CPU, the Python suite with its torch), the CPU benchmark, and
-# writes the outputs under $OUT with a short summary last.
+# and their runtime libraries in build-device/ (copied from a local CUDA build by
+# bench/pack_device.sh), and the fla wheels in .whl/ when fla should be compared. Runs the CUDA
+# tests and the GPU benchmark and writes everything under $OUT, with a short summary last.
+#   FLASHLIN_DEVICE_TESTS: pytest selection (default: the whole Python suite)
+#   FLASHLIN_DEVICE_BENCH: extra arguments of bench/gpu_bench.py, or "skip"
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-/tmp/flashlin-device}"
 mkdir -p "$out"
 export LD_LIBRARY_PATH="$PWD/build-device${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export FLASHLIN_LIBRARY="$PWD/build-device/libflashlin.so" PYTHONPATH="$PWD/python"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-build-device/flashlin info
-build-device/flashlin check > "$out/check.txt" 2>&1; check_rc=$?
-FLASHLIN_CPU_ISA=avx2 build-device/flashlin check --quick > "$out/check_avx2.txt" 2>&1; avx2_rc=$?
-timeout 420 python3 -m pytest -q -p no:cacheprovider tests/python > "$out/pytest.txt" 2>&1; pytest_rc=$?
-build-device/flashlin bench --quick > "$out/bench.txt" 2>&1
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import flashlin; print('flashlin', flashlin.__version__ if hasattr(flashlin, '__version__') else '', 'cuda', flashlin.has_cuda())"
+tests="${FLASHLIN_DEVICE_TESTS:-tests/python}"
+timeout 400 python3 -m pytest -q --maxfail=40 -p no:cacheprovider $tests > "$out/pytest.txt" 2>&1; pytest_rc=$?
+bench_rc=skipped
+if [ "${FLASHLIN_DEVICE_BENCH:-}" != "skip" ]; then
+  timeout 420 python3 bench/gpu_bench.py ${FLASHLIN_DEVICE_BENCH:-} > "$out/bench_gpu.txt" 2>&1
+  bench_rc=$?
+fi
+echo "== pytest failures (first lines) =="
+grep -E "^(FAILED|ERROR)" "$out/pytest.txt" | cut -c1-300 | head -40
+echo "== bench =="
+tail -60 "$out/bench_gpu.txt" 2>/dev/null
 echo "== summary =="
-echo "flashlin check (default ISA): rc=$check_rc; $(tail -1 "$out/check.txt")"
-echo "flashlin check (avx2):        rc=$avx2_rc; $(tail -1 "$out/check_avx2.txt")"
-echo "pytest:                       rc=$pytest_rc; $(tail -1 "$out/pytest.txt")"
-grep -E "^(sgemm|chunked)" "$out/bench.txt"
+echo "pytest ($tests): rc=$pytest_rc; $(tail -1 "$out/pytest.txt")"
+echo "bench: rc=$bench_rc"

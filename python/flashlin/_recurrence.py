@@ -51,10 +51,10 @@ def forward_impl(q, k, v, g, u, initial_state, cu_seqlens, gate_kind, form, scal
     inputs, keep = _inputs(q, k, v, g, u, initial_state, cu_seqlens)
     o_view = _lib.TensorView(o, "o")
     final_view = _lib.TensorView(final_state, "final_state")
-    execution = _lib.execution_for(q)
+    execution, workspace = _lib.execution_for(q, config, inputs, backward=False)
     _lib.check(_lib.lib.flashlin_recurrence_forward(config, inputs, o_view.pointer,
                                                     final_view.pointer, execution), names)
-    del keep
+    del keep, workspace
     return o, final_state
 
 
@@ -74,10 +74,11 @@ def backward_impl(q, k, v, g, u, initial_state, cu_seqlens, d_o, d_final_state, 
     grads_struct = _lib.RecurrenceGrads(*[view.pointer for view in grad_views])
     d_o_view = _lib.TensorView(d_o, "d_o")
     d_final_view = _lib.TensorView(d_final_state, "d_final_state")
+    execution, workspace = _lib.execution_for(q, config, inputs, backward=True)
     _lib.check(_lib.lib.flashlin_recurrence_backward(config, inputs, d_o_view.pointer,
                                                      d_final_view.pointer, grads_struct,
-                                                     _lib.execution_for(q)), names)
-    del keep
+                                                     execution), names)
+    del keep, workspace
     return grads
 
 

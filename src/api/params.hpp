@@ -62,6 +62,7 @@ struct RecurrenceParams {
   StridedTensor dq, dk, dv, dg, du, d_initial_state;
 
   // Execution.
+  int device_id = 0;  // CUDA device of the tensors (CUDA backend only)
   void* stream = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;

@@ -10,6 +10,9 @@
 #include "api/params.hpp"
 #include "api/tensor_checks.hpp"
 #include "cpu/backend.hpp"
+#if FLASHLIN_WITH_CUDA
+#include "cuda/backend.hpp"
+#endif
 
 namespace flashlin::detail {
 namespace {
@@ -219,10 +222,15 @@ void optional_state(ArgumentChecker& check, const DLTensor* t, const char* arg,
   check.shape_equals(t, arg, state_shape(val), "([N, H, K, V])");
 }
 
-flashlin_status run(const RecurrenceParams& params, bool backward, const DLDevice& device) {
+flashlin_status run(RecurrenceParams& params, bool backward, const DLDevice& device) {
   if (device.device_type == kDLCUDA) {
+#if FLASHLIN_WITH_CUDA
+    params.device_id = device.device_id;
+    return backward ? cuda::recurrence_backward(params) : cuda::recurrence_forward(params);
+#else
     throw ApiError{FLASHLIN_ERROR_UNSUPPORTED,
-                   "flashlin: the CUDA backend of the recurrence is not available in this build"};
+                   "flashlin: this build of the library has no CUDA backend"};
+#endif
   }
   return backward ? cpu::recurrence_backward(params) : cpu::recurrence_forward(params);
 }
@@ -354,9 +362,17 @@ flashlin_status flashlin_recurrence_workspace_size(const flashlin_recurrence_con
   return guarded(kFn, [&]() {
     ArgumentChecker check(kFn);
     if (!bytes) check.fail("bytes", "a pointer to write the size to", "NULL");
-    flashlin::detail::validate_common(check, config, inputs);
-    (void)backward;
+    Validated val = flashlin::detail::validate_common(check, config, inputs);
     *bytes = 0;  // the CPU backend manages its own host scratch memory
+#if FLASHLIN_WITH_CUDA
+    if (check.device().device_type == kDLCUDA) {
+      val.params.device_id = check.device().device_id;
+      *bytes = flashlin::cuda::recurrence_workspace_bytes(val.params, backward != 0);
+    }
+#else
+    (void)val;
+    (void)backward;
+#endif
     return FLASHLIN_SUCCESS;
   });
 }

@@ -26,11 +26,22 @@ def take_chunk_size(kwargs, op):
     return chunk_size
 
 
+_DECAY_CACHE = {}
+
+
 def per_head_decay(log_decay, q):
     """A [H] gate on q's device from per-head log decays: float64 for float64 inputs (which are
-    computed in float64), float32 otherwise."""
+    computed in float64), float32 otherwise. Cached per (decays, dtype, device), so that a CUDA
+    call does not pay a blocking host-to-device copy every time."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.as_tensor(log_decay, dtype=dtype, device=q.device)
+    key = (tuple(float(x) for x in log_decay), dtype, q.device)
+    cached = _DECAY_CACHE.get(key)
+    if cached is None:
+        if len(_DECAY_CACHE) > 64:
+            _DECAY_CACHE.clear()
+        cached = torch.as_tensor(log_decay, dtype=dtype, device=q.device)
+        _DECAY_CACHE[key] = cached
+    return cached
 
 
 __all__ = ["recurrence", "take_chunk_size", "per_head_decay", "_lib"]

@@ -1,0 +1,176 @@
+// Which calls the fused chunked tensor-core kernels take, and the dispatch to their instantiations
+// (chunk_fwd_<elem>_k<K>.cu).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/chunk.cuh"
+#include "cuda/chunk_bwd.cuh"
+#include "cuda/chunk_fwd.cuh"
+
+namespace flashlin::cuda {
+
+namespace chunk_fwd {
+extern template cudaError_t launch_for_gate<__nv_bfloat16, 64>(const ChunkArgs&, GateKind, bool,
+                                                               int, int64_t, cudaStream_t);
+extern template cudaError_t launch_for_gate<__nv_bfloat16, 128>(const ChunkArgs&, GateKind, bool,
+                                                                int, int64_t, cudaStream_t);
+extern template cudaError_t launch_for_gate<__half, 64>(const ChunkArgs&, GateKind, bool, int,
+                                                        int64_t, cudaStream_t);
+extern template cudaError_t launch_for_gate<__half, 128>(const ChunkArgs&, GateKind, bool, int,
+                                                         int64_t, cudaStream_t);
+}  // namespace chunk_fwd
+
+namespace chunk_bwd {
+extern template cudaError_t launch_for_gate<__nv_bfloat16, 64>(const BackwardArgs&, GateKind, bool,
+                                                               int64_t, cudaStream_t);
+extern template cudaError_t launch_for_gate<__nv_bfloat16, 128>(const BackwardArgs&, GateKind,
+                                                                bool, int64_t, cudaStream_t);
+extern template cudaError_t launch_for_gate<__half, 64>(const BackwardArgs&, GateKind, bool,
+                                                        int64_t, cudaStream_t);
+extern template cudaError_t launch_for_gate<__half, 128>(const BackwardArgs&, GateKind, bool,
+                                                         int64_t, cudaStream_t);
+}  // namespace chunk_bwd
+
+namespace {
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Rows of `t` can be copied in 16-byte pieces: unit feature stride, the other strides and the
+// base address 16-byte aligned.
+bool rows_copyable(const StridedTensor& t) {
+  const int64_t per16 = 16 / static_cast<int64_t>(storage_bytes(t.dtype));
+  if (t.stride[3] != 1 || !aligned16(t.data)) return false;
+  for (int d = 0; d < 3; ++d)
+    if (t.stride[d] % per16 != 0) return false;
+  return true;
+}
+
+bool half_type(Storage s) { return s == Storage::kBFloat16 || s == Storage::kFloat16; }
+
+// Outputs written as pairs of 16-bit elements: unit feature stride, even strides, 4-byte aligned.
+bool pairs_writable(const StridedTensor& t) {
+  if (!t.present) return true;
+  if (t.stride[3] != 1 || reinterpret_cast<uintptr_t>(t.data) % 4 != 0) return false;
+  for (int d = 0; d < 3; ++d)
+    if (t.stride[d] % 2 != 0) return false;
+  return true;
+}
+
+ChunkArgs forward_args(const RecurrenceParams& p, const LaunchContext& ctx) {
+  ChunkArgs args;
+  args.q = p.q;
+  args.k = p.k;
+  args.v = p.v;
+  args.g = p.g;
+  args.u = p.u;
+  args.initial_state = p.initial_state;
+  args.o = p.o;
+  args.final_state = p.final_state;
+  args.sequences = ctx.sequences;
+  args.num_heads = p.num_heads;
+  args.scale = static_cast<float>(p.scale);
+  args.reverse = p.reverse;
+  return args;
+}
+
+struct BackwardLayout {
+  size_t q_dq = 0, final_term = 0, du_partial = 0;  // byte offsets
+  size_t total = 0;
+};
+
+BackwardLayout backward_layout(const RecurrenceParams& p) {
+  BackwardLayout layout;
+  const size_t num_seqs = p.sequences.size();
+  const size_t heads = static_cast<size_t>(p.num_heads), keys = static_cast<size_t>(p.key_dim);
+  size_t offset = 0;
+  if (p.dg.present) {
+    const size_t per_token = p.gate == GateKind::kPerKey ? keys : 1;
+    layout.q_dq = offset;
+    offset += align_up(static_cast<size_t>(p.batch) * static_cast<size_t>(p.time) * heads *
+                       per_token * sizeof(float));
+    layout.final_term = offset;
+    offset += align_up(num_seqs * heads * keys * sizeof(float));
+  }
+  if (p.du.present) {
+    layout.du_partial = offset;
+    offset += align_up(num_seqs * heads * keys * sizeof(float));
+  }
+  layout.total = offset;
+  return layout;
+}
+
+}  // namespace
+
+bool chunk_tc_supports(const RecurrenceParams& p, bool backward) {
+  if (!half_type(p.q.dtype) || p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype) return false;
+  if (p.key_dim != 64 && p.key_dim != 128) return false;
+  if (p.value_dim % 64 != 0 || p.value_dim > 256) return false;
+  if (!rows_copyable(p.q) || !rows_copyable(p.k) || !rows_copyable(p.v)) return false;
+  if (p.bonus && p.gate != GateKind::kPerKey) return false;
+  if (p.gate == GateKind::kPerKey) {
+    if (p.g.dtype == Storage::kFloat64 || !rows_copyable(p.g)) return false;
+  }
+  if (p.num_heads > 65535 || static_cast<int64_t>(p.sequences.size()) > 65535) return false;
+  if (!backward) return p.o.dtype == p.q.dtype && rows_copyable(p.o);
+  // The backward keeps a whole K x V state per thread block: K = V in {64, 128}.
+  if (p.value_dim != p.key_dim) return false;
+  if (p.d_o.dtype != p.q.dtype || !rows_copyable(p.d_o)) return false;
+  return pairs_writable(p.dq) && pairs_writable(p.dk) && pairs_writable(p.dv);
+}
+
+size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward) {
+  return backward ? backward_layout(p).total : 0;
+}
+
+cudaError_t chunk_tc_forward(const RecurrenceParams& p, const LaunchContext& ctx) {
+  const ChunkArgs args = forward_args(p, ctx);
+  const int64_t num_seqs = ctx.sequences.count;
+  if (num_seqs == 0 || p.num_heads == 0) return cudaSuccess;
+  const int v = static_cast<int>(p.value_dim);
+  const bool bf16 = p.q.dtype == Storage::kBFloat16;
+  if (p.key_dim == 64)
+    return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, v, num_seqs,
+                                                                 ctx.stream)
+                : chunk_fwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, v, num_seqs,
+                                                         ctx.stream);
+  return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, v, num_seqs,
+                                                                ctx.stream)
+              : chunk_fwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, v, num_seqs,
+                                                        ctx.stream);
+}
+
+cudaError_t chunk_tc_backward(const RecurrenceParams& p, const LaunchContext& ctx) {
+  chunk_bwd::BackwardArgs args;
+  args.fwd = forward_args(p, ctx);
+  args.d_o = p.d_o;
+  args.d_final_state = p.d_final_state;
+  args.dq = p.dq;
+  args.dk = p.dk;
+  args.dv = p.dv;
+  args.dg = p.dg;
+  args.du = p.du;
+  args.d_initial_state = p.d_initial_state;
+  args.batch = p.batch;
+  args.time = p.time;
+  const BackwardLayout layout = backward_layout(p);
+  if (layout.total > 0 && (ctx.workspace == nullptr || ctx.workspace_bytes < layout.total))
+    return cudaErrorInvalidValue;
+  if (p.dg.present) {
+    args.scratch.q_dq = reinterpret_cast<float*>(ctx.workspace + layout.q_dq);
+    args.scratch.final_term = reinterpret_cast<float*>(ctx.workspace + layout.final_term);
+  }
+  if (p.du.present) args.scratch.du_partial = reinterpret_cast<float*>(ctx.workspace + layout.du_partial);
+  const int64_t num_seqs = ctx.sequences.count;
+  if (num_seqs == 0 || p.num_heads == 0) return cudaSuccess;
+  const bool bf16 = p.q.dtype == Storage::kBFloat16;
+  if (p.key_dim == 64)
+    return bf16 ? chunk_bwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, num_seqs,
+                                                                 ctx.stream)
+                : chunk_bwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, num_seqs,
+                                                         ctx.stream);
+  return bf16 ? chunk_bwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, num_seqs,
+                                                                ctx.stream)
+              : chunk_bwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, num_seqs, ctx.stream);
+}
+
+}  // namespace flashlin::cuda

@@ -1,0 +1,8 @@
+// Instantiation of the fused chunked forward for __half inputs with K = 64 (one file per
+// combination keeps the build parallel).
+#include "cuda/chunk_fwd.cuh"
+
+namespace flashlin::cuda::chunk_fwd {
+template cudaError_t launch_for_gate<__half, 64>(const ChunkArgs&, GateKind, bool, int, int64_t,
+                                                   cudaStream_t);
+}  // namespace flashlin::cuda::chunk_fwd

@@ -1,0 +1,103 @@
+// The small tile vocabulary of the tensor-core kernels (sm_80+ instructions, run on Hopper):
+// mma.sync m16n8k16 with float32 accumulation, ldmatrix, cp.async, packing and exp2.
+//
+// Fragment layouts of mma.m16n8k16 (lane = 4 * group + quad, group = lane / 4, quad = lane % 4):
+//   A (16 x 16, row major)   regs {0,1,2,3} hold rows {g, g+8, g, g+8}, cols {2q, 2q, 2q+8, 2q+8}
+//                            (+0 and +1 in each 32-bit register)
+//   B (16 x 8, k x n)        regs {0,1} hold k = {2q, 2q+8} (+0, +1), n = g
+//   C (16 x 8, float32)      c[0], c[1]: row g, cols 2q, 2q+1; c[2], c[3]: row g+8, same cols
+#ifndef FLASHLIN_SRC_CUDA_MMA_CUH_
+#define FLASHLIN_SRC_CUDA_MMA_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace flashlin::cuda::tile {
+
+template <typename Elem>
+struct MmaType;
+template <>
+struct MmaType<__nv_bfloat16> {
+  using pair = __nv_bfloat162;
+};
+template <>
+struct MmaType<__half> {
+  using pair = __half2;
+};
+
+// d += a * b for one m16n8k16 tile.
+template <typename Elem>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (sizeof(Elem) == 2 && std::is_same_v<Elem, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 matrices of 16-bit elements; lane l gives the row address of matrix l / 8, row l % 8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row_address)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row_address)));
+}
+
+// 16-byte asynchronous copy global -> shared; src_bytes = 0 writes zeros (rows past the end).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* global, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)),
+               "l"(global), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+}
+
+template <typename Elem>
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  typename MmaType<Elem>::pair v;
+  if constexpr (std::is_same_v<Elem, __nv_bfloat16>)
+    v = __floats2bfloat162_rn(lo, hi);
+  else
+    v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <typename Elem>
+__device__ __forceinline__ float2 unpack(uint32_t bits) {
+  typename MmaType<Elem>::pair v = *reinterpret_cast<typename MmaType<Elem>::pair*>(&bits);
+  if constexpr (std::is_same_v<Elem, __nv_bfloat16>)
+    return __bfloat1622float2(v);
+  else
+    return __half22float2(v);
+}
+
+// 2^x on the special function unit (relative error ~2^-22; 2^-inf = 0, flushes denormals).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+}  // namespace flashlin::cuda::tile
+
+#endif  // FLASHLIN_SRC_CUDA_MMA_CUH_

@@ -1,0 +1,92 @@
+"""The two CUDA kernel families on the shapes that select them, against the float64 reference.
+
+The fused chunked tensor-core kernels run float16/bfloat16 inputs with K in {64, 128} and V a
+multiple of 64 (up to 256); the general kernels run everything else, and every call when
+FLASHLIN_CUDA_PATH=general. Each case runs under both settings ("default" and "general"), with the
+CUDA caching allocator filled with NaN first so that an output element the kernels forget to
+write shows up as NaN. Skipped without a GPU or without a CUDA build of the library.
+"""
+import pytest
+import torch
+
+from cases import CUDA, OPS_BY_ID, check_against_reference, make_inputs, run_op
+
+pytestmark = pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+
+BF16, F16 = torch.bfloat16, torch.float16
+PATHS = ["default", "general"]
+CHUNK_OP_IDS = ["chunk_retention", "fused_chunk_retention", "chunk_simple_gla[g]",
+                "chunk_simple_gla[g_gamma]", "chunk_simple_gla[g+g_gamma]", "chunk_gla",
+                "fused_chunk_gla", "chunk_linear_attn[plain]", "chunk_lightning_attn",
+                "chunk_rwkv6"]
+
+
+def _ops(ids):
+    missing = [i for i in ids if i not in OPS_BY_ID]
+    assert not missing, f"unknown op ids {missing}; known: {sorted(OPS_BY_ID)}"
+    return [OPS_BY_ID[i] for i in ids]
+
+
+CHUNK_OPS = _ops(CHUNK_OP_IDS)
+
+
+def poison_cuda_cache():
+    """Leaves a NaN-filled block in torch's caching allocator for the next allocations."""
+    block = torch.empty(64 << 20, dtype=torch.float32, device="cuda")
+    block.fill_(float("nan"))
+    del block
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    if request.param == "general":
+        monkeypatch.setenv("FLASHLIN_CUDA_PATH", "general")
+    else:
+        monkeypatch.delenv("FLASHLIN_CUDA_PATH", raising=False)
+    poison_cuda_cache()
+    return request.param
+
+
+@pytest.mark.parametrize("KV", [(64, 64), (128, 128), (128, 256)], ids=str)
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("op", CHUNK_OPS, ids=str)
+def test_chunk_shapes(op, dtype, KV, path):
+    K, V = KV
+    x = make_inputs(op, 2, 150, 2, K, V, dtype=dtype, device="cuda")
+    check_against_reference(op, x)
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 1000])
+@pytest.mark.parametrize("op", _ops(["chunk_retention", "chunk_gla", "chunk_rwkv6"]), ids=str)
+def test_chunk_lengths(op, T, path):
+    x = make_inputs(op, 1, T, 2, 128, 128, dtype=BF16, device="cuda")
+    check_against_reference(op, x)
+
+
+@pytest.mark.parametrize("gates", ["tiny", "strong", "-30", "-inf", "mixed"])
+@pytest.mark.parametrize("op", _ops(["chunk_simple_gla[g]", "chunk_gla", "chunk_rwkv6"]), ids=str)
+def test_chunk_extreme_gates(op, gates, path):
+    x = make_inputs(op, 1, 200, 2, 64, 64, dtype=BF16, device="cuda", gates=gates)
+    check_against_reference(op, x)
+
+
+@pytest.mark.parametrize("op", _ops(["chunk_retention", "chunk_simple_gla[g]", "chunk_gla",
+                                     "chunk_rwkv6"]), ids=str)
+def test_chunk_varlen(op, path):
+    lengths = [1, 64, 130, 0, 77]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    x = make_inputs(op, 1, int(cu[-1]), 2, 128, 128, dtype=BF16, device="cuda", N=len(lengths))
+    check_against_reference(op, x, cu_seqlens=cu.cuda())
+
+
+@pytest.mark.parametrize("op", _ops(["chunk_gla", "chunk_retention"]), ids=str)
+def test_long_sequence_matches_cpu(op, path):
+    """T = 70000 (past 65536: 64-bit offsets) against the CPU backend on the same inputs."""
+    x = make_inputs(op, 1, 70000, 1, 64, 64, dtype=BF16, device="cuda")
+    o, ht, _ = run_op(op, x, output_final_state=True)
+    xc = {n: t.detach().cpu().float() for n, t in x.items()}
+    o_cpu, ht_cpu, _ = run_op(op, xc, output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
+    rel = lambda a, b: ((a.cpu().double() - b.double()).norm() / b.double().norm()).item()
+    assert rel(o, o_cpu) < 2e-2, rel(o, o_cpu)
+    assert rel(ht, ht_cpu) < 2e-2, rel(ht, ht_cpu)
