@@ -51,7 +51,9 @@ def forward_impl(q, k, v, g, u, initial_state, cu_seqlens, gate_kind, form, scal
     inputs, keep = _inputs(q, k, v, g, u, initial_state, cu_seqlens)
     o_view = _lib.TensorView(o, "o")
     final_view = _lib.TensorView(final_state, "final_state")
-    execution, workspace = _lib.execution_for(q, config, inputs, backward=False)
+    # The forward needs no scratch beyond a varlen sequence table, which the library allocates
+    # itself (stream-ordered); skipping the size query keeps decode steps cheap on the host.
+    execution, workspace = _lib.execution_for(q)
     _lib.check(_lib.lib.flashlin_recurrence_forward(config, inputs, o_view.pointer,
                                                     final_view.pointer, execution), names)
     del keep, workspace

@@ -485,7 +485,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[nt][e] = 0.f;
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
     for (int ks = 0; ks < V / 16; ++ks) {
       uint32_t a[4];
       load_a_rows<Elem, false>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
@@ -551,7 +551,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
       for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
     const int col0 = half * (K / 2);
     // inter: do S0^T (B[v][kk] = S0[kk][v]).
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
     for (int ks = 0; ks < V / 16; ++ks) {
       uint32_t a[4];
       load_a_rows<Elem, false>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
@@ -619,6 +619,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
           if (exact_diagonal) {
             const float* diag = blk.sm.diag + warp * 16 * 17;
             float sum = 0.f;
+            #pragma unroll 1
             for (int jj = 0; jj < 16; ++jj) {
               const int j = row0 + jj;
               if (!B::strict(i, j)) continue;
@@ -718,7 +719,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
     // The state here only feeds rowsum(S_T * dS_T) of the gate gradient: leave out the last
     // token's own k v^T, whose term cancels against k_T * dk_T exactly (see dkv_kernel).
     const int excluded_row = chunk == blk.num_chunks - 1 ? valid - 1 : -1;
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
     for (int ks = 0; ks < kChunk / 16; ++ks) {
       uint32_t a[4];
       load_a_trans<Elem, true>(a, k_s, T::kQkStride, state_mt * 16, ks * 16, lane,
@@ -823,6 +824,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
       gate_suffix =
           args.scratch.final_term[(blk.seq_index * args.fwd.num_heads + blk.head) * K + blk.tid];
     } else {
+      #pragma unroll 1
       for (int kk = 0; kk < K; ++kk)
         gate_suffix +=
             args.scratch.final_term[(blk.seq_index * args.fwd.num_heads + blk.head) * K + kk];
@@ -913,7 +915,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
             wide |= blk.query_gate(row0, kk) - blk.key_gate(row0 + 15, kk) > kMaxDiagonalRange;
           exact_diagonal = !factorized && __any_sync(0xffffffffu, wide);
         }
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
         for (int ks = 0; ks < K / 16; ++ks) {
           uint32_t a[4];
           if (factorized) {
@@ -953,6 +955,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
                 const int i = rows[e >> 1], j = nt * 8 + 2 * quad + (e & 1);
                 float sum = 0.f;
                 if (B::causal(i, j))
+                  #pragma unroll 1
                   for (int kk = 0; kk < K; ++kk)
                     sum += to_float(q_s[i * T::kQkStride + kk]) *
                            to_float(k_s[j * T::kQkStride + kk]) *
@@ -962,7 +965,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
           }
         }
       } else {
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
         for (int ks = 0; ks < V / 16; ++ks) {
           uint32_t a[4];
           load_a_rows<Elem, false>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
@@ -1029,7 +1032,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
 #pragma unroll
         for (int e = 0; e < 4; ++e) intra[nt][e] = inter[nt][e] = 0.f;
       // intra: P^T do over token steps i >= this rowblock.
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
       for (int ks = 0; ks < 4; ++ks) {
         if (ks < rowblock) continue;
         uint32_t a[4];
@@ -1043,7 +1046,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         }
       }
       // inter: (k * 2^{b_C - b_j}) dS_end.
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
       for (int ks = 0; ks < K / 16; ++ks) {
         uint32_t a[4];
         if (Gate != GateKind::kNone && !factorized) {
@@ -1099,7 +1102,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         exact_diagonal = !factorized && __any_sync(0xffffffffu, wide);
       }
       // intra: dP^T Q~ over token steps i >= rowblock; Q~[i][kk] = q_i * 2^{a_i - s'}.
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
       for (int ks = 0; ks < 4; ++ks) {
         if (ks < rowblock || (exact_diagonal && ks == rowblock)) continue;
         uint32_t a[4];
@@ -1128,7 +1131,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         }
       }
       // inter: v_j dS_end^T (B[v][kk] = dS[kk][v]).
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
       for (int ks = 0; ks < V / 16; ++ks) {
         uint32_t a[4];
         load_a_rows<Elem, false>(a, v_s, T::kVStride, row0, ks * 16, lane, One{});
@@ -1153,6 +1156,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
           } else if constexpr (T::kPerKey) {
             intra_value *= tile::fast_exp2(blk.key_gate(row0 + 15, kk) - blk.key_gate(j, kk));
             if (exact_diagonal) {
+              #pragma unroll 1
               for (int ii = 0; ii < 16; ++ii) {
                 const int i = row0 + ii;
                 if (!B::causal(i, j)) continue;
@@ -1262,7 +1266,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         }
       }
     }
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
     for (int ks = 0; ks < kChunk / 16; ++ks) {
       uint32_t a[4];
       load_a_trans<Elem, true>(a, q_s, T::kQkStride, state_mt * 16, ks * 16, lane,

@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     };
 
     // (1) inter-chunk: out = (q * 2^a) S0
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
     for (int ks = 0; ks < K / 16; ++ks) {
       uint32_t a[4];
       load_q_fragment(a, ks, [&](int row, int kk) { return tile::fast_exp2(query_gate(row, kk)); });
@@ -374,7 +374,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) scores[nt][e] = 0.f;
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
     for (int ks = 0; ks < K / 16; ++ks) {
       uint32_t a[4];
       load_q_fragment(a, ks, [&](int row, int kk) {
@@ -411,6 +411,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
             const int i = rows[e >> 1], j = nt * 8 + 2 * quad + (e & 1);
             float sum = 0.f;
             if (Bonus ? j < i : j <= i) {
+              #pragma unroll 1
               for (int kk = 0; kk < K; ++kk)
                 sum += to_float(q_s[i * T::kQkStride + kk]) * to_float(k_s[j * T::kQkStride + kk]) *
                        tile::fast_exp2(query_gate(i, kk) - key_gate(j, kk));
@@ -505,7 +506,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         }
     };
     if (Gate != GateKind::kNone && !factorized) decay_state();
-#pragma unroll
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
     for (int ks = 0; ks < kChunk / 16; ++ks) {
       uint32_t bv[4][4];
 #pragma unroll
