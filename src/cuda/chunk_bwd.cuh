@@ -66,6 +66,8 @@ struct Traits {
   // Output partition (dq, dk, dv): rowblock r = warp % 4 of 16 tokens, half = warp / 4.
   static constexpr int kQkHalfTiles = K / 2 / 8;
   static constexpr int kVHalfTiles = V / 2 / 8;
+  // Unrolling of the loops over 16-wide steps (see chunk_fwd.cuh's Traits).
+  static constexpr int kStepUnroll = kPerKey ? 1 : 8;
 
   static constexpr size_t kQBytes = size_t{kChunk} * kQkStride * sizeof(Elem);
   static constexpr size_t kVBytes = size_t{kChunk} * kVStride * sizeof(Elem);
@@ -485,7 +487,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dp[nt][e] = 0.f;
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
     for (int ks = 0; ks < V / 16; ++ks) {
       uint32_t a[4];
       load_a_rows<Elem, false>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
@@ -551,7 +553,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
       for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
     const int col0 = half * (K / 2);
     // inter: do S0^T (B[v][kk] = S0[kk][v]).
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
     for (int ks = 0; ks < V / 16; ++ks) {
       uint32_t a[4];
       load_a_rows<Elem, false>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
@@ -719,7 +721,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
     // The state here only feeds rowsum(S_T * dS_T) of the gate gradient: leave out the last
     // token's own k v^T, whose term cancels against k_T * dk_T exactly (see dkv_kernel).
     const int excluded_row = chunk == blk.num_chunks - 1 ? valid - 1 : -1;
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
     for (int ks = 0; ks < kChunk / 16; ++ks) {
       uint32_t a[4];
       load_a_trans<Elem, true>(a, k_s, T::kQkStride, state_mt * 16, ks * 16, lane,
@@ -915,7 +917,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
             wide |= blk.query_gate(row0, kk) - blk.key_gate(row0 + 15, kk) > kMaxDiagonalRange;
           exact_diagonal = !factorized && __any_sync(0xffffffffu, wide);
         }
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
         for (int ks = 0; ks < K / 16; ++ks) {
           uint32_t a[4];
           if (factorized) {
@@ -965,7 +967,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
           }
         }
       } else {
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
         for (int ks = 0; ks < V / 16; ++ks) {
           uint32_t a[4];
           load_a_rows<Elem, false>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
@@ -1032,7 +1034,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
 #pragma unroll
         for (int e = 0; e < 4; ++e) intra[nt][e] = inter[nt][e] = 0.f;
       // intra: P^T do over token steps i >= this rowblock.
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
       for (int ks = 0; ks < 4; ++ks) {
         if (ks < rowblock) continue;
         uint32_t a[4];
@@ -1046,7 +1048,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         }
       }
       // inter: (k * 2^{b_C - b_j}) dS_end.
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
       for (int ks = 0; ks < K / 16; ++ks) {
         uint32_t a[4];
         if (Gate != GateKind::kNone && !factorized) {
@@ -1102,7 +1104,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         exact_diagonal = !factorized && __any_sync(0xffffffffu, wide);
       }
       // intra: dP^T Q~ over token steps i >= rowblock; Q~[i][kk] = q_i * 2^{a_i - s'}.
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
       for (int ks = 0; ks < 4; ++ks) {
         if (ks < rowblock || (exact_diagonal && ks == rowblock)) continue;
         uint32_t a[4];
@@ -1131,7 +1133,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         }
       }
       // inter: v_j dS_end^T (B[v][kk] = dS[kk][v]).
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
       for (int ks = 0; ks < V / 16; ++ks) {
         uint32_t a[4];
         load_a_rows<Elem, false>(a, v_s, T::kVStride, row0, ks * 16, lane, One{});
@@ -1266,7 +1268,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         }
       }
     }
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
     for (int ks = 0; ks < kChunk / 16; ++ks) {
       uint32_t a[4];
       load_a_trans<Elem, true>(a, q_s, T::kQkStride, state_mt * 16, ks * 16, lane,

@@ -45,6 +45,10 @@ struct Traits {
   static constexpr int kGateStride = K + 4;  // floats, cumulative gates b[j][k]
   static constexpr int kStateRowsPerWarp = K / kWarps;
   static constexpr int kStateMTiles = kStateRowsPerWarp / 16;
+  // Unrolling of the loops over 16-wide steps: the per-key kernels carry two code paths
+  // (factorized and reference-relative) and run out of instruction cache when unrolled
+  // (measured: 2-4x slower), the others are faster unrolled.
+  static constexpr int kStepUnroll = kPerKey ? 1 : 8;
 
   // Shared memory layout (bytes).
   static constexpr size_t kQBytes = size_t{kChunk} * kQkStride * sizeof(Elem);
@@ -333,7 +337,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     };
 
     // (1) inter-chunk: out = (q * 2^a) S0
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
     for (int ks = 0; ks < K / 16; ++ks) {
       uint32_t a[4];
       load_q_fragment(a, ks, [&](int row, int kk) { return tile::fast_exp2(query_gate(row, kk)); });
@@ -374,7 +378,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) scores[nt][e] = 0.f;
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
     for (int ks = 0; ks < K / 16; ++ks) {
       uint32_t a[4];
       load_q_fragment(a, ks, [&](int row, int kk) {
@@ -506,7 +510,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         }
     };
     if (Gate != GateKind::kNone && !factorized) decay_state();
-#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
+#pragma unroll T::kStepUnroll
     for (int ks = 0; ks < kChunk / 16; ++ks) {
       uint32_t bv[4][4];
 #pragma unroll
