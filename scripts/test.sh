@@ -19,3 +19,9 @@ ctest --test-dir build --output-on-failure --no-tests=error -j"$(nproc)"
 python="${FLASHLIN_PYTHON:-/usr/bin/python3}"
 FLASHLIN_LIBRARY="$PWD/build/libflashlin.so" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" \
   "$python" -m pytest -q -p no:cacheprovider tests/python
+
+# Sanitizers: the CPU library, C ABI and C++ suite again under AddressSanitizer + UBSan
+# (scripts/sanitize.sh; build-asan/). FLASHLIN_SKIP_SANITIZE=1 skips it for a quick local run.
+if [[ "${FLASHLIN_SKIP_SANITIZE:-0}" != 1 ]]; then
+  bash scripts/sanitize.sh
+fi
