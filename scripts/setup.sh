@@ -20,6 +20,8 @@ packages=(
   libopenblas-dev  # optional sgemm baseline of `flashlin bench`
   python3-torch    # the PyTorch front end's tests (Debian: torch 1.13)
   python3-pytest
+  clang            # libFuzzer target over the C ABI (scripts/fuzz.sh)
+  libomp-dev       # OpenMP for the clang (fuzzing) build
 )
 
 installed() {

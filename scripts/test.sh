@@ -21,7 +21,9 @@ FLASHLIN_LIBRARY="$PWD/build/libflashlin.so" PYTHONPATH="$PWD/python${PYTHONPATH
   "$python" -m pytest -q -p no:cacheprovider tests/python
 
 # Sanitizers: the CPU library, C ABI and C++ suite again under AddressSanitizer + UBSan
-# (scripts/sanitize.sh; build-asan/). FLASHLIN_SKIP_SANITIZE=1 skips it for a quick local run.
+# (scripts/sanitize.sh; build-asan/). FLASHLIN_SKIP_SANITIZE=1 skips both for a quick local run.
+# Then libFuzzer over the C ABI for a bounded time from the committed corpus (scripts/fuzz.sh).
 if [[ "${FLASHLIN_SKIP_SANITIZE:-0}" != 1 ]]; then
   bash scripts/sanitize.sh
+  bash scripts/fuzz.sh "${FLASHLIN_FUZZ_SECONDS:-60}"
 fi

@@ -48,7 +48,7 @@ std::vector<int64_t> read_cu_seqlens(ArgumentChecker& check, const DLTensor* cu,
   const DLDataType dt = cu->dtype;
   if (dt.code != kDLInt || (dt.bits != 32 && dt.bits != 64) || dt.lanes != 1)
     check.fail("cu_seqlens", "dtype int32 or int64", dtype_string(dt));
-  if (cu->device.device_type != kDLCPU && cu->device.device_type != kDLCUDAHost)
+  if (device_kind(cu->device) != kDLCPU && device_kind(cu->device) != kDLCUDAHost)
     check.fail("cu_seqlens", "a tensor in host memory (cpu)", device_string(cu->device));
   const int64_t count = cu->shape[0];
   if (count < 2) check.fail("cu_seqlens", "at least 2 entries (one sequence)", shape_string(*cu));

@@ -1,6 +1,8 @@
 #include "api/tensor_checks.hpp"
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -34,12 +36,19 @@ std::string dtype_string(DLDataType dtype) {
   return name;
 }
 
+int device_kind(const DLDevice& device) {
+  std::underlying_type_t<DLDeviceType> kind;
+  static_assert(sizeof kind == sizeof device.device_type, "DLDeviceType storage");
+  std::memcpy(&kind, &device.device_type, sizeof kind);
+  return static_cast<int>(kind);
+}
+
 std::string device_string(DLDevice device) {
-  switch (device.device_type) {
+  switch (device_kind(device)) {
     case kDLCPU: return "cpu";
     case kDLCUDA: return "cuda:" + std::to_string(device.device_id);
     case kDLCUDAHost: return "cuda_host";
-    default: return "device_type " + std::to_string(static_cast<int>(device.device_type));
+    default: return "device_type " + std::to_string(device_kind(device));
   }
 }
 
@@ -50,7 +59,11 @@ int64_t element_stride(const DLTensor& t, int dim) {
   return stride;
 }
 
-char* element_data(const DLTensor& t) { return static_cast<char*>(t.data) + t.byte_offset; }
+// NULL data stays NULL (a byte offset on a null pointer is undefined behaviour; found by the
+// fuzzer, tests/fuzz/corpus/regression-null-data-byte-offset).
+char* element_data(const DLTensor& t) {
+  return t.data ? static_cast<char*>(t.data) + t.byte_offset : nullptr;
+}
 
 static int64_t element_count(const DLTensor& t) {
   int64_t n = 1;
@@ -110,11 +123,12 @@ void ArgumentChecker::float_tensor(const DLTensor* t, const char* arg, int ndim)
              "stride " + std::to_string(t->strides[i]) + " in dimension " + std::to_string(i));
   if (!t->data && element_count(*t) > 0) fail(arg, "a data pointer", "NULL");
   const DLDevice dev = t->device;
-  const bool cpu = dev.device_type == kDLCPU || dev.device_type == kDLCUDAHost;
-  if (!cpu && dev.device_type != kDLCUDA)
+  const int kind = device_kind(dev);
+  const bool cpu = kind == kDLCPU || kind == kDLCUDAHost;
+  if (!cpu && kind != kDLCUDA)
     fail(arg, "a tensor on the CPU or a CUDA device", device_string(dev));
   if (!have_device_) {
-    if (dev.device_type == kDLCUDA && !flashlin_has_cuda())
+    if (kind == kDLCUDA && !flashlin_has_cuda())
       fail(arg, "a CPU tensor (this build of flashlin has no CUDA backend)", device_string(dev),
            FLASHLIN_ERROR_UNSUPPORTED);
     device_ = cpu ? DLDevice{kDLCPU, 0} : dev;
