@@ -102,7 +102,8 @@ class Scratch {
       base_ = static_cast<char*>(p.workspace);
       return;
     }
-    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&owned_), bytes, stream), "cudaMallocAsync");
+    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&owned_), bytes, stream),
+               "cudaMallocAsync");
     base_ = owned_;
   }
   ~Scratch() {
@@ -132,10 +133,10 @@ flashlin_status run(const RecurrenceParams& p, bool backward) {
   ctx.sequences.uniform_length = p.time;
   if (table > 0) {
     // Pageable source: cudaMemcpyAsync returns once the bytes are staged, so the vector may go.
-    check_cuda(cudaMemcpyAsync(scratch.base(), p.sequences.data(),
-                               p.sequences.size() * sizeof(SequenceSpan), cudaMemcpyHostToDevice,
-                               stream),
-               "the upload of the sequence table");
+    check_cuda(
+        cudaMemcpyAsync(scratch.base(), p.sequences.data(),
+                        p.sequences.size() * sizeof(SequenceSpan), cudaMemcpyHostToDevice, stream),
+        "the upload of the sequence table");
     ctx.sequences.spans = reinterpret_cast<const SequenceSpan*>(scratch.base());
   }
   ctx.workspace = scratch.base() ? scratch.base() + table : nullptr;

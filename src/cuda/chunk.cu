@@ -23,8 +23,8 @@ extern template cudaError_t launch_for_gate<__half, 128>(const ChunkArgs&, GateK
 namespace chunk_bwd {
 extern template cudaError_t launch_for_gate<__nv_bfloat16, 64>(const BackwardArgs&, GateKind, bool,
                                                                int64_t, cudaStream_t);
-extern template cudaError_t launch_for_gate<__nv_bfloat16, 128>(const BackwardArgs&, GateKind,
-                                                                bool, int64_t, cudaStream_t);
+extern template cudaError_t launch_for_gate<__nv_bfloat16, 128>(const BackwardArgs&, GateKind, bool,
+                                                                int64_t, cudaStream_t);
 extern template cudaError_t launch_for_gate<__half, 64>(const BackwardArgs&, GateKind, bool,
                                                         int64_t, cudaStream_t);
 extern template cudaError_t launch_for_gate<__half, 128>(const BackwardArgs&, GateKind, bool,
@@ -130,11 +130,11 @@ cudaError_t chunk_tc_forward(const RecurrenceParams& p, const LaunchContext& ctx
   const bool bf16 = p.q.dtype == Storage::kBFloat16;
   if (p.key_dim == 64)
     return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, v, num_seqs,
-                                                                 ctx.stream)
+                                                                ctx.stream)
                 : chunk_fwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, v, num_seqs,
                                                          ctx.stream);
   return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, v, num_seqs,
-                                                                ctx.stream)
+                                                               ctx.stream)
               : chunk_fwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, v, num_seqs,
                                                         ctx.stream);
 }
@@ -159,18 +159,20 @@ cudaError_t chunk_tc_backward(const RecurrenceParams& p, const LaunchContext& ct
     args.scratch.q_dq = reinterpret_cast<float*>(ctx.workspace + layout.q_dq);
     args.scratch.final_term = reinterpret_cast<float*>(ctx.workspace + layout.final_term);
   }
-  if (p.du.present) args.scratch.du_partial = reinterpret_cast<float*>(ctx.workspace + layout.du_partial);
+  if (p.du.present)
+    args.scratch.du_partial = reinterpret_cast<float*>(ctx.workspace + layout.du_partial);
   const int64_t num_seqs = ctx.sequences.count;
   if (num_seqs == 0 || p.num_heads == 0) return cudaSuccess;
   const bool bf16 = p.q.dtype == Storage::kBFloat16;
   if (p.key_dim == 64)
     return bf16 ? chunk_bwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, num_seqs,
-                                                                 ctx.stream)
+                                                                ctx.stream)
                 : chunk_bwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, num_seqs,
                                                          ctx.stream);
-  return bf16 ? chunk_bwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, num_seqs,
-                                                                ctx.stream)
-              : chunk_bwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, num_seqs, ctx.stream);
+  return bf16
+             ? chunk_bwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, num_seqs,
+                                                              ctx.stream)
+             : chunk_bwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, num_seqs, ctx.stream);
 }
 
 }  // namespace flashlin::cuda

@@ -38,9 +38,9 @@ constexpr float kMaxFactorRange = 40.0f;  // see Block::factorize
 
 // Scratch of the backward (float32, in the workspace).
 struct BackwardScratch {
-  float* q_dq = nullptr;         // [B, T, H, K] (per-key) or [B, T, H] (per-token) q * dq
-  float* final_term = nullptr;   // [N, H, K] rowsum(S_T * dS_T)
-  float* du_partial = nullptr;   // [N, H, K]
+  float* q_dq = nullptr;        // [B, T, H, K] (per-key) or [B, T, H] (per-token) q * dq
+  float* final_term = nullptr;  // [N, H, K] rowsum(S_T * dS_T)
+  float* du_partial = nullptr;  // [N, H, K]
 };
 
 struct BackwardArgs {
@@ -79,7 +79,7 @@ struct Traits {
   static constexpr size_t kStateBytes = size_t{K} * kVStride * sizeof(Elem);
   static constexpr size_t kPBytes = size_t{kChunk} * kPStride * sizeof(Elem);
   static constexpr size_t kDiagBytes = size_t{kWarps} * 16 * 17 * 4;  // exact diagonal blocks
-  static constexpr size_t kRowBytes = size_t{kChunk} * 4;                // d_i = do_i . v_i
+  static constexpr size_t kRowBytes = size_t{kChunk} * 4;             // d_i = do_i . v_i
   static constexpr size_t kBonusBytes = Bonus ? size_t{K} * 4 + size_t{kChunk} * 4 : 0;
   static constexpr size_t kTokenSumBytes = size_t{kChunk} * 4;  // per-token sums over k
   static constexpr size_t kFixedBytes = kCumGateBytes + kStateBytes + 2 * kPBytes + kDiagBytes +
@@ -96,13 +96,13 @@ template <typename Elem, typename T>
 struct Smem {
   char* stage_base;
   float* cum_gate;
-  Elem* state;      // S0 (dq kernel) or dS_end (dkv kernel), rounded
-  Elem* scores;     // P [i][j]
-  Elem* dscores;    // dP [i][j]
-  float* diag;      // per warp 16 x 17 floats
-  float* row_dot;   // d_i
-  float* bonus_u;   // u [K]
-  float* token_sum; // [64]
+  Elem* state;       // S0 (dq kernel) or dS_end (dkv kernel), rounded
+  Elem* scores;      // P [i][j]
+  Elem* dscores;     // dP [i][j]
+  float* diag;       // per warp 16 x 17 floats
+  float* row_dot;    // d_i
+  float* bonus_u;    // u [K]
+  float* token_sum;  // [64]
 
   __device__ explicit Smem(char* smem) {
     stage_base = smem;
@@ -183,8 +183,8 @@ struct Block {
     return x.data + elem_bytes * element_offset(x, seq.batch, token, head, feature);
   }
 
-  __device__ void copy_rows(char* dst, int dst_stride_bytes, const StridedTensor& src, int row_bytes,
-                            int feature_bytes, int chunk, int valid_rows) const {
+  __device__ void copy_rows(char* dst, int dst_stride_bytes, const StridedTensor& src,
+                            int row_bytes, int feature_bytes, int chunk, int valid_rows) const {
     const int parts = row_bytes / 16;
     for (int idx = tid; idx < kChunk * parts; idx += kThreads) {
       const int row = idx / parts, part = idx % parts;
@@ -353,7 +353,8 @@ __device__ __forceinline__ void load_a_rows(uint32_t (&a)[4], const Elem* tile_b
   }
 }
 
-// B fragment (16 x 8, k x n) with B[k][n] = X[n][k] for a row-major X [n][stride]: two 32-bit loads.
+// B fragment (16 x 8, k x n) with B[k][n] = X[n][k] for a row-major X [n][stride]: two 32-bit
+// loads.
 template <typename Elem, bool Scaled, typename Factor>
 __device__ __forceinline__ void load_b_rows(uint32_t (&b)[2], const Elem* tile_base, int stride,
                                             int n0, int k0, int lane, Factor factor) {
@@ -444,11 +445,11 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
     for (int e = 0; e < 4; ++e) {
       const int kk = state_mt * 16 + group + (e >= 2 ? 8 : 0);
       const int vv = (state_nt0 + nt) * 8 + 2 * quad + (e & 1);
-      state[nt][e] = args.fwd.initial_state.present
-                         ? load_float(args.fwd.initial_state,
-                                      element_offset(args.fwd.initial_state, blk.seq_index,
-                                                     blk.head, kk, vv))
-                         : 0.f;
+      state[nt][e] =
+          args.fwd.initial_state.present
+              ? load_float(args.fwd.initial_state,
+                           element_offset(args.fwd.initial_state, blk.seq_index, blk.head, kk, vv))
+              : 0.f;
     }
   auto publish_state = [&]() {
 #pragma unroll
@@ -560,8 +561,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
 #pragma unroll
       for (int nt = 0; nt < T::kQkHalfTiles; ++nt) {
         uint32_t b[2];
-        load_b_rows<Elem, false>(b, blk.sm.state, T::kVStride, col0 + nt * 8, ks * 16, lane,
-                                 One{});
+        load_b_rows<Elem, false>(b, blk.sm.state, T::kVStride, col0 + nt * 8, ks * 16, lane, One{});
         tile::mma<Elem>(acc[nt], a, b);
       }
     }
@@ -574,11 +574,10 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
         const int i = rows[e >> 1], kk = col0 + nt * 8 + 2 * quad + (e & 1);
         if constexpr (T::kPerKey) {
           if (!factorized) acc[nt][e] *= tile::fast_exp2(blk.query_gate(row0, kk));
-        }
-        else if constexpr (T::kScalarGate)
+        } else if constexpr (T::kScalarGate)
           acc[nt][e] *= tile::fast_exp2(blk.query_gate(i, 0));
       }
-    // intra: dP K~ with K~[j][kk] = k_j * 2^{s - b_j} (per-key) over token steps 0 .. r.
+      // intra: dP K~ with K~[j][kk] = k_j * 2^{s - b_j} (per-key) over token steps 0 .. r.
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
       if (ks > rowblock || (exact_diagonal && ks == rowblock)) continue;
@@ -616,12 +615,13 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = rows[e >> 1], kk = col0 + nt * 8 + 2 * quad + (e & 1);
-          acc[nt][e] *= tile::fast_exp2(factorized ? blk.query_gate(i, kk)
-                                                   : blk.query_gate(i, kk) - blk.query_gate(row0, kk));
+          acc[nt][e] *=
+              tile::fast_exp2(factorized ? blk.query_gate(i, kk)
+                                         : blk.query_gate(i, kk) - blk.query_gate(row0, kk));
           if (exact_diagonal) {
             const float* diag = blk.sm.diag + warp * 16 * 17;
             float sum = 0.f;
-            #pragma unroll 1
+#pragma unroll 1
             for (int jj = 0; jj < 16; ++jj) {
               const int j = row0 + jj;
               if (!B::strict(i, j)) continue;
@@ -642,15 +642,15 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
         const int i = rows[r];
         const int kk = col0 + nt * 8 + 2 * quad;
         float g0 = acc[nt][2 * r] * scale, g1 = acc[nt][2 * r + 1] * scale;
-        const float2 qv = tile::unpack<Elem>(
-            *reinterpret_cast<const uint32_t*>(q_s + i * T::kQkStride + kk));
+        const float2 qv =
+            tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(q_s + i * T::kQkStride + kk));
         if (want_gate_grad) {
           if constexpr (T::kPerKey) {
             if (i < valid) {
               const int64_t token = blk.token_at(int64_t{chunk} * kChunk + i);
-              float* dst = args.scratch.q_dq +
-                           ((blk.seq.batch * args.time + token) * args.fwd.num_heads + blk.head) * K +
-                           kk;
+              float* dst =
+                  args.scratch.q_dq +
+                  ((blk.seq.batch * args.time + token) * args.fwd.num_heads + blk.head) * K + kk;
               dst[0] = qv.x * g0;
               dst[1] = qv.y * g1;
             }
@@ -659,8 +659,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
           }
         }
         {  // the diagonal term (times u with the bonus), outside q * dq
-          float2 kv = tile::unpack<Elem>(
-              *reinterpret_cast<const uint32_t*>(k_s + i * T::kQkStride + kk));
+          float2 kv =
+              tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(k_s + i * T::kQkStride + kk));
           if (factorized) {  // back from k * 2^{-b}
             kv.x *= tile::fast_exp2(blk.key_gate(i, kk));
             kv.y *= tile::fast_exp2(blk.key_gate(i, kk + 1));
@@ -695,8 +695,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
           for (int r = 0; r < 2; ++r) {
             if (rows[r] >= valid) continue;
             const int64_t token = blk.token_at(int64_t{chunk} * kChunk + rows[r]);
-            args.scratch.q_dq[(blk.seq.batch * args.time + token) * args.fwd.num_heads +
-                              blk.head] = token_partial[r] + blk.sm.token_sum[rows[r]];
+            args.scratch.q_dq[(blk.seq.batch * args.time + token) * args.fwd.num_heads + blk.head] =
+                token_partial[r] + blk.sm.token_sum[rows[r]];
           }
         }
       }
@@ -724,13 +724,12 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
 #pragma unroll T::kStepUnroll
     for (int ks = 0; ks < kChunk / 16; ++ks) {
       uint32_t a[4];
-      load_a_trans<Elem, true>(a, k_s, T::kQkStride, state_mt * 16, ks * 16, lane,
-                               [&](int kk, int j) {
-                                 if (j == excluded_row) return 0.f;
-                                 if (Gate == GateKind::kNone || factorized) return 1.f;
-                                 return tile::fast_exp2(blk.key_gate(kChunk - 1, kk) -
-                                                        blk.key_gate(j, kk));
-                               });
+      load_a_trans<Elem, true>(
+          a, k_s, T::kQkStride, state_mt * 16, ks * 16, lane, [&](int kk, int j) {
+            if (j == excluded_row) return 0.f;
+            if (Gate == GateKind::kNone || factorized) return 1.f;
+            return tile::fast_exp2(blk.key_gate(kChunk - 1, kk) - blk.key_gate(j, kk));
+          });
 #pragma unroll
       for (int nt = 0; nt < T::kStateColTiles; nt += 2) {
         uint32_t b0[2], b1[2];
@@ -760,8 +759,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
           for (int c = 0; c < 2; ++c) {
             const int vv = (state_nt0 + nt) * 8 + 2 * quad + c;
             sum += state[nt][2 * hf + c] *
-                   load_float(args.d_final_state, element_offset(args.d_final_state, blk.seq_index,
-                                                                 blk.head, kk, vv));
+                   load_float(args.d_final_state,
+                              element_offset(args.d_final_state, blk.seq_index, blk.head, kk, vv));
           }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -770,7 +769,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
     }
     __syncthreads();
     for (int kk = blk.tid; kk < K; kk += kThreads)
-      args.scratch.final_term[(blk.seq_index * args.fwd.num_heads + blk.head) * K + kk] = rowsum[kk];
+      args.scratch.final_term[(blk.seq_index * args.fwd.num_heads + blk.head) * K + kk] =
+          rowsum[kk];
   }
 }
 
@@ -797,11 +797,11 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
     for (int e = 0; e < 4; ++e) {
       const int kk = state_mt * 16 + group + (e >= 2 ? 8 : 0);
       const int vv = (state_nt0 + nt) * 8 + 2 * quad + (e & 1);
-      dstate[nt][e] = args.d_final_state.present
-                          ? load_float(args.d_final_state,
-                                       element_offset(args.d_final_state, blk.seq_index, blk.head,
-                                                      kk, vv))
-                          : 0.f;
+      dstate[nt][e] =
+          args.d_final_state.present
+              ? load_float(args.d_final_state,
+                           element_offset(args.d_final_state, blk.seq_index, blk.head, kk, vv))
+              : 0.f;
     }
   // Rounded copy of dS for the products; `decayed`: rows times 2^{b_C} of the current chunk.
   auto publish_dstate = [&](bool decayed) {
@@ -826,7 +826,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
       gate_suffix =
           args.scratch.final_term[(blk.seq_index * args.fwd.num_heads + blk.head) * K + blk.tid];
     } else {
-      #pragma unroll 1
+#pragma unroll 1
       for (int kk = 0; kk < K; ++kk)
         gate_suffix +=
             args.scratch.final_term[(blk.seq_index * args.fwd.num_heads + blk.head) * K + kk];
@@ -871,10 +871,9 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
           const int64_t t = int64_t{chunk} * kChunk + row + shift;
           const bool present = row < valid && t < blk.seq.length;
           const int64_t token = blk.token_at(present ? t : 0);
-          const float* src = args.scratch.q_dq +
-                             ((blk.seq.batch * args.time + token) * args.fwd.num_heads + blk.head) *
-                                 K +
-                             part * 4;
+          const float* src =
+              args.scratch.q_dq +
+              ((blk.seq.batch * args.time + token) * args.fwd.num_heads + blk.head) * K + part * 4;
           tile::cp_async_16(st.raw_gate + (row * T::kGateStride + part * 4) * 4, src,
                             present ? 16 : 0);
         }
@@ -884,10 +883,11 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
           const int64_t t = int64_t{chunk} * kChunk + blk.tid + shift;
           const bool present = blk.tid < valid && t < blk.seq.length;
           blk.sm.token_sum[blk.tid] =
-              present ? args.scratch.q_dq[(blk.seq.batch * args.time + blk.token_at(t)) *
-                                              args.fwd.num_heads +
-                                          blk.head]
-                      : 0.f;
+              present
+                  ? args.scratch
+                        .q_dq[(blk.seq.batch * args.time + blk.token_at(t)) * args.fwd.num_heads +
+                              blk.head]
+                  : 0.f;
         }
       }
     }
@@ -936,11 +936,10 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
             if (factorized) {
               load_b_rows<Elem, false>(b, k_s, T::kQkStride, nt * 8, ks * 16, lane, One{});
             } else if constexpr (T::kPerKey) {
-              load_b_rows<Elem, true>(b, k_s, T::kQkStride, nt * 8, ks * 16, lane,
-                                      [&](int j, int kk) {
-                                        return tile::fast_exp2(blk.query_gate(row0, kk) -
-                                                               blk.key_gate(j, kk));
-                                      });
+              load_b_rows<Elem, true>(
+                  b, k_s, T::kQkStride, nt * 8, ks * 16, lane, [&](int j, int kk) {
+                    return tile::fast_exp2(blk.query_gate(row0, kk) - blk.key_gate(j, kk));
+                  });
             } else {
               load_b_rows<Elem, false>(b, k_s, T::kQkStride, nt * 8, ks * 16, lane, One{});
             }
@@ -957,7 +956,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
                 const int i = rows[e >> 1], j = nt * 8 + 2 * quad + (e & 1);
                 float sum = 0.f;
                 if (B::causal(i, j))
-                  #pragma unroll 1
+#pragma unroll 1
                   for (int kk = 0; kk < K; ++kk)
                     sum += to_float(q_s[i * T::kQkStride + kk]) *
                            to_float(k_s[j * T::kQkStride + kk]) *
@@ -1033,7 +1032,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
       for (int nt = 0; nt < T::kVHalfTiles; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) intra[nt][e] = inter[nt][e] = 0.f;
-      // intra: P^T do over token steps i >= this rowblock.
+          // intra: P^T do over token steps i >= this rowblock.
 #pragma unroll T::kStepUnroll
       for (int ks = 0; ks < 4; ++ks) {
         if (ks < rowblock) continue;
@@ -1061,8 +1060,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
 #pragma unroll
         for (int nt = 0; nt < T::kVHalfTiles; nt += 2) {
           uint32_t b0[2], b1[2];
-          load_b_trans_pair<Elem>(b0, b1, blk.sm.state, T::kVStride, ks * 16, vcol0 + nt * 8,
-                                  lane);
+          load_b_trans_pair<Elem>(b0, b1, blk.sm.state, T::kVStride, ks * 16, vcol0 + nt * 8, lane);
           tile::mma<Elem>(inter[nt], a, b0);
           tile::mma<Elem>(inter[nt + 1], a, b1);
         }
@@ -1075,9 +1073,9 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
             const int j = row0 + group + 8 * r;
             if (j >= valid) continue;
             const int64_t token = blk.token_at(int64_t{chunk} * kChunk + j);
-            Elem* dst = reinterpret_cast<Elem*>(args.dv.data) +
-                        element_offset(args.dv, blk.seq.batch, token, blk.head,
-                                       vcol0 + nt * 8 + 2 * quad);
+            Elem* dst =
+                reinterpret_cast<Elem*>(args.dv.data) +
+                element_offset(args.dv, blk.seq.batch, token, blk.head, vcol0 + nt * 8 + 2 * quad);
             *reinterpret_cast<uint32_t*>(dst) =
                 tile::pack<Elem>(scale * intra[nt][2 * r] + inter[nt][2 * r],
                                  scale * intra[nt][2 * r + 1] + inter[nt][2 * r + 1]);
@@ -1158,7 +1156,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
           } else if constexpr (T::kPerKey) {
             intra_value *= tile::fast_exp2(blk.key_gate(row0 + 15, kk) - blk.key_gate(j, kk));
             if (exact_diagonal) {
-              #pragma unroll 1
+#pragma unroll 1
               for (int ii = 0; ii < 16; ++ii) {
                 const int i = row0 + ii;
                 if (!B::causal(i, j)) continue;
@@ -1170,24 +1168,24 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
           }
           float decay_to_end = 1.f;  // factorized: dS is published times 2^{b_C}
           if constexpr (Gate != GateKind::kNone)
-            decay_to_end = tile::fast_exp2(factorized ? -blk.key_gate(j, kk)
-                                                      : blk.key_gate(kChunk - 1, kk) -
-                                                            blk.key_gate(j, kk));
+            decay_to_end =
+                tile::fast_exp2(factorized ? -blk.key_gate(j, kk)
+                                           : blk.key_gate(kChunk - 1, kk) - blk.key_gate(j, kk));
           const float inter_value = inter[nt][e] * decay_to_end;
           const float dk_gated = scale * intra_value + inter_value;
           const float kval = raw_k(j, kk);
           if (want_gate_grad) {
             // The last token's final-state term is left out of both sides (see dq_kernel).
-            const float identity_part =
-                j == excluded_row ? scale * intra_value : dk_gated;
+            const float identity_part = j == excluded_row ? scale * intra_value : dk_gated;
             if constexpr (T::kPerKey)
-              reinterpret_cast<float*>(st.raw_gate)[j * T::kGateStride + kk] -= kval * identity_part;
+              reinterpret_cast<float*>(st.raw_gate)[j * T::kGateStride + kk] -=
+                  kval * identity_part;
             else
               token_partial[e >> 1] += kval * identity_part;
           }
           intra[nt][e] = dk_gated;  // reuse as the output
         }
-      // The diagonal term (times u with the bonus), outside k * dk.
+        // The diagonal term (times u with the bonus), outside k * dk.
 #pragma unroll
       for (int nt = 0; nt < T::kQkHalfTiles; ++nt)
 #pragma unroll
@@ -1208,9 +1206,9 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
             const int j = rows[r];
             if (j >= valid) continue;
             const int64_t token = blk.token_at(int64_t{chunk} * kChunk + j);
-            Elem* dst = reinterpret_cast<Elem*>(args.dk.data) +
-                        element_offset(args.dk, blk.seq.batch, token, blk.head,
-                                       kcol0 + nt * 8 + 2 * quad);
+            Elem* dst =
+                reinterpret_cast<Elem*>(args.dk.data) +
+                element_offset(args.dk, blk.seq.batch, token, blk.head, kcol0 + nt * 8 + 2 * quad);
             *reinterpret_cast<uint32_t*>(dst) =
                 tile::pack<Elem>(intra[nt][2 * r], intra[nt][2 * r + 1]);
           }

@@ -2,6 +2,6 @@
 #include "cuda/chunk_bwd.cuh"
 
 namespace flashlin::cuda::chunk_bwd {
-template cudaError_t launch_for_gate<__nv_bfloat16, 64>(const BackwardArgs&, GateKind, bool, int64_t,
-                                                   cudaStream_t);
+template cudaError_t launch_for_gate<__nv_bfloat16, 64>(const BackwardArgs&, GateKind, bool,
+                                                        int64_t, cudaStream_t);
 }  // namespace flashlin::cuda::chunk_bwd

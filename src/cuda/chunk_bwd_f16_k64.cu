@@ -3,5 +3,5 @@
 
 namespace flashlin::cuda::chunk_bwd {
 template cudaError_t launch_for_gate<__half, 64>(const BackwardArgs&, GateKind, bool, int64_t,
-                                                   cudaStream_t);
+                                                 cudaStream_t);
 }  // namespace flashlin::cuda::chunk_bwd

@@ -84,8 +84,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   char* raw_gate = smem + T::kStages * T::kStageBytes;
   float* cum_gate = reinterpret_cast<float*>(raw_gate + T::kRawGateBytes);
   Elem* state_smem = reinterpret_cast<Elem*>(raw_gate + T::kRawGateBytes + T::kCumGateBytes);
-  float* bonus_u = reinterpret_cast<float*>(raw_gate + T::kRawGateBytes + T::kCumGateBytes +
-                                            T::kStateBytes);
+  float* bonus_u =
+      reinterpret_cast<float*>(raw_gate + T::kRawGateBytes + T::kCumGateBytes + T::kStateBytes);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = lane / 4, quad = lane % 4;
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       const bool valid = row < rows_valid;
       const int64_t token = token_at(int64_t{chunk} * kChunk + (valid ? row : 0));
       tile::cp_async_16(st.v + (row * T::kVStride + part * 8) * 2,
-                  row_address(args.v, token, value0 + part * 8, 2), valid ? 16 : 0);
+                        row_address(args.v, token, value0 + part * 8, 2), valid ? 16 : 0);
     }
     if constexpr (T::kPerKey) {
       const int parts = K * gate_bytes / 16;
@@ -142,15 +142,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 
   // Scalar gates of a chunk, prefetched into registers of warp 0 (rows lane and lane + 32).
   float gate_current[2] = {0.f, 0.f}, gate_next[2] = {0.f, 0.f};
-  auto load_scalar_gates = [&](int chunk, float (&out)[2]) {
+  auto load_scalar_gates = [&](int chunk, float(&out)[2]) {
     if constexpr (Gate == GateKind::kPerToken) {
       if (warp == 0) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int64_t t = int64_t{chunk} * kChunk + lane + 32 * r;
-          out[r] = t < length ? load_float(args.g, element_offset(args.g, seq.batch, token_at(t),
-                                                                  head, 0))
-                              : 0.f;
+          out[r] = t < length
+                       ? load_float(args.g, element_offset(args.g, seq.batch, token_at(t), head, 0))
+                       : 0.f;
         }
       }
     }
@@ -415,7 +415,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
             const int i = rows[e >> 1], j = nt * 8 + 2 * quad + (e & 1);
             float sum = 0.f;
             if (Bonus ? j < i : j <= i) {
-              #pragma unroll 1
+#pragma unroll 1
               for (int kk = 0; kk < K; ++kk)
                 sum += to_float(q_s[i * T::kQkStride + kk]) * to_float(k_s[j * T::kQkStride + kk]) *
                        tile::fast_exp2(query_gate(i, kk) - key_gate(j, kk));
@@ -487,8 +487,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
                     element_offset(args.o, seq.batch, token, head, value0);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
-        *reinterpret_cast<uint32_t*>(o_row + nt * 8 + 2 * quad) = tile::pack<Elem>(
-            out[nt][2 * r] * args.scale, out[nt][2 * r + 1] * args.scale);
+        *reinterpret_cast<uint32_t*>(o_row + nt * 8 + 2 * quad) =
+            tile::pack<Elem>(out[nt][2 * r] * args.scale, out[nt][2 * r + 1] * args.scale);
     }
     __syncthreads();  // every warp is done reading the published S0
 
@@ -500,8 +500,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int kk = state_row0 + mt * 16 + group + 8 * half;
-          const float decay = tile::fast_exp2(T::kPerKey ? key_gate(kChunk - 1, kk)
-                                                         : cum_gate[kChunk - 1]);
+          const float decay =
+              tile::fast_exp2(T::kPerKey ? key_gate(kChunk - 1, kk) : cum_gate[kChunk - 1]);
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt) {
             state[mt][nt][2 * half] *= decay;
@@ -573,8 +573,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         for (int e = 0; e < 4; ++e) {
           const int kk = state_row0 + mt * 16 + group + (e >= 2 ? 8 : 0);
           const int vv = value0 + nt * 8 + 2 * quad + (e & 1);
-          store_float(args.final_state,
-                      element_offset(args.final_state, seq_index, head, kk, vv), state[mt][nt][e]);
+          store_float(args.final_state, element_offset(args.final_state, seq_index, head, kk, vv),
+                      state[mt][nt][e]);
         }
   }
 }
@@ -597,7 +597,8 @@ template <typename Elem, int K>
 cudaError_t launch_for_gate(const ChunkArgs& args, GateKind gate, bool bonus, int value_dim,
                             int64_t num_seqs, cudaStream_t stream) {
   switch (gate) {
-    case GateKind::kNone: return launch<Elem, K, GateKind::kNone, false>(args, value_dim, num_seqs, stream);
+    case GateKind::kNone:
+      return launch<Elem, K, GateKind::kNone, false>(args, value_dim, num_seqs, stream);
     case GateKind::kPerHead:
       return launch<Elem, K, GateKind::kPerHead, false>(args, value_dim, num_seqs, stream);
     case GateKind::kPerToken:

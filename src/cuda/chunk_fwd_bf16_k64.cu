@@ -3,6 +3,6 @@
 #include "cuda/chunk_fwd.cuh"
 
 namespace flashlin::cuda::chunk_fwd {
-template cudaError_t launch_for_gate<__nv_bfloat16, 64>(const ChunkArgs&, GateKind, bool, int, int64_t,
-                                                   cudaStream_t);
+template cudaError_t launch_for_gate<__nv_bfloat16, 64>(const ChunkArgs&, GateKind, bool, int,
+                                                        int64_t, cudaStream_t);
 }  // namespace flashlin::cuda::chunk_fwd

@@ -4,5 +4,5 @@
 
 namespace flashlin::cuda::chunk_fwd {
 template cudaError_t launch_for_gate<__half, 64>(const ChunkArgs&, GateKind, bool, int, int64_t,
-                                                   cudaStream_t);
+                                                 cudaStream_t);
 }  // namespace flashlin::cuda::chunk_fwd

@@ -115,7 +115,8 @@ __host__ __device__ __forceinline__ int64_t element_offset(const StridedTensor& 
 __device__ __forceinline__ float load_float(const StridedTensor& t, int64_t offset) {
   switch (t.dtype) {
     case Storage::kFloat32: return reinterpret_cast<const float*>(t.data)[offset];
-    case Storage::kFloat64: return static_cast<float>(reinterpret_cast<const double*>(t.data)[offset]);
+    case Storage::kFloat64:
+      return static_cast<float>(reinterpret_cast<const double*>(t.data)[offset]);
     case Storage::kFloat16: return __half2float(reinterpret_cast<const __half*>(t.data)[offset]);
     default: return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(t.data)[offset]);
   }

@@ -97,9 +97,11 @@ class Builder {
     Buffer& b = *buffers_.back();
     b.size = bytes;
     b.bytes.reset(new uint8_t[bytes + 1]);  // +1: a valid pointer even for 0 bytes
-    for (size_t i = 0; i < bytes; ++i) b.bytes[i] = static_cast<uint8_t>(in_.ConsumeIntegral<uint8_t>() & 0x3f);
+    for (size_t i = 0; i < bytes; ++i)
+      b.bytes[i] = static_cast<uint8_t>(in_.ConsumeIntegral<uint8_t>() & 0x3f);
     t.buffer = &b;
-    t.tensor.data = in_.ConsumeIntegralInRange<int>(0, 30) == 0 ? nullptr : b.bytes.get() - low * item;
+    t.tensor.data =
+        in_.ConsumeIntegralInRange<int>(0, 30) == 0 ? nullptr : b.bytes.get() - low * item;
     t.tensor.byte_offset = static_cast<uint64_t>(offset_elems * item);
     t.tensor.ndim = ndim;
     t.tensor.dtype = dtype;
@@ -108,7 +110,10 @@ class Builder {
     switch (in_.ConsumeIntegralInRange<int>(0, 19)) {
       case 0: t.tensor.device = DLDevice{kDLCUDA, 0}; break;
       case 1: t.tensor.device = DLDevice{kDLCUDAHost, 0}; break;
-      case 2: t.tensor.device = DLDevice{static_cast<DLDeviceType>(in_.ConsumeIntegralInRange<int>(0, 20)), 1}; break;
+      case 2:
+        t.tensor.device =
+            DLDevice{static_cast<DLDeviceType>(in_.ConsumeIntegralInRange<int>(0, 20)), 1};
+        break;
       default: t.tensor.device = DLDevice{kDLCPU, 0}; break;
     }
     return &t.tensor;
@@ -139,10 +144,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider in(data, size);
   Builder make(in);
   const DLDataType f32{kDLFloat, 32, 1}, i32{kDLInt, 32, 1};
-  const DLDataType tok = in.PickValueInArray({DLDataType{kDLFloat, 32, 1}, DLDataType{kDLFloat, 16, 1},
-                                              DLDataType{kDLBfloat, 16, 1}, DLDataType{kDLFloat, 64, 1}});
-  const int64_t B = in.ConsumeIntegralInRange<int64_t>(0, 3), T = in.ConsumeIntegralInRange<int64_t>(0, 40);
-  const int64_t H = in.ConsumeIntegralInRange<int64_t>(0, 3), K = in.ConsumeIntegralInRange<int64_t>(0, 9);
+  const DLDataType tok =
+      in.PickValueInArray({DLDataType{kDLFloat, 32, 1}, DLDataType{kDLFloat, 16, 1},
+                           DLDataType{kDLBfloat, 16, 1}, DLDataType{kDLFloat, 64, 1}});
+  const int64_t B = in.ConsumeIntegralInRange<int64_t>(0, 3),
+                T = in.ConsumeIntegralInRange<int64_t>(0, 40);
+  const int64_t H = in.ConsumeIntegralInRange<int64_t>(0, 3),
+                K = in.ConsumeIntegralInRange<int64_t>(0, 9);
   const int64_t V = in.ConsumeIntegralInRange<int64_t>(0, 9);
 
   flashlin_recurrence_config config{};
@@ -162,7 +170,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const int64_t count = in.ConsumeIntegralInRange<int64_t>(0, 5);
     DLTensor* c = make.make({count}, i32, false);
     if (c && c->data && c->dtype.code == kDLInt && c->dtype.bits == 32 && c->dtype.lanes == 1 &&
-        c->ndim == 1 && c->shape[0] > 0 && (!c->strides || c->strides[0] == 1) && c->byte_offset == 0) {
+        c->ndim == 1 && c->shape[0] > 0 && (!c->strides || c->strides[0] == 1) &&
+        c->byte_offset == 0) {
       int32_t* offsets = static_cast<int32_t*>(c->data);
       int32_t value = 0;
       for (int64_t i = 0; i < c->shape[0]; ++i) {
@@ -183,7 +192,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   inputs.g = gate == 1   ? make.make({H}, f32)
              : gate == 2 ? make.make({B, T, H}, f32)
              : gate == 3 ? make.make({B, T, H, K}, f32)
-                         : (in.ConsumeIntegralInRange<int>(0, 7) == 0 ? make.make({B, T, H, K}, f32) : nullptr);
+                         : (in.ConsumeIntegralInRange<int>(0, 7) == 0 ? make.make({B, T, H, K}, f32)
+                                                                      : nullptr);
   inputs.u = config.bonus ? make.make({H, K}, f32) : nullptr;
   inputs.initial_state = in.ConsumeBool() ? make.make({N, H, K, V}, f32) : nullptr;
   inputs.cu_seqlens = cu;
@@ -191,27 +201,32 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   DLTensor* o = make.make({B, T, H, V}, tok);
   DLTensor* final_state = in.ConsumeBool() ? make.make({N, H, K, V}, f32) : nullptr;
   const int alias = in.ConsumeIntegralInRange<int>(0, 9);
-  if (alias == 0 && o && inputs.q) o = const_cast<DLTensor*>(inputs.q);           // o aliases q
+  if (alias == 0 && o && inputs.q) o = const_cast<DLTensor*>(inputs.q);  // o aliases q
   if (alias == 1 && final_state && inputs.initial_state)
-    final_state = const_cast<DLTensor*>(inputs.initial_state);                        // in place
-  if (alias == 2 && final_state && o) final_state = o;                                 // out == out
+    final_state = const_cast<DLTensor*>(inputs.initial_state);  // in place
+  if (alias == 2 && final_state && o) final_state = o;          // out == out
   const DLTensor* d_o = make.make({B, T, H, V}, tok);
   const DLTensor* d_final = in.ConsumeBool() ? make.make({N, H, K, V}, f32) : nullptr;
   flashlin_recurrence_grads grads{};
   grads.dq = in.ConsumeBool() ? make.make({B, T, H, K}, tok) : nullptr;
   grads.dk = in.ConsumeBool() ? make.make({B, T, H, K}, tok) : nullptr;
   grads.dv = in.ConsumeBool() ? make.make({B, T, H, V}, tok) : nullptr;
-  grads.dg = inputs.g && in.ConsumeBool() ? make.make(std::vector<int64_t>(inputs.g->shape, inputs.g->shape + inputs.g->ndim), f32) : nullptr;
+  grads.dg =
+      inputs.g && in.ConsumeBool()
+          ? make.make(std::vector<int64_t>(inputs.g->shape, inputs.g->shape + inputs.g->ndim), f32)
+          : nullptr;
   grads.du = inputs.u && in.ConsumeBool() ? make.make({H, K}, f32) : nullptr;
   grads.d_initial_state = in.ConsumeBool() ? make.make({N, H, K, V}, f32) : nullptr;
-  if (alias == 3 && grads.dq && inputs.k) grads.dq = const_cast<DLTensor*>(inputs.k);  // dq aliases k
-  if (alias == 4 && grads.dq && grads.dk) grads.dk = grads.dq;                            // dk == dq
+  if (alias == 3 && grads.dq && inputs.k)
+    grads.dq = const_cast<DLTensor*>(inputs.k);                 // dq aliases k
+  if (alias == 4 && grads.dq && grads.dk) grads.dk = grads.dq;  // dk == dq
 
   flashlin_execution exec{};
   const flashlin_execution* exec_ptr = in.ConsumeBool() ? &exec : nullptr;
 
   // Inputs (not also outputs of the call) must be left as they were.
-  auto input_sums = [&](const std::vector<const DLTensor*>& ins, const std::vector<const DLTensor*>& outs) {
+  auto input_sums = [&](const std::vector<const DLTensor*>& ins,
+                        const std::vector<const DLTensor*>& outs) {
     std::vector<uint64_t> sums;
     for (const DLTensor* t : ins) {
       bool is_output = false;
@@ -221,11 +236,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     return sums;
   };
-  const std::vector<const DLTensor*> all_inputs = {inputs.q, inputs.k, inputs.v, inputs.g, inputs.u,
-                                                   inputs.initial_state, inputs.cu_seqlens, d_o, d_final};
+  const std::vector<const DLTensor*> all_inputs = {
+      inputs.q,          inputs.k, inputs.v, inputs.g, inputs.u, inputs.initial_state,
+      inputs.cu_seqlens, d_o,      d_final};
   const std::vector<const DLTensor*> fwd_outputs = {o, final_state};
-  const std::vector<const DLTensor*> bwd_outputs = {grads.dq, grads.dk, grads.dv, grads.dg, grads.du,
-                                                    grads.d_initial_state};
+  const std::vector<const DLTensor*> bwd_outputs = {grads.dq, grads.dk, grads.dv,
+                                                    grads.dg, grads.du, grads.d_initial_state};
   auto output_sums = [&](const std::vector<const DLTensor*>& outs) {
     std::vector<uint64_t> sums;
     for (const DLTensor* t : outs) {
