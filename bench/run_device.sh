@@ -5,6 +5,7 @@
 # tests and the GPU benchmark and writes everything under $OUT, with a short summary last.
 #   FLASHLIN_DEVICE_TESTS: pytest selection (default: the whole Python suite)
 #   FLASHLIN_DEVICE_BENCH: extra arguments of bench/gpu_bench.py, or "skip"
+#   FLASHLIN_DEVICE_SANITIZE: 1 to run scripts/compute_sanitize.sh after the tests
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-/tmp/flashlin-device}"
@@ -21,6 +22,11 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import flashlin; print('flashlin', flashlin.__version__ if hasattr(flashlin, '__version__') else '', 'cuda', flashlin.has_cuda())"
 tests="${FLASHLIN_DEVICE_TESTS:-tests/python}"
 timeout 400 python3 -m pytest -q --maxfail=40 -p no:cacheprovider $tests > "$out/pytest.txt" 2>&1; pytest_rc=$?
+sanitize_rc=skipped
+if [ "${FLASHLIN_DEVICE_SANITIZE:-0}" = 1 ]; then
+  timeout 420 bash scripts/compute_sanitize.sh > "$out/compute_sanitizer.txt" 2>&1
+  sanitize_rc=$?
+fi
 bench_rc=skipped
 if [ "${FLASHLIN_DEVICE_BENCH:-}" != "skip" ]; then
   timeout 420 python3 bench/gpu_bench.py ${FLASHLIN_DEVICE_BENCH:-} > "$out/bench_gpu.txt" 2>&1
@@ -32,4 +38,5 @@ echo "== bench =="
 tail -60 "$out/bench_gpu.txt" 2>/dev/null
 echo "== summary =="
 echo "pytest ($tests): rc=$pytest_rc; $(tail -1 "$out/pytest.txt")"
+echo "compute-sanitizer: rc=$sanitize_rc"; tail -5 "$out/compute_sanitizer.txt" 2>/dev/null
 echo "bench: rc=$bench_rc"

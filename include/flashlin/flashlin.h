@@ -143,11 +143,22 @@ FLASHLIN_API flashlin_status flashlin_recurrence_backward(const flashlin_recurre
                                                           const flashlin_recurrence_grads* grads,
                                                           const flashlin_execution* exec);
 
-/* Bytes of scratch the call would use if exec->workspace were given (0 if none is needed).
- * backward: 0 for the forward pass, 1 for the backward pass. */
+/* Bytes of scratch the call would use if exec->workspace were given (0 if none is needed; always
+ * 0 on the CPU). A call whose exec->workspace is missing or smaller allocates its scratch itself
+ * (stream-ordered, freed when the call's work is done).
+ * backward: 0 for the forward pass, 1 for the backward pass. With backward = 1 the size is the
+ * one for every gradient the configuration allows, each contiguous like its input; for the exact
+ * size of a given backward call, use flashlin_recurrence_backward_workspace_size. */
 FLASHLIN_API flashlin_status flashlin_recurrence_workspace_size(
     const flashlin_recurrence_config* config, const flashlin_recurrence_inputs* inputs,
     int backward, size_t* bytes);
+
+/* Exact scratch bytes of flashlin_recurrence_backward with these arguments (checked as that call
+ * checks them). */
+FLASHLIN_API flashlin_status flashlin_recurrence_backward_workspace_size(
+    const flashlin_recurrence_config* config, const flashlin_recurrence_inputs* inputs,
+    const DLTensor* d_o, const DLTensor* d_final_state, const flashlin_recurrence_grads* grads,
+    size_t* bytes);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -169,6 +169,18 @@ inline size_t recurrence_workspace_size(const flashlin_recurrence_config& config
   return bytes;
 }
 
+inline size_t recurrence_backward_workspace_size(const flashlin_recurrence_config& config,
+                                                 const RecurrenceInputs& inputs,
+                                                 const DLTensor* d_o, const DLTensor* d_final_state,
+                                                 const RecurrenceGrads& grads) {
+  const flashlin_recurrence_inputs c_inputs = inputs.c_struct();
+  const flashlin_recurrence_grads c_grads = grads.c_struct();
+  size_t bytes = 0;
+  check(flashlin_recurrence_backward_workspace_size(&config, &c_inputs, d_o, d_final_state,
+                                                    &c_grads, &bytes));
+  return bytes;
+}
+
 }  // namespace flashlin
 
 #endif  // FLASHLIN_FLASHLIN_HPP_

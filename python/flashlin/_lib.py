@@ -154,6 +154,9 @@ def _load():
     lib.flashlin_recurrence_workspace_size.argtypes = [
         ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), ctypes.c_int,
         ctypes.POINTER(ctypes.c_size_t)]
+    lib.flashlin_recurrence_backward_workspace_size.argtypes = [
+        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), _PDL, _PDL,
+        ctypes.POINTER(RecurrenceGrads), ctypes.POINTER(ctypes.c_size_t)]
     lib.path = path
     return lib
 
@@ -182,22 +185,22 @@ def check(status, names=None):
     raise FlashlinError(message)
 
 
-def execution_for(tensor, config=None, inputs=None, backward=False):
+def execution_for(tensor, size_query=None):
     """Run on torch's current stream for CUDA tensors, with scratch memory from torch's caching
     allocator (so it shows in torch.cuda.memory_allocated and is reused across calls).
 
-    Returns (execution struct, workspace tensor or None); keep the tensor alive for the call."""
+    size_query(bytes_pointer) -> status: the library's workspace-size query for the call (None:
+    the call needs no scratch, or allocates what it needs itself). Returns (execution struct,
+    workspace tensor or None); keep the tensor alive for the call."""
     if not tensor.is_cuda:
         return Execution(None, None, 0), None
     stream = torch.cuda.current_stream(tensor.device).cuda_stream
     workspace = None
-    if config is not None:
+    if size_query is not None:
         size = ctypes.c_size_t(0)
-        status = lib.flashlin_recurrence_workspace_size(config, inputs, int(bool(backward)),
-                                                        ctypes.byref(size))
-        if status == SUCCESS and size.value > 0:
-            workspace = torch.empty(size.value, dtype=torch.uint8, device=tensor.device)
         # a failing size query is reported by the call itself, with its message
+        if size_query(ctypes.byref(size)) == SUCCESS and size.value > 0:
+            workspace = torch.empty(size.value, dtype=torch.uint8, device=tensor.device)
     if workspace is None:
         return Execution(stream, None, 0), None
     return Execution(stream, workspace.data_ptr(), workspace.numel()), workspace

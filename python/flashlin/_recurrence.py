@@ -76,7 +76,9 @@ def backward_impl(q, k, v, g, u, initial_state, cu_seqlens, d_o, d_final_state, 
     grads_struct = _lib.RecurrenceGrads(*[view.pointer for view in grad_views])
     d_o_view = _lib.TensorView(d_o, "d_o")
     d_final_view = _lib.TensorView(d_final_state, "d_final_state")
-    execution, workspace = _lib.execution_for(q, config, inputs, backward=True)
+    execution, workspace = _lib.execution_for(
+        q, lambda size: _lib.lib.flashlin_recurrence_backward_workspace_size(
+            config, inputs, d_o_view.pointer, d_final_view.pointer, grads_struct, size))
     _lib.check(_lib.lib.flashlin_recurrence_backward(config, inputs, d_o_view.pointer,
                                                      d_final_view.pointer, grads_struct,
                                                      execution), names)

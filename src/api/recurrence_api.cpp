@@ -235,6 +235,107 @@ flashlin_status run(RecurrenceParams& params, bool backward, const DLDevice& dev
   return backward ? cpu::recurrence_backward(params) : cpu::recurrence_forward(params);
 }
 
+// The backward's own arguments on top of validate_common: d_o, d_final_state and the gradients,
+// mapped into RecurrenceParams (shared by the call and its exact workspace-size query).
+Validated validate_backward(ArgumentChecker& check, const flashlin_recurrence_config* config,
+                            const flashlin_recurrence_inputs* inputs, const DLTensor* d_o,
+                            const DLTensor* d_final_state, const flashlin_recurrence_grads* grads) {
+  Validated val = validate_common(check, config, inputs);
+  RecurrenceParams& p = val.params;
+  if (!d_o) check.fail("d_o", "the output gradient [B, T, H, V]", "NULL");
+  if (!grads) check.fail("grads", "a gradients struct", "NULL");
+  check.float_tensor(d_o, "d_o", 4);
+  check.shape_equals(d_o, "d_o", {val.batch, val.time, val.heads, val.value_dim}, "(as v)");
+  check.dtype_equals(d_o, "d_o", inputs->v->dtype, "v");
+  check.register_input(d_o, "d_o");
+  if (d_final_state) {
+    optional_state(check, d_final_state, "d_final_state", val);
+    check.register_input(d_final_state, "d_final_state");
+  }
+  const std::vector<int64_t> qk_shape = {val.batch, val.time, val.heads, val.key_dim};
+  if (grads->dq) {
+    check.float_tensor(grads->dq, "dq", 4);
+    check.shape_equals(grads->dq, "dq", qk_shape, "(as q)");
+    check.dtype_equals(grads->dq, "dq", inputs->q->dtype, "q");
+  }
+  if (grads->dk) {
+    check.float_tensor(grads->dk, "dk", 4);
+    check.shape_equals(grads->dk, "dk", qk_shape, "(as k)");
+    check.dtype_equals(grads->dk, "dk", inputs->k->dtype, "k");
+  }
+  if (grads->dv) {
+    check.float_tensor(grads->dv, "dv", 4);
+    check.shape_equals(grads->dv, "dv", {val.batch, val.time, val.heads, val.value_dim}, "(as v)");
+    check.dtype_equals(grads->dv, "dv", inputs->v->dtype, "v");
+  }
+  if (grads->dg) {
+    if (p.gate == GateKind::kNone)
+      check.fail("dg", "NULL (gate_kind FLASHLIN_GATE_NONE has no gate)", "a tensor");
+    if (p.gate == GateKind::kPerHead)
+      check.fail("dg", "NULL (a constant per-head decay has no gradient)", "a tensor");
+    const DLTensor* g = inputs->g;
+    check.float_tensor(grads->dg, "dg", g->ndim);
+    check.shape_equals(grads->dg, "dg", std::vector<int64_t>(g->shape, g->shape + g->ndim),
+                       "(as g)");
+    check.dtype_equals(grads->dg, "dg", g->dtype, "g");
+  }
+  if (grads->du) {
+    if (!p.bonus) check.fail("du", "NULL (config.bonus is 0: there is no u)", "a tensor");
+    check.float_tensor(grads->du, "du", 2);
+    check.shape_equals(grads->du, "du", {val.heads, val.key_dim}, "(as u)");
+  }
+  if (grads->d_initial_state) optional_state(check, grads->d_initial_state, "d_initial_state", val);
+  check.register_output(grads->dq, "dq");
+  check.register_output(grads->dk, "dk");
+  check.register_output(grads->dv, "dv");
+  check.register_output(grads->dg, "dg");
+  check.register_output(grads->du, "du");
+  check.register_output(grads->d_initial_state, "d_initial_state");
+
+  p.d_o = strided(d_o, kIdentity4);
+  p.d_final_state = strided(d_final_state, kIdentity4);
+  p.dq = strided(grads->dq, kIdentity4);
+  p.dk = strided(grads->dk, kIdentity4);
+  p.dv = strided(grads->dv, kIdentity4);
+  if (grads->dg) {
+    if (p.gate == GateKind::kPerToken)
+      p.dg = strided(grads->dg, {0, 1, 2});
+    else
+      p.dg = strided(grads->dg, kIdentity4);
+  }
+  p.du = strided(grads->du, {2, 3});
+  p.d_initial_state = strided(grads->d_initial_state, kIdentity4);
+  return val;
+}
+
+// The backward of the size query without gradients: every gradient the configuration allows,
+// laid out like the tensor it belongs to (what the Python front end and most callers pass).
+void assume_every_gradient(RecurrenceParams& p) {
+  p.d_o = p.v;
+  p.d_final_state = p.initial_state;
+  p.dq = p.q;
+  p.dk = p.k;
+  p.dv = p.v;
+  if (p.gate == GateKind::kPerKey || p.gate == GateKind::kPerToken) p.dg = p.g;
+  if (p.bonus) p.du = p.u;
+  p.d_initial_state = p.initial_state;
+}
+
+// Scratch bytes a call with these parameters takes from flashlin_execution::workspace.
+size_t device_workspace_bytes(RecurrenceParams& p, bool backward, const DLDevice& device) {
+#if FLASHLIN_WITH_CUDA
+  if (device.device_type == kDLCUDA) {
+    p.device_id = device.device_id;
+    return flashlin::cuda::recurrence_workspace_bytes(p, backward);
+  }
+#else
+  (void)p;
+  (void)backward;
+  (void)device;
+#endif
+  return 0;  // the CPU backend manages its own host scratch memory
+}
+
 }  // namespace
 }  // namespace flashlin::detail
 
@@ -279,73 +380,9 @@ flashlin_status flashlin_recurrence_backward(const flashlin_recurrence_config* c
   static const char* const kFn = "flashlin_recurrence_backward";
   return guarded(kFn, [&]() {
     ArgumentChecker check(kFn);
-    Validated val = flashlin::detail::validate_common(check, config, inputs);
+    Validated val =
+        flashlin::detail::validate_backward(check, config, inputs, d_o, d_final_state, grads);
     flashlin::detail::RecurrenceParams& p = val.params;
-    if (!d_o) check.fail("d_o", "the output gradient [B, T, H, V]", "NULL");
-    if (!grads) check.fail("grads", "a gradients struct", "NULL");
-    check.float_tensor(d_o, "d_o", 4);
-    check.shape_equals(d_o, "d_o", {val.batch, val.time, val.heads, val.value_dim}, "(as v)");
-    check.dtype_equals(d_o, "d_o", inputs->v->dtype, "v");
-    check.register_input(d_o, "d_o");
-    if (d_final_state) {
-      flashlin::detail::optional_state(check, d_final_state, "d_final_state", val);
-      check.register_input(d_final_state, "d_final_state");
-    }
-    const std::vector<int64_t> qk_shape = {val.batch, val.time, val.heads, val.key_dim};
-    if (grads->dq) {
-      check.float_tensor(grads->dq, "dq", 4);
-      check.shape_equals(grads->dq, "dq", qk_shape, "(as q)");
-      check.dtype_equals(grads->dq, "dq", inputs->q->dtype, "q");
-    }
-    if (grads->dk) {
-      check.float_tensor(grads->dk, "dk", 4);
-      check.shape_equals(grads->dk, "dk", qk_shape, "(as k)");
-      check.dtype_equals(grads->dk, "dk", inputs->k->dtype, "k");
-    }
-    if (grads->dv) {
-      check.float_tensor(grads->dv, "dv", 4);
-      check.shape_equals(grads->dv, "dv", {val.batch, val.time, val.heads, val.value_dim},
-                         "(as v)");
-      check.dtype_equals(grads->dv, "dv", inputs->v->dtype, "v");
-    }
-    if (grads->dg) {
-      if (p.gate == flashlin::detail::GateKind::kNone)
-        check.fail("dg", "NULL (gate_kind FLASHLIN_GATE_NONE has no gate)", "a tensor");
-      if (p.gate == flashlin::detail::GateKind::kPerHead)
-        check.fail("dg", "NULL (a constant per-head decay has no gradient)", "a tensor");
-      const DLTensor* g = inputs->g;
-      check.float_tensor(grads->dg, "dg", g->ndim);
-      check.shape_equals(grads->dg, "dg", std::vector<int64_t>(g->shape, g->shape + g->ndim),
-                         "(as g)");
-      check.dtype_equals(grads->dg, "dg", g->dtype, "g");
-    }
-    if (grads->du) {
-      if (!p.bonus) check.fail("du", "NULL (config.bonus is 0: there is no u)", "a tensor");
-      check.float_tensor(grads->du, "du", 2);
-      check.shape_equals(grads->du, "du", {val.heads, val.key_dim}, "(as u)");
-    }
-    if (grads->d_initial_state)
-      flashlin::detail::optional_state(check, grads->d_initial_state, "d_initial_state", val);
-    check.register_output(grads->dq, "dq");
-    check.register_output(grads->dk, "dk");
-    check.register_output(grads->dv, "dv");
-    check.register_output(grads->dg, "dg");
-    check.register_output(grads->du, "du");
-    check.register_output(grads->d_initial_state, "d_initial_state");
-
-    p.d_o = strided(d_o, kIdentity4);
-    p.d_final_state = strided(d_final_state, kIdentity4);
-    p.dq = strided(grads->dq, kIdentity4);
-    p.dk = strided(grads->dk, kIdentity4);
-    p.dv = strided(grads->dv, kIdentity4);
-    if (grads->dg) {
-      if (p.gate == flashlin::detail::GateKind::kPerToken)
-        p.dg = strided(grads->dg, {0, 1, 2});
-      else
-        p.dg = strided(grads->dg, kIdentity4);
-    }
-    p.du = strided(grads->du, {2, 3});
-    p.d_initial_state = strided(grads->d_initial_state, kIdentity4);
     if (exec) {
       p.stream = exec->stream;
       p.workspace = exec->workspace;
@@ -363,16 +400,23 @@ flashlin_status flashlin_recurrence_workspace_size(const flashlin_recurrence_con
     ArgumentChecker check(kFn);
     if (!bytes) check.fail("bytes", "a pointer to write the size to", "NULL");
     Validated val = flashlin::detail::validate_common(check, config, inputs);
-    *bytes = 0;  // the CPU backend manages its own host scratch memory
-#if FLASHLIN_WITH_CUDA
-    if (check.device().device_type == kDLCUDA) {
-      val.params.device_id = check.device().device_id;
-      *bytes = flashlin::cuda::recurrence_workspace_bytes(val.params, backward != 0);
-    }
-#else
-    (void)val;
-    (void)backward;
-#endif
+    if (backward) flashlin::detail::assume_every_gradient(val.params);
+    *bytes = flashlin::detail::device_workspace_bytes(val.params, backward != 0, check.device());
+    return FLASHLIN_SUCCESS;
+  });
+}
+
+flashlin_status flashlin_recurrence_backward_workspace_size(
+    const flashlin_recurrence_config* config, const flashlin_recurrence_inputs* inputs,
+    const DLTensor* d_o, const DLTensor* d_final_state, const flashlin_recurrence_grads* grads,
+    size_t* bytes) {
+  static const char* const kFn = "flashlin_recurrence_backward_workspace_size";
+  return guarded(kFn, [&]() {
+    ArgumentChecker check(kFn);
+    if (!bytes) check.fail("bytes", "a pointer to write the size to", "NULL");
+    Validated val =
+        flashlin::detail::validate_backward(check, config, inputs, d_o, d_final_state, grads);
+    *bytes = flashlin::detail::device_workspace_bytes(val.params, true, check.device());
     return FLASHLIN_SUCCESS;
   });
 }

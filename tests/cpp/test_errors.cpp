@@ -27,6 +27,7 @@ namespace {
 constexpr const char* kForward = "flashlin_recurrence_forward";
 constexpr const char* kBackward = "flashlin_recurrence_backward";
 constexpr const char* kWorkspace = "flashlin_recurrence_workspace_size";
+constexpr const char* kBackwardWorkspace = "flashlin_recurrence_backward_workspace_size";
 
 // Sizes of the baseline problem below.
 constexpr int64_t B = 1, T = 6, H = 2, K = 4, V = 3;
@@ -130,6 +131,12 @@ class BadArguments : public ::testing::Test {
   void expect_backward_rejected(const std::string& argument,
                                 flashlin_status expected = FLASHLIN_ERROR_INVALID_ARGUMENT) {
     expect_rejected(backward(), expected, kBackward, argument);
+    // The exact size query of the backward checks the very same arguments.
+    size_t bytes = 12345;
+    expect_rejected(flashlin_recurrence_backward_workspace_size(
+                        &config_, &inputs_, d_o_arg_, d_final_state_arg_, &grads_, &bytes),
+                    expected, kBackwardWorkspace, argument);
+    EXPECT_EQ(bytes, 12345u) << "written on error";
   }
   // Both directions reject the same input problem (with the same argument named).
   void expect_both_rejected(const std::string& argument,
@@ -694,6 +701,12 @@ TEST_F(BadArguments, DqWrongDtype) {
 TEST_F(BadArguments, WorkspaceSizeNeedsAnOutputPointer) {
   expect_rejected(flashlin_recurrence_workspace_size(&config_, &inputs_, 0, nullptr),
                   FLASHLIN_ERROR_INVALID_ARGUMENT, kWorkspace, "bytes");
+}
+
+TEST_F(BadArguments, BackwardWorkspaceSizeNeedsAnOutputPointer) {
+  expect_rejected(flashlin_recurrence_backward_workspace_size(&config_, &inputs_, d_o_arg_,
+                                                              d_final_state_arg_, &grads_, nullptr),
+                  FLASHLIN_ERROR_INVALID_ARGUMENT, kBackwardWorkspace, "bytes");
 }
 
 TEST_F(BadArguments, WorkspaceSizeChecksItsInputs) {

@@ -820,6 +820,10 @@ TEST(Workspace, QueriedSizeIsAccepted) {
       HostTensor dv = p.poisoned(DType::kFloat32, p.token_shape(p.spec.V));
       flashlin::RecurrenceGrads grads;
       grads.dv = dv.dl();
+      EXPECT_EQ(flashlin::recurrence_backward_workspace_size(p.config(), p.inputs(), p.d_o.dl(),
+                                                             p.d_final_state.dl(), grads),
+                0u)
+          << "the CPU backend takes no caller scratch";
       flashlin::recurrence_backward(p.config(), p.inputs(), p.d_o.dl(), p.d_final_state.dl(), grads,
                                     &exec);
       const flashlin_ref::Grads ref_grads =

@@ -263,6 +263,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   before = input_sums(all_inputs, bwd_outputs);
   outs_before = output_sums(bwd_outputs);
+  require_message(
+      flashlin_recurrence_backward_workspace_size(&config, &inputs, d_o, d_final, &grads, &bytes));
   status = flashlin_recurrence_backward(&config, &inputs, d_o, d_final, &grads, exec_ptr);
   require_message(status);
   if (input_sums(all_inputs, bwd_outputs) != before) __builtin_trap();

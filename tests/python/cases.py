@@ -123,7 +123,7 @@ def param_dtype(dtype):
 # Inputs
 # --------------------------------------------------------------------------------------------
 
-GATE_MODES = ["realistic", "tiny", "strong", "-30", "-inf", "mixed"]
+GATE_MODES = ["realistic", "tiny", "strong", "-30", "-50", "-inf", "mixed"]
 
 
 def make_gate(shape, mode="realistic"):
@@ -136,8 +136,8 @@ def make_gate(shape, mode="realistic"):
         return -1e-6 * torch.rand(shape, dtype=F64)
     if mode == "strong":                  # decays down to ~exp(-8) per step
         return F.logsigmoid(2 * x)
-    if mode == "-30":                     # every step forgets the past
-        return torch.full(shape, -30.0, dtype=F64)
+    if mode in ("-30", "-50"):            # every step forgets the past
+        return torch.full(shape, float(mode), dtype=F64)
     if mode in ("-inf", "mixed"):         # hard resets, at t = 0, mid-sequence and at random
         g = realistic.clone()
         T = shape[1]

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# NVIDIA compute-sanitizer over the CUDA tests (issue 7): memcheck, racecheck, initcheck and
+# synccheck, each on a selection of the CUDA test cases that reaches every flashlin kernel (both
+# kernel families, forward and backward, every gate kind, the RWKV-6 bonus, varlen, decoding).
+# Needs a GPU and a CUDA build of the library (FLASHLIN_LIBRARY or build/); no GPU -> exits 0
+# with a note. Logs go to $OUT (default /tmp/flashlin-compute-sanitizer); a summary line per tool
+# is printed last, and the exit status is non-zero if any tool reported an error.
+#
+#   bash scripts/compute_sanitize.sh [pytest -k selection]
+#
+# memcheck, racecheck and synccheck instrument flashlin's kernels only (--kernel-name
+# kns=flashlin: PyTorch's own kernels are not ours to check, and instrumenting them costs most of
+# the time); initcheck must see every kernel's writes to know what memory is initialised, so it
+# instruments all kernels and runs a smaller selection.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out="${OUT:-/tmp/flashlin-compute-sanitizer}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+if ! python3 -c "import sys, torch, flashlin; sys.exit(0 if torch.cuda.is_available() and flashlin.has_cuda() else 1)"; then
+  echo "compute_sanitize.sh: no GPU or no CUDA build of flashlin; nothing to check"
+  exit 0
+fi
+sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+
+# Both CUDA kernel families ([default] = tensor cores where supported, [general] = SIMT) on the
+# chunked ops, odd lengths, varlen with an empty sequence, extreme gates, decoding in place, and
+# several streams at once.
+selection="${1:-(test_chunk_shapes and 128-128 and bfloat16) or test_chunk_lengths or test_chunk_varlen or (test_chunk_extreme_gates and -inf) or test_cuda_streams or (test_head_dims and cuda and 256-256)}"
+small_selection="(test_chunk_shapes and 128-128 and bfloat16 and (chunk_gla or chunk_rwkv6 or chunk_retention)) or (test_chunk_varlen and chunk_gla) or (test_head_dims and cuda-float32 and 256-256 and chunk_gla)"
+files="tests/python/test_cuda_paths.py tests/python/test_stress.py tests/python/test_concurrency.py tests/python/test_state.py"
+
+status=0
+summary=()
+for tool in memcheck racecheck synccheck initcheck; do
+  filter=(--kernel-name kns=flashlin)
+  select="$selection"
+  extra=()
+  case "$tool" in
+    initcheck) filter=(); select="$small_selection" ;;
+    racecheck) extra=(--racecheck-report hazard) ;;
+  esac
+  log="$out/compute_sanitizer_$tool.txt"
+  start=$(date +%s)
+  # --error-exitcode makes a reported hazard fail the run even when the tests pass.
+  "$sanitizer" --tool "$tool" "${filter[@]}" "${extra[@]}" --error-exitcode 86 --print-limit 50 \
+    python3 -m pytest -q -p no:cacheprovider -x $files -k "$select" > "$log" 2>&1
+  rc=$?
+  errors="$(grep -E "^========= (ERROR|RACECHECK|Race|Invalid|Uninitialized|Barrier)" -c "$log" || true)"
+  line="$tool: rc=$rc, $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1 | sed 's/=* *//'), pytest: $(grep -E "passed|failed|error" "$log" | tail -1), $(( $(date +%s) - start )) s"
+  summary+=("$line")
+  [ "$rc" -ne 0 ] && status=1
+  echo "$line (flagged lines: $errors)"
+done
+echo "== compute-sanitizer summary =="
+printf '%s\n' "${summary[@]}"
+exit $status
