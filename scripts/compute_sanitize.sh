@@ -5,13 +5,15 @@
 # Needs a GPU and a CUDA build of the library (FLASHLIN_LIBRARY or build/); no GPU -> exits 0
 # with a note. Logs go to $OUT (default /tmp/flashlin-compute-sanitizer); a summary line per tool
 # is printed last, and the exit status is non-zero if any tool reported an error.
+# FLASHLIN_SANITIZE_TOOLS picks the tools (default: all four).
 #
 #   bash scripts/compute_sanitize.sh [pytest -k selection]
 #
 # memcheck, racecheck and synccheck instrument flashlin's kernels only (--kernel-name
 # kns=flashlin: PyTorch's own kernels are not ours to check, and instrumenting them costs most of
 # the time); initcheck must see every kernel's writes to know what memory is initialised, so it
-# instruments all kernels and runs a smaller selection.
+# instruments all kernels. memcheck runs the large selection, the slower tools a smaller one that
+# still reaches every kernel family. FLASHLIN_SANITIZE_TIMEOUT bounds each tool (150 s; rc 124).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-/tmp/flashlin-compute-sanitizer}"
@@ -27,24 +29,25 @@ sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sa
 # Both CUDA kernel families ([default] = tensor cores where supported, [general] = SIMT) on the
 # chunked ops, odd lengths, varlen with an empty sequence, extreme gates, decoding in place, and
 # several streams at once.
-selection="${1:-(test_chunk_shapes and 128-128 and bfloat16) or test_chunk_lengths or test_chunk_varlen or (test_chunk_extreme_gates and -inf) or test_cuda_streams or (test_head_dims and cuda and 256-256)}"
-small_selection="(test_chunk_shapes and 128-128 and bfloat16 and (chunk_gla or chunk_rwkv6 or chunk_retention)) or (test_chunk_varlen and chunk_gla) or (test_head_dims and cuda-float32 and 256-256 and chunk_gla)"
+selection="${1:-(test_chunk_shapes and bfloat16 and 128x128) or test_chunk_lengths or test_chunk_varlen or (test_chunk_extreme_gates and inf) or test_cuda_streams or (test_head_dims and cuda and 256x256)}"
+small_selection="(test_chunk_shapes and bfloat16 and 128x128 and (chunk_gla or chunk_rwkv6 or chunk_retention)) or (test_chunk_varlen and chunk_gla) or (test_head_dims and cuda-float32 and 256x256 and chunk_gla) or test_cuda_streams"
 files="tests/python/test_cuda_paths.py tests/python/test_stress.py tests/python/test_concurrency.py tests/python/test_state.py"
 
 status=0
 summary=()
-for tool in memcheck racecheck synccheck initcheck; do
+for tool in ${FLASHLIN_SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
   filter=(--kernel-name kns=flashlin)
-  select="$selection"
+  select="$small_selection"
   extra=()
   case "$tool" in
-    initcheck) filter=(); select="$small_selection" ;;
+    memcheck) select="$selection" ;;
+    initcheck) filter=() ;;
     racecheck) extra=(--racecheck-report hazard) ;;
   esac
   log="$out/compute_sanitizer_$tool.txt"
   start=$(date +%s)
   # --error-exitcode makes a reported hazard fail the run even when the tests pass.
-  "$sanitizer" --tool "$tool" "${filter[@]}" "${extra[@]}" --error-exitcode 86 --print-limit 50 \
+  timeout "${FLASHLIN_SANITIZE_TIMEOUT:-150}" "$sanitizer" --tool "$tool" "${filter[@]}" "${extra[@]}" --error-exitcode 86 --print-limit 50 \
     python3 -m pytest -q -p no:cacheprovider -x $files -k "$select" > "$log" 2>&1
   rc=$?
   errors="$(grep -E "^========= (ERROR|RACECHECK|Race|Invalid|Uninitialized|Barrier)" -c "$log" || true)"

@@ -81,7 +81,9 @@ struct Traits {
   static constexpr size_t kDiagBytes = size_t{kWarps} * 16 * 17 * 4;  // exact diagonal blocks
   static constexpr size_t kRowBytes = size_t{kChunk} * 4;             // d_i = do_i . v_i
   static constexpr size_t kBonusBytes = Bonus ? size_t{K} * 4 + size_t{kChunk} * 4 : 0;
-  static constexpr size_t kTokenSumBytes = size_t{kChunk} * 4;  // per-token sums over k
+  // Per-token sums over k: q * dq of the chunk's tokens and, per-token gates only, the k * dk
+  // partials of the two column halves (summed in a fixed order: deterministic results).
+  static constexpr size_t kTokenSumBytes = size_t{kChunk} * 4 * (Gate == GateKind::kPerToken ? 3 : 1);
   static constexpr size_t kFixedBytes = kCumGateBytes + kStateBytes + 2 * kPBytes + kDiagBytes +
                                         kRowBytes + kBonusBytes + kTokenSumBytes;
   static constexpr size_t kMaxSmem = 227 * 1024;
@@ -102,7 +104,7 @@ struct Smem {
   float* diag;       // per warp 16 x 17 floats
   float* row_dot;    // d_i
   float* bonus_u;    // u [K]
-  float* token_sum;  // [64]
+  float* token_sum;  // [64] (per-token gates: [3][64], see Traits::kTokenSumBytes)
 
   __device__ explicit Smem(char* smem) {
     stage_base = smem;
@@ -764,6 +766,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
           }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        // At most two warps share a row tile (K = 64), and 0 + a + b is exact in either order:
+        // deterministic.
         if (quad == 0) atomicAdd(&rowsum[kk], sum);
       }
     }
@@ -1221,9 +1225,10 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
             token_partial[r] += __shfl_xor_sync(0xffffffffu, token_partial[r], 2);
           }
           if (quad == 0) {
-            // two halves: accumulate through shared memory (zeroed below before use)
-            atomicAdd(&blk.sm.token_sum[rows[0]], -token_partial[0]);
-            atomicAdd(&blk.sm.token_sum[rows[1]], -token_partial[1]);
+            // One slot per column half; the scan below adds them in a fixed order (a float
+            // atomicAdd onto the q * dq value would round differently from run to run).
+            blk.sm.token_sum[kChunk * (1 + half) + rows[0]] = token_partial[0];
+            blk.sm.token_sum[kChunk * (1 + half) + rows[1]] = token_partial[1];
           }
         }
       }
@@ -1242,7 +1247,8 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
           if constexpr (T::kPerKey)
             term = reinterpret_cast<const float*>(st.raw_gate)[j * T::kGateStride + kk];
           else
-            term = blk.sm.token_sum[j];
+            term = blk.sm.token_sum[j] -
+                   (blk.sm.token_sum[kChunk + j] + blk.sm.token_sum[2 * kChunk + j]);
           gate_suffix += term;
           const float step = blk.key_gate(j, kk) - (j > 0 ? blk.key_gate(j - 1, kk) : 0.f);
           const int64_t token = blk.token_at(int64_t{chunk} * kChunk + j);
@@ -1303,11 +1309,10 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
   }
   if constexpr (Bonus) {
     if (args.du.present) {
-      // Sum the per-thread partials of each key column: over groups (shuffles) and rowblocks
-      // (shared memory), then one write per (sequence, head, key).
-      float* column = blk.sm.diag;  // K floats
-      for (int kk = blk.tid; kk < K; kk += kThreads) column[kk] = 0.f;
-      __syncthreads();
+      // Sum the per-thread partials of each key column: over groups (shuffles), then over the
+      // four rowblocks in a fixed order through shared memory (deterministic), then one write
+      // per (sequence, head, key).
+      float* column = blk.sm.diag;  // [4][K] floats (<= 8 * 16 * 17)
 #pragma unroll
       for (int nt = 0; nt < T::kQkHalfTiles; ++nt)
 #pragma unroll
@@ -1316,12 +1321,12 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
           x += __shfl_xor_sync(0xffffffffu, x, 4);
           x += __shfl_xor_sync(0xffffffffu, x, 8);
           x += __shfl_xor_sync(0xffffffffu, x, 16);
-          if (group == 0) atomicAdd(&column[half * (K / 2) + nt * 8 + 2 * quad + c], x);
+          if (group == 0) column[rowblock * K + half * (K / 2) + nt * 8 + 2 * quad + c] = x;
         }
       __syncthreads();
       for (int kk = blk.tid; kk < K; kk += kThreads)
         args.scratch.du_partial[(blk.seq_index * args.fwd.num_heads + blk.head) * K + kk] =
-            column[kk];
+            ((column[kk] + column[K + kk]) + column[2 * K + kk]) + column[3 * K + kk];
     }
   }
 }

@@ -5,7 +5,7 @@ reproducible training).
 import pytest
 import torch
 
-from cases import DEVICES, F64, OPS, initial_state_of, make_inputs, run_op
+from cases import CUDA, DEVICES, F64, OPS, OPS_BY_ID, initial_state_of, make_inputs, run_op
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -36,3 +36,30 @@ def test_repeated_calls_are_bitwise_identical(op, dtype, device):
             diff = (a - b).abs().max().item()
             assert torch.equal(a, b), (
                 f"{op.id} {dtype}: {label} changed between calls by {diff:.3g}")
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+@pytest.mark.parametrize("op", [OPS_BY_ID[i] for i in ("chunk_retention", "chunk_simple_gla[g]",
+                                                        "chunk_gla", "chunk_rwkv6")], ids=str)
+def test_tensor_core_path_is_bitwise_repeatable(op):
+    """The fused bf16 kernels (K = V = 64 and 128) reduce in a fixed order: no float atomics
+    whose order could change the rounding between calls."""
+    for KV in (64, 128):
+        x = make_inputs(op, 2, 300, 3, KV, KV, dtype=torch.bfloat16, device="cuda")
+        names = [n for n in x if n != "g_gamma"]
+        x = {n: t.requires_grad_(n in names) for n, t in x.items()}
+        first, gos = None, None
+        for _ in range(6):
+            outs = [t for t in run_op(op, x, initial_state=initial_state_of(op, x),
+                                      output_final_state=True) if t is not None]
+            gos = gos or [torch.randn_like(t) for t in outs]
+            grads = torch.autograd.grad(outs, [x[n] for n in names], gos)
+            results = [t.detach() for t in outs] + list(grads)
+            if first is None:
+                first = results
+                continue
+            for label, a, b in zip(["o", "final_state"] + [f"d{n}" for n in names], results,
+                                   first):
+                assert torch.equal(a, b), (
+                    f"{op.id} K=V={KV}: {label} changed between calls by "
+                    f"{(a.double() - b.double()).abs().max().item():.3g}")

@@ -163,7 +163,8 @@ def test_large_bfloat16_inputs(op, device, magnitude):
     check_against_reference(op, x)
 
 
-@pytest.mark.parametrize("KV", [(1, 1), (1, 256), (256, 1), (256, 256)], ids=str)
+@pytest.mark.parametrize("KV", [(1, 1), (1, 256), (256, 1), (256, 256)],
+                         ids=lambda kv: "%dx%d" % kv)
 @pytest.mark.parametrize("device,dtype", [
     pytest.param("cpu", torch.float32, id="cpu-float32"),
     pytest.param("cuda", torch.float32, id="cuda-float32", marks=CUDA_ONLY),
