@@ -42,7 +42,7 @@ for tool in ${FLASHLIN_SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; 
   case "$tool" in
     memcheck) select="$selection" ;;
     initcheck) filter=() ;;
-    racecheck) extra=(--racecheck-report hazard) ;;
+    racecheck) extra=(--racecheck-report hazard); select="${small_selection% or test_cuda_streams}" ;;
   esac
   log="$out/compute_sanitizer_$tool.txt"
   start=$(date +%s)

@@ -83,7 +83,8 @@ struct Traits {
   static constexpr size_t kBonusBytes = Bonus ? size_t{K} * 4 + size_t{kChunk} * 4 : 0;
   // Per-token sums over k: q * dq of the chunk's tokens and, per-token gates only, the k * dk
   // partials of the two column halves (summed in a fixed order: deterministic results).
-  static constexpr size_t kTokenSumBytes = size_t{kChunk} * 4 * (Gate == GateKind::kPerToken ? 3 : 1);
+  static constexpr size_t kTokenSumBytes =
+      size_t{kChunk} * 4 * (Gate == GateKind::kPerToken ? 3 : 1);
   static constexpr size_t kFixedBytes = kCumGateBytes + kStateBytes + 2 * kPBytes + kDiagBytes +
                                         kRowBytes + kBonusBytes + kTokenSumBytes;
   static constexpr size_t kMaxSmem = 227 * 1024;

@@ -139,14 +139,17 @@ __device__ __forceinline__ T* typed_mutable(const StridedTensor& t) {
   return reinterpret_cast<T*>(t.data);
 }
 
-// exp of the floored log gate (NaN stays NaN).
+// exp of the floored log gate (NaN stays NaN). The state is multiplied by it at every step, so
+// a bias of its rounding compounds over the sequence: expf near 0 is within 2 ulp but not
+// unbiased (gates of -1e-6 lost 2.5e-4 of the state over 65536 steps on the H200), while
+// 1 + expm1f(g) is the exactly rounded sum of 1 and an accurate small term.
 template <typename Real>
 __device__ __forceinline__ Real decay_from_gate(Real g) {
   const Real floored = g < static_cast<Real>(kGateFloor) ? static_cast<Real>(kGateFloor) : g;
   if constexpr (std::is_same_v<Real, double>) {
     return exp(floored);
   } else {
-    return expf(floored);
+    return floored > -0.5f ? 1.f + expm1f(floored) : expf(floored);
   }
 }
 
