@@ -64,8 +64,19 @@ _DTYPES = {
 }
 
 
+_DL_DTYPES = {dtype: DLDataType(code, bits, 1) for dtype, (code, bits) in _DTYPES.items()}
+_INT64_ARRAYS = [ctypes.c_int64 * max(n, 1) for n in range(9)]
+_CPU_DEVICE = DLDevice(_DL_CPU, 0)
+_HAS_IS_CPU = hasattr(torch.Tensor, "is_cpu")
+
+
 class TensorView:
-    """A DLTensor describing a torch tensor (which it keeps alive), or NULL for None."""
+    """A DLTensor describing a torch tensor (which it keeps alive), or NULL for None.
+
+    On the hot path of every call (a decode step builds nine): cached dtype descriptors and array
+    types, no torch.device objects."""
+
+    __slots__ = ("tensor", "pointer", "dl", "_shape", "_strides")
 
     def __init__(self, tensor, name):
         self.tensor = tensor
@@ -74,19 +85,20 @@ class TensorView:
             return
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"argument '{name}': expected a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype not in _DTYPES:
+        dl_dtype = _DL_DTYPES.get(tensor.dtype)
+        if dl_dtype is None:
             raise ValueError(f"argument '{name}': unsupported dtype {tensor.dtype}")
-        if tensor.device.type not in ("cpu", "cuda"):
+        if tensor.is_cuda:
+            device = DLDevice(_DL_CUDA, tensor.get_device())
+        elif tensor.is_cpu if _HAS_IS_CPU else tensor.device.type == "cpu":
+            device = _CPU_DEVICE
+        else:
             raise ValueError(f"argument '{name}': unsupported device {tensor.device}")
-        code, bits = _DTYPES[tensor.dtype]
         ndim = tensor.dim()
-        self._shape = (ctypes.c_int64 * max(ndim, 1))(*tensor.shape)
-        self._strides = (ctypes.c_int64 * max(ndim, 1))(*tensor.stride())
-        device = DLDevice(_DL_CUDA if tensor.is_cuda else _DL_CPU,
-                          (tensor.device.index or 0) if tensor.is_cuda else 0)
-        self.dl = DLTensor(
-            ctypes.c_void_p(tensor.data_ptr()), device, ndim, DLDataType(code, bits, 1),
-            self._shape, self._strides, 0)
+        array = _INT64_ARRAYS[ndim] if ndim < len(_INT64_ARRAYS) else ctypes.c_int64 * ndim
+        self._shape = array(*tensor.shape)
+        self._strides = array(*tensor.stride())
+        self.dl = DLTensor(tensor.data_ptr(), device, ndim, dl_dtype, self._shape, self._strides, 0)
         self.pointer = ctypes.pointer(self.dl)
 
 
