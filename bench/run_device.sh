@@ -24,7 +24,7 @@ tests="${FLASHLIN_DEVICE_TESTS:-tests/python}"
 timeout 400 python3 -m pytest -q --maxfail=40 -p no:cacheprovider $tests > "$out/pytest.txt" 2>&1; pytest_rc=$?
 sanitize_rc=skipped
 if [ "${FLASHLIN_DEVICE_SANITIZE:-0}" = 1 ]; then
-  timeout 420 bash scripts/compute_sanitize.sh > "$out/compute_sanitizer.txt" 2>&1
+  FLASHLIN_SANITIZE_TIMEOUT="${FLASHLIN_SANITIZE_TIMEOUT:-100}" timeout 450 bash scripts/compute_sanitize.sh > "$out/compute_sanitizer.txt" 2>&1
   sanitize_rc=$?
 fi
 bench_rc=skipped

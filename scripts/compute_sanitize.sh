@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # NVIDIA compute-sanitizer over the CUDA tests (issue 7): memcheck, racecheck, initcheck and
 # synccheck, each on a selection of the CUDA test cases that reaches every flashlin kernel (both
-# kernel families, forward and backward, every gate kind, the RWKV-6 bonus, varlen, decoding).
+# kernel families, forward and backward, every gate kind, the RWKV-6 bonus, varlen).
 # Needs a GPU and a CUDA build of the library (FLASHLIN_LIBRARY or build/); no GPU -> exits 0
 # with a note. Logs go to $OUT (default /tmp/flashlin-compute-sanitizer); a summary line per tool
 # is printed last, and the exit status is non-zero if any tool reported an error.
@@ -27,11 +27,13 @@ fi
 sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
 
 # Both CUDA kernel families ([default] = tensor cores where supported, [general] = SIMT) on the
-# chunked ops, odd lengths, varlen with an empty sequence, extreme gates, decoding in place, and
-# several streams at once.
+# chunked ops, odd lengths, varlen with an empty sequence, extreme gates, and several streams at
+# once. The small selection (the slower tools) still has one case of every tensor-core
+# instantiation: per-key gates (GLA), the bonus (RWKV-6), per-head (retention), per-token
+# (simple GLA [g]) and no gate (linear attention).
 selection="${1:-(test_chunk_shapes and bfloat16 and 128x128) or test_chunk_lengths or test_chunk_varlen or (test_chunk_extreme_gates and inf) or test_cuda_streams or (test_head_dims and cuda and 256x256)}"
-small_selection="(test_chunk_shapes and bfloat16 and 128x128 and (chunk_gla or chunk_rwkv6 or chunk_retention)) or (test_chunk_varlen and chunk_gla) or (test_head_dims and cuda-float32 and 256x256 and chunk_gla) or test_cuda_streams"
-files="tests/python/test_cuda_paths.py tests/python/test_stress.py tests/python/test_concurrency.py tests/python/test_state.py"
+small_selection="(test_chunk_shapes and bfloat16 and 128x128 and (chunk_gla or chunk_rwkv6 or chunk_retention or chunk_simple_gla or chunk_linear_attn)) or (test_chunk_varlen and chunk_gla) or (test_head_dims and cuda-float32 and 256x256 and chunk_gla) or test_cuda_streams"
+files="tests/python/test_cuda_paths.py tests/python/test_stress.py tests/python/test_concurrency.py"
 
 status=0
 summary=()
@@ -47,7 +49,7 @@ for tool in ${FLASHLIN_SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; 
   log="$out/compute_sanitizer_$tool.txt"
   start=$(date +%s)
   # --error-exitcode makes a reported hazard fail the run even when the tests pass.
-  timeout "${FLASHLIN_SANITIZE_TIMEOUT:-150}" "$sanitizer" --tool "$tool" "${filter[@]}" "${extra[@]}" --error-exitcode 86 --print-limit 50 \
+  timeout "${FLASHLIN_SANITIZE_TIMEOUT:-150}" "$sanitizer" --tool "$tool" ${filter[@]+"${filter[@]}"} ${extra[@]+"${extra[@]}"} --error-exitcode 86 --print-limit 50 \
     python3 -m pytest -q -p no:cacheprovider -x $files -k "$select" > "$log" 2>&1
   rc=$?
   errors="$(grep -E "^========= (ERROR|RACECHECK|Race|Invalid|Uninitialized|Barrier)" -c "$log" || true)"

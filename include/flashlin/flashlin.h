@@ -147,7 +147,7 @@ FLASHLIN_API flashlin_status flashlin_recurrence_backward(const flashlin_recurre
  * 0 on the CPU). A call whose exec->workspace is missing or smaller allocates its scratch itself
  * (stream-ordered, freed when the call's work is done).
  * backward: 0 for the forward pass, 1 for the backward pass. With backward = 1 the size is the
- * one for every gradient the configuration allows, each contiguous like its input; for the exact
+ * one for every gradient the configuration allows, each laid out like its input; for the exact
  * size of a given backward call, use flashlin_recurrence_backward_workspace_size. */
 FLASHLIN_API flashlin_status flashlin_recurrence_workspace_size(
     const flashlin_recurrence_config* config, const flashlin_recurrence_inputs* inputs,

@@ -767,8 +767,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
           }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        // At most two warps share a row tile (K = 64), and 0 + a + b is exact in either order:
-        // deterministic.
+        // At most two warps share a row tile (K = 64): (0 + a) + b = a + b = b + a, since float
+        // addition is commutative, so the order of arrival does not change the result.
         if (quad == 0) atomicAdd(&rowsum[kk], sum);
       }
     }

@@ -110,3 +110,43 @@ def test_long_sequence_matches_cpu(op, path):
     rel = lambda a, b: ((a.cpu().double() - b.double()).norm() / b.double().norm()).item()
     assert rel(o, o_cpu) < 2e-2, rel(o, o_cpu)
     assert rel(ht, ht_cpu) < 2e-2, rel(ht, ht_cpu)
+
+
+def _backward_workspace_bytes(x, wanted, cu_seqlens=None):
+    """flashlin_recurrence_backward_workspace_size for a chunked per-key-gate + bonus (RWKV-6)
+    backward on x with the gradients named in `wanted`, and workspace_size(backward=1)."""
+    import ctypes
+
+    from flashlin import _lib
+    from flashlin import _recurrence as rec
+
+    config = rec._config(_lib.GATE_PER_KEY, "chunked", None, 64, False, True)
+    inputs, keep = rec._inputs(x["q"], x["k"], x["v"], x["w"], x["u"], x["h0"], cu_seqlens)
+    sources = {"dq": x["q"], "dk": x["k"], "dv": x["v"], "dg": x["w"], "du": x["u"],
+               "d_initial_state": x["h0"]}
+    grads = {n: torch.empty_like(t) if n in wanted else None for n, t in sources.items()}
+    views = [_lib.TensorView(grads[n], n) for n in sources]
+    d_o = _lib.TensorView(torch.randn_like(x["v"]), "d_o")
+    exact, bound = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    _lib.check(_lib.lib.flashlin_recurrence_backward_workspace_size(
+        config, inputs, d_o.pointer, None, _lib.RecurrenceGrads(*[v.pointer for v in views]),
+        ctypes.byref(exact)))
+    _lib.check(_lib.lib.flashlin_recurrence_workspace_size(config, inputs, 1, ctypes.byref(bound)))
+    del keep
+    return exact.value, bound.value
+
+
+def test_backward_workspace_queries(path):
+    """The exact query sizes the scratch of the gradients asked for; the query without gradients
+    is an upper bound (every gradient). Tensor cores: q*dq [B, T, H, K] float32 + final terms for
+    dg, partials for du; general kernels: their own accumulators."""
+    x = make_inputs(OPS_BY_ID["chunk_rwkv6"], 2, 150, 2, 64, 64, dtype=BF16, device="cuda")
+    x["w"] = x["w"].float()
+    everything = ["dq", "dk", "dv", "dg", "du", "d_initial_state"]
+    exact_all, bound = _backward_workspace_bytes(x, everything)
+    assert exact_all == bound, (exact_all, bound)
+    assert exact_all >= 2 * 150 * 2 * 64 * 4, "no room for the gate gradient's q*dq scratch"
+    exact_no_gate, _ = _backward_workspace_bytes(x, ["dq", "dk", "dv"])
+    assert exact_no_gate < exact_all
+    if path == "default":  # the tensor-core backward needs scratch only for dg and du
+        assert exact_no_gate == 0, exact_no_gate
