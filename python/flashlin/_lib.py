@@ -54,17 +54,16 @@ class DLTensor(ctypes.Structure):
 
 _DL_INT, _DL_FLOAT, _DL_BFLOAT = 0, 2, 4
 _DL_CPU, _DL_CUDA = 1, 2
-_DTYPES = {
-    torch.float32: (_DL_FLOAT, 32),
-    torch.float64: (_DL_FLOAT, 64),
-    torch.float16: (_DL_FLOAT, 16),
-    torch.bfloat16: (_DL_BFLOAT, 16),
-    torch.int32: (_DL_INT, 32),
-    torch.int64: (_DL_INT, 64),
+_DL_DTYPES = {
+    torch.float32: DLDataType(_DL_FLOAT, 32, 1),
+    torch.float64: DLDataType(_DL_FLOAT, 64, 1),
+    torch.float16: DLDataType(_DL_FLOAT, 16, 1),
+    torch.bfloat16: DLDataType(_DL_BFLOAT, 16, 1),
+    torch.int32: DLDataType(_DL_INT, 32, 1),
+    torch.int64: DLDataType(_DL_INT, 64, 1),
 }
 
 
-_DL_DTYPES = {dtype: DLDataType(code, bits, 1) for dtype, (code, bits) in _DTYPES.items()}
 _INT64_ARRAYS = [ctypes.c_int64 * max(n, 1) for n in range(9)]
 _CPU_DEVICE = DLDevice(_DL_CPU, 0)
 _HAS_IS_CPU = hasattr(torch.Tensor, "is_cpu")

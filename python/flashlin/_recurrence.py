@@ -188,18 +188,17 @@ def recurrence(q, k, v, g=None, gate_kind=_lib.GATE_NONE, u=None, initial_state=
         form = "chunked"  # the parallel form keeps T x T scores per sequence; same result
     bonus = u is not None
     spec = (gate_kind, form, 0.0 if scale is None else float(scale), chunk_size, reverse, bonus)
-    if not torch.is_grad_enabled() or not any(
-            getattr(t, "requires_grad", False) for t in (q, k, v, g, u, initial_state)):
-        # Nothing to differentiate (decoding, inference): skip autograd's bookkeeping.
-        if not _compiling():
-            return forward_impl(q, k, v, g, u, initial_state, cu_seqlens, *spec,
-                                output_final_state, names)
     if _custom_forward is None or not _compiling():
-        # Eager calls take the autograd.Function: the first call of a torch.library custom op
-        # costs seconds in torch 2.11 (measured: 3.6-4.0 s, against 1 ms for the library's own
-        # first call, bench/first_call.py); torch.compile traces the custom op below.
-        return _RecurrenceFunction.apply(q, k, v, g, u, initial_state, cu_seqlens, spec,
-                                         output_final_state, names)
+        # Eager calls skip the torch.library custom op, whose first call costs seconds in torch
+        # 2.11 (measured: 3.6-4.0 s, against 1 ms for the library's own first call,
+        # bench/first_call.py); torch.compile traces the custom op below.
+        if torch.is_grad_enabled() and any(
+                getattr(t, "requires_grad", False) for t in (q, k, v, g, u, initial_state)):
+            return _RecurrenceFunction.apply(q, k, v, g, u, initial_state, cu_seqlens, spec,
+                                             output_final_state, names)
+        # Nothing to differentiate (decoding, inference): no autograd bookkeeping.
+        return forward_impl(q, k, v, g, u, initial_state, cu_seqlens, *spec, output_final_state,
+                            names)
     try:
         o, final_state = _custom_forward(q, k, v, g, u, initial_state, cu_seqlens, *spec,
                                          output_final_state)

@@ -182,6 +182,14 @@ def make_inputs(op, B, T, H, K, V, *, dtype=torch.float32, device="cpu", gates="
     return out
 
 
+PER_TOKEN = ("q", "k", "v", "g", "gk", "w")  # inputs with a token dimension (dim 1)
+
+
+def token_slice(x, start, end):
+    """Inputs of tokens [start, end); shared parameters (g_gamma, u, states) kept whole."""
+    return {n: (t[:, start:end] if n in PER_TOKEN else t) for n, t in x.items()}
+
+
 def initial_state_of(op, x, with_z=True):
     """The initial_state argument: h0, or (h0, z0) for linear attention normalize."""
     if op.normalize and with_z:

@@ -8,19 +8,14 @@ import torch
 from cases import CUDA, DEVICES, F64, OPS, OPS_BY_ID, initial_state_of, make_inputs, run_op
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("op", OPS, ids=str)
-def test_repeated_calls_are_bitwise_identical(op, dtype, device):
-    if device == "cuda" and dtype == F64:
-        pytest.skip("float64 is computed on the CPU only")
-    x = make_inputs(op, 2, 7, 2, 3, 4, dtype=dtype, device=device)
+def assert_repeatable(op, x, calls, what, **kw):
+    """Calls op `calls` times on x (forward and backward of every output); every output and every
+    gradient must equal the first call's bit for bit."""
     names = [n for n in x if n != "g_gamma"]
     x = {n: t.requires_grad_(n in names) for n, t in x.items()}
-    kw = {"chunk_size": 4} if op.has_chunk_size else {}
     state = initial_state_of(op, x) if op.stateful else None
     gos, first = None, None
-    for _ in range(4):
+    for _ in range(calls):
         outs = [t for t in run_op(op, x, initial_state=state, output_final_state=op.stateful, **kw)
                 if t is not None]
         gos = gos or [torch.randn_like(t) for t in outs]
@@ -33,9 +28,20 @@ def test_repeated_calls_are_bitwise_identical(op, dtype, device):
         for label, a, b in zip(labels, results, first):
             if a is None and b is None:
                 continue
-            diff = (a - b).abs().max().item()
             assert torch.equal(a, b), (
-                f"{op.id} {dtype}: {label} changed between calls by {diff:.3g}")
+                f"{op.id} {what}: {label} changed between calls by "
+                f"{(a.double() - b.double()).abs().max().item():.3g}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("op", OPS, ids=str)
+def test_repeated_calls_are_bitwise_identical(op, dtype, device):
+    if device == "cuda" and dtype == F64:
+        pytest.skip("float64 is computed on the CPU only")
+    x = make_inputs(op, 2, 7, 2, 3, 4, dtype=dtype, device=device)
+    kw = {"chunk_size": 4} if op.has_chunk_size else {}
+    assert_repeatable(op, x, 4, str(dtype), **kw)
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
@@ -46,20 +52,4 @@ def test_tensor_core_path_is_bitwise_repeatable(op):
     whose order could change the rounding between calls."""
     for KV in (64, 128):
         x = make_inputs(op, 2, 300, 3, KV, KV, dtype=torch.bfloat16, device="cuda")
-        names = [n for n in x if n != "g_gamma"]
-        x = {n: t.requires_grad_(n in names) for n, t in x.items()}
-        first, gos = None, None
-        for _ in range(6):
-            outs = [t for t in run_op(op, x, initial_state=initial_state_of(op, x),
-                                      output_final_state=True) if t is not None]
-            gos = gos or [torch.randn_like(t) for t in outs]
-            grads = torch.autograd.grad(outs, [x[n] for n in names], gos)
-            results = [t.detach() for t in outs] + list(grads)
-            if first is None:
-                first = results
-                continue
-            for label, a, b in zip(["o", "final_state"] + [f"d{n}" for n in names], results,
-                                   first):
-                assert torch.equal(a, b), (
-                    f"{op.id} K=V={KV}: {label} changed between calls by "
-                    f"{(a.double() - b.double()).abs().max().item():.3g}")
+        assert_repeatable(op, x, 6, f"K=V={KV}")

@@ -6,14 +6,7 @@ decoding with the recurrent ops equals the whole sequence; reverse runs carry th
 import pytest
 import torch
 
-from cases import F64, OPS_BY_ID, STATEFUL_OPS, Report, make_inputs, run_op
-
-PER_TOKEN = ("q", "k", "v", "g", "gk", "w")
-
-
-def _part(x, start, end):
-    """Inputs of tokens [start, end) (shared parameters kept)."""
-    return {n: (t[:, start:end] if n in PER_TOKEN else t) for n, t in x.items()}
+from cases import F64, OPS_BY_ID, STATEFUL_OPS, Report, make_inputs, run_op, token_slice
 
 
 def _carry(op, o_ht_z):
@@ -29,7 +22,7 @@ def _run_in_parts(op, x, splits, reverse=False, chunk_size=None):
     state = (x["h0"], x["z0"]) if op.normalize else x["h0"]
     outs = {}
     for s, e in bounds:
-        res = run_op(op, _part(x, s, e), initial_state=state, output_final_state=True,
+        res = run_op(op, token_slice(x, s, e), initial_state=state, output_final_state=True,
                      reverse=reverse, chunk_size=chunk_size)
         outs[s] = res[0]
         state = _carry(op, res)
@@ -94,9 +87,9 @@ def test_decoding_state_in_place_is_not_aliased():
     """Feeding the returned state back in does not modify the previous step's state tensor."""
     op = OPS_BY_ID["fused_recurrent_gla"]
     x = make_inputs(op, 1, 3, 2, 4, 4, dtype=torch.float32)
-    _, h1, _ = run_op(op, _part(x, 0, 1), initial_state=x["h0"], output_final_state=True)
+    _, h1, _ = run_op(op, token_slice(x, 0, 1), initial_state=x["h0"], output_final_state=True)
     h1_copy = h1.clone()
     h0_copy = x["h0"].clone()
-    run_op(op, _part(x, 1, 2), initial_state=h1, output_final_state=True)
+    run_op(op, token_slice(x, 1, 2), initial_state=h1, output_final_state=True)
     assert torch.equal(h1, h1_copy), "the initial state was modified in place"
     assert torch.equal(x["h0"], h0_copy), "the initial state was modified in place"

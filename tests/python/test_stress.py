@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import reference as ref
-from cases import (CUDA, F64, OPS_BY_ID, Report, check_against_reference, make_inputs,
-                   reference_gates, run_op, run_reference, to_reference, tolerances)
+from cases import (CUDA, F64, OPS_BY_ID, PER_TOKEN, Report, check_against_reference,
+                   make_inputs, reference_gates, run_op, run_reference, to_reference, token_slice,
+                   tolerances)
 
 BF16 = torch.bfloat16
-PER_TOKEN = ("q", "k", "v", "g", "gk", "w")
 CUDA_ONLY = pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
 
 # (device, dtype, K = V): the CPU in float32; CUDA in bfloat16 with K = V = 128 (the tensor-core
@@ -78,10 +78,6 @@ def _gradient_leaving(op, xr, log_decay, end, d_o, d_final):
         torch.exp(inclusive[-1]).unsqueeze(-1) * d_final)
 
 
-def _slice(x, start, end):
-    return {n: (t[:, start:end] if n in PER_TOKEN else t) for n, t in x.items()}
-
-
 def _check_long(op, x, device, dtype, gate_tol=None, grad_tol=None):
     T = x["q"].shape[1]
     names = list(op.grad_names) + ["h0"]
@@ -108,7 +104,7 @@ def _check_long(op, x, device, dtype, gate_tol=None, grad_tol=None):
     for start in (0, T // 2 - 37, T - SLICE):
         end = start + SLICE
         part = {n: t.detach().requires_grad_(n in names)
-                for n, t in _slice(xr, start, end).items()}
+                for n, t in token_slice(xr, start, end).items()}
         if start > 0:  # the state entering the slice is a constant here
             part["h0"] = _state_entering(op, xr, log_decay, start).unsqueeze(0)
         o_r, ht_r, _ = run_reference(op, part, initial_state=part["h0"])
