@@ -160,6 +160,115 @@ FLASHLIN_API flashlin_status flashlin_recurrence_backward_workspace_size(
     const DLTensor* d_o, const DLTensor* d_final_state, const flashlin_recurrence_grads* grads,
     size_t* bytes);
 
+/* ------------------------------------------------------------------------------------------
+ * Fused modules of the layers (issue 6). Same conventions as above: DLPack views, every argument
+ * checked before anything is written, floating tensors in float32/float16/bfloat16 (float64 on
+ * the CPU, for references), math in float32 (float64 for float64 inputs), outputs in the dtype
+ * of x. exec may be NULL. Backward passes recompute what the forward computed (nothing is saved).
+ * ------------------------------------------------------------------------------------------ */
+
+typedef enum flashlin_norm_gate {
+  FLASHLIN_NORM_GATE_NONE = 0,    /* y = rmsnorm(x) * weight + bias                   */
+  FLASHLIN_NORM_GATE_SWISH = 1,   /* y = (rmsnorm(x) * weight + bias) * gate * sigmoid(gate) */
+  FLASHLIN_NORM_GATE_SIGMOID = 2  /* y = (rmsnorm(x) * weight + bias) * sigmoid(gate)        */
+} flashlin_norm_gate;
+
+/* RMSNorm over the last dimension: rmsnorm(x) = x / sqrt(mean(x^2) + eps). */
+typedef struct flashlin_rms_norm_config {
+  double eps;              /* > 0; 0 selects 1e-5 */
+  flashlin_norm_gate gate; /* FusedRMSNormGated when not NONE (gate tensor required) */
+} flashlin_rms_norm_config;
+
+/* x: rank 1..4, [..., D]; weight, bias: [D] (each optional); gate: shaped as x (iff config.gate);
+ * y: shaped as x, dtype of x (may be the very same tensor as x: in place). */
+FLASHLIN_API flashlin_status flashlin_rms_norm_forward(const flashlin_rms_norm_config* config,
+                                                       const DLTensor* x, const DLTensor* weight,
+                                                       const DLTensor* bias, const DLTensor* gate,
+                                                       DLTensor* y, const flashlin_execution* exec);
+/* dy shaped as x; writes the requested gradients (any may be NULL): dx, dgate shaped and typed
+ * as x / gate; dweight, dbias [D] typed as weight / bias (sums over every row). */
+FLASHLIN_API flashlin_status flashlin_rms_norm_backward(
+    const flashlin_rms_norm_config* config, const DLTensor* x, const DLTensor* weight,
+    const DLTensor* bias, const DLTensor* gate, const DLTensor* dy, DLTensor* dx, DLTensor* dweight,
+    DLTensor* dbias, DLTensor* dgate, const flashlin_execution* exec);
+/* Scratch bytes of flashlin_rms_norm_backward for x (rank and shape as in the call); 0 on the
+ * CPU. A call without (or with too small) exec->workspace allocates its own. */
+FLASHLIN_API flashlin_status flashlin_rms_norm_backward_workspace_size(const DLTensor* x,
+                                                                       size_t* bytes);
+
+/* Rotary position embedding (RoPE) of x [B, T, H, D] (q or k): for pair (x1, x2) of feature i,
+ * i < rotary_dim / 2, at position p, angle = p * base^(-2i / rotary_dim) (computed in float32,
+ * as fla with pos_idx_in_fp32):
+ *     y1 = x1 cos(angle) - x2 sin(angle)      y2 = x1 sin(angle) + x2 cos(angle)
+ * pairs are (x[i], x[i + rotary_dim/2]) (GPT-NeoX) or (x[2i], x[2i+1]) (interleaved, GPT-J);
+ * features from rotary_dim on are copied. inverse = 1 rotates by -angle: the backward pass
+ * (dx = rotary(dy, inverse)). Positions: token t of sequence n is at p = t + offset +
+ * offsets[n] (t counted from the sequence's start; sequences = batch rows, or cu_seqlens). */
+typedef struct flashlin_rotary_config {
+  double base;        /* > 0; 0 selects 10000 */
+  int32_t rotary_dim; /* even, 2..D; 0 selects D */
+  int32_t interleaved;
+  int32_t inverse;
+  int64_t offset; /* >= 0, added to every position (decoding: tokens already seen) */
+} flashlin_rotary_config;
+
+/* offsets: optional [N] int32/int64 in host memory (N = B, or sequences in cu_seqlens), each
+ * >= 0; cu_seqlens: optional, as for the recurrence (B == 1). y shaped and typed as x (may be
+ * the very same tensor: in place). */
+FLASHLIN_API flashlin_status flashlin_rotary(const flashlin_rotary_config* config,
+                                             const DLTensor* x, const DLTensor* offsets,
+                                             const DLTensor* cu_seqlens, DLTensor* y,
+                                             const flashlin_execution* exec);
+
+typedef enum flashlin_activation {
+  FLASHLIN_ACTIVATION_NONE = 0,
+  FLASHLIN_ACTIVATION_SILU = 1 /* x * sigmoid(x) */
+} flashlin_activation;
+
+/* Short causal depthwise convolution of x [B, T, D] with weight [D, W] (W = kernel size,
+ * 1..64), per sequence:
+ *     y[t, d] = act(bias[d] + sum_{i < W} weight[d, i] * x[t - W + 1 + i, d])
+ * where inputs before the sequence's first token come from initial_cache [N, D, W] (the W
+ * inputs before the sequence, oldest first; only the last W - 1 are read) or are 0.
+ * final_cache [N, D, W] (optional) receives the sequence's last W inputs in that layout, so a
+ * call on the next tokens with it as initial_cache continues the sequence (decoding); it may be
+ * the very same tensor as initial_cache (updated in place). token_shift is this op with
+ * W = 2, weight [1, -1] per channel and no activation. */
+typedef struct flashlin_short_conv_config {
+  flashlin_activation activation;
+} flashlin_short_conv_config;
+
+typedef struct flashlin_short_conv_inputs {
+  const DLTensor* x;             /* [B, T, D] */
+  const DLTensor* weight;        /* [D, W] */
+  const DLTensor* bias;          /* [D], optional */
+  const DLTensor* initial_cache; /* [N, D, W], optional */
+  const DLTensor* cu_seqlens;    /* optional, host memory, B == 1 */
+} flashlin_short_conv_inputs;
+
+/* y: [B, T, D] in the dtype of x; final_cache: optional [N, D, W]. */
+FLASHLIN_API flashlin_status flashlin_short_conv_forward(const flashlin_short_conv_config* config,
+                                                         const flashlin_short_conv_inputs* inputs,
+                                                         DLTensor* y, DLTensor* final_cache,
+                                                         const flashlin_execution* exec);
+
+typedef struct flashlin_short_conv_grads {
+  DLTensor* dx;              /* [B, T, D], dtype of x */
+  DLTensor* dweight;         /* [D, W], dtype of weight */
+  DLTensor* dbias;           /* [D], dtype of bias (requires bias) */
+  DLTensor* d_initial_cache; /* [N, D, W] (requires initial_cache; column 0 is always 0) */
+} flashlin_short_conv_grads;
+
+/* dy [B, T, D] (dtype of x); d_final_cache optional [N, D, W]: the gradient flowing into
+ * final_cache. Any gradient may be NULL. */
+FLASHLIN_API flashlin_status flashlin_short_conv_backward(
+    const flashlin_short_conv_config* config, const flashlin_short_conv_inputs* inputs,
+    const DLTensor* dy, const DLTensor* d_final_cache, const flashlin_short_conv_grads* grads,
+    const flashlin_execution* exec);
+/* Scratch bytes of flashlin_short_conv_backward (0 on the CPU); as for the RMSNorm. */
+FLASHLIN_API flashlin_status flashlin_short_conv_backward_workspace_size(
+    const flashlin_short_conv_inputs* inputs, size_t* bytes);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -6,6 +6,7 @@
 
 #include <flashlin/flashlin.h>
 
+#include "api/module_params.hpp"
 #include "api/params.hpp"
 
 namespace flashlin::cpu {
@@ -19,6 +20,14 @@ const char* isa_name();
 
 flashlin_status recurrence_forward(const detail::RecurrenceParams& params);
 flashlin_status recurrence_backward(const detail::RecurrenceParams& params);
+
+// Fused modules (src/cpu/modules.cpp). The *_workspace_bytes functions give the scratch a backward
+// call takes from exec.workspace (allocating it itself when that is missing or too small).
+flashlin_status rms_norm_forward(const detail::RmsNormParams& params);
+flashlin_status rms_norm_backward(const detail::RmsNormParams& params);
+flashlin_status rotary(const detail::RotaryParams& params);
+flashlin_status short_conv_forward(const detail::ShortConvParams& params);
+flashlin_status short_conv_backward(const detail::ShortConvParams& params);
 
 }  // namespace flashlin::cpu
 

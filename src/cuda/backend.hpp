@@ -8,6 +8,7 @@
 
 #include <cstddef>
 
+#include "api/module_params.hpp"
 #include "api/params.hpp"
 
 namespace flashlin::cuda {
@@ -18,6 +19,16 @@ flashlin_status recurrence_backward(const detail::RecurrenceParams& params);
 // Bytes of device scratch the call uses; a caller-provided workspace of this size avoids the
 // backend's own stream-ordered allocation.
 size_t recurrence_workspace_bytes(const detail::RecurrenceParams& params, bool backward);
+
+// Fused modules (src/cuda/modules.cu). The *_workspace_bytes functions give the scratch a backward
+// call takes from exec.workspace (allocating it itself when that is missing or too small).
+flashlin_status rms_norm_forward(const detail::RmsNormParams& params);
+flashlin_status rms_norm_backward(const detail::RmsNormParams& params);
+flashlin_status rotary(const detail::RotaryParams& params);
+flashlin_status short_conv_forward(const detail::ShortConvParams& params);
+flashlin_status short_conv_backward(const detail::ShortConvParams& params);
+size_t rms_norm_backward_workspace_bytes(const detail::RmsNormParams& params);
+size_t short_conv_backward_workspace_bytes(const detail::ShortConvParams& params);
 
 }  // namespace flashlin::cuda
 
