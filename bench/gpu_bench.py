@@ -350,11 +350,15 @@ def timed_record(cfg, device, section, op, impl, which, B, H, T, floor, fn, max_
     """Measures fn and records the result or the error."""
     try:
         ms, runs, first = measure(fn, device, cfg, max_runs)
-        return add_record(cfg, section, op, impl, which, B, H, T, floor, ms=ms, runs=runs,
-                          first_ms=first)
+        record = add_record(cfg, section, op, impl, which, B, H, T, floor, ms=ms, runs=runs,
+                            first_ms=first)
     except Exception as error:  # noqa: BLE001 -- every error is reported in its cell
         note_error(error, device)
-        return error_record(cfg, section, op, impl, which, B, H, T, floor, error)
+        record = error_record(cfg, section, op, impl, which, B, H, T, floor, error)
+    # Each cell as soon as it is measured: a run cut short by a time limit keeps what it did.
+    first_text = f", first call {record['first_ms']:.0f} ms" if record.get("first_ms") else ""
+    print(f"   {op} {impl} {which}: {cell(record).strip()} ms{first_text}", flush=True)
+    return record
 
 
 def error_record(cfg, section, op, impl, which, B, H, T, floor, error):

@@ -20,6 +20,7 @@ packages=(
   libopenblas-dev  # optional sgemm baseline of `flashlin bench`
   python3-torch    # the PyTorch front end's tests (Debian: torch 1.13)
   python3-pytest
+  python3-matplotlib  # the demo's loss plot (flashlin demo)
   clang            # libFuzzer target over the C ABI (scripts/fuzz.sh)
   libomp-dev       # OpenMP for the clang (fuzzing) build
 )

@@ -3,7 +3,7 @@
 The ops live in flashlin.ops under fla's names. The compute is libflashlin (C++/CUDA), loaded
 with ctypes; tensors are passed as DLPack views, so any torch from 1.13 on works.
 """
-from . import ops
+from . import modules, ops
 from ._lib import FlashlinError, UnsupportedError, lib as _library
 
 __version__ = _library.flashlin_version().decode()
@@ -29,5 +29,5 @@ def set_num_threads(num_threads):
     _library.flashlin_set_num_threads(int(num_threads))
 
 
-__all__ = ["ops", "FlashlinError", "UnsupportedError", "library_path", "cpu_isa", "has_cuda",
+__all__ = ["ops", "modules", "FlashlinError", "UnsupportedError", "library_path", "cpu_isa", "has_cuda",
            "set_num_threads", "__version__"]

@@ -125,6 +125,65 @@ class Execution(ctypes.Structure):
                 ("workspace_bytes", ctypes.c_size_t)]
 
 
+class RmsNormConfig(ctypes.Structure):
+    _fields_ = [("eps", ctypes.c_double), ("gate", ctypes.c_int)]
+
+
+class RotaryConfig(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_double), ("rotary_dim", ctypes.c_int32),
+                ("interleaved", ctypes.c_int32), ("inverse", ctypes.c_int32),
+                ("offset", ctypes.c_int64)]
+
+
+class ShortConvConfig(ctypes.Structure):
+    _fields_ = [("activation", ctypes.c_int)]
+
+
+class ShortConvInputs(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("x", "weight", "bias", "initial_cache", "cu_seqlens")]
+
+
+class ShortConvGrads(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("dx", "dweight", "dbias", "d_initial_cache")]
+
+
+# flashlin_norm_gate, flashlin_activation (flashlin.h).
+NORM_GATES = {None: 0, "swish": 1, "silu": 1, "sigmoid": 2}
+ACTIVATIONS = {None: 0, "silu": 1, "swish": 1}
+
+_SIZE_P = ctypes.POINTER(ctypes.c_size_t)
+# Entry points and their argument types; bound when the library has them (an older build loads,
+# and only the calls it lacks fail).
+_SIGNATURES = {
+    "flashlin_recurrence_forward": [
+        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), _PDL, _PDL,
+        ctypes.POINTER(Execution)],
+    "flashlin_recurrence_backward": [
+        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), _PDL, _PDL,
+        ctypes.POINTER(RecurrenceGrads), ctypes.POINTER(Execution)],
+    "flashlin_recurrence_workspace_size": [
+        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), ctypes.c_int, _SIZE_P],
+    "flashlin_recurrence_backward_workspace_size": [
+        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), _PDL, _PDL,
+        ctypes.POINTER(RecurrenceGrads), _SIZE_P],
+    "flashlin_rms_norm_forward": [
+        ctypes.POINTER(RmsNormConfig), _PDL, _PDL, _PDL, _PDL, _PDL, ctypes.POINTER(Execution)],
+    "flashlin_rms_norm_backward": [
+        ctypes.POINTER(RmsNormConfig), _PDL, _PDL, _PDL, _PDL, _PDL, _PDL, _PDL, _PDL, _PDL,
+        ctypes.POINTER(Execution)],
+    "flashlin_rms_norm_backward_workspace_size": [_PDL, _SIZE_P],
+    "flashlin_rotary": [ctypes.POINTER(RotaryConfig), _PDL, _PDL, _PDL, _PDL,
+                        ctypes.POINTER(Execution)],
+    "flashlin_short_conv_forward": [
+        ctypes.POINTER(ShortConvConfig), ctypes.POINTER(ShortConvInputs), _PDL, _PDL,
+        ctypes.POINTER(Execution)],
+    "flashlin_short_conv_backward": [
+        ctypes.POINTER(ShortConvConfig), ctypes.POINTER(ShortConvInputs), _PDL, _PDL,
+        ctypes.POINTER(ShortConvGrads), ctypes.POINTER(Execution)],
+    "flashlin_short_conv_backward_workspace_size": [ctypes.POINTER(ShortConvInputs), _SIZE_P],
+}
+
+
 def _candidates():
     env = os.environ.get("FLASHLIN_LIBRARY")
     if env:
@@ -156,23 +215,24 @@ def _load():
     lib.flashlin_cpu_isa.restype = ctypes.c_char_p
     lib.flashlin_has_cuda.restype = ctypes.c_int
     lib.flashlin_set_num_threads.argtypes = [ctypes.c_int]
-    lib.flashlin_recurrence_forward.argtypes = [
-        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), _PDL, _PDL,
-        ctypes.POINTER(Execution)]
-    lib.flashlin_recurrence_backward.argtypes = [
-        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), _PDL, _PDL,
-        ctypes.POINTER(RecurrenceGrads), ctypes.POINTER(Execution)]
-    lib.flashlin_recurrence_workspace_size.argtypes = [
-        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), ctypes.c_int,
-        ctypes.POINTER(ctypes.c_size_t)]
-    lib.flashlin_recurrence_backward_workspace_size.argtypes = [
-        ctypes.POINTER(RecurrenceConfig), ctypes.POINTER(RecurrenceInputs), _PDL, _PDL,
-        ctypes.POINTER(RecurrenceGrads), ctypes.POINTER(ctypes.c_size_t)]
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name, None)
+        if function is not None:
+            function.argtypes = argtypes
     lib.path = path
     return lib
 
 
 lib = _load()
+
+
+def entry(name):
+    """The library's entry point `name`; a clear error when the loaded build predates it."""
+    function = getattr(lib, name, None)
+    if function is None:
+        raise UnsupportedError(f"{name}: not in the loaded library {lib.path} (an older build? "
+                               "rebuild with bash scripts/build.sh)")
+    return function
 
 
 def rename_arguments(message, names):
