@@ -197,8 +197,8 @@ FLASHLIN_API flashlin_status flashlin_rms_norm_backward_workspace_size(const DLT
                                                                        size_t* bytes);
 
 /* Rotary position embedding (RoPE) of x [B, T, H, D] (q or k): for pair (x1, x2) of feature i,
- * i < rotary_dim / 2, at position p, angle = p * base^(-2i / rotary_dim) (computed in float32,
- * as fla with pos_idx_in_fp32):
+ * i < rotary_dim / 2, at position p, angle = p * inv_freq_i, inv_freq_i = 1 / base^(2i /
+ * rotary_dim), both computed in float32 as fla (pos_idx_in_fp32), in float64 for float64 x:
  *     y1 = x1 cos(angle) - x2 sin(angle)      y2 = x1 sin(angle) + x2 cos(angle)
  * pairs are (x[i], x[i + rotary_dim/2]) (GPT-NeoX) or (x[2i], x[2i+1]) (interleaved, GPT-J);
  * features from rotary_dim on are copied. inverse = 1 rotates by -angle: the backward pass
@@ -230,8 +230,9 @@ typedef enum flashlin_activation {
  *     y[t, d] = act(bias[d] + sum_{i < W} weight[d, i] * x[t - W + 1 + i, d])
  * where inputs before the sequence's first token come from initial_cache [N, D, W] (the W
  * inputs before the sequence, oldest first; only the last W - 1 are read) or are 0.
- * final_cache [N, D, W] (optional) receives the sequence's last W inputs in that layout, so a
- * call on the next tokens with it as initial_cache continues the sequence (decoding); it may be
+ * final_cache [N, D, W] (optional) receives the sequence's last W inputs in that layout (column 0
+ * of a sequence with no tokens is 0: it is never read), so a call on the next tokens with it as
+ * initial_cache continues the sequence (decoding); it may be
  * the very same tensor as initial_cache (updated in place). token_shift is this op with
  * W = 2, weight [1, -1] per channel and no activation. */
 typedef struct flashlin_short_conv_config {

@@ -98,13 +98,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.hidden_size, self.elementwise_affine, self.eps = hidden_size, elementwise_affine, eps
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(hidden_size, **factory)) if elementwise_affine else None
-        self.bias = (nn.Parameter(torch.zeros(hidden_size, **factory))
-                     if elementwise_affine and bias else None)
-        if not elementwise_affine:
-            self.register_parameter("weight", None)
-        if self.bias is None:
-            self.register_parameter("bias", None)
+        weight = torch.ones(hidden_size, **factory) if elementwise_affine else None
+        bias_value = torch.zeros(hidden_size, **factory) if elementwise_affine and bias else None
+        self.register_parameter("weight", None if weight is None else nn.Parameter(weight))
+        self.register_parameter("bias", None if bias_value is None else nn.Parameter(bias_value))
 
     def extra_repr(self):
         return f"{self.hidden_size}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
