@@ -181,6 +181,82 @@ inline size_t recurrence_backward_workspace_size(const flashlin_recurrence_confi
   return bytes;
 }
 
+// --- Fused modules (RMSNorm / gated RMSNorm, rotary embedding, short convolution) -----------
+// Configurations are the C structs; zero-initialised ones select the defaults.
+
+inline void rms_norm_forward(const flashlin_rms_norm_config& config, const DLTensor* x,
+                             const DLTensor* weight, const DLTensor* bias, const DLTensor* gate,
+                             DLTensor* y, const flashlin_execution* exec = nullptr) {
+  check(flashlin_rms_norm_forward(&config, x, weight, bias, gate, y, exec));
+}
+
+inline void rms_norm_backward(const flashlin_rms_norm_config& config, const DLTensor* x,
+                              const DLTensor* weight, const DLTensor* bias, const DLTensor* gate,
+                              const DLTensor* dy, DLTensor* dx, DLTensor* dweight = nullptr,
+                              DLTensor* dbias = nullptr, DLTensor* dgate = nullptr,
+                              const flashlin_execution* exec = nullptr) {
+  check(flashlin_rms_norm_backward(&config, x, weight, bias, gate, dy, dx, dweight, dbias, dgate,
+                                   exec));
+}
+
+inline size_t rms_norm_backward_workspace_size(const DLTensor* x) {
+  size_t bytes = 0;
+  check(flashlin_rms_norm_backward_workspace_size(x, &bytes));
+  return bytes;
+}
+
+inline void rotary(const flashlin_rotary_config& config, const DLTensor* x, DLTensor* y,
+                   const DLTensor* offsets = nullptr, const DLTensor* cu_seqlens = nullptr,
+                   const flashlin_execution* exec = nullptr) {
+  check(flashlin_rotary(&config, x, offsets, cu_seqlens, y, exec));
+}
+
+// Views of the inputs; a null pointer stands for an absent optional tensor.
+struct ShortConvInputs {
+  const DLTensor* x = nullptr;
+  const DLTensor* weight = nullptr;
+  const DLTensor* bias = nullptr;
+  const DLTensor* initial_cache = nullptr;
+  const DLTensor* cu_seqlens = nullptr;
+  flashlin_short_conv_inputs c_struct() const {
+    return flashlin_short_conv_inputs{x, weight, bias, initial_cache, cu_seqlens};
+  }
+};
+
+struct ShortConvGrads {
+  DLTensor* dx = nullptr;
+  DLTensor* dweight = nullptr;
+  DLTensor* dbias = nullptr;
+  DLTensor* d_initial_cache = nullptr;
+  flashlin_short_conv_grads c_struct() const {
+    return flashlin_short_conv_grads{dx, dweight, dbias, d_initial_cache};
+  }
+};
+
+inline void short_conv_forward(const flashlin_short_conv_config& config,
+                               const ShortConvInputs& inputs, DLTensor* y,
+                               DLTensor* final_cache = nullptr,
+                               const flashlin_execution* exec = nullptr) {
+  const flashlin_short_conv_inputs c_inputs = inputs.c_struct();
+  check(flashlin_short_conv_forward(&config, &c_inputs, y, final_cache, exec));
+}
+
+inline void short_conv_backward(const flashlin_short_conv_config& config,
+                                const ShortConvInputs& inputs, const DLTensor* dy,
+                                const DLTensor* d_final_cache, const ShortConvGrads& grads,
+                                const flashlin_execution* exec = nullptr) {
+  const flashlin_short_conv_inputs c_inputs = inputs.c_struct();
+  const flashlin_short_conv_grads c_grads = grads.c_struct();
+  check(flashlin_short_conv_backward(&config, &c_inputs, dy, d_final_cache, &c_grads, exec));
+}
+
+inline size_t short_conv_backward_workspace_size(const ShortConvInputs& inputs) {
+  const flashlin_short_conv_inputs c_inputs = inputs.c_struct();
+  size_t bytes = 0;
+  check(flashlin_short_conv_backward_workspace_size(&c_inputs, &bytes));
+  return bytes;
+}
+
 }  // namespace flashlin
 
 #endif  // FLASHLIN_FLASHLIN_HPP_

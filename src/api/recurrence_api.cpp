@@ -8,6 +8,7 @@
 
 #include "api/error.hpp"
 #include "api/params.hpp"
+#include "api/sequences.hpp"
 #include "api/tensor_checks.hpp"
 #include "cpu/backend.hpp"
 #if FLASHLIN_WITH_CUDA
@@ -21,67 +22,11 @@ constexpr int64_t kMaxHeadDim = 4096;  // K and V; larger is rejected as unsuppo
 constexpr int kMaxChunkSize = 1024;
 constexpr int64_t kMaxParallelLength = 8192;  // the parallel form materialises T x T per sequence
 
-StridedTensor strided(const DLTensor* t, const std::vector<int>& dims_to_logical) {
-  // dims_to_logical[i] = logical dimension (0..3) that tensor dimension i maps to.
-  StridedTensor s;
-  if (!t) return s;
-  s.present = true;
-  s.data = element_data(*t);
-  s.dtype = storage_of(t->dtype);
-  for (int i = 0; i < t->ndim; ++i)
-    s.stride[dims_to_logical[i]] = t->shape[i] > 1 ? element_stride(*t, i) : 0;
-  return s;
-}
-
-const std::vector<int> kIdentity4 = {0, 1, 2, 3};
-
 // Everything both directions share: config, q, k, v, g, u, cu_seqlens, initial_state.
 struct Validated {
   int64_t batch = 0, time = 0, heads = 0, key_dim = 0, value_dim = 0, num_seqs = 0;
   RecurrenceParams params;
 };
-
-std::vector<int64_t> read_cu_seqlens(ArgumentChecker& check, const DLTensor* cu, int64_t batch,
-                                     int64_t time) {
-  if (cu->ndim != 1 || !cu->shape)
-    check.fail("cu_seqlens", "a 1-D tensor [N + 1]", std::to_string(cu->ndim) + "-D tensor");
-  const DLDataType dt = cu->dtype;
-  if (dt.code != kDLInt || (dt.bits != 32 && dt.bits != 64) || dt.lanes != 1)
-    check.fail("cu_seqlens", "dtype int32 or int64", dtype_string(dt));
-  if (device_kind(cu->device) != kDLCPU && device_kind(cu->device) != kDLCUDAHost)
-    check.fail("cu_seqlens", "a tensor in host memory (cpu)", device_string(cu->device));
-  const int64_t count = cu->shape[0];
-  if (count < 2) check.fail("cu_seqlens", "at least 2 entries (one sequence)", shape_string(*cu));
-  if (batch != 1)
-    check.fail("cu_seqlens", "batch size B == 1 with packed sequences (q is [1, T, H, K])",
-               "B = " + std::to_string(batch));
-  if (!cu->data) check.fail("cu_seqlens", "a data pointer", "NULL");
-  if (cu->strides && cu->strides[0] < 0)
-    check.fail("cu_seqlens", "non-negative strides", std::to_string(cu->strides[0]));
-  const int64_t stride = element_stride(*cu, 0);
-  std::vector<int64_t> offsets(static_cast<size_t>(count));
-  const char* base = element_data(*cu);
-  for (int64_t i = 0; i < count; ++i) {
-    if (dt.bits == 32) {
-      int32_t value;
-      std::memcpy(&value, base + 4 * i * stride, 4);
-      offsets[i] = value;
-    } else {
-      std::memcpy(&offsets[i], base + 8 * i * stride, 8);
-    }
-  }
-  if (offsets[0] != 0) check.fail("cu_seqlens", "cu_seqlens[0] == 0", std::to_string(offsets[0]));
-  for (int64_t i = 1; i < count; ++i)
-    if (offsets[i] < offsets[i - 1])
-      check.fail("cu_seqlens", "non-decreasing offsets",
-                 "cu_seqlens[" + std::to_string(i) + "] = " + std::to_string(offsets[i]) +
-                     " < cu_seqlens[" + std::to_string(i - 1) +
-                     "] = " + std::to_string(offsets[i - 1]));
-  if (offsets.back() != time)
-    check.fail("cu_seqlens", "last offset == T = " + std::to_string(time) + " (tokens in q)",
-               std::to_string(offsets.back()));
-  return offsets;
-}
 
 Validated validate_common(ArgumentChecker& check, const flashlin_recurrence_config* config,
                           const flashlin_recurrence_inputs* inputs) {
@@ -172,14 +117,7 @@ Validated validate_common(ArgumentChecker& check, const flashlin_recurrence_conf
     p.u = strided(inputs->u, {2, 3});
   }
   // Sequences.
-  if (inputs->cu_seqlens) {
-    const std::vector<int64_t> offsets =
-        read_cu_seqlens(check, inputs->cu_seqlens, out.batch, out.time);
-    for (size_t i = 0; i + 1 < offsets.size(); ++i)
-      p.sequences.push_back({0, offsets[i], offsets[i + 1] - offsets[i]});
-  } else {
-    for (int64_t b = 0; b < out.batch; ++b) p.sequences.push_back({b, 0, out.time});
-  }
+  p.sequences = sequence_spans(check, inputs->cu_seqlens, out.batch, out.time, "q");
   out.num_seqs = static_cast<int64_t>(p.sequences.size());
   p.batch = out.batch;
   p.time = out.time;

@@ -132,11 +132,13 @@ void ArgumentChecker::float_tensor(const DLTensor* t, const char* arg, int ndim)
       fail(arg, "a CPU tensor (this build of flashlin has no CUDA backend)", device_string(dev),
            FLASHLIN_ERROR_UNSUPPORTED);
     device_ = cpu ? DLDevice{kDLCPU, 0} : dev;
+    device_arg_ = arg;
     have_device_ = true;
   } else {
     const bool same = cpu ? device_.device_type == kDLCPU
                           : (device_.device_type == kDLCUDA && device_.device_id == dev.device_id);
-    if (!same) fail(arg, "a tensor on " + device_string(device_) + " like q", device_string(dev));
+    if (!same) fail(arg, "a tensor on " + device_string(device_) + " like " + device_arg_,
+                    device_string(dev));
   }
 }
 

@@ -65,6 +65,7 @@ class ArgumentChecker {
   const char* function_;
   bool have_device_ = false;
   DLDevice device_{kDLCPU, 0};
+  std::string device_arg_;  // the argument whose device set device_
   std::vector<Registered> registered_;
 };
 

@@ -1,6 +1,7 @@
 // CPU backend dispatch: picks the instruction set once (the widest the machine supports, or the
 // one named by the environment variable FLASHLIN_CPU_ISA=generic|avx2|avx512) and the compute
-// type per call (double when q is float64, else float), and owns the thread-count setting.
+// type per call (double when q, or a module's x, is float64, else float), and owns the thread-count
+// setting.
 #include "cpu/backend.hpp"
 
 #include <omp.h>
@@ -36,19 +37,26 @@ namespace {
 
 std::atomic<int> g_num_threads{0};  // 0: OpenMP's default
 
-using Entry = flashlin_status (*)(const detail::RecurrenceParams&, int);
+template <typename Params>
+using Entry = flashlin_status (*)(const Params&, int);
 
+// Every entry point, each as [0]: float compute, [1]: double compute (float64 inputs).
 struct Kernels {
   const char* name;
-  Entry forward[2];  // [0]: float compute, [1]: double compute (float64 inputs)
-  Entry backward[2];
+  Entry<detail::RecurrenceParams> recurrence_forward[2], recurrence_backward[2];
+  Entry<detail::RmsNormParams> rms_norm_forward[2], rms_norm_backward[2];
+  Entry<detail::RotaryParams> rotary[2];
+  Entry<detail::ShortConvParams> short_conv_forward[2], short_conv_backward[2];
 };
 
-#define FLASHLIN_CPU_KERNELS(name, isa)                                          \
-  Kernels {                                                                      \
-    name, {isa##_float::recurrence_forward, isa##_double::recurrence_forward}, { \
-      isa##_float::recurrence_backward, isa##_double::recurrence_backward        \
-    }                                                                            \
+#define FLASHLIN_CPU_ENTRY(isa, fn) \
+  { isa##_float::fn, isa##_double::fn }
+#define FLASHLIN_CPU_KERNELS(name, isa)                                                           \
+  Kernels {                                                                                       \
+    name, FLASHLIN_CPU_ENTRY(isa, recurrence_forward),                                            \
+        FLASHLIN_CPU_ENTRY(isa, recurrence_backward), FLASHLIN_CPU_ENTRY(isa, rms_norm_forward),  \
+        FLASHLIN_CPU_ENTRY(isa, rms_norm_backward), FLASHLIN_CPU_ENTRY(isa, rotary),              \
+        FLASHLIN_CPU_ENTRY(isa, short_conv_forward), FLASHLIN_CPU_ENTRY(isa, short_conv_backward) \
   }
 
 Kernels select_kernels() {
@@ -80,8 +88,12 @@ int resolved_threads() {
   return requested > 0 ? requested : omp_get_max_threads();
 }
 
-int compute_type(const detail::RecurrenceParams& params) {
-  return params.q.dtype == detail::Storage::kFloat64 ? 1 : 0;
+// Runs entry[0] (float compute), or entry[1] (double compute) when the tensor that sets the
+// compute type (q, or the modules' x) is float64.
+template <typename Params>
+flashlin_status call(Entry<Params> const (&entry)[2], const Params& params,
+                     detail::Storage leading_dtype) {
+  return entry[leading_dtype == detail::Storage::kFloat64 ? 1 : 0](params, resolved_threads());
 }
 
 }  // namespace
@@ -95,11 +107,31 @@ int num_threads() { return resolved_threads(); }
 const char* isa_name() { return kernels().name; }
 
 flashlin_status recurrence_forward(const detail::RecurrenceParams& params) {
-  return kernels().forward[compute_type(params)](params, resolved_threads());
+  return call(kernels().recurrence_forward, params, params.q.dtype);
 }
 
 flashlin_status recurrence_backward(const detail::RecurrenceParams& params) {
-  return kernels().backward[compute_type(params)](params, resolved_threads());
+  return call(kernels().recurrence_backward, params, params.q.dtype);
+}
+
+flashlin_status rms_norm_forward(const detail::RmsNormParams& params) {
+  return call(kernels().rms_norm_forward, params, params.x.dtype);
+}
+
+flashlin_status rms_norm_backward(const detail::RmsNormParams& params) {
+  return call(kernels().rms_norm_backward, params, params.x.dtype);
+}
+
+flashlin_status rotary(const detail::RotaryParams& params) {
+  return call(kernels().rotary, params, params.x.dtype);
+}
+
+flashlin_status short_conv_forward(const detail::ShortConvParams& params) {
+  return call(kernels().short_conv_forward, params, params.x.dtype);
+}
+
+flashlin_status short_conv_backward(const detail::ShortConvParams& params) {
+  return call(kernels().short_conv_backward, params, params.x.dtype);
 }
 
 }  // namespace flashlin::cpu

@@ -7,6 +7,7 @@
 
 #include <flashlin/flashlin.h>
 
+#include "api/module_params.hpp"
 #include "api/params.hpp"
 
 namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS {
@@ -14,5 +15,12 @@ namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS {
 // `threads`: OpenMP threads to use (>= 1).
 flashlin_status recurrence_forward(const detail::RecurrenceParams& params, int threads);
 flashlin_status recurrence_backward(const detail::RecurrenceParams& params, int threads);
+
+// Fused modules (modules.cpp).
+flashlin_status rms_norm_forward(const detail::RmsNormParams& params, int threads);
+flashlin_status rms_norm_backward(const detail::RmsNormParams& params, int threads);
+flashlin_status rotary(const detail::RotaryParams& params, int threads);
+flashlin_status short_conv_forward(const detail::ShortConvParams& params, int threads);
+flashlin_status short_conv_backward(const detail::ShortConvParams& params, int threads);
 
 }  // namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS
