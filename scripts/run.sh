@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# The main job: builds flashlin if needed (scripts/build.sh; incremental), then checks every op
-# configuration against the float64 reference (`flashlin check`, exits non-zero on any FAIL) and,
-# if that passed, benchmarks it (`flashlin bench`).
+# The main job: builds flashlin if needed (scripts/build.sh; incremental), then trains a small
+# language model with it and generates a sample (`python3 -m flashlin demo`: a byte-level model on
+# the licence texts every Debian machine has, CPU by default, CUDA when present; checkpoint, loss
+# plot and sample in ./flashlin-demo/).
 #
-#   bash scripts/run.sh                        check, then bench
-#   bash scripts/run.sh check|bench|info ARGS  only that command, with its options
-#                                              (see: bash scripts/run.sh <command> --help)
+#   bash scripts/run.sh                        the demo
+#   bash scripts/run.sh demo|recall ARGS       a Python program with its options (--help)
+#   bash scripts/run.sh check|bench|info ARGS  a command of the C++ CLI (check: every op against
+#                                              the float64 reference; bench: CPU timings)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/build.sh
-cli=build/flashlin
 
-if (($# > 0)); then
-  exec "$cli" "$@"
-fi
-
-echo "== flashlin check"
-"$cli" check
-echo
-echo "== flashlin bench"
-"$cli" bench
+command="${1:-demo}"
+(($# > 0)) && shift
+case "$command" in
+  demo | recall)
+    python="${FLASHLIN_PYTHON:-/usr/bin/python3}"
+    FLASHLIN_LIBRARY="$PWD/build/libflashlin.so" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" \
+      exec "$python" -m flashlin "$command" "$@"
+    ;;
+  *) exec build/flashlin "$command" "$@" ;;
+esac

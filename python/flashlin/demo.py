@@ -130,17 +130,14 @@ class Progress:
 
 
 def save_loss_plot(path, steps, losses, baseline=None, eval_points=(), title="training loss"):
-    """PNG of the loss curve. With matplotlib: a labelled plot. Without: a plain plot written
-    by hand (no text: blue = training loss, red = unigram entropy, green dots = held-out loss).
-    Returns a sentence saying which."""
+    """PNG of the loss curve (matplotlib; scripts/setup.sh installs it). Returns a sentence
+    saying where it went, or why there is none."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _plain_png(path, steps, losses, baseline, eval_points)
-        return (f"matplotlib is not installed: wrote a plain plot without labels to {path} "
-                "(blue: training loss, red: unigram entropy, green: held-out loss)")
+        return "no loss plot: matplotlib is not installed (Debian: apt-get install python3-matplotlib)"
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(steps, losses, color="tab:blue", linewidth=1, label="training loss")
     if eval_points:
@@ -157,64 +154,6 @@ def save_loss_plot(path, steps, losses, baseline=None, eval_points=(), title="tr
     fig.savefig(path)
     plt.close(fig)
     return f"loss plot: {path}"
-
-
-def _plain_png(path, steps, losses, baseline, eval_points, width=640, height=400):
-    import struct
-    import zlib
-    pixels = bytearray(b"\xff" * (width * height * 3))
-    left, right, top, bottom = 40, width - 20, 20, height - 30
-
-    def put(x, y, color):
-        if 0 <= x < width and 0 <= y < height:
-            i = (y * width + x) * 3
-            pixels[i:i + 3] = bytes(color)
-
-    def line(x0, y0, x1, y1, color, thick=1):
-        n = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for j in range(n + 1):
-            x, y = round(x0 + (x1 - x0) * j / n), round(y0 + (y1 - y0) * j / n)
-            for dx in range(thick):
-                for dy in range(thick):
-                    put(x + dx, y + dy, color)
-
-    values = list(losses) + ([baseline] if baseline is not None else []) + [v for _, v in
-                                                                             eval_points]
-    lo, hi = 0.0, max(values) * 1.05 if values else 1.0
-    x_max = max(steps) if steps else 1
-
-    def sx(s):
-        return round(left + (right - left) * s / max(x_max, 1))
-
-    def sy(v):
-        return round(bottom - (bottom - top) * (v - lo) / max(hi - lo, 1e-9))
-
-    for g in range(1, 5):  # grid lines
-        y = round(bottom - (bottom - top) * g / 5)
-        line(left, y, right, y, (225, 225, 225))
-    line(left, top, left, bottom, (0, 0, 0))
-    line(left, bottom, right, bottom, (0, 0, 0))
-    if baseline is not None:
-        for x in range(left, right, 12):
-            line(x, sy(baseline), min(x + 6, right), sy(baseline), (214, 39, 40), 2)
-    points = [(sx(s), sy(v)) for s, v in zip(steps, losses)]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        line(x0, y0, x1, y1, (31, 119, 180), 2)
-    for s, v in eval_points:
-        for dx in range(-3, 4):
-            for dy in range(-3, 4):
-                if dx * dx + dy * dy <= 9:
-                    put(sx(s) + dx, sy(v) + dy, (44, 160, 44))
-    raw = b"".join(b"\x00" + bytes(pixels[y * width * 3:(y + 1) * width * 3])
-                   for y in range(height))
-
-    def chunk(kind, body):
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8,
-                                                                  2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -239,10 +239,13 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert os.path.exists(out / "checkpoint" / "config.json")
     model = LanguageModel.from_pretrained(str(out / "checkpoint"))
     assert model.config.hidden_size == 32 and model.config.mixer == "gla"
-    png = out / "loss.png"
-    assert png.exists()
-    with open(png, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    try:
+        import matplotlib  # noqa: F401  (scripts/setup.sh installs it; the GPU machine may lack it)
+    except ImportError:
+        assert not (out / "loss.png").exists()
+    else:
+        with open(out / "loss.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert (out / "losses.csv").read_text().count("\n") == 4
 
 
