@@ -1,7 +1,7 @@
 """What the layers share: padding removal, cache reads/writes, short convolutions, output gate."""
 import torch.nn as nn
 
-from .utils import Cache, check_attention_mask, layer_cache, repad, unpad
+from .utils import Cache, check_attention_mask, get_activation, layer_cache, repad, unpad
 
 
 class _Step:
@@ -60,6 +60,39 @@ class LinearAttentionLayer(nn.Module):
         o = repad(o, step.indices, step.batch_size, step.seq_len)
         return o, None, step.cache
 
+    def _build_attention(self, hidden_size, expand_k, expand_v, num_heads, num_kv_heads,
+                         feature_map, use_short_conv, conv_size, conv_bias, use_output_gate,
+                         gate_fn, fuse_norm, elementwise_affine, norm_eps):
+        """fla's common layer anatomy: head bookkeeping (grouped key/value heads), q/k/v (and
+        output gate g) projections, optional short convolutions, output norm and projection."""
+        self.hidden_size = hidden_size
+        self.expand_k, self.expand_v = expand_k, expand_v
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        self.key_dim = integer_dim(hidden_size, expand_k, "expand_k")
+        self.value_dim = integer_dim(hidden_size, expand_v, "expand_v")
+        check_heads(self.key_dim, self.value_dim, num_heads, self.num_kv_heads)
+        self.num_kv_groups = num_heads // self.num_kv_heads
+        self.key_dim_per_group = self.key_dim // self.num_kv_groups
+        self.value_dim_per_group = self.value_dim // self.num_kv_groups
+        self.head_k_dim = self.key_dim // num_heads
+        self.head_v_dim = self.value_dim // num_heads
+        self.feature_map = feature_map
+        self.feature_map_fn = get_activation(feature_map)
+        self.use_short_conv, self.conv_size, self.conv_bias = use_short_conv, conv_size, conv_bias
+        self.use_output_gate = use_output_gate
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim_per_group, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim_per_group, bias=False)
+        if use_output_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        if use_short_conv:
+            build_short_convs(self, self.key_dim, self.key_dim_per_group,
+                              self.value_dim_per_group, conv_size, conv_bias)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        build_output_norm(self, use_output_gate, gate_fn, fuse_norm, elementwise_affine, norm_eps)
+
     def _gate_output(self, o, hidden):
         """o [.., H, V] -> normalised, gated and projected output [.., hidden]."""
         if self.use_output_gate:
@@ -78,7 +111,6 @@ def build_output_norm(layer, use_output_gate, gate_fn, fuse_norm, elementwise_af
     """fla's choice: FusedRMSNormGated named g_norm_swish_gate when the gate is swish and fused,
     else RMSNorm named g_norm (then the gate is applied separately)."""
     from ..modules import FusedRMSNormGated, RMSNorm
-    from .utils import get_activation
     if gate_fn == "swish" and fuse_norm and use_output_gate:
         layer.g_norm_swish_gate = FusedRMSNormGated(layer.head_v_dim,
                                                     elementwise_affine=elementwise_affine,

@@ -9,9 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import chunk_gla, fused_recurrent_gla
-from ._base import (LinearAttentionLayer, build_output_norm, build_short_convs, check_heads,
-                    integer_dim)
-from .utils import get_activation, repeat_heads
+from ._base import LinearAttentionLayer
+from .utils import repeat_heads
 
 
 class GatedLinearAttention(LinearAttentionLayer):
@@ -26,39 +25,15 @@ class GatedLinearAttention(LinearAttentionLayer):
         if mode not in ("chunk", "fused_recurrent", "fused_chunk"):
             raise ValueError(f"Not supported mode `{mode}`.")
         self.mode = mode
-        self.hidden_size = hidden_size
-        self.expand_k, self.expand_v = expand_k, expand_v
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
-        self.key_dim = integer_dim(hidden_size, expand_k, "expand_k")
-        self.value_dim = integer_dim(hidden_size, expand_v, "expand_v")
-        check_heads(self.key_dim, self.value_dim, num_heads, self.num_kv_heads)
-        self.num_kv_groups = num_heads // self.num_kv_heads
-        self.key_dim_per_group = self.key_dim // self.num_kv_groups
-        self.value_dim_per_group = self.value_dim // self.num_kv_groups
-        self.head_k_dim = self.key_dim // num_heads
-        self.head_v_dim = self.value_dim // num_heads
-        self.feature_map = feature_map
-        self.feature_map_fn = get_activation(feature_map)
-        self.use_short_conv, self.conv_size, self.conv_bias = use_short_conv, conv_size, conv_bias
-        self.use_output_gate = use_output_gate
+        self._build_attention(hidden_size, expand_k, expand_v, num_heads, num_kv_heads,
+                              feature_map, use_short_conv, conv_size, conv_bias, use_output_gate,
+                              gate_fn, fuse_norm, elementwise_affine, norm_eps)
         self.gate_logit_normalizer = gate_logit_normalizer
         self.clamp_min = clamp_min
         self.layer_idx = layer_idx
-
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim_per_group, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim_per_group, bias=False)
-        if use_output_gate:
-            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        if use_short_conv:
-            build_short_convs(self, self.key_dim, self.key_dim_per_group,
-                              self.value_dim_per_group, conv_size, conv_bias)
         self.gk_proj = nn.Sequential(
             nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
             nn.Linear(gate_low_rank_dim, self.key_dim_per_group, bias=True))
-        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
-        build_output_norm(self, use_output_gate, gate_fn, fuse_norm, elementwise_affine, norm_eps)
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
                 output_attentions=False, cu_seqlens=None, **kwargs):

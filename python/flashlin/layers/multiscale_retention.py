@@ -7,12 +7,10 @@ sequence has already seen, so decoding, left padding and packed sequences get th
 positions). `fused_chunk` runs the chunked kernels; `parallel` the T x T form (no cache).
 """
 import torch
-import torch.nn as nn
 
 from ..ops import chunk_retention, fused_recurrent_retention, parallel_retention
-from ._base import (LinearAttentionLayer, build_output_norm, build_short_convs, check_heads,
-                    integer_dim)
-from .utils import get_activation, repeat_heads
+from ._base import LinearAttentionLayer
+from .utils import repeat_heads
 
 
 class MultiScaleRetention(LinearAttentionLayer):
@@ -28,36 +26,12 @@ class MultiScaleRetention(LinearAttentionLayer):
         if mode not in ("chunk", "fused_chunk", "parallel", "fused_recurrent"):
             raise ValueError(f"Not supported mode `{mode}`.")
         self.mode = mode
-        self.hidden_size = hidden_size
-        self.expand_k, self.expand_v = expand_k, expand_v
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
-        self.key_dim = integer_dim(hidden_size, expand_k, "expand_k")
-        self.value_dim = integer_dim(hidden_size, expand_v, "expand_v")
-        check_heads(self.key_dim, self.value_dim, num_heads, self.num_kv_heads)
-        self.num_kv_groups = num_heads // self.num_kv_heads
-        self.key_dim_per_group = self.key_dim // self.num_kv_groups
-        self.value_dim_per_group = self.value_dim // self.num_kv_groups
-        self.head_k_dim = self.key_dim // num_heads
-        self.head_v_dim = self.value_dim // num_heads
+        self._build_attention(hidden_size, expand_k, expand_v, num_heads, num_kv_heads,
+                              feature_map, use_short_conv, conv_size, conv_bias, use_output_gate,
+                              gate_fn, fuse_norm, elementwise_affine, norm_eps)
         if self.head_k_dim > 256:
             raise ValueError(f"head_k_dim must be <= 256, got {self.head_k_dim}")
-        self.feature_map = feature_map
-        self.feature_map_fn = get_activation(feature_map)
-        self.use_short_conv, self.conv_size, self.conv_bias = use_short_conv, conv_size, conv_bias
-        self.use_output_gate = use_output_gate
         self.layer_idx = layer_idx
-
-        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim_per_group, bias=False)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim_per_group, bias=False)
-        if use_output_gate:
-            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        if use_short_conv:
-            build_short_convs(self, self.key_dim, self.key_dim_per_group,
-                              self.value_dim_per_group, conv_size, conv_bias)
-        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
-        build_output_norm(self, use_output_gate, gate_fn, fuse_norm, elementwise_affine, norm_eps)
         self.rotary = RotaryEmbedding(dim=self.head_k_dim)
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
