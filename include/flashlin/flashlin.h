@@ -168,9 +168,9 @@ FLASHLIN_API flashlin_status flashlin_recurrence_backward_workspace_size(
  * ------------------------------------------------------------------------------------------ */
 
 typedef enum flashlin_norm_gate {
-  FLASHLIN_NORM_GATE_NONE = 0,    /* y = rmsnorm(x) * weight + bias                   */
-  FLASHLIN_NORM_GATE_SWISH = 1,   /* y = (rmsnorm(x) * weight + bias) * gate * sigmoid(gate) */
-  FLASHLIN_NORM_GATE_SIGMOID = 2  /* y = (rmsnorm(x) * weight + bias) * sigmoid(gate)        */
+  FLASHLIN_NORM_GATE_NONE = 0,   /* y = rmsnorm(x) * weight + bias                   */
+  FLASHLIN_NORM_GATE_SWISH = 1,  /* y = (rmsnorm(x) * weight + bias) * gate * sigmoid(gate) */
+  FLASHLIN_NORM_GATE_SIGMOID = 2 /* y = (rmsnorm(x) * weight + bias) * sigmoid(gate)        */
 } flashlin_norm_gate;
 
 /* RMSNorm over the last dimension: rmsnorm(x) = x / sqrt(mean(x^2) + eps). */
@@ -262,10 +262,12 @@ typedef struct flashlin_short_conv_grads {
 
 /* dy [B, T, D] (dtype of x); d_final_cache optional [N, D, W]: the gradient flowing into
  * final_cache. Any gradient may be NULL. */
-FLASHLIN_API flashlin_status flashlin_short_conv_backward(
-    const flashlin_short_conv_config* config, const flashlin_short_conv_inputs* inputs,
-    const DLTensor* dy, const DLTensor* d_final_cache, const flashlin_short_conv_grads* grads,
-    const flashlin_execution* exec);
+FLASHLIN_API flashlin_status flashlin_short_conv_backward(const flashlin_short_conv_config* config,
+                                                          const flashlin_short_conv_inputs* inputs,
+                                                          const DLTensor* dy,
+                                                          const DLTensor* d_final_cache,
+                                                          const flashlin_short_conv_grads* grads,
+                                                          const flashlin_execution* exec);
 /* Scratch bytes of flashlin_short_conv_backward (0 on the CPU); as for the RMSNorm. */
 FLASHLIN_API flashlin_status flashlin_short_conv_backward_workspace_size(
     const flashlin_short_conv_inputs* inputs, size_t* bytes);

@@ -30,8 +30,8 @@ struct RmsNormParams {
   int64_t dim = 0;  // D
   double eps = 1e-5;
   NormGate gate_kind = NormGate::kNone;
-  StridedTensor x, weight, bias, gate, y;        // forward (absent weight = 1, bias = 0)
-  StridedTensor dy, dx, dweight, dbias, dgate;   // backward (absent gradients are not written)
+  StridedTensor x, weight, bias, gate, y;       // forward (absent weight = 1, bias = 0)
+  StridedTensor dy, dx, dweight, dbias, dgate;  // backward (absent gradients are not written)
   Execution exec;
 
   int64_t rows() const { return rows_shape[0] * rows_shape[1] * rows_shape[2]; }

@@ -137,8 +137,9 @@ void ArgumentChecker::float_tensor(const DLTensor* t, const char* arg, int ndim)
   } else {
     const bool same = cpu ? device_.device_type == kDLCPU
                           : (device_.device_type == kDLCUDA && device_.device_id == dev.device_id);
-    if (!same) fail(arg, "a tensor on " + device_string(device_) + " like " + device_arg_,
-                    device_string(dev));
+    if (!same)
+      fail(arg, "a tensor on " + device_string(device_) + " like " + device_arg_,
+           device_string(dev));
   }
 }
 

@@ -19,7 +19,6 @@ namespace flashlin::detail {
 // DLDeviceType's enumerators (which callers can pass) is undefined behaviour to load as the enum.
 int device_kind(const DLDevice& device);
 
-
 std::string shape_string(const std::vector<int64_t>& shape);
 std::string shape_string(const DLTensor& t);
 std::string dtype_string(DLDataType dtype);

@@ -21,8 +21,8 @@ const char* isa_name();
 flashlin_status recurrence_forward(const detail::RecurrenceParams& params);
 flashlin_status recurrence_backward(const detail::RecurrenceParams& params);
 
-// Fused modules (src/cpu/isa/modules.cpp). The *_workspace_bytes functions give the scratch a backward
-// call takes from exec.workspace (allocating it itself when that is missing or too small).
+// Fused modules (src/cpu/isa/modules.cpp). The *_workspace_bytes functions give the scratch a
+// backward call takes from exec.workspace (allocating it itself when that is missing or too small).
 flashlin_status rms_norm_forward(const detail::RmsNormParams& params);
 flashlin_status rms_norm_backward(const detail::RmsNormParams& params);
 flashlin_status rotary(const detail::RotaryParams& params);

@@ -80,7 +80,8 @@ flashlin_status recurrence_backward(const RecurrenceParams& params) { return run
 
 size_t recurrence_workspace_bytes(const RecurrenceParams& params, bool backward) {
   const Family family = choose_family(params, backward);
-  return table_bytes(params.sequences, params.batch, params.time) + family_bytes(params, backward, family);
+  return table_bytes(params.sequences, params.batch, params.time) +
+         family_bytes(params, backward, family);
 }
 
 }  // namespace flashlin::cuda

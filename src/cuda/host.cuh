@@ -87,8 +87,7 @@ inline bool uniform_sequences(const std::vector<SequenceSpan>& sequences, int64_
   return true;
 }
 
-inline size_t table_bytes(const std::vector<SequenceSpan>& sequences, int64_t batch,
-                          int64_t time) {
+inline size_t table_bytes(const std::vector<SequenceSpan>& sequences, int64_t batch, int64_t time) {
   return uniform_sequences(sequences, batch, time)
              ? 0
              : align_up(sequences.size() * sizeof(SequenceSpan));

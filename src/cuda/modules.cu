@@ -1131,7 +1131,8 @@ flashlin_status short_conv_forward(const ShortConvParams& p) {
   check_conv_shape(p);
   DeviceGuard guard(p.exec.device_id);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
-  Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, table_bytes(p.sequences, p.batch, p.time), stream);
+  Scratch scratch(p.exec.workspace, p.exec.workspace_bytes,
+                  table_bytes(p.sequences, p.batch, p.time), stream);
   const ConvArgs args = make_conv_args(
       p, upload_sequences(p.sequences, p.batch, p.time, scratch.base(), stream), false);
   if (p.y.present) launch_conv_tokens<false>(p, args, args.tiles, stream);
