@@ -36,6 +36,9 @@ What is measured (all in one process unless said otherwise):
   too); then fla's chunk_gla at the headline shape with an empty Triton cache (cold) and again
   with the cache it left (warm).
 * T=65536: chunk_gla forward+backward at B=1, H=4 runs, and its output and gradients are finite.
+* Modules: flashlin.modules' RMSNorm, gated RMSNorm (swish), rotary (q [B, T, H, D]) and
+  short convolution (W = 4, SiLU) at 8 x 4096 tokens of hidden size 4096, fwd and fwd+bwd,
+  beside the same math in eager PyTorch; GB/s over the bytes each must move.
 * Memory: peak extra device memory of fwd+bwd (and fwd) at T=16384, B=8, H=32:
   torch.cuda.max_memory_allocated during the call, minus what the inputs, do, o and the gradients
   hold.
@@ -588,6 +591,101 @@ def run_t65536(cfg, device, impls):
         free(device)
 
 
+# Fused modules (issue 6): flashlin.modules against the same math in eager PyTorch, bf16.
+def module_cases(cfg, device):
+    """(name, flashlin fn, torch fn, inputs needing grad, output shape, fwd bytes, bwd bytes)."""
+    from flashlin import modules
+    dt, elt, eps = cfg.dtype, cfg.elt, 1e-5
+    rows, dim = cfg.module_rows, cfg.module_hidden
+    B, T, H, D = cfg.B, cfg.module_T, cfg.H, cfg.K
+
+    def leaf(*shape, dtype=dt):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+
+    def torch_norm(x, w):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)
+
+    def torch_rotary(x):
+        half = D // 2
+        inv_freq = 1.0 / 10000.0 ** (torch.arange(0, D, 2, device=device).float() / D)
+        angle = torch.arange(x.shape[1], device=device).float()[:, None] * inv_freq
+        cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).to(x.dtype)
+
+    def torch_conv(x, w):
+        return F.silu(F.conv1d(x.transpose(1, 2), w[:, None, :], padding=w.shape[1] - 1,
+                               groups=x.shape[2])[..., :x.shape[1]].transpose(1, 2))
+
+    n = rows * dim
+    weight = leaf(dim, dtype=torch.float32)
+    x, g = leaf(rows, dim), leaf(rows, dim)
+    yield ("rms_norm", lambda: modules.rms_norm(x, weight, None, eps),
+           lambda: torch_norm(x, weight), [x, weight], (rows, dim), 2 * n * elt, 3 * n * elt)
+    yield ("rms_norm_gated", lambda: modules.rms_norm_gated(x, g, weight, None, eps),
+           lambda: torch_norm(x, weight) * F.silu(g), [x, g, weight], (rows, dim), 3 * n * elt,
+           5 * n * elt)
+    q = leaf(B, T, H, D)
+    n = q.numel()
+    yield ("rotary", lambda: modules.rotary_embedding(q), lambda: torch_rotary(q), [q],
+           tuple(q.shape), 2 * n * elt, 2 * n * elt)
+    xc, wc = leaf(B, T, dim), leaf(dim, 4)
+    n = xc.numel()
+    yield ("short_conv", lambda: modules.short_convolution(xc, wc)[0], lambda: torch_conv(xc, wc),
+           [xc, wc], tuple(xc.shape), 2 * n * elt, 3 * n * elt)
+
+
+def run_modules(cfg, device):
+    print(f"-- modules: rows={cfg.module_rows} hidden={cfg.module_hidden}, B={cfg.B} "
+          f"T={cfg.module_T} H={cfg.H} D={cfg.K}", flush=True)
+    try:
+        cases = list(module_cases(cfg, device))
+    except Exception as error:  # noqa: BLE001
+        note_error(error, device)
+        FOOTNOTES.append(f"modules: {type(error).__name__}: {first_line(error)}")
+        return
+    for name, ours, theirs, wanted, shape, fwd_bytes, bwd_bytes in cases:
+        d_y = torch.randn(shape, device=device, dtype=cfg.dtype)
+        for impl, fn in (("flashlin", ours), ("torch", theirs)):
+            for which in PASSES:
+                moved = fwd_bytes if which == "fwd" else fwd_bytes + bwd_bytes
+                floor = (moved, 0, floor_ms(moved, 0, cfg))
+                if which == "fwd":
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            return fn()
+                else:
+                    def step(fn=fn):
+                        return torch.autograd.grad(fn(), wanted, d_y)
+                timed_record(cfg, device, "modules", name, impl, which, cfg.B, cfg.H,
+                             cfg.module_T, floor, step)
+        free(device)
+
+
+def print_modules():
+    rows = [r for r in RECORDS if r["section"] == "modules"]
+    if not rows:
+        return
+    print("\n== fused modules (bf16): ms, median; GB/s = floor bytes / time; torch = the same "
+          "math in eager PyTorch ==")
+    print(f"{'module':15} {'pass':7} {'flashlin':>9} {'GB/s':>6} {'%floor':>6} {'torch':>9} "
+          f"{'GB/s':>6}")
+    for name in dict.fromkeys(r["op"] for r in rows):
+        for which in PASSES:
+            mine = find("modules", name, "flashlin", which, rows[0]["B"], rows[0]["H"],
+                        rows[0]["T"])
+            theirs = find("modules", name, "torch", which, rows[0]["B"], rows[0]["H"],
+                          rows[0]["T"])
+
+            def rate(r):
+                if r is None or r["status"] != "ok":
+                    return f"{'-':>6}"
+                return f"{r['floor_bytes'] / r['ms'] / 1e6:6.0f}"
+            print(f"{name:15} {which:7} {cell(mine, 9)} {rate(mine)} {percent(mine):>6} "
+                  f"{cell(theirs, 9)} {rate(theirs)}")
+
+
 def nbytes(tensor):
     return tensor.numel() * tensor.element_size() if tensor is not None else 0
 
@@ -979,7 +1077,7 @@ def parse_args(argv=None):
     out = os.environ.get("OUT")
     default_csv = os.path.join(out, "bench_gpu.csv") if out else "bench_gpu.csv"
     default_png = os.path.join(out, "bench_gpu.png") if out else "bench_gpu.png"
-    sections = ("main", "long", "decode", "first-call", "t65536", "memory")
+    sections = ("main", "long", "decode", "first-call", "t65536", "memory", "modules")
     parser.add_argument("--ops", nargs="+", default=list(OPS),
                         help="subset of retention linear_attn gla rwkv6 (spaces or commas)")
     parser.add_argument("--T", nargs="+", default=None,
@@ -1036,6 +1134,7 @@ def parse_args(argv=None):
         cfg.memory_shape = (cfg.B, cfg.H, max(cfg.T))
         cfg.first_small, cfg.first_big = (1, 2, 64), (cfg.B, cfg.H, max(cfg.T))
         cfg.first_repeats = 1
+        cfg.module_rows, cfg.module_hidden, cfg.module_T = 256, 128, 64
         cfg.repeats, cfg.min_repeats = min(cfg.repeats, 5), min(cfg.min_repeats, 3)
         cfg.budget = min(cfg.budget, 0.2)
     else:
@@ -1048,6 +1147,8 @@ def parse_args(argv=None):
         cfg.memory_shape = (cfg.B, cfg.H, 16384)
         cfg.first_small, cfg.first_big = (1, 4, 256), HEADLINE
         cfg.first_repeats = 2
+        # modules at a model's sizes: 8 x 4096 tokens of hidden size 4096; heads of the sweep
+        cfg.module_rows, cfg.module_hidden, cfg.module_T = 8 * 4096, 4096, 4096
     return cfg
 
 
@@ -1116,6 +1217,8 @@ def main(argv=None):
             run_memory(cfg, device, impls)
         else:
             print("-- memory: skipped (peak memory statistics need CUDA)")
+    if "modules" in cfg.sections:
+        run_modules(cfg, device)
     fill_derived(cfg)
 
     print(f"\n== forward (fwd) and forward+backward (fwd+bwd): ms, median; K=V={cfg.K} "
@@ -1131,6 +1234,7 @@ def main(argv=None):
     print_first_call()
     print_t65536()
     print_memory()
+    print_modules()
     if FOOTNOTES:
         print("\nerrors:")
         for line in FOOTNOTES:
