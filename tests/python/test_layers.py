@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import flashlin
-from flashlin.layers import (Cache, GatedLinearAttention, LightningAttention, MultiScaleRetention,
-                             RWKV6Attention)
+from flashlin.layers import (Cache, GatedLinearAttention, GateLoopAttention, LightningAttention,
+                             MultiScaleRetention, RWKV6Attention)
 
 HIDDEN = 32
 RTOL = 1e-4
@@ -29,6 +29,10 @@ LAYERS = {
     "lightning_transnormer_conv": lambda: LightningAttention(
         hidden_size=HIDDEN, num_heads=4, layer_idx=0, num_layers=2, decay="transnormer",
         use_short_conv=True, use_output_gate=False),
+    "gateloop": lambda: GateLoopAttention(hidden_size=HIDDEN, num_heads=2, layer_idx=0),
+    "gateloop_real_conv_gqa": lambda: GateLoopAttention(hidden_size=HIDDEN, num_heads=4,
+                                                        num_kv_heads=2, use_short_conv=True,
+                                                        use_phase=False, layer_idx=0),
 }
 NAMES = sorted(LAYERS)
 

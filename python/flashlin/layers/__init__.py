@@ -9,9 +9,12 @@ With use_cache=True and no cache given, a new `Cache` is returned. Chunked kerne
 long inputs (training, prefill) and token-by-token kernels for short ones (decoding), by fla's
 rule (T <= 64 -> fused_recurrent; retention: chunk whenever gradients are on).
 
-Not available yet (their ops are not in flashlin): Based (BasedLinearAttention), GateLoop,
+Also GateLoopAttention (fla has no GateLoop layer; built in the style of the others).
+
+Not available yet (their ops are not in flashlin): Based (BasedLinearAttention),
 ABC (ABCAttention), GSA (GatedSlotAttention), Transformer-VQ. `NOT_AVAILABLE` lists them.
 """
+from .gateloop import GateLoopAttention
 from .gla import GatedLinearAttention
 from .lightning_attn import LightningAttention
 from .multiscale_retention import MultiScaleRetention
@@ -20,11 +23,10 @@ from .utils import Cache
 
 NOT_AVAILABLE = {
     "BasedLinearAttention": "needs the Based ops (parallel_based, fused_chunk_based)",
-    "GateLoop": "needs chunk_gateloop",
     "ABCAttention": "needs chunk_abc",
     "GatedSlotAttention": "needs chunk_gsa / fused_recurrent_gsa",
     "TransformerVQ": "needs vq_attention",
 }
 
-__all__ = ["GatedLinearAttention", "LightningAttention", "MultiScaleRetention", "RWKV6Attention",
+__all__ = ["GateLoopAttention", "GatedLinearAttention", "LightningAttention", "MultiScaleRetention", "RWKV6Attention",
            "Cache", "NOT_AVAILABLE"]

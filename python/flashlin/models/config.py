@@ -4,12 +4,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-MIXERS = ("retention", "gla", "rwkv6", "lightning")
+MIXERS = ("retention", "gla", "rwkv6", "lightning", "gateloop")
 
 # Mixers of the project that need ops flashlin does not have yet.
 UNAVAILABLE_MIXERS = {
     "based": "Based linear attention needs parallel_based / fused_chunk_based",
-    "gateloop": "GateLoop needs chunk_gateloop",
     "abc": "ABC needs chunk_abc",
     "gsa": "GSA needs chunk_gsa / fused_recurrent_gsa",
     "vq": "Transformer-VQ needs vq_attention",
@@ -32,7 +31,8 @@ class LMConfig:
     """A stack of blocks x + mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
 
     mixer: 'retention' (MultiScaleRetention), 'gla' (GatedLinearAttention), 'rwkv6'
-    (RWKV6Attention) or 'lightning' (LightningAttention). expand_k / expand_v None: the layer's
+    (RWKV6Attention), 'lightning' (LightningAttention) or 'gateloop' (GateLoopAttention).
+    expand_k / expand_v None: the layer's
     own default. mlp_ratio: fla's hidden_ratio (SwiGLU width = mlp_ratio * hidden * 2/3, rounded
     up to a multiple of mlp_multiple_of) unless intermediate_size is given. mixer_kwargs: any
     further constructor arguments of the mixer (e.g. {'gate_low_rank_dim': 8})."""

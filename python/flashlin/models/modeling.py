@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import (Cache, GatedLinearAttention, LightningAttention, MultiScaleRetention,
-                      RWKV6Attention)
+from ..layers import (Cache, GatedLinearAttention, GateLoopAttention, LightningAttention,
+                      MultiScaleRetention, RWKV6Attention)
 from .config import LMConfig
 
 CONFIG_NAME = "config.json"
@@ -36,7 +36,8 @@ def build_mixer(config, layer_idx):
         common["num_layers"] = config.num_layers  # lightning: decays; rwkv6: initialisation
     common.update(config.mixer_kwargs)
     cls = {"retention": MultiScaleRetention, "gla": GatedLinearAttention,
-           "rwkv6": RWKV6Attention, "lightning": LightningAttention}[config.mixer]
+           "rwkv6": RWKV6Attention, "lightning": LightningAttention,
+           "gateloop": GateLoopAttention}[config.mixer]
     return cls(**common)
 
 
