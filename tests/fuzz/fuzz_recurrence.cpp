@@ -344,11 +344,12 @@ DLDataType pick_float(FuzzedDataProvider& in) {
                               DLDataType{kDLBfloat, 16, 1}, DLDataType{kDLFloat, 64, 1}});
 }
 
-// A raw value for a C enum field: the valid ones, their neighbours and the int extremes.
+// A raw value for a C enum field: usually a valid one, else a neighbour or an int extreme.
 template <typename Enum>
 int32_t set_enum(FuzzedDataProvider& in, Enum& field, int32_t max_valid) {
-  int32_t raw = in.ConsumeIntegralInRange<int32_t>(-1, max_valid + 2);
-  if (in.ConsumeIntegralInRange<int>(0, 15) == 0) raw = in.PickValueInArray({kInt32Min, kInt32Max});
+  int32_t raw = in.ConsumeIntegralInRange<int32_t>(0, max_valid);
+  if (in.ConsumeIntegralInRange<int>(0, 3) == 3)
+    raw = in.PickValueInArray({-1, max_valid + 1, max_valid + 2, kInt32Min, kInt32Max});
   static_assert(sizeof(Enum) == sizeof(int32_t), "enum fields are int-sized");
   std::memcpy(&field, &raw, sizeof raw);
   return raw;
