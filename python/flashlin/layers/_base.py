@@ -38,6 +38,15 @@ class LinearAttentionLayer(nn.Module):
             return 0
         return step.cache.get_offsets(self.layer_idx or 0)
 
+    def _project_qkv(self, step):
+        """q, k, v of this call's tokens (through the short convolutions when the layer has
+        them) and the new convolution windows (None without)."""
+        x = step.x
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if not self.use_short_conv:
+            return q, k, v, None
+        return self._short_convs(step, q, k, v)
+
     def _short_convs(self, step, q, k, v):
         conv_q = conv_k = conv_v = None
         if step.last_state is not None and step.last_state["conv_state"] is not None:

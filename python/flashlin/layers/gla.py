@@ -43,10 +43,7 @@ class GatedLinearAttention(LinearAttentionLayer):
         mode = "fused_recurrent" if hidden_states.shape[1] <= 64 else self.mode
         step = self._begin(hidden_states, attention_mask, past_key_values, use_cache, cu_seqlens)
         x = step.x
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_state = None
-        if self.use_short_conv:
-            q, k, v, conv_state = self._short_convs(step, q, k, v)
+        q, k, v, conv_state = self._project_qkv(step)
         gk = self.gk_proj(x)
         q = q.view(*q.shape[:-1], self.num_heads, self.head_k_dim)
         k = repeat_heads(k.view(*k.shape[:-1], self.num_kv_heads, self.head_k_dim),
