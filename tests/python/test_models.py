@@ -228,6 +228,23 @@ def test_cuda_model_matches_cpu(mixer):
     assert torch.equal(out.cpu(), model.generate(ids[:, :5], 6))
 
 
+@needs_cuda
+def test_cuda_trained_checkpoint_loads_on_cpu(tmp_path):
+    gpu = make("gla", short_conv=True).cuda()
+    ids = torch.randint(0, VOCAB, (2, 70), device="cuda")
+    optimizer = torch.optim.SGD(gpu.parameters(), lr=0.1)
+    for _ in range(2):  # train on the GPU so the weights are the GPU's own
+        logits = gpu(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    gpu.save_pretrained(str(tmp_path / "ckpt"))
+    cpu = LanguageModel.from_pretrained(str(tmp_path / "ckpt"), map_location="cpu")
+    with torch.no_grad():
+        assert rel(cpu(ids.cpu()), gpu(ids).cpu()) < RTOL
+
+
 # --- the example programs -------------------------------------------------------------------------
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
