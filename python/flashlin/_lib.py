@@ -235,6 +235,12 @@ def entry(name):
     return function
 
 
+def on_host(tensor):
+    """cu_seqlens and offsets for the library, which reads them on the host: a CUDA tensor is
+    copied to the CPU, anything else is returned as it is."""
+    return tensor.cpu() if isinstance(tensor, torch.Tensor) and tensor.is_cuda else tensor
+
+
 def rename_arguments(message, names):
     for c_name, py_name in (names or {}).items():
         message = message.replace(f"argument '{c_name}'", f"argument '{py_name}'")

@@ -182,8 +182,7 @@ def recurrence(q, k, v, g=None, gate_kind=_lib.GATE_NONE, u=None, initial_state=
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"argument '{(names or {}).get(name, name)}': expected a torch.Tensor, "
                              f"got {type(tensor).__name__}")
-    if cu_seqlens is not None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.is_cuda:
-        cu_seqlens = cu_seqlens.cpu()  # the library reads the offsets on the host
+    cu_seqlens = _lib.on_host(cu_seqlens)
     if form == "parallel" and q.shape[1] > 8192:
         form = "chunked"  # the parallel form keeps T x T scores per sequence; same result
     bonus = u is not None

@@ -83,8 +83,7 @@ def short_convolution(x, weight, bias=None, activation="silu", cache=None,
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"argument 'x': expected a torch.Tensor, got {type(x).__name__}")
     config = _activation(activation)
-    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.is_cuda:
-        cu_seqlens = cu_seqlens.cpu()  # the library reads the offsets on the host
+    cu_seqlens = _lib.on_host(cu_seqlens)
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, cache)):
         return _ShortConvFunction.apply(x, weight, bias, cache, cu_seqlens, config,

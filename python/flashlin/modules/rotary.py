@@ -42,7 +42,7 @@ def _host_ints(t, name):
         return None
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"argument '{name}': expected a tensor or None, got {type(t).__name__}")
-    return t.cpu() if t.is_cuda else t  # the library reads offsets on the host
+    return _lib.on_host(t)
 
 
 def rotary_embedding(x, base=10000.0, rotary_dim=None, interleaved=False, seqlen_offset=0,

@@ -66,8 +66,7 @@ def _gateloop(q, k, v, g, theta, scale, initial_state, output_final_state, cu_se
     if g is None or not isinstance(g, torch.Tensor) or g.shape != q.shape:
         raise ValueError(f"argument 'g': expected a tensor shaped as q {list(q.shape)}, got "
                          f"{getattr(g, 'shape', type(g).__name__)}")
-    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.is_cuda:
-        cu_seqlens = cu_seqlens.cpu()
+    cu_seqlens = _lib.on_host(cu_seqlens)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     phase = _cumulative_phase(theta, cu_seqlens)
     cos, sin = phase.cos().to(compute), phase.sin().to(compute)
