@@ -272,6 +272,12 @@ FLASHLIN_API flashlin_status flashlin_short_conv_backward(const flashlin_short_c
 FLASHLIN_API flashlin_status flashlin_short_conv_backward_workspace_size(
     const flashlin_short_conv_inputs* inputs, size_t* bytes);
 
+/* ---- Based linear attention (issue 5; src/api/based_api.cpp) ---- */
+
+/* ---- ABC / GSA slot attention (issue 5; src/api/slot_attention_api.cpp) ---- */
+
+/* ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ---- */
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

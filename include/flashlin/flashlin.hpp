@@ -257,6 +257,12 @@ inline size_t short_conv_backward_workspace_size(const ShortConvInputs& inputs) 
   return bytes;
 }
 
+// ---- Based linear attention (issue 5; src/api/based_api.cpp) ----
+
+// ---- ABC / GSA slot attention (issue 5; src/api/slot_attention_api.cpp) ----
+
+// ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ----
+
 }  // namespace flashlin
 
 #endif  // FLASHLIN_FLASHLIN_HPP_

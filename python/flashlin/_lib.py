@@ -147,6 +147,15 @@ class ShortConvGrads(ctypes.Structure):
     _fields_ = [(name, _PDL) for name in ("dx", "dweight", "dbias", "d_initial_cache")]
 
 
+# Based (flashlin_based_*).
+
+
+# ABC / GSA slot attention (flashlin_slot_attention_*).
+
+
+# Transformer-VQ (flashlin_vq_attention_*).
+
+
 # flashlin_norm_gate, flashlin_activation (flashlin.h).
 NORM_GATES = {None: 0, "swish": 1, "silu": 1, "sigmoid": 2}
 ACTIVATIONS = {None: 0, "silu": 1, "swish": 1}
@@ -181,6 +190,12 @@ _SIGNATURES = {
         ctypes.POINTER(ShortConvConfig), ctypes.POINTER(ShortConvInputs), _PDL, _PDL,
         ctypes.POINTER(ShortConvGrads), ctypes.POINTER(Execution)],
     "flashlin_short_conv_backward_workspace_size": [ctypes.POINTER(ShortConvInputs), _SIZE_P],
+    # Based
+
+    # ABC / GSA slot attention
+
+    # Transformer-VQ
+
 }
 
 

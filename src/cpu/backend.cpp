@@ -47,17 +47,36 @@ struct Kernels {
   Entry<detail::RmsNormParams> rms_norm_forward[2], rms_norm_backward[2];
   Entry<detail::RotaryParams> rotary[2];
   Entry<detail::ShortConvParams> short_conv_forward[2], short_conv_backward[2];
+  // Based
+
+  // ABC / GSA slot attention
+
+  // Transformer-VQ
+
 };
 
 #define FLASHLIN_CPU_ENTRY(isa, fn) \
   { isa##_float::fn, isa##_double::fn }
-#define FLASHLIN_CPU_KERNELS(name, isa)                                                           \
-  Kernels {                                                                                       \
-    name, FLASHLIN_CPU_ENTRY(isa, recurrence_forward),                                            \
-        FLASHLIN_CPU_ENTRY(isa, recurrence_backward), FLASHLIN_CPU_ENTRY(isa, rms_norm_forward),  \
-        FLASHLIN_CPU_ENTRY(isa, rms_norm_backward), FLASHLIN_CPU_ENTRY(isa, rotary),              \
-        FLASHLIN_CPU_ENTRY(isa, short_conv_forward), FLASHLIN_CPU_ENTRY(isa, short_conv_backward) \
+// One entry per line, in the order of Kernels' members (each op family adds its own lines).
+// clang-format off
+#define FLASHLIN_CPU_KERNELS(name, isa)                \
+  Kernels {                                            \
+    name,                                              \
+    FLASHLIN_CPU_ENTRY(isa, recurrence_forward),       \
+    FLASHLIN_CPU_ENTRY(isa, recurrence_backward),      \
+    FLASHLIN_CPU_ENTRY(isa, rms_norm_forward),         \
+    FLASHLIN_CPU_ENTRY(isa, rms_norm_backward),        \
+    FLASHLIN_CPU_ENTRY(isa, rotary),                   \
+    FLASHLIN_CPU_ENTRY(isa, short_conv_forward),       \
+    FLASHLIN_CPU_ENTRY(isa, short_conv_backward),      \
+    /* Based */                                        \
+                                                       \
+    /* ABC / GSA slot attention */                     \
+                                                       \
+    /* Transformer-VQ */                               \
+                                                       \
   }
+// clang-format on
 
 Kernels select_kernels() {
   const Kernels generic = FLASHLIN_CPU_KERNELS("generic", isa_generic);
@@ -133,5 +152,11 @@ flashlin_status short_conv_forward(const detail::ShortConvParams& params) {
 flashlin_status short_conv_backward(const detail::ShortConvParams& params) {
   return call(kernels().short_conv_backward, params, params.x.dtype);
 }
+
+// Based
+
+// ABC / GSA slot attention
+
+// Transformer-VQ
 
 }  // namespace flashlin::cpu

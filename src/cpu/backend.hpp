@@ -29,6 +29,12 @@ flashlin_status rotary(const detail::RotaryParams& params);
 flashlin_status short_conv_forward(const detail::ShortConvParams& params);
 flashlin_status short_conv_backward(const detail::ShortConvParams& params);
 
+// Based (based.cpp / based.cu)
+
+// ABC / GSA slot attention (slot_attention.cpp / .cu)
+
+// Transformer-VQ (vq_attention.cpp / .cu)
+
 }  // namespace flashlin::cpu
 
 #endif  // FLASHLIN_SRC_CPU_BACKEND_HPP_

@@ -30,6 +30,12 @@ flashlin_status short_conv_backward(const detail::ShortConvParams& params);
 size_t rms_norm_backward_workspace_bytes(const detail::RmsNormParams& params);
 size_t short_conv_backward_workspace_bytes(const detail::ShortConvParams& params);
 
+// Based (based.cpp / based.cu)
+
+// ABC / GSA slot attention (slot_attention.cpp / .cu)
+
+// Transformer-VQ (vq_attention.cpp / .cu)
+
 }  // namespace flashlin::cuda
 
 #endif  // FLASHLIN_SRC_CUDA_BACKEND_HPP_

@@ -23,4 +23,10 @@ flashlin_status rotary(const detail::RotaryParams& params, int threads);
 flashlin_status short_conv_forward(const detail::ShortConvParams& params, int threads);
 flashlin_status short_conv_backward(const detail::ShortConvParams& params, int threads);
 
+// Based (based.cpp / based.cu)
+
+// ABC / GSA slot attention (slot_attention.cpp / .cu)
+
+// Transformer-VQ (vq_attention.cpp / .cu)
+
 }  // namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS
