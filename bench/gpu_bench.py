@@ -39,6 +39,14 @@ What is measured (all in one process unless said otherwise):
 * Modules: flashlin.modules' RMSNorm, gated RMSNorm (swish), rotary (q [B, T, H, D]) and
   short convolution (W = 4, SiLU) at 8 x 4096 tokens of hidden size 4096, fwd and fwd+bwd,
   beside the same math in eager PyTorch; GB/s over the bytes each must move.
+* Models (issue 5): the other models' ops at B=8, H=32, T in 2048 ... 16384 (--models-T), bf16,
+  fwd and fwd+bwd, beside fla's op where fla has one and SDPA causal (same B, H, T, D=128):
+    based  fused_chunk_based(q, k, v)       feature dim 16, V=128   (fla: parallel_based)
+    gsa    chunk_gsa(q, k, v, s, g)         M=64 slots, K=V=128, g = logsigmoid(randn)/8, s=1-e^g
+    abc    chunk_abc(q, k, v, s)            M=64 slots, K=V=128, s = randn
+    vq     vq_attention(q, k, v, codebook)  S=512 codes, block_len=512, K=V=128
+  The floor is bytes only: inputs read and outputs written once per pass (the gradients in the
+  backward), at --bandwidth.
 * Memory: peak extra device memory of fwd+bwd (and fwd) at T=16384, B=8, H=32:
   torch.cuda.max_memory_allocated during the call, minus what the inputs, do, o and the gradients
   hold.
@@ -686,6 +694,121 @@ def print_modules():
                   f"{cell(theirs, 9)} {rate(theirs)}")
 
 
+# --- issue 5's ops --------------------------------------------------------------------------------
+MODEL_OPS = ("based", "gsa", "abc", "vq")
+MODEL_TARGETS = {"based": (1.0, 4.0), "gsa": (1.5, 6.0), "abc": (1.5, 6.0)}  # at T=4096
+MODEL_FLA_ISSUE = {"based": (3.67, 14.5), "abc": (5.37, 17.5)}  # the issue's fla numbers
+MODEL_SLOTS, MODEL_CODES, MODEL_BLOCK, BASED_DIM = 64, 512, 512, 16
+
+
+def model_inputs(op, B, T, H, K, device, dtype, seed=0):
+    """Inputs (each requiring grad) and keyword arguments of issue 5's op `op`."""
+    torch.manual_seed(seed)
+
+    def leaf(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device=device)).to(dtype).requires_grad_()
+    if op == "based":
+        return [leaf(B, T, H, BASED_DIM), leaf(B, T, H, BASED_DIM), leaf(B, T, H, K)], {}
+    if op == "gsa":
+        g = (F.logsigmoid(torch.randn(B, T, H, MODEL_SLOTS, device=device)) / 8)
+        s = (1 - g.exp()).to(dtype).requires_grad_()
+        return [leaf(B, T, H, K), leaf(B, T, H, K), leaf(B, T, H, K), s,
+                g.to(dtype).requires_grad_()], {}
+    if op == "abc":
+        return [leaf(B, T, H, K), leaf(B, T, H, K), leaf(B, T, H, K),
+                leaf(B, T, H, MODEL_SLOTS)], {}
+    if op == "vq":
+        codebook = torch.randn(H, MODEL_CODES, K, device=device).to(dtype)
+        return [leaf(B, T, H, K), leaf(B, T, H, K), leaf(B, T, H, K)], {"codebook": codebook}
+    raise ValueError(op)
+
+
+def model_calls(op, fla_ok):
+    """{impl: fn(*inputs, **kwargs) -> o} for the implementations that exist for `op`."""
+    calls = {}
+    if op == "based":
+        calls["flashlin"] = lambda q, k, v: flashlin_ops.fused_chunk_based(q, k, v)
+    elif op == "gsa":
+        calls["flashlin"] = lambda q, k, v, s, g: flashlin_ops.chunk_gsa(q, k, v, s, g)[0]
+    elif op == "abc":
+        calls["flashlin"] = lambda q, k, v, s: flashlin_ops.chunk_abc(q, k, v, s)[0]
+    elif op == "vq":
+        calls["flashlin"] = lambda q, k, v, codebook: flashlin_ops.vq_attention(
+            q, k, v, codebook, block_len=MODEL_BLOCK)[0]
+    if fla_ok:
+        try:
+            if op == "based":
+                fn = import_fla_module("fla.ops.based").parallel_based
+                calls["fla"] = lambda q, k, v: fn(q, k, v, use_norm=True)
+            elif op == "gsa":
+                fn = import_fla_module("fla.ops.gsa").chunk_gsa
+                calls["fla"] = lambda q, k, v, s, g: fn(q, k, v, s, g)[0]
+            elif op == "abc":
+                fn = import_fla_module("fla.ops.abc").chunk_abc
+                calls["fla"] = lambda q, k, v, s: fn(q, k, v, s)[0]
+        except Exception as error:  # noqa: BLE001
+            FOOTNOTES.append(f"models {op} fla: {type(error).__name__}: {first_line(error)}")
+    return calls
+
+
+def run_models(cfg, device, impls):
+    B, H, K = cfg.B, cfg.H, cfg.K
+    print(f"-- models (issue 5): B={B} H={H} T={cfg.models_T} K=V={K}", flush=True)
+    for op in cfg.model_ops:
+        calls = model_calls(op, "fla" in impls)
+        for T in cfg.models_T:
+            try:
+                inputs, kwargs = model_inputs(op, B, T, H, K, device, cfg.dtype)
+            except Exception as error:  # noqa: BLE001
+                note_error(error, device)
+                FOOTNOTES.append(f"models {op} T={T}: {type(error).__name__}: "
+                                 f"{first_line(error)}")
+                continue
+            moved_fwd = sum(nbytes(x) for x in inputs) + nbytes(inputs[2])  # + o (shaped as v)
+            moved_bwd = 2 * sum(nbytes(x) for x in inputs) + nbytes(inputs[2])  # + do
+            d_o = torch.randn_like(inputs[2])
+            table = dict(calls)
+            if "sdpa" in impls:
+                table["sdpa"] = lambda q, k, v: sdpa_call(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            for impl, fn in table.items():
+                if impl == "sdpa":  # softmax attention at the same B, H, T with D = 128
+                    call, args = fn, [torch.randn(B, T, H, K, device=device, dtype=cfg.dtype)
+                                      .requires_grad_() for _ in range(3)]
+                else:
+                    call, args = (lambda *xs, fn=fn: fn(*xs, **kwargs)), inputs
+                for which in PASSES:
+                    moved = moved_fwd if which == "fwd" else moved_fwd + moved_bwd
+                    floor = (moved, 0, floor_ms(moved, 0, cfg))
+                    timed_record(cfg, device, "models", op, impl, which, B, H, T, floor,
+                                 pass_step(call, args, d_o, which))
+            del inputs, kwargs, d_o
+            free(device)
+
+
+def print_models(cfg):
+    rows = [r for r in RECORDS if r["section"] == "models"]
+    if not rows:
+        return
+    print(f"\n== issue 5's ops (bf16, B={cfg.B} H={cfg.H}): ms, median; %floor over the bytes "
+          f"floor; fl/fla = fla / flashlin; fl/sdpa = sdpa / flashlin; target and fla(issue) at "
+          f"T=4096 ==")
+    print(f"{'op':6} {'T':>6} {'pass':7} {'flashlin':>9} {'%floor':>6} {'fla':>9} {'fl/fla':>6} "
+          f"{'sdpa':>9} {'fl/sdpa':>7} {'target':>7} {'fla(issue)':>10}")
+    for op in dict.fromkeys(r["op"] for r in rows):
+        for T in dict.fromkeys(r["T"] for r in rows if r["op"] == op):
+            for i, which in enumerate(PASSES):
+                get = lambda impl: find("models", op, impl, which, cfg.B, cfg.H, T)  # noqa: E731
+                mine, fla, sdpa = get("flashlin"), get("fla"), get("sdpa")
+                vs_fla, vs_sdpa = (f"{x:.2f}" if x else None
+                                   for x in (ratio(fla, mine), ratio(sdpa, mine)))
+                target = MODEL_TARGETS.get(op, (None, None))[i] if T == 4096 else None
+                issue = MODEL_FLA_ISSUE.get(op, (None, None))[i] if T == 4096 else None
+                print(f"{op:6} {T:6d} {which:7} {cell(mine, 9)} {percent(mine):>6} "
+                      f"{cell(fla, 9)} {vs_fla or '-':>6} {cell(sdpa, 9)} {vs_sdpa or '-':>7} "
+                      f"{target or '-':>7} {issue or '-':>10}")
+
+
 def nbytes(tensor):
     return tensor.numel() * tensor.element_size() if tensor is not None else 0
 
@@ -1077,7 +1200,7 @@ def parse_args(argv=None):
     out = os.environ.get("OUT")
     default_csv = os.path.join(out, "bench_gpu.csv") if out else "bench_gpu.csv"
     default_png = os.path.join(out, "bench_gpu.png") if out else "bench_gpu.png"
-    sections = ("main", "long", "decode", "first-call", "t65536", "memory", "modules")
+    sections = ("main", "long", "decode", "first-call", "t65536", "memory", "modules", "models")
     parser.add_argument("--ops", nargs="+", default=list(OPS),
                         help="subset of retention linear_attn gla rwkv6 (spaces or commas)")
     parser.add_argument("--T", nargs="+", default=None,
@@ -1085,6 +1208,10 @@ def parse_args(argv=None):
     parser.add_argument("--B", type=int, default=None, help="batch of the sweep (8)")
     parser.add_argument("--H", type=int, default=None, help="heads of the sweep (32)")
     parser.add_argument("--K", type=int, default=128, help="key (= value) head dimension (128)")
+    parser.add_argument("--models-T", nargs="+", default=None,
+                        help="sequence lengths of the models section (2048 4096 8192 16384)")
+    parser.add_argument("--model-ops", nargs="+", default=list(MODEL_OPS),
+                        help="subset of based gsa abc vq for the models section")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes and few repeats everywhere (logic check)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -1119,6 +1246,10 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {list(sections)}")
     cfg.V = cfg.K
+    cfg.model_ops = split_list(cfg.model_ops)
+    unknown = [op for op in cfg.model_ops if op not in MODEL_OPS]
+    if unknown:
+        parser.error(f"unknown model op(s) {unknown}; choose from {list(MODEL_OPS)}")
     cfg.dtype, cfg.gate_dtype = DTYPES[cfg.dtype], DTYPES[cfg.gate_dtype]
     cfg.dtype_name = str(cfg.dtype).replace("torch.", "")
     cfg.gate_dtype_name = str(cfg.gate_dtype).replace("torch.", "")
@@ -1135,6 +1266,7 @@ def parse_args(argv=None):
         cfg.first_small, cfg.first_big = (1, 2, 64), (cfg.B, cfg.H, max(cfg.T))
         cfg.first_repeats = 1
         cfg.module_rows, cfg.module_hidden, cfg.module_T = 256, 128, 64
+        cfg.models_T = split_list(cfg.models_T, int) if cfg.models_T else [64, 200]
         cfg.repeats, cfg.min_repeats = min(cfg.repeats, 5), min(cfg.min_repeats, 3)
         cfg.budget = min(cfg.budget, 0.2)
     else:
@@ -1149,6 +1281,8 @@ def parse_args(argv=None):
         cfg.first_repeats = 2
         # modules at a model's sizes: 8 x 4096 tokens of hidden size 4096; heads of the sweep
         cfg.module_rows, cfg.module_hidden, cfg.module_T = 8 * 4096, 4096, 4096
+        cfg.models_T = (split_list(cfg.models_T, int) if cfg.models_T
+                        else [2048, 4096, 8192, 16384])
     return cfg
 
 
@@ -1219,6 +1353,8 @@ def main(argv=None):
             print("-- memory: skipped (peak memory statistics need CUDA)")
     if "modules" in cfg.sections:
         run_modules(cfg, device)
+    if "models" in cfg.sections:
+        run_models(cfg, device, impls)
     fill_derived(cfg)
 
     print(f"\n== forward (fwd) and forward+backward (fwd+bwd): ms, median; K=V={cfg.K} "
@@ -1235,6 +1371,7 @@ def main(argv=None):
     print_t65536()
     print_memory()
     print_modules()
+    print_models(cfg)
     if FOOTNOTES:
         print("\nerrors:")
         for line in FOOTNOTES:
