@@ -38,6 +38,11 @@ def _inputs(q, k, v, g, u, initial_state, cu_seqlens):
     return _lib.RecurrenceInputs(*[view.pointer for view in views]), views
 
 
+# Below this many tokens per call no CUDA forward splits its sequences (src/cuda/chunk_split.cu:
+# pieces are at least 1024 tokens).
+_SPLIT_MIN_TOKENS = 1024
+
+
 def forward_impl(q, k, v, g, u, initial_state, cu_seqlens, gate_kind, form, scale, chunk_size,
                  reverse, bonus, output_final_state, names=None):
     """Returns (o, final_state or None). All checks are the library's (nothing is written when
@@ -51,9 +56,15 @@ def forward_impl(q, k, v, g, u, initial_state, cu_seqlens, gate_kind, form, scal
     inputs, keep = _inputs(q, k, v, g, u, initial_state, cu_seqlens)
     o_view = _lib.TensorView(o, "o")
     final_view = _lib.TensorView(final_state, "final_state")
-    # The forward needs no scratch beyond a varlen sequence table, which the library allocates
-    # itself (stream-ordered); skipping the size query keeps decode steps cheap on the host.
-    execution, workspace = _lib.execution_for(q)
+    # Short calls (decoding) need no scratch beyond a varlen sequence table, which the library
+    # allocates itself (stream-ordered): skipping the size query keeps decode steps cheap on the
+    # host. Long ones may split their sequences across thread blocks (CUDA), whose scratch comes
+    # from torch's allocator like every other workspace.
+    query = None
+    if q.is_cuda and q.shape[1] >= _SPLIT_MIN_TOKENS:
+        query = lambda size: _lib.lib.flashlin_recurrence_workspace_size(  # noqa: E731
+            config, inputs, 0, size)
+    execution, workspace = _lib.execution_for(q, query)
     _lib.check(_lib.lib.flashlin_recurrence_forward(config, inputs, o_view.pointer,
                                                     final_view.pointer, execution), names)
     del keep, workspace

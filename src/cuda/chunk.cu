@@ -73,14 +73,11 @@ ChunkArgs forward_args(const RecurrenceParams& p, const LaunchContext& ctx) {
   return args;
 }
 
-struct BackwardLayout {
-  size_t q_dq = 0, final_term = 0, du_partial = 0;  // byte offsets
-  size_t total = 0;
-};
+}  // namespace
 
-BackwardLayout backward_layout(const RecurrenceParams& p) {
+// The backward's scratch for `num_seqs` sequences (the call's, or the pieces of a split call).
+BackwardLayout backward_layout(const RecurrenceParams& p, size_t num_seqs) {
   BackwardLayout layout;
-  const size_t num_seqs = p.sequences.size();
   const size_t heads = static_cast<size_t>(p.num_heads), keys = static_cast<size_t>(p.key_dim);
   size_t offset = 0;
   if (p.dg.present) {
@@ -99,8 +96,6 @@ BackwardLayout backward_layout(const RecurrenceParams& p) {
   return layout;
 }
 
-}  // namespace
-
 bool chunk_tc_supports(const RecurrenceParams& p, bool backward) {
   if (!half_type(p.q.dtype) || p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype) return false;
   if (p.key_dim != 64 && p.key_dim != 128) return false;
@@ -111,7 +106,8 @@ bool chunk_tc_supports(const RecurrenceParams& p, bool backward) {
     if (p.g.dtype == Storage::kFloat64 || !rows_copyable(p.g)) return false;
   }
   if (p.num_heads > 65535 || static_cast<int64_t>(p.sequences.size()) > 65535) return false;
-  if (!backward) return p.o.dtype == p.q.dtype && rows_copyable(p.o);
+  // A workspace query has no o: size for the tensor-core path (an upper bound).
+  if (!backward) return !p.o.present || (p.o.dtype == p.q.dtype && rows_copyable(p.o));
   // The backward keeps a whole K x V state per thread block: K = V in {64, 128}.
   if (p.value_dim != p.key_dim) return false;
   if (p.d_o.dtype != p.q.dtype || !rows_copyable(p.d_o)) return false;
@@ -119,27 +115,36 @@ bool chunk_tc_supports(const RecurrenceParams& p, bool backward) {
 }
 
 size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward) {
-  return backward ? backward_layout(p).total : 0;
+  SplitPlan plan;
+  if (plan_split(p, backward, &plan)) return split_workspace_bytes(p, backward, plan);
+  return backward ? backward_layout(p, p.sequences.size()).total : 0;
 }
 
 cudaError_t chunk_tc_forward(const RecurrenceParams& p, const LaunchContext& ctx) {
   const ChunkArgs args = forward_args(p, ctx);
   const int64_t num_seqs = ctx.sequences.count;
   if (num_seqs == 0 || p.num_heads == 0) return cudaSuccess;
+  SplitPlan plan;
+  if (plan_split(p, false, &plan)) return chunk_tc_forward_split(p, ctx, plan, args);
+  return chunk_tc_launch_forward(p, args, num_seqs, ctx.stream);
+}
+
+cudaError_t chunk_tc_launch_forward(const RecurrenceParams& p, const ChunkArgs& args,
+                                    int64_t num_seqs, cudaStream_t stream) {
   const int v = static_cast<int>(p.value_dim);
   const bool bf16 = p.q.dtype == Storage::kBFloat16;
   if (p.key_dim == 64)
     return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, v, num_seqs,
-                                                                ctx.stream)
+                                                                stream)
                 : chunk_fwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, v, num_seqs,
-                                                         ctx.stream);
+                                                         stream);
   return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, v, num_seqs,
-                                                               ctx.stream)
+                                                               stream)
               : chunk_fwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, v, num_seqs,
-                                                        ctx.stream);
+                                                        stream);
 }
 
-cudaError_t chunk_tc_backward(const RecurrenceParams& p, const LaunchContext& ctx) {
+static chunk_bwd::BackwardArgs chunk_tc_backward_args(const RecurrenceParams& p, const LaunchContext& ctx) {
   chunk_bwd::BackwardArgs args;
   args.fwd = forward_args(p, ctx);
   args.d_o = p.d_o;
@@ -152,27 +157,45 @@ cudaError_t chunk_tc_backward(const RecurrenceParams& p, const LaunchContext& ct
   args.d_initial_state = p.d_initial_state;
   args.batch = p.batch;
   args.time = p.time;
-  const BackwardLayout layout = backward_layout(p);
+  return args;
+}
+
+cudaError_t chunk_tc_backward(const RecurrenceParams& p, const LaunchContext& ctx) {
+  chunk_bwd::BackwardArgs args = chunk_tc_backward_args(p, ctx);
+  const int64_t num_seqs = ctx.sequences.count;
+  SplitPlan plan;
+  if (num_seqs > 0 && p.num_heads > 0 && plan_split(p, true, &plan))
+    return chunk_tc_backward_split(p, ctx, plan, args);
+  const BackwardLayout layout = backward_layout(p, p.sequences.size());
   if (layout.total > 0 && (ctx.workspace == nullptr || ctx.workspace_bytes < layout.total))
     return cudaErrorInvalidValue;
-  if (p.dg.present) {
-    args.scratch.q_dq = reinterpret_cast<float*>(ctx.workspace + layout.q_dq);
-    args.scratch.final_term = reinterpret_cast<float*>(ctx.workspace + layout.final_term);
-  }
-  if (p.du.present)
-    args.scratch.du_partial = reinterpret_cast<float*>(ctx.workspace + layout.du_partial);
-  const int64_t num_seqs = ctx.sequences.count;
+  place_backward_scratch(p, layout, ctx.workspace, &args);
   if (num_seqs == 0 || p.num_heads == 0) return cudaSuccess;
+  return chunk_tc_launch_backward(p, args, num_seqs, ctx.stream);
+}
+
+void place_backward_scratch(const RecurrenceParams& p, const BackwardLayout& layout, char* base,
+                            chunk_bwd::BackwardArgs* args) {
+  args->scratch = chunk_bwd::BackwardScratch{};
+  if (p.dg.present && args->dg.present) {
+    args->scratch.q_dq = reinterpret_cast<float*>(base + layout.q_dq);
+    args->scratch.final_term = reinterpret_cast<float*>(base + layout.final_term);
+  }
+  if (p.du.present && args->du.present)
+    args->scratch.du_partial = reinterpret_cast<float*>(base + layout.du_partial);
+}
+
+cudaError_t chunk_tc_launch_backward(const RecurrenceParams& p,
+                                     const chunk_bwd::BackwardArgs& args, int64_t num_seqs,
+                                     cudaStream_t stream) {
   const bool bf16 = p.q.dtype == Storage::kBFloat16;
   if (p.key_dim == 64)
     return bf16 ? chunk_bwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, num_seqs,
-                                                                ctx.stream)
-                : chunk_bwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, num_seqs,
-                                                         ctx.stream);
-  return bf16
-             ? chunk_bwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, num_seqs,
-                                                              ctx.stream)
-             : chunk_bwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, num_seqs, ctx.stream);
+                                                                stream)
+                : chunk_bwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, num_seqs, stream);
+  return bf16 ? chunk_bwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, num_seqs,
+                                                               stream)
+              : chunk_bwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, num_seqs, stream);
 }
 
 }  // namespace flashlin::cuda

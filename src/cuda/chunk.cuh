@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <vector>
 
 #include "cuda/common.cuh"
 
@@ -27,6 +28,41 @@ struct ChunkArgs {
   float scale = 1.0f;
   bool reverse = false;
 };
+
+// Launches the forward kernel of p's types over `num_seqs` sequences of args.sequences.
+cudaError_t chunk_tc_launch_forward(const RecurrenceParams& p, const ChunkArgs& args,
+                                    int64_t num_seqs, cudaStream_t stream);
+
+namespace chunk_bwd {
+struct BackwardArgs;
+}
+
+// The backward's float32 scratch (byte offsets) for `num_seqs` sequences, its placement in
+// `base`, and the launch of the backward kernels of p's types.
+struct BackwardLayout {
+  size_t q_dq = 0, final_term = 0, du_partial = 0;
+  size_t total = 0;
+};
+BackwardLayout backward_layout(const RecurrenceParams& p, size_t num_seqs);
+void place_backward_scratch(const RecurrenceParams& p, const BackwardLayout& layout, char* base,
+                            chunk_bwd::BackwardArgs* args);
+cudaError_t chunk_tc_launch_backward(const RecurrenceParams& p,
+                                     const chunk_bwd::BackwardArgs& args, int64_t num_seqs,
+                                     cudaStream_t stream);
+
+// Long sequences split into pieces run by separate thread blocks when the call has too few
+// thread blocks to fill the GPU (chunk_split.cu).
+struct SplitPlan {
+  int64_t piece_length = 0;
+  std::vector<SequenceSpan> pieces;  // consecutive per sequence
+  std::vector<int64_t> first_piece;  // N + 1: pieces of sequence n are [first[n], first[n+1])
+};
+bool plan_split(const RecurrenceParams& p, bool backward, SplitPlan* plan);  // false: unsplit
+size_t split_workspace_bytes(const RecurrenceParams& p, bool backward, const SplitPlan& plan);
+cudaError_t chunk_tc_forward_split(const RecurrenceParams& p, const LaunchContext& ctx,
+                                   const SplitPlan& plan, ChunkArgs args);
+cudaError_t chunk_tc_backward_split(const RecurrenceParams& p, const LaunchContext& ctx,
+                                    const SplitPlan& plan, const chunk_bwd::BackwardArgs& args);
 
 }  // namespace flashlin::cuda
 

@@ -478,10 +478,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       }
     }
 
-    // Store o (rows past the sequence end are not written).
+    // Store o (rows past the sequence end are not written; no o: a states-only pass).
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (rows[r] >= rows_valid) continue;
+      if (rows[r] >= rows_valid || !args.o.present) continue;
       const int64_t token = token_at(int64_t{chunk} * kChunk + rows[r]);
       Elem* o_row = reinterpret_cast<Elem*>(args.o.data) +
                     element_offset(args.o, seq.batch, token, head, value0);

@@ -150,3 +150,70 @@ def test_backward_workspace_queries(path):
     assert exact_no_gate < exact_all
     if path == "default":  # the tensor-core backward needs scratch only for dg and du
         assert exact_no_gate == 0, exact_no_gate
+
+
+# --- long sequences split across thread blocks (src/cuda/chunk_split.cu) --------------------------
+# Few (sequence, head) pairs and long sequences: the forward cuts each sequence into pieces of
+# >= 1024 tokens run in parallel (two passes and a state scan between them).
+SPLIT_OPS = _ops(["chunk_retention", "chunk_linear_attn[plain]", "chunk_simple_gla[g]",
+                  "chunk_gla", "chunk_rwkv6"])
+
+
+@pytest.mark.parametrize("op", SPLIT_OPS, ids=str)
+def test_split_forward_against_reference(op, path):
+    x = make_inputs(op, 1, 3001, 2, 128, 128, dtype=BF16, device="cuda")
+    check_against_reference(op, x)
+
+
+@pytest.mark.parametrize("op", _ops(["chunk_retention", "chunk_gla", "chunk_rwkv6"]), ids=str)
+def test_split_varlen_against_reference(op, path):
+    lengths = [2500, 1, 0, 1300]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    x = make_inputs(op, 1, int(cu[-1]), 2, 64, 128, dtype=BF16, device="cuda", N=len(lengths))
+    check_against_reference(op, x, cu_seqlens=cu.cuda())
+
+
+def _forward_workspace_bytes(x, gate):
+    """flashlin_recurrence_workspace_size of a chunked per-key-gate forward on x."""
+    import ctypes
+
+    from flashlin import _lib
+    from flashlin import _recurrence as rec
+    config = rec._config(_lib.GATE_PER_KEY, "chunked", None, 64, False, False)
+    inputs, keep = rec._inputs(x["q"], x["k"], x["v"], gate, None, None, None)
+    size = ctypes.c_size_t(0)
+    _lib.check(_lib.lib.flashlin_recurrence_workspace_size(config, inputs, 0, ctypes.byref(size)))
+    del keep
+    return size.value
+
+
+@pytest.mark.parametrize("op", _ops(["chunk_retention", "chunk_gla", "chunk_rwkv6"]), ids=str)
+def test_split_equals_unsplit(op, monkeypatch):
+    """The same inputs with splitting off (FLASHLIN_CUDA_SPLIT=off): same outputs, final states
+    and gradients to rounding; the forward's workspace query covers the split's scratch."""
+    x = make_inputs(op, 1, 4100, 2, 128, 128, dtype=BF16, device="cuda")
+    names = list(op.grad_names) + ["h0"]
+    gate = torch.zeros_like(x["q"]).float()
+    do, dht = None, None
+
+    def run():
+        nonlocal do, dht
+        poison_cuda_cache()
+        xs = {n: t.detach().requires_grad_(n in names) for n, t in x.items()}
+        o, ht, _ = run_op(op, xs, initial_state=xs["h0"], output_final_state=True)
+        if do is None:
+            do, dht = torch.randn_like(o), torch.randn_like(ht)
+        grads = torch.autograd.grad([o, ht], [xs[n] for n in names], [do, dht])
+        return [o, ht] + list(grads)
+
+    split_bytes = _forward_workspace_bytes(x, gate)
+    split = run()
+    monkeypatch.setenv("FLASHLIN_CUDA_SPLIT", "off")
+    assert _forward_workspace_bytes(x, gate) == 0
+    unsplit = run()
+    # pieces of >= 1024 tokens, each with a [2, 128, 128] float32 state in and out
+    assert split_bytes >= 2 * 4 * 2 * 128 * 128 * 4, split_bytes
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+    for name, a, b in zip(["o", "ht"] + ["d" + n for n in names], split, unsplit):
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) < 1e-2, (name, rel(a, b))
