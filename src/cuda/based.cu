@@ -399,9 +399,7 @@ __global__ void __launch_bounds__(kThreads) based_dq_kernel(Args args) {
     if (!pl.owns_norm)  // the normaliser column's terms are tile 0's
       for (int i = threadIdx.x; i < kChunk; i += blockDim.x) m.va[i * kCols + kTile] = 0.0f;
     __syncthreads();
-    chunk_weights(m.q, m.k, count, m.w, m.ds);  // m.ds holds (1 + s) until overwritten below
-    __syncthreads();
-    for (int e = threadIdx.x; e < kChunk * kChunk; e += blockDim.x) m.w[e] = m.ds[e];
+    chunk_weights(m.q, m.k, count, m.ds, m.w);  // this pass needs (1 + s) only: into m.w
     __syncthreads();
     chunk_score_grads(m.ga, m.va, m.w, m.ds);
     state_times_rows(m.S, m.ga, count, m.g);
@@ -574,9 +572,10 @@ flashlin_status based_backward(const BasedParams& p) {
   const int64_t tokens = p.batch * p.time * p.num_heads;
   args.dq = reinterpret_cast<float*>(base + layout.dq);
   args.dk = reinterpret_cast<float*>(base + layout.dk);
-  check_cuda(cudaMemsetAsync(base + layout.dq, 0,
-                             layout.dk + tokens * kD * sizeof(float) - layout.dq, stream),
-             "clearing Based's gradient scratch");
+  if (tokens > 0)
+    check_cuda(cudaMemsetAsync(base + layout.dq, 0,
+                               layout.dk + tokens * kD * sizeof(float) - layout.dq, stream),
+               "clearing Based's gradient scratch");
   if (p.use_norm) {
     // 1-2: the outputs again (float32) and the normaliser's gradient.
     Args stats = args;  // o and final_state are not written
