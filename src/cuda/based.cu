@@ -203,7 +203,7 @@ __device__ void load_chunk(const KernelParams& p, const Place& pl, int64_t begin
   }
 }
 
-// w[i][j] = 1 + s + s^2/2 for j <= i < count, else 0; with `ds_factor`, (1 + s) there too.
+// w[i][j] = 1 + s + s^2/2 for j <= i < count, else 0; and (1 + s) there into one_plus_s when given.
 __device__ void chunk_weights(const float* q, const float* k, int count, float* w,
                               float* one_plus_s) {
   for (int e = threadIdx.x; e < kChunk * kChunk; e += blockDim.x) {
