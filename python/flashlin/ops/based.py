@@ -164,6 +164,8 @@ def based(q, k, v, scale=None, use_norm=True, initial_state=None, output_final_s
             raise ValueError(f"argument '{name}': expected a torch.Tensor, got "
                              f"{type(tensor).__name__}")
     cu_seqlens = _lib.on_host(cu_seqlens)
+    if form == "parallel" and q.shape[1] > 8192:
+        form = "chunked"  # the same values; the parallel form's work grows as T^2
     spec = (form, 0.0 if scale is None else float(scale), bool(use_norm))
     if _custom_forward is not None and _compiling():
         o, final_state = _custom_forward(q, k, v, initial_state, cu_seqlens, *spec,
