@@ -28,9 +28,11 @@
 // A forward with final_state in place of initial_state: tiles other than 0 read the normaliser
 // column of the initial state, which tile 0 overwrites; it is copied to scratch first.
 //
-// Speed bound: ~2 x 273 x (kTile + 1) FLOPs per token, head and tile for the state read and as
-// many for the update, on CUDA cores (see the header of the brief / bench/NOTES.md for the
-// tensor-core plan).
+// Speed: every FLOP is a float32 FMA on CUDA cores (no tensor cores yet); per token, head and
+// tile the state read and update cost 2 x 273 x (kTile + 1) FLOPs each, so this kernel is far from
+// the target at B=8, H=32, T=4096, V=128 (forward <= 1 ms). The plan for speed: the chunk's
+// phi(q), phi(k) formed in shared memory as bf16/fp16 tiles and the state products run with
+// mma.sync (float32 accumulation, state kept in float32), as the chunked recurrence does.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -69,12 +71,23 @@ constexpr size_t kBackwardSmem =
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// phi(x)_f of a row x of kD values in shared memory.
-__device__ __forceinline__ float feature(const float* x, int f) {
-  if (f == 0) return 1.0f;
-  if (f <= kD) return x[f - 1];
-  const int pair = f - 1 - kD;
-  return x[pair / kD] * x[pair % kD] * kInvSqrt2;
+// phi(x)^T M[:, lc] for a row x of kD values and M [kF][kCols] (a state or its gradient):
+//   M[0] + sum_a x_a (M[1 + a] + sum_b x_b M[1 + kD + a kD + b] / sqrt(2)),
+// the row in registers: one shared-memory load and one FMA per feature.
+__device__ __forceinline__ float features_dot(const float* x, const float* M, int lc) {
+  float xr[kD];
+#pragma unroll
+  for (int a = 0; a < kD; ++a) xr[a] = x[a];
+  float sum = M[lc];
+#pragma unroll
+  for (int a = 0; a < kD; ++a) {
+    const float* quadratic = M + (1 + kD + a * kD) * kCols + lc;
+    float inner = 0.0f;
+#pragma unroll
+    for (int b = 0; b < kD; ++b) inner += xr[b] * quadratic[b * kCols];
+    sum += xr[a] * (M[(1 + a) * kCols + lc] + inner * kInvSqrt2);
+  }
+  return sum;
 }
 
 // The parts of BasedParams the kernels read (trivially copyable, unlike its sequence vector).
@@ -221,12 +234,23 @@ __device__ void chunk_weights(const float* q, const float* k, int count, float* 
   }
 }
 
-// S[f][lc] += sum_{j < count} phi(x_j)_f rows[j][lc] (x: k for the state, q' for dS).
+// S[f][lc] += sum_{j < count} phi(x_j)_f rows[j][lc] (x: k for the state, q' for dS). Each
+// thread owns its entries of S; the kind of feature f (constant, linear, quadratic) is decided
+// once per entry, not per row.
 __device__ void add_outer(const float* x, const float* rows, int count, float* S) {
   for (int e = threadIdx.x; e < kStateFloats; e += blockDim.x) {
     const int f = e / kCols, lc = e % kCols;
     float sum = 0.0f;
-    for (int j = 0; j < count; ++j) sum += feature(x + j * kD, f) * rows[j * kCols + lc];
+    if (f == 0) {
+      for (int j = 0; j < count; ++j) sum += rows[j * kCols + lc];
+    } else if (f <= kD) {
+      const int a = f - 1;
+      for (int j = 0; j < count; ++j) sum += x[j * kD + a] * rows[j * kCols + lc];
+    } else {
+      const int a = (f - 1 - kD) / kD, b = (f - 1 - kD) % kD;
+      for (int j = 0; j < count; ++j) sum += x[j * kD + a] * x[j * kD + b] * rows[j * kCols + lc];
+      sum *= kInvSqrt2;
+    }
     S[e] += sum;
   }
 }
@@ -275,8 +299,7 @@ __global__ void __launch_bounds__(kThreads) based_forward_kernel(Args args) {
     __syncthreads();
     for (int e = threadIdx.x; e < count * kCols; e += blockDim.x) {
       const int i = e / kCols, lc = e % kCols;
-      float sum = 0.0f;
-      for (int f = 0; f < kF; ++f) sum += feature(q + i * kD, f) * S[f * kCols + lc];
+      float sum = features_dot(q + i * kD, S, lc);
       for (int j = 0; j <= i; ++j) sum += w[i * kChunk + j] * va[j * kCols + lc];
       a[e] = sum;
     }
@@ -451,7 +474,7 @@ __global__ void __launch_bounds__(kThreads) based_dkv_kernel(Args args) {
         if (lc >= pl.width) continue;
         float sum = 0.0f;
         for (int i = j; i < count; ++i) sum += m.w[i * kChunk + j] * m.ga[i * kCols + lc];
-        for (int f = 0; f < kF; ++f) sum += feature(m.k + j * kD, f) * m.S[f * kCols + lc];
+        sum += features_dot(m.k + j * kD, m.S, lc);
         store_float(p.dv,
                     element_offset(p.dv, pl.seq.batch, pl.seq.start + begin + j, pl.h, pl.c0 + lc),
                     sum);
