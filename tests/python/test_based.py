@@ -352,3 +352,34 @@ def test_cuda_bad_arguments():
     q, k, v = (t.cuda() for t in _inputs())
     with pytest.raises(ValueError, match="'k'"):
         fused_chunk_based(q, k.cpu(), v)
+
+
+# --- torch.compile (torch >= 2.4: the op is a torch.library custom op) ---------------------------
+def _torch_version():
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _compiled_model(q, k, v, h0):
+    o1, h1 = fused_chunk_based(q, k, v, initial_state=h0, output_final_state=True)
+    o2 = parallel_based(o1[..., :q.shape[-1]].tanh(), k, v, use_norm=False)
+    return o1 + o2, h1
+
+
+@pytest.mark.skipif(_torch_version() < (2, 4), reason="needs torch >= 2.4")
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
+    B, T, H, d, V = 1, 40, 2, 16, 16
+    inputs = [torch.randn(B, T, H, d), torch.randn(B, T, H, d), torch.randn(B, T, H, V),
+              random_state(B, H, d, V, "cpu").detach()]
+    inputs = [t.to(device).requires_grad_() for t in inputs]
+    do = torch.randn(B, T, H, V, device=device)
+    dh = torch.randn(B, H, num_features(d), V + 1, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(_compiled_model, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (_compiled_model, compiled):
+        o, h = fn(*inputs)
+        results.append([o, h, *torch.autograd.grad([o, h], inputs, [do, dh])])
+    for name, eager, comp in zip(["o", "final_state", "dq", "dk", "dv", "dh0"], *results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
