@@ -274,6 +274,67 @@ FLASHLIN_API flashlin_status flashlin_short_conv_backward_workspace_size(
 
 /* ---- Based linear attention (issue 5; src/api/based_api.cpp) ---- */
 
+/* Linear attention with the 2nd-order Taylor feature map of exp (Based, DESIGN.md §4). Per
+ * sequence and head, with q' = scale q (q, k: feature dim d) and
+ *     phi(x) = [1, x_0..x_{d-1}, x_a x_b / sqrt(2) for a, b row-major]     (F = 1 + d + d^2)
+ * so that w_ij = phi(q'_i).phi(k_j) = 1 + s_ij + s_ij^2 / 2 with s_ij = q'_i.k_j:
+ *     S = S_0 + sum_j phi(k_j) [v_j, 1]^T          state [F, V + 1]; column V: the normaliser
+ *     [num_i, den_i] = phi(q'_i)^T S_0 + sum_{j <= i} w_ij [v_j, 1]
+ *     o_i = num_i / (den_i + 1e-6) if use_norm, else num_i.
+ * The state is exactly what a call on the following tokens continues from (initial_state), so a
+ * prefill then token-by-token decoding equals one call on the whole sequence. The forms compute
+ * the same values (to rounding): chunked (intra-chunk weights directly, inter-chunk through S),
+ * recurrent (token by token: decoding), parallel (the T x T weights: short sequences).
+ * Sizes: d in 1..32 on the CPU, d = 16 on CUDA; V in 1..256. */
+typedef struct flashlin_based_config {
+  double scale;     /* 0 selects d^-1/2; otherwise any finite value */
+  int32_t use_norm; /* nonzero: divide by the normaliser (fla's default: set it to 1) */
+  flashlin_form form;
+} flashlin_based_config;
+
+/* q, k [B, T, H, d]; v [B, T, H, V]; all one floating dtype (float64 on the CPU only).
+ * initial_state: optional [N, H, F, V + 1] (N = B, or the sequences in cu_seqlens), float32 (any
+ * floating dtype is read). cu_seqlens: optional, as for the recurrence (host memory, B == 1). */
+typedef struct flashlin_based_inputs {
+  const DLTensor* q;
+  const DLTensor* k;
+  const DLTensor* v;
+  const DLTensor* initial_state;
+  const DLTensor* cu_seqlens;
+} flashlin_based_inputs;
+
+/* Any may be NULL (not wanted): dq, dk [B, T, H, d] and dv [B, T, H, V] in the dtype of q;
+ * d_initial_state [N, H, F, V + 1] (requires initial_state). */
+typedef struct flashlin_based_grads {
+  DLTensor* dq;
+  DLTensor* dk;
+  DLTensor* dv;
+  DLTensor* d_initial_state;
+} flashlin_based_grads;
+
+/* Writes o [B, T, H, V] (dtype of v) and, if non-NULL, final_state [N, H, F, V + 1] (which may be
+ * the very same tensor as initial_state: updated in place). exec may be NULL. */
+FLASHLIN_API flashlin_status flashlin_based_forward(const flashlin_based_config* config,
+                                                    const flashlin_based_inputs* inputs,
+                                                    DLTensor* o, DLTensor* final_state,
+                                                    const flashlin_execution* exec);
+
+/* d_o [B, T, H, V] (dtype of v); d_final_state optional [N, H, F, V + 1]: the gradient flowing
+ * into final_state. Recomputes what the forward computed. */
+FLASHLIN_API flashlin_status flashlin_based_backward(const flashlin_based_config* config,
+                                                     const flashlin_based_inputs* inputs,
+                                                     const DLTensor* d_o,
+                                                     const DLTensor* d_final_state,
+                                                     const flashlin_based_grads* grads,
+                                                     const flashlin_execution* exec);
+
+/* Scratch bytes of the forward (backward = 0) or backward (1) call with these inputs, every
+ * gradient wanted (0 on the CPU). A call without (or with too small) exec->workspace allocates
+ * its own (stream-ordered). */
+FLASHLIN_API flashlin_status flashlin_based_workspace_size(const flashlin_based_config* config,
+                                                           const flashlin_based_inputs* inputs,
+                                                           int backward, size_t* bytes);
+
 /* ---- ABC / GSA slot attention (issue 5; src/api/slot_attention_api.cpp) ---- */
 
 /* ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ---- */

@@ -259,6 +259,52 @@ inline size_t short_conv_backward_workspace_size(const ShortConvInputs& inputs) 
 
 // ---- Based linear attention (issue 5; src/api/based_api.cpp) ----
 
+// Views of the inputs; a null pointer stands for an absent optional tensor. The configuration
+// is the C struct (set use_norm = 1 for fla's default).
+struct BasedInputs {
+  const DLTensor* q = nullptr;
+  const DLTensor* k = nullptr;
+  const DLTensor* v = nullptr;
+  const DLTensor* initial_state = nullptr;
+  const DLTensor* cu_seqlens = nullptr;
+  flashlin_based_inputs c_struct() const {
+    return flashlin_based_inputs{q, k, v, initial_state, cu_seqlens};
+  }
+};
+
+struct BasedGrads {
+  DLTensor* dq = nullptr;
+  DLTensor* dk = nullptr;
+  DLTensor* dv = nullptr;
+  DLTensor* d_initial_state = nullptr;
+  flashlin_based_grads c_struct() const {
+    return flashlin_based_grads{dq, dk, dv, d_initial_state};
+  }
+};
+
+inline void based_forward(const flashlin_based_config& config, const BasedInputs& inputs,
+                          DLTensor* o, DLTensor* final_state = nullptr,
+                          const flashlin_execution* exec = nullptr) {
+  const flashlin_based_inputs c_inputs = inputs.c_struct();
+  check(flashlin_based_forward(&config, &c_inputs, o, final_state, exec));
+}
+
+inline void based_backward(const flashlin_based_config& config, const BasedInputs& inputs,
+                           const DLTensor* d_o, const DLTensor* d_final_state,
+                           const BasedGrads& grads, const flashlin_execution* exec = nullptr) {
+  const flashlin_based_inputs c_inputs = inputs.c_struct();
+  const flashlin_based_grads c_grads = grads.c_struct();
+  check(flashlin_based_backward(&config, &c_inputs, d_o, d_final_state, &c_grads, exec));
+}
+
+inline size_t based_workspace_size(const flashlin_based_config& config, const BasedInputs& inputs,
+                                   bool backward) {
+  const flashlin_based_inputs c_inputs = inputs.c_struct();
+  size_t bytes = 0;
+  check(flashlin_based_workspace_size(&config, &c_inputs, backward ? 1 : 0, &bytes));
+  return bytes;
+}
+
 // ---- ABC / GSA slot attention (issue 5; src/api/slot_attention_api.cpp) ----
 
 // ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ----

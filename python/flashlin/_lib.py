@@ -148,6 +148,16 @@ class ShortConvGrads(ctypes.Structure):
 
 
 # Based (flashlin_based_*).
+class BasedConfig(ctypes.Structure):
+    _fields_ = [("scale", ctypes.c_double), ("use_norm", ctypes.c_int32), ("form", ctypes.c_int)]
+
+
+class BasedInputs(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("q", "k", "v", "initial_state", "cu_seqlens")]
+
+
+class BasedGrads(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("dq", "dk", "dv", "d_initial_state")]
 
 
 # ABC / GSA slot attention (flashlin_slot_attention_*).
@@ -191,6 +201,14 @@ _SIGNATURES = {
         ctypes.POINTER(ShortConvGrads), ctypes.POINTER(Execution)],
     "flashlin_short_conv_backward_workspace_size": [ctypes.POINTER(ShortConvInputs), _SIZE_P],
     # Based
+    "flashlin_based_forward": [
+        ctypes.POINTER(BasedConfig), ctypes.POINTER(BasedInputs), _PDL, _PDL,
+        ctypes.POINTER(Execution)],
+    "flashlin_based_backward": [
+        ctypes.POINTER(BasedConfig), ctypes.POINTER(BasedInputs), _PDL, _PDL,
+        ctypes.POINTER(BasedGrads), ctypes.POINTER(Execution)],
+    "flashlin_based_workspace_size": [
+        ctypes.POINTER(BasedConfig), ctypes.POINTER(BasedInputs), ctypes.c_int, _SIZE_P],
 
     # ABC / GSA slot attention
 

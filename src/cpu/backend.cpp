@@ -48,6 +48,7 @@ struct Kernels {
   Entry<detail::RotaryParams> rotary[2];
   Entry<detail::ShortConvParams> short_conv_forward[2], short_conv_backward[2];
   // Based
+  Entry<detail::BasedParams> based_forward[2], based_backward[2];
 
   // ABC / GSA slot attention
 
@@ -70,6 +71,8 @@ struct Kernels {
     FLASHLIN_CPU_ENTRY(isa, short_conv_forward),       \
     FLASHLIN_CPU_ENTRY(isa, short_conv_backward),      \
     /* Based */                                        \
+    FLASHLIN_CPU_ENTRY(isa, based_forward),            \
+    FLASHLIN_CPU_ENTRY(isa, based_backward),           \
                                                        \
     /* ABC / GSA slot attention */                     \
                                                        \
@@ -154,6 +157,14 @@ flashlin_status short_conv_backward(const detail::ShortConvParams& params) {
 }
 
 // Based
+
+flashlin_status based_forward(const detail::BasedParams& params) {
+  return call(kernels().based_forward, params, params.q.dtype);
+}
+
+flashlin_status based_backward(const detail::BasedParams& params) {
+  return call(kernels().based_backward, params, params.q.dtype);
+}
 
 // ABC / GSA slot attention
 

@@ -6,6 +6,7 @@
 
 #include <flashlin/flashlin.h>
 
+#include "api/based_params.hpp"
 #include "api/module_params.hpp"
 #include "api/params.hpp"
 
@@ -30,6 +31,8 @@ flashlin_status short_conv_forward(const detail::ShortConvParams& params);
 flashlin_status short_conv_backward(const detail::ShortConvParams& params);
 
 // Based (based.cpp / based.cu)
+flashlin_status based_forward(const detail::BasedParams& params);
+flashlin_status based_backward(const detail::BasedParams& params);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
 

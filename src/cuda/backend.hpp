@@ -8,6 +8,7 @@
 
 #include <cstddef>
 
+#include "api/based_params.hpp"
 #include "api/module_params.hpp"
 #include "api/params.hpp"
 
@@ -31,6 +32,9 @@ size_t rms_norm_backward_workspace_bytes(const detail::RmsNormParams& params);
 size_t short_conv_backward_workspace_bytes(const detail::ShortConvParams& params);
 
 // Based (based.cpp / based.cu)
+flashlin_status based_forward(const detail::BasedParams& params);
+flashlin_status based_backward(const detail::BasedParams& params);
+size_t based_workspace_bytes(const detail::BasedParams& params, bool backward);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
 

@@ -1,6 +1,7 @@
 """fla-compatible ops: `from flashlin.ops import chunk_gla` replaces `from fla.ops.gla import
 chunk_gla`. Every op is the gated linear recurrence of DESIGN.md §3 with its own gate; layouts
 are fla's ([B, T, H, K] tokens, [N, H, K, V] float32 states)."""
+from .based import fused_chunk_based, fused_recurrent_based, parallel_based
 from .gateloop import chunk_gateloop, fused_recurrent_gateloop
 from .gla import chunk_gla, fused_chunk_gla, fused_recurrent_gla
 from .lightning_attn import chunk_lightning_attn, fused_recurrent_lightning_attn
@@ -11,6 +12,7 @@ from .rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
 from .simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
 __all__ = [
+    "fused_chunk_based", "fused_recurrent_based", "parallel_based",
     "chunk_gateloop", "fused_recurrent_gateloop",
     "chunk_gla", "fused_chunk_gla", "fused_recurrent_gla",
     "chunk_lightning_attn", "fused_recurrent_lightning_attn",

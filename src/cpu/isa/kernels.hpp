@@ -7,6 +7,7 @@
 
 #include <flashlin/flashlin.h>
 
+#include "api/based_params.hpp"
 #include "api/module_params.hpp"
 #include "api/params.hpp"
 
@@ -24,6 +25,8 @@ flashlin_status short_conv_forward(const detail::ShortConvParams& params, int th
 flashlin_status short_conv_backward(const detail::ShortConvParams& params, int threads);
 
 // Based (based.cpp / based.cu)
+flashlin_status based_forward(const detail::BasedParams& params, int threads);
+flashlin_status based_backward(const detail::BasedParams& params, int threads);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
 
