@@ -50,6 +50,7 @@ struct Kernels {
   // Based
 
   // ABC / GSA slot attention
+  Entry<detail::SlotAttentionParams> slot_attention_forward[2], slot_attention_backward[2];
 
   // Transformer-VQ
 
@@ -72,6 +73,8 @@ struct Kernels {
     /* Based */                                        \
                                                        \
     /* ABC / GSA slot attention */                     \
+    FLASHLIN_CPU_ENTRY(isa, slot_attention_forward),   \
+    FLASHLIN_CPU_ENTRY(isa, slot_attention_backward),  \
                                                        \
     /* Transformer-VQ */                               \
                                                        \
@@ -156,6 +159,14 @@ flashlin_status short_conv_backward(const detail::ShortConvParams& params) {
 // Based
 
 // ABC / GSA slot attention
+
+flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params) {
+  return call(kernels().slot_attention_forward, params, params.q.dtype);
+}
+
+flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params) {
+  return call(kernels().slot_attention_backward, params, params.q.dtype);
+}
 
 // Transformer-VQ
 

@@ -32,6 +32,11 @@ flashlin_status short_conv_backward(const detail::ShortConvParams& params);
 // Based (based.cpp / based.cu)
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
+}  // namespace flashlin::cpu
+#include "api/slot_attention_params.hpp"  // NOLINT: here so each op family keeps to its own lines
+namespace flashlin::cpu {
+flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params);
+flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
 

@@ -33,6 +33,11 @@ size_t short_conv_backward_workspace_bytes(const detail::ShortConvParams& params
 // Based (based.cpp / based.cu)
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
+}  // namespace flashlin::cuda
+#include "api/slot_attention_params.hpp"  // NOLINT: here so each op family keeps to its own lines
+namespace flashlin::cuda {
+flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params);
+flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
 

@@ -26,6 +26,11 @@ flashlin_status short_conv_backward(const detail::ShortConvParams& params, int t
 // Based (based.cpp / based.cu)
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
+}  // namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS
+#include "api/slot_attention_params.hpp"  // NOLINT: here so each op family keeps to its own lines
+namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS {
+flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params, int threads);
+flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params, int threads);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
 
