@@ -344,3 +344,58 @@ def test_errors_name_the_argument():
         chunk_abc(q, k, v, torch.randn(B, T, H, 257))
     with pytest.raises(ValueError, match="argument 'q'"):
         chunk_gsa(q.numpy(), k, v, s, g)
+
+
+# --- every element written (NaN-poisoned outputs through the C ABI), full-size heads ---------------
+def _poisoned_call(kind, q, k, v, s, g, state, d_o=None):
+    """The forward (or, with d_o, the backward) through the C ABI into NaN-filled outputs."""
+    from flashlin.ops import slot_attention as sa
+    B, T, H, K = q.shape
+    V, M = v.shape[3], s.shape[3]
+    config = _lib.SlotAttentionConfig(_lib.SLOT_KINDS[kind], 0, 0.0)
+    hk0, hv0, z0 = state if kind == "abc" else (*state, None)
+    inputs, keep = sa._inputs(q, k, v, s, g, hk0, hv0, z0, None)
+    nan = float("nan")
+    if d_o is None:
+        outs = [torch.full(v.shape, nan, dtype=v.dtype, device=v.device),
+                torch.full((B, H, K, M), nan, device=v.device),
+                torch.full((B, H, M, V), nan, device=v.device),
+                torch.full((B, H, M), nan, device=v.device) if kind == "abc" else None]
+        views = [_lib.TensorView(t, "out") for t in outs]
+        _lib.check(_lib.entry("flashlin_slot_attention_forward")(
+            config, inputs, _lib.SlotAttentionOutputs(*[x.pointer for x in views]),
+            _lib.execution_for(q)[0]))
+    else:
+        outs = [torch.full(t.shape, nan, dtype=t.dtype, device=t.device) if t is not None else None
+                for t in (q, k, v, s, g, hk0, hv0, z0)]
+        views = [_lib.TensorView(t, "grad") for t in outs]
+        grad_in = [_lib.TensorView(t, "d") for t in (d_o, None, None, None)]
+        _lib.check(_lib.entry("flashlin_slot_attention_backward")(
+            config, inputs, _lib.SlotAttentionOutputGrads(*[x.pointer for x in grad_in]),
+            _lib.SlotAttentionGrads(*[x.pointer for x in views]), _lib.execution_for(q)[0]))
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    del keep, views
+    return [t for t in outs if t is not None]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_output_and_gradient_is_written_full_size_heads(device, kind, dtype):
+    """K = V = M = 128 (the CUDA path's largest shared-memory state), outputs NaN-poisoned first;
+    compared with the float64 CPU library (itself checked against the references above)."""
+    B, T, H, K, V, M = 1, 70, 2, 128, 128, 128
+    q, k, v, s, g, state = make_inputs(kind, B, T, H, K, V, M, B, dtype, device, True)
+    leaves = [t.detach() for t in (q, k, v, s)] + [None if g is None else g.detach()]
+    state = [t.detach() for t in state]
+    d_o = torch.randn(v.shape, device=device).to(dtype)
+    got = _poisoned_call(kind, *leaves, state) + _poisoned_call(kind, *leaves, state, d_o)
+    as64 = [None if t is None else t.double().cpu() for t in leaves]
+    want = (_poisoned_call(kind, *as64, [t.double().cpu() for t in state])
+            + _poisoned_call(kind, *as64, [t.double().cpu() for t in state], d_o.double().cpu()))
+    tol = 1e-2 if dtype == torch.bfloat16 else (1e-4 if device == "cuda" else 1e-5)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert not torch.isnan(a).any(), f"output {i} not fully written"
+        assert rel_err(a, b) <= tol, f"output {i}: {rel_err(a, b):.3g}"
