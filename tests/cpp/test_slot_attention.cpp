@@ -17,6 +17,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -317,6 +318,9 @@ struct ForwardCase {
   bool with_state;
   Gates gates;
 };
+
+// gtest prints a case by its name.
+void PrintTo(const ForwardCase& c, std::ostream* os) { *os << c.name; }
 
 class SlotAttentionForward
     : public ::testing::TestWithParam<std::tuple<ForwardCase, DType, flashlin_form>> {};
