@@ -362,6 +362,14 @@ FLASHLIN_API flashlin_status flashlin_slot_attention_backward(
     const flashlin_slot_attention_output_grads* output_grads,
     const flashlin_slot_attention_grads* grads, const flashlin_execution* exec);
 
+/* Bytes of device scratch the forward (backward = 0) or backward (backward = 1) call with these
+ * inputs uses when given as exec->workspace (0 on the CPU); a call without it, or with a smaller
+ * one, allocates its scratch itself (stream-ordered). The CUDA backward keeps state checkpoints:
+ * about B H (T / c + c) (K M + M V + M) floats, c = max(64, sqrt(T)). */
+FLASHLIN_API flashlin_status flashlin_slot_attention_workspace_size(
+    const flashlin_slot_attention_config* config, const flashlin_slot_attention_inputs* inputs,
+    int backward, size_t* bytes);
+
 /* ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ---- */
 
 #ifdef __cplusplus

@@ -277,6 +277,14 @@ inline void slot_attention_backward(const flashlin_slot_attention_config& config
   check(flashlin_slot_attention_backward(&config, &inputs, &output_grads, &grads, exec));
 }
 
+inline size_t slot_attention_workspace_size(const flashlin_slot_attention_config& config,
+                                            const flashlin_slot_attention_inputs& inputs,
+                                            bool backward) {
+  size_t bytes = 0;
+  check(flashlin_slot_attention_workspace_size(&config, &inputs, backward ? 1 : 0, &bytes));
+  return bytes;
+}
+
 // ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ----
 
 }  // namespace flashlin

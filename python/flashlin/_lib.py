@@ -223,6 +223,9 @@ _SIGNATURES = {
         ctypes.POINTER(SlotAttentionConfig), ctypes.POINTER(SlotAttentionInputs),
         ctypes.POINTER(SlotAttentionOutputGrads), ctypes.POINTER(SlotAttentionGrads),
         ctypes.POINTER(Execution)],
+    "flashlin_slot_attention_workspace_size": [
+        ctypes.POINTER(SlotAttentionConfig), ctypes.POINTER(SlotAttentionInputs), ctypes.c_int,
+        _SIZE_P],
 
     # Transformer-VQ
 

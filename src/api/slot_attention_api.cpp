@@ -299,4 +299,24 @@ flashlin_status flashlin_slot_attention_backward(
   });
 }
 
+flashlin_status flashlin_slot_attention_workspace_size(const flashlin_slot_attention_config* config,
+                                                       const flashlin_slot_attention_inputs* inputs,
+                                                       int backward, size_t* bytes) {
+  static const char* const kFn = "flashlin_slot_attention_workspace_size";
+  return detail::guarded(kFn, [&]() {
+    detail::ArgumentChecker check(kFn);
+    if (!bytes) check.fail("bytes", "a pointer to write the size to", "NULL");
+    if (backward != 0 && backward != 1)
+      check.fail("backward", "0 (forward) or 1 (backward)", std::to_string(backward));
+    detail::Validated common = detail::validate_common(check, config, inputs);
+    common.params.exec = detail::execution_of(nullptr, check.device());
+    *bytes = 0;
+#if FLASHLIN_WITH_CUDA
+    if (check.device().device_type == kDLCUDA)
+      *bytes = flashlin::cuda::slot_attention_workspace_bytes(common.params, backward == 1);
+#endif
+    return FLASHLIN_SUCCESS;
+  });
+}
+
 }  // extern "C"

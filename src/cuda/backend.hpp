@@ -38,6 +38,7 @@ size_t short_conv_backward_workspace_bytes(const detail::ShortConvParams& params
 namespace flashlin::cuda {
 flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params);
 flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params);
+size_t slot_attention_workspace_bytes(const detail::SlotAttentionParams& params, bool backward);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
 

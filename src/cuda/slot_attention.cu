@@ -411,6 +411,25 @@ void launch(Kernel kernel, const SlotArgs& a, int64_t pairs, size_t shared_bytes
   check_cuda(cudaGetLastError(), name);
 }
 
+// The backward's scratch: per pair, its checkpoints and one stretch of states.
+struct BackwardLayout {
+  int64_t stride = 0, pair_floats = 0;
+  size_t states_bytes = 0;
+};
+
+BackwardLayout backward_layout(const SlotAttentionParams& p) {
+  int64_t longest = 1;
+  for (const SequenceSpan& s : p.sequences) longest = std::max(longest, s.length);
+  BackwardLayout layout;
+  layout.stride = checkpoint_stride(longest);
+  const int64_t checkpoints = (longest + layout.stride - 1) / layout.stride + 1;
+  const int64_t state = p.key_dim * p.num_slots + p.num_slots * p.value_dim + p.num_slots;
+  layout.pair_floats = (checkpoints + layout.stride + 1) * state;
+  const int64_t pairs = static_cast<int64_t>(p.sequences.size()) * p.num_heads;
+  layout.states_bytes = align_up(static_cast<size_t>(pairs * layout.pair_floats) * sizeof(float));
+  return layout;
+}
+
 }  // namespace
 
 flashlin_status slot_attention_forward(const SlotAttentionParams& p) {
@@ -419,8 +438,8 @@ flashlin_status slot_attention_forward(const SlotAttentionParams& p) {
   if (pairs == 0) return FLASHLIN_SUCCESS;
   DeviceGuard guard(p.exec.device_id);
   cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
-  const size_t table = table_bytes(p.sequences, p.batch, p.time);
-  Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, table, stream);
+  Scratch scratch(p.exec.workspace, p.exec.workspace_bytes,
+                  slot_attention_workspace_bytes(p, false), stream);
   SlotArgs a = args_of(p);
   a.sequences = upload_sequences(p.sequences, p.batch, p.time, scratch.base(), stream);
   launch(slot_forward_kernel, a, pairs, shared_bytes, stream, "the slot attention forward kernel");
@@ -434,22 +453,22 @@ flashlin_status slot_attention_backward(const SlotAttentionParams& p) {
   DeviceGuard guard(p.exec.device_id);
   cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
   SlotArgs a = args_of(p);
-  const int64_t longest = std::max<int64_t>(1, [&] {
-    int64_t l = 0;
-    for (const SequenceSpan& s : p.sequences) l = std::max(l, s.length);
-    return l;
-  }());
-  a.stride = checkpoint_stride(longest);
-  const int64_t checkpoints = (longest + a.stride - 1) / a.stride + 1;
-  a.pair_floats = (checkpoints + a.stride + 1) * a.state_floats;
-  const size_t table = table_bytes(p.sequences, p.batch, p.time);
-  const size_t states = align_up(static_cast<size_t>(pairs * a.pair_floats) * sizeof(float));
-  Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, table + states, stream);
+  const BackwardLayout layout = backward_layout(p);
+  a.stride = layout.stride;
+  a.pair_floats = layout.pair_floats;
+  const size_t states = layout.states_bytes;
+  Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, slot_attention_workspace_bytes(p, true),
+                  stream);
   a.sequences = upload_sequences(p.sequences, p.batch, p.time, scratch.base() + states, stream);
   a.scratch = reinterpret_cast<float*>(scratch.base());
   launch(slot_backward_kernel, a, pairs, shared_bytes, stream,
          "the slot attention backward kernel");
   return FLASHLIN_SUCCESS;
+}
+
+size_t slot_attention_workspace_bytes(const SlotAttentionParams& p, bool backward) {
+  const size_t table = table_bytes(p.sequences, p.batch, p.time);
+  return backward ? backward_layout(p).states_bytes + table : table;
 }
 
 }  // namespace flashlin::cuda

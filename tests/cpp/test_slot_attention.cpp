@@ -602,6 +602,32 @@ TEST(SlotAttentionErrors, EachBadArgumentIsRejectedNamedAndNothingWritten) {
   }
 }
 
+TEST(SlotAttentionWorkspace, NoneOnTheCpuAndArgumentsChecked) {
+  const Problem p = make(false, {1, 4, 1, 4, 4, 4, {}}, false, Gates::kRealistic, 2);
+  Call call(p, kF32);
+  const flashlin_slot_attention_inputs in = call.inputs();
+  for (int backward : {0, 1}) {
+    size_t bytes = 123;
+    ASSERT_EQ(flashlin_slot_attention_workspace_size(&call.config, &in, backward, &bytes),
+              FLASHLIN_SUCCESS)
+        << flashlin_last_error();
+    EXPECT_EQ(bytes, 0u);
+    EXPECT_EQ(flashlin::slot_attention_workspace_size(call.config, in, backward == 1), 0u);
+  }
+  size_t bytes = 0;
+  EXPECT_EQ(flashlin_slot_attention_workspace_size(&call.config, &in, 2, &bytes),
+            FLASHLIN_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(std::string(flashlin_last_error())
+                .rfind("flashlin_slot_attention_workspace_size: argument 'backward'", 0),
+            0u)
+      << flashlin_last_error();
+  flashlin_slot_attention_inputs bad = in;
+  bad.g = nullptr;
+  EXPECT_EQ(flashlin_slot_attention_workspace_size(&call.config, &bad, 1, &bytes),
+            FLASHLIN_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(flashlin_last_error()).find("argument 'g'"), std::string::npos);
+}
+
 TEST(SlotAttentionCppApi, ThrowsWithStatusAndMessage) {
   const Problem p = make(true, {1, 4, 1, 4, 4, 4, {}}, false, Gates::kRealistic, 1);
   Call call(p, kF32);

@@ -74,10 +74,13 @@ def _backward(config, sources, cu_seqlens, output_grads, needs):
         grads, ("dq", "dk", "dv", "ds", "dg", "d_initial_hk", "d_initial_hv", "d_initial_z"))]
     output_grads_struct = _lib.SlotAttentionOutputGrads(*[view.pointer for view in in_views])
     grads_struct = _lib.SlotAttentionGrads(*[view.pointer for view in grad_views])
-    execution, _ = _lib.execution_for(sources[0])
+    # The CUDA backward keeps state checkpoints in scratch: from torch's caching allocator.
+    execution, workspace = _lib.execution_for(
+        sources[0], lambda size: _lib.entry("flashlin_slot_attention_workspace_size")(
+            config, inputs, 1, size))
     _lib.check(_lib.entry("flashlin_slot_attention_backward")(
         config, inputs, output_grads_struct, grads_struct, execution), _NAMES)
-    del keep, in_views, grad_views
+    del keep, in_views, grad_views, workspace
     return grads
 
 
