@@ -337,6 +337,100 @@ FLASHLIN_API flashlin_status flashlin_based_workspace_size(const flashlin_based_
 
 /* ---- ABC / GSA slot attention (issue 5; src/api/slot_attention_api.cpp) ---- */
 
+/*
+ * Bounded-memory slot attention with M slots (DESIGN.md §4), per sequence and head, from the
+ * initial state (hk_0, hv_0) (zeros when absent):
+ *   GSA (g = log forget gate <= 0, -inf = hard reset; s = write weights, an independent input):
+ *     pass 1, keys -> slots:   hk_t = hk_{t-1} diag(exp(g_t)) + k_t s_t^T          hk: [K, M]
+ *                              p_t  = softmax_M(scale hk_t^T q_t)   (computed in float32)
+ *     pass 2, slots -> values: hv_t = diag(exp(g_t)) hv_{t-1} + s_t v_t^T          hv: [M, V]
+ *                              o_t  = hv_t^T p_t
+ *   ABC (s = slot logits; no g): z_t = logaddexp(z_{t-1}, s_t), z_0 = initial_z (or -inf), then
+ *     GSA with g_t = z_{t-1} - z_t and write weights exp(s_t - z_t), so that
+ *     hk_t = sum_{j<=t} k_j exp(s_j - z_t) (normalised slot memory). The state carries z, so a
+ *     call continuing from a previous call's final state equals one call over both.
+ * scale applies to pass 1 only (as fla).
+ */
+typedef enum flashlin_slot_kind {
+  FLASHLIN_SLOT_GSA = 0, /* gated slot attention: s = write weights, g = log forget gates */
+  FLASHLIN_SLOT_ABC = 1  /* attention with bounded-memory control: s = slot logits, no g   */
+} flashlin_slot_kind;
+
+/* Zero-initialised means: GSA, chunked form, scale K^-1/2. Both forms give the same result to
+ * rounding (the recurrent form is meant for decoding, T small). */
+typedef struct flashlin_slot_attention_config {
+  flashlin_slot_kind kind;
+  flashlin_form form; /* FLASHLIN_FORM_CHUNKED or FLASHLIN_FORM_RECURRENT */
+  double scale;       /* 0 selects K^-1/2; otherwise any finite value */
+} flashlin_slot_attention_config;
+
+/* q, k [B, T, H, K]; v [B, T, H, V]; s, g [B, T, H, M] (M = slots, 1..256 on the CPU);
+ * q/k/v one dtype (float32, float16, bfloat16; float64 on the CPU computes in float64), s, g and
+ * the states any floating dtype. States: hk [N, H, K, M], hv [N, H, M, V], z [N, H, M] with
+ * N = B, or the number of sequences of cu_seqlens ([N + 1], host memory, B == 1, as for the
+ * recurrence). g: required for GSA, NULL for ABC. initial_z: ABC only, required when initial_hk
+ * or initial_hv is given (without it they would be forgotten at the first token). */
+typedef struct flashlin_slot_attention_inputs {
+  const DLTensor* q;
+  const DLTensor* k;
+  const DLTensor* v;
+  const DLTensor* s;
+  const DLTensor* g;
+  const DLTensor* initial_hk; /* optional */
+  const DLTensor* initial_hv; /* optional */
+  const DLTensor* initial_z;  /* optional, ABC only */
+  const DLTensor* cu_seqlens; /* optional */
+} flashlin_slot_attention_inputs;
+
+/* o [B, T, H, V] (dtype of v, required); the final states (each optional; final_z ABC only).
+ * A final state may be the very same tensor as its initial state (updated in place: decoding). */
+typedef struct flashlin_slot_attention_outputs {
+  DLTensor* o;
+  DLTensor* final_hk;
+  DLTensor* final_hv;
+  DLTensor* final_z;
+} flashlin_slot_attention_outputs;
+
+/* The gradients flowing in: d_o [B, T, H, V] (required) and into each final state (optional). */
+typedef struct flashlin_slot_attention_output_grads {
+  const DLTensor* d_o;
+  const DLTensor* d_final_hk;
+  const DLTensor* d_final_hv;
+  const DLTensor* d_final_z; /* ABC only */
+} flashlin_slot_attention_output_grads;
+
+/* Gradients to write (any may be NULL), each shaped and typed as its input: dq, dk, dv, ds, dg
+ * (GSA only), d_initial_hk/hv/z (only when that initial state is given). ABC's ds includes the
+ * paths through z (its gates and write weights). */
+typedef struct flashlin_slot_attention_grads {
+  DLTensor* dq;
+  DLTensor* dk;
+  DLTensor* dv;
+  DLTensor* ds;
+  DLTensor* dg;
+  DLTensor* d_initial_hk;
+  DLTensor* d_initial_hv;
+  DLTensor* d_initial_z;
+} flashlin_slot_attention_grads;
+
+FLASHLIN_API flashlin_status flashlin_slot_attention_forward(
+    const flashlin_slot_attention_config* config, const flashlin_slot_attention_inputs* inputs,
+    const flashlin_slot_attention_outputs* outputs, const flashlin_execution* exec);
+
+/* Recomputes the forward (nothing is saved between the calls). */
+FLASHLIN_API flashlin_status flashlin_slot_attention_backward(
+    const flashlin_slot_attention_config* config, const flashlin_slot_attention_inputs* inputs,
+    const flashlin_slot_attention_output_grads* output_grads,
+    const flashlin_slot_attention_grads* grads, const flashlin_execution* exec);
+
+/* Bytes of device scratch the forward (backward = 0) or backward (backward = 1) call with these
+ * inputs uses when given as exec->workspace (0 on the CPU); a call without it, or with a smaller
+ * one, allocates its scratch itself (stream-ordered). The CUDA backward keeps state checkpoints:
+ * about B H (T / c + c) (K M + M V + M) floats, c = max(64, sqrt(T)). */
+FLASHLIN_API flashlin_status flashlin_slot_attention_workspace_size(
+    const flashlin_slot_attention_config* config, const flashlin_slot_attention_inputs* inputs,
+    int backward, size_t* bytes);
+
 /* ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ---- */
 
 #ifdef __cplusplus

@@ -307,6 +307,30 @@ inline size_t based_workspace_size(const flashlin_based_config& config, const Ba
 
 // ---- ABC / GSA slot attention (issue 5; src/api/slot_attention_api.cpp) ----
 
+// The C structs are plain aggregates (every member a pointer, NULL = absent), used as they are.
+inline void slot_attention_forward(const flashlin_slot_attention_config& config,
+                                   const flashlin_slot_attention_inputs& inputs,
+                                   const flashlin_slot_attention_outputs& outputs,
+                                   const flashlin_execution* exec = nullptr) {
+  check(flashlin_slot_attention_forward(&config, &inputs, &outputs, exec));
+}
+
+inline void slot_attention_backward(const flashlin_slot_attention_config& config,
+                                    const flashlin_slot_attention_inputs& inputs,
+                                    const flashlin_slot_attention_output_grads& output_grads,
+                                    const flashlin_slot_attention_grads& grads,
+                                    const flashlin_execution* exec = nullptr) {
+  check(flashlin_slot_attention_backward(&config, &inputs, &output_grads, &grads, exec));
+}
+
+inline size_t slot_attention_workspace_size(const flashlin_slot_attention_config& config,
+                                            const flashlin_slot_attention_inputs& inputs,
+                                            bool backward) {
+  size_t bytes = 0;
+  check(flashlin_slot_attention_workspace_size(&config, &inputs, backward ? 1 : 0, &bytes));
+  return bytes;
+}
+
 // ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ----
 
 }  // namespace flashlin

@@ -161,6 +161,29 @@ class BasedGrads(ctypes.Structure):
 
 
 # ABC / GSA slot attention (flashlin_slot_attention_*).
+SLOT_KINDS = {"gsa": 0, "abc": 1}  # flashlin_slot_kind
+
+
+class SlotAttentionConfig(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("form", ctypes.c_int), ("scale", ctypes.c_double)]
+
+
+class SlotAttentionInputs(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("q", "k", "v", "s", "g", "initial_hk", "initial_hv",
+                                          "initial_z", "cu_seqlens")]
+
+
+class SlotAttentionOutputs(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("o", "final_hk", "final_hv", "final_z")]
+
+
+class SlotAttentionOutputGrads(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("d_o", "d_final_hk", "d_final_hv", "d_final_z")]
+
+
+class SlotAttentionGrads(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("dq", "dk", "dv", "ds", "dg", "d_initial_hk",
+                                          "d_initial_hv", "d_initial_z")]
 
 
 # Transformer-VQ (flashlin_vq_attention_*).
@@ -211,6 +234,16 @@ _SIGNATURES = {
         ctypes.POINTER(BasedConfig), ctypes.POINTER(BasedInputs), ctypes.c_int, _SIZE_P],
 
     # ABC / GSA slot attention
+    "flashlin_slot_attention_forward": [
+        ctypes.POINTER(SlotAttentionConfig), ctypes.POINTER(SlotAttentionInputs),
+        ctypes.POINTER(SlotAttentionOutputs), ctypes.POINTER(Execution)],
+    "flashlin_slot_attention_backward": [
+        ctypes.POINTER(SlotAttentionConfig), ctypes.POINTER(SlotAttentionInputs),
+        ctypes.POINTER(SlotAttentionOutputGrads), ctypes.POINTER(SlotAttentionGrads),
+        ctypes.POINTER(Execution)],
+    "flashlin_slot_attention_workspace_size": [
+        ctypes.POINTER(SlotAttentionConfig), ctypes.POINTER(SlotAttentionInputs), ctypes.c_int,
+        _SIZE_P],
 
     # Transformer-VQ
 

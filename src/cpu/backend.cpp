@@ -51,6 +51,7 @@ struct Kernels {
   Entry<detail::BasedParams> based_forward[2], based_backward[2];
 
   // ABC / GSA slot attention
+  Entry<detail::SlotAttentionParams> slot_attention_forward[2], slot_attention_backward[2];
 
   // Transformer-VQ
 
@@ -75,6 +76,8 @@ struct Kernels {
     FLASHLIN_CPU_ENTRY(isa, based_backward),           \
                                                        \
     /* ABC / GSA slot attention */                     \
+    FLASHLIN_CPU_ENTRY(isa, slot_attention_forward),   \
+    FLASHLIN_CPU_ENTRY(isa, slot_attention_backward),  \
                                                        \
     /* Transformer-VQ */                               \
                                                        \
@@ -167,6 +170,14 @@ flashlin_status based_backward(const detail::BasedParams& params) {
 }
 
 // ABC / GSA slot attention
+
+flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params) {
+  return call(kernels().slot_attention_forward, params, params.q.dtype);
+}
+
+flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params) {
+  return call(kernels().slot_attention_backward, params, params.q.dtype);
+}
 
 // Transformer-VQ
 

@@ -10,6 +10,7 @@ from .retention import (chunk_retention, fused_chunk_retention, fused_recurrent_
                         parallel_retention)
 from .rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
 from .simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+from .slot_attention import chunk_abc, chunk_gsa, fused_recurrent_abc, fused_recurrent_gsa
 
 __all__ = [
     "fused_chunk_based", "fused_recurrent_based", "parallel_based",
@@ -20,4 +21,5 @@ __all__ = [
     "chunk_retention", "fused_chunk_retention", "fused_recurrent_retention", "parallel_retention",
     "chunk_rwkv6", "fused_recurrent_rwkv6",
     "chunk_simple_gla", "fused_recurrent_simple_gla",
+    "chunk_abc", "chunk_gsa", "fused_recurrent_abc", "fused_recurrent_gsa",
 ]

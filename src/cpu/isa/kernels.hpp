@@ -29,6 +29,11 @@ flashlin_status based_forward(const detail::BasedParams& params, int threads);
 flashlin_status based_backward(const detail::BasedParams& params, int threads);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
+}  // namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS
+#include "api/slot_attention_params.hpp"  // NOLINT: here so each op family keeps to its own lines
+namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS {
+flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params, int threads);
+flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params, int threads);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
 

@@ -1,0 +1,401 @@
+"""ABC / GSA slot attention (flashlin.ops.chunk_gsa, fused_recurrent_gsa, chunk_abc,
+fused_recurrent_abc) against float64 references written here from the definitions:
+
+    GSA: hk_t = hk_{t-1} diag(exp(g_t)) + k_t s_t^T,   p_t = softmax(scale hk_t^T q_t),
+         hv_t = diag(exp(g_t)) hv_{t-1} + s_t v_t^T,   o_t = hv_t^T p_t       (token by token)
+    ABC: z_t = log(exp(z_0) + sum_{j<=t} exp(s_j)) and the normalised slot memories
+         hk_t = exp(z_0 - z_t) hk_0 + sum_{j<=t} k_j exp(s_j - z_t)  (hv_t likewise with v_j),
+         o_t = hv_t^T softmax(scale hk_t^T q_t)                       (dense over j, per t)
+
+Every output and final state, and every gradient (vs float64 autograd of the reference, with
+random cotangents on o and on every final state), float32 / bfloat16 / float64, odd T and M,
+varlen with an empty and a length-1 sequence, extreme gates, prefill-then-decode, bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashlin import _lib
+from flashlin.ops import chunk_abc, chunk_gsa, fused_recurrent_abc, fused_recurrent_gsa
+
+from cases import DEVICES
+
+F64 = torch.float64
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}
+CUDA_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+OPS = {("gsa", "chunk"): chunk_gsa, ("gsa", "recurrent"): fused_recurrent_gsa,
+       ("abc", "chunk"): chunk_abc, ("abc", "recurrent"): fused_recurrent_abc}
+
+
+# --- references (float64, autograd) ---------------------------------------------------------------
+def _spans(q, cu_seqlens):
+    if cu_seqlens is None:
+        return [(b, 0, q.shape[1]) for b in range(q.shape[0])]
+    bounds = cu_seqlens.tolist()
+    return [(0, bounds[n], bounds[n + 1]) for n in range(len(bounds) - 1)]
+
+
+def gsa_reference(q, k, v, s, g, scale, hk0, hv0, cu_seqlens):
+    """Token by token. Returns o, hk_final [N, H, K, M], hv_final [N, H, M, V]."""
+    H, K, V, M = q.shape[2], q.shape[3], v.shape[3], s.shape[3]
+    o = torch.zeros(v.shape, dtype=F64)
+    rows, finals_k, finals_v = {}, [], []
+    for n, (b, bos, eos) in enumerate(_spans(q, cu_seqlens)):
+        hk = hk0[n] if hk0 is not None else torch.zeros(H, K, M, dtype=F64)
+        hv = hv0[n] if hv0 is not None else torch.zeros(H, M, V, dtype=F64)
+        for t in range(bos, eos):
+            decay = torch.exp(g[b, t])  # [H, M]
+            hk = hk * decay[:, None, :] + k[b, t][:, :, None] * s[b, t][:, None, :]
+            p = torch.softmax(scale * torch.einsum("hkm,hk->hm", hk, q[b, t]), dim=-1)
+            hv = decay[:, :, None] * hv + s[b, t][:, :, None] * v[b, t][:, None, :]
+            rows[(b, t)] = torch.einsum("hmv,hm->hv", hv, p)
+        finals_k.append(hk)
+        finals_v.append(hv)
+    o = torch.stack([torch.stack([rows.get((b, t), torch.zeros(H, V, dtype=F64))
+                                  for t in range(q.shape[1])]) for b in range(q.shape[0])])
+    return o, torch.stack(finals_k), torch.stack(finals_v)
+
+
+def abc_reference(q, k, v, s, scale, hk0, hv0, z0, cu_seqlens):
+    """Dense over the tokens of each sequence, from the normalised-memory definition.
+    Returns o, hk_final, hv_final, z_final [N, H, M]."""
+    H, K, V, M = q.shape[2], q.shape[3], v.shape[3], s.shape[3]
+    rows, finals = {}, ([], [], [])
+    for n, (b, bos, eos) in enumerate(_spans(q, cu_seqlens)):
+        L = eos - bos
+        z_start = z0[n] if z0 is not None else torch.full((H, M), -math.inf, dtype=F64)
+        sl, kl, vl, ql = s[b, bos:eos], k[b, bos:eos], v[b, bos:eos], q[b, bos:eos]
+        # z_t = logsumexp(z_0, s_1..s_t): by its definition, one t at a time
+        zs = [torch.logsumexp(torch.cat([z_start[None], sl[:t + 1]]), dim=0) for t in range(L)]
+        z_end = zs[-1] if L else z_start
+        if L:
+            z = torch.stack(zs)  # [L, H, M]
+            later = torch.arange(L)[None, :] > torch.arange(L)[:, None]  # [t, j]: j > t
+            exponent = sl[None, :, :, :] - z[:, None, :, :]  # [t, j, H, M]
+            weight = torch.exp(torch.where(later[:, :, None, None],
+                                           torch.full_like(exponent, -math.inf), exponent))
+            hk = torch.einsum("tjhm,jhk->thkm", weight, kl)
+            hv = torch.einsum("tjhm,jhv->thmv", weight, vl)
+            if hk0 is not None:
+                carry = torch.exp(z_start[None] - z)  # [L, H, M]
+                hk = hk + carry[:, :, None, :] * hk0[n][None]
+                hv = hv + carry[:, :, :, None] * hv0[n][None]
+            p = torch.softmax(scale * torch.einsum("thkm,thk->thm", hk, ql), dim=-1)
+            out = torch.einsum("thmv,thm->thv", hv, p)
+            for t in range(L):
+                rows[(b, bos + t)] = out[t]
+            finals[0].append(hk[-1])
+            finals[1].append(hv[-1])
+        else:
+            finals[0].append(hk0[n] if hk0 is not None else torch.zeros(H, K, M, dtype=F64))
+            finals[1].append(hv0[n] if hv0 is not None else torch.zeros(H, M, V, dtype=F64))
+        finals[2].append(z_end)
+    o = torch.stack([torch.stack([rows.get((b, t), torch.zeros(H, V, dtype=F64))
+                                  for t in range(q.shape[1])]) for b in range(q.shape[0])])
+    return (o, *[torch.stack(f) for f in finals])
+
+
+# --- helpers --------------------------------------------------------------------------------------
+def rel_err(out, ref):
+    out, ref = out.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
+    assert torch.isfinite(out).all(), "non-finite values"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(kind, B, T, H, K, V, M, N, dtype, device, with_state=True, gate="normal"):
+    """Leaves: q, k, v, s, g (GSA; None for ABC), and the initial state tuple (or None)."""
+    def leaf(shape, scale=1.0, dt=dtype):
+        return (torch.randn(shape, dtype=F64) * scale).to(dt).to(device).requires_grad_()
+    q, k, v = leaf((B, T, H, K)), leaf((B, T, H, K)), leaf((B, T, H, V))
+    if kind == "gsa":
+        g = F.logsigmoid(torch.randn(B, T, H, M, dtype=F64) * 2) / 4
+        if gate == "extreme":
+            pick = torch.randint(0, 4, g.shape)
+            g = torch.where(pick == 0, torch.full_like(g, -1e-7), g)
+            g = torch.where(pick == 1, torch.full_like(g, -60.0), g)
+            g = torch.where(pick == 2, torch.full_like(g, -math.inf), g)
+        s = 1 - torch.exp(g) + 0.1 * torch.rand_like(g)  # independent of g, as the op allows
+        s = s.to(dtype).to(device).requires_grad_()
+        g = g.to(F64 if dtype == F64 else torch.float32).to(device).requires_grad_()
+    else:
+        g = None
+        s = leaf((B, T, H, M), 8.0 if gate == "extreme" else 1.0)
+    state = None
+    if with_state:
+        f32 = torch.float64 if dtype == F64 else torch.float32
+        state = [leaf((N, H, K, M), 0.5, f32), leaf((N, H, M, V), 0.5, f32)]
+        if kind == "abc":
+            state.append(leaf((N, H, M), 1.0, f32))
+        state = tuple(state)
+    return q, k, v, s, g, state
+
+
+def run_op(kind, form, q, k, v, s, g, scale, state, cu_seqlens=None):
+    op = OPS[(kind, form)]
+    gates = (g,) if kind == "gsa" else ()
+    return op(q, k, v, s, *gates, scale=scale, initial_state=state, output_final_state=True,
+              cu_seqlens=cu_seqlens)
+
+
+def run_reference(kind, q, k, v, s, g, scale, state, cu_seqlens=None):
+    f = [None if t is None else t.detach().to(F64).cpu().requires_grad_() for t in
+         (q, k, v, s, g)]
+    st = None if state is None else [t.detach().to(F64).cpu().requires_grad_() for t in state]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cu = None if cu_seqlens is None else cu_seqlens.cpu()
+    if kind == "gsa":
+        outs = gsa_reference(*f[:4], f[4], scale, *(st if st else (None, None)), cu)
+    else:
+        outs = abc_reference(*f[:4], scale, *(st if st else (None, None, None)), cu)
+    return outs, f, st
+
+
+def check_case(kind, form, dtype, device, B, T, H, K, V, M, cu_seqlens=None, gate="normal",
+               with_state=True, scale=None):
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    q, k, v, s, g, state = make_inputs(kind, B, T, H, K, V, M, N, dtype, device, with_state, gate)
+    o, final = run_op(kind, form, q, k, v, s, g, scale, state, cu_seqlens)
+    (ref_o, *ref_final), leaves, ref_state = run_reference(kind, q, k, v, s, g, scale, state,
+                                                           cu_seqlens)
+    tol = (CUDA_TOL if device == "cuda" else TOL)[dtype]
+    assert o.dtype == dtype and o.shape == v.shape
+    assert len(final) == (3 if kind == "abc" else 2)
+    assert rel_err(o, ref_o) <= tol, f"o: {rel_err(o, ref_o):.3g}"
+    for name, out, ref in zip(("hk", "hv", "z"), final, ref_final):
+        assert out.dtype == (F64 if dtype == F64 else torch.float32)
+        assert out.shape == ref.shape, name
+        if name == "z" and not torch.isfinite(ref).all():
+            assert torch.equal(torch.isinf(out.cpu()), torch.isinf(ref)), name
+            ref, out = ref.nan_to_num(neginf=0.0), out.nan_to_num(neginf=0.0)
+        assert rel_err(out, ref) <= max(tol, 1e-5 if dtype != F64 else tol), \
+            f"final {name}: {rel_err(out, ref):.3g}"
+    # random cotangents on o and on every final state
+    cot = [torch.randn(t.shape, dtype=F64) for t in (ref_o, *ref_final)]
+    torch.autograd.backward([o, *final], [c.to(t.dtype).to(device) for c, t in zip(cot, (o, *final))])
+    ref_outs = [ref_o, *ref_final]
+    keep = [i for i, r in enumerate(ref_outs) if r.requires_grad]
+    torch.autograd.backward([ref_outs[i] for i in keep], [cot[i] for i in keep])
+    names = ["q", "k", "v", "s", "g"]
+    pairs = list(zip(names, (q, k, v, s, g), leaves))
+    if state is not None:
+        pairs += list(zip(("hk0", "hv0", "z0"), state, ref_state))
+    grad_tol = tol
+    for name, t, r in pairs:
+        if t is None:
+            continue
+        assert t.grad is not None, f"no gradient for {name}"
+        assert torch.isfinite(t.grad).all(), f"non-finite gradient for {name}"
+        ref_grad = r.grad if r.grad is not None else torch.zeros_like(r)
+        if ref_grad.norm() == 0:
+            assert t.grad.abs().max() <= 1e-6, name
+            continue
+        assert rel_err(t.grad, ref_grad) <= grad_tol, f"d{name}: {rel_err(t.grad, ref_grad):.3g}"
+
+
+# --- correctness ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+@pytest.mark.parametrize("T,M", [(1, 16), (63, 64), (65, 7), (130, 128)])
+def test_against_reference(device, dtype, kind, T, M):
+    if device == "cuda" and (dtype == F64 or M == 7):
+        pytest.skip("float64 and odd M are CPU-only")
+    form = "chunk" if T != 63 else "recurrent"
+    check_case(kind, form, dtype, device, B=2, T=T, H=2, K=16, V=24, M=M)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+def test_fresh_state_and_scale(device, kind, form):
+    check_case(kind, form, torch.float32, device, B=1, T=70, H=3, K=32, V=16, M=32,
+               with_state=False, scale=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+def test_varlen_with_empty_and_single_token_sequences(device, kind):
+    cu = torch.tensor([0, 0, 1, 40, 105], dtype=torch.int32, device=device)
+    check_case(kind, "chunk", torch.float32, device, B=1, T=105, H=2, K=16, V=8, M=16,
+               cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+def test_extreme_gates(device, kind):
+    """GSA: gates -1e-7, -60 and -inf (hard reset); ABC: logits spread over +-30."""
+    check_case(kind, "chunk", torch.float32, device, B=2, T=66, H=2, K=16, V=16, M=16,
+               gate="extreme")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_abc_long_sequence_stays_normalised(device):
+    """ABC's memories are convex combinations: no overflow over many tokens with large logits."""
+    B, T, H, K, V, M = 1, 600, 1, 8, 8, 16
+    q, k, v = (torch.randn(B, T, H, d, device=device) for d in (K, K, V))
+    s = torch.randn(B, T, H, M, device=device) * 20 + 50
+    o, (hk, hv, z) = chunk_abc(q, k, v, s, output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(hk).all() and torch.isfinite(z).all()
+    assert hk.abs().max() <= k.abs().max() + 1e-4  # a weighted mean of the keys
+
+
+# --- state: continuation and decoding ---------------------------------------------------------------
+def _ops(kind):
+    return OPS[(kind, "chunk")], OPS[(kind, "recurrent")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+def test_prefill_then_decode_equals_full_forward(device, kind):
+    B, T, T0, H, K, V, M = 2, 40, 33, 2, 16, 16, 32
+    q, k, v, s, g, _ = make_inputs(kind, B, T, H, K, V, M, B, torch.float32, device, False)
+    chunk, recurrent = _ops(kind)
+    gate = (lambda a, b: (g[:, a:b],)) if kind == "gsa" else (lambda a, b: ())
+    with torch.no_grad():
+        full, full_state = chunk(q, k, v, s, *gate(0, T), output_final_state=True)
+        o0, state = chunk(q[:, :T0], k[:, :T0], v[:, :T0], s[:, :T0], *gate(0, T0),
+                          output_final_state=True)
+        outs = [o0]
+        for t in range(T0, T):
+            o_t, state = recurrent(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], s[:, t:t + 1],
+                                   *gate(t, t + 1), initial_state=state, output_final_state=True)
+            outs.append(o_t)
+    assert rel_err(torch.cat(outs, 1), full) <= 1e-5
+    for a, b in zip(state, full_state):
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+def test_two_halves_equal_one_call_with_gradients(device, kind):
+    B, T, H, K, V, M = 2, 50, 2, 8, 12, 16
+    q, k, v, s, g, _ = make_inputs(kind, B, T, H, K, V, M, B, torch.float64, "cpu", False)
+    chunk, _ = _ops(kind)
+    gate = (lambda a, b: (g[:, a:b],)) if kind == "gsa" else (lambda a, b: ())
+    full, _ = chunk(q, k, v, s, *gate(0, T))
+    cut = 23
+    o1, st = chunk(q[:, :cut], k[:, :cut], v[:, :cut], s[:, :cut], *gate(0, cut),
+                   output_final_state=True)
+    o2, _ = chunk(q[:, cut:], k[:, cut:], v[:, cut:], s[:, cut:], *gate(cut, T), initial_state=st)
+    halves = torch.cat([o1, o2], 1)
+    assert rel_err(halves, full) <= 1e-12
+    cot = torch.randn_like(full)
+    leaves = [t for t in (q, k, v, s, g) if t is not None]
+    g_full = torch.autograd.grad(full, leaves, cot)
+    g_halves = torch.autograd.grad(halves, leaves, cot)
+    for a, b in zip(g_full, g_halves):
+        assert rel_err(b, a) <= 1e-12
+
+
+def test_non_contiguous_inputs_read_in_place():
+    B, T, H, K, V, M = 2, 20, 2, 8, 8, 16
+    q, k, v = (torch.randn(B, H, T, d).transpose(1, 2) for d in (K, K, V))
+    s = torch.randn(B, T, M, H).transpose(2, 3)
+    g = F.logsigmoid(torch.randn(B, T, M, H)).transpose(2, 3)
+    for op, extra in ((chunk_gsa, (g,)), (chunk_abc, ())):
+        o, _ = op(q, k, v, s, *extra)
+        o_ref, _ = op(q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(),
+                      *[t.contiguous() for t in extra])
+        assert torch.equal(o, o_ref)
+
+
+def test_gradcheck_float64():
+    B, T, H, K, V, M = 1, 5, 1, 3, 4, 5
+    for kind in ("gsa", "abc"):
+        q, k, v, s, g, state = make_inputs(kind, B, T, H, K, V, M, B, F64, "cpu", True)
+        chunk, _ = _ops(kind)
+        extra = (g.detach().double().requires_grad_(),) if kind == "gsa" else ()
+
+        def fn(q, k, v, s, *rest):
+            n = len(extra)
+            o, final = chunk(q, k, v, s, *rest[:n], initial_state=tuple(rest[n:]),
+                             output_final_state=True)
+            return (o, *final)
+        assert torch.autograd.gradcheck(fn, (q, k, v, s, *extra, *state))
+
+
+# --- bad input ------------------------------------------------------------------------------------
+def test_errors_name_the_argument():
+    B, T, H, K, V, M = 1, 8, 2, 8, 8, 16
+    q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+    s, g = torch.randn(B, T, H, M), -torch.rand(B, T, H, M)
+    with pytest.raises(ValueError, match="argument 's'"):
+        chunk_gsa(q, k, v, s[:, :-1], g)
+    with pytest.raises(ValueError, match="argument 'g'"):
+        chunk_gsa(q, k, v, s, g[..., :-1])
+    with pytest.raises(ValueError, match="argument 'k'"):
+        chunk_gsa(q, k.double(), v, s, g)
+    with pytest.raises(ValueError, match="argument 'v'"):
+        chunk_abc(q, k, v[:, :-1], s)
+    with pytest.raises(ValueError, match="argument 'initial_state'"):
+        chunk_abc(q, k, v, s, initial_state=(torch.zeros(B, H, K, M), torch.zeros(B, H, M, V)))
+    with pytest.raises(ValueError, match=r"argument 'initial_state\[1\]'"):
+        chunk_gsa(q, k, v, s, g, initial_state=(torch.zeros(B, H, K, M), torch.zeros(B, H, V, M)))
+    with pytest.raises(ValueError, match=r"argument 'initial_state\[2\]'"):
+        chunk_abc(q, k, v, s, initial_state=(torch.zeros(B, H, K, M), torch.zeros(B, H, M, V),
+                                             torch.zeros(B, H, M + 1)))
+    with pytest.raises(ValueError, match="argument 'cu_seqlens'"):
+        chunk_abc(q, k, v, s, cu_seqlens=torch.tensor([0, 3, 2, 8]))
+    with pytest.raises(ValueError, match="argument 'cu_seqlens'"):
+        chunk_abc(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+                  s.expand(2, -1, -1, -1), cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(_lib.UnsupportedError, match="argument 's'"):
+        chunk_abc(q, k, v, torch.randn(B, T, H, 257))
+    with pytest.raises(ValueError, match="argument 'q'"):
+        chunk_gsa(q.numpy(), k, v, s, g)
+
+
+# --- every element written (NaN-poisoned outputs through the C ABI), full-size heads ---------------
+def _poisoned_call(kind, q, k, v, s, g, state, d_o=None):
+    """The forward (or, with d_o, the backward) through the C ABI into NaN-filled outputs."""
+    from flashlin.ops import slot_attention as sa
+    B, T, H, K = q.shape
+    V, M = v.shape[3], s.shape[3]
+    config = _lib.SlotAttentionConfig(_lib.SLOT_KINDS[kind], 0, 0.0)
+    hk0, hv0, z0 = state if kind == "abc" else (*state, None)
+    inputs, keep = sa._inputs(q, k, v, s, g, hk0, hv0, z0, None)
+    nan = float("nan")
+    if d_o is None:
+        outs = [torch.full(v.shape, nan, dtype=v.dtype, device=v.device),
+                torch.full((B, H, K, M), nan, device=v.device),
+                torch.full((B, H, M, V), nan, device=v.device),
+                torch.full((B, H, M), nan, device=v.device) if kind == "abc" else None]
+        views = [_lib.TensorView(t, "out") for t in outs]
+        _lib.check(_lib.entry("flashlin_slot_attention_forward")(
+            config, inputs, _lib.SlotAttentionOutputs(*[x.pointer for x in views]),
+            _lib.execution_for(q)[0]))
+    else:
+        outs = [torch.full(t.shape, nan, dtype=t.dtype, device=t.device) if t is not None else None
+                for t in (q, k, v, s, g, hk0, hv0, z0)]
+        views = [_lib.TensorView(t, "grad") for t in outs]
+        grad_in = [_lib.TensorView(t, "d") for t in (d_o, None, None, None)]
+        _lib.check(_lib.entry("flashlin_slot_attention_backward")(
+            config, inputs, _lib.SlotAttentionOutputGrads(*[x.pointer for x in grad_in]),
+            _lib.SlotAttentionGrads(*[x.pointer for x in views]), _lib.execution_for(q)[0]))
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    del keep, views
+    return [t for t in outs if t is not None]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_output_and_gradient_is_written_full_size_heads(device, kind, dtype):
+    """K = V = M = 128 (the CUDA path's largest shared-memory state), outputs NaN-poisoned first;
+    compared with the float64 CPU library (itself checked against the references above)."""
+    B, T, H, K, V, M = 1, 70, 2, 128, 128, 128
+    q, k, v, s, g, state = make_inputs(kind, B, T, H, K, V, M, B, dtype, device, True)
+    leaves = [t.detach() for t in (q, k, v, s)] + [None if g is None else g.detach()]
+    state = [t.detach() for t in state]
+    d_o = torch.randn(v.shape, device=device).to(dtype)
+    got = _poisoned_call(kind, *leaves, state) + _poisoned_call(kind, *leaves, state, d_o)
+    as64 = [None if t is None else t.double().cpu() for t in leaves]
+    want = (_poisoned_call(kind, *as64, [t.double().cpu() for t in state])
+            + _poisoned_call(kind, *as64, [t.double().cpu() for t in state], d_o.double().cpu()))
+    tol = 1e-2 if dtype == torch.bfloat16 else (1e-4 if device == "cuda" else 1e-5)
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert not torch.isnan(a).any(), f"output {i} not fully written"
+        assert rel_err(a, b) <= tol, f"output {i}: {rel_err(a, b):.3g}"
