@@ -52,6 +52,7 @@ struct Kernels {
   // ABC / GSA slot attention
 
   // Transformer-VQ
+  Entry<detail::VqAttentionParams> vq_attention_forward[2], vq_attention_backward[2];
 
 };
 
@@ -74,6 +75,8 @@ struct Kernels {
     /* ABC / GSA slot attention */                     \
                                                        \
     /* Transformer-VQ */                               \
+    FLASHLIN_CPU_ENTRY(isa, vq_attention_forward),     \
+    FLASHLIN_CPU_ENTRY(isa, vq_attention_backward),    \
                                                        \
   }
 // clang-format on
@@ -159,4 +162,11 @@ flashlin_status short_conv_backward(const detail::ShortConvParams& params) {
 
 // Transformer-VQ
 
+flashlin_status vq_attention_forward(const detail::VqAttentionParams& params) {
+  return call(kernels().vq_attention_forward, params, params.q.dtype);
+}
+
+flashlin_status vq_attention_backward(const detail::VqAttentionParams& params) {
+  return call(kernels().vq_attention_backward, params, params.q.dtype);
+}
 }  // namespace flashlin::cpu

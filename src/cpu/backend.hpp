@@ -34,6 +34,11 @@ flashlin_status short_conv_backward(const detail::ShortConvParams& params);
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
 
 // Transformer-VQ (vq_attention.cpp / .cu)
+}  // namespace flashlin::cpu
+#include "api/vq_attention_params.hpp"
+namespace flashlin::cpu {
+flashlin_status vq_attention_forward(const detail::VqAttentionParams& params);
+flashlin_status vq_attention_backward(const detail::VqAttentionParams& params);
 
 }  // namespace flashlin::cpu
 

@@ -35,6 +35,11 @@ size_t short_conv_backward_workspace_bytes(const detail::ShortConvParams& params
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
 
 // Transformer-VQ (vq_attention.cpp / .cu)
+}  // namespace flashlin::cuda
+#include "api/vq_attention_params.hpp"
+namespace flashlin::cuda {
+flashlin_status vq_attention_forward(const detail::VqAttentionParams& params);
+flashlin_status vq_attention_backward(const detail::VqAttentionParams& params);
 
 }  // namespace flashlin::cuda
 

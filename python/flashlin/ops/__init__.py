@@ -9,6 +9,7 @@ from .retention import (chunk_retention, fused_chunk_retention, fused_recurrent_
                         parallel_retention)
 from .rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
 from .simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+from .vq_attention import fused_recurrent_vq_attention, vq_attention
 
 __all__ = [
     "chunk_gateloop", "fused_recurrent_gateloop",
@@ -18,4 +19,5 @@ __all__ = [
     "chunk_retention", "fused_chunk_retention", "fused_recurrent_retention", "parallel_retention",
     "chunk_rwkv6", "fused_recurrent_rwkv6",
     "chunk_simple_gla", "fused_recurrent_simple_gla",
+    "vq_attention", "fused_recurrent_vq_attention",
 ]

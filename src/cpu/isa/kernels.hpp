@@ -28,5 +28,10 @@ flashlin_status short_conv_backward(const detail::ShortConvParams& params, int t
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
 
 // Transformer-VQ (vq_attention.cpp / .cu)
+}  // namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS
+#include "api/vq_attention_params.hpp"
+namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS {
+flashlin_status vq_attention_forward(const detail::VqAttentionParams& params, int threads);
+flashlin_status vq_attention_backward(const detail::VqAttentionParams& params, int threads);
 
 }  // namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS
