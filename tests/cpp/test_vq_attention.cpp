@@ -290,7 +290,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, VqAttention, ::testing::ValuesIn(kCases),
 
 // --- Bad arguments, through the C ABI --------------------------------------------------------
 
-struct BadArgs : ::testing::Test {
+struct VqAttentionBadArgs : ::testing::Test {
   StdRandom rng{seed_for_current_test()};
   HostTensor q = random_tensor(kF32, {2, 20, 2, 8}, rng);
   HostTensor k = random_tensor(kF32, {2, 20, 2, 8}, rng);
@@ -316,7 +316,7 @@ struct BadArgs : ::testing::Test {
   }
 };
 
-TEST_F(BadArgs, Shapes) {
+TEST_F(VqAttentionBadArgs, Shapes) {
   HostTensor k_short = random_tensor(kF32, {2, 10, 2, 8}, rng);
   auto in = inputs();
   in.k = k_short.dl();
@@ -334,7 +334,7 @@ TEST_F(BadArgs, Shapes) {
   expect_error(forward(in), "codebook");
 }
 
-TEST_F(BadArgs, DtypesDevicesAndStrides) {
+TEST_F(VqAttentionBadArgs, DtypesDevicesAndStrides) {
   HostTensor v64 = random_tensor(kF64, {2, 20, 2, 6}, rng);
   auto in = inputs();
   in.v = v64.dl();
@@ -355,7 +355,16 @@ TEST_F(BadArgs, DtypesDevicesAndStrides) {
   expect_error(forward(in), "q");
 }
 
-TEST_F(BadArgs, ConfigAndSequences) {
+TEST_F(VqAttentionBadArgs, CudaTensorsWithoutCudaBackend) {
+  if (flashlin_has_cuda()) GTEST_SKIP() << "this build has the CUDA backend";
+  HostTensor q_gpu = random_tensor(kF32, {2, 20, 2, 8}, rng);
+  q_gpu.dl()->device = DLDevice{kDLCUDA, 0};
+  auto in = inputs();
+  in.q = q_gpu.dl();
+  expect_error(forward(in), "q", FLASHLIN_ERROR_UNSUPPORTED);
+}
+
+TEST_F(VqAttentionBadArgs, ConfigAndSequences) {
   auto in = inputs();
   config.block_len = 8;
   expect_error(forward(in), "config.block_len");
@@ -375,7 +384,7 @@ TEST_F(BadArgs, ConfigAndSequences) {
   expect_error(forward(in), "codebook", FLASHLIN_ERROR_UNSUPPORTED);
 }
 
-TEST_F(BadArgs, OverlapsAndBackwardWithoutState) {
+TEST_F(VqAttentionBadArgs, OverlapsAndBackwardWithoutState) {
   auto in = inputs();
   // o aliasing v
   EXPECT_EQ(flashlin_vq_attention_forward(&config, &in, v.dl(), nullptr, nullptr, nullptr),
