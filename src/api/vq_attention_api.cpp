@@ -1,6 +1,9 @@
-// C ABI entry points of Transformer-VQ attention (flashlin.h states the op): argument checking,
-// layout normalisation into VqAttentionParams (vq_attention_params.hpp), and dispatch to a
-// backend. All checks run before any backend writes anything.
+// C ABI entry points of Transformer-VQ attention: argument checking, layout normalisation into
+// VqAttentionParams (vq_attention_params.hpp), and dispatch to a backend. All checks run before
+// any backend writes anything. The op (flashlin.h in full): per sequence and head,
+//   code_j = argmin_s ||k_j - C_s||^2,  o_i = sum_{j<=i} e^{scale q_i.C[code_j]} v_j / (same, 1),
+// with tokens older than the previous block entering through per-code (value sum, count)
+// aggregates, which are also the state [N, H, S, V + 1].
 #include <cmath>
 #include <sstream>
 #include <string>
