@@ -70,9 +70,10 @@ def dense_sequence(q, k, v, codebook, codes, scale, state):
         counts = state[..., -1].detach()  # [H, S]
         used = counts > 0
         code_scores = torch.einsum("thk,hsk->hts", q, codebook) * scale
-        code_scores = code_scores + torch.where(used, counts, torch.ones_like(counts)).log()[:, None]
+        safe_counts = torch.where(used, counts, torch.ones_like(counts))
+        code_scores = code_scores + safe_counts.log()[:, None]
         code_scores = code_scores.masked_fill(~used[:, None, :], -math.inf)
-        means = state[..., :-1] / torch.where(used, counts, torch.ones_like(counts))[..., None]
+        means = state[..., :-1] / safe_counts[..., None]
         scores = torch.cat([code_scores, scores], -1)
         values = torch.cat([means, values], 1)
     o = torch.softmax(scores, -1) @ values  # [H, T, V]
@@ -385,3 +386,32 @@ def test_cuda_prefill_then_decode_and_target_head_size():
         outs.append(o_t)
     assert rel_err(torch.cat(outs, 1), o_full[:, 80:]) <= 1e-4
     assert rel_err(state, final_full) <= 1e-5
+
+
+# --- torch.compile (torch >= 2.4: the op is a torch.library custom op there) ---------------
+
+def _torch_version():
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+@pytest.mark.skipif(_torch_version() < (2, 4), reason="needs torch >= 2.4")
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
+    q, k, v, codebook = make_inputs(1, 50, 2, 16, 16, 7, torch.float32)
+    state = random_state(1, 2, 7, 16)
+
+    def model(q, k, v, state):
+        o, codes, final = vq_attention(q, k, v, codebook.to(q.device), block_len=16,
+                                       initial_state=state, output_final_state=True)
+        return o * 2.0, final
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (model, compiled):
+        ins = leaves([t.to(device) for t in (q, k, v, state)])
+        o, final = fn(*ins)
+        ((o * o).sum() + final[..., :-1].sum()).backward()
+        results.append([o, final] + [t.grad for t in ins])
+    for eager, traced in zip(*results):
+        assert rel_err(traced, eager) <= 1e-6

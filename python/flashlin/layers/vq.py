@@ -44,7 +44,8 @@ class VQAttention(LinearAttentionLayer):
         self.k_proj = nn.Linear(hidden_size, inner, bias=False)
         self.v_proj = nn.Linear(hidden_size, inner, bias=False)
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
-        codebook = F.normalize(torch.randn(num_heads, num_codes, head_dim), dim=-1) * head_dim ** 0.5
+        codebook = F.normalize(torch.randn(num_heads, num_codes, head_dim), dim=-1)
+        codebook = codebook * head_dim ** 0.5  # the scale of the RMS-normalised keys
         self.register_buffer("codebook", codebook)
         self.register_buffer("code_counts", torch.ones(num_heads, num_codes))
         self.register_buffer("code_sums", codebook.clone())

@@ -17,6 +17,8 @@ codebook (learned by EMA outside the op, as in the paper); d initial_state for t
 (the counts get 0). fla has no VQ op; the signature follows fla's conventions. On CUDA:
 float32 / float16 / bfloat16, K and V <= 256 (a simple first kernel set; float64 is CPU-only).
 """
+from typing import List, Optional, Tuple
+
 import torch
 
 from .. import _lib
@@ -96,6 +98,79 @@ class _VqAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, d_initial, None, None, None
 
 
+_custom_forward = None
+if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    # torch.compile traces these (eager calls use the autograd.Function above, as
+    # flashlin._recurrence does: the custom op's first eager call is slow in torch 2.x).
+    _EMPTY = (0,)
+
+    @torch.library.custom_op("flashlin::vq_attention_forward", mutates_args=())
+    def _custom_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        codebook: torch.Tensor, initial_state: Optional[torch.Tensor],
+                        cu_seqlens: Optional[torch.Tensor], scale: float, block_len: int,
+                        output_final_state: bool
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        config = _lib.VqAttentionConfig(scale, block_len)
+        o, codes, final_state = _forward(q, k, v, codebook, initial_state, cu_seqlens, config,
+                                         output_final_state)
+        if final_state is None:
+            final_state = q.new_empty(_EMPTY, dtype=_state_dtype(q))
+        return o, codes, final_state
+
+    @_custom_forward.register_fake
+    def _(q, k, v, codebook, initial_state, cu_seqlens, scale, block_len, output_final_state):
+        num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        shape = ((num_seqs, q.shape[2], codebook.shape[1], v.shape[3] + 1)
+                 if output_final_state else _EMPTY)
+        return (v.new_empty(v.shape), q.new_empty(q.shape[:3], dtype=torch.int64),
+                q.new_empty(shape, dtype=_state_dtype(q)))
+
+    @torch.library.custom_op("flashlin::vq_attention_backward", mutates_args=())
+    def _custom_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         codebook: torch.Tensor, initial_state: Optional[torch.Tensor],
+                         cu_seqlens: Optional[torch.Tensor], d_o: torch.Tensor,
+                         d_final_state: Optional[torch.Tensor], scale: float, block_len: int,
+                         needs: List[bool]) -> List[torch.Tensor]:
+        config = _lib.VqAttentionConfig(scale, block_len)
+        grads = _backward(q, k, v, codebook, initial_state, cu_seqlens, config, d_o,
+                          d_final_state, needs)
+        return [grad if grad is not None else q.new_empty(_EMPTY) for grad in grads]
+
+    @_custom_backward.register_fake
+    def _(q, k, v, codebook, initial_state, cu_seqlens, d_o, d_final_state, scale, block_len,
+          needs):
+        return [torch.empty_like(src, memory_format=torch.contiguous_format)
+                if want and src is not None else q.new_empty(_EMPTY)
+                for want, src in zip(needs, (q, k, v, initial_state))]
+
+    def _setup_context(ctx, inputs, output):
+        (q, k, v, codebook, initial_state, cu_seqlens, scale, block_len,
+         output_final_state) = inputs
+        ctx.save_for_backward(q, k, v, codebook, initial_state, cu_seqlens)
+        ctx.spec = (scale, block_len)
+        ctx.output_final_state = output_final_state
+
+    def _custom_autograd(ctx, d_o, d_codes, d_final_state):
+        q, k, v, codebook, initial_state, cu_seqlens = ctx.saved_tensors
+        needs = [bool(ctx.needs_input_grad[i]) for i in (0, 1, 2, 4)]
+        if not ctx.output_final_state or d_final_state is None:
+            d_final_state = None
+        else:
+            d_final_state = d_final_state.contiguous()
+        grads = _custom_backward(q, k, v, codebook, initial_state, cu_seqlens, d_o.contiguous(),
+                                 d_final_state, *ctx.spec, needs)
+        dq, dk, dv, d_initial = [grad if want else None for grad, want in zip(grads, needs)]
+        return dq, dk, dv, None, d_initial, None, None, None, None
+
+    _custom_forward.register_autograd(_custom_autograd, setup_context=_setup_context)
+
+
+def _compiling():
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling")
+                and compiler.is_compiling())
+
+
 def vq_attention(q, k, v, codebook, block_len=64, scale=None, initial_state=None,
                  output_final_state=False, cu_seqlens=None):
     """q, k [B, T, H, K]; v [B, T, H, V]; codebook [H, S, K]; block_len L in 16..1024;
@@ -113,6 +188,11 @@ def vq_attention(q, k, v, codebook, block_len=64, scale=None, initial_state=None
         raise ValueError("argument 'scale': expected a non-zero finite value or None, got 0")
     config = _lib.VqAttentionConfig(0.0 if scale is None else float(scale), int(block_len))
     cu_seqlens = _lib.on_host(cu_seqlens)
+    if _custom_forward is not None and _compiling():
+        o, codes, final_state = _custom_forward(q, k, v, codebook, initial_state, cu_seqlens,
+                                                config.scale, config.block_len,
+                                                output_final_state)
+        return (o, codes, final_state) if output_final_state else (o, codes)
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, initial_state)):
         o, codes, final_state = _VqAttentionFunction.apply(
