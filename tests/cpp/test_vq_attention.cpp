@@ -288,6 +288,40 @@ INSTANTIATE_TEST_SUITE_P(Cases, VqAttention, ::testing::ValuesIn(kCases),
                            return info.param.name;
                          });
 
+// Decoding through the C ABI: int32 codes, and final_state the very same tensor as initial_state
+// (updated in place), token by token, equal one call on all tokens (float64).
+TEST(VqAttentionDecode, InPlaceStateAndInt32CodesEqualOneCall) {
+  StdRandom rng(seed_for_current_test());
+  const int64_t B = 2, T = 40, H = 2, K = 8, V = 5, S = 6;
+  HostTensor C = random_tensor(kF64, {H, S, K}, rng);
+  HostTensor q = random_tensor(kF64, {B, T, H, K}, rng);
+  HostTensor k = random_tensor(kF64, {B, T, H, K}, rng);
+  HostTensor v = random_tensor(kF64, {B, T, H, V}, rng);
+  flashlin_vq_attention_config config{};
+  config.block_len = 16;
+  HostTensor o_full(kF64, {B, T, H, V}), codes_full(DType::kInt32, {B, T, H});
+  HostTensor final_full(kF64, {B, H, S, V + 1});
+  flashlin::VqAttentionInputs in;
+  in.q = q.dl(), in.k = k.dl(), in.v = v.dl(), in.codebook = C.dl();
+  flashlin::vq_attention_forward(config, in, o_full.dl(), codes_full.dl(), final_full.dl());
+
+  HostTensor state(kF64, {B, H, S, V + 1});  // zeros: no tokens yet
+  HostTensor o_step = poisoned(kF64, {B, T, H, V});
+  HostTensor codes_step = poisoned(DType::kInt32, {B, T, H});
+  for (int64_t t = 0; t < T; ++t) {
+    flashlin::TensorView qt = q.time_slice(t, t + 1), kt = k.time_slice(t, t + 1),
+                         vt = v.time_slice(t, t + 1), ot = o_step.time_slice(t, t + 1),
+                         ct = codes_step.time_slice(t, t + 1);
+    flashlin::VqAttentionInputs step;
+    step.q = qt.get(), step.k = kt.get(), step.v = vt.get(), step.codebook = C.dl();
+    step.initial_state = state.dl();
+    flashlin::vq_attention_forward(config, step, ot.get(), ct.get(), state.dl());
+  }
+  EXPECT_TRUE(close_to("o", o_step.values(), o_full.values(), {1e-12, 1e-13}));
+  EXPECT_EQ(codes_step.values(), codes_full.values());
+  EXPECT_TRUE(close_to("state", state.values(), final_full.values(), {1e-12, 1e-13}));
+}
+
 // --- Bad arguments, through the C ABI --------------------------------------------------------
 
 struct VqAttentionBadArgs : ::testing::Test {
