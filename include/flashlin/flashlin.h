@@ -304,8 +304,10 @@ FLASHLIN_API flashlin_status flashlin_short_conv_backward_workspace_size(
  * dense formula w.r.t. the quantized key, passed to k unchanged); none for the codebook (it is
  * learned by EMA outside the op, as in the paper); d_initial_state for the value sums (its
  * count column receives 0). A state holds value sums and counts, not keys: the dk of tokens of
- * an earlier call does not include the queries of later calls that read them through the state. Note the backward keeps, per sequence and head, a K x V matrix per
- * code used by the sequence (the exact straight-through dk of aggregated tokens needs it).
+ * an earlier call does not include the queries of later calls that read them through the state.
+ * Cost: the forward (and decoding) is O(T (L + S)); the exact straight-through dk of tokens
+ * read through the aggregates is not linear (CPU: a K x V matrix per code the sequence uses,
+ * O(T U K V) for U used codes; CUDA: O(T^2 (K + V)) time); memory is never T x T.
  * CPU: S in 1..4096, block_len in 16..1024, any K, V >= 1. CUDA: float32/float16/bfloat16,
  * K, V <= 256, at most 65535 (sequence, head) pairs per call (FLASHLIN_ERROR_UNSUPPORTED
  * otherwise); a simple kernel set for now (no tensor cores; the backward's key pass is
