@@ -354,6 +354,13 @@ FLASHLIN_API flashlin_status flashlin_vq_attention_backward(
     const DLTensor* d_o, const DLTensor* d_final_state, const flashlin_vq_attention_grads* grads,
     const flashlin_execution* exec);
 
+/* Bytes of device scratch a call with these inputs takes from exec->workspace (0 on the CPU);
+ * a call without (or with too small) a workspace allocates its own, stream-ordered.
+ * backward: 0 for the forward pass, 1 for the backward pass. */
+FLASHLIN_API flashlin_status flashlin_vq_attention_workspace_size(
+    const flashlin_vq_attention_config* config, const flashlin_vq_attention_inputs* inputs,
+    int backward, size_t* bytes);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

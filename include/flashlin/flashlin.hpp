@@ -302,6 +302,14 @@ inline void vq_attention_backward(const flashlin_vq_attention_config& config,
   check(flashlin_vq_attention_backward(&config, &c_inputs, d_o, d_final_state, &c_grads, exec));
 }
 
+inline size_t vq_attention_workspace_size(const flashlin_vq_attention_config& config,
+                                          const VqAttentionInputs& inputs, bool backward) {
+  const flashlin_vq_attention_inputs c_inputs = inputs.c_struct();
+  size_t bytes = 0;
+  check(flashlin_vq_attention_workspace_size(&config, &c_inputs, backward ? 1 : 0, &bytes));
+  return bytes;
+}
+
 }  // namespace flashlin
 
 #endif  // FLASHLIN_FLASHLIN_HPP_

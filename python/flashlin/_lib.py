@@ -212,6 +212,9 @@ _SIGNATURES = {
     "flashlin_vq_attention_backward": [
         ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), _PDL, _PDL,
         ctypes.POINTER(VqAttentionGrads), ctypes.POINTER(Execution)],
+    "flashlin_vq_attention_workspace_size": [
+        ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), ctypes.c_int,
+        _SIZE_P],
 
 }
 

@@ -164,6 +164,9 @@ Execution execution_of(const flashlin_execution* exec, const DLDevice& device) {
 }
 
 #if FLASHLIN_WITH_CUDA
+size_t workspace_on(const DLDevice& device, const VqAttentionParams& p, bool backward) {
+  return device.device_type == kDLCUDA ? cuda::vq_attention_workspace_bytes(p, backward) : 0;
+}
 flashlin_status forward_on(const DLDevice& device, const VqAttentionParams& p) {
   return device.device_type == kDLCUDA ? cuda::vq_attention_forward(p)
                                        : cpu::vq_attention_forward(p);
@@ -174,6 +177,7 @@ flashlin_status backward_on(const DLDevice& device, const VqAttentionParams& p) 
 }
 #else
 // A build without CUDA rejects CUDA tensors while checking them (ArgumentChecker::float_tensor).
+size_t workspace_on(const DLDevice&, const VqAttentionParams&, bool) { return 0; }
 flashlin_status forward_on(const DLDevice&, const VqAttentionParams& p) {
   return cpu::vq_attention_forward(p);
 }
@@ -253,6 +257,19 @@ flashlin_status flashlin_vq_attention_backward(const flashlin_vq_attention_confi
     p.d_initial_state = detail::strided(grads->d_initial_state, detail::kIdentity4);
     p.exec = detail::execution_of(exec, check.device());
     return detail::backward_on(check.device(), p);
+  });
+}
+
+flashlin_status flashlin_vq_attention_workspace_size(const flashlin_vq_attention_config* config,
+                                                     const flashlin_vq_attention_inputs* inputs,
+                                                     int backward, size_t* bytes) {
+  static const char* const kFn = "flashlin_vq_attention_workspace_size";
+  return detail::guarded(kFn, [&]() {
+    detail::ArgumentChecker check(kFn);
+    detail::required(check, bytes, "bytes", "a pointer to write the size to");
+    const detail::VqAttentionParams p = detail::validate_inputs(check, config, inputs);
+    *bytes = detail::workspace_on(check.device(), p, backward != 0);
+    return FLASHLIN_SUCCESS;
   });
 }
 

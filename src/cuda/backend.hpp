@@ -40,6 +40,7 @@ size_t short_conv_backward_workspace_bytes(const detail::ShortConvParams& params
 namespace flashlin::cuda {
 flashlin_status vq_attention_forward(const detail::VqAttentionParams& params);
 flashlin_status vq_attention_backward(const detail::VqAttentionParams& params);
+size_t vq_attention_workspace_bytes(const detail::VqAttentionParams& params, bool backward);
 
 }  // namespace flashlin::cuda
 

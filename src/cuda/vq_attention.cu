@@ -407,6 +407,10 @@ void launch_quantize(const VqArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+size_t vq_attention_workspace_bytes(const VqAttentionParams& p, bool backward) {
+  return scratch_layout(p, backward).total;
+}
+
 flashlin_status vq_attention_forward(const VqAttentionParams& p) {
   check_supported(p);
   const int64_t ctas = static_cast<int64_t>(p.sequences.size()) * p.num_heads;

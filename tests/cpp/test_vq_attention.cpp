@@ -398,6 +398,16 @@ TEST_F(VqAttentionBadArgs, CudaTensorsWithoutCudaBackend) {
   expect_error(forward(in), "q", FLASHLIN_ERROR_UNSUPPORTED);
 }
 
+TEST_F(VqAttentionBadArgs, WorkspaceSizeIsZeroOnTheCpuAndChecksArguments) {
+  auto in = inputs();
+  size_t bytes = 1;
+  ASSERT_EQ(flashlin_vq_attention_workspace_size(&config, &in, 1, &bytes), FLASHLIN_SUCCESS);
+  EXPECT_EQ(bytes, 0u);
+  expect_error(flashlin_vq_attention_workspace_size(&config, &in, 0, nullptr), "bytes");
+  in.codebook = nullptr;
+  expect_error(flashlin_vq_attention_workspace_size(&config, &in, 0, &bytes), "codebook");
+}
+
 TEST_F(VqAttentionBadArgs, ConfigAndSequences) {
   auto in = inputs();
   config.block_len = 8;

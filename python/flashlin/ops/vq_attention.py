@@ -37,6 +37,12 @@ def _inputs(q, k, v, codebook, initial_state, cu_seqlens):
     return _lib.VqAttentionInputs(*[view.pointer for view in views]), views
 
 
+def _workspace_query(config, inputs, backward):
+    """The library's scratch-size query (CUDA scratch then comes from torch's allocator)."""
+    return lambda size: _lib.entry("flashlin_vq_attention_workspace_size")(
+        config, inputs, backward, size)
+
+
 def _forward(q, k, v, codebook, initial_state, cu_seqlens, config, output_final_state):
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     codes = torch.empty(q.shape[:3], dtype=torch.int64, device=q.device)
@@ -48,10 +54,10 @@ def _forward(q, k, v, codebook, initial_state, cu_seqlens, config, output_final_
     inputs, keep = _inputs(q, k, v, codebook, initial_state, cu_seqlens)
     views = [_lib.TensorView(t, n) for t, n in
              ((o, "o"), (codes, "codes"), (final_state, "final_state"))]
-    execution, _ = _lib.execution_for(q)
+    execution, workspace = _lib.execution_for(q, _workspace_query(config, inputs, 0))
     _lib.check(_lib.entry("flashlin_vq_attention_forward")(
         config, inputs, *[view.pointer for view in views], execution))
-    del keep
+    del keep, workspace
     return o, codes, final_state
 
 
@@ -65,10 +71,10 @@ def _backward(q, k, v, codebook, initial_state, cu_seqlens, config, d_o, d_final
     grads_struct = _lib.VqAttentionGrads(*[view.pointer for view in grad_views])
     d_o_view = _lib.TensorView(d_o, "d_o")
     d_final_view = _lib.TensorView(d_final_state, "d_final_state")
-    execution, _ = _lib.execution_for(q)
+    execution, workspace = _lib.execution_for(q, _workspace_query(config, inputs, 1))
     _lib.check(_lib.entry("flashlin_vq_attention_backward")(
         config, inputs, d_o_view.pointer, d_final_view.pointer, grads_struct, execution))
-    del keep
+    del keep, workspace
     return grads
 
 
