@@ -433,6 +433,89 @@ FLASHLIN_API flashlin_status flashlin_slot_attention_workspace_size(
 
 /* ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ---- */
 
+/*
+ * Transformer-VQ attention: causal softmax attention whose keys are vector-quantized to a
+ * per-head codebook C [H, S, K]. Per sequence and head:
+ *     code_j = argmin_s d(k_j, C_s),  d(k, c) = sum_i (k_i - c_i)^2   (summed in increasing i,
+ *              in float32, float64 for float64 inputs; ties go to the lowest index s)
+ *     k^_j   = C[code_j]
+ *     o_i    = sum_{j<=i} exp(scale q_i.k^_j) v_j / sum_{j<=i} exp(scale q_i.k^_j)
+ * computed in O(T (L + S)) time and memory, never T x T: the call's tokens are cut into blocks
+ * of L = block_len (counted from the call's first token of each sequence); a query attends
+ * directly to the keys of its own block and the previous one, and to every older token (and the
+ * tokens summarised by initial_state) through per-code aggregates, count_s and the value sum
+ * U_s of the tokens with code s, in one joint softmax:
+ *     o_i = (sum_window e^{s_ij - m} v_j + sum_{s: count_s > 0} e^{scale q_i.C_s - m} U_s)
+ *         / (sum_window e^{s_ij - m}     + sum_{s: count_s > 0} count_s e^{scale q_i.C_s - m})
+ * with m the joint maximum of the window scores and the scores of the codes in use (codes with
+ * count 0 take no part: they can neither underflow the others nor be divided by 0).
+ * This equals the dense formula exactly (up to rounding) because every key IS a code: the
+ * aggregates of all past tokens carry everything the dense attention needs from them, so the
+ * decode state needs no window of recent tokens. The state of a sequence and head is
+ * [S, V + 1]: columns 0..V-1 hold U_s, column V holds count_s; a call with it as initial_state
+ * continues the sequence (prefill then decode = one call on all tokens). States: any floating
+ * dtype (float32 recommended; counts stay exact up to 2^24 tokens per code).
+ * Gradients: dq, dv, and dk = dL/dk^_j (the straight-through estimator: the gradient of the
+ * dense formula w.r.t. the quantized key, passed to k unchanged); none for the codebook (it is
+ * learned by EMA outside the op, as in the paper); d_initial_state for the value sums (its
+ * count column receives 0). A state holds value sums and counts, not keys: the dk of tokens of
+ * an earlier call does not include the queries of later calls that read them through the state.
+ * Cost: the forward (and decoding) is O(T (L + S)); the exact straight-through dk of tokens
+ * read through the aggregates is not linear (CPU: a K x V matrix per code the sequence uses,
+ * O(T U K V) for U used codes; CUDA: O(T^2 (K + V)) time); memory is never T x T.
+ * CPU: S in 1..4096, block_len in 16..1024, any K, V >= 1. CUDA: float32/float16/bfloat16,
+ * K, V <= 256, at most 65535 (sequence, head) pairs per call (FLASHLIN_ERROR_UNSUPPORTED
+ * otherwise); a simple kernel set for now (no tensor cores; the backward's key pass is
+ * O(T^2) in time, never in memory). Scratch is allocated stream-ordered per call.
+ */
+typedef struct flashlin_vq_attention_config {
+  double scale;      /* 0 selects K^-1/2; otherwise any finite value */
+  int32_t block_len; /* L; 0 selects 64; 16..1024 */
+} flashlin_vq_attention_config;
+
+/* q, k [B, T, H, K]; v [B, T, H, V] (q, k, v one floating dtype; float64 computes in float64);
+ * codebook [H, S, K] (any floating dtype); initial_state optional [N, H, S, V + 1] (N = B, or
+ * the number of sequences in cu_seqlens); cu_seqlens optional, as for the recurrence (host
+ * memory, B == 1, empty sequences allowed). */
+typedef struct flashlin_vq_attention_inputs {
+  const DLTensor* q;
+  const DLTensor* k;
+  const DLTensor* v;
+  const DLTensor* codebook;
+  const DLTensor* initial_state;
+  const DLTensor* cu_seqlens;
+} flashlin_vq_attention_inputs;
+
+/* Any may be NULL. dq, dk [B, T, H, K] and dv [B, T, H, V] in the dtype of q;
+ * d_initial_state [N, H, S, V + 1] (requires initial_state; its last column is written 0). */
+typedef struct flashlin_vq_attention_grads {
+  DLTensor* dq;
+  DLTensor* dk;
+  DLTensor* dv;
+  DLTensor* d_initial_state;
+} flashlin_vq_attention_grads;
+
+/* Writes o [B, T, H, V] (dtype of v), codes [B, T, H] (int32 or int64; optional) and
+ * final_state [N, H, S, V + 1] (optional; may be the very same tensor as initial_state: updated
+ * in place). exec may be NULL. */
+FLASHLIN_API flashlin_status flashlin_vq_attention_forward(
+    const flashlin_vq_attention_config* config, const flashlin_vq_attention_inputs* inputs,
+    DLTensor* o, DLTensor* codes, DLTensor* final_state, const flashlin_execution* exec);
+
+/* d_o [B, T, H, V]; d_final_state optional [N, H, S, V + 1] (its count column is ignored).
+ * Recomputes the forward (codes included); writes the requested gradients. */
+FLASHLIN_API flashlin_status flashlin_vq_attention_backward(
+    const flashlin_vq_attention_config* config, const flashlin_vq_attention_inputs* inputs,
+    const DLTensor* d_o, const DLTensor* d_final_state, const flashlin_vq_attention_grads* grads,
+    const flashlin_execution* exec);
+
+/* Bytes of device scratch a call with these inputs takes from exec->workspace (0 on the CPU);
+ * a call without (or with too small) a workspace allocates its own, stream-ordered.
+ * backward: 0 for the forward pass, 1 for the backward pass. */
+FLASHLIN_API flashlin_status flashlin_vq_attention_workspace_size(
+    const flashlin_vq_attention_config* config, const flashlin_vq_attention_inputs* inputs,
+    int backward, size_t* bytes);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

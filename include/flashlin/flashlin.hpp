@@ -333,6 +333,53 @@ inline size_t slot_attention_workspace_size(const flashlin_slot_attention_config
 
 // ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ----
 
+struct VqAttentionInputs {
+  const DLTensor* q = nullptr;
+  const DLTensor* k = nullptr;
+  const DLTensor* v = nullptr;
+  const DLTensor* codebook = nullptr;
+  const DLTensor* initial_state = nullptr;
+  const DLTensor* cu_seqlens = nullptr;
+  flashlin_vq_attention_inputs c_struct() const {
+    return flashlin_vq_attention_inputs{q, k, v, codebook, initial_state, cu_seqlens};
+  }
+};
+
+struct VqAttentionGrads {
+  DLTensor* dq = nullptr;
+  DLTensor* dk = nullptr;
+  DLTensor* dv = nullptr;
+  DLTensor* d_initial_state = nullptr;
+  flashlin_vq_attention_grads c_struct() const {
+    return flashlin_vq_attention_grads{dq, dk, dv, d_initial_state};
+  }
+};
+
+inline void vq_attention_forward(const flashlin_vq_attention_config& config,
+                                 const VqAttentionInputs& inputs, DLTensor* o,
+                                 DLTensor* codes = nullptr, DLTensor* final_state = nullptr,
+                                 const flashlin_execution* exec = nullptr) {
+  const flashlin_vq_attention_inputs c_inputs = inputs.c_struct();
+  check(flashlin_vq_attention_forward(&config, &c_inputs, o, codes, final_state, exec));
+}
+
+inline void vq_attention_backward(const flashlin_vq_attention_config& config,
+                                  const VqAttentionInputs& inputs, const DLTensor* d_o,
+                                  const DLTensor* d_final_state, const VqAttentionGrads& grads,
+                                  const flashlin_execution* exec = nullptr) {
+  const flashlin_vq_attention_inputs c_inputs = inputs.c_struct();
+  const flashlin_vq_attention_grads c_grads = grads.c_struct();
+  check(flashlin_vq_attention_backward(&config, &c_inputs, d_o, d_final_state, &c_grads, exec));
+}
+
+inline size_t vq_attention_workspace_size(const flashlin_vq_attention_config& config,
+                                          const VqAttentionInputs& inputs, bool backward) {
+  const flashlin_vq_attention_inputs c_inputs = inputs.c_struct();
+  size_t bytes = 0;
+  check(flashlin_vq_attention_workspace_size(&config, &c_inputs, backward ? 1 : 0, &bytes));
+  return bytes;
+}
+
 }  // namespace flashlin
 
 #endif  // FLASHLIN_FLASHLIN_HPP_

@@ -187,6 +187,17 @@ class SlotAttentionGrads(ctypes.Structure):
 
 
 # Transformer-VQ (flashlin_vq_attention_*).
+class VqAttentionConfig(ctypes.Structure):
+    _fields_ = [("scale", ctypes.c_double), ("block_len", ctypes.c_int32)]
+
+
+class VqAttentionInputs(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in
+                ("q", "k", "v", "codebook", "initial_state", "cu_seqlens")]
+
+
+class VqAttentionGrads(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("dq", "dk", "dv", "d_initial_state")]
 
 
 # flashlin_norm_gate, flashlin_activation (flashlin.h).
@@ -246,6 +257,15 @@ _SIGNATURES = {
         _SIZE_P],
 
     # Transformer-VQ
+    "flashlin_vq_attention_forward": [
+        ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), _PDL, _PDL, _PDL,
+        ctypes.POINTER(Execution)],
+    "flashlin_vq_attention_backward": [
+        ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), _PDL, _PDL,
+        ctypes.POINTER(VqAttentionGrads), ctypes.POINTER(Execution)],
+    "flashlin_vq_attention_workspace_size": [
+        ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), ctypes.c_int,
+        _SIZE_P],
 
 }
 

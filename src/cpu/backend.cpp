@@ -54,6 +54,7 @@ struct Kernels {
   Entry<detail::SlotAttentionParams> slot_attention_forward[2], slot_attention_backward[2];
 
   // Transformer-VQ
+  Entry<detail::VqAttentionParams> vq_attention_forward[2], vq_attention_backward[2];
 
 };
 
@@ -80,6 +81,8 @@ struct Kernels {
     FLASHLIN_CPU_ENTRY(isa, slot_attention_backward),  \
                                                        \
     /* Transformer-VQ */                               \
+    FLASHLIN_CPU_ENTRY(isa, vq_attention_forward),     \
+    FLASHLIN_CPU_ENTRY(isa, vq_attention_backward),    \
                                                        \
   }
 // clang-format on
@@ -181,4 +184,11 @@ flashlin_status slot_attention_backward(const detail::SlotAttentionParams& param
 
 // Transformer-VQ
 
+flashlin_status vq_attention_forward(const detail::VqAttentionParams& params) {
+  return call(kernels().vq_attention_forward, params, params.q.dtype);
+}
+
+flashlin_status vq_attention_backward(const detail::VqAttentionParams& params) {
+  return call(kernels().vq_attention_backward, params, params.q.dtype);
+}
 }  // namespace flashlin::cpu

@@ -42,6 +42,11 @@ flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params
 flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
+}  // namespace flashlin::cpu
+#include "api/vq_attention_params.hpp"
+namespace flashlin::cpu {
+flashlin_status vq_attention_forward(const detail::VqAttentionParams& params);
+flashlin_status vq_attention_backward(const detail::VqAttentionParams& params);
 
 }  // namespace flashlin::cpu
 

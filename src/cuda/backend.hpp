@@ -45,6 +45,12 @@ flashlin_status slot_attention_backward(const detail::SlotAttentionParams& param
 size_t slot_attention_workspace_bytes(const detail::SlotAttentionParams& params, bool backward);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
+}  // namespace flashlin::cuda
+#include "api/vq_attention_params.hpp"
+namespace flashlin::cuda {
+flashlin_status vq_attention_forward(const detail::VqAttentionParams& params);
+flashlin_status vq_attention_backward(const detail::VqAttentionParams& params);
+size_t vq_attention_workspace_bytes(const detail::VqAttentionParams& params, bool backward);
 
 }  // namespace flashlin::cuda
 

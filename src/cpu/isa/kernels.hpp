@@ -36,5 +36,10 @@ flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params
 flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params, int threads);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
+}  // namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS
+#include "api/vq_attention_params.hpp"
+namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS {
+flashlin_status vq_attention_forward(const detail::VqAttentionParams& params, int threads);
+flashlin_status vq_attention_backward(const detail::VqAttentionParams& params, int threads);
 
 }  // namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS

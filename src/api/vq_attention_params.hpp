@@ -1,0 +1,57 @@
+// Parameter block of Transformer-VQ attention, handed from src/api/vq_attention_api.cpp to a
+// backend: raw pointers, element strides and sizes only (StridedTensor, SequenceSpan of
+// params.hpp). The op, per sequence and head (flashlin.h states it in full):
+//   code_j = argmin_s sum_i (k_j,i - C_s,i)^2 (lowest s on ties),  k^_j = C[code_j],
+//   o_i = sum_{j<=i} exp(scale q_i.k^_j) v_j / sum_{j<=i} exp(scale q_i.k^_j),
+// with keys older than the previous block of block_len tokens entering through per-code
+// aggregates (value sums and counts), which are also the state [N, H, S, V + 1].
+#ifndef FLASHLIN_SRC_API_VQ_ATTENTION_PARAMS_HPP_
+#define FLASHLIN_SRC_API_VQ_ATTENTION_PARAMS_HPP_
+
+#include <cstdint>
+#include <vector>
+
+#include "api/module_params.hpp"
+#include "api/params.hpp"
+
+namespace flashlin::detail {
+
+// The integer codes output [B, T, H]: int32 or int64, element strides per (batch, time, head).
+struct CodesTensor {
+  char* data = nullptr;
+  int bytes = 8;  // 4 (int32) or 8 (int64)
+  int64_t stride[3] = {0, 0, 0};
+  bool present = false;
+
+  void store(int64_t b, int64_t t, int64_t h, int64_t code) const {
+    char* at = data + bytes * (b * stride[0] + t * stride[1] + h * stride[2]);
+    if (bytes == 4) {
+      const int32_t value = static_cast<int32_t>(code);
+      __builtin_memcpy(at, &value, 4);
+    } else {
+      __builtin_memcpy(at, &code, 8);
+    }
+  }
+};
+
+// Logical dimensions: q, k, v, o, d_o, dq, dk, dv: at(b, t, h, feature);
+// codebook: at(0, h, s, i); states (initial, final, d_initial, d_final): at(n, h, s, column),
+// columns 0..V-1 the value sums, column V the count.
+struct VqAttentionParams {
+  int64_t batch = 0, time = 0, num_heads = 0, key_dim = 0, value_dim = 0;
+  int64_t num_codes = 0;  // S
+  int64_t block_len = 64;
+  double scale = 1.0;  // rounded to the compute type by the backend
+  std::vector<SequenceSpan> sequences;
+
+  StridedTensor q, k, v, codebook, initial_state;  // inputs
+  StridedTensor o, final_state;                    // forward outputs
+  CodesTensor codes;                               // forward output (optional)
+  StridedTensor d_o, d_final_state;                // backward inputs
+  StridedTensor dq, dk, dv, d_initial_state;       // backward outputs (absent: not written)
+  Execution exec;
+};
+
+}  // namespace flashlin::detail
+
+#endif  // FLASHLIN_SRC_API_VQ_ATTENTION_PARAMS_HPP_

@@ -1,0 +1,417 @@
+"""flashlin.ops.vq_attention (Transformer-VQ) against a dense float64 reference written here:
+causal softmax attention over the quantized keys k^ = C[code] (the T x T matrix, plus the codes
+summarised by an initial state as weighted extra keys), with float64 autograd for every gradient
+(straight-through to k). Codes are checked against the float64 argmin separately, and the
+reference then uses the op's codes, so a legitimate near-tie cannot fail the output checks."""
+import math
+
+import pytest
+import torch
+
+from flashlin import _lib
+from flashlin.ops import fused_recurrent_vq_attention, vq_attention
+
+from cases import CUDA, DEVICES
+
+F64 = torch.float64
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+CUDA_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def tolerance(dtype, device):
+    if device == "cuda":
+        if dtype not in CUDA_TOL:
+            pytest.skip(f"{dtype} is CPU-only (test_cuda_float64_is_unsupported)")
+        return CUDA_TOL[dtype]
+    return TOL[dtype]
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
+    assert torch.isfinite(out).all(), "non-finite values"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, K, V, S, dtype=torch.float32, key_noise=0.3, q_scale=1.0):
+    """Keys near random codes (as in a trained model), so several codes are in use."""
+    codebook = torch.randn(H, S, K, dtype=F64)
+    pick = torch.randint(0, S, (B, T, H))
+    near = codebook[torch.arange(H)[None, None, :], pick]  # [B, T, H, K]
+    k = near + key_noise * torch.randn(B, T, H, K, dtype=F64)
+    q = torch.randn(B, T, H, K, dtype=F64) * q_scale
+    v = torch.randn(B, T, H, V, dtype=F64)
+    return [t.to(dtype) for t in (q, k, v, codebook)]
+
+
+def random_state(N, H, S, V, dtype=torch.float32, used=0.5):
+    counts = torch.randint(1, 5, (N, H, S)).to(F64) * (torch.rand(N, H, S) < used)
+    sums = torch.randn(N, H, S, V, dtype=F64) * counts[..., None]  # U_s = sum of count_s values
+    return torch.cat([sums, counts[..., None]], -1).to(dtype)
+
+
+def nearest_codes(k, codebook):
+    """float64 squared distances [B, T, H, S]."""
+    diff = k.to(F64)[..., None, :] - codebook.to(F64)[None, None]
+    return (diff * diff).sum(-1)
+
+
+def dense_sequence(q, k, v, codebook, codes, scale, state):
+    """One sequence, float64, [T, H, *]: softmax over the state's codes in use (logit + log count,
+    value U/count) and the causal tokens (k^ with the straight-through estimator)."""
+    T, H, _ = q.shape
+    heads = torch.arange(H)
+    k_hat = codebook[heads[None, :], codes]  # [T, H, K]
+    k_st = k + (k_hat - k).detach()
+    scores = torch.einsum("thk,shk->hts", q, k_st) * scale  # [H, T, T]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, -math.inf)
+    values = v.permute(1, 0, 2)  # [H, T, V]
+    if state is not None:
+        counts = state[..., -1].detach()  # [H, S]
+        used = counts > 0
+        code_scores = torch.einsum("thk,hsk->hts", q, codebook) * scale
+        safe_counts = torch.where(used, counts, torch.ones_like(counts))
+        code_scores = code_scores + safe_counts.log()[:, None]
+        code_scores = code_scores.masked_fill(~used[:, None, :], -math.inf)
+        means = state[..., :-1] / safe_counts[..., None]
+        scores = torch.cat([code_scores, scores], -1)
+        values = torch.cat([means, values], 1)
+    o = torch.softmax(scores, -1) @ values  # [H, T, V]
+    return o.permute(1, 0, 2)
+
+
+def dense_reference(q, k, v, codebook, codes, scale=None, initial_state=None, cu_seqlens=None):
+    """float64 o and final state of every sequence (inputs: float64 leaves)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, T, H, _ = q.shape
+    S, V = codebook.shape[1], v.shape[-1]
+    if cu_seqlens is None:
+        spans = [(b, 0, T) for b in range(B)]
+    else:
+        c = cu_seqlens.tolist()
+        spans = [(0, c[i], c[i + 1]) for i in range(len(c) - 1)]
+    outs, finals = [], []
+    for n, (b, start, end) in enumerate(spans):
+        state = None if initial_state is None else initial_state[n]
+        if end > start:
+            sl = slice(start, end)
+            outs.append(dense_sequence(q[b, sl], k[b, sl], v[b, sl], codebook, codes[b, sl],
+                                       scale, state))
+        onehot = torch.nn.functional.one_hot(codes[b, start:end], S).to(F64)  # [t, H, S]
+        added = torch.einsum("ths,thv->hsv", onehot,
+                             torch.cat([v[b, start:end], torch.ones(end - start, H, 1,
+                                                                    dtype=F64)], -1))
+        if state is not None:  # the state's unused codes (count 0) are ignored
+            added = added + state * (state[..., -1:] > 0)
+        finals.append(added)
+    if cu_seqlens is None:
+        o = torch.stack(outs)
+    else:
+        o = torch.cat(outs)[None] if outs else v.new_zeros(1, 0, H, V)
+    return o, torch.stack(finals)
+
+
+def leaves(tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def run_and_compare(q, k, v, codebook, block_len, initial_state=None, cu_seqlens=None,
+                    scale=None, grads=True, tol=None, device="cpu"):
+    """The op (in the inputs' dtype, on `device`) against the dense float64 reference on the
+    same (rounded) inputs: o, codes (vs the float64 argmin), final state and, when grads, dq, dk,
+    dv and d initial_state under random output / final-state gradients. Outputs and gradients
+    are returned to the CPU; every element must be finite (written)."""
+    dtype = q.dtype
+    tol = tol or tolerance(dtype, device)
+    with_state = initial_state is not None
+    op_in = leaves([t.to(device) for t in (q, k, v)]) + [codebook.to(device)] + (
+        leaves([initial_state.to(device)]) if with_state else [])
+    o, codes, final = vq_attention(*op_in[:4], block_len=block_len, scale=scale,
+                                   initial_state=op_in[4] if with_state else None,
+                                   output_final_state=True, cu_seqlens=cu_seqlens)
+    codes = codes.cpu()
+    assert codes.dtype == torch.int64 and codes.shape == q.shape[:3]
+    # (a) codes: the chosen code's float64 distance is the minimum, up to the rounding of the
+    # distance in the compute type.
+    dist = nearest_codes(k, codebook)
+    chosen = dist.gather(-1, codes[..., None])[..., 0]
+    eps = 1e-12 if dtype == F64 else 1e-5
+    assert (chosen <= dist.min(-1).values * (1 + eps) + eps).all()
+
+    ref_in = leaves([t.to(F64) for t in (q, k, v)]) + [codebook.to(F64)] + (
+        leaves([initial_state.to(F64)]) if with_state else [])
+    o_ref, final_ref = dense_reference(*ref_in[:4], codes, scale,
+                                       ref_in[4] if with_state else None, cu_seqlens)
+    assert rel_err(o, o_ref) <= tol, ("o", rel_err(o, o_ref))
+    assert rel_err(final, final_ref) <= max(tol, 1e-6), ("final_state", rel_err(final, final_ref))
+    if not grads:
+        return o, codes, final
+    d_o = torch.randn(o.shape, dtype=F64)
+    d_final = torch.randn(final.shape, dtype=F64)
+    ((o.cpu().to(F64) * d_o).sum() + (final.cpu().to(F64) * d_final).sum()).backward()
+    ((o_ref * d_o).sum() + (final_ref * d_final).sum()).backward()
+    names = ["dq", "dk", "dv"]
+    for name, mine, ref in zip(names, op_in[:3], ref_in[:3]):
+        assert rel_err(mine.grad, ref.grad) <= tol, (name, rel_err(mine.grad, ref.grad))
+    if with_state:
+        mine = op_in[4].grad
+        assert (mine[..., -1] == 0).all(), "counts get no gradient"
+        ref = ref_in[4].grad[..., :-1]
+        state_tol = tol if mine.dtype == F64 else max(tol, 1e-5)  # written in the state dtype
+        assert rel_err(mine[..., :-1], ref) <= state_tol, ("d_initial_state",
+                                                            rel_err(mine[..., :-1], ref))
+    return o, codes, final
+
+
+# --- outputs and gradients ------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,block_len", [(1, 16), (15, 16), (63, 16), (65, 32), (130, 16),
+                                         (130, 64), (200, 64)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_dense(T, block_len, dtype, device):
+    q, k, v, codebook = make_inputs(2, T, 3, 8, 5, 7, dtype)
+    run_and_compare(q, k, v, codebook, block_len, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device", DEVICES)
+def test_initial_state_and_all_gradients(dtype, device):
+    q, k, v, codebook = make_inputs(2, 97, 2, 6, 4, 9, dtype)
+    state = random_state(2, 2, 9, 4, dtype)
+    run_and_compare(q, k, v, codebook, 16, initial_state=state, scale=0.7, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_with_empty_and_single_token_sequences(dtype, device):
+    cu = torch.tensor([0, 0, 1, 40, 40, 113], dtype=torch.int32)
+    q, k, v, codebook = make_inputs(1, 113, 2, 8, 6, 11, dtype)
+    state = random_state(5, 2, 11, 6, torch.float32)
+    run_and_compare(q, k, v, codebook, 16, initial_state=state, cu_seqlens=cu, device=device)
+    run_and_compare(q, k, v, codebook, 32, cu_seqlens=cu.to(torch.int64).to(device),
+                    device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision(dtype, device):
+    q, k, v, codebook = make_inputs(2, 150, 2, 16, 16, 13, dtype)
+    run_and_compare(q, k, v, codebook, 32, initial_state=random_state(2, 2, 13, 16),
+                    device=device)
+
+
+def test_many_codes_and_large_head_dims():
+    q, k, v, codebook = make_inputs(1, 80, 1, 64, 48, 300, torch.float64)
+    run_and_compare(q, k, v, codebook, 16)
+
+
+def test_non_contiguous_inputs():
+    q, k, v, codebook = make_inputs(2, 70, 3, 8, 6, 5, torch.float64)
+    strided = [torch.stack([t, t], -1)[..., 0] for t in (q, k, v)]  # feature stride 2
+    codebook_t = codebook.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided[0].is_contiguous() and not codebook_t.is_contiguous()
+    o, codes = vq_attention(q, k, v, codebook, block_len=16)
+    o2, codes2 = vq_attention(*strided, codebook_t, block_len=16)
+    assert torch.equal(codes, codes2) and torch.equal(o, o2)
+
+
+# --- extreme scores -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_scores_and_unused_codes(dtype, device):
+    """|scale q.k^| in the hundreds: the joint max over window and codes matters. Code 0 is
+    aligned with every query (a huge score) but no key is near it: it must stay out of the
+    softmax until a key uses it, and then dominate without overflowing."""
+    H, K, S = 2, 8, 6
+    q, k, v, codebook = make_inputs(1, 150, H, K, 4, S, F64, key_noise=0.05, q_scale=30.0)
+    direction = torch.randn(H, K, dtype=F64)
+    codebook[:, 0] = 10 * direction  # far from every key (they were drawn near the old codes)
+    q = q.abs() * direction.sign()[None, None]  # q . C_0 large and positive
+    k[0, 100, :] = codebook[:, 0] + 0.01  # code 0 used once, late
+    assert (torch.einsum("bthk,hk->bth", q, codebook[:, 0]) * K ** -0.5).min() > 50
+    if device == "cuda" and dtype == F64:
+        pytest.skip("float64 is CPU-only")
+    _, codes, _ = run_and_compare(*(t.to(dtype) for t in (q, k, v, codebook)), 16,
+                                  tol=1e-9 if dtype == F64 else 1e-4, device=device)
+    assert (codes[0, :100] != 0).all() and (codes[0, 100] == 0).all()
+
+
+def test_state_with_huge_unused_code_scores():
+    q, k, v, codebook = make_inputs(1, 40, 1, 4, 3, 5, F64)
+    codebook[0, 0] = q[0, :, 0].mean(0) * 1e3  # huge score, but count 0 in the state
+    state = random_state(1, 1, 5, 3, F64, used=1.0)
+    state[0, 0, 0] = 0
+    run_and_compare(q, k, v, codebook, 16, initial_state=state)
+
+
+# --- continuation ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_prefill_then_decode_equals_full(dtype):
+    q, k, v, codebook = make_inputs(2, 90, 2, 8, 6, 7, dtype)
+    o_full, codes_full, final_full = vq_attention(q, k, v, codebook, block_len=16,
+                                                  output_final_state=True)
+    split = 71
+    o_pre, _, state = vq_attention(q[:, :split], k[:, :split], v[:, :split], codebook,
+                                   block_len=16, output_final_state=True)
+    outs = [o_pre]
+    for t in range(split, 90):
+        o_t, codes_t, state = fused_recurrent_vq_attention(
+            q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], codebook, initial_state=state,
+            output_final_state=True)
+        assert torch.equal(codes_t, codes_full[:, t:t + 1])
+        outs.append(o_t)
+    tol = TOL[dtype]
+    assert rel_err(torch.cat(outs, 1), o_full) <= tol
+    assert rel_err(state, final_full) <= tol
+
+
+def test_two_halves_continuation_in_place_state():
+    q, k, v, codebook = make_inputs(1, 101, 2, 8, 6, 7, F64)
+    o_full, _, final_full = vq_attention(q, k, v, codebook, block_len=32, output_final_state=True)
+    _, _, state = vq_attention(q[:, :50], k[:, :50], v[:, :50], codebook, block_len=32,
+                               output_final_state=True)
+    o2, _, final2 = vq_attention(q[:, 50:], k[:, 50:], v[:, 50:], codebook, block_len=32,
+                                 initial_state=state, output_final_state=True)
+    assert rel_err(o2, o_full[:, 50:]) <= 1e-12
+    assert rel_err(final2, final_full) <= 1e-12
+
+
+def test_continuation_gradients_flow_through_the_state():
+    """Gradients of a two-call chain (state from the first call into the second) equal those
+    of one call: d_final_state -> d_initial_state and dv through the value sums."""
+    q, k, v, codebook = make_inputs(1, 70, 2, 4, 3, 5, F64)
+    ins = leaves([q, k, v])
+    o_full, _ = vq_attention(*ins, codebook, block_len=16)
+    d_o = torch.randn(o_full.shape, dtype=F64)
+    (o_full * d_o).sum().backward()
+    ins2 = leaves([q, k, v])
+    o1, _, state = vq_attention(*(t[:, :33] for t in ins2), codebook, block_len=16,
+                                output_final_state=True)
+    o2, _ = vq_attention(*(t[:, 33:] for t in ins2), codebook, block_len=16, initial_state=state)
+    (torch.cat([o1, o2], 1) * d_o).sum().backward()
+    # q and v: identical. k: only the second call's tokens compare -- the state carries value
+    # sums and counts, not keys, so the first call's dk cannot see the second call's queries
+    # (documented in flashlin.h); its own dk is checked against the dense reference elsewhere.
+    assert rel_err(ins2[0].grad, ins[0].grad) <= 1e-12
+    assert rel_err(ins2[2].grad, ins[2].grad) <= 1e-12
+    assert rel_err(ins2[1].grad[:, 33:], ins[1].grad[:, 33:]) <= 1e-12
+
+
+# --- bad arguments --------------------------------------------------------------------------
+
+def test_bad_arguments():
+    q, k, v, codebook = make_inputs(2, 20, 2, 8, 6, 5)
+    with pytest.raises(ValueError, match="'k'"):
+        vq_attention(q, k[:, :10], v, codebook)
+    with pytest.raises(ValueError, match="'v'"):
+        vq_attention(q, k, v.double(), codebook)
+    with pytest.raises(ValueError, match="'codebook'"):
+        vq_attention(q, k, v, codebook[:, :, :4])
+    with pytest.raises(ValueError, match="'codebook'"):
+        vq_attention(q, k, v, codebook[0])
+    with pytest.raises(ValueError, match="block_len"):
+        vq_attention(q, k, v, codebook, block_len=8)
+    with pytest.raises(ValueError, match="block_len"):
+        vq_attention(q, k, v, codebook, block_len=2048)
+    with pytest.raises(ValueError, match="block_len"):
+        vq_attention(q, k, v, codebook, block_len=16.0)
+    with pytest.raises(ValueError, match="scale"):
+        vq_attention(q, k, v, codebook, scale=float("inf"))
+    with pytest.raises(ValueError, match="initial_state"):
+        vq_attention(q, k, v, codebook, initial_state=torch.zeros(2, 2, 5, 6))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        vq_attention(q, k, v, codebook, cu_seqlens=torch.tensor([0, 20], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        vq_attention(q[:1], k[:1], v[:1], codebook, cu_seqlens=torch.tensor([0, 30]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        vq_attention(q[:1], k[:1], v[:1], codebook, cu_seqlens=torch.tensor([0, 12, 5, 20]))
+    with pytest.raises(ValueError, match="'q'"):
+        vq_attention(q[0], k, v, codebook)
+    with pytest.raises(ValueError, match="'q'"):
+        vq_attention(q.int(), k, v, codebook)
+    with pytest.raises(ValueError, match="'codebook'"):
+        vq_attention(q, k, v, "codebook")
+    with pytest.raises(_lib.UnsupportedError, match="4096"):
+        vq_attention(q, k, v, torch.randn(2, 4097, 8))
+
+
+def test_bad_backward_arguments_leave_outputs_untouched():
+    """A backward with a d_initial_state but no initial_state is rejected by the C ABI."""
+    q, k, v, codebook = make_inputs(1, 10, 1, 4, 3, 5)
+    inputs = _lib.VqAttentionInputs(*[_lib.TensorView(t, n).pointer for t, n in
+                                      ((q, "q"), (k, "k"), (v, "v"), (codebook, "codebook"),
+                                       (None, ""), (None, ""))])
+    keep = (q, k, v, codebook)
+    d_init = torch.full((1, 1, 5, 4), 7.0)
+    grads = _lib.VqAttentionGrads(None, None, None, _lib.TensorView(d_init, "d").pointer)
+    d_o = torch.randn(v.shape)
+    status = _lib.entry("flashlin_vq_attention_backward")(
+        _lib.VqAttentionConfig(0.0, 16), inputs, _lib.TensorView(d_o, "d_o").pointer, None, grads,
+        None)
+    assert status == _lib.INVALID_ARGUMENT
+    assert "d_initial_state" in _lib.lib.flashlin_last_error().decode()
+    assert (d_init == 7.0).all()
+    del keep
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+def test_cuda_float64_and_large_heads_are_unsupported():
+    q, k, v, codebook = [t.cuda() for t in make_inputs(1, 10, 1, 4, 3, 5, F64)]
+    with pytest.raises(_lib.UnsupportedError, match="float64"):
+        vq_attention(q, k, v, codebook)
+    q, k, v, codebook = [t.cuda() for t in make_inputs(1, 10, 1, 300, 3, 5)]
+    with pytest.raises(_lib.UnsupportedError, match="256"):
+        vq_attention(q, k, v, codebook)
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+def test_cuda_prefill_then_decode_and_target_head_size():
+    """K = V = 128, S = 512 codes, block_len 64 over 300 tokens (5 blocks), then decoding."""
+    q, k, v, codebook = make_inputs(1, 300, 1, 128, 128, 512, torch.bfloat16)
+    run_and_compare(q, k, v, codebook, 64, device="cuda")
+    q, k, v, codebook = [t.cuda() for t in make_inputs(2, 90, 2, 16, 16, 7, torch.float32)]
+    o_full, _, final_full = vq_attention(q, k, v, codebook, block_len=16,
+                                         output_final_state=True)
+    _, _, state = vq_attention(q[:, :80], k[:, :80], v[:, :80], codebook, block_len=16,
+                               output_final_state=True)
+    outs = []
+    for t in range(80, 90):
+        o_t, _, state = fused_recurrent_vq_attention(q[:, t:t + 1], k[:, t:t + 1],
+                                                     v[:, t:t + 1], codebook,
+                                                     initial_state=state,
+                                                     output_final_state=True)
+        outs.append(o_t)
+    assert rel_err(torch.cat(outs, 1), o_full[:, 80:]) <= 1e-4
+    assert rel_err(state, final_full) <= 1e-5
+
+
+# --- torch.compile (torch >= 2.4: the op is a torch.library custom op there) ---------------
+
+def _torch_version():
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+@pytest.mark.skipif(_torch_version() < (2, 4), reason="needs torch >= 2.4")
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
+    q, k, v, codebook = make_inputs(1, 50, 2, 16, 16, 7, torch.float32)
+    state = random_state(1, 2, 7, 16)
+
+    def model(q, k, v, state):
+        o, codes, final = vq_attention(q, k, v, codebook.to(q.device), block_len=16,
+                                       initial_state=state, output_final_state=True)
+        return o * 2.0, final
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (model, compiled):
+        ins = leaves([t.to(device) for t in (q, k, v, state)])
+        o, final = fn(*ins)
+        ((o * o).sum() + final[..., :-1].sum()).backward()
+        results.append([o, final] + [t.grad for t in ins])
+    for eager, traced in zip(*results):
+        assert rel_err(traced, eager) <= 1e-6
