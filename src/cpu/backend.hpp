@@ -9,6 +9,8 @@
 #include "api/based_params.hpp"
 #include "api/module_params.hpp"
 #include "api/params.hpp"
+#include "api/slot_attention_params.hpp"
+#include "api/vq_attention_params.hpp"
 
 namespace flashlin::cpu {
 
@@ -35,16 +37,10 @@ flashlin_status based_forward(const detail::BasedParams& params);
 flashlin_status based_backward(const detail::BasedParams& params);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
-}  // namespace flashlin::cpu
-#include "api/slot_attention_params.hpp"  // NOLINT: here so each op family keeps to its own lines
-namespace flashlin::cpu {
 flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params);
 flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
-}  // namespace flashlin::cpu
-#include "api/vq_attention_params.hpp"
-namespace flashlin::cpu {
 flashlin_status vq_attention_forward(const detail::VqAttentionParams& params);
 flashlin_status vq_attention_backward(const detail::VqAttentionParams& params);
 

@@ -11,6 +11,8 @@
 #include "api/based_params.hpp"
 #include "api/module_params.hpp"
 #include "api/params.hpp"
+#include "api/slot_attention_params.hpp"
+#include "api/vq_attention_params.hpp"
 
 namespace flashlin::cuda {
 
@@ -37,17 +39,11 @@ flashlin_status based_backward(const detail::BasedParams& params);
 size_t based_workspace_bytes(const detail::BasedParams& params, bool backward);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
-}  // namespace flashlin::cuda
-#include "api/slot_attention_params.hpp"  // NOLINT: here so each op family keeps to its own lines
-namespace flashlin::cuda {
 flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params);
 flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params);
 size_t slot_attention_workspace_bytes(const detail::SlotAttentionParams& params, bool backward);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
-}  // namespace flashlin::cuda
-#include "api/vq_attention_params.hpp"
-namespace flashlin::cuda {
 flashlin_status vq_attention_forward(const detail::VqAttentionParams& params);
 flashlin_status vq_attention_backward(const detail::VqAttentionParams& params);
 size_t vq_attention_workspace_bytes(const detail::VqAttentionParams& params, bool backward);

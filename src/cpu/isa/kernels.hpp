@@ -10,6 +10,8 @@
 #include "api/based_params.hpp"
 #include "api/module_params.hpp"
 #include "api/params.hpp"
+#include "api/slot_attention_params.hpp"
+#include "api/vq_attention_params.hpp"
 
 namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS {
 
@@ -29,16 +31,10 @@ flashlin_status based_forward(const detail::BasedParams& params, int threads);
 flashlin_status based_backward(const detail::BasedParams& params, int threads);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
-}  // namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS
-#include "api/slot_attention_params.hpp"  // NOLINT: here so each op family keeps to its own lines
-namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS {
 flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params, int threads);
 flashlin_status slot_attention_backward(const detail::SlotAttentionParams& params, int threads);
 
 // Transformer-VQ (vq_attention.cpp / .cu)
-}  // namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS
-#include "api/vq_attention_params.hpp"
-namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS {
 flashlin_status vq_attention_forward(const detail::VqAttentionParams& params, int threads);
 flashlin_status vq_attention_backward(const detail::VqAttentionParams& params, int threads);
 
