@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .models import MIXERS, UNAVAILABLE_MIXERS, LanguageModel, LMConfig
+from .models import MIXERS, LanguageModel, LMConfig
 
 LICENSES = "/usr/share/common-licenses"
 DEFAULT_PROMPT = "This License"
@@ -174,12 +174,7 @@ def _has_cuda():
 def mixer_argument(value):
     if value in MIXERS:
         return value
-    if value in UNAVAILABLE_MIXERS:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not available yet ({UNAVAILABLE_MIXERS[value]}); "
-            f"available: {', '.join(MIXERS)}")
-    raise argparse.ArgumentTypeError(f"unknown mixer {value!r}; available: {', '.join(MIXERS)}"
-                                     f"; not yet: {', '.join(UNAVAILABLE_MIXERS)}")
+    raise argparse.ArgumentTypeError(f"unknown mixer {value!r}; available: {', '.join(MIXERS)}")
 
 
 def build_parser(parser=None):
@@ -187,8 +182,7 @@ def build_parser(parser=None):
     parser.description = ("Train a small byte-level language model with a flashlin mixer, save "
                           "a checkpoint and a loss plot, and generate a sample.")
     parser.add_argument("--mixer", type=mixer_argument, default="gla",
-                        help=f"token mixer: {', '.join(MIXERS)} (not yet available: "
-                             f"{', '.join(UNAVAILABLE_MIXERS)})")
+                        help=f"token mixer: {', '.join(MIXERS)}")
     parser.add_argument("--steps", type=int, default=250, help="training steps (250)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (128)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (16)")

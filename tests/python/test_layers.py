@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import flashlin
-from flashlin.layers import (Cache, GatedLinearAttention, GateLoopAttention, LightningAttention,
-                             MultiScaleRetention, RWKV6Attention)
+from flashlin.layers import (ABCAttention, BasedLinearAttention, Cache, GatedLinearAttention,
+                             GatedSlotAttention, GateLoopAttention, LightningAttention,
+                             MultiScaleRetention, RWKV6Attention, VQAttention)
 
 HIDDEN = 32
 RTOL = 1e-4
@@ -33,6 +34,21 @@ LAYERS = {
     "gateloop_real_conv_gqa": lambda: GateLoopAttention(hidden_size=HIDDEN, num_heads=4,
                                                         num_kv_heads=2, use_short_conv=True,
                                                         use_phase=False, layer_idx=0),
+    "based": lambda: BasedLinearAttention(hidden_size=HIDDEN, feature_dim=16,
+                                          num_key_value_heads=2, num_heads=2, layer_idx=0),
+    "based_fused_chunk_gqa": lambda: BasedLinearAttention(
+        hidden_size=HIDDEN, feature_dim=16, num_key_value_heads=1, num_heads=2,
+        mode="fused_chunk", layer_idx=0),
+    "abc": lambda: ABCAttention(hidden_size=HIDDEN, num_heads=2, num_slots=8, layer_idx=0),
+    "abc_conv_no_rope": lambda: ABCAttention(hidden_size=HIDDEN, num_heads=2, use_rope=False,
+                                             use_short_conv=True, use_output_gate=False,
+                                             layer_idx=0),
+    "gsa": lambda: GatedSlotAttention(hidden_size=HIDDEN, num_heads=2, num_slots=8, layer_idx=0),
+    "gsa_conv_relu": lambda: GatedSlotAttention(hidden_size=HIDDEN, num_heads=2, num_slots=16,
+                                                use_short_conv=True, feature_map="relu",
+                                                layer_idx=0),
+    "vq": lambda: VQAttention(hidden_size=HIDDEN, num_heads=2, num_codes=16, block_len=16,
+                              layer_idx=0),
 }
 NAMES = sorted(LAYERS)
 

@@ -207,8 +207,6 @@ def test_config():
     config = LMConfig(mixer="lightning", hidden_size=48, mlp_ratio=4)
     assert LMConfig.from_json(config.to_json()) == config
     assert config.mlp_size % 32 == 0 and config.mlp_size >= 48 * 4 * 2 // 3
-    with pytest.raises(ValueError, match="not available yet"):
-        LMConfig(mixer="based")
     with pytest.raises(ValueError, match="unknown mixer"):
         LMConfig(mixer="transformer")
     with pytest.raises(ValueError, match="unknown keys"):
@@ -319,13 +317,15 @@ def test_demo_on_cuda(tmp_path):
     assert len(result["losses"]) == 3 and (tmp_path / "checkpoint" / "config.json").exists()
 
 
-def test_unavailable_mixer_is_refused(capsys):
+def test_unknown_mixer_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        flashlin_main(["demo", "--mixer", "based"])
+        flashlin_main(["demo", "--mixer", "mamba"])
     assert exit_info.value.code == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "unknown mixer 'mamba'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        flashlin_main(["recall", "--mixers", "gla,gsa"])
+        flashlin_main(["recall", "--mixers", "gla,mamba"])
+    with pytest.raises(ValueError, match="unknown mixer"):
+        LMConfig(mixer="mamba")
 
 
 def test_mqar_batches():

@@ -9,24 +9,20 @@ With use_cache=True and no cache given, a new `Cache` is returned. Chunked kerne
 long inputs (training, prefill) and token-by-token kernels for short ones (decoding), by fla's
 rule (T <= 64 -> fused_recurrent; retention: chunk whenever gradients are on).
 
-Also GateLoopAttention (fla has no GateLoop layer; built in the style of the others).
-
-Not available yet (their ops are not in flashlin): Based (BasedLinearAttention),
-ABC (ABCAttention), GSA (GatedSlotAttention), Transformer-VQ. `NOT_AVAILABLE` lists them.
+Also GateLoopAttention and VQAttention (Transformer-VQ): fla has neither; built in the style of
+the others.
 """
+from .abc import ABCAttention
+from .based import BasedLinearAttention
 from .gateloop import GateLoopAttention
 from .gla import GatedLinearAttention
+from .gsa import GatedSlotAttention
 from .lightning_attn import LightningAttention
 from .multiscale_retention import MultiScaleRetention
 from .rwkv6 import RWKV6Attention
 from .utils import Cache
+from .vq import VQAttention
 
-NOT_AVAILABLE = {
-    "BasedLinearAttention": "needs the Based ops (parallel_based, fused_chunk_based)",
-    "ABCAttention": "needs chunk_abc",
-    "GatedSlotAttention": "needs chunk_gsa / fused_recurrent_gsa",
-    "TransformerVQ": "needs vq_attention",
-}
-
-__all__ = ["GateLoopAttention", "GatedLinearAttention", "LightningAttention", "MultiScaleRetention", "RWKV6Attention",
-           "Cache", "NOT_AVAILABLE"]
+__all__ = ["ABCAttention", "BasedLinearAttention", "GateLoopAttention", "GatedLinearAttention",
+           "GatedSlotAttention", "LightningAttention", "MultiScaleRetention", "RWKV6Attention",
+           "VQAttention", "Cache"]

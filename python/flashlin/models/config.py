@@ -4,26 +4,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-MIXERS = ("retention", "gla", "rwkv6", "lightning", "gateloop")
-
-# Mixers of the project that need ops flashlin does not have yet.
-UNAVAILABLE_MIXERS = {
-    "based": "Based linear attention needs parallel_based / fused_chunk_based",
-    "abc": "ABC needs chunk_abc",
-    "gsa": "GSA needs chunk_gsa / fused_recurrent_gsa",
-    "vq": "Transformer-VQ needs vq_attention",
-}
+MIXERS = ("retention", "gla", "rwkv6", "lightning", "gateloop", "based", "abc", "gsa", "vq")
 
 
 def check_mixer(mixer):
     """Raise ValueError with a clear message unless `mixer` is one flashlin can build."""
-    if mixer in MIXERS:
-        return mixer
-    if mixer in UNAVAILABLE_MIXERS:
-        raise ValueError(f"mixer {mixer!r} is not available yet: {UNAVAILABLE_MIXERS[mixer]}, "
-                         f"which flashlin does not have yet. Available: {', '.join(MIXERS)}")
-    raise ValueError(f"unknown mixer {mixer!r}; available: {', '.join(MIXERS)} (not yet: "
-                     f"{', '.join(UNAVAILABLE_MIXERS)})")
+    if mixer not in MIXERS:
+        raise ValueError(f"unknown mixer {mixer!r}; available: {', '.join(MIXERS)}")
+    return mixer
 
 
 @dataclass
@@ -31,8 +19,10 @@ class LMConfig:
     """A stack of blocks x + mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
 
     mixer: 'retention' (MultiScaleRetention), 'gla' (GatedLinearAttention), 'rwkv6'
-    (RWKV6Attention), 'lightning' (LightningAttention) or 'gateloop' (GateLoopAttention).
-    expand_k / expand_v None: the layer's
+    (RWKV6Attention), 'lightning' (LightningAttention), 'gateloop' (GateLoopAttention), 'based'
+    (BasedLinearAttention), 'abc' (ABCAttention), 'gsa' (GatedSlotAttention) or 'vq'
+    (VQAttention). Settings a mixer's layer does not have (e.g. use_short_conv for Based and VQ)
+    are not passed to it. expand_k / expand_v None: the layer's
     own default. mlp_ratio: fla's hidden_ratio (SwiGLU width = mlp_ratio * hidden * 2/3, rounded
     up to a multiple of mlp_multiple_of) unless intermediate_size is given. mixer_kwargs: any
     further constructor arguments of the mixer (e.g. {'gate_low_rank_dim': 8})."""

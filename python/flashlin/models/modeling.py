@@ -6,6 +6,7 @@ Parameter names follow fla's models (embeddings, layers.i.attn_norm / attn / mlp
 mlp.{gate,up,down}_proj, norm, lm_head), without fla's "model." prefix (`convert_fla_state_dict`
 strips it).
 """
+import inspect
 import json
 import math
 import os
@@ -14,8 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import (Cache, GatedLinearAttention, GateLoopAttention, LightningAttention,
-                      MultiScaleRetention, RWKV6Attention)
+from ..layers import (ABCAttention, BasedLinearAttention, Cache, GatedLinearAttention,
+                      GatedSlotAttention, GateLoopAttention, LightningAttention,
+                      MultiScaleRetention, RWKV6Attention, VQAttention)
 from .config import LMConfig
 
 CONFIG_NAME = "config.json"
@@ -23,21 +25,27 @@ SAFETENSORS_NAME = "model.safetensors"
 TORCH_NAME = "pytorch_model.bin"
 
 
+MIXER_CLASSES = {"retention": MultiScaleRetention, "gla": GatedLinearAttention,
+                 "rwkv6": RWKV6Attention, "lightning": LightningAttention,
+                 "gateloop": GateLoopAttention, "based": BasedLinearAttention,
+                 "abc": ABCAttention, "gsa": GatedSlotAttention, "vq": VQAttention}
+
+
 def build_mixer(config, layer_idx):
-    """The mixer layer of block `layer_idx` for `config`."""
-    common = dict(hidden_size=config.hidden_size, num_heads=config.num_heads,
-                  norm_eps=config.norm_eps, layer_idx=layer_idx)
+    """The mixer layer of block `layer_idx` for `config`: the config's settings that the layer's
+    constructor takes, then config.mixer_kwargs (passed as given)."""
+    cls = MIXER_CLASSES[config.mixer]
+    settings = dict(hidden_size=config.hidden_size, num_heads=config.num_heads,
+                    norm_eps=config.norm_eps, layer_idx=layer_idx,
+                    use_short_conv=config.use_short_conv, conv_size=config.conv_size,
+                    num_layers=config.num_layers,  # lightning: decays; rwkv6: initialisation
+                    num_key_value_heads=config.num_heads)  # Based: one value head per head
     for name in ("expand_k", "expand_v"):
         if getattr(config, name) is not None:
-            common[name] = getattr(config, name)
-    if config.mixer != "rwkv6":
-        common.update(use_short_conv=config.use_short_conv, conv_size=config.conv_size)
-    if config.mixer in ("lightning", "rwkv6"):
-        common["num_layers"] = config.num_layers  # lightning: decays; rwkv6: initialisation
+            settings[name] = getattr(config, name)
+    accepted = inspect.signature(cls.__init__).parameters
+    common = {k: v for k, v in settings.items() if k in accepted}
     common.update(config.mixer_kwargs)
-    cls = {"retention": MultiScaleRetention, "gla": GatedLinearAttention,
-           "rwkv6": RWKV6Attention, "lightning": LightningAttention,
-           "gateloop": GateLoopAttention}[config.mixer]
     return cls(**common)
 
 
