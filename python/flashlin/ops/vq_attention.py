@@ -192,13 +192,13 @@ def vq_attention(q, k, v, codebook, block_len=64, scale=None, initial_state=None
         raise ValueError(f"argument 'block_len': expected an int in 16..1024, got {block_len!r}")
     if scale is not None and float(scale) == 0.0:  # 0 means "default" to the library
         raise ValueError("argument 'scale': expected a non-zero finite value or None, got 0")
-    config = _lib.VqAttentionConfig(0.0 if scale is None else float(scale), int(block_len))
+    scale_value = 0.0 if scale is None else float(scale)
     cu_seqlens = _lib.on_host(cu_seqlens)
-    if _custom_forward is not None and _compiling():
+    if _custom_forward is not None and _compiling():  # no ctypes objects in a traced graph
         o, codes, final_state = _custom_forward(q, k, v, codebook, initial_state, cu_seqlens,
-                                                config.scale, config.block_len,
-                                                output_final_state)
+                                                scale_value, int(block_len), output_final_state)
         return (o, codes, final_state) if output_final_state else (o, codes)
+    config = _lib.VqAttentionConfig(scale_value, int(block_len))
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, initial_state)):
         o, codes, final_state = _VqAttentionFunction.apply(
