@@ -47,20 +47,14 @@ struct Kernels {
   Entry<detail::RmsNormParams> rms_norm_forward[2], rms_norm_backward[2];
   Entry<detail::RotaryParams> rotary[2];
   Entry<detail::ShortConvParams> short_conv_forward[2], short_conv_backward[2];
-  // Based
   Entry<detail::BasedParams> based_forward[2], based_backward[2];
-
-  // ABC / GSA slot attention
   Entry<detail::SlotAttentionParams> slot_attention_forward[2], slot_attention_backward[2];
-
-  // Transformer-VQ
   Entry<detail::VqAttentionParams> vq_attention_forward[2], vq_attention_backward[2];
-
 };
 
 #define FLASHLIN_CPU_ENTRY(isa, fn) \
   { isa##_float::fn, isa##_double::fn }
-// One entry per line, in the order of Kernels' members (each op family adds its own lines).
+// One entry per line, in the order of Kernels' members.
 // clang-format off
 #define FLASHLIN_CPU_KERNELS(name, isa)                \
   Kernels {                                            \
@@ -72,18 +66,12 @@ struct Kernels {
     FLASHLIN_CPU_ENTRY(isa, rotary),                   \
     FLASHLIN_CPU_ENTRY(isa, short_conv_forward),       \
     FLASHLIN_CPU_ENTRY(isa, short_conv_backward),      \
-    /* Based */                                        \
     FLASHLIN_CPU_ENTRY(isa, based_forward),            \
     FLASHLIN_CPU_ENTRY(isa, based_backward),           \
-                                                       \
-    /* ABC / GSA slot attention */                     \
     FLASHLIN_CPU_ENTRY(isa, slot_attention_forward),   \
     FLASHLIN_CPU_ENTRY(isa, slot_attention_backward),  \
-                                                       \
-    /* Transformer-VQ */                               \
     FLASHLIN_CPU_ENTRY(isa, vq_attention_forward),     \
-    FLASHLIN_CPU_ENTRY(isa, vq_attention_backward),    \
-                                                       \
+    FLASHLIN_CPU_ENTRY(isa, vq_attention_backward)     \
   }
 // clang-format on
 

@@ -134,17 +134,17 @@ cudaError_t chunk_tc_launch_forward(const RecurrenceParams& p, const ChunkArgs& 
   const int v = static_cast<int>(p.value_dim);
   const bool bf16 = p.q.dtype == Storage::kBFloat16;
   if (p.key_dim == 64)
-    return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, v, num_seqs,
-                                                                stream)
-                : chunk_fwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, v, num_seqs,
-                                                         stream);
+    return bf16
+               ? chunk_fwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, v, num_seqs,
+                                                               stream)
+               : chunk_fwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, v, num_seqs, stream);
   return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, v, num_seqs,
                                                                stream)
-              : chunk_fwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, v, num_seqs,
-                                                        stream);
+              : chunk_fwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, v, num_seqs, stream);
 }
 
-static chunk_bwd::BackwardArgs chunk_tc_backward_args(const RecurrenceParams& p, const LaunchContext& ctx) {
+static chunk_bwd::BackwardArgs chunk_tc_backward_args(const RecurrenceParams& p,
+                                                      const LaunchContext& ctx) {
   chunk_bwd::BackwardArgs args;
   args.fwd = forward_args(p, ctx);
   args.d_o = p.d_o;
@@ -185,9 +185,8 @@ void place_backward_scratch(const RecurrenceParams& p, const BackwardLayout& lay
     args->scratch.du_partial = reinterpret_cast<float*>(base + layout.du_partial);
 }
 
-cudaError_t chunk_tc_launch_backward(const RecurrenceParams& p,
-                                     const chunk_bwd::BackwardArgs& args, int64_t num_seqs,
-                                     cudaStream_t stream) {
+cudaError_t chunk_tc_launch_backward(const RecurrenceParams& p, const chunk_bwd::BackwardArgs& args,
+                                     int64_t num_seqs, cudaStream_t stream) {
   const bool bf16 = p.q.dtype == Storage::kBFloat16;
   if (p.key_dim == 64)
     return bf16 ? chunk_bwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, num_seqs,

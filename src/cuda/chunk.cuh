@@ -46,9 +46,8 @@ struct BackwardLayout {
 BackwardLayout backward_layout(const RecurrenceParams& p, size_t num_seqs);
 void place_backward_scratch(const RecurrenceParams& p, const BackwardLayout& layout, char* base,
                             chunk_bwd::BackwardArgs* args);
-cudaError_t chunk_tc_launch_backward(const RecurrenceParams& p,
-                                     const chunk_bwd::BackwardArgs& args, int64_t num_seqs,
-                                     cudaStream_t stream);
+cudaError_t chunk_tc_launch_backward(const RecurrenceParams& p, const chunk_bwd::BackwardArgs& args,
+                                     int64_t num_seqs, cudaStream_t stream);
 
 // Long sequences split into pieces run by separate thread blocks when the call has too few
 // thread blocks to fill the GPU (chunk_split.cu).

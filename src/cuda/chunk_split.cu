@@ -37,9 +37,9 @@
 namespace flashlin::cuda {
 namespace {
 
-constexpr int64_t kPieceAlign = 64;     // whole chunks
-constexpr int64_t kMinPiece = 1024;     // below this the two passes cost more than they gain
-constexpr int kForwardBlocksPerSm = 2;  // the per-key forward runs two blocks per SM
+constexpr int64_t kPieceAlign = 64;      // whole chunks
+constexpr int64_t kMinPiece = 1024;      // below this the two passes cost more than they gain
+constexpr int kForwardBlocksPerSm = 2;   // the per-key forward runs two blocks per SM
 constexpr int kBackwardBlocksPerSm = 1;  // 8 warps and a whole K x V state per block
 constexpr int kValueTile = 64;           // value columns per thread block of the forward
 constexpr int kScanThreads = 256;
@@ -118,8 +118,8 @@ __global__ void piece_gate_totals(const StridedTensor g, bool per_key, const Seq
     const int feature = per_key ? kk : 0;
     double total = 0.0;
     for (int64_t t = 0; t < span.length; ++t)
-      total += floor_gate(
-          load_float(g, element_offset(g, span.batch, span.start + t, head, feature)));
+      total +=
+          floor_gate(load_float(g, element_offset(g, span.batch, span.start + t, head, feature)));
     gate_totals[(piece * num_heads + head) * key_dim + kk] = static_cast<float>(total);
   }
 }
@@ -140,8 +140,7 @@ __global__ void scan_piece_states(const StridedTensor initial_state, const int64
   for (int64_t j = first_piece[seq]; j < first_piece[seq + 1]; ++j) {
     const int64_t at = (j * num_heads + head) * state_size + element;
     piece_initial[at] = state;
-    const float decay =
-        gated ? expf(gate_totals[(j * num_heads + head) * key_dim + kk]) : 1.f;
+    const float decay = gated ? expf(gate_totals[(j * num_heads + head) * key_dim + kk]) : 1.f;
     state = decay * state + piece_final[at];
   }
 }
@@ -151,21 +150,20 @@ __global__ void scan_piece_states(const StridedTensor initial_state, const int64
 __global__ void scan_piece_gradients(const StridedTensor d_final_state, const int64_t* first_piece,
                                      const float* gate_totals, bool gated,
                                      const float* piece_d_initial, float* piece_d_final,
-                                     StridedTensor d_initial_state, int64_t num_heads,
-                                     int key_dim, int value_dim) {
+                                     StridedTensor d_initial_state, int64_t num_heads, int key_dim,
+                                     int value_dim) {
   const int64_t element = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (element >= int64_t{key_dim} * value_dim) return;
   const int64_t head = blockIdx.y, seq = blockIdx.z;
   const int kk = static_cast<int>(element / value_dim), vv = static_cast<int>(element % value_dim);
-  float d_state = d_final_state.present ? load_float(d_final_state, element_offset(
-                                                         d_final_state, seq, head, kk, vv))
-                                        : 0.f;
+  float d_state = d_final_state.present
+                      ? load_float(d_final_state, element_offset(d_final_state, seq, head, kk, vv))
+                      : 0.f;
   const int64_t state_size = int64_t{key_dim} * value_dim;
   for (int64_t j = first_piece[seq + 1] - 1; j >= first_piece[seq]; --j) {
     const int64_t at = (j * num_heads + head) * state_size + element;
     piece_d_final[at] = d_state;
-    const float decay =
-        gated ? expf(gate_totals[(j * num_heads + head) * key_dim + kk]) : 1.f;
+    const float decay = gated ? expf(gate_totals[(j * num_heads + head) * key_dim + kk]) : 1.f;
     d_state = piece_d_initial[at] + decay * d_state;
   }
   if (d_initial_state.present)
@@ -253,17 +251,15 @@ dim3 state_grid(const RecurrenceParams& p) {
 
 // Uploads the piece table, runs pass A over the pieces of `args` and the scan: afterwards
 // piece_initial holds S_in(j), piece_final F_j and gate_totals the pieces' log decays.
-cudaError_t entering_states(const RecurrenceParams& p, const SplitPlan& plan,
-                            const PieceBuffers& b, ChunkArgs args, cudaStream_t stream) {
+cudaError_t entering_states(const RecurrenceParams& p, const SplitPlan& plan, const PieceBuffers& b,
+                            ChunkArgs args, cudaStream_t stream) {
   const int64_t num_pieces = static_cast<int64_t>(plan.pieces.size());
   // Pageable sources: cudaMemcpyAsync returns once the bytes are staged.
-  cudaError_t err = cudaMemcpyAsync(b.table, plan.pieces.data(),
-                                    num_pieces * sizeof(SequenceSpan), cudaMemcpyHostToDevice,
-                                    stream);
+  cudaError_t err = cudaMemcpyAsync(b.table, plan.pieces.data(), num_pieces * sizeof(SequenceSpan),
+                                    cudaMemcpyHostToDevice, stream);
   if (err != cudaSuccess) return err;
   err = cudaMemcpyAsync(b.first_piece, plan.first_piece.data(),
-                        plan.first_piece.size() * sizeof(int64_t), cudaMemcpyHostToDevice,
-                        stream);
+                        plan.first_piece.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream);
   if (err != cudaSuccess) return err;
 
   args.sequences.spans = b.table;
@@ -276,10 +272,9 @@ cudaError_t entering_states(const RecurrenceParams& p, const SplitPlan& plan,
 
   const int key_dim = static_cast<int>(p.key_dim), value_dim = static_cast<int>(p.value_dim);
   if (p.gate != GateKind::kNone) {
-    piece_gate_totals<<<dim3(static_cast<unsigned>(num_pieces),
-                             static_cast<unsigned>(p.num_heads)),
-                        128, 0, stream>>>(p.g, p.gate == GateKind::kPerKey, b.table,
-                                          p.num_heads, key_dim, b.gate_totals);
+    piece_gate_totals<<<dim3(static_cast<unsigned>(num_pieces), static_cast<unsigned>(p.num_heads)),
+                        128, 0, stream>>>(p.g, p.gate == GateKind::kPerKey, b.table, p.num_heads,
+                                          key_dim, b.gate_totals);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   scan_piece_states<<<state_grid(p), kScanThreads, 0, stream>>>(
@@ -303,9 +298,8 @@ cudaError_t chunk_tc_forward_split(const RecurrenceParams& p, const LaunchContex
   args.sequences.spans = b.table;
   args.sequences.count = num_pieces;
   args.initial_state = piece_states(reinterpret_cast<char*>(b.piece_initial), p);
-  args.final_state = p.final_state.present
-                         ? piece_states(reinterpret_cast<char*>(b.piece_final), p)
-                         : StridedTensor{};
+  args.final_state = p.final_state.present ? piece_states(reinterpret_cast<char*>(b.piece_final), p)
+                                           : StridedTensor{};
   err = chunk_tc_launch_forward(p, args, num_pieces, ctx.stream);
   if (err != cudaSuccess || !p.final_state.present) return err;
   gather_final_states<<<state_grid(p), kScanThreads, 0, ctx.stream>>>(
