@@ -19,11 +19,12 @@
 //   2. a token kernel: r_i and the normaliser's gradient ga_i[V];
 //   3. forward in time per tile: S_c again; dq'_i partial over the tile's columns
 //      (intra: sum_j ds_ij k_j, ds_ij = (ga_i.va_j)(1 + s_ij); inter: phi'(q'_i)^T (S_c ga_i)),
-//      added atomically into a float32 [tokens, 16] scratch (the tiles' partials sum to dq');
+//      stored per tile into a float32 [tiles, tokens, 16] scratch;
 //   4. backward in time per tile with dS (from d_final_state): dk_j partial likewise
 //      (sum_i ds_ij q'_i + phi'(k_j)^T (dS va_j)), dv_j = sum_{i>=j} w_ij ga_i + dS^T phi(k_j)
 //      (complete per tile), then dS += sum_i phi(q'_i) ga_i^T; d_initial_state = dS at the end;
-//   5. dq = scale dq', dk rounded to their dtypes.
+//   5. dq = scale dq', dk: the tiles' partials summed in tile order (no atomics: the same
+//      call gives the same bits), rounded to their dtypes.
 // The normaliser column's terms (ga_i[V], va_j[V] = 1, dS[:, V]) are counted by tile 0 only.
 // A forward with final_state in place of initial_state: tiles other than 0 read the normaliser
 // column of the initial state, which tile 0 overwrites; it is copied to scratch first.
@@ -126,7 +127,7 @@ struct Args {
   float* o_float = nullptr;       // [tokens, V] (backward, use_norm)
   float* norm = nullptr;          // [tokens]: a_i[V], then r_i
   float* norm_grad = nullptr;     // [tokens]: ga_i[V]
-  float* dq = nullptr;            // [tokens, kD] float32 partial sums
+  float* dq = nullptr;            // [tiles, tokens, kD] float32 partial sums, one slice per tile
   float* dk = nullptr;
   explicit Args(const BasedParams& params) : p(params) {}
 };
@@ -134,6 +135,11 @@ struct Args {
 __device__ __forceinline__ int64_t token_id(const KernelParams& p, int64_t b, int64_t t,
                                             int64_t h) {
   return (b * p.time + t) * p.num_heads + h;
+}
+
+// Element (token, c) of this block's value tile's slice of a [tiles, tokens, kD] partial sum.
+__device__ __forceinline__ int64_t tile_partial(const KernelParams& p, int64_t token, int c) {
+  return (static_cast<int64_t>(blockIdx.y) * p.batch * p.time * p.num_heads + token) * kD + c;
 }
 
 // The block's place: sequence n, head h, value columns [c0, c0 + width).
@@ -188,8 +194,11 @@ __device__ void store_state(const float* S, const Place& pl, const KernelParams&
 }
 
 // q' (scaled), k, va of the chunk's `count` tokens from `begin`; rows past count are zero.
+// ones: the value of the normaliser column (1 where this tile counts the normaliser's terms, 0
+// in the backward's other tiles), written here by the thread that owns the element, so that no
+// second write races with this one.
 __device__ void load_chunk(const KernelParams& p, const Place& pl, int64_t begin, int count,
-                           float* q, float* k, float* va) {
+                           float* q, float* k, float* va, float ones = 1.0f) {
   const float scale = static_cast<float>(p.scale);
   for (int e = threadIdx.x; e < kChunk * kD; e += blockDim.x) {
     const int i = e / kD, a = e % kD;
@@ -210,7 +219,7 @@ __device__ void load_chunk(const KernelParams& p, const Place& pl, int64_t begin
         x = load_float(
             p.v, element_offset(p.v, pl.seq.batch, pl.seq.start + begin + i, pl.h, pl.c0 + lc));
       else if (lc == kTile)
-        x = 1.0f;
+        x = ones;
     }
     va[e] = x;
   }
@@ -417,10 +426,9 @@ __global__ void __launch_bounds__(kThreads) based_dq_kernel(Args args) {
   for (int64_t begin = 0; begin < length; begin += kChunk) {
     const int count = static_cast<int>(min64(kChunk, length - begin));
     __syncthreads();
-    load_chunk(p, pl, begin, count, m.q, m.k, m.va);
+    // the normaliser column's terms are tile 0's
+    load_chunk(p, pl, begin, count, m.q, m.k, m.va, pl.owns_norm ? 1.0f : 0.0f);
     load_output_grads(args, pl, begin, count, m.ga);
-    if (!pl.owns_norm)  // the normaliser column's terms are tile 0's
-      for (int i = threadIdx.x; i < kChunk; i += blockDim.x) m.va[i * kCols + kTile] = 0.0f;
     __syncthreads();
     chunk_weights(m.q, m.k, count, m.ds, m.w);  // this pass needs (1 + s) only: into m.w
     __syncthreads();
@@ -431,7 +439,7 @@ __global__ void __launch_bounds__(kThreads) based_dq_kernel(Args args) {
       const int i = e / kD, c = e % kD;
       float sum = feature_grad(m.g + i * kF, m.q + i * kD, c);
       for (int j = 0; j <= i; ++j) sum += m.ds[i * kChunk + j] * m.k[j * kD + c];
-      atomicAdd(args.dq + token_id(p, pl.seq.batch, pl.seq.start + begin + i, pl.h) * kD + c, sum);
+      args.dq[tile_partial(p, token_id(p, pl.seq.batch, pl.seq.start + begin + i, pl.h), c)] = sum;
     }
     add_outer(m.k, m.va, count, m.S);
   }
@@ -451,10 +459,8 @@ __global__ void __launch_bounds__(kThreads) based_dkv_kernel(Args args) {
     const int64_t begin = c * kChunk;
     const int count = static_cast<int>(min64(kChunk, length - begin));
     __syncthreads();
-    load_chunk(p, pl, begin, count, m.q, m.k, m.va);
+    load_chunk(p, pl, begin, count, m.q, m.k, m.va, pl.owns_norm ? 1.0f : 0.0f);
     load_output_grads(args, pl, begin, count, m.ga);
-    if (!pl.owns_norm)
-      for (int i = threadIdx.x; i < kChunk; i += blockDim.x) m.va[i * kCols + kTile] = 0.0f;
     __syncthreads();
     chunk_weights(m.q, m.k, count, m.w, one_plus_s);
     __syncthreads();
@@ -466,7 +472,8 @@ __global__ void __launch_bounds__(kThreads) based_dkv_kernel(Args args) {
       const int j = e / kD, cc = e % kD;
       float sum = feature_grad(m.g + j * kF, m.k + j * kD, cc);
       for (int i = j; i < count; ++i) sum += m.ds[i * kChunk + j] * m.q[i * kD + cc];
-      atomicAdd(args.dk + token_id(p, pl.seq.batch, pl.seq.start + begin + j, pl.h) * kD + cc, sum);
+      args.dk[tile_partial(p, token_id(p, pl.seq.batch, pl.seq.start + begin + j, pl.h), cc)] =
+          sum;
     }
     if (p.dv.present) {
       for (int e = threadIdx.x; e < count * kTile; e += blockDim.x) {
@@ -491,14 +498,20 @@ __global__ void __launch_bounds__(kThreads) based_dkv_kernel(Args args) {
 __global__ void finish_qk_grads_kernel(Args args) {
   const KernelParams& p = args.p;
   const int64_t total = p.batch * p.time * p.num_heads * kD;
+  const int64_t tiles = (p.value_dim + kTile - 1) / kTile;
   const float scale = static_cast<float>(p.scale);
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t c = e % kD, id = e / kD;
     const int64_t h = id % p.num_heads, t = (id / p.num_heads) % p.time,
                   b = id / (p.num_heads * p.time);
-    if (p.dq.present) store_float(p.dq, element_offset(p.dq, b, t, h, c), scale * args.dq[e]);
-    if (p.dk.present) store_float(p.dk, element_offset(p.dk, b, t, h, c), args.dk[e]);
+    float dq = 0.0f, dk = 0.0f;
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      dq += args.dq[tile * total + e];
+      dk += args.dk[tile * total + e];
+    }
+    if (p.dq.present) store_float(p.dq, element_offset(p.dq, b, t, h, c), scale * dq);
+    if (p.dk.present) store_float(p.dk, element_offset(p.dk, b, t, h, c), dk);
   }
 }
 
@@ -529,8 +542,9 @@ struct Layout {
       o_float = part(p.use_norm ? tokens * p.value_dim * sizeof(float) : 0);
       norm = part(p.use_norm ? tokens * sizeof(float) : 0);
       norm_grad = part(p.use_norm ? tokens * sizeof(float) : 0);
-      dq = part(tokens * kD * sizeof(float));
-      dk = part(tokens * kD * sizeof(float));
+      const size_t tiles = static_cast<size_t>((p.value_dim + kTile - 1) / kTile);
+      dq = part(tiles * tokens * kD * sizeof(float));
+      dk = part(tiles * tokens * kD * sizeof(float));
     }
     total = at;
   }
@@ -596,8 +610,7 @@ flashlin_status based_backward(const BasedParams& p) {
   args.dq = reinterpret_cast<float*>(base + layout.dq);
   args.dk = reinterpret_cast<float*>(base + layout.dk);
   if (tokens > 0)
-    check_cuda(cudaMemsetAsync(base + layout.dq, 0,
-                               layout.dk + tokens * kD * sizeof(float) - layout.dq, stream),
+    check_cuda(cudaMemsetAsync(base + layout.dq, 0, layout.total - layout.dq, stream),
                "clearing Based's gradient scratch");
   if (p.use_norm) {
     // 1-2: the outputs again (float32) and the normaliser's gradient.
