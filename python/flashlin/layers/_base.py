@@ -74,18 +74,7 @@ class LinearAttentionLayer(nn.Module):
                          gate_fn, fuse_norm, elementwise_affine, norm_eps):
         """fla's common layer anatomy: head bookkeeping (grouped key/value heads), q/k/v (and
         output gate g) projections, optional short convolutions, output norm and projection."""
-        self.hidden_size = hidden_size
-        self.expand_k, self.expand_v = expand_k, expand_v
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
-        self.key_dim = integer_dim(hidden_size, expand_k, "expand_k")
-        self.value_dim = integer_dim(hidden_size, expand_v, "expand_v")
-        check_heads(self.key_dim, self.value_dim, num_heads, self.num_kv_heads)
-        self.num_kv_groups = num_heads // self.num_kv_heads
-        self.key_dim_per_group = self.key_dim // self.num_kv_groups
-        self.value_dim_per_group = self.value_dim // self.num_kv_groups
-        self.head_k_dim = self.key_dim // num_heads
-        self.head_v_dim = self.value_dim // num_heads
+        self._set_heads(hidden_size, expand_k, expand_v, num_heads, num_kv_heads)
         self.feature_map = feature_map
         self.feature_map_fn = get_activation(feature_map)
         self.use_short_conv, self.conv_size, self.conv_bias = use_short_conv, conv_size, conv_bias
@@ -101,6 +90,22 @@ class LinearAttentionLayer(nn.Module):
                               self.value_dim_per_group, conv_size, conv_bias)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         build_output_norm(self, use_output_gate, gate_fn, fuse_norm, elementwise_affine, norm_eps)
+
+    def _set_heads(self, hidden_size, expand_k, expand_v, num_heads, num_kv_heads):
+        """Key/value widths and heads, with num_kv_heads key/value heads shared by groups of
+        query heads (fla's names)."""
+        self.hidden_size = hidden_size
+        self.expand_k, self.expand_v = expand_k, expand_v
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        self.key_dim = integer_dim(hidden_size, expand_k, "expand_k")
+        self.value_dim = integer_dim(hidden_size, expand_v, "expand_v")
+        check_heads(self.key_dim, self.value_dim, num_heads, self.num_kv_heads)
+        self.num_kv_groups = num_heads // self.num_kv_heads
+        self.key_dim_per_group = self.key_dim // self.num_kv_groups
+        self.value_dim_per_group = self.value_dim // self.num_kv_groups
+        self.head_k_dim = self.key_dim // num_heads
+        self.head_v_dim = self.value_dim // num_heads
 
     def _gate_output(self, o, hidden):
         """o [.., H, V] -> normalised, gated and projected output [.., hidden]."""

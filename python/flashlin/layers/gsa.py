@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import chunk_gsa, fused_recurrent_gsa
-from ._base import LinearAttentionLayer, build_short_convs, check_heads, integer_dim
+from ._base import LinearAttentionLayer, build_short_convs
 from .utils import get_activation, repeat_heads
 
 
@@ -35,18 +35,7 @@ class GatedSlotAttention(LinearAttentionLayer):
         if feature_map not in ("swish", "relu"):
             raise NotImplementedError(f"Feature map `{feature_map}` is not supported now.")
         self.mode = mode
-        self.hidden_size = hidden_size
-        self.expand_k, self.expand_v = expand_k, expand_v
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
-        self.key_dim = integer_dim(hidden_size, expand_k, "expand_k")
-        self.value_dim = integer_dim(hidden_size, expand_v, "expand_v")
-        check_heads(self.key_dim, self.value_dim, num_heads, self.num_kv_heads)
-        self.num_kv_groups = num_heads // self.num_kv_heads
-        self.key_dim_per_group = self.key_dim // self.num_kv_groups
-        self.value_dim_per_group = self.value_dim // self.num_kv_groups
-        self.head_k_dim = self.key_dim // num_heads
-        self.head_v_dim = self.value_dim // num_heads
+        self._set_heads(hidden_size, expand_k, expand_v, num_heads, num_kv_heads)
         self.use_short_conv, self.conv_size, self.conv_bias = use_short_conv, conv_size, conv_bias
         self.gate_logit_normalizer = gate_logit_normalizer
         self.use_output_gate, self.use_norm = use_output_gate, use_norm  # unused, as in fla
