@@ -167,9 +167,10 @@ void ArgumentChecker::register_output(const DLTensor* t, const char* arg,
   if (!t) return;
   // An output whose own elements alias (e.g. an expand()ed view with stride 0) would be written
   // by several tasks at once: with the dimensions of size > 1 sorted by stride, each stride must
-  // step past everything the smaller-stride dimensions span.
+  // step past everything the smaller-stride dimensions span. An output with no elements writes
+  // nothing (and its compact strides, products that take in the 0 extent, may be 0).
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
-  for (int i = 0; i < t->ndim; ++i)
+  for (int i = 0; i < t->ndim && element_count(*t) > 0; ++i)
     if (t->shape[i] > 1) dims.push_back({element_stride(*t, i), t->shape[i]});
   std::sort(dims.begin(), dims.end());
   int64_t span = 0;  // elements spanned by the dimensions so far, minus one

@@ -825,5 +825,34 @@ TEST(ThreadSafety, ConcurrentCallsMatchSerialCalls) {
   }
 }
 
+// A batch of empty sequences (B = 2, T = 0) with compact tensors (NULL strides) is a valid call
+// that writes nothing. The compact strides of such shapes are 0 left of the empty dimension
+// (running products that take in the 0), which must not count as an output overlapping itself
+// (found by fuzzing).
+TEST(EmptyTensors, CompactOutputsWithoutElementsAreAccepted) {
+  float storage[1] = {0.f};
+  int64_t shape[4] = {2, 0, 1, 4};
+  auto compact = [&]() {
+    DLTensor t{};
+    t.data = storage;
+    t.device = DLDevice{kDLCPU, 0};
+    t.ndim = 4;
+    t.dtype = DLDataType{kDLFloat, 32, 1};
+    t.shape = shape;
+    t.strides = nullptr;
+    return t;
+  };
+  const DLTensor q = compact(), k = compact(), v = compact();
+  DLTensor o = compact(), d_o = compact(), dq = compact(), dk = compact(), dv = compact();
+  const flashlin_recurrence_config config{FLASHLIN_GATE_NONE, FLASHLIN_FORM_CHUNKED, 0.0, 0, 0, 0};
+  const flashlin_recurrence_inputs inputs{&q, &k, &v, nullptr, nullptr, nullptr, nullptr};
+  EXPECT_EQ(flashlin_recurrence_forward(&config, &inputs, &o, nullptr, nullptr), FLASHLIN_SUCCESS)
+      << flashlin_last_error();
+  const flashlin_recurrence_grads grads{&dq, &dk, &dv, nullptr, nullptr, nullptr};
+  EXPECT_EQ(flashlin_recurrence_backward(&config, &inputs, &d_o, nullptr, &grads, nullptr),
+            FLASHLIN_SUCCESS)
+      << flashlin_last_error();
+}
+
 }  // namespace
 }  // namespace flashlin_test

@@ -1,27 +1,33 @@
 // libFuzzer target over the C ABI: every entry point of the recurrence (workspace sizes, forward,
 // backward) and of the fused modules (RMSNorm / gated RMSNorm forward, backward and backward
 // workspace size; rotary embedding; short convolution forward, backward and backward workspace
-// size). The first input byte picks the family (family_of); the rest feeds a FuzzedDataProvider
-// (which reads its integers from the end, so the recurrence consumes what it always did).
+// size); and the three op families added later, each forward, backward and workspace size:
+// Based linear attention, ABC / GSA slot attention and Transformer-VQ attention. The first input
+// byte picks the family (family_of); the rest feeds a FuzzedDataProvider (which reads its
+// integers from the end, so the recurrence consumes what it always did).
 // Fuzzed: configs (enum values out of range; scale, eps, rotary base 0 / negative / NaN / inf /
 // huge; chunk sizes; rotary_dim, offset and per-sequence offsets negative or huge; interleaved,
-// inverse; kernel widths 0..70) and tensors -- ranks, shapes, strides (zero, negative, huge), byte
-// offsets, dtypes, devices, NULL data, cu_seqlens and offsets values, NULL optional arguments,
-// aliasing (the in-place pairs the API permits, the same view described another way, shifted
-// views and outputs on inputs or on each other, which must be rejected) -- built around small,
-// exactly sized heap buffers so that AddressSanitizer sees any read or write outside a tensor.
+// inverse; kernel widths 0..70; Based's use_norm and form, slot attention's kind and form,
+// Transformer-VQ's block_len; feature, slot and code counts at and past their limits) and
+// tensors -- ranks, shapes, strides (zero, negative, huge), byte offsets, dtypes, devices, NULL
+// data, cu_seqlens and offsets values, NULL optional arguments, aliasing (the in-place pairs the
+// API permits, the same view described another way, shifted views and outputs on inputs or on
+// each other, which must be rejected) -- built around small, exactly sized heap buffers so that
+// AddressSanitizer sees any read or write outside a tensor.
 // Properties checked beyond "no crash, no hang, no sanitizer report":
 //   * a call that fails leaves a non-empty error message (flashlin_last_error);
 //   * no call writes to an input (checksums of every input buffer before and after);
 //   * a failed call leaves every output untouched;
 //   * a call that succeeds has no output overlapping an input or another output, except a
 //     permitted in-place pair (y / x of RMSNorm and rotary, final_state / initial_state,
-//     final_cache / initial_cache) passed as the very same view;
+//     final_cache / initial_cache, final_hk / hv / z on initial_hk / hv / z) passed as the very
+//     same view;
 //   * workspace-size queries agree with the calls they size: a query that rejects its arguments
 //     makes the call reject them (with the same status and message when the checks before them
 //     agree); the recurrence's exact backward query accepts exactly what the backward accepts;
 //     and a module query that accepts its arguments makes the backward on them (other arguments
-//     valid) run without an argument error.
+//     valid) run without an argument error, as does a Based / slot / VQ query (which sizes both
+//     directions) for the forward and the backward.
 // Run with scripts/fuzz.sh (bounded time, committed seed corpus in tests/fuzz/corpus/). Built with
 // -DFLASHLIN_FUZZ_TRACE it prints every call's status (to see what a seed reaches).
 #include <dlpack/dlpack.h>
@@ -35,6 +41,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <string>
@@ -784,10 +791,444 @@ void fuzz_short_conv(FuzzedDataProvider& in, Builder& make) {
   }
 }
 
-// The entry-point family of an input: its first byte (the recurrence for three values in eight,
-// so that it keeps most of the time; an empty input too).
+// --- Shared by the newer op families
+// -------------------------------------------------------------
+
+// A config scale: usually valid (0 = default, finite), sometimes NaN / inf (rejected).
+double pick_scale(FuzzedDataProvider& in) {
+  return in.PickValueInArray(
+      {0.0, 0.0, 0.125, 1.0, -1.0, 0.5, 4.9e-324, 1e300, -0.0, kNaN, kInf, -kInf});
+}
+
+// A small fuzzed size, sometimes one of `edges` (limits of the op and just past them).
+int64_t pick_size(FuzzedDataProvider& in, int64_t max_small, std::initializer_list<int64_t> edges) {
+  if (in.ConsumeIntegralInRange<int>(0, 7) != 0)
+    return in.ConsumeIntegralInRange<int64_t>(0, max_small);
+  const std::vector<int64_t> e(edges);
+  return e[in.ConsumeIntegralInRange<size_t>(0, e.size() - 1)];
+}
+
+// The backward flag of a size query: usually 0 or 1, sometimes another int.
+int pick_backward_flag(FuzzedDataProvider& in) {
+  return in.ConsumeIntegralInRange<int>(0, 5) == 0 ? in.PickValueInArray({2, -1, kInt32Min})
+                                                   : in.ConsumeIntegralInRange<int>(0, 1);
+}
+
+// --- Based linear attention
+// -----------------------------------------------------------------------
+
+void fuzz_based(FuzzedDataProvider& in, Builder& make) {
+  const DLDataType tok = pick_float(in);
+  const DLDataType state_type = in.ConsumeBool() ? kF32 : pick_float(in);
+  const int alias = in.ConsumeIntegralInRange<int>(0, 15);
+  const int64_t shift = in.ConsumeIntegralInRange<int64_t>(1, 3);
+  const int64_t B = in.ConsumeIntegralInRange<int64_t>(0, 3),
+                T = in.ConsumeIntegralInRange<int64_t>(0, 70);
+  const int64_t H = in.ConsumeIntegralInRange<int64_t>(0, 3);
+  const int64_t d = pick_size(in, 6, {0, 1, 16, 31, 32, 33});  // 1..32 on the CPU
+  const int64_t V = pick_size(in, 9, {0, 1, 255, 256, 257});   // 1..256
+  const int64_t F = 1 + d + d * d;
+
+  flashlin_based_config config{};
+  config.scale = pick_scale(in);
+  config.use_norm = in.PickValueInArray({1, 1, 0, -1, 2, kInt32Min});
+  set_enum(in, config.form, 2);
+  const flashlin_based_config* config_ptr = or_null(in, &config);
+
+  int64_t N = B;
+  flashlin_based_inputs inputs{};
+  inputs.cu_seqlens = in.ConsumeIntegralInRange<int>(0, 3) == 0
+                          ? make_cu_seqlens(in, make, T, in.ConsumeBool() ? kI32 : kI64, &N)
+                          : nullptr;
+  inputs.q = make.make({B, T, H, d}, tok);
+  inputs.k = make.make({B, T, H, d}, tok);
+  inputs.v = make.make({B, T, H, V}, tok, true, alias == 1 ? shift : 0);
+  inputs.initial_state = in.ConsumeBool()
+                             ? make.make({N, H, F, V + 1}, state_type, true, alias == 3 ? shift : 0)
+                             : nullptr;
+  const flashlin_based_inputs* inputs_ptr = or_null(in, &inputs);
+
+  DLTensor* o = make.make({B, T, H, V}, tok);
+  DLTensor* final_state = in.ConsumeBool() ? make.make({N, H, F, V + 1}, state_type) : nullptr;
+  switch (alias) {
+    case 0: o = const_cast<DLTensor*>(inputs.q); break;  // o aliases q: rejected
+    case 1: o = make.view_of(inputs.v, shift); break;    // overlaps v, shifted
+    case 2: final_state = const_cast<DLTensor*>(inputs.initial_state); break;  // in place
+    case 3: final_state = make.view_of(inputs.initial_state, shift); break;
+    case 4: final_state = make.view_of(inputs.initial_state, 0); break;  // in place, described anew
+    case 5: final_state = o; break;
+    case 6: o = const_cast<DLTensor*>(inputs.cu_seqlens); break;
+    case 7: o = const_cast<DLTensor*>(inputs.v); break;  // no in-place attention: rejected
+    default: break;
+  }
+  const std::vector<const DLTensor*> ins = {inputs.q, inputs.k, inputs.v, inputs.initial_state,
+                                            inputs.cu_seqlens};
+  flashlin_execution exec_storage;
+  const flashlin_execution* exec = pick_exec(in, exec_storage);
+
+  size_t bytes = 0;
+  size_t* bytes_ptr = or_null(in, &bytes);
+  const int backward_flag = pick_backward_flag(in);
+  const Outcome size = checked(make, {"flashlin_based_workspace_size", ins, {}, {}}, [&] {
+    return flashlin_based_workspace_size(config_ptr, inputs_ptr, backward_flag, bytes_ptr);
+  });
+  const Outcome forward = checked(
+      make,
+      {"flashlin_based_forward", ins, {o, final_state}, {{final_state, inputs.initial_state}}},
+      [&] { return flashlin_based_forward(config_ptr, inputs_ptr, o, final_state, exec); });
+
+  const DLTensor* d_o = make.make({B, T, H, V}, tok);
+  const DLTensor* d_final = in.ConsumeBool() ? make.make({N, H, F, V + 1}, state_type) : nullptr;
+  flashlin_based_grads grads{};
+  grads.dq = in.ConsumeBool() ? make.make({B, T, H, d}, tok) : nullptr;
+  grads.dk = in.ConsumeBool() ? make.make({B, T, H, d}, tok) : nullptr;
+  grads.dv = in.ConsumeBool() ? make.make({B, T, H, V}, tok) : nullptr;
+  grads.d_initial_state = in.ConsumeBool() ? make.make({N, H, F, V + 1}, state_type) : nullptr;
+  switch (in.ConsumeIntegralInRange<int>(0, 11)) {  // overlaps the backward must reject
+    case 0: grads.dq = const_cast<DLTensor*>(inputs.q); break;
+    case 1: grads.dk = grads.dq; break;
+    case 2: grads.dv = const_cast<DLTensor*>(d_o); break;
+    case 3: grads.d_initial_state = const_cast<DLTensor*>(inputs.initial_state); break;
+    case 4: grads.d_initial_state = const_cast<DLTensor*>(d_final); break;
+    case 5: grads.dk = make.view_of(inputs.k, 0); break;
+    default: break;
+  }
+  const flashlin_based_grads* grads_ptr = or_null(in, &grads);
+  std::vector<const DLTensor*> bwd_ins = ins;
+  bwd_ins.push_back(d_o);
+  bwd_ins.push_back(d_final);
+  const Outcome backward = checked(make,
+                                   {"flashlin_based_backward",
+                                    bwd_ins,
+                                    {grads.dq, grads.dk, grads.dv, grads.d_initial_state},
+                                    {}},
+                                   [&] {
+                                     return flashlin_based_backward(config_ptr, inputs_ptr, d_o,
+                                                                    d_final, grads_ptr, exec);
+                                   });
+  if (!bytes_ptr) return;
+  // The query checks what both calls check first (config and inputs), nothing else.
+  require_agreement(size, forward, true);
+  require_agreement(size, backward, true);
+  if (size.ok() &&
+      (argument_error(forward.status) || argument_error(backward.status))) {
+    // The query accepted the inputs: both calls on them, everything else valid, must too.
+    const DLTensor* plain_o = make.like(inputs.v);
+    const Outcome f = checked(make, {"flashlin_based_forward", ins, {plain_o}, {}}, [&] {
+      return flashlin_based_forward(config_ptr, inputs_ptr, const_cast<DLTensor*>(plain_o), nullptr,
+                                    nullptr);
+    });
+    if (argument_error(f.status)) __builtin_trap();
+    const flashlin_based_grads none{};
+    const DLTensor* plain_do = make.like(inputs.v);
+    std::vector<const DLTensor*> minimal_ins = ins;
+    minimal_ins.push_back(plain_do);
+    const Outcome b = checked(make, {"flashlin_based_backward", minimal_ins, {}, {}}, [&] {
+      return flashlin_based_backward(config_ptr, inputs_ptr, plain_do, nullptr, &none, nullptr);
+    });
+    if (argument_error(b.status)) __builtin_trap();
+  }
+}
+
+// --- ABC / GSA slot attention
+// ---------------------------------------------------------------------
+
+void fuzz_slot_attention(FuzzedDataProvider& in, Builder& make) {
+  const DLDataType tok = pick_float(in), slot_type = pick_float(in);
+  const DLDataType state_type = in.ConsumeBool() ? kF32 : pick_float(in);
+  const int alias = in.ConsumeIntegralInRange<int>(0, 15);
+  const int64_t shift = in.ConsumeIntegralInRange<int64_t>(1, 3);
+  const int64_t B = in.ConsumeIntegralInRange<int64_t>(0, 3),
+                T = in.ConsumeIntegralInRange<int64_t>(0, 70);
+  const int64_t H = in.ConsumeIntegralInRange<int64_t>(0, 3);
+  const int64_t K = pick_size(in, 9, {0, 1, 4096, 4097});    // 1..4096
+  const int64_t V = pick_size(in, 9, {0, 1, 4096, 4097});    // 1..4096
+  const int64_t M = pick_size(in, 9, {0, 1, 64, 256, 257});  // 1..256 slots
+
+  flashlin_slot_attention_config config{};
+  const int32_t kind = set_enum(in, config.kind, 1);
+  set_enum(in, config.form, 1);  // 2 (parallel) is one of the invalid values
+  config.scale = pick_scale(in);
+  const flashlin_slot_attention_config* config_ptr = or_null(in, &config);
+  const bool abc = kind == 1;
+
+  int64_t N = B;
+  flashlin_slot_attention_inputs inputs{};
+  inputs.cu_seqlens = in.ConsumeIntegralInRange<int>(0, 3) == 0
+                          ? make_cu_seqlens(in, make, T, in.ConsumeBool() ? kI32 : kI64, &N)
+                          : nullptr;
+  inputs.q = make.make({B, T, H, K}, tok);
+  inputs.k = make.make({B, T, H, K}, tok);
+  inputs.v = make.make({B, T, H, V}, tok, true, alias == 1 ? shift : 0);
+  inputs.s = make.make({B, T, H, M}, slot_type);
+  // g: GSA's log forget gates (required), not ABC's (rejected); now and then the other way round.
+  inputs.g = (abc == (in.ConsumeIntegralInRange<int>(0, 7) == 0))
+                 ? make.make({B, T, H, M}, in.ConsumeBool() ? slot_type : pick_float(in))
+                 : nullptr;
+  inputs.initial_hk = in.ConsumeBool() ? make.make({N, H, K, M}, state_type) : nullptr;
+  inputs.initial_hv = in.ConsumeBool()
+                          ? make.make({N, H, M, V}, state_type, true, alias == 3 ? shift : 0)
+                          : nullptr;
+  // z: ABC only; required with hk / hv.
+  const bool want_z =
+      abc ? (inputs.initial_hk || inputs.initial_hv) != (in.ConsumeIntegralInRange<int>(0, 7) == 0)
+          : in.ConsumeIntegralInRange<int>(0, 7) == 0;
+  inputs.initial_z = want_z ? make.make({N, H, M}, state_type) : nullptr;
+  const flashlin_slot_attention_inputs* inputs_ptr = or_null(in, &inputs);
+
+  flashlin_slot_attention_outputs outputs{};
+  outputs.o = make.make({B, T, H, V}, tok);
+  outputs.final_hk = in.ConsumeBool() ? make.make({N, H, K, M}, state_type) : nullptr;
+  outputs.final_hv = in.ConsumeBool() ? make.make({N, H, M, V}, state_type) : nullptr;
+  outputs.final_z = (abc ? in.ConsumeBool() : in.ConsumeIntegralInRange<int>(0, 7) == 0)
+                        ? make.make({N, H, M}, state_type)
+                        : nullptr;
+  switch (alias) {
+    case 0: outputs.o = const_cast<DLTensor*>(inputs.q); break;  // rejected
+    case 1: outputs.o = make.view_of(inputs.v, shift); break;
+    case 2: outputs.final_hk = const_cast<DLTensor*>(inputs.initial_hk); break;  // in place
+    case 3: outputs.final_hv = make.view_of(inputs.initial_hv, shift); break;
+    case 4: outputs.final_hv = make.view_of(inputs.initial_hv, 0); break;      // in place, anew
+    case 5: outputs.final_z = const_cast<DLTensor*>(inputs.initial_z); break;  // in place
+    case 6: outputs.final_hv = outputs.final_hk; break;  // same shape when K == M == V
+    case 7: outputs.final_hv = const_cast<DLTensor*>(inputs.initial_hk); break;  // not its pair
+    case 8: outputs.o = const_cast<DLTensor*>(inputs.s); break;
+    case 9: outputs.final_z = const_cast<DLTensor*>(inputs.cu_seqlens); break;
+    default: break;
+  }
+  const flashlin_slot_attention_outputs* outputs_ptr = or_null(in, &outputs);
+  const std::vector<const DLTensor*> ins = {inputs.q,          inputs.k,         inputs.v,
+                                            inputs.s,          inputs.g,         inputs.initial_hk,
+                                            inputs.initial_hv, inputs.initial_z, inputs.cu_seqlens};
+  flashlin_execution exec_storage;
+  const flashlin_execution* exec = pick_exec(in, exec_storage);
+
+  size_t bytes = 0;
+  size_t* bytes_ptr = or_null(in, &bytes);
+  const int backward_flag = pick_backward_flag(in);
+  const Outcome size = checked(make, {"flashlin_slot_attention_workspace_size", ins, {}, {}}, [&] {
+    return flashlin_slot_attention_workspace_size(config_ptr, inputs_ptr, backward_flag, bytes_ptr);
+  });
+  const Outcome forward = checked(
+      make,
+      {"flashlin_slot_attention_forward",
+       ins,
+       {outputs.o, outputs.final_hk, outputs.final_hv, outputs.final_z},
+       {{outputs.final_hk, inputs.initial_hk},
+        {outputs.final_hv, inputs.initial_hv},
+        {outputs.final_z, inputs.initial_z}}},
+      [&] { return flashlin_slot_attention_forward(config_ptr, inputs_ptr, outputs_ptr, exec); });
+
+  flashlin_slot_attention_output_grads output_grads{};
+  output_grads.d_o = make.make({B, T, H, V}, tok);
+  output_grads.d_final_hk = in.ConsumeBool() ? make.make({N, H, K, M}, state_type) : nullptr;
+  output_grads.d_final_hv = in.ConsumeBool() ? make.make({N, H, M, V}, state_type) : nullptr;
+  output_grads.d_final_z = (abc ? in.ConsumeBool() : in.ConsumeIntegralInRange<int>(0, 7) == 0)
+                               ? make.make({N, H, M}, state_type)
+                               : nullptr;
+  flashlin_slot_attention_grads grads{};
+  grads.dq = in.ConsumeBool() ? make.make({B, T, H, K}, tok) : nullptr;
+  grads.dk = in.ConsumeBool() ? make.make({B, T, H, K}, tok) : nullptr;
+  grads.dv = in.ConsumeBool() ? make.make({B, T, H, V}, tok) : nullptr;
+  grads.ds = in.ConsumeBool() ? make.make({B, T, H, M}, slot_type) : nullptr;
+  grads.dg = (inputs.g ? in.ConsumeBool() : in.ConsumeIntegralInRange<int>(0, 7) == 0)
+                 ? make.make({B, T, H, M}, inputs.g ? inputs.g->dtype : slot_type)
+                 : nullptr;
+  grads.d_initial_hk = in.ConsumeBool() ? make.make({N, H, K, M}, state_type) : nullptr;
+  grads.d_initial_hv = in.ConsumeBool() ? make.make({N, H, M, V}, state_type) : nullptr;
+  grads.d_initial_z = in.ConsumeBool() ? make.make({N, H, M}, state_type) : nullptr;
+  switch (in.ConsumeIntegralInRange<int>(0, 11)) {  // overlaps the backward must reject
+    case 0: grads.dq = const_cast<DLTensor*>(inputs.q); break;
+    case 1: grads.dk = grads.dq; break;
+    case 2: grads.dv = const_cast<DLTensor*>(output_grads.d_o); break;
+    case 3: grads.ds = const_cast<DLTensor*>(inputs.s); break;
+    case 4: grads.dg = grads.ds; break;
+    case 5: grads.d_initial_hk = const_cast<DLTensor*>(inputs.initial_hk); break;
+    case 6: grads.d_initial_hv = const_cast<DLTensor*>(output_grads.d_final_hv); break;
+    case 7: grads.d_initial_z = make.view_of(inputs.initial_z, 0); break;
+    default: break;
+  }
+  const flashlin_slot_attention_output_grads* output_grads_ptr = or_null(in, &output_grads);
+  const flashlin_slot_attention_grads* grads_ptr = or_null(in, &grads);
+  std::vector<const DLTensor*> bwd_ins = ins;
+  for (const DLTensor* t :
+       {output_grads.d_o, output_grads.d_final_hk, output_grads.d_final_hv, output_grads.d_final_z})
+    bwd_ins.push_back(t);
+  const Outcome backward = checked(make,
+                                   {"flashlin_slot_attention_backward",
+                                    bwd_ins,
+                                    {grads.dq, grads.dk, grads.dv, grads.ds, grads.dg,
+                                     grads.d_initial_hk, grads.d_initial_hv, grads.d_initial_z},
+                                    {}},
+                                   [&] {
+                                     return flashlin_slot_attention_backward(
+                                         config_ptr, inputs_ptr, output_grads_ptr, grads_ptr, exec);
+                                   });
+  // The query checks bytes and its backward flag, then what both calls check first.
+  if (!bytes_ptr || (backward_flag != 0 && backward_flag != 1)) return;
+  require_agreement(size, forward, true);
+  require_agreement(size, backward, true);
+  if (size.ok() &&
+      (argument_error(forward.status) || argument_error(backward.status))) {
+    // The query accepted the inputs: both calls on them, everything else valid, must too.
+    flashlin_slot_attention_outputs plain{};
+    plain.o = make.like(inputs.v);
+    const Outcome f = checked(make, {"flashlin_slot_attention_forward", ins, {plain.o}, {}}, [&] {
+      return flashlin_slot_attention_forward(config_ptr, inputs_ptr, &plain, nullptr);
+    });
+    if (argument_error(f.status)) __builtin_trap();
+    flashlin_slot_attention_output_grads plain_grads{};
+    plain_grads.d_o = make.like(inputs.v);
+    const flashlin_slot_attention_grads none{};
+    std::vector<const DLTensor*> minimal_ins = ins;
+    minimal_ins.push_back(plain_grads.d_o);
+    const Outcome b = checked(make, {"flashlin_slot_attention_backward", minimal_ins, {}, {}}, [&] {
+      return flashlin_slot_attention_backward(config_ptr, inputs_ptr, &plain_grads, &none, nullptr);
+    });
+    if (argument_error(b.status)) __builtin_trap();
+  }
+}
+
+// --- Transformer-VQ attention
+// ---------------------------------------------------------------------
+
+void fuzz_vq_attention(FuzzedDataProvider& in, Builder& make) {
+  const DLDataType tok = pick_float(in), code_type = pick_float(in);
+  const DLDataType state_type = in.ConsumeBool() ? kF32 : pick_float(in);
+  const int alias = in.ConsumeIntegralInRange<int>(0, 15);
+  const int64_t shift = in.ConsumeIntegralInRange<int64_t>(1, 3);
+  const int64_t B = in.ConsumeIntegralInRange<int64_t>(0, 3),
+                T = in.ConsumeIntegralInRange<int64_t>(0, 70);
+  const int64_t H = in.ConsumeIntegralInRange<int64_t>(0, 3);
+  const int64_t K = pick_size(in, 9, {0, 1, 33});
+  const int64_t V = pick_size(in, 9, {0, 1, 33});
+  const int64_t S = pick_size(in, 9, {0, 1, 16, 4096, 4097});  // 1..4096 codes on the CPU
+
+  flashlin_vq_attention_config config{};
+  config.scale = pick_scale(in);
+  config.block_len =
+      in.ConsumeBool()
+          ? in.PickValueInArray({0, 16, 17, 64, 1024, 15, 1025, 1, -1, -16, kInt32Max, kInt32Min})
+          : in.ConsumeIntegralInRange<int32_t>(0, 80);
+  const flashlin_vq_attention_config* config_ptr = or_null(in, &config);
+
+  int64_t N = B;
+  flashlin_vq_attention_inputs inputs{};
+  inputs.cu_seqlens = in.ConsumeIntegralInRange<int>(0, 3) == 0
+                          ? make_cu_seqlens(in, make, T, in.ConsumeBool() ? kI32 : kI64, &N)
+                          : nullptr;
+  inputs.q = make.make({B, T, H, K}, tok);
+  inputs.k = make.make({B, T, H, K}, tok);
+  inputs.v = make.make({B, T, H, V}, tok, true, alias == 1 ? shift : 0);
+  inputs.codebook = make.make({H, S, K}, code_type);
+  inputs.initial_state = in.ConsumeBool()
+                             ? make.make({N, H, S, V + 1}, state_type, true, alias == 3 ? shift : 0)
+                             : nullptr;
+  const flashlin_vq_attention_inputs* inputs_ptr = or_null(in, &inputs);
+
+  DLTensor* o = make.make({B, T, H, V}, tok);
+  DLTensor* codes = in.ConsumeIntegralInRange<int>(0, 2)
+                        ? make.make({B, T, H}, in.ConsumeBool() ? kI32 : kI64)
+                        : nullptr;
+  DLTensor* final_state = in.ConsumeBool() ? make.make({N, H, S, V + 1}, state_type) : nullptr;
+  switch (alias) {
+    case 0: o = const_cast<DLTensor*>(inputs.q); break;  // rejected
+    case 1: o = make.view_of(inputs.v, shift); break;
+    case 2: final_state = const_cast<DLTensor*>(inputs.initial_state); break;  // in place
+    case 3: final_state = make.view_of(inputs.initial_state, shift); break;
+    case 4: final_state = make.view_of(inputs.initial_state, 0); break;  // in place, anew
+    case 5: final_state = o; break;
+    case 6: o = const_cast<DLTensor*>(inputs.codebook); break;
+    case 7: codes = const_cast<DLTensor*>(inputs.cu_seqlens); break;
+    case 8: codes = make.view_of(codes, 0); break;  // the same codes, described anew: fine
+    case 9: codes = o; break;                       // a float tensor: rejected
+    default: break;
+  }
+  const std::vector<const DLTensor*> ins = {
+      inputs.q, inputs.k, inputs.v, inputs.codebook, inputs.initial_state, inputs.cu_seqlens};
+  flashlin_execution exec_storage;
+  const flashlin_execution* exec = pick_exec(in, exec_storage);
+
+  size_t bytes = 0;
+  size_t* bytes_ptr = or_null(in, &bytes);
+  const int backward_flag = pick_backward_flag(in);
+  const Outcome size = checked(make, {"flashlin_vq_attention_workspace_size", ins, {}, {}}, [&] {
+    return flashlin_vq_attention_workspace_size(config_ptr, inputs_ptr, backward_flag, bytes_ptr);
+  });
+  const Outcome forward = checked(make,
+                                  {"flashlin_vq_attention_forward",
+                                   ins,
+                                   {o, codes, final_state},
+                                   {{final_state, inputs.initial_state}}},
+                                  [&] {
+                                    return flashlin_vq_attention_forward(config_ptr, inputs_ptr, o,
+                                                                         codes, final_state, exec);
+                                  });
+
+  const DLTensor* d_o = make.make({B, T, H, V}, tok);
+  const DLTensor* d_final = in.ConsumeBool() ? make.make({N, H, S, V + 1}, state_type) : nullptr;
+  flashlin_vq_attention_grads grads{};
+  grads.dq = in.ConsumeBool() ? make.make({B, T, H, K}, tok) : nullptr;
+  grads.dk = in.ConsumeBool() ? make.make({B, T, H, K}, tok) : nullptr;
+  grads.dv = in.ConsumeBool() ? make.make({B, T, H, V}, tok) : nullptr;
+  grads.d_initial_state = in.ConsumeBool() ? make.make({N, H, S, V + 1}, state_type) : nullptr;
+  switch (in.ConsumeIntegralInRange<int>(0, 11)) {  // overlaps the backward must reject
+    case 0: grads.dq = const_cast<DLTensor*>(inputs.q); break;
+    case 1: grads.dk = grads.dq; break;
+    case 2: grads.dv = const_cast<DLTensor*>(d_o); break;
+    case 3: grads.d_initial_state = const_cast<DLTensor*>(inputs.initial_state); break;
+    case 4: grads.d_initial_state = const_cast<DLTensor*>(d_final); break;
+    case 5: grads.dk = make.view_of(inputs.k, 0); break;
+    case 6: grads.dq = const_cast<DLTensor*>(inputs.codebook); break;
+    default: break;
+  }
+  const flashlin_vq_attention_grads* grads_ptr = or_null(in, &grads);
+  std::vector<const DLTensor*> bwd_ins = ins;
+  bwd_ins.push_back(d_o);
+  bwd_ins.push_back(d_final);
+  const Outcome backward = checked(make,
+                                   {"flashlin_vq_attention_backward",
+                                    bwd_ins,
+                                    {grads.dq, grads.dk, grads.dv, grads.d_initial_state},
+                                    {}},
+                                   [&] {
+                                     return flashlin_vq_attention_backward(
+                                         config_ptr, inputs_ptr, d_o, d_final, grads_ptr, exec);
+                                   });
+  // The query checks bytes, then what both calls check first (any backward flag is accepted).
+  if (!bytes_ptr) return;
+  require_agreement(size, forward, true);
+  require_agreement(size, backward, true);
+  if (size.ok() &&
+      (argument_error(forward.status) || argument_error(backward.status))) {
+    // The query accepted the inputs: both calls on them, everything else valid, must too.
+    DLTensor* plain_o = make.like(inputs.v);
+    const Outcome f = checked(make, {"flashlin_vq_attention_forward", ins, {plain_o}, {}}, [&] {
+      return flashlin_vq_attention_forward(config_ptr, inputs_ptr, plain_o, nullptr, nullptr,
+                                           nullptr);
+    });
+    if (argument_error(f.status)) __builtin_trap();
+    const flashlin_vq_attention_grads none{};
+    const DLTensor* plain_do = make.like(inputs.v);
+    std::vector<const DLTensor*> minimal_ins = ins;
+    minimal_ins.push_back(plain_do);
+    const Outcome b = checked(make, {"flashlin_vq_attention_backward", minimal_ins, {}, {}}, [&] {
+      return flashlin_vq_attention_backward(config_ptr, inputs_ptr, plain_do, nullptr, &none,
+                                            nullptr);
+    });
+    if (argument_error(b.status)) __builtin_trap();
+  }
+}
+
+// The entry-point family of an input: its first byte. Selectors 0xC2..0xE1 (which no seed of the
+// older families begins with) pick the newer op families, Based, slot attention and
+// Transformer-VQ in turn; every other selector keeps its meaning, selector % 8 over the older
+// families (the recurrence for three values in eight, so that it keeps most of the time; an empty
+// input too).
 using Family = void (*)(FuzzedDataProvider&, Builder&);
 Family family_of(uint8_t selector) {
+  static const Family kNewer[3] = {fuzz_based, fuzz_slot_attention, fuzz_vq_attention};
+  if (selector >= 0xC2 && selector <= 0xE1) return kNewer[(selector - 0xC2) % 3];
   static const Family kFamilies[8] = {fuzz_recurrence, fuzz_recurrence, fuzz_recurrence,
                                       fuzz_rms_norm,   fuzz_rms_norm,   fuzz_rotary,
                                       fuzz_short_conv, fuzz_short_conv};
