@@ -161,7 +161,7 @@ FLASHLIN_API flashlin_status flashlin_recurrence_backward_workspace_size(
     size_t* bytes);
 
 /* ------------------------------------------------------------------------------------------
- * Fused modules of the layers (issue 6). Same conventions as above: DLPack views, every argument
+ * Fused modules of the layers. Same conventions as above: DLPack views, every argument
  * checked before anything is written, floating tensors in float32/float16/bfloat16 (float64 on
  * the CPU, for references), math in float32 (float64 for float64 inputs), outputs in the dtype
  * of x. exec may be NULL. Backward passes recompute what the forward computed (nothing is saved).
@@ -272,7 +272,7 @@ FLASHLIN_API flashlin_status flashlin_short_conv_backward(const flashlin_short_c
 FLASHLIN_API flashlin_status flashlin_short_conv_backward_workspace_size(
     const flashlin_short_conv_inputs* inputs, size_t* bytes);
 
-/* ---- Based linear attention (issue 5; src/api/based_api.cpp) ---- */
+/* ---- Based linear attention ---- */
 
 /* Linear attention with the 2nd-order Taylor feature map of exp (Based, DESIGN.md §4). Per
  * sequence and head, with q' = scale q (q, k: feature dim d) and
@@ -335,7 +335,7 @@ FLASHLIN_API flashlin_status flashlin_based_workspace_size(const flashlin_based_
                                                            const flashlin_based_inputs* inputs,
                                                            int backward, size_t* bytes);
 
-/* ---- ABC / GSA slot attention (issue 5; src/api/slot_attention_api.cpp) ---- */
+/* ---- ABC / GSA slot attention ---- */
 
 /*
  * Bounded-memory slot attention with M slots (DESIGN.md §4), per sequence and head, from the
@@ -431,7 +431,7 @@ FLASHLIN_API flashlin_status flashlin_slot_attention_workspace_size(
     const flashlin_slot_attention_config* config, const flashlin_slot_attention_inputs* inputs,
     int backward, size_t* bytes);
 
-/* ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ---- */
+/* ---- Transformer-VQ attention ---- */
 
 /*
  * Transformer-VQ attention: causal softmax attention whose keys are vector-quantized to a

@@ -257,7 +257,7 @@ inline size_t short_conv_backward_workspace_size(const ShortConvInputs& inputs) 
   return bytes;
 }
 
-// ---- Based linear attention (issue 5; src/api/based_api.cpp) ----
+// ---- Based linear attention ----
 
 // Views of the inputs; a null pointer stands for an absent optional tensor. The configuration
 // is the C struct (set use_norm = 1 for fla's default).
@@ -305,7 +305,7 @@ inline size_t based_workspace_size(const flashlin_based_config& config, const Ba
   return bytes;
 }
 
-// ---- ABC / GSA slot attention (issue 5; src/api/slot_attention_api.cpp) ----
+// ---- ABC / GSA slot attention ----
 
 // The C structs are plain aggregates (every member a pointer, NULL = absent), used as they are.
 inline void slot_attention_forward(const flashlin_slot_attention_config& config,
@@ -331,7 +331,7 @@ inline size_t slot_attention_workspace_size(const flashlin_slot_attention_config
   return bytes;
 }
 
-// ---- Transformer-VQ attention (issue 5; src/api/vq_attention_api.cpp) ----
+// ---- Transformer-VQ attention ----
 
 struct VqAttentionInputs {
   const DLTensor* q = nullptr;
