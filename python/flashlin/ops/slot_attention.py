@@ -39,15 +39,16 @@ def _inputs(q, k, v, s, g, hk0, hv0, z0, cu_seqlens):
     return _lib.SlotAttentionInputs(*[view.pointer for view in views]), views
 
 
-def _forward(config, q, k, v, s, g, hk0, hv0, z0, cu_seqlens):
-    """o and the final states (hk, hv, and z for ABC)."""
+def _forward(config, q, k, v, s, g, hk0, hv0, z0, cu_seqlens, with_states=True):
+    """o and the final states (hk, hv, and z for ABC); o alone when not with_states (the final
+    states are optional outputs of the C ABI: nothing is allocated or written for them)."""
     n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     H, K, V, M = q.shape[2], q.shape[3], v.shape[3], s.shape[3]
     dtype = _state_dtype(q)
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    hk = torch.empty(n, H, K, M, dtype=dtype, device=q.device)
-    hv = torch.empty(n, H, M, V, dtype=dtype, device=q.device)
-    z = torch.empty(n, H, M, dtype=dtype, device=q.device) if g is None else None
+    hk = torch.empty(n, H, K, M, dtype=dtype, device=q.device) if with_states else None
+    hv = torch.empty(n, H, M, V, dtype=dtype, device=q.device) if with_states else None
+    z = torch.empty(n, H, M, dtype=dtype, device=q.device) if g is None and with_states else None
     inputs, keep = _inputs(q, k, v, s, g, hk0, hv0, z0, cu_seqlens)
     out_views = [_lib.TensorView(t, name) for t, name in
                  ((o, "o"), (hk, "final_hk"), (hv, "final_hv"), (z, "final_z"))]
@@ -56,6 +57,8 @@ def _forward(config, q, k, v, s, g, hk0, hv0, z0, cu_seqlens):
     _lib.check(_lib.entry("flashlin_slot_attention_forward")(config, inputs, outputs, execution),
                _NAMES)
     del keep, out_views
+    if not with_states:
+        return (o,)
     return (o, hk, hv) if z is None else (o, hk, hv, z)
 
 
@@ -135,7 +138,7 @@ def _slot_attention(kind, form, op, q, k, v, s, g, scale, initial_state, output_
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
         outputs = _SlotAttentionFunction.apply(*sources, cu_seqlens, config)
     else:
-        outputs = _forward(config, *sources, cu_seqlens)
+        outputs = _forward(config, *sources, cu_seqlens, with_states=output_final_state)
     return outputs[0], (tuple(outputs[1:]) if output_final_state else None)
 
 
