@@ -29,6 +29,8 @@ extern template cudaError_t launch_for_gate<__half, 64>(const BackwardArgs&, Gat
                                                         int64_t, cudaStream_t);
 extern template cudaError_t launch_for_gate<__half, 128>(const BackwardArgs&, GateKind, bool,
                                                          int64_t, cudaStream_t);
+extern template cudaError_t launch_wide<__nv_bfloat16>(const BackwardArgs&, int64_t, cudaStream_t);
+extern template cudaError_t launch_wide<__half>(const BackwardArgs&, int64_t, cudaStream_t);
 }  // namespace chunk_bwd
 
 namespace {
@@ -51,6 +53,17 @@ bool half_type(Storage s) { return s == Storage::kBFloat16 || s == Storage::kFlo
 bool pairs_writable(const StridedTensor& t) {
   if (!t.present) return true;
   if (t.stride[3] != 1 || reinterpret_cast<uintptr_t>(t.data) % 4 != 0) return false;
+  for (int d = 0; d < 3; ++d)
+    if (t.stride[d] % 2 != 0) return false;
+  return true;
+}
+
+// dq may also be float32 (pairs of floats: unit feature stride, even strides, 8-byte aligned).
+bool dq_writable(const StridedTensor& t, Storage elem) {
+  if (!t.present) return true;
+  if (t.dtype == elem) return pairs_writable(t);
+  if (t.dtype != Storage::kFloat32 || t.stride[3] != 1) return false;
+  if (reinterpret_cast<uintptr_t>(t.data) % 8 != 0) return false;
   for (int d = 0; d < 3; ++d)
     if (t.stride[d] % 2 != 0) return false;
   return true;
@@ -108,10 +121,13 @@ bool chunk_tc_supports(const RecurrenceParams& p, bool backward) {
   if (p.num_heads > 65535 || static_cast<int64_t>(p.sequences.size()) > 65535) return false;
   // A workspace query has no o: size for the tensor-core path (an upper bound).
   if (!backward) return !p.o.present || (p.o.dtype == p.q.dtype && rows_copyable(p.o));
-  // The backward keeps a whole K x V state per thread block: K = V in {64, 128}.
-  if (p.value_dim != p.key_dim) return false;
+  // The backward keeps a whole K x V state per thread block: K = V in {64, 128}, or K = 64 and
+  // V = 128 with per-key gates and no bonus (chunk_bwd::launch_wide).
+  const bool wide =
+      p.key_dim == 64 && p.value_dim == 128 && p.gate == GateKind::kPerKey && !p.bonus;
+  if (p.value_dim != p.key_dim && !wide) return false;
   if (p.d_o.dtype != p.q.dtype || !rows_copyable(p.d_o)) return false;
-  return pairs_writable(p.dq) && pairs_writable(p.dk) && pairs_writable(p.dv);
+  return dq_writable(p.dq, p.q.dtype) && pairs_writable(p.dk) && pairs_writable(p.dv);
 }
 
 size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward) {
@@ -188,6 +204,9 @@ void place_backward_scratch(const RecurrenceParams& p, const BackwardLayout& lay
 cudaError_t chunk_tc_launch_backward(const RecurrenceParams& p, const chunk_bwd::BackwardArgs& args,
                                      int64_t num_seqs, cudaStream_t stream) {
   const bool bf16 = p.q.dtype == Storage::kBFloat16;
+  if (p.value_dim != p.key_dim)
+    return bf16 ? chunk_bwd::launch_wide<__nv_bfloat16>(args, num_seqs, stream)
+                : chunk_bwd::launch_wide<__half>(args, num_seqs, stream);
   if (p.key_dim == 64)
     return bf16 ? chunk_bwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, num_seqs,
                                                                 stream)

@@ -52,7 +52,8 @@ struct BackwardArgs {
 
 template <typename Elem, int K, int V, GateKind Gate, bool Bonus>
 struct Traits {
-  static_assert((K == 64 && V == 64) || (K == 128 && V == 128), "K = V in {64, 128}");
+  // K = V in {64, 128}, and K = 64 with V = 128 (launch_wide).
+  static_assert((K == 64 || K == 128) && (V == 64 || V == 128) && K <= V, "K, V");
   static constexpr bool kPerKey = Gate == GateKind::kPerKey;
   static constexpr bool kScalarGate = Gate == GateKind::kPerHead || Gate == GateKind::kPerToken;
   static constexpr int kQkStride = K + 8;
@@ -675,9 +676,13 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
         }
         if (want_dq && i < valid) {
           const int64_t token = blk.token_at(int64_t{chunk} * kChunk + i);
-          Elem* dst = reinterpret_cast<Elem*>(args.dq.data) +
-                      element_offset(args.dq, blk.seq.batch, token, blk.head, kk);
-          *reinterpret_cast<uint32_t*>(dst) = tile::pack<Elem>(g0, g1);
+          const int64_t at = element_offset(args.dq, blk.seq.batch, token, blk.head, kk);
+          if (args.dq.dtype == Storage::kFloat32)  // full precision (slot attention's scores)
+            *reinterpret_cast<float2*>(reinterpret_cast<float*>(args.dq.data) + at) =
+                make_float2(g0, g1);
+          else
+            *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.dq.data) + at) =
+                tile::pack<Elem>(g0, g1);
         }
       }
     if constexpr (Gate == GateKind::kPerToken) {
@@ -1363,6 +1368,10 @@ cudaError_t launch(const BackwardArgs& args, int64_t num_seqs, cudaStream_t stre
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
+  // A call that wants only dq (slot attention's scores) skips the reverse sweep.
+  const bool need_dkv_pass = args.dk.present || args.dv.present || args.dg.present ||
+                             args.du.present || args.d_initial_state.present;
+  if (!need_dkv_pass) return cudaSuccess;
   dkv<<<grid, kThreads, T::kSmemBytes, stream>>>(args);
   err = cudaGetLastError();
   if (err != cudaSuccess || !(Bonus && args.du.present)) return err;
@@ -1383,6 +1392,13 @@ cudaError_t launch_for_gate(const BackwardArgs& args, GateKind gate, bool bonus,
       return bonus ? launch<Elem, K, K, GateKind::kPerKey, true>(args, num_seqs, stream)
                    : launch<Elem, K, K, GateKind::kPerKey, false>(args, num_seqs, stream);
   }
+}
+
+// K = 64 with V = 128 (GLA with expand_k = 0.5, GSA's passes with 64 slots and 128 features):
+// per-key gates without the bonus; instantiated in chunk_bwd_<elem>_k64_v128.cu.
+template <typename Elem>
+cudaError_t launch_wide(const BackwardArgs& args, int64_t num_seqs, cudaStream_t stream) {
+  return launch<Elem, 64, 128, GateKind::kPerKey, false>(args, num_seqs, stream);
 }
 
 }  // namespace flashlin::cuda::chunk_bwd

@@ -5,7 +5,10 @@
 //   hv_t = diag(decay_t) hv_{t-1} + write_t v_t^T,  o_t = hv_t^T p_t.
 // The backward is the one of src/cpu/isa/slot_attention.cpp (derivation in its header comment).
 //
-// Design (correct first; not yet the fast chunked form): one thread block per (sequence, head)
+// ABC / GSA in the chunked form with float16/bfloat16 data of tensor-core shapes run as two
+// passes of the core chunked recurrence (slot_attention_chunk.cu). Everything else (the recurrent
+// form, float32, other shapes) runs here.
+// Design (correct first; not the fast chunked form): one thread block per (sequence, head)
 // runs the tokens in order with the state (hk [K, M], hv [M, V], z [M]) in shared memory, in
 // float32; every per-token product is spread over the block's threads. Shared memory:
 // 4 (K M + M V + 9 M + 2 K + 2 V + 32) bytes, 135 KiB at K = V = M = 128 (limit: 227 KiB).
@@ -29,6 +32,7 @@
 #include "cuda/backend.hpp"
 #include "cuda/common.cuh"
 #include "cuda/host.cuh"
+#include "cuda/slot_attention_chunk.cuh"
 
 namespace flashlin::cuda {
 namespace {
@@ -436,6 +440,10 @@ BackwardLayout backward_layout(const SlotAttentionParams& p) {
 }  // namespace
 
 flashlin_status slot_attention_forward(const SlotAttentionParams& p) {
+  if (slot_chunk_supports(p, false)) {
+    slot_chunk_forward(p);
+    return FLASHLIN_SUCCESS;
+  }
   const size_t shared_bytes = check_supported(p);
   const int64_t pairs = static_cast<int64_t>(p.sequences.size()) * p.num_heads;
   if (pairs == 0) return FLASHLIN_SUCCESS;
@@ -450,6 +458,10 @@ flashlin_status slot_attention_forward(const SlotAttentionParams& p) {
 }
 
 flashlin_status slot_attention_backward(const SlotAttentionParams& p) {
+  if (slot_chunk_supports(p, true)) {
+    slot_chunk_backward(p);
+    return FLASHLIN_SUCCESS;
+  }
   const size_t shared_bytes = check_supported(p);
   const int64_t pairs = static_cast<int64_t>(p.sequences.size()) * p.num_heads;
   if (pairs == 0) return FLASHLIN_SUCCESS;
@@ -470,6 +482,7 @@ flashlin_status slot_attention_backward(const SlotAttentionParams& p) {
 }
 
 size_t slot_attention_workspace_bytes(const SlotAttentionParams& p, bool backward) {
+  if (slot_chunk_supports(p, backward)) return slot_chunk_workspace_bytes(p, backward);
   const size_t table = table_bytes(p.sequences, p.batch, p.time);
   return backward ? backward_layout(p).states_bytes + table : table;
 }

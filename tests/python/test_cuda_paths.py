@@ -48,7 +48,8 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("KV", [(64, 64), (128, 128), (128, 256)], ids=lambda kv: "%dx%d" % kv)
+@pytest.mark.parametrize("KV", [(64, 64), (128, 128), (128, 256), (64, 128)],
+                         ids=lambda kv: "%dx%d" % kv)
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("op", CHUNK_OPS, ids=str)
 def test_chunk_shapes(op, dtype, KV, path):

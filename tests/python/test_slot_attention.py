@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from flashlin import _lib
 from flashlin.ops import chunk_abc, chunk_gsa, fused_recurrent_abc, fused_recurrent_gsa
 
-from cases import DEVICES
+from cases import CUDA, DEVICES
 
 F64 = torch.float64
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}
-CUDA_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+CUDA_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 OPS = {("gsa", "chunk"): chunk_gsa, ("gsa", "recurrent"): fused_recurrent_gsa,
        ("abc", "chunk"): chunk_abc, ("abc", "recurrent"): fused_recurrent_abc}
 
@@ -203,6 +203,45 @@ def test_against_reference(device, dtype, kind, T, M):
         pytest.skip("float64 and odd M are CPU-only")
     form = "chunk" if T != 63 else "recurrent"
     check_case(kind, form, dtype, device, B=2, T=T, H=2, K=16, V=24, M=M)
+
+
+# The tensor-core path (src/cuda/slot_attention_chunk.cu: both passes on the core chunked
+# kernels) takes float16/bfloat16 with K, M in {64, 128} (K = M, or M = 64) and V a multiple of 64.
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K,V,M", [(128, 128, 64), (64, 64, 64), (128, 128, 128), (64, 128, 64),
+                                   (128, 256, 64)])
+@pytest.mark.parametrize("T", [1, 130])
+def test_tensor_core_path(kind, dtype, K, V, M, T):
+    check_case(kind, "chunk", dtype, "cuda", B=2, T=T, H=2, K=K, V=V, M=M)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+@pytest.mark.parametrize("case", ["varlen", "extreme", "split", "no_state"])
+def test_tensor_core_path_cases(kind, case):
+    """Varlen with empty and length-1 sequences; extreme gates (GSA: -1e-7 / -60 / -inf; ABC:
+    logits x8); one long sequence that the core kernels split across thread blocks; no initial
+    state and a scale."""
+    K = V = 128
+    if case == "varlen":
+        cu = torch.tensor([0, 0, 1, 40, 300], dtype=torch.int32, device="cuda")
+        check_case(kind, "chunk", torch.bfloat16, "cuda", B=1, T=300, H=2, K=K, V=V, M=64,
+                   cu_seqlens=cu)
+    elif case == "extreme":
+        check_case(kind, "chunk", torch.bfloat16, "cuda", B=2, T=200, H=2, K=K, V=V, M=64,
+                   gate="extreme")
+    elif case == "split":
+        if kind == "abc":  # the dense ABC reference is T x T x M: the split is GSA's passes
+            pytest.skip("covered by GSA: ABC's gate kernels do not depend on the split")
+        check_case(kind, "chunk", torch.bfloat16, "cuda", B=1, T=2300, H=1, K=K, V=V, M=64)
+    else:
+        check_case(kind, "chunk", torch.bfloat16, "cuda", B=2, T=100, H=2, K=K, V=V, M=64,
+                   with_state=False, scale=0.2)
 
 
 @pytest.mark.parametrize("device", DEVICES)

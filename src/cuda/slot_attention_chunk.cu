@@ -1,0 +1,512 @@
+// ABC / GSA on the tensor cores: the two passes of slot attention run as calls of the core
+// chunked recurrence (chunk.cuh), with the softmax over slots between them. Per sequence and head
+// (hk [K, M], hv [M, V]; write w_t and log decay g_t per slot; see slot_attention_params.hpp):
+//
+//   pass 1   scores_t = scale hk_t^T q_t,   hk_t = hk_{t-1} diag(e^{g_t}) + k_t w_t^T.
+//            hk^T is the state of the core recurrence with keys w (gated, dimension M) and
+//            values k (dimension K), and hk_t^T q_t = S_t d_o_t is what the core backward's dq
+//            sweep computes for d_o = q: pass 1 is that sweep run alone (float32 output).
+//   p_t    = softmax_M(scores_t), in float32 (rounded to the input type for pass 2).
+//   pass 2   o_t = hv_t^T p_t: the core forward with queries p, keys w, values v, scale 1.
+// GSA: w = s, g given. ABC: a first kernel walks each (sequence, head, slot) computing
+//   z_t = logaddexp(z_{t-1}, s_t), w_t = exp(s_t - z_t), g_t = z_{t-1} - z_t.
+//
+// Backward. Pass 2's core backward gives dp, and pass 2's parts of dw, dg, and dv, d hv_0.
+// Through the softmax, dscores_t = scale p_t (dp_t - p_t . dp_t). Pass 1 contributes
+// L1 = sum_t dscores_t . hk_t^T q_t (+ <d hk_T, hk_T>), which is the core recurrence's
+// sum_t d_o_t . o_t with queries dscores, keys w, values k, d_o = q. So dq is the core forward's
+// output for those queries, and dk, pass 1's parts of dw and dg, and d hk_0 are that core
+// backward's dv, dk, dg and d_initial_state. The two parts of dw and dg are summed; for ABC a
+// last kernel walks the tokens backward through z (abc_gates_backward_kernel) for ds, d z_0.
+//
+// Bytes (B = 8, H = 32, T = 4096, K = V = 128, M = 64, bf16 data, float32 gates): pass 1 reads
+// q, k, w, g and writes float32 scores; the softmax reads them and writes p; pass 2 reads p, w,
+// v, g and writes o: about 2.7 GB forward, 0.63 ms at 4.3 TB/s, on the memory-bound
+// tensor-core kernels instead of slot_attention.cu's token-by-token loop.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "cuda/backend.hpp"
+#include "cuda/chunk.cuh"
+#include "cuda/common.cuh"
+#include "cuda/host.cuh"
+#include "cuda/slot_attention_chunk.cuh"
+
+namespace flashlin::cuda {
+namespace {
+
+using detail::Form;
+using detail::SlotAttentionParams;
+using detail::SlotKind;
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kMaxSlotsPerLane = 4;  // M <= 128
+
+// A contiguous [B, T, H, features] tensor of the call's token shape at `base`.
+StridedTensor token_tensor(char* base, Storage dtype, const SlotAttentionParams& p,
+                           int64_t features) {
+  StridedTensor t;
+  t.data = base;
+  t.dtype = dtype;
+  t.present = true;
+  t.stride[3] = 1;
+  t.stride[2] = features;
+  t.stride[1] = p.num_heads * features;
+  t.stride[0] = p.time * t.stride[1];
+  return t;
+}
+
+// hk [N, H, K, M] seen as the core state [N, H, M, K] (keys s, values k).
+StridedTensor transposed(StridedTensor t) {
+  std::swap(t.stride[2], t.stride[3]);
+  return t;
+}
+
+size_t token_bytes(const SlotAttentionParams& p, Storage dtype) {
+  return align_up(static_cast<size_t>(p.batch * p.time * p.num_heads * p.num_slots) *
+                  storage_bytes(dtype));
+}
+
+// The scratch of a call: float32 scores, their softmax in the input type, and for the backward
+// dp (float32), dscores (input type) and pass 1's parts of ds and dg. ABC adds its writes and
+// gates (and, backward, the running z_t and the gradients of the writes and gates). The core
+// calls' own workspace follows.
+struct Buffers {
+  StridedTensor scores, probs, dp, dscores, ds_part, dg_part;
+  StridedTensor write, gate, running_z, d_write, d_gate;  // ABC
+  char* core = nullptr;
+  size_t core_bytes = 0;
+};
+
+// Places the buffers from `base` (nullptr: sizes only) and returns the bytes before the core
+// workspace.
+size_t place_buffers(const SlotAttentionParams& p, bool backward, char* base, Buffers* b) {
+  size_t offset = 0;
+  const bool abc = p.kind == SlotKind::kAbc;
+  auto next = [&](StridedTensor* t, Storage dtype) {
+    *t = token_tensor(base ? base + offset : nullptr, dtype, p, p.num_slots);
+    offset += token_bytes(p, dtype);
+  };
+  const Storage elem = p.q.dtype;
+  next(&b->scores, Storage::kFloat32);
+  next(&b->probs, elem);
+  if (abc) {
+    next(&b->write, elem);
+    next(&b->gate, Storage::kFloat32);
+  }
+  if (backward) {
+    next(&b->dp, Storage::kFloat32);
+    next(&b->dscores, elem);
+    next(&b->ds_part, elem);
+    next(&b->dg_part, Storage::kFloat32);
+    if (abc) {
+      next(&b->running_z, Storage::kFloat32);
+      next(&b->d_write, elem);
+      next(&b->d_gate, Storage::kFloat32);
+    }
+  }
+  return offset;
+}
+
+// GSA's inputs and gradients as the passes see them: the call's own for GSA; for ABC the
+// writes exp(s_t - z_t) and gates z_{t-1} - z_t computed first, and their gradients in scratch.
+struct SlotView {
+  StridedTensor write, gate, d_write, d_gate;
+};
+
+SlotView view_of(const SlotAttentionParams& p, const Buffers& b) {
+  if (p.kind == SlotKind::kGsa) return SlotView{p.s, p.g, p.ds, p.dg};
+  const bool chain = p.ds.present || p.d_initial_z.present;  // gradients through z wanted
+  return SlotView{b.write, b.gate, chain ? b.d_write : StridedTensor{},
+                  chain ? b.d_gate : StridedTensor{}};
+}
+
+// A call of the core recurrence over the call's sequences with per-key gates (key dim M).
+RecurrenceParams core_call(const SlotAttentionParams& p, const SlotView& slots, int64_t value_dim,
+                           const Buffers& b) {
+  RecurrenceParams r;
+  r.batch = p.batch;
+  r.time = p.time;
+  r.num_heads = p.num_heads;
+  r.key_dim = p.num_slots;
+  r.value_dim = value_dim;
+  r.sequences = p.sequences;
+  r.gate = GateKind::kPerKey;
+  r.form = Form::kChunked;
+  r.g = slots.gate;
+  r.scale = 1.0;
+  r.device_id = p.exec.device_id;
+  r.stream = p.exec.stream;
+  r.workspace = b.core;
+  r.workspace_bytes = b.core_bytes;
+  return r;
+}
+
+// The core calls of a forward or backward, with their inputs and outputs attached.
+struct Calls {
+  RecurrenceParams sweep;                // pass 1's scores: the dq sweep with d_o = q
+  RecurrenceParams values, keys_final;   // forward: pass 2; pass 1's final state
+  RecurrenceParams values_grad;          // backward of pass 2
+  RecurrenceParams queries_grad;         // dq: pass 1 forward with queries dscores
+  RecurrenceParams keys_grad;            // backward of pass 1 (d_o = q)
+};
+
+Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
+  const SlotView slots = view_of(p, b);
+  // Pass 1 with queries `queries` (s stands in where they are unused: the shape is right).
+  auto keys_pass = [&](const StridedTensor& queries) {
+    RecurrenceParams r = core_call(p, slots, p.key_dim, b);
+    r.q = queries;
+    r.k = slots.write;
+    r.v = p.k;
+    r.initial_state = transposed(p.initial_hk);
+    return r;
+  };
+  auto values_pass = [&]() {
+    RecurrenceParams r = core_call(p, slots, p.value_dim, b);
+    r.q = b.probs;
+    r.k = slots.write;
+    r.v = p.v;
+    r.initial_state = p.initial_hv;
+    return r;
+  };
+  Calls c;
+  c.sweep = keys_pass(slots.write);
+  c.sweep.d_o = p.q;
+  c.sweep.dq = b.scores;
+  c.sweep.scale = p.scale;
+  if (!backward) {
+    c.values = values_pass();
+    c.values.o = p.o;
+    c.values.final_state = p.final_hv;
+    c.keys_final = keys_pass(slots.write);
+    c.keys_final.final_state = transposed(p.final_hk);
+    return c;
+  }
+  c.values_grad = values_pass();
+  c.values_grad.d_o = p.d_o;
+  c.values_grad.d_final_state = p.d_final_hv;
+  c.values_grad.dq = b.dp;
+  c.values_grad.dk = slots.d_write;
+  c.values_grad.dv = p.dv;
+  c.values_grad.dg = slots.d_gate;
+  c.values_grad.d_initial_state = p.d_initial_hv;
+  c.queries_grad = keys_pass(b.dscores);
+  c.queries_grad.o = p.dq;
+  c.keys_grad = keys_pass(b.dscores);
+  c.keys_grad.d_o = p.q;
+  c.keys_grad.d_final_state = transposed(p.d_final_hk);
+  c.keys_grad.dk = slots.d_write.present ? b.ds_part : StridedTensor{};
+  c.keys_grad.dv = p.dk;
+  c.keys_grad.dg = slots.d_gate.present ? b.dg_part : StridedTensor{};
+  c.keys_grad.d_initial_state = transposed(p.d_initial_hk);
+  return c;
+}
+
+bool keys_grad_wanted(const SlotAttentionParams& p, const SlotView& slots) {
+  return p.dk.present || slots.d_write.present || slots.d_gate.present || p.d_initial_hk.present;
+}
+
+Buffers sized(const SlotAttentionParams& p, bool backward) {
+  Buffers b;
+  place_buffers(p, backward, nullptr, &b);
+  return b;
+}
+
+size_t buffers_bytes(const SlotAttentionParams& p, bool backward) {
+  Buffers b;
+  return place_buffers(p, backward, nullptr, &b);
+}
+
+// Row (sequence n, its token t, head h) of a contiguous [B, T, H, M] scratch tensor.
+__device__ __forceinline__ int64_t row_offset(const StridedTensor& t, const SequenceSpan& span,
+                                              int64_t t_in_seq, int64_t h) {
+  return element_offset(t, span.batch, span.start + t_in_seq, h, 0);
+}
+
+// One warp per (token, head) row: probs = softmax(scores); with dp, instead
+// dscores = scale probs (dp - probs . dp). Rows of tokens outside the sequences are not touched.
+template <bool kBackward>
+__global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, int num_slots,
+                                    float scale, StridedTensor scores, StridedTensor dp,
+                                    StridedTensor out) {
+  const SequenceSpan span = sequences[blockIdx.y];
+  const int lane = threadIdx.x % 32;
+  const int64_t row = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / 32;
+  if (row >= span.length * num_heads) return;
+  const int64_t t = row / num_heads, h = row % num_heads;
+  const int64_t base = row_offset(scores, span, t, h);
+  float x[kMaxSlotsPerLane], largest = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kMaxSlotsPerLane; ++i) {
+    const int m = lane + 32 * i;
+    x[i] = m < num_slots ? reinterpret_cast<const float*>(scores.data)[base + m] : -INFINITY;
+    largest = fmaxf(largest, x[i]);
+  }
+  for (int offset = 16; offset > 0; offset /= 2)
+    largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMaxSlotsPerLane; ++i) {
+    x[i] = lane + 32 * i < num_slots ? __expf(x[i] - largest) : 0.f;
+    total += x[i];
+  }
+  for (int offset = 16; offset > 0; offset /= 2)
+    total += __shfl_xor_sync(0xffffffffu, total, offset);
+  const float inverse = 1.f / total;
+  if constexpr (!kBackward) {
+#pragma unroll
+    for (int i = 0; i < kMaxSlotsPerLane; ++i) {
+      const int m = lane + 32 * i;
+      if (m < num_slots) store_float(out, base + m, x[i] * inverse);
+    }
+  } else {
+    float d[kMaxSlotsPerLane], dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < kMaxSlotsPerLane; ++i) {
+      const int m = lane + 32 * i;
+      x[i] *= inverse;
+      d[i] = m < num_slots ? reinterpret_cast<const float*>(dp.data)[base + m] : 0.f;
+      dot += x[i] * d[i];
+    }
+    for (int offset = 16; offset > 0; offset /= 2)
+      dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+#pragma unroll
+    for (int i = 0; i < kMaxSlotsPerLane; ++i) {
+      const int m = lane + 32 * i;
+      if (m < num_slots) store_float(out, base + m, scale * x[i] * (d[i] - dot));
+    }
+  }
+}
+
+// total (ds or dg, strided, any dtype) += part (contiguous scratch) over the sequences' tokens.
+__global__ void add_parts_kernel(SequenceTable sequences, int64_t num_heads, int num_slots,
+                                 StridedTensor total, StridedTensor part) {
+  const SequenceSpan span = sequences[blockIdx.y];
+  const int64_t index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (index >= span.length * num_heads * num_slots) return;
+  const int64_t m = index % num_slots, row = index / num_slots;
+  const int64_t t = row / num_heads, h = row % num_heads;
+  const int64_t token = span.start + t;
+  const int64_t at = element_offset(total, span.batch, token, h, m);
+  store_float(total, at,
+              load_float(total, at) + load_float(part, element_offset(part, span.batch, token, h, m)));
+}
+
+int64_t longest(const SlotAttentionParams& p) {
+  int64_t n = 0;
+  for (const SequenceSpan& s : p.sequences) n = std::max(n, s.length);
+  return n;
+}
+
+// Launch geometry over the sequences' (token, head) rows, `per_block` rows per block.
+dim3 rows_grid(const SlotAttentionParams& p, int64_t per_row, int64_t per_block) {
+  const int64_t items = longest(p) * p.num_heads * per_row;
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, (items + per_block - 1) / per_block)),
+              static_cast<unsigned>(p.sequences.size()));
+}
+
+// ABC's writes and gates from the slot logits, one thread per (sequence, head, slot) walking
+// the sequence: z_t = logaddexp(z_{t-1}, s_t), write_t = exp(s_t - z_t), gate_t = z_{t-1} - z_t
+// (write 0 and gate 0 while z_t is still -inf). Also final_z, and z_t itself for the backward.
+__global__ void abc_gates_kernel(SequenceTable sequences, int64_t num_heads, int num_slots,
+                                 StridedTensor s, StridedTensor initial_z, StridedTensor write,
+                                 StridedTensor gate, StridedTensor running_z,
+                                 StridedTensor final_z) {
+  const int64_t n = blockIdx.y, index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (index >= num_heads * num_slots) return;
+  const int64_t h = index / num_slots, m = index % num_slots;
+  const SequenceSpan span = sequences[n];
+  float z = initial_z.present ? load_float(initial_z, element_offset(initial_z, n, h, 0, m))
+                              : -INFINITY;
+  for (int64_t t = 0; t < span.length; ++t) {
+    const int64_t token = span.start + t;
+    const float logit = load_float(s, element_offset(s, span.batch, token, h, m));
+    const float larger = fmaxf(z, logit);
+    const float z_new =
+        larger == -INFINITY ? -INFINITY : larger + log1pf(__expf(-fabsf(z - logit)));
+    const bool empty = z_new == -INFINITY;
+    store_float(write, element_offset(write, span.batch, token, h, m),
+                empty ? 0.f : __expf(logit - z_new));
+    store_float(gate, element_offset(gate, span.batch, token, h, m), empty ? 0.f : z - z_new);
+    if (running_z.present)
+      store_float(running_z, element_offset(running_z, span.batch, token, h, m), z_new);
+    z = z_new;
+  }
+  if (final_z.present) store_float(final_z, element_offset(final_z, n, h, 0, m), z);
+}
+
+// ABC's ds and d initial_z from the gradients of the writes and gates, last token first, with C
+// the gradient reaching z_t from later tokens (d final_z at the end):
+//   Dz = C - d gate_t - d write_t write_t;  ds_t = write_t (d write_t + Dz);
+//   C <- d gate_t + Dz decay_t          (dz_t/dz_{t-1} = decay_t = e^{gate_t}, dz_t/ds_t = write_t).
+__global__ void abc_gates_backward_kernel(SequenceTable sequences, int64_t num_heads,
+                                          int num_slots, StridedTensor s, StridedTensor initial_z,
+                                          StridedTensor running_z, StridedTensor d_write,
+                                          StridedTensor d_gate, StridedTensor d_final_z,
+                                          StridedTensor ds, StridedTensor d_initial_z) {
+  const int64_t n = blockIdx.y, index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (index >= num_heads * num_slots) return;
+  const int64_t h = index / num_slots, m = index % num_slots;
+  const SequenceSpan span = sequences[n];
+  const float z_start =
+      initial_z.present ? load_float(initial_z, element_offset(initial_z, n, h, 0, m)) : -INFINITY;
+  float carry = d_final_z.present ? load_float(d_final_z, element_offset(d_final_z, n, h, 0, m))
+                                  : 0.f;
+  for (int64_t t = span.length - 1; t >= 0; --t) {
+    const int64_t token = span.start + t;
+    const float z = load_float(running_z, element_offset(running_z, span.batch, token, h, m));
+    const float z_prev =
+        t > 0 ? load_float(running_z, element_offset(running_z, span.batch, token - 1, h, m))
+              : z_start;
+    const bool empty = z == -INFINITY;
+    const float logit = load_float(s, element_offset(s, span.batch, token, h, m));
+    const float write = empty ? 0.f : __expf(logit - z);
+    const float decay = empty ? 1.f : __expf(z_prev - z);
+    const float dw = load_float(d_write, element_offset(d_write, span.batch, token, h, m));
+    const float dg = load_float(d_gate, element_offset(d_gate, span.batch, token, h, m));
+    const float dz = carry - dg - dw * write;
+    if (ds.present) store_float(ds, element_offset(ds, span.batch, token, h, m), write * (dw + dz));
+    carry = dg + dz * decay;
+  }
+  if (d_initial_z.present) store_float(d_initial_z, element_offset(d_initial_z, n, h, 0, m), carry);
+}
+
+size_t core_bytes(const SlotAttentionParams& p, bool backward);
+
+struct Run {
+  const SlotAttentionParams& p;
+  cudaStream_t stream;
+  size_t buffer_bytes, core_size;
+  Scratch scratch;
+  Buffers buffers;
+  SequenceTable table;
+
+  Run(const SlotAttentionParams& params, bool backward)
+      : p(params),
+        stream(static_cast<cudaStream_t>(params.exec.stream)),
+        buffer_bytes(buffers_bytes(params, backward)),
+        core_size(core_bytes(params, backward)),
+        scratch(params.exec.workspace, params.exec.workspace_bytes,
+                buffer_bytes + core_size + table_bytes(params.sequences, params.batch, params.time),
+                stream) {
+    place_buffers(p, backward, scratch.base(), &buffers);
+    buffers.core = scratch.base() + buffer_bytes;
+    buffers.core_bytes = core_size;
+    table = upload_sequences(p.sequences, p.batch, p.time,
+                             scratch.base() + buffer_bytes + core_size, stream);
+  }
+
+  dim3 slots_grid() const {
+    const int64_t items = p.num_heads * p.num_slots;
+    return dim3(static_cast<unsigned>((items + 127) / 128),
+                static_cast<unsigned>(p.sequences.size()));
+  }
+
+  void abc_gates(bool backward) {
+    abc_gates_kernel<<<slots_grid(), 128, 0, stream>>>(
+        table, p.num_heads, static_cast<int>(p.num_slots), p.s, p.initial_z, buffers.write,
+        buffers.gate, backward ? buffers.running_z : StridedTensor{},
+        backward ? StridedTensor{} : p.final_z);
+    check_cuda(cudaGetLastError(), "ABC's gate kernel");
+  }
+
+  void abc_gates_backward() {
+    abc_gates_backward_kernel<<<slots_grid(), 128, 0, stream>>>(
+        table, p.num_heads, static_cast<int>(p.num_slots), p.s, p.initial_z, buffers.running_z,
+        buffers.d_write, buffers.d_gate, p.d_final_z, p.ds, p.d_initial_z);
+    check_cuda(cudaGetLastError(), "ABC's gate backward kernel");
+  }
+
+  void softmax(bool with_grad) {
+    const dim3 grid = rows_grid(p, 1, kWarpsPerBlock);
+    const int M = static_cast<int>(p.num_slots);
+    if (with_grad)
+      slot_softmax_kernel<true><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(
+          table, p.num_heads, M, static_cast<float>(p.scale), buffers.scores, buffers.dp,
+          buffers.dscores);
+    else
+      slot_softmax_kernel<false><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(
+          table, p.num_heads, M, 1.f, buffers.scores, StridedTensor{}, buffers.probs);
+    check_cuda(cudaGetLastError(), "the slot softmax kernel");
+  }
+
+  void add(const StridedTensor& total, const StridedTensor& part) {
+    if (!total.present) return;
+    add_parts_kernel<<<rows_grid(p, p.num_slots, 256), 256, 0, stream>>>(
+        table, p.num_heads, static_cast<int>(p.num_slots), total, part);
+    check_cuda(cudaGetLastError(), "the slot gradient sum kernel");
+  }
+};
+
+size_t core_bytes(const SlotAttentionParams& p, bool backward) {
+  const Buffers none = sized(p, backward);
+  const Calls c = calls_of(p, none, backward);
+  size_t bytes = recurrence_workspace_bytes(c.sweep, true);
+  if (!backward) {
+    bytes = std::max(bytes, recurrence_workspace_bytes(c.values, false));
+    if (p.final_hk.present) bytes = std::max(bytes, recurrence_workspace_bytes(c.keys_final, false));
+    return bytes;
+  }
+  bytes = std::max(bytes, recurrence_workspace_bytes(c.values_grad, true));
+  if (p.dq.present) bytes = std::max(bytes, recurrence_workspace_bytes(c.queries_grad, false));
+  if (keys_grad_wanted(p, view_of(p, none)))
+    bytes = std::max(bytes, recurrence_workspace_bytes(c.keys_grad, true));
+  return bytes;
+}
+
+}  // namespace
+
+bool slot_chunk_supports(const SlotAttentionParams& p, bool backward) {
+  if (p.form != Form::kChunked) return false;
+  if (p.q.dtype != Storage::kBFloat16 && p.q.dtype != Storage::kFloat16) return false;
+  if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype) return false;
+  // GSA's s are the passes' keys; ABC's s are only read by its gate kernels (any dtype).
+  if (p.kind == SlotKind::kGsa && p.s.dtype != p.q.dtype) return false;
+  if (p.num_slots > 32 * kMaxSlotsPerLane) return false;
+  // Every core call must take the tensor-core kernels.
+  const Calls c = calls_of(p, sized(p, backward), backward);
+  if (!chunk_tc_supports(c.sweep, true)) return false;
+  if (!backward) return chunk_tc_supports(c.values, false) && chunk_tc_supports(c.keys_final, false);
+  return chunk_tc_supports(c.values_grad, true) && chunk_tc_supports(c.queries_grad, false) &&
+         chunk_tc_supports(c.keys_grad, true);
+}
+
+size_t slot_chunk_workspace_bytes(const SlotAttentionParams& p, bool backward) {
+  return buffers_bytes(p, backward) + core_bytes(p, backward) +
+         table_bytes(p.sequences, p.batch, p.time);
+}
+
+void slot_chunk_forward(const SlotAttentionParams& p) {
+  DeviceGuard guard(p.exec.device_id);
+  Run run(p, false);
+  if (p.kind == SlotKind::kAbc) run.abc_gates(false);
+  const Calls c = calls_of(p, run.buffers, false);
+  recurrence_backward(c.sweep);
+  run.softmax(false);
+  recurrence_forward(c.values);
+  if (p.final_hk.present) recurrence_forward(c.keys_final);
+}
+
+void slot_chunk_backward(const SlotAttentionParams& p) {
+  DeviceGuard guard(p.exec.device_id);
+  Run run(p, true);
+  const bool abc = p.kind == SlotKind::kAbc;
+  if (abc) run.abc_gates(true);
+  const Calls c = calls_of(p, run.buffers, true);
+  const SlotView slots = view_of(p, run.buffers);
+  recurrence_backward(c.sweep);
+  run.softmax(false);
+  recurrence_backward(c.values_grad);
+  run.softmax(true);
+  if (p.dq.present) recurrence_forward(c.queries_grad);
+  if (keys_grad_wanted(p, slots)) {
+    recurrence_backward(c.keys_grad);
+    run.add(slots.d_write, run.buffers.ds_part);
+    run.add(slots.d_gate, run.buffers.dg_part);
+  }
+  if (abc && slots.d_write.present) run.abc_gates_backward();
+}
+
+}  // namespace flashlin::cuda
