@@ -58,8 +58,9 @@ bool pairs_writable(const StridedTensor& t) {
   return true;
 }
 
-// dq may also be float32 (pairs of floats: unit feature stride, even strides, 8-byte aligned).
-bool dq_writable(const StridedTensor& t, Storage elem) {
+// dq and dk may also be float32 (pairs of floats: unit feature stride, even strides, 8-byte
+// aligned; see chunk_bwd::store_pair).
+bool pair_output_ok(const StridedTensor& t, Storage elem) {
   if (!t.present) return true;
   if (t.dtype == elem) return pairs_writable(t);
   if (t.dtype != Storage::kFloat32 || t.stride[3] != 1) return false;
@@ -127,7 +128,8 @@ bool chunk_tc_supports(const RecurrenceParams& p, bool backward) {
       p.key_dim == 64 && p.value_dim == 128 && p.gate == GateKind::kPerKey && !p.bonus;
   if (p.value_dim != p.key_dim && !wide) return false;
   if (p.d_o.dtype != p.q.dtype || !rows_copyable(p.d_o)) return false;
-  return dq_writable(p.dq, p.q.dtype) && pairs_writable(p.dk) && pairs_writable(p.dv);
+  return pair_output_ok(p.dq, p.q.dtype) && pair_output_ok(p.dk, p.q.dtype) &&
+         pairs_writable(p.dv);
 }
 
 size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward) {

@@ -3,14 +3,26 @@
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_CUH_
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/common.cuh"
 
 namespace flashlin::cuda {
+
+// Per-key gates: a chunk whose whole gate range (log2 units) is at most this is "factorized":
+// q_i * 2^{a_i} and k_j * 2^{-b_j} are formed once in Elem, so every scaled value must stay
+// representable. bfloat16 has float32's exponent range: 2^{+-40}. float16 overflows at 2^16
+// (and leaves its normal range below 2^-14): 2^{+-8} keeps |k| up to 255 finite and q's
+// precision.
+template <typename Elem>
+__host__ __device__ constexpr float max_factor_range() {
+  return std::is_same_v<Elem, __half> ? 8.0f : 40.0f;
+}
 
 // Whether the tensor-core family runs p: float16/bfloat16 q, k, v, o with unit feature stride and
 // 16-byte aligned rows, K in {64, 128}, V a multiple of 64 up to 256, per-key gates (and the

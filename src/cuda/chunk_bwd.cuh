@@ -33,8 +33,16 @@ constexpr int kChunk = 64;
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kMaxDiagonalRange = 40.0f;
-constexpr float kMaxFactorRange = 40.0f;  // see Block::factorize
+
+// Stores (x0, x1) at element `at` of a dq / dk output: a pair of Elem, or of float32 (the
+// slot-attention composition keeps its scores and write gradients in float32).
+template <typename Elem>
+__device__ __forceinline__ void store_pair(const StridedTensor& t, int64_t at, float x0, float x1) {
+  if (t.dtype == Storage::kFloat32)
+    *reinterpret_cast<float2*>(reinterpret_cast<float*>(t.data) + at) = make_float2(x0, x1);
+  else
+    *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(t.data) + at) = tile::pack<Elem>(x0, x1);
+}
 
 // Scratch of the backward (float32, in the workspace).
 struct BackwardScratch {
@@ -275,8 +283,8 @@ struct Block {
     }
   }
 
-  // Per-key gates: when the chunk's whole gate range is at most 2^40 (log2 units), scale the
-  // chunk once in shared memory -- q_i * 2^{a_i} (if scale_q), k_j * 2^{-b_j} -- so that the
+  // Per-key gates: when the chunk's whole gate range is at most max_factor_range<Elem>() (log2
+  // units; chunk.cuh), scale the chunk once in shared memory -- q_i * 2^{a_i} (if scale_q), k_j * 2^{-b_j} -- so that the
   // products need no per-element decays; every factor stays within 2^{+-40}. With the bonus,
   // sm.bonus_u + K receives (q_i * u * k_i)·1 of each row first. Block-uniform; synchronises.
   __device__ bool factorize(const Stage& st, bool scale_q) const {
@@ -285,7 +293,7 @@ struct Block {
     } else {
       bool narrow = true;
       for (int kk = tid; kk < K; kk += kThreads)
-        narrow &= -sm.cum_gate[(kChunk - 1) * T::kGateStride + kk] <= kMaxFactorRange;
+        narrow &= -sm.cum_gate[(kChunk - 1) * T::kGateStride + kk] <= max_factor_range<Elem>();
       if (!__syncthreads_and(narrow)) return false;
       Elem* q_mut = reinterpret_cast<Elem*>(st.q);
       Elem* k_mut = reinterpret_cast<Elem*>(st.k);
@@ -534,7 +542,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
     if constexpr (T::kPerKey) {
       bool wide = false;
       for (int kk = lane; kk < K; kk += 32)
-        wide |= blk.query_gate(row0, kk) - blk.key_gate(row0 + 15, kk) > kMaxDiagonalRange;
+        wide |= blk.query_gate(row0, kk) - blk.key_gate(row0 + 15, kk) > max_factor_range<Elem>();
       exact_diagonal = !factorized && __any_sync(0xffffffffu, wide);
       if (exact_diagonal) {  // keep the diagonal dP block for the exact pass
         float* diag = blk.sm.diag + warp * 16 * 17;
@@ -676,13 +684,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
         }
         if (want_dq && i < valid) {
           const int64_t token = blk.token_at(int64_t{chunk} * kChunk + i);
-          const int64_t at = element_offset(args.dq, blk.seq.batch, token, blk.head, kk);
-          if (args.dq.dtype == Storage::kFloat32)  // full precision (slot attention's scores)
-            *reinterpret_cast<float2*>(reinterpret_cast<float*>(args.dq.data) + at) =
-                make_float2(g0, g1);
-          else
-            *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.dq.data) + at) =
-                tile::pack<Elem>(g0, g1);
+          store_pair<Elem>(args.dq, element_offset(args.dq, blk.seq.batch, token, blk.head, kk),
+                           g0, g1);
         }
       }
     if constexpr (Gate == GateKind::kPerToken) {
@@ -924,7 +927,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         if constexpr (T::kPerKey) {
           bool wide = false;
           for (int kk = lane; kk < K; kk += 32)
-            wide |= blk.query_gate(row0, kk) - blk.key_gate(row0 + 15, kk) > kMaxDiagonalRange;
+            wide |= blk.query_gate(row0, kk) - blk.key_gate(row0 + 15, kk) > max_factor_range<Elem>();
           exact_diagonal = !factorized && __any_sync(0xffffffffu, wide);
         }
 #pragma unroll T::kStepUnroll
@@ -1108,7 +1111,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         // range within the block: a_{row0} - b_{row0+15} bounds the a_i - s' of its rows
         bool wide = false;
         for (int kk = lane; kk < K; kk += 32)
-          wide |= blk.query_gate(row0, kk) - blk.key_gate(row0 + 15, kk) > kMaxDiagonalRange;
+          wide |= blk.query_gate(row0, kk) - blk.key_gate(row0 + 15, kk) > max_factor_range<Elem>();
         exact_diagonal = !factorized && __any_sync(0xffffffffu, wide);
       }
       // intra: dP^T Q~ over token steps i >= rowblock; Q~[i][kk] = q_i * 2^{a_i - s'}.
@@ -1216,11 +1219,10 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
             const int j = rows[r];
             if (j >= valid) continue;
             const int64_t token = blk.token_at(int64_t{chunk} * kChunk + j);
-            Elem* dst =
-                reinterpret_cast<Elem*>(args.dk.data) +
-                element_offset(args.dk, blk.seq.batch, token, blk.head, kcol0 + nt * 8 + 2 * quad);
-            *reinterpret_cast<uint32_t*>(dst) =
-                tile::pack<Elem>(intra[nt][2 * r], intra[nt][2 * r + 1]);
+            store_pair<Elem>(
+                args.dk,
+                element_offset(args.dk, blk.seq.batch, token, blk.head, kcol0 + nt * 8 + 2 * quad),
+                intra[nt][2 * r], intra[nt][2 * r + 1]);
           }
       }
       if constexpr (Gate == GateKind::kPerToken) {

@@ -8,7 +8,7 @@
 //   S_end = 2^{b_C} * S0 + sum_j (k_j * 2^{b_C - b_j}) v_j^T
 // Every exponent that is applied is <= 0 except inside the diagonal 16x16 blocks of per-key
 // gates, where q and k are scaled relative to the first row of the block (q by 2^{a_i - s},
-// k by 2^{s - b_j}); a block whose gate range exceeds kMaxDiagonalRange there is computed exactly,
+// k by 2^{s - b_j}); a block whose gate range exceeds max_factor_range<Elem>() (chunk.cuh) is computed exactly,
 // element by element, instead. Masked entries are selected to zero after the products.
 //
 // Work split: grid (V / 64, H, N); 4 warps. Warp w owns rows 16w..16w+15 of the chunk for the
@@ -30,8 +30,6 @@ constexpr int kValueTile = 64;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kMaxDiagonalRange = 40.0f;  // log2 units: scaled operands stay below 2^40
-constexpr float kMaxFactorRange = 40.0f;    // chunks whose whole gate range stays below this
                                             // run factorized (see "factorized" below)
 
 template <typename Elem, int K, GateKind Gate, bool Bonus>
@@ -261,8 +259,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     }
     __syncthreads();
 
-    // ---- per-key gates, factorized: when the chunk's whole gate range is below 2^40, scale q
-    // and k once in shared memory (q_i * 2^{a_i}, k_j * 2^{-b_j}: every factor within 2^{+-40})
+    // ---- per-key gates, factorized: when the chunk's whole gate range is below
+    // max_factor_range<Elem>() (chunk.cuh), scale q and k once in shared memory (q_i * 2^{a_i},
+    // k_j * 2^{-b_j}: every factor within 2^{+-range})
     // and run the chunk like an ungated one; the state update then ends with S *= 2^{b_C}.
     // Otherwise every product is formed relative to a nearby reference (the code below).
     bool factorized = false;
@@ -270,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     if constexpr (T::kPerKey) {
       bool narrow = true;
       for (int kk = tid; kk < K; kk += kThreads)
-        narrow &= -cum_gate[(kChunk - 1) * T::kGateStride + kk] <= kMaxFactorRange;
+        narrow &= -cum_gate[(kChunk - 1) * T::kGateStride + kk] <= max_factor_range<Elem>();
       factorized = __syncthreads_and(narrow);
       if (factorized) {
         if constexpr (Bonus) {  // (q_i * u * k_i)·1 from the unscaled rows
@@ -370,7 +369,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     if constexpr (T::kPerKey) {
       bool wide = false;
       for (int kk = lane; kk < K; kk += 32)
-        wide |= query_gate(row0, kk) - key_gate(row0 + 15, kk) > kMaxDiagonalRange;
+        wide |= query_gate(row0, kk) - key_gate(row0 + 15, kk) > max_factor_range<Elem>();
       exact_diagonal = !factorized && __any_sync(0xffffffffu, wide);
     }
     float scores[8][4];

@@ -16,8 +16,8 @@
 // L1 = sum_t dscores_t . hk_t^T q_t (+ <d hk_T, hk_T>), which is the core recurrence's
 // sum_t d_o_t . o_t with queries dscores, keys w, values k, d_o = q. So dq is the core forward's
 // output for those queries, and dk, pass 1's parts of dw and dg, and d hk_0 are that core
-// backward's dv, dk, dg and d_initial_state. The two parts of dw and dg are summed; for ABC a
-// last kernel walks the tokens backward through z (abc_gates_backward_kernel) for ds, d z_0.
+// backward's dv, dk, dg and d_initial_state. The two parts of dw and dg are summed; for ABC the
+// chain through z (a scan, below) gives ds and d z_0.
 //
 // Bytes (B = 8, H = 32, T = 4096, K = V = 128, M = 64, bf16 data, float32 gates): pass 1 reads
 // q, k, w, g and writes float32 scores; the softmax reads them and writes p; pass 2 reads p, w,
@@ -42,6 +42,7 @@ using detail::SlotKind;
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxSlotsPerLane = 4;  // M <= 128
+constexpr int64_t kPiece = 64;        // tokens per piece of ABC's z scans
 
 // A contiguous [B, T, H, features] tensor of the call's token shape at `base`.
 StridedTensor token_tensor(char* base, Storage dtype, const SlotAttentionParams& p,
@@ -69,12 +70,14 @@ size_t token_bytes(const SlotAttentionParams& p, Storage dtype) {
 }
 
 // The scratch of a call: float32 scores, their softmax in the input type, and for the backward
-// dp (float32), dscores (input type) and pass 1's parts of ds and dg. ABC adds its writes and
-// gates (and, backward, the running z_t and the gradients of the writes and gates). The core
-// calls' own workspace follows.
+// dp (float32), dscores (input type) and pass 1's parts of ds and dg (float32). ABC adds its
+// writes (input type) and gates (float32), and backward the running z_t and the gradients of
+// the writes and gates (float32: ABC's chain through z sums them over the whole sequence). The
+// core calls' own workspace follows.
 struct Buffers {
   StridedTensor scores, probs, dp, dscores, ds_part, dg_part;
   StridedTensor write, gate, running_z, d_write, d_gate;  // ABC
+  StridedTensor piece[3];                                 // ABC: [N, pieces, H, M] float32
   char* core = nullptr;
   size_t core_bytes = 0;
 };
@@ -94,15 +97,26 @@ size_t place_buffers(const SlotAttentionParams& p, bool backward, char* base, Bu
   if (abc) {
     next(&b->write, elem);
     next(&b->gate, Storage::kFloat32);
+    int64_t longest = 1;
+    for (const SequenceSpan& seq : p.sequences) longest = std::max(longest, seq.length);
+    const size_t piece_bytes =
+        align_up(p.sequences.size() * static_cast<size_t>((longest + kPiece - 1) / kPiece) *
+                 static_cast<size_t>(p.num_heads * p.num_slots) * sizeof(float));
+    for (StridedTensor& t : b->piece) {
+      t = StridedTensor{};
+      t.data = base ? base + offset : nullptr;
+      t.present = true;
+      offset += piece_bytes;
+    }
   }
   if (backward) {
     next(&b->dp, Storage::kFloat32);
     next(&b->dscores, elem);
-    next(&b->ds_part, elem);
+    next(&b->ds_part, Storage::kFloat32);
     next(&b->dg_part, Storage::kFloat32);
     if (abc) {
       next(&b->running_z, Storage::kFloat32);
-      next(&b->d_write, elem);
+      next(&b->d_write, Storage::kFloat32);
       next(&b->d_gate, Storage::kFloat32);
     }
   }
@@ -307,70 +321,164 @@ dim3 rows_grid(const SlotAttentionParams& p, int64_t per_row, int64_t per_block)
               static_cast<unsigned>(p.sequences.size()));
 }
 
-// ABC's writes and gates from the slot logits, one thread per (sequence, head, slot) walking
-// the sequence: z_t = logaddexp(z_{t-1}, s_t), write_t = exp(s_t - z_t), gate_t = z_{t-1} - z_t
-// (write 0 and gate 0 while z_t is still -inf). Also final_z, and z_t itself for the backward.
-__global__ void abc_gates_kernel(SequenceTable sequences, int64_t num_heads, int num_slots,
-                                 StridedTensor s, StridedTensor initial_z, StridedTensor write,
-                                 StridedTensor gate, StridedTensor running_z,
-                                 StridedTensor final_z) {
+// ---- ABC's running log-sum-exp z, in pieces of kPiece tokens walked in parallel ----------------
+// Forward: z_t = logaddexp(z_{t-1}, s_t), write_t = exp(s_t - z_t), gate_t = z_{t-1} - z_t (write
+// 0 and gate 0 while z_t is still -inf). (1) each piece's logsumexp of s; (2) per (sequence,
+// head, slot) the z entering each piece, a walk over the pieces; (3) each piece walked again
+// from its entering z. Backward, with C_t the gradient reaching z_t from later tokens (d final_z
+// at the end): Dz_t = C_t - dgate_t - dwrite_t write_t, ds_t = write_t (dwrite_t + Dz_t) and
+//   C_{t-1} = decay_t C_t + dgate_t (1 - decay_t) - decay_t dwrite_t write_t   (decay = e^gate),
+// an affine map per token: (1) each piece's map (product of decays, offset from C = 0); (2) the
+// C leaving each piece, a walk over the pieces from d final_z (its end is d initial_z); (3) each
+// piece walked again from its C, writing ds.
+// Piece-level scratch [N, pieces, H, M] (float32), index of (n, piece, h, m).
+struct PieceIndex {
+  int64_t pieces, heads, slots;
+  __device__ int64_t operator()(int64_t n, int64_t c, int64_t h, int64_t m) const {
+    return ((n * pieces + c) * heads + h) * slots + m;
+  }
+};
+
+__device__ __forceinline__ float logaddexp(float a, float b) {
+  const float larger = fmaxf(a, b);
+  if (larger == -INFINITY) return -INFINITY;
+  return larger + log1pf(__expf(-fabsf(a - b)));
+}
+
+// Thread of (sequence blockIdx.y, piece, head, slot); false when the piece is past the end.
+struct PieceThread {
+  int64_t n, c, h, m, first, last;  // tokens [first, last) of the sequence
+  SequenceSpan span;
+  __device__ bool init(const SequenceTable& sequences, const PieceIndex& at) {
+    n = blockIdx.y;
+    const int64_t index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+    m = index % at.slots;
+    h = (index / at.slots) % at.heads;
+    c = index / (at.slots * at.heads);
+    span = sequences[n];
+    first = c * kPiece;
+    last = min(first + kPiece, span.length);
+    return c < at.pieces && first < span.length;
+  }
+  __device__ int64_t token(int64_t t) const { return span.start + t; }
+};
+
+__global__ void abc_piece_sums_kernel(SequenceTable sequences, PieceIndex at, StridedTensor s,
+                                      float* piece_sum) {
+  PieceThread th;
+  if (!th.init(sequences, at)) return;
+  float total = -INFINITY;
+  for (int64_t t = th.first; t < th.last; ++t)
+    total = logaddexp(total, load_float(s, element_offset(s, th.span.batch, th.token(t), th.h, th.m)));
+  piece_sum[at(th.n, th.c, th.h, th.m)] = total;
+}
+
+__global__ void abc_entering_z_kernel(SequenceTable sequences, PieceIndex at,
+                                      StridedTensor initial_z, const float* piece_sum,
+                                      float* entering_z, StridedTensor final_z) {
   const int64_t n = blockIdx.y, index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (index >= num_heads * num_slots) return;
-  const int64_t h = index / num_slots, m = index % num_slots;
-  const SequenceSpan span = sequences[n];
+  if (index >= at.heads * at.slots) return;
+  const int64_t h = index / at.slots, m = index % at.slots;
+  const int64_t pieces = (sequences[n].length + kPiece - 1) / kPiece;
   float z = initial_z.present ? load_float(initial_z, element_offset(initial_z, n, h, 0, m))
                               : -INFINITY;
-  for (int64_t t = 0; t < span.length; ++t) {
-    const int64_t token = span.start + t;
-    const float logit = load_float(s, element_offset(s, span.batch, token, h, m));
-    const float larger = fmaxf(z, logit);
-    const float z_new =
-        larger == -INFINITY ? -INFINITY : larger + log1pf(__expf(-fabsf(z - logit)));
-    const bool empty = z_new == -INFINITY;
-    store_float(write, element_offset(write, span.batch, token, h, m),
-                empty ? 0.f : __expf(logit - z_new));
-    store_float(gate, element_offset(gate, span.batch, token, h, m), empty ? 0.f : z - z_new);
-    if (running_z.present)
-      store_float(running_z, element_offset(running_z, span.batch, token, h, m), z_new);
-    z = z_new;
+  for (int64_t c = 0; c < pieces; ++c) {
+    entering_z[at(n, c, h, m)] = z;
+    z = logaddexp(z, piece_sum[at(n, c, h, m)]);
   }
   if (final_z.present) store_float(final_z, element_offset(final_z, n, h, 0, m), z);
 }
 
-// ABC's ds and d initial_z from the gradients of the writes and gates, last token first, with C
-// the gradient reaching z_t from later tokens (d final_z at the end):
-//   Dz = C - d gate_t - d write_t write_t;  ds_t = write_t (d write_t + Dz);
-//   C <- d gate_t + Dz decay_t          (dz_t/dz_{t-1} = decay_t = e^{gate_t}, dz_t/ds_t = write_t).
-__global__ void abc_gates_backward_kernel(SequenceTable sequences, int64_t num_heads,
-                                          int num_slots, StridedTensor s, StridedTensor initial_z,
-                                          StridedTensor running_z, StridedTensor d_write,
-                                          StridedTensor d_gate, StridedTensor d_final_z,
-                                          StridedTensor ds, StridedTensor d_initial_z) {
-  const int64_t n = blockIdx.y, index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (index >= num_heads * num_slots) return;
-  const int64_t h = index / num_slots, m = index % num_slots;
-  const SequenceSpan span = sequences[n];
-  const float z_start =
-      initial_z.present ? load_float(initial_z, element_offset(initial_z, n, h, 0, m)) : -INFINITY;
-  float carry = d_final_z.present ? load_float(d_final_z, element_offset(d_final_z, n, h, 0, m))
-                                  : 0.f;
-  for (int64_t t = span.length - 1; t >= 0; --t) {
-    const int64_t token = span.start + t;
-    const float z = load_float(running_z, element_offset(running_z, span.batch, token, h, m));
+__global__ void abc_gates_kernel(SequenceTable sequences, PieceIndex at, StridedTensor s,
+                                 const float* entering_z, StridedTensor write, StridedTensor gate,
+                                 StridedTensor running_z) {
+  PieceThread th;
+  if (!th.init(sequences, at)) return;
+  float z = entering_z[at(th.n, th.c, th.h, th.m)];
+  for (int64_t t = th.first; t < th.last; ++t) {
+    const int64_t token = th.token(t), b = th.span.batch;
+    const float logit = load_float(s, element_offset(s, b, token, th.h, th.m));
+    const float z_new = logaddexp(z, logit);
+    const bool empty = z_new == -INFINITY;
+    store_float(write, element_offset(write, b, token, th.h, th.m),
+                empty ? 0.f : __expf(logit - z_new));
+    store_float(gate, element_offset(gate, b, token, th.h, th.m), empty ? 0.f : z - z_new);
+    if (running_z.present) store_float(running_z, element_offset(running_z, b, token, th.h, th.m), z_new);
+    z = z_new;
+  }
+}
+
+// Walks tokens [first, last) of a piece backward from `carry` (C at the piece's end); writes ds
+// when asked. Returns C before the piece's first token; *decay_product gets the product of the
+// decays (the map's slope).
+__device__ float abc_walk_back(const PieceThread& th, const StridedTensor& s, float z_start,
+                               const StridedTensor& running_z, const StridedTensor& d_write,
+                               const StridedTensor& d_gate, float carry, const StridedTensor* ds,
+                               float* decay_product) {
+  float product = 1.f;
+  const int64_t b = th.span.batch;
+  for (int64_t t = th.last - 1; t >= th.first; --t) {
+    const int64_t token = th.token(t);
+    const float z = load_float(running_z, element_offset(running_z, b, token, th.h, th.m));
     const float z_prev =
-        t > 0 ? load_float(running_z, element_offset(running_z, span.batch, token - 1, h, m))
-              : z_start;
+        t > 0 ? load_float(running_z, element_offset(running_z, b, token - 1, th.h, th.m)) : z_start;
     const bool empty = z == -INFINITY;
-    const float logit = load_float(s, element_offset(s, span.batch, token, h, m));
+    const float logit = load_float(s, element_offset(s, b, token, th.h, th.m));
     const float write = empty ? 0.f : __expf(logit - z);
     const float decay = empty ? 1.f : __expf(z_prev - z);
-    const float dw = load_float(d_write, element_offset(d_write, span.batch, token, h, m));
-    const float dg = load_float(d_gate, element_offset(d_gate, span.batch, token, h, m));
+    const float dw = load_float(d_write, element_offset(d_write, b, token, th.h, th.m));
+    const float dg = load_float(d_gate, element_offset(d_gate, b, token, th.h, th.m));
     const float dz = carry - dg - dw * write;
-    if (ds.present) store_float(ds, element_offset(ds, span.batch, token, h, m), write * (dw + dz));
+    if (ds) store_float(*ds, element_offset(*ds, b, token, th.h, th.m), write * (dw + dz));
     carry = dg + dz * decay;
+    product *= decay;
   }
-  if (d_initial_z.present) store_float(d_initial_z, element_offset(d_initial_z, n, h, 0, m), carry);
+  if (decay_product) *decay_product = product;
+  return carry;
+}
+
+struct AbcBackwardArgs {
+  SequenceTable sequences;
+  PieceIndex at;
+  StridedTensor s, initial_z, running_z, d_write, d_gate, d_final_z, ds, d_initial_z;
+  float *slope, *offset, *leaving;  // per piece: the affine map C_start = slope C_end + offset
+  __device__ float z_start(int64_t n, int64_t h, int64_t m) const {
+    return initial_z.present ? load_float(initial_z, element_offset(initial_z, n, h, 0, m))
+                             : -INFINITY;
+  }
+};
+
+__global__ void abc_piece_maps_kernel(AbcBackwardArgs a) {
+  PieceThread th;
+  if (!th.init(a.sequences, a.at)) return;
+  float product;
+  const float offset = abc_walk_back(th, a.s, a.z_start(th.n, th.h, th.m), a.running_z, a.d_write,
+                                     a.d_gate, 0.f, nullptr, &product);
+  a.slope[a.at(th.n, th.c, th.h, th.m)] = product;
+  a.offset[a.at(th.n, th.c, th.h, th.m)] = offset;
+}
+
+__global__ void abc_leaving_carry_kernel(AbcBackwardArgs a) {
+  const int64_t n = blockIdx.y, index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (index >= a.at.heads * a.at.slots) return;
+  const int64_t h = index / a.at.slots, m = index % a.at.slots;
+  const int64_t pieces = (a.sequences[n].length + kPiece - 1) / kPiece;
+  float carry = a.d_final_z.present
+                    ? load_float(a.d_final_z, element_offset(a.d_final_z, n, h, 0, m))
+                    : 0.f;
+  for (int64_t c = pieces - 1; c >= 0; --c) {
+    a.leaving[a.at(n, c, h, m)] = carry;
+    carry = a.slope[a.at(n, c, h, m)] * carry + a.offset[a.at(n, c, h, m)];
+  }
+  if (a.d_initial_z.present)
+    store_float(a.d_initial_z, element_offset(a.d_initial_z, n, h, 0, m), carry);
+}
+
+__global__ void abc_ds_kernel(AbcBackwardArgs a) {
+  PieceThread th;
+  if (!th.init(a.sequences, a.at) || !a.ds.present) return;
+  abc_walk_back(th, a.s, a.z_start(th.n, th.h, th.m), a.running_z, a.d_write, a.d_gate,
+                a.leaving[a.at(th.n, th.c, th.h, th.m)], &a.ds, nullptr);
 }
 
 size_t core_bytes(const SlotAttentionParams& p, bool backward);
@@ -398,25 +506,48 @@ struct Run {
                              scratch.base() + buffer_bytes + core_size, stream);
   }
 
-  dim3 slots_grid() const {
-    const int64_t items = p.num_heads * p.num_slots;
-    return dim3(static_cast<unsigned>((items + 127) / 128),
+  PieceIndex pieces() const {
+    return PieceIndex{std::max<int64_t>(1, (longest(p) + kPiece - 1) / kPiece), p.num_heads,
+                      p.num_slots};
+  }
+  // Grids over (piece, head, slot) and (head, slot) threads, sequences in y.
+  dim3 pieces_grid() const {
+    const PieceIndex at = pieces();
+    return dim3(static_cast<unsigned>((at.pieces * at.heads * at.slots + 127) / 128),
                 static_cast<unsigned>(p.sequences.size()));
   }
+  dim3 slots_grid() const {
+    return dim3(static_cast<unsigned>((p.num_heads * p.num_slots + 127) / 128),
+                static_cast<unsigned>(p.sequences.size()));
+  }
+  float* piece_buffer(int i) const { return reinterpret_cast<float*>(buffers.piece[i].data); }
 
   void abc_gates(bool backward) {
-    abc_gates_kernel<<<slots_grid(), 128, 0, stream>>>(
-        table, p.num_heads, static_cast<int>(p.num_slots), p.s, p.initial_z, buffers.write,
-        buffers.gate, backward ? buffers.running_z : StridedTensor{},
+    const PieceIndex at = pieces();
+    abc_piece_sums_kernel<<<pieces_grid(), 128, 0, stream>>>(table, at, p.s, piece_buffer(0));
+    check_cuda(cudaGetLastError(), "ABC's piece sums");
+    abc_entering_z_kernel<<<slots_grid(), 128, 0, stream>>>(
+        table, at, p.initial_z, piece_buffer(0), piece_buffer(1),
         backward ? StridedTensor{} : p.final_z);
+    check_cuda(cudaGetLastError(), "ABC's entering z");
+    abc_gates_kernel<<<pieces_grid(), 128, 0, stream>>>(table, at, p.s, piece_buffer(1),
+                                                        buffers.write, buffers.gate,
+                                                        backward ? buffers.running_z
+                                                                 : StridedTensor{});
     check_cuda(cudaGetLastError(), "ABC's gate kernel");
   }
 
   void abc_gates_backward() {
-    abc_gates_backward_kernel<<<slots_grid(), 128, 0, stream>>>(
-        table, p.num_heads, static_cast<int>(p.num_slots), p.s, p.initial_z, buffers.running_z,
-        buffers.d_write, buffers.d_gate, p.d_final_z, p.ds, p.d_initial_z);
-    check_cuda(cudaGetLastError(), "ABC's gate backward kernel");
+    AbcBackwardArgs a{table,          pieces(),       p.s,           p.initial_z,
+                      buffers.running_z, buffers.d_write, buffers.d_gate, p.d_final_z,
+                      p.ds,           p.d_initial_z,  piece_buffer(0), piece_buffer(1),
+                      piece_buffer(2)};
+    abc_piece_maps_kernel<<<pieces_grid(), 128, 0, stream>>>(a);
+    check_cuda(cudaGetLastError(), "ABC's piece maps");
+    abc_leaving_carry_kernel<<<slots_grid(), 128, 0, stream>>>(a);
+    check_cuda(cudaGetLastError(), "ABC's carries");
+    abc_ds_kernel<<<pieces_grid(), 128, 0, stream>>>(a);
+    check_cuda(cudaGetLastError(), "ABC's ds kernel");
   }
 
   void softmax(bool with_grad) {

@@ -67,8 +67,10 @@ def test_chunk_lengths(op, T, path):
 
 @pytest.mark.parametrize("gates", ["tiny", "strong", "-30", "-inf", "mixed"])
 @pytest.mark.parametrize("op", _ops(["chunk_simple_gla[g]", "chunk_gla", "chunk_rwkv6"]), ids=str)
-def test_chunk_extreme_gates(op, gates, path):
-    x = make_inputs(op, 1, 200, 2, 64, 64, dtype=BF16, device="cuda", gates=gates)
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
+def test_chunk_extreme_gates(op, gates, path, dtype):
+    """float16 too: its scaled operands (q * 2^a, k * 2^-b) must stay inside its range."""
+    x = make_inputs(op, 1, 200, 2, 64, 64, dtype=dtype, device="cuda", gates=gates)
     if path == "general" or gates not in ("strong", "-30"):
         check_against_reference(op, x)
         return
