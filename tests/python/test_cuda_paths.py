@@ -71,6 +71,23 @@ def test_chunk_lengths(op, T, path):
 def test_chunk_extreme_gates(op, gates, path, dtype):
     """float16 too: its scaled operands (q * 2^a, k * 2^-b) must stay inside its range."""
     x = make_inputs(op, 1, 200, 2, 64, 64, dtype=dtype, device="cuda", gates=gates)
+    if dtype == F16 and path == "default" and gates in ("-30", "mixed"):
+        # d_initial_state's true values carry the first token's decay (e^-30 and below): about
+        # 1e-13 |q| |do|, under float16's smallest number (6e-8) once the tensor-core kernel
+        # rounds q * 2^a to the input type. Held absolutely; everything else relatively.
+        if gates == "mixed":
+            check_against_reference(op, x, grads=list(op.grad_names))
+        xs = {n: t.detach().requires_grad_(n == "h0") for n, t in x.items()}
+        o, _, _ = run_op(op, xs)
+        do = torch.randn_like(o)
+        (dh0,) = torch.autograd.grad(o, [xs["h0"]], do)
+        xr = {n: t.detach().double().cpu().requires_grad_(n == "h0") for n, t in x.items()}
+        o_r, _, _ = run_reference(op, xr)
+        (dh0_r,) = torch.autograd.grad(o_r, [xr["h0"]], do.double().cpu())
+        assert torch.isfinite(dh0).all()
+        assert (dh0.double().cpu() - dh0_r).abs().max() <= 1e-6 * do.abs().max().item()
+        if gates == "mixed":
+            return
     if path == "general" or gates not in ("strong", "-30"):
         check_against_reference(op, x)
         return
@@ -78,7 +95,7 @@ def test_chunk_extreme_gates(op, gates, path, dtype):
     # identity dg = reverse-cumsum(q*dq - k*dk), whose terms are rounded like any bf16 product.
     # Where the true dg is far smaller than those terms (decays of e^-2 and below per step), its
     # error is bounded relative to the terms, not to dg itself. Everything else is exact here.
-    grads = [n for n in op.grad_names if n != op.gate] + ["h0"]
+    grads = [n for n in op.grad_names if n != op.gate] + (["h0"] if dtype == BF16 else [])
     check_against_reference(op, x, grads=grads)
     xs = {n: t.detach().requires_grad_(n in ("q", op.gate)) for n, t in x.items()}
     o, _, _ = run_op(op, xs)
