@@ -5,7 +5,9 @@
 //   S = S_0 + sum_j phi(k_j) va_j^T;  a_i = phi(q'_i)^T S_0 + sum_{j<=i} w_ij va_j
 //   o_i = a_i[:V] / (a_i[V] + 1e-6) (use_norm) or a_i[:V].
 //
-// Design (correct first; float32 CUDA-core arithmetic, no tensor cores yet). One thread block
+// Calls without states, with float16/bfloat16 data, V in {64, 128} and sequences up to 32768
+// tokens run on the tensor cores in the parallel form (based_tc.cu); this file serves the rest.
+// Design (correct first; float32 CUDA-core arithmetic, no tensor cores). One thread block
 // per (sequence, head, tile of kTile value columns), walking the sequence in chunks of kChunk
 // tokens with its F x (kTile + 1) slice of the state in shared memory (float32; the extra column
 // is the normaliser, which every tile carries in the forward). The 273 features are never written
@@ -45,6 +47,7 @@
 #include "api/based_params.hpp"
 #include "api/error.hpp"
 #include "cuda/backend.hpp"
+#include "cuda/based_tc.cuh"
 #include "cuda/common.cuh"
 #include "cuda/host.cuh"
 
@@ -573,12 +576,17 @@ void launch_tiles(Kernel kernel, size_t smem, const BasedParams& p, const Args& 
 }  // namespace
 
 size_t based_workspace_bytes(const BasedParams& p, bool backward) {
+  if (based_tc_supports(p, backward)) return based_tc_workspace_bytes(p, backward);
   return Layout(p, backward).total;
 }
 
 flashlin_status based_forward(const BasedParams& p) {
   check_supported(p);
   if (p.sequences.empty() || p.num_heads == 0) return FLASHLIN_SUCCESS;
+  if (based_tc_supports(p, false)) {
+    based_tc_forward(p);
+    return FLASHLIN_SUCCESS;
+  }
   DeviceGuard guard(p.exec.device_id);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
   const Layout layout(p, false);
@@ -599,6 +607,10 @@ flashlin_status based_forward(const BasedParams& p) {
 flashlin_status based_backward(const BasedParams& p) {
   check_supported(p);
   if (p.sequences.empty() || p.num_heads == 0) return FLASHLIN_SUCCESS;
+  if (based_tc_supports(p, true)) {
+    based_tc_backward(p);
+    return FLASHLIN_SUCCESS;
+  }
   DeviceGuard guard(p.exec.device_id);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
   const Layout layout(p, true);

@@ -94,16 +94,17 @@ def random_state(N, H, d, V, device, dtype=torch.float32):
     return S.to(dtype).to(device).requires_grad_()
 
 
-def run(op_name, q, k, v, scale, use_norm, initial_state, cu_seqlens):
+def run(op_name, q, k, v, scale, use_norm, initial_state, cu_seqlens, final_state=True):
     """(o, final_state or None) of the op."""
     if op_name == "parallel":
         return parallel_based(q, k, v, scale=scale, use_norm=use_norm, cu_seqlens=cu_seqlens), None
-    return OPS[op_name](q, k, v, scale=scale, use_norm=use_norm, initial_state=initial_state,
-                        output_final_state=True, cu_seqlens=cu_seqlens)
+    out = OPS[op_name](q, k, v, scale=scale, use_norm=use_norm, initial_state=initial_state,
+                       output_final_state=final_state, cu_seqlens=cu_seqlens)
+    return out if final_state else (out, None)
 
 
 def check_case(op_name, device, dtype, B, T, H, d, V, *, use_norm=True, with_state=True,
-               cu_seqlens=None, scale=None, qk_scale=1.0, tol=None):
+               cu_seqlens=None, scale=None, qk_scale=1.0, tol=None, final_state=True):
     tol = tol or TOL[(dtype, device)]
     q = leaf((B, T, H, d), dtype, device, qk_scale)
     k = leaf((B, T, H, d), dtype, device, qk_scale)
@@ -113,7 +114,7 @@ def check_case(op_name, device, dtype, B, T, H, d, V, *, use_norm=True, with_sta
     s0 = random_state(N, H, d, V, device, state_dtype) if with_state and op_name != "parallel" \
         else None
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
-    o, final = run(op_name, q, k, v, scale, use_norm, s0, cu)
+    o, final = run(op_name, q, k, v, scale, use_norm, s0, cu, final_state)
     assert o.dtype == dtype and o.shape == v.shape
     refs = [t.detach().to(F64).cpu().requires_grad_() if t is not None else None
             for t in (q, k, v, s0)]
@@ -288,6 +289,41 @@ def test_every_output_element_written(device, form):
         torch.cuda.synchronize()
     for g in grads:
         assert torch.isfinite(g).all()
+
+
+# The tensor-core kernels (src/cuda/based_tc.cu, parallel form) take float16/bfloat16 calls
+# without states, V in {64, 128}, sequences up to 32768 tokens.
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op_name", ["parallel", "chunk"])
+@pytest.mark.parametrize("V", [64, 128])
+@pytest.mark.parametrize("T,use_norm", [(1, False), (63, True), (130, True), (130, False),
+                                        (1000, True)])
+def test_tensor_core_path(dtype, op_name, V, T, use_norm):
+    check_case(op_name, "cuda", dtype, 2, T, 2, 16, V, use_norm=use_norm, with_state=False,
+               final_state=False)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("op_name", ["parallel", "chunk"])
+def test_tensor_core_path_varlen_and_scale(op_name):
+    check_case(op_name, "cuda", torch.bfloat16, 1, 333, 2, 16, 128, with_state=False,
+               final_state=False, cu_seqlens=[0, 0, 1, 64, 200, 333], scale=0.3)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+def test_tensor_core_backward_is_bitwise_repeatable():
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 300, 3, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(2, 300, 3, 128, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn_like(v)
+    grads = []
+    for _ in range(3):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        grads.append(torch.autograd.grad(parallel_based(*leaves), leaves, do))
+    for again in grads[1:]:
+        for name, a, b in zip("qkv", grads[0], again):
+            assert torch.equal(a, b), f"d{name} differs between identical calls"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")

@@ -1,0 +1,586 @@
+// Based on the tensor cores, in the parallel form (per sequence and head, d = 16, scale c):
+//   s_ij = c q_i.k_j,  w_ij = 1 + s_ij + s_ij^2 / 2 (j <= i),  num_i = sum_j w_ij v_j,
+//   den_i = sum_j w_ij + 1e-6,  o_i = num_i / den_i (use_norm) or num_i.
+// Backward, with g_i = do_i / den_i and e_i = -(do_i . o_i) / den_i (use_norm; else g = do,
+// e = 0): dw_ij = g_i.v_j + e_i, ds_ij = dw_ij (1 + s_ij),
+//   dq_i = c sum_j ds_ij k_j,  dk_j = c sum_i ds_ij q_i,  dv_j = sum_{i >= j} w_ij g_i.
+//
+// Why the parallel form here: with d = 16 the scores cost 16 of the 16 + V multiply-adds per
+// (query, key) pair, and the weights are a polynomial (no running maximum, unlike softmax
+// attention), so this is flash attention's loop without its rescaling, on mma.sync m16n8k16;
+// the 273 features never exist anywhere. Work: T^2 / 2 (16 + V) multiply-adds per head forward
+// (2.4 GFLOP at T = 4096, V = 128), about 3x that backward; the chunked form would do
+// ~4x less at T = 4096 but carries a 273 x (V + 1) state (the SIMT kernels of based.cu, which
+// also serve states, long sequences and other shapes).
+//
+// Kernels (4 warps, tiles of 64 tokens, K/V (or Q/G) tiles double-buffered with cp.async):
+//   forward_kernel  one block per 64 queries (heaviest tiles first), loops over key tiles j <= i;
+//                   in its gradient-prologue form it writes g (input type) and e instead of o.
+//   dkdv_kernel     one block per 64 keys, loops over query tiles i >= j: dk, dv.
+//   dq_kernel       one block per 64 queries, loops over key tiles: dq. (Two kernels instead
+//                   of float atomics: the results are the same bits every call.)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "api/based_params.hpp"
+#include "cuda/based_tc.cuh"
+#include "cuda/common.cuh"
+#include "cuda/host.cuh"
+#include "cuda/mma.cuh"
+
+namespace flashlin::cuda {
+namespace {
+
+using detail::BasedParams;
+
+constexpr int kTile = 64;
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kD = 16;
+constexpr int kDStride = kD + 8;  // shared-memory row stride (elements) of q, k tiles
+constexpr float kNormEps = static_cast<float>(detail::kBasedNormEps);
+// The quadratic form is used for sequences up to this length (past it, the linear-time kernels).
+constexpr int64_t kMaxParallelLength = 32768;
+
+struct Args {
+  StridedTensor q, k, v, o, d_o, dq, dk, dv;
+  StridedTensor g;   // backward: do / den (use_norm, scratch in the input type) or do itself
+  float* e;          // backward: e_i, [B, T, H] (use_norm)
+  SequenceTable sequences;
+  int64_t num_heads, time;
+  float scale;
+};
+
+template <int V>
+struct Shape {
+  static constexpr int kVStride = V + 8;
+  static constexpr size_t kQkBytes = size_t{kTile} * kDStride * 2;
+  static constexpr size_t kVBytes = size_t{kTile} * kVStride * 2;
+  // Resident tile (q and g, or k and v) + two stages of the streamed tile pair + e (two stages).
+  static constexpr size_t kSmemBytes = 3 * (kQkBytes + kVBytes) + 2 * kTile * sizeof(float);
+};
+
+// ---- fragments (layouts in mma.cuh) -------------------------------------------------------------
+// A (16 x 16) from a row-major [row][col] tile at (row0, col0).
+template <typename Elem>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const Elem* tile, int stride, int row0,
+                                       int col0) {
+  const int lane = threadIdx.x % 32;
+  tile::ldmatrix_x4(a, tile + (row0 + lane % 16) * stride + col0 + (lane / 16) * 8);
+}
+// B fragments of n-tiles n0 and n0 + 8 at k-step k0, from a tile stored [n][k] (rows = n).
+template <typename Elem>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b0)[2], uint32_t (&b1)[2], const Elem* tile,
+                                          int stride, int n0, int k0) {
+  const int lane = threadIdx.x % 32, m = lane / 8;
+  uint32_t r[4];
+  tile::ldmatrix_x4(r, tile + (n0 + (m / 2) * 8 + lane % 8) * stride + k0 + (m % 2) * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+// The same from a tile stored [k][n] (rows = k).
+template <typename Elem>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b0)[2], uint32_t (&b1)[2], const Elem* tile,
+                                          int stride, int n0, int k0) {
+  const int lane = threadIdx.x % 32, m = lane / 8;
+  uint32_t r[4];
+  tile::ldmatrix_x4_trans(r, tile + (k0 + (m % 2) * 8 + lane % 8) * stride + n0 + (m / 2) * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+// A fragment of k-step kk from the accumulators of n-tiles 2kk and 2kk + 1 (16 x 8 each).
+template <typename Elem>
+__device__ __forceinline__ void a_from_c(uint32_t (&a)[4], const float (&lo)[4],
+                                         const float (&hi)[4]) {
+  a[0] = tile::pack<Elem>(lo[0], lo[1]);
+  a[1] = tile::pack<Elem>(lo[2], lo[3]);
+  a[2] = tile::pack<Elem>(hi[0], hi[1]);
+  a[3] = tile::pack<Elem>(hi[2], hi[3]);
+}
+
+// Rows [first, first + 64) of the sequence's tokens of x (row_elems 16-bit features), rows at or
+// past `length` zero-filled.
+template <typename Elem>
+__device__ void issue_rows(Elem* dst, int stride, const StridedTensor& x, const SequenceSpan& seq,
+                           int64_t head, int64_t first, int row_elems) {
+  const int parts = row_elems / 8;
+  for (int idx = threadIdx.x; idx < kTile * parts; idx += kThreads) {
+    const int row = idx / parts, part = idx % parts;
+    const bool valid = first + row < seq.length;
+    const int64_t token = seq.start + (valid ? first + row : 0);
+    const char* src = x.data + 2 * element_offset(x, seq.batch, token, head, part * 8);
+    tile::cp_async_16(dst + row * stride + part * 8, src, valid ? 16 : 0);
+  }
+}
+
+__device__ __forceinline__ float weight(float s) { return 1.f + s + 0.5f * s * s; }
+
+// ---- forward (and the backward's prologue) -----------------------------------------------------
+template <typename Elem, int V, bool kNorm, bool kGradPrologue>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
+  using S = Shape<V>;
+  extern __shared__ __align__(128) char smem[];
+  Elem* q_s = reinterpret_cast<Elem*>(smem);
+  Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQkBytes);         // 2 stages
+  Elem* v_s = reinterpret_cast<Elem*>(smem + 3 * S::kQkBytes);     // 2 stages
+  const SequenceSpan seq = args.sequences[blockIdx.z];
+  const int64_t head = blockIdx.y;
+  const int tiles = static_cast<int>((seq.length + kTile - 1) / kTile);
+  const int qt = tiles - 1 - static_cast<int>(blockIdx.x);  // heaviest first
+  if (qt < 0) return;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+  const int64_t row_first = int64_t{qt} * kTile + warp * 16 + group;  // rows g and g + 8
+
+  issue_rows(q_s, kDStride, args.q, seq, head, int64_t{qt} * kTile, kD);
+  issue_rows(k_s, kDStride, args.k, seq, head, 0, kD);
+  issue_rows(v_s, S::kVStride, args.v, seq, head, 0, V);
+  tile::cp_async_commit();
+
+  float acc[V / 8][4] = {};
+  float den[2] = {0.f, 0.f};
+  uint32_t q_frag[4];
+  for (int j = 0; j <= qt; ++j) {
+    const int stage = j % 2;
+    if (j < qt) {
+      issue_rows(k_s + (1 - stage) * kTile * kDStride, kDStride, args.k, seq, head,
+                 int64_t{j + 1} * kTile, kD);
+      issue_rows(v_s + (1 - stage) * kTile * S::kVStride, S::kVStride, args.v, seq, head,
+                 int64_t{j + 1} * kTile, V);
+      tile::cp_async_commit();
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (j == 0) load_a(q_frag, q_s, kDStride, warp * 16, 0);
+    const Elem* kt = k_s + stage * kTile * kDStride;
+    const Elem* vt = v_s + stage * kTile * S::kVStride;
+    float w[8][4] = {};
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b0[2], b1[2];
+      load_b_nk(b0, b1, kt, kDStride, np * 16, 0);
+      tile::mma<Elem>(w[2 * np], q_frag, b0);
+      tile::mma<Elem>(w[2 * np + 1], q_frag, b1);
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
+        const int64_t row = row_first + (e >= 2 ? 8 : 0);
+        const bool keep = key <= row && key < seq.length;
+        w[nt][e] = keep ? weight(args.scale * w[nt][e]) : 0.f;
+        den[e / 2] += w[nt][e];
+      }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      a_from_c<Elem>(a, w[2 * kk], w[2 * kk + 1]);
+#pragma unroll
+      for (int np = 0; np < V / 16; ++np) {
+        uint32_t b0[2], b1[2];
+        load_b_kn(b0, b1, vt, S::kVStride, np * 16, kk * 16);
+        tile::mma<Elem>(acc[2 * np], a, b0);
+        tile::mma<Elem>(acc[2 * np + 1], a, b1);
+      }
+    }
+    __syncthreads();  // the stage is overwritten next
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    den[r] += __shfl_xor_sync(0xffffffffu, den[r], 1);
+    den[r] += __shfl_xor_sync(0xffffffffu, den[r], 2);
+    den[r] += kNormEps;
+  }
+  float dot[2] = {0.f, 0.f};
+#pragma unroll
+  for (int nt = 0; nt < V / 8; ++nt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = row_first + 8 * r;
+      if (row >= seq.length) continue;
+      const int64_t token = seq.start + row;
+      const int col = nt * 8 + 2 * quad;
+      const float num0 = acc[nt][2 * r], num1 = acc[nt][2 * r + 1];
+      if constexpr (!kGradPrologue) {
+        const float inv = kNorm ? 1.f / den[r] : 1.f;
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.o.data) +
+                                     element_offset(args.o, seq.batch, token, head, col)) =
+            tile::pack<Elem>(num0 * inv, num1 * inv);
+      } else {
+        const float2 d_o = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
+            reinterpret_cast<const Elem*>(args.d_o.data) +
+            element_offset(args.d_o, seq.batch, token, head, col)));
+        const float inv = 1.f / den[r];
+        dot[r] += d_o.x * num0 + d_o.y * num1;
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.g.data) +
+                                     element_offset(args.g, seq.batch, token, head, col)) =
+            tile::pack<Elem>(d_o.x * inv, d_o.y * inv);
+      }
+    }
+  if constexpr (kGradPrologue) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
+      dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
+      const int64_t row = row_first + 8 * r;
+      if (quad == 0 && row < seq.length)
+        args.e[(seq.batch * args.time + seq.start + row) * args.num_heads + head] =
+            -dot[r] / (den[r] * den[r]);
+    }
+  }
+}
+
+// e_i of a row (0 past the sequence, and without the normaliser).
+template <bool kNorm>
+__device__ __forceinline__ float row_e(const Args& args, const SequenceSpan& seq, int64_t head,
+                                       int64_t row) {
+  if constexpr (!kNorm) return 0.f;
+  if (row >= seq.length) return 0.f;
+  return args.e[(seq.batch * args.time + seq.start + row) * args.num_heads + head];
+}
+
+// ---- dk, dv: one block per 64 keys ---------------------------------------------------------------
+template <typename Elem, int V, bool kNorm>
+__global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
+  using S = Shape<V>;
+  extern __shared__ __align__(128) char smem[];
+  Elem* k_s = reinterpret_cast<Elem*>(smem);
+  Elem* v_s = reinterpret_cast<Elem*>(smem + S::kQkBytes);
+  Elem* q_s = reinterpret_cast<Elem*>(smem + S::kQkBytes + S::kVBytes);      // 2 stages
+  Elem* g_s = reinterpret_cast<Elem*>(smem + 3 * S::kQkBytes + S::kVBytes);  // 2 stages
+  float* e_s = reinterpret_cast<float*>(smem + 3 * S::kQkBytes + 3 * S::kVBytes);  // 2 x 64
+  const SequenceSpan seq = args.sequences[blockIdx.z];
+  const int64_t head = blockIdx.y;
+  const int tiles = static_cast<int>((seq.length + kTile - 1) / kTile);
+  const int kt = static_cast<int>(blockIdx.x);  // tile 0 has the most queries: first
+  if (kt >= tiles) return;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+  const int64_t key_first = int64_t{kt} * kTile + warp * 16 + group;  // rows g and g + 8
+
+  auto issue_queries = [&](int i, int stage) {
+    issue_rows(q_s + stage * kTile * kDStride, kDStride, args.q, seq, head, int64_t{i} * kTile,
+               kD);
+    issue_rows(g_s + stage * kTile * S::kVStride, S::kVStride, args.g, seq, head,
+               int64_t{i} * kTile, V);
+    if (threadIdx.x < kTile)
+      e_s[stage * kTile + threadIdx.x] =
+          row_e<kNorm>(args, seq, head, int64_t{i} * kTile + threadIdx.x);
+  };
+  issue_rows(k_s, kDStride, args.k, seq, head, int64_t{kt} * kTile, kD);
+  issue_rows(v_s, S::kVStride, args.v, seq, head, int64_t{kt} * kTile, V);
+  issue_queries(kt, 0);
+  tile::cp_async_commit();
+
+  float dk[2][4] = {}, dv[V / 8][4] = {};
+  uint32_t k_frag[4];
+  for (int i = kt; i < tiles; ++i) {
+    const int stage = (i - kt) % 2;
+    if (i + 1 < tiles) {
+      issue_queries(i + 1, 1 - stage);
+      tile::cp_async_commit();
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (i == kt) load_a(k_frag, k_s, kDStride, warp * 16, 0);
+    const Elem* qt = q_s + stage * kTile * kDStride;
+    const Elem* gt = g_s + stage * kTile * S::kVStride;
+    const float* et = e_s + stage * kTile;
+    // s^T (16 keys x 64 queries) and w^T.
+    float s[8][4] = {}, w[8][4], dw[8][4] = {};
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b0[2], b1[2];
+      load_b_nk(b0, b1, qt, kDStride, np * 16, 0);
+      tile::mma<Elem>(s[2 * np], k_frag, b0);
+      tile::mma<Elem>(s[2 * np + 1], k_frag, b1);
+    }
+    // dw^T = v_keys g^T (k = value features).
+#pragma unroll
+    for (int ks = 0; ks < V / 16; ++ks) {
+      uint32_t a[4];
+      load_a(a, v_s, S::kVStride, warp * 16, ks * 16);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b0[2], b1[2];
+        load_b_nk(b0, b1, gt, S::kVStride, np * 16, ks * 16);
+        tile::mma<Elem>(dw[2 * np], a, b0);
+        tile::mma<Elem>(dw[2 * np + 1], a, b1);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * quad + (e & 1);
+        const int64_t query = int64_t{i} * kTile + col;
+        const int64_t key = key_first + (e >= 2 ? 8 : 0);
+        const bool keep = query >= key && query < seq.length;
+        const float sv = args.scale * s[nt][e];
+        w[nt][e] = keep ? weight(sv) : 0.f;
+        dw[nt][e] = keep ? (dw[nt][e] + et[col]) * (1.f + sv) : 0.f;  // ds^T
+      }
+    // dv += w^T g;  dk += ds^T q (k = queries).
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4], ds_a[4];
+      a_from_c<Elem>(a, w[2 * kk], w[2 * kk + 1]);
+      a_from_c<Elem>(ds_a, dw[2 * kk], dw[2 * kk + 1]);
+#pragma unroll
+      for (int np = 0; np < V / 16; ++np) {
+        uint32_t b0[2], b1[2];
+        load_b_kn(b0, b1, gt, S::kVStride, np * 16, kk * 16);
+        tile::mma<Elem>(dv[2 * np], a, b0);
+        tile::mma<Elem>(dv[2 * np + 1], a, b1);
+      }
+      uint32_t b0[2], b1[2];
+      load_b_kn(b0, b1, qt, kDStride, 0, kk * 16);
+      tile::mma<Elem>(dk[0], ds_a, b0);
+      tile::mma<Elem>(dk[1], ds_a, b1);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t key = key_first + 8 * r;
+    if (key >= seq.length) continue;
+    const int64_t token = seq.start + key;
+    if (args.dk.present)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+        *reinterpret_cast<uint32_t*>(
+            reinterpret_cast<Elem*>(args.dk.data) +
+            element_offset(args.dk, seq.batch, token, head, nt * 8 + 2 * quad)) =
+            tile::pack<Elem>(args.scale * dk[nt][2 * r], args.scale * dk[nt][2 * r + 1]);
+    if (args.dv.present)
+#pragma unroll
+      for (int nt = 0; nt < V / 8; ++nt)
+        *reinterpret_cast<uint32_t*>(
+            reinterpret_cast<Elem*>(args.dv.data) +
+            element_offset(args.dv, seq.batch, token, head, nt * 8 + 2 * quad)) =
+            tile::pack<Elem>(dv[nt][2 * r], dv[nt][2 * r + 1]);
+  }
+}
+
+// ---- dq: one block per 64 queries --------------------------------------------------------------
+template <typename Elem, int V, bool kNorm>
+__global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
+  using S = Shape<V>;
+  extern __shared__ __align__(128) char smem[];
+  Elem* q_s = reinterpret_cast<Elem*>(smem);
+  Elem* g_s = reinterpret_cast<Elem*>(smem + S::kQkBytes);
+  Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQkBytes + S::kVBytes);      // 2 stages
+  Elem* v_s = reinterpret_cast<Elem*>(smem + 3 * S::kQkBytes + S::kVBytes);  // 2 stages
+  const SequenceSpan seq = args.sequences[blockIdx.z];
+  const int64_t head = blockIdx.y;
+  const int tiles = static_cast<int>((seq.length + kTile - 1) / kTile);
+  const int qt = tiles - 1 - static_cast<int>(blockIdx.x);
+  if (qt < 0) return;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+  const int64_t row_first = int64_t{qt} * kTile + warp * 16 + group;
+  const float e_row[2] = {row_e<kNorm>(args, seq, head, row_first),
+                          row_e<kNorm>(args, seq, head, row_first + 8)};
+
+  issue_rows(q_s, kDStride, args.q, seq, head, int64_t{qt} * kTile, kD);
+  issue_rows(g_s, S::kVStride, args.g, seq, head, int64_t{qt} * kTile, V);
+  issue_rows(k_s, kDStride, args.k, seq, head, 0, kD);
+  issue_rows(v_s, S::kVStride, args.v, seq, head, 0, V);
+  tile::cp_async_commit();
+
+  float dq[2][4] = {};
+  uint32_t q_frag[4];
+  for (int j = 0; j <= qt; ++j) {
+    const int stage = j % 2;
+    if (j < qt) {
+      issue_rows(k_s + (1 - stage) * kTile * kDStride, kDStride, args.k, seq, head,
+                 int64_t{j + 1} * kTile, kD);
+      issue_rows(v_s + (1 - stage) * kTile * S::kVStride, S::kVStride, args.v, seq, head,
+                 int64_t{j + 1} * kTile, V);
+      tile::cp_async_commit();
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (j == 0) load_a(q_frag, q_s, kDStride, warp * 16, 0);
+    const Elem* kt = k_s + stage * kTile * kDStride;
+    const Elem* vt = v_s + stage * kTile * S::kVStride;
+    float s[8][4] = {}, ds[8][4] = {};
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b0[2], b1[2];
+      load_b_nk(b0, b1, kt, kDStride, np * 16, 0);
+      tile::mma<Elem>(s[2 * np], q_frag, b0);
+      tile::mma<Elem>(s[2 * np + 1], q_frag, b1);
+    }
+    // dw = g_rows v^T (k = value features).
+#pragma unroll
+    for (int ks = 0; ks < V / 16; ++ks) {
+      uint32_t a[4];
+      load_a(a, g_s, S::kVStride, warp * 16, ks * 16);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b0[2], b1[2];
+        load_b_nk(b0, b1, vt, S::kVStride, np * 16, ks * 16);
+        tile::mma<Elem>(ds[2 * np], a, b0);
+        tile::mma<Elem>(ds[2 * np + 1], a, b1);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
+        const int64_t row = row_first + (e >= 2 ? 8 : 0);
+        const bool keep = key <= row && key < seq.length;
+        const float sv = args.scale * s[nt][e];
+        ds[nt][e] = keep ? (ds[nt][e] + e_row[e / 2]) * (1.f + sv) : 0.f;
+      }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      a_from_c<Elem>(a, ds[2 * kk], ds[2 * kk + 1]);
+      uint32_t b0[2], b1[2];
+      load_b_kn(b0, b1, kt, kDStride, 0, kk * 16);
+      tile::mma<Elem>(dq[0], a, b0);
+      tile::mma<Elem>(dq[1], a, b1);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row_first + 8 * r;
+    if (row >= seq.length) continue;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+      *reinterpret_cast<uint32_t*>(
+          reinterpret_cast<Elem*>(args.dq.data) +
+          element_offset(args.dq, seq.batch, seq.start + row, head, nt * 8 + 2 * quad)) =
+          tile::pack<Elem>(args.scale * dq[nt][2 * r], args.scale * dq[nt][2 * r + 1]);
+  }
+}
+
+// ---- host side ---------------------------------------------------------------------------------
+bool aligned_rows(const StridedTensor& t) {
+  if (!t.present) return true;
+  if (t.stride[3] != 1 || reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d)
+    if (t.stride[d] % 8 != 0) return false;
+  return true;
+}
+
+int64_t longest(const BasedParams& p) {
+  int64_t n = 0;
+  for (const SequenceSpan& s : p.sequences) n = std::max(n, s.length);
+  return n;
+}
+
+size_t gradient_scratch_bytes(const BasedParams& p) {
+  if (!p.use_norm) return 0;
+  const size_t tokens = static_cast<size_t>(p.batch * p.time * p.num_heads);
+  return align_up(tokens * static_cast<size_t>(p.value_dim) * 2) + align_up(tokens * 4);
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, size_t smem, const BasedParams& p, const Args& args, cudaStream_t stream,
+            const char* what) {
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(smem)),
+             what);
+  const dim3 grid(static_cast<unsigned>((longest(p) + kTile - 1) / kTile),
+                  static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.sequences.size()));
+  kernel<<<grid, kThreads, smem, stream>>>(args);
+  check_cuda(cudaGetLastError(), what);
+}
+
+template <typename Elem, int V, bool kNorm>
+void run(const BasedParams& p, bool backward) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
+  const size_t table = table_bytes(p.sequences, p.batch, p.time);
+  const size_t grads = backward ? gradient_scratch_bytes(p) : 0;
+  Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, table + grads, stream);
+  Args args{};
+  args.q = p.q, args.k = p.k, args.v = p.v, args.o = p.o, args.d_o = p.d_o;
+  args.dq = p.dq, args.dk = p.dk, args.dv = p.dv;
+  args.num_heads = p.num_heads;
+  args.time = p.time;
+  args.scale = static_cast<float>(p.scale);
+  args.sequences = upload_sequences(p.sequences, p.batch, p.time, scratch.base(), stream);
+  constexpr size_t smem = Shape<V>::kSmemBytes;
+  if (!backward) {
+    launch(forward_kernel<Elem, V, kNorm, false>, smem, p, args, stream,
+           "the Based tensor-core forward");
+    return;
+  }
+  args.g = p.d_o;
+  if constexpr (kNorm) {
+    char* base = scratch.base() + table;
+    const size_t tokens = static_cast<size_t>(p.batch * p.time * p.num_heads);
+    args.g.data = base;
+    args.g.stride[3] = 1;
+    args.g.stride[2] = p.value_dim;
+    args.g.stride[1] = p.num_heads * p.value_dim;
+    args.g.stride[0] = p.time * args.g.stride[1];
+    args.e = reinterpret_cast<float*>(base + align_up(tokens * static_cast<size_t>(p.value_dim) * 2));
+    launch(forward_kernel<Elem, V, true, true>, smem, p, args, stream,
+           "the Based tensor-core gradient prologue");
+  }
+  if (p.dk.present || p.dv.present)
+    launch(dkdv_kernel<Elem, V, kNorm>, smem, p, args, stream, "the Based tensor-core dk/dv");
+  if (p.dq.present)
+    launch(dq_kernel<Elem, V, kNorm>, smem, p, args, stream, "the Based tensor-core dq");
+}
+
+template <typename Elem>
+void dispatch(const BasedParams& p, bool backward) {
+  if (p.value_dim == 64)
+    return p.use_norm ? run<Elem, 64, true>(p, backward) : run<Elem, 64, false>(p, backward);
+  return p.use_norm ? run<Elem, 128, true>(p, backward) : run<Elem, 128, false>(p, backward);
+}
+
+}  // namespace
+
+bool based_tc_supports(const BasedParams& p, bool backward) {
+  using detail::Storage;
+  if (p.form == detail::Form::kRecurrent || p.feature_dim != kD) return false;
+  if (p.q.dtype != Storage::kBFloat16 && p.q.dtype != Storage::kFloat16) return false;
+  if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype) return false;
+  if (p.value_dim != 64 && p.value_dim != 128) return false;
+  if (p.initial_state.present || p.final_state.present) return false;
+  if (p.num_heads > 65535 || p.sequences.size() > 65535) return false;
+  if (p.form == detail::Form::kChunked && longest(p) > kMaxParallelLength) return false;
+  if (!aligned_rows(p.q) || !aligned_rows(p.k) || !aligned_rows(p.v)) return false;
+  if (!backward) return !p.o.present || (p.o.dtype == p.q.dtype && aligned_rows(p.o));
+  if (p.d_final_state.present || p.d_initial_state.present) return false;
+  if (p.d_o.dtype != p.q.dtype || !aligned_rows(p.d_o)) return false;
+  for (const StridedTensor* t : {&p.dq, &p.dk, &p.dv})
+    if (t->present && (t->dtype != p.q.dtype || !aligned_rows(*t))) return false;
+  return true;
+}
+
+size_t based_tc_workspace_bytes(const BasedParams& p, bool backward) {
+  return table_bytes(p.sequences, p.batch, p.time) + (backward ? gradient_scratch_bytes(p) : 0);
+}
+
+void based_tc_forward(const BasedParams& p) {
+  DeviceGuard guard(p.exec.device_id);
+  if (p.q.dtype == detail::Storage::kBFloat16)
+    dispatch<__nv_bfloat16>(p, false);
+  else
+    dispatch<__half>(p, false);
+}
+
+void based_tc_backward(const BasedParams& p) {
+  DeviceGuard guard(p.exec.device_id);
+  if (p.q.dtype == detail::Storage::kBFloat16)
+    dispatch<__nv_bfloat16>(p, true);
+  else
+    dispatch<__half>(p, true);
+}
+
+}  // namespace flashlin::cuda
