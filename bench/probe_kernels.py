@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one op's forward+backward (torch.profiler, after warm-up): where the
 time of a composite op goes. A diagnostic for bench/NOTES.md, not a benchmark of record.
-    python3 bench/probe_kernels.py gsa abc gla       (B=8, H=32, T=4096, K=V=128, M=64, bf16)"""
+    python3 bench/probe_kernels.py gsa abc based gla (B=8, H=32, T=4096, K=V=128, M=64, bf16)"""
 import os
 import sys
 
@@ -27,6 +27,9 @@ def inputs(op):
     if op == "abc":
         s = leaf(B, T, H, M)
         return lambda: ops.chunk_abc(q, k, v, s)[0]
+    if op == "based":
+        q16, k16 = leaf(B, T, H, 16), leaf(B, T, H, 16)
+        return lambda: ops.fused_chunk_based(q16, k16, v)
     if op == "gla":
         g = (F.logsigmoid(torch.randn(B, T, H, D, device=dev)) / 16).to(dt).requires_grad_()
         return lambda: ops.chunk_gla(q, k, v, g)[0]

@@ -14,10 +14,10 @@
 // also serve states, long sequences and other shapes).
 //
 // Kernels (4 warps, tiles of 64 tokens, K/V (or Q/G) tiles double-buffered with cp.async):
-//   forward_kernel  one block per 64 queries (heaviest tiles first), loops over key tiles j <= i;
+//   forward_kernel  one block per 128 queries (heaviest first), loops over key tiles of 64;
 //                   in its gradient-prologue form it writes g (input type) and e instead of o.
 //   dkdv_kernel     one block per 64 keys, loops over query tiles i >= j: dk, dv.
-//   dq_kernel       one block per 64 queries, loops over key tiles: dq. (Two kernels instead
+//   dq_kernel       one block per 128 queries, loops over key tiles: dq. (Two kernels instead
 //                   of float atomics: the results are the same bits every call.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -37,8 +37,10 @@ namespace {
 
 using detail::BasedParams;
 
-constexpr int kTile = 64;
+constexpr int kTile = 64;       // keys per streamed tile; keys per dk/dv block
+constexpr int kRowTiles = 2;    // m-tiles of 16 query rows per warp (forward, dq)
 constexpr int kWarps = 4;
+constexpr int kQueryTile = 16 * kRowTiles * kWarps;  // queries per forward / dq block
 constexpr int kThreads = 32 * kWarps;
 constexpr int kD = 16;
 constexpr int kDStride = kD + 8;  // shared-memory row stride (elements) of q, k tiles
@@ -60,8 +62,13 @@ struct Shape {
   static constexpr int kVStride = V + 8;
   static constexpr size_t kQkBytes = size_t{kTile} * kDStride * 2;
   static constexpr size_t kVBytes = size_t{kTile} * kVStride * 2;
-  // Resident tile (q and g, or k and v) + two stages of the streamed tile pair + e (two stages).
-  static constexpr size_t kSmemBytes = 3 * (kQkBytes + kVBytes) + 2 * kTile * sizeof(float);
+  static constexpr size_t kQTileBytes = size_t{kQueryTile} * kDStride * 2;
+  static constexpr size_t kGTileBytes = size_t{kQueryTile} * kVStride * 2;
+  // forward: the query tile + two stages of (k, v); dq: + the query tile's g;
+  // dk/dv: the key tile's (k, v) + two stages of (q, g) + e (two stages).
+  static constexpr size_t kForwardSmem = kQTileBytes + 2 * (kQkBytes + kVBytes);
+  static constexpr size_t kDqSmem = kForwardSmem + kGTileBytes;
+  static constexpr size_t kDkdvSmem = 3 * (kQkBytes + kVBytes) + 2 * kTile * sizeof(float);
 };
 
 // ---- fragments (layouts in mma.cuh) -------------------------------------------------------------
@@ -100,13 +107,13 @@ __device__ __forceinline__ void a_from_c(uint32_t (&a)[4], const float (&lo)[4],
   a[3] = tile::pack<Elem>(hi[2], hi[3]);
 }
 
-// Rows [first, first + 64) of the sequence's tokens of x (row_elems 16-bit features), rows at or
-// past `length` zero-filled.
+// Rows [first, first + rows) of the sequence's tokens of x (row_elems 16-bit features), rows at
+// or past the sequence's length zero-filled.
 template <typename Elem>
 __device__ void issue_rows(Elem* dst, int stride, const StridedTensor& x, const SequenceSpan& seq,
-                           int64_t head, int64_t first, int row_elems) {
+                           int64_t head, int64_t first, int row_elems, int rows) {
   const int parts = row_elems / 8;
-  for (int idx = threadIdx.x; idx < kTile * parts; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < rows * parts; idx += kThreads) {
     const int row = idx / parts, part = idx % parts;
     const bool valid = first + row < seq.length;
     const int64_t token = seq.start + (valid ? first + row : 0);
@@ -118,118 +125,139 @@ __device__ void issue_rows(Elem* dst, int stride, const StridedTensor& x, const 
 __device__ __forceinline__ float weight(float s) { return 1.f + s + 0.5f * s * s; }
 
 // ---- forward (and the backward's prologue) -----------------------------------------------------
+// Queries: kQueryTile per block, kRowTiles m-tiles of 16 per warp (every B fragment read from
+// shared memory feeds kRowTiles mma: half the shared-memory traffic per FLOP of one m-tile).
 template <typename Elem, int V, bool kNorm, bool kGradPrologue>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
   using S = Shape<V>;
   extern __shared__ __align__(128) char smem[];
-  Elem* q_s = reinterpret_cast<Elem*>(smem);
-  Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQkBytes);         // 2 stages
-  Elem* v_s = reinterpret_cast<Elem*>(smem + 3 * S::kQkBytes);     // 2 stages
+  Elem* q_s = reinterpret_cast<Elem*>(smem);                            // kQueryTile rows
+  Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes);             // 2 stages
+  Elem* v_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes + 2 * S::kQkBytes);  // 2 stages
   const SequenceSpan seq = args.sequences[blockIdx.z];
   const int64_t head = blockIdx.y;
-  const int tiles = static_cast<int>((seq.length + kTile - 1) / kTile);
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.x);  // heaviest first
+  const int query_tiles = static_cast<int>((seq.length + kQueryTile - 1) / kQueryTile);
+  const int qt = query_tiles - 1 - static_cast<int>(blockIdx.x);  // heaviest first
   if (qt < 0) return;
+  const int key_tiles = static_cast<int>(
+      min((seq.length + kTile - 1) / kTile, (int64_t{qt} + 1) * kQueryTile / kTile));
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
-  const int64_t row_first = int64_t{qt} * kTile + warp * 16 + group;  // rows g and g + 8
+  // Row of (m-tile mt, half r): rows g and g + 8 of each m-tile.
+  auto row_of = [&](int mt, int r) {
+    return int64_t{qt} * kQueryTile + warp * (16 * kRowTiles) + mt * 16 + group + 8 * r;
+  };
 
-  issue_rows(q_s, kDStride, args.q, seq, head, int64_t{qt} * kTile, kD);
-  issue_rows(k_s, kDStride, args.k, seq, head, 0, kD);
-  issue_rows(v_s, S::kVStride, args.v, seq, head, 0, V);
+  issue_rows(q_s, kDStride, args.q, seq, head, int64_t{qt} * kQueryTile, kD, kQueryTile);
+  issue_rows(k_s, kDStride, args.k, seq, head, 0, kD, kTile);
+  issue_rows(v_s, S::kVStride, args.v, seq, head, 0, V, kTile);
   tile::cp_async_commit();
 
-  float acc[V / 8][4] = {};
-  float den[2] = {0.f, 0.f};
-  uint32_t q_frag[4];
-  for (int j = 0; j <= qt; ++j) {
+  float acc[kRowTiles][V / 8][4] = {};
+  float den[kRowTiles][2] = {};
+  uint32_t q_frag[kRowTiles][4];
+  for (int j = 0; j < key_tiles; ++j) {
     const int stage = j % 2;
-    if (j < qt) {
+    if (j + 1 < key_tiles) {
       issue_rows(k_s + (1 - stage) * kTile * kDStride, kDStride, args.k, seq, head,
-                 int64_t{j + 1} * kTile, kD);
+                 int64_t{j + 1} * kTile, kD, kTile);
       issue_rows(v_s + (1 - stage) * kTile * S::kVStride, S::kVStride, args.v, seq, head,
-                 int64_t{j + 1} * kTile, V);
+                 int64_t{j + 1} * kTile, V, kTile);
       tile::cp_async_commit();
       tile::cp_async_wait<1>();
     } else {
       tile::cp_async_wait<0>();
     }
     __syncthreads();
-    if (j == 0) load_a(q_frag, q_s, kDStride, warp * 16, 0);
+    if (j == 0)
+#pragma unroll
+      for (int mt = 0; mt < kRowTiles; ++mt)
+        load_a(q_frag[mt], q_s, kDStride, warp * 16 * kRowTiles + mt * 16, 0);
     const Elem* kt = k_s + stage * kTile * kDStride;
     const Elem* vt = v_s + stage * kTile * S::kVStride;
-    float w[8][4] = {};
+    float w[kRowTiles][8][4] = {};
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
       uint32_t b0[2], b1[2];
       load_b_nk(b0, b1, kt, kDStride, np * 16, 0);
-      tile::mma<Elem>(w[2 * np], q_frag, b0);
-      tile::mma<Elem>(w[2 * np + 1], q_frag, b1);
+#pragma unroll
+      for (int mt = 0; mt < kRowTiles; ++mt) {
+        tile::mma<Elem>(w[mt][2 * np], q_frag[mt], b0);
+        tile::mma<Elem>(w[mt][2 * np + 1], q_frag[mt], b1);
+      }
     }
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
-        const int64_t row = row_first + (e >= 2 ? 8 : 0);
-        const bool keep = key <= row && key < seq.length;
-        w[nt][e] = keep ? weight(args.scale * w[nt][e]) : 0.f;
-        den[e / 2] += w[nt][e];
-      }
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
+          const bool keep = key <= row_of(mt, e / 2) && key < seq.length;
+          w[mt][nt][e] = keep ? weight(args.scale * w[mt][nt][e]) : 0.f;
+          den[mt][e / 2] += w[mt][nt][e];
+        }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      uint32_t a[4];
-      a_from_c<Elem>(a, w[2 * kk], w[2 * kk + 1]);
+      uint32_t a[kRowTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kRowTiles; ++mt) a_from_c<Elem>(a[mt], w[mt][2 * kk], w[mt][2 * kk + 1]);
 #pragma unroll
       for (int np = 0; np < V / 16; ++np) {
         uint32_t b0[2], b1[2];
         load_b_kn(b0, b1, vt, S::kVStride, np * 16, kk * 16);
-        tile::mma<Elem>(acc[2 * np], a, b0);
-        tile::mma<Elem>(acc[2 * np + 1], a, b1);
+#pragma unroll
+        for (int mt = 0; mt < kRowTiles; ++mt) {
+          tile::mma<Elem>(acc[mt][2 * np], a[mt], b0);
+          tile::mma<Elem>(acc[mt][2 * np + 1], a[mt], b1);
+        }
       }
     }
     __syncthreads();  // the stage is overwritten next
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    den[r] += __shfl_xor_sync(0xffffffffu, den[r], 1);
-    den[r] += __shfl_xor_sync(0xffffffffu, den[r], 2);
-    den[r] += kNormEps;
-  }
-  float dot[2] = {0.f, 0.f};
-#pragma unroll
-  for (int nt = 0; nt < V / 8; ++nt)
+  for (int mt = 0; mt < kRowTiles; ++mt) {
+    float dot[2] = {0.f, 0.f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t row = row_first + 8 * r;
-      if (row >= seq.length) continue;
-      const int64_t token = seq.start + row;
-      const int col = nt * 8 + 2 * quad;
-      const float num0 = acc[nt][2 * r], num1 = acc[nt][2 * r + 1];
-      if constexpr (!kGradPrologue) {
-        const float inv = kNorm ? 1.f / den[r] : 1.f;
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.o.data) +
-                                     element_offset(args.o, seq.batch, token, head, col)) =
-            tile::pack<Elem>(num0 * inv, num1 * inv);
-      } else {
-        const float2 d_o = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
-            reinterpret_cast<const Elem*>(args.d_o.data) +
-            element_offset(args.d_o, seq.batch, token, head, col)));
-        const float inv = 1.f / den[r];
-        dot[r] += d_o.x * num0 + d_o.y * num1;
-        *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.g.data) +
-                                     element_offset(args.g, seq.batch, token, head, col)) =
-            tile::pack<Elem>(d_o.x * inv, d_o.y * inv);
-      }
+      den[mt][r] += __shfl_xor_sync(0xffffffffu, den[mt][r], 1);
+      den[mt][r] += __shfl_xor_sync(0xffffffffu, den[mt][r], 2);
+      den[mt][r] += kNormEps;
     }
-  if constexpr (kGradPrologue) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
-      dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
-      const int64_t row = row_first + 8 * r;
-      if (quad == 0 && row < seq.length)
-        args.e[(seq.batch * args.time + seq.start + row) * args.num_heads + head] =
-            -dot[r] / (den[r] * den[r]);
+    for (int nt = 0; nt < V / 8; ++nt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t row = row_of(mt, r);
+        if (row >= seq.length) continue;
+        const int64_t token = seq.start + row;
+        const int col = nt * 8 + 2 * quad;
+        const float num0 = acc[mt][nt][2 * r], num1 = acc[mt][nt][2 * r + 1];
+        if constexpr (!kGradPrologue) {
+          const float inv = kNorm ? 1.f / den[mt][r] : 1.f;
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.o.data) +
+                                       element_offset(args.o, seq.batch, token, head, col)) =
+              tile::pack<Elem>(num0 * inv, num1 * inv);
+        } else {
+          const float2 d_o = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
+              reinterpret_cast<const Elem*>(args.d_o.data) +
+              element_offset(args.d_o, seq.batch, token, head, col)));
+          const float inv = 1.f / den[mt][r];
+          dot[r] += d_o.x * num0 + d_o.y * num1;
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.g.data) +
+                                       element_offset(args.g, seq.batch, token, head, col)) =
+              tile::pack<Elem>(d_o.x * inv, d_o.y * inv);
+        }
+      }
+    if constexpr (kGradPrologue) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
+        dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
+        const int64_t row = row_of(mt, r);
+        if (quad == 0 && row < seq.length)
+          args.e[(seq.batch * args.time + seq.start + row) * args.num_heads + head] =
+              -dot[r] / (den[mt][r] * den[mt][r]);
+      }
     }
   }
 }
@@ -250,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
   extern __shared__ __align__(128) char smem[];
   Elem* k_s = reinterpret_cast<Elem*>(smem);
   Elem* v_s = reinterpret_cast<Elem*>(smem + S::kQkBytes);
-  Elem* q_s = reinterpret_cast<Elem*>(smem + S::kQkBytes + S::kVBytes);      // 2 stages
+  Elem* q_s = reinterpret_cast<Elem*>(smem + S::kQkBytes + S::kVBytes);  // 2 stages
   Elem* g_s = reinterpret_cast<Elem*>(smem + 3 * S::kQkBytes + S::kVBytes);  // 2 stages
   float* e_s = reinterpret_cast<float*>(smem + 3 * S::kQkBytes + 3 * S::kVBytes);  // 2 x 64
   const SequenceSpan seq = args.sequences[blockIdx.z];
@@ -263,15 +291,15 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
 
   auto issue_queries = [&](int i, int stage) {
     issue_rows(q_s + stage * kTile * kDStride, kDStride, args.q, seq, head, int64_t{i} * kTile,
-               kD);
+               kD, kTile);
     issue_rows(g_s + stage * kTile * S::kVStride, S::kVStride, args.g, seq, head,
-               int64_t{i} * kTile, V);
+               int64_t{i} * kTile, V, kTile);
     if (threadIdx.x < kTile)
       e_s[stage * kTile + threadIdx.x] =
           row_e<kNorm>(args, seq, head, int64_t{i} * kTile + threadIdx.x);
   };
-  issue_rows(k_s, kDStride, args.k, seq, head, int64_t{kt} * kTile, kD);
-  issue_rows(v_s, S::kVStride, args.v, seq, head, int64_t{kt} * kTile, V);
+  issue_rows(k_s, kDStride, args.k, seq, head, int64_t{kt} * kTile, kD, kTile);
+  issue_rows(v_s, S::kVStride, args.v, seq, head, int64_t{kt} * kTile, V, kTile);
   issue_queries(kt, 0);
   tile::cp_async_commit();
 
@@ -367,102 +395,127 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
   }
 }
 
-// ---- dq: one block per 64 queries --------------------------------------------------------------
+// ---- dq: one block per kQueryTile queries (kRowTiles m-tiles per warp, as the forward) ---------
 template <typename Elem, int V, bool kNorm>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
   using S = Shape<V>;
   extern __shared__ __align__(128) char smem[];
-  Elem* q_s = reinterpret_cast<Elem*>(smem);
-  Elem* g_s = reinterpret_cast<Elem*>(smem + S::kQkBytes);
-  Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQkBytes + S::kVBytes);      // 2 stages
-  Elem* v_s = reinterpret_cast<Elem*>(smem + 3 * S::kQkBytes + S::kVBytes);  // 2 stages
+  Elem* q_s = reinterpret_cast<Elem*>(smem);                               // kQueryTile rows
+  Elem* g_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes);               // kQueryTile rows
+  Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes + S::kGTileBytes);  // 2 stages
+  Elem* v_s =
+      reinterpret_cast<Elem*>(smem + S::kQTileBytes + S::kGTileBytes + 2 * S::kQkBytes);
   const SequenceSpan seq = args.sequences[blockIdx.z];
   const int64_t head = blockIdx.y;
-  const int tiles = static_cast<int>((seq.length + kTile - 1) / kTile);
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.x);
+  const int query_tiles = static_cast<int>((seq.length + kQueryTile - 1) / kQueryTile);
+  const int qt = query_tiles - 1 - static_cast<int>(blockIdx.x);
   if (qt < 0) return;
+  const int key_tiles = static_cast<int>(
+      min((seq.length + kTile - 1) / kTile, (int64_t{qt} + 1) * kQueryTile / kTile));
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
-  const int64_t row_first = int64_t{qt} * kTile + warp * 16 + group;
-  const float e_row[2] = {row_e<kNorm>(args, seq, head, row_first),
-                          row_e<kNorm>(args, seq, head, row_first + 8)};
+  auto row_of = [&](int mt, int r) {
+    return int64_t{qt} * kQueryTile + warp * (16 * kRowTiles) + mt * 16 + group + 8 * r;
+  };
+  float e_row[kRowTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kRowTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) e_row[mt][r] = row_e<kNorm>(args, seq, head, row_of(mt, r));
 
-  issue_rows(q_s, kDStride, args.q, seq, head, int64_t{qt} * kTile, kD);
-  issue_rows(g_s, S::kVStride, args.g, seq, head, int64_t{qt} * kTile, V);
-  issue_rows(k_s, kDStride, args.k, seq, head, 0, kD);
-  issue_rows(v_s, S::kVStride, args.v, seq, head, 0, V);
+  issue_rows(q_s, kDStride, args.q, seq, head, int64_t{qt} * kQueryTile, kD, kQueryTile);
+  issue_rows(g_s, S::kVStride, args.g, seq, head, int64_t{qt} * kQueryTile, V, kQueryTile);
+  issue_rows(k_s, kDStride, args.k, seq, head, 0, kD, kTile);
+  issue_rows(v_s, S::kVStride, args.v, seq, head, 0, V, kTile);
   tile::cp_async_commit();
 
-  float dq[2][4] = {};
-  uint32_t q_frag[4];
-  for (int j = 0; j <= qt; ++j) {
+  float dq[kRowTiles][2][4] = {};
+  uint32_t q_frag[kRowTiles][4];
+  for (int j = 0; j < key_tiles; ++j) {
     const int stage = j % 2;
-    if (j < qt) {
+    if (j + 1 < key_tiles) {
       issue_rows(k_s + (1 - stage) * kTile * kDStride, kDStride, args.k, seq, head,
-                 int64_t{j + 1} * kTile, kD);
+                 int64_t{j + 1} * kTile, kD, kTile);
       issue_rows(v_s + (1 - stage) * kTile * S::kVStride, S::kVStride, args.v, seq, head,
-                 int64_t{j + 1} * kTile, V);
+                 int64_t{j + 1} * kTile, V, kTile);
       tile::cp_async_commit();
       tile::cp_async_wait<1>();
     } else {
       tile::cp_async_wait<0>();
     }
     __syncthreads();
-    if (j == 0) load_a(q_frag, q_s, kDStride, warp * 16, 0);
+    if (j == 0)
+#pragma unroll
+      for (int mt = 0; mt < kRowTiles; ++mt)
+        load_a(q_frag[mt], q_s, kDStride, warp * 16 * kRowTiles + mt * 16, 0);
     const Elem* kt = k_s + stage * kTile * kDStride;
     const Elem* vt = v_s + stage * kTile * S::kVStride;
-    float s[8][4] = {}, ds[8][4] = {};
+    float s[kRowTiles][8][4] = {}, ds[kRowTiles][8][4] = {};
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
       uint32_t b0[2], b1[2];
       load_b_nk(b0, b1, kt, kDStride, np * 16, 0);
-      tile::mma<Elem>(s[2 * np], q_frag, b0);
-      tile::mma<Elem>(s[2 * np + 1], q_frag, b1);
+#pragma unroll
+      for (int mt = 0; mt < kRowTiles; ++mt) {
+        tile::mma<Elem>(s[mt][2 * np], q_frag[mt], b0);
+        tile::mma<Elem>(s[mt][2 * np + 1], q_frag[mt], b1);
+      }
     }
     // dw = g_rows v^T (k = value features).
 #pragma unroll
     for (int ks = 0; ks < V / 16; ++ks) {
-      uint32_t a[4];
-      load_a(a, g_s, S::kVStride, warp * 16, ks * 16);
+      uint32_t a[kRowTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kRowTiles; ++mt)
+        load_a(a[mt], g_s, S::kVStride, warp * 16 * kRowTiles + mt * 16, ks * 16);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t b0[2], b1[2];
         load_b_nk(b0, b1, vt, S::kVStride, np * 16, ks * 16);
-        tile::mma<Elem>(ds[2 * np], a, b0);
-        tile::mma<Elem>(ds[2 * np + 1], a, b1);
+#pragma unroll
+        for (int mt = 0; mt < kRowTiles; ++mt) {
+          tile::mma<Elem>(ds[mt][2 * np], a[mt], b0);
+          tile::mma<Elem>(ds[mt][2 * np + 1], a[mt], b1);
+        }
       }
     }
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
-        const int64_t row = row_first + (e >= 2 ? 8 : 0);
-        const bool keep = key <= row && key < seq.length;
-        const float sv = args.scale * s[nt][e];
-        ds[nt][e] = keep ? (ds[nt][e] + e_row[e / 2]) * (1.f + sv) : 0.f;
-      }
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
+          const bool keep = key <= row_of(mt, e / 2) && key < seq.length;
+          const float sv = args.scale * s[mt][nt][e];
+          ds[mt][nt][e] = keep ? (ds[mt][nt][e] + e_row[mt][e / 2]) * (1.f + sv) : 0.f;
+        }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      uint32_t a[4];
-      a_from_c<Elem>(a, ds[2 * kk], ds[2 * kk + 1]);
       uint32_t b0[2], b1[2];
       load_b_kn(b0, b1, kt, kDStride, 0, kk * 16);
-      tile::mma<Elem>(dq[0], a, b0);
-      tile::mma<Elem>(dq[1], a, b1);
+#pragma unroll
+      for (int mt = 0; mt < kRowTiles; ++mt) {
+        uint32_t a[4];
+        a_from_c<Elem>(a, ds[mt][2 * kk], ds[mt][2 * kk + 1]);
+        tile::mma<Elem>(dq[mt][0], a, b0);
+        tile::mma<Elem>(dq[mt][1], a, b1);
+      }
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = row_first + 8 * r;
-    if (row >= seq.length) continue;
+  for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-      *reinterpret_cast<uint32_t*>(
-          reinterpret_cast<Elem*>(args.dq.data) +
-          element_offset(args.dq, seq.batch, seq.start + row, head, nt * 8 + 2 * quad)) =
-          tile::pack<Elem>(args.scale * dq[nt][2 * r], args.scale * dq[nt][2 * r + 1]);
-  }
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = row_of(mt, r);
+      if (row >= seq.length) continue;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+        *reinterpret_cast<uint32_t*>(
+            reinterpret_cast<Elem*>(args.dq.data) +
+            element_offset(args.dq, seq.batch, seq.start + row, head, nt * 8 + 2 * quad)) =
+            tile::pack<Elem>(args.scale * dq[mt][nt][2 * r], args.scale * dq[mt][nt][2 * r + 1]);
+    }
 }
 
 // ---- host side ---------------------------------------------------------------------------------
@@ -487,12 +540,12 @@ size_t gradient_scratch_bytes(const BasedParams& p) {
 }
 
 template <typename Kernel>
-void launch(Kernel kernel, size_t smem, const BasedParams& p, const Args& args, cudaStream_t stream,
-            const char* what) {
+void launch(Kernel kernel, size_t smem, int tokens_per_block, const BasedParams& p,
+            const Args& args, cudaStream_t stream, const char* what) {
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)),
              what);
-  const dim3 grid(static_cast<unsigned>((longest(p) + kTile - 1) / kTile),
+  const dim3 grid(static_cast<unsigned>((longest(p) + tokens_per_block - 1) / tokens_per_block),
                   static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.sequences.size()));
   kernel<<<grid, kThreads, smem, stream>>>(args);
   check_cuda(cudaGetLastError(), what);
@@ -511,9 +564,9 @@ void run(const BasedParams& p, bool backward) {
   args.time = p.time;
   args.scale = static_cast<float>(p.scale);
   args.sequences = upload_sequences(p.sequences, p.batch, p.time, scratch.base(), stream);
-  constexpr size_t smem = Shape<V>::kSmemBytes;
+  using Sh = Shape<V>;
   if (!backward) {
-    launch(forward_kernel<Elem, V, kNorm, false>, smem, p, args, stream,
+    launch(forward_kernel<Elem, V, kNorm, false>, Sh::kForwardSmem, kQueryTile, p, args, stream,
            "the Based tensor-core forward");
     return;
   }
@@ -527,13 +580,15 @@ void run(const BasedParams& p, bool backward) {
     args.g.stride[1] = p.num_heads * p.value_dim;
     args.g.stride[0] = p.time * args.g.stride[1];
     args.e = reinterpret_cast<float*>(base + align_up(tokens * static_cast<size_t>(p.value_dim) * 2));
-    launch(forward_kernel<Elem, V, true, true>, smem, p, args, stream,
+    launch(forward_kernel<Elem, V, true, true>, Sh::kForwardSmem, kQueryTile, p, args, stream,
            "the Based tensor-core gradient prologue");
   }
   if (p.dk.present || p.dv.present)
-    launch(dkdv_kernel<Elem, V, kNorm>, smem, p, args, stream, "the Based tensor-core dk/dv");
+    launch(dkdv_kernel<Elem, V, kNorm>, Sh::kDkdvSmem, kTile, p, args, stream,
+           "the Based tensor-core dk/dv");
   if (p.dq.present)
-    launch(dq_kernel<Elem, V, kNorm>, smem, p, args, stream, "the Based tensor-core dq");
+    launch(dq_kernel<Elem, V, kNorm>, Sh::kDqSmem, kQueryTile, p, args, stream,
+           "the Based tensor-core dq");
 }
 
 template <typename Elem>

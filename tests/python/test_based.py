@@ -300,7 +300,9 @@ def test_every_output_element_written(device, form):
 @pytest.mark.parametrize("T,use_norm", [(1, False), (63, True), (130, True), (130, False),
                                         (1000, True)])
 def test_tensor_core_path(dtype, op_name, V, T, use_norm):
-    check_case(op_name, "cuda", dtype, 2, T, 2, 16, V, use_norm=use_norm, with_state=False,
+    # 8 heads: enough (query, key) pairs at T = 1 that one near-cancelling do.v does not decide
+    # the relative error (do is rounded to the input type, the reference keeps it exact).
+    check_case(op_name, "cuda", dtype, 2, T, 8, 16, V, use_norm=use_norm, with_state=False,
                final_state=False)
 
 

@@ -78,11 +78,11 @@ def test_chunk_extreme_gates(op, gates, path, dtype):
         if gates == "mixed":
             check_against_reference(op, x, grads=list(op.grad_names))
         xs = {n: t.detach().requires_grad_(n == "h0") for n, t in x.items()}
-        o, _, _ = run_op(op, xs)
+        o, _, _ = run_op(op, xs, initial_state=xs["h0"])
         do = torch.randn_like(o)
         (dh0,) = torch.autograd.grad(o, [xs["h0"]], do)
         xr = {n: t.detach().double().cpu().requires_grad_(n == "h0") for n, t in x.items()}
-        o_r, _, _ = run_reference(op, xr)
+        o_r, _, _ = run_reference(op, xr, initial_state=xr["h0"])
         (dh0_r,) = torch.autograd.grad(o_r, [xr["h0"]], do.double().cpu())
         assert torch.isfinite(dh0).all()
         assert (dh0.double().cpu() - dh0_r).abs().max() <= 1e-6 * do.abs().max().item()
