@@ -7,7 +7,9 @@
 # is printed last, and the exit status is non-zero if any tool reported an error.
 # FLASHLIN_SANITIZE_TOOLS picks the tools (default: all four).
 #
-#   bash scripts/compute_sanitize.sh [pytest -k selection]
+#   bash scripts/compute_sanitize.sh [memcheck -k selection] [racecheck/synccheck/initcheck -k selection]
+# FLASHLIN_SANITIZE_FILES replaces the test files (default: test_cuda_paths, test_stress,
+# test_concurrency).
 #
 # memcheck, racecheck and synccheck instrument flashlin's kernels only (--kernel-name
 # kns=flashlin: PyTorch's own kernels are not ours to check, and instrumenting them costs most of
@@ -32,8 +34,8 @@ sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sa
 # instantiation: per-key gates (GLA), the bonus (RWKV-6), per-head (retention), per-token
 # (simple GLA [g]) and no gate (linear attention).
 selection="${1:-(test_chunk_shapes and bfloat16 and 128x128) or test_chunk_lengths or test_chunk_varlen or (test_chunk_extreme_gates and inf) or test_cuda_streams or (test_head_dims and cuda and 256x256)}"
-small_selection="(test_chunk_shapes and bfloat16 and 128x128 and (chunk_gla or chunk_rwkv6 or chunk_retention or chunk_simple_gla or chunk_linear_attn)) or (test_chunk_varlen and chunk_gla) or (test_head_dims and cuda-float32 and 256x256 and chunk_gla) or test_cuda_streams"
-files="tests/python/test_cuda_paths.py tests/python/test_stress.py tests/python/test_concurrency.py"
+small_selection="${2:-(test_chunk_shapes and bfloat16 and 128x128 and (chunk_gla or chunk_rwkv6 or chunk_retention or chunk_simple_gla or chunk_linear_attn)) or (test_chunk_varlen and chunk_gla) or (test_head_dims and cuda-float32 and 256x256 and chunk_gla) or test_cuda_streams}"
+files="${FLASHLIN_SANITIZE_FILES:-tests/python/test_cuda_paths.py tests/python/test_stress.py tests/python/test_concurrency.py}"
 
 status=0
 summary=()
