@@ -185,20 +185,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
         tile::mma<Elem>(w[mt][2 * np + 1], q_frag[mt], b1);
       }
     }
-    // Only tiles that reach the diagonal or the sequence's end need the mask.
-    const bool full = (int64_t{j} + 1) * kTile <= int64_t{qt} * kQueryTile &&
-                      (int64_t{j} + 1) * kTile <= seq.length;
 #pragma unroll
     for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          bool keep = true;
-          if (!full) {
-            const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
-            keep = key <= row_of(mt, e / 2) && key < seq.length;
-          }
+          const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
+          const bool keep = key <= row_of(mt, e / 2) && key < seq.length;
           w[mt][nt][e] = keep ? weight(args.scale * w[mt][nt][e]) : 0.f;
           den[mt][e / 2] += w[mt][nt][e];
         }
@@ -347,18 +341,14 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
         tile::mma<Elem>(dw[2 * np + 1], a, b1);
       }
     }
-    const bool full = i > kt && (int64_t{i} + 1) * kTile <= seq.length;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * quad + (e & 1);
-        bool keep = true;
-        if (!full) {
-          const int64_t query = int64_t{i} * kTile + col;
-          const int64_t key = key_first + (e >= 2 ? 8 : 0);
-          keep = query >= key && query < seq.length;
-        }
+        const int64_t query = int64_t{i} * kTile + col;
+        const int64_t key = key_first + (e >= 2 ? 8 : 0);
+        const bool keep = query >= key && query < seq.length;
         const float sv = args.scale * s[nt][e];
         w[nt][e] = keep ? weight(sv) : 0.f;
         dw[nt][e] = keep ? (dw[nt][e] + et[col]) * (1.f + sv) : 0.f;  // ds^T
@@ -488,19 +478,14 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
         }
       }
     }
-    const bool full = (int64_t{j} + 1) * kTile <= int64_t{qt} * kQueryTile &&
-                      (int64_t{j} + 1) * kTile <= seq.length;
 #pragma unroll
     for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          bool keep = true;
-          if (!full) {
-            const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
-            keep = key <= row_of(mt, e / 2) && key < seq.length;
-          }
+          const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
+          const bool keep = key <= row_of(mt, e / 2) && key < seq.length;
           const float sv = args.scale * s[mt][nt][e];
           ds[mt][nt][e] = keep ? (ds[mt][nt][e] + e_row[mt][e / 2]) * (1.f + sv) : 0.f;
         }
