@@ -475,8 +475,7 @@ __global__ void __launch_bounds__(kThreads) based_dkv_kernel(Args args) {
       const int j = e / kD, cc = e % kD;
       float sum = feature_grad(m.g + j * kF, m.k + j * kD, cc);
       for (int i = j; i < count; ++i) sum += m.ds[i * kChunk + j] * m.q[i * kD + cc];
-      args.dk[tile_partial(p, token_id(p, pl.seq.batch, pl.seq.start + begin + j, pl.h), cc)] =
-          sum;
+      args.dk[tile_partial(p, token_id(p, pl.seq.batch, pl.seq.start + begin + j, pl.h), cc)] = sum;
     }
     if (p.dv.present) {
       for (int e = threadIdx.x; e < count * kTile; e += blockDim.x) {

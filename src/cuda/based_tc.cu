@@ -37,8 +37,8 @@ namespace {
 
 using detail::BasedParams;
 
-constexpr int kTile = 64;       // keys per streamed tile; keys per dk/dv block
-constexpr int kRowTiles = 2;    // m-tiles of 16 query rows per warp (forward, dq)
+constexpr int kTile = 64;     // keys per streamed tile; keys per dk/dv block
+constexpr int kRowTiles = 2;  // m-tiles of 16 query rows per warp (forward, dq)
 constexpr int kWarps = 4;
 constexpr int kQueryTile = 16 * kRowTiles * kWarps;  // queries per forward / dq block
 constexpr int kThreads = 32 * kWarps;
@@ -50,8 +50,8 @@ constexpr int64_t kMaxParallelLength = 32768;
 
 struct Args {
   StridedTensor q, k, v, o, d_o, dq, dk, dv;
-  StridedTensor g;   // backward: do / den (use_norm, scratch in the input type) or do itself
-  float* e;          // backward: e_i, [B, T, H] (use_norm)
+  StridedTensor g;  // backward: do / den (use_norm, scratch in the input type) or do itself
+  float* e;         // backward: e_i, [B, T, H] (use_norm)
   SequenceTable sequences;
   int64_t num_heads, time;
   float scale;
@@ -131,8 +131,8 @@ template <typename Elem, int V, bool kNorm, bool kGradPrologue>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
   using S = Shape<V>;
   extern __shared__ __align__(128) char smem[];
-  Elem* q_s = reinterpret_cast<Elem*>(smem);                            // kQueryTile rows
-  Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes);             // 2 stages
+  Elem* q_s = reinterpret_cast<Elem*>(smem);                                     // kQueryTile rows
+  Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes);                    // 2 stages
   Elem* v_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes + 2 * S::kQkBytes);  // 2 stages
   const SequenceSpan seq = args.sequences[blockIdx.z];
   const int64_t head = blockIdx.y;
@@ -200,7 +200,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[kRowTiles][4];
 #pragma unroll
-      for (int mt = 0; mt < kRowTiles; ++mt) a_from_c<Elem>(a[mt], w[mt][2 * kk], w[mt][2 * kk + 1]);
+      for (int mt = 0; mt < kRowTiles; ++mt)
+        a_from_c<Elem>(a[mt], w[mt][2 * kk], w[mt][2 * kk + 1]);
 #pragma unroll
       for (int np = 0; np < V / 16; ++np) {
         uint32_t b0[2], b1[2];
@@ -271,15 +272,16 @@ __device__ __forceinline__ float row_e(const Args& args, const SequenceSpan& seq
   return args.e[(seq.batch * args.time + seq.start + row) * args.num_heads + head];
 }
 
-// ---- dk, dv: one block per 64 keys ---------------------------------------------------------------
+// ---- dk, dv: one block per 64 keys
+// ---------------------------------------------------------------
 template <typename Elem, int V, bool kNorm>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
   using S = Shape<V>;
   extern __shared__ __align__(128) char smem[];
   Elem* k_s = reinterpret_cast<Elem*>(smem);
   Elem* v_s = reinterpret_cast<Elem*>(smem + S::kQkBytes);
-  Elem* q_s = reinterpret_cast<Elem*>(smem + S::kQkBytes + S::kVBytes);  // 2 stages
-  Elem* g_s = reinterpret_cast<Elem*>(smem + 3 * S::kQkBytes + S::kVBytes);  // 2 stages
+  Elem* q_s = reinterpret_cast<Elem*>(smem + S::kQkBytes + S::kVBytes);            // 2 stages
+  Elem* g_s = reinterpret_cast<Elem*>(smem + 3 * S::kQkBytes + S::kVBytes);        // 2 stages
   float* e_s = reinterpret_cast<float*>(smem + 3 * S::kQkBytes + 3 * S::kVBytes);  // 2 x 64
   const SequenceSpan seq = args.sequences[blockIdx.z];
   const int64_t head = blockIdx.y;
@@ -290,8 +292,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
   const int64_t key_first = int64_t{kt} * kTile + warp * 16 + group;  // rows g and g + 8
 
   auto issue_queries = [&](int i, int stage) {
-    issue_rows(q_s + stage * kTile * kDStride, kDStride, args.q, seq, head, int64_t{i} * kTile,
-               kD, kTile);
+    issue_rows(q_s + stage * kTile * kDStride, kDStride, args.q, seq, head, int64_t{i} * kTile, kD,
+               kTile);
     issue_rows(g_s + stage * kTile * S::kVStride, S::kVStride, args.g, seq, head,
                int64_t{i} * kTile, V, kTile);
     if (threadIdx.x < kTile)
@@ -353,7 +355,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
         w[nt][e] = keep ? weight(sv) : 0.f;
         dw[nt][e] = keep ? (dw[nt][e] + et[col]) * (1.f + sv) : 0.f;  // ds^T
       }
-    // dv += w^T g;  dk += ds^T q (k = queries).
+      // dv += w^T g;  dk += ds^T q (k = queries).
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4], ds_a[4];
@@ -400,11 +402,10 @@ template <typename Elem, int V, bool kNorm>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
   using S = Shape<V>;
   extern __shared__ __align__(128) char smem[];
-  Elem* q_s = reinterpret_cast<Elem*>(smem);                               // kQueryTile rows
-  Elem* g_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes);               // kQueryTile rows
+  Elem* q_s = reinterpret_cast<Elem*>(smem);                                    // kQueryTile rows
+  Elem* g_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes);                   // kQueryTile rows
   Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes + S::kGTileBytes);  // 2 stages
-  Elem* v_s =
-      reinterpret_cast<Elem*>(smem + S::kQTileBytes + S::kGTileBytes + 2 * S::kQkBytes);
+  Elem* v_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes + S::kGTileBytes + 2 * S::kQkBytes);
   const SequenceSpan seq = args.sequences[blockIdx.z];
   const int64_t head = blockIdx.y;
   const int query_tiles = static_cast<int>((seq.length + kQueryTile - 1) / kQueryTile);
@@ -579,7 +580,8 @@ void run(const BasedParams& p, bool backward) {
     args.g.stride[2] = p.value_dim;
     args.g.stride[1] = p.num_heads * p.value_dim;
     args.g.stride[0] = p.time * args.g.stride[1];
-    args.e = reinterpret_cast<float*>(base + align_up(tokens * static_cast<size_t>(p.value_dim) * 2));
+    args.e =
+        reinterpret_cast<float*>(base + align_up(tokens * static_cast<size_t>(p.value_dim) * 2));
     launch(forward_kernel<Elem, V, true, true>, Sh::kForwardSmem, kQueryTile, p, args, stream,
            "the Based tensor-core gradient prologue");
   }

@@ -128,8 +128,7 @@ bool chunk_tc_supports(const RecurrenceParams& p, bool backward) {
       p.key_dim == 64 && p.value_dim == 128 && p.gate == GateKind::kPerKey && !p.bonus;
   if (p.value_dim != p.key_dim && !wide) return false;
   if (p.d_o.dtype != p.q.dtype || !rows_copyable(p.d_o)) return false;
-  return pair_output_ok(p.dq, p.q.dtype) && pair_output_ok(p.dk, p.q.dtype) &&
-         pairs_writable(p.dv);
+  return pair_output_ok(p.dq, p.q.dtype) && pair_output_ok(p.dk, p.q.dtype) && pairs_writable(p.dv);
 }
 
 size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward) {

@@ -284,9 +284,10 @@ struct Block {
   }
 
   // Per-key gates: when the chunk's whole gate range is at most max_factor_range<Elem>() (log2
-  // units; chunk.cuh), scale the chunk once in shared memory -- q_i * 2^{a_i} (if scale_q), k_j * 2^{-b_j} -- so that the
-  // products need no per-element decays; every factor stays within 2^{+-40}. With the bonus,
-  // sm.bonus_u + K receives (q_i * u * k_i)·1 of each row first. Block-uniform; synchronises.
+  // units; chunk.cuh), scale the chunk once in shared memory -- q_i * 2^{a_i} (if scale_q), k_j *
+  // 2^{-b_j} -- so that the products need no per-element decays; every factor stays within
+  // 2^{+-40}. With the bonus, sm.bonus_u + K receives (q_i * u * k_i)·1 of each row first.
+  // Block-uniform; synchronises.
   __device__ bool factorize(const Stage& st, bool scale_q) const {
     if constexpr (!T::kPerKey) {
       return false;
@@ -684,8 +685,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
         }
         if (want_dq && i < valid) {
           const int64_t token = blk.token_at(int64_t{chunk} * kChunk + i);
-          store_pair<Elem>(args.dq, element_offset(args.dq, blk.seq.batch, token, blk.head, kk),
-                           g0, g1);
+          store_pair<Elem>(args.dq, element_offset(args.dq, blk.seq.batch, token, blk.head, kk), g0,
+                           g1);
         }
       }
     if constexpr (Gate == GateKind::kPerToken) {
@@ -927,7 +928,8 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         if constexpr (T::kPerKey) {
           bool wide = false;
           for (int kk = lane; kk < K; kk += 32)
-            wide |= blk.query_gate(row0, kk) - blk.key_gate(row0 + 15, kk) > max_factor_range<Elem>();
+            wide |=
+                blk.query_gate(row0, kk) - blk.key_gate(row0 + 15, kk) > max_factor_range<Elem>();
           exact_diagonal = !factorized && __any_sync(0xffffffffu, wide);
         }
 #pragma unroll T::kStepUnroll

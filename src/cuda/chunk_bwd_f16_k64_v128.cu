@@ -1,4 +1,5 @@
-// Instantiation of the fused chunked backward for __half inputs with K = 64, V = 128 (per-key gates).
+// Instantiation of the fused chunked backward for __half inputs with K = 64, V = 128 (per-key
+// gates).
 #include "cuda/chunk_bwd.cuh"
 
 namespace flashlin::cuda::chunk_bwd {

@@ -8,8 +8,9 @@
 //   S_end = 2^{b_C} * S0 + sum_j (k_j * 2^{b_C - b_j}) v_j^T
 // Every exponent that is applied is <= 0 except inside the diagonal 16x16 blocks of per-key
 // gates, where q and k are scaled relative to the first row of the block (q by 2^{a_i - s},
-// k by 2^{s - b_j}); a block whose gate range exceeds max_factor_range<Elem>() (chunk.cuh) is computed exactly,
-// element by element, instead. Masked entries are selected to zero after the products.
+// k by 2^{s - b_j}); a block whose gate range exceeds max_factor_range<Elem>() (chunk.cuh) is
+// computed exactly, element by element, instead. Masked entries are selected to zero after the
+// products.
 //
 // Work split: grid (V / 64, H, N); 4 warps. Warp w owns rows 16w..16w+15 of the chunk for the
 // output (scores, P·V, Q·S) and rows (K/4)·w.. of the state for the update. The state lives in
@@ -30,7 +31,7 @@ constexpr int kValueTile = 64;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
-                                            // run factorized (see "factorized" below)
+// run factorized (see "factorized" below)
 
 template <typename Elem, int K, GateKind Gate, bool Bonus>
 struct Traits {

@@ -42,7 +42,7 @@ using detail::SlotKind;
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxSlotsPerLane = 4;  // M <= 128
-constexpr int64_t kPiece = 64;        // tokens per piece of ABC's z scans
+constexpr int64_t kPiece = 64;       // tokens per piece of ABC's z scans
 
 // A contiguous [B, T, H, features] tensor of the call's token shape at `base`.
 StridedTensor token_tensor(char* base, Storage dtype, const SlotAttentionParams& p,
@@ -159,11 +159,11 @@ RecurrenceParams core_call(const SlotAttentionParams& p, const SlotView& slots, 
 
 // The core calls of a forward or backward, with their inputs and outputs attached.
 struct Calls {
-  RecurrenceParams sweep;                // pass 1's scores: the dq sweep with d_o = q
-  RecurrenceParams values, keys_final;   // forward: pass 2; pass 1's final state
-  RecurrenceParams values_grad;          // backward of pass 2
-  RecurrenceParams queries_grad;         // dq: pass 1 forward with queries dscores
-  RecurrenceParams keys_grad;            // backward of pass 1 (d_o = q)
+  RecurrenceParams sweep;               // pass 1's scores: the dq sweep with d_o = q
+  RecurrenceParams values, keys_final;  // forward: pass 2; pass 1's final state
+  RecurrenceParams values_grad;         // backward of pass 2
+  RecurrenceParams queries_grad;        // dq: pass 1 forward with queries dscores
+  RecurrenceParams keys_grad;           // backward of pass 1 (d_o = q)
 };
 
 Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
@@ -284,8 +284,7 @@ __global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, 
       d[i] = m < num_slots ? reinterpret_cast<const float*>(dp.data)[base + m] : 0.f;
       dot += x[i] * d[i];
     }
-    for (int offset = 16; offset > 0; offset /= 2)
-      dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
 #pragma unroll
     for (int i = 0; i < kMaxSlotsPerLane; ++i) {
       const int m = lane + 32 * i;
@@ -304,8 +303,9 @@ __global__ void add_parts_kernel(SequenceTable sequences, int64_t num_heads, int
   const int64_t t = row / num_heads, h = row % num_heads;
   const int64_t token = span.start + t;
   const int64_t at = element_offset(total, span.batch, token, h, m);
-  store_float(total, at,
-              load_float(total, at) + load_float(part, element_offset(part, span.batch, token, h, m)));
+  store_float(
+      total, at,
+      load_float(total, at) + load_float(part, element_offset(part, span.batch, token, h, m)));
 }
 
 int64_t longest(const SlotAttentionParams& p) {
@@ -369,7 +369,8 @@ __global__ void abc_piece_sums_kernel(SequenceTable sequences, PieceIndex at, St
   if (!th.init(sequences, at)) return;
   float total = -INFINITY;
   for (int64_t t = th.first; t < th.last; ++t)
-    total = logaddexp(total, load_float(s, element_offset(s, th.span.batch, th.token(t), th.h, th.m)));
+    total =
+        logaddexp(total, load_float(s, element_offset(s, th.span.batch, th.token(t), th.h, th.m)));
   piece_sum[at(th.n, th.c, th.h, th.m)] = total;
 }
 
@@ -380,8 +381,8 @@ __global__ void abc_entering_z_kernel(SequenceTable sequences, PieceIndex at,
   if (index >= at.heads * at.slots) return;
   const int64_t h = index / at.slots, m = index % at.slots;
   const int64_t pieces = (sequences[n].length + kPiece - 1) / kPiece;
-  float z = initial_z.present ? load_float(initial_z, element_offset(initial_z, n, h, 0, m))
-                              : -INFINITY;
+  float z =
+      initial_z.present ? load_float(initial_z, element_offset(initial_z, n, h, 0, m)) : -INFINITY;
   for (int64_t c = 0; c < pieces; ++c) {
     entering_z[at(n, c, h, m)] = z;
     z = logaddexp(z, piece_sum[at(n, c, h, m)]);
@@ -403,7 +404,8 @@ __global__ void abc_gates_kernel(SequenceTable sequences, PieceIndex at, Strided
     store_float(write, element_offset(write, b, token, th.h, th.m),
                 empty ? 0.f : __expf(logit - z_new));
     store_float(gate, element_offset(gate, b, token, th.h, th.m), empty ? 0.f : z - z_new);
-    if (running_z.present) store_float(running_z, element_offset(running_z, b, token, th.h, th.m), z_new);
+    if (running_z.present)
+      store_float(running_z, element_offset(running_z, b, token, th.h, th.m), z_new);
     z = z_new;
   }
 }
@@ -421,7 +423,8 @@ __device__ float abc_walk_back(const PieceThread& th, const StridedTensor& s, fl
     const int64_t token = th.token(t);
     const float z = load_float(running_z, element_offset(running_z, b, token, th.h, th.m));
     const float z_prev =
-        t > 0 ? load_float(running_z, element_offset(running_z, b, token - 1, th.h, th.m)) : z_start;
+        t > 0 ? load_float(running_z, element_offset(running_z, b, token - 1, th.h, th.m))
+              : z_start;
     const bool empty = z == -INFINITY;
     const float logit = load_float(s, element_offset(s, b, token, th.h, th.m));
     const float write = empty ? 0.f : __expf(logit - z);
@@ -463,9 +466,8 @@ __global__ void abc_leaving_carry_kernel(AbcBackwardArgs a) {
   if (index >= a.at.heads * a.at.slots) return;
   const int64_t h = index / a.at.slots, m = index % a.at.slots;
   const int64_t pieces = (a.sequences[n].length + kPiece - 1) / kPiece;
-  float carry = a.d_final_z.present
-                    ? load_float(a.d_final_z, element_offset(a.d_final_z, n, h, 0, m))
-                    : 0.f;
+  float carry =
+      a.d_final_z.present ? load_float(a.d_final_z, element_offset(a.d_final_z, n, h, 0, m)) : 0.f;
   for (int64_t c = pieces - 1; c >= 0; --c) {
     a.leaving[a.at(n, c, h, m)] = carry;
     carry = a.slope[a.at(n, c, h, m)] * carry + a.offset[a.at(n, c, h, m)];
@@ -526,22 +528,21 @@ struct Run {
     const PieceIndex at = pieces();
     abc_piece_sums_kernel<<<pieces_grid(), 128, 0, stream>>>(table, at, p.s, piece_buffer(0));
     check_cuda(cudaGetLastError(), "ABC's piece sums");
-    abc_entering_z_kernel<<<slots_grid(), 128, 0, stream>>>(
-        table, at, p.initial_z, piece_buffer(0), piece_buffer(1),
-        backward ? StridedTensor{} : p.final_z);
+    abc_entering_z_kernel<<<slots_grid(), 128, 0, stream>>>(table, at, p.initial_z, piece_buffer(0),
+                                                            piece_buffer(1),
+                                                            backward ? StridedTensor{} : p.final_z);
     check_cuda(cudaGetLastError(), "ABC's entering z");
-    abc_gates_kernel<<<pieces_grid(), 128, 0, stream>>>(table, at, p.s, piece_buffer(1),
-                                                        buffers.write, buffers.gate,
-                                                        backward ? buffers.running_z
-                                                                 : StridedTensor{});
+    abc_gates_kernel<<<pieces_grid(), 128, 0, stream>>>(
+        table, at, p.s, piece_buffer(1), buffers.write, buffers.gate,
+        backward ? buffers.running_z : StridedTensor{});
     check_cuda(cudaGetLastError(), "ABC's gate kernel");
   }
 
   void abc_gates_backward() {
-    AbcBackwardArgs a{table,          pieces(),       p.s,           p.initial_z,
-                      buffers.running_z, buffers.d_write, buffers.d_gate, p.d_final_z,
-                      p.ds,           p.d_initial_z,  piece_buffer(0), piece_buffer(1),
-                      piece_buffer(2)};
+    AbcBackwardArgs a{
+        table,          pieces(),    p.s,  p.initial_z,   buffers.running_z, buffers.d_write,
+        buffers.d_gate, p.d_final_z, p.ds, p.d_initial_z, piece_buffer(0),   piece_buffer(1),
+        piece_buffer(2)};
     abc_piece_maps_kernel<<<pieces_grid(), 128, 0, stream>>>(a);
     check_cuda(cudaGetLastError(), "ABC's piece maps");
     abc_leaving_carry_kernel<<<slots_grid(), 128, 0, stream>>>(a);
@@ -577,7 +578,8 @@ size_t core_bytes(const SlotAttentionParams& p, bool backward) {
   size_t bytes = recurrence_workspace_bytes(c.sweep, true);
   if (!backward) {
     bytes = std::max(bytes, recurrence_workspace_bytes(c.values, false));
-    if (p.final_hk.present) bytes = std::max(bytes, recurrence_workspace_bytes(c.keys_final, false));
+    if (p.final_hk.present)
+      bytes = std::max(bytes, recurrence_workspace_bytes(c.keys_final, false));
     return bytes;
   }
   bytes = std::max(bytes, recurrence_workspace_bytes(c.values_grad, true));
@@ -599,7 +601,8 @@ bool slot_chunk_supports(const SlotAttentionParams& p, bool backward) {
   // Every core call must take the tensor-core kernels.
   const Calls c = calls_of(p, sized(p, backward), backward);
   if (!chunk_tc_supports(c.sweep, true)) return false;
-  if (!backward) return chunk_tc_supports(c.values, false) && chunk_tc_supports(c.keys_final, false);
+  if (!backward)
+    return chunk_tc_supports(c.values, false) && chunk_tc_supports(c.keys_final, false);
   return chunk_tc_supports(c.values_grad, true) && chunk_tc_supports(c.queries_grad, false) &&
          chunk_tc_supports(c.keys_grad, true);
 }
