@@ -122,7 +122,21 @@ __device__ void issue_rows(Elem* dst, int stride, const StridedTensor& x, const 
   }
 }
 
-__device__ __forceinline__ float weight(float s) { return 1.f + s + 0.5f * s * s; }
+// w and dw/ds of a raw score x = q.k with the scale c folded in: w = 1 + c x + (c x)^2 / 2 =
+// 1 + x (c + (c^2 / 2) x) and 1 + s = 1 + c x: two and one FMA per element.
+struct Poly {
+  float c, half_c2;
+  __device__ explicit Poly(float scale) : c(scale), half_c2(0.5f * scale * scale) {}
+  __device__ float weight(float x) const { return fmaf(x, fmaf(half_c2, x, c), 1.f); }
+  __device__ float slope(float x) const { return fmaf(c, x, 1.f); }
+};
+
+// Largest key index within the tile starting at `tile_first` that row `row` keeps (j <= row,
+// j < length), as an int in [-1, 63]: the mask is then one compare of a small constant.
+__device__ __forceinline__ int key_limit(int64_t row, int64_t length, int64_t tile_first) {
+  const int64_t last = (row < length - 1 ? row : length - 1) - tile_first;
+  return static_cast<int>(last < -1 ? -1 : (last > 63 ? 63 : last));
+}
 
 // ---- forward (and the backward's prologue) -----------------------------------------------------
 // Queries: kQueryTile per block, kRowTiles m-tiles of 16 per warp (every B fragment read from
@@ -142,6 +156,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
   const int key_tiles = static_cast<int>(
       min((seq.length + kTile - 1) / kTile, (int64_t{qt} + 1) * kQueryTile / kTile));
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+  const Poly poly(args.scale);
   // Row of (m-tile mt, half r): rows g and g + 8 of each m-tile.
   auto row_of = [&](int mt, int r) {
     return int64_t{qt} * kQueryTile + warp * (16 * kRowTiles) + mt * 16 + group + 8 * r;
@@ -185,15 +200,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
         tile::mma<Elem>(w[mt][2 * np + 1], q_frag[mt], b1);
       }
     }
+    int limit[kRowTiles][2];
+#pragma unroll
+    for (int mt = 0; mt < kRowTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        limit[mt][r] = key_limit(row_of(mt, r), seq.length, int64_t{j} * kTile);
 #pragma unroll
     for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
-          const bool keep = key <= row_of(mt, e / 2) && key < seq.length;
-          w[mt][nt][e] = keep ? weight(args.scale * w[mt][nt][e]) : 0.f;
+          const bool keep = nt * 8 + 2 * quad + (e & 1) <= limit[mt][e / 2];
+          w[mt][nt][e] = keep ? poly.weight(w[mt][nt][e]) : 0.f;
           den[mt][e / 2] += w[mt][nt][e];
         }
 #pragma unroll
@@ -289,6 +309,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
   const int kt = static_cast<int>(blockIdx.x);  // tile 0 has the most queries: first
   if (kt >= tiles) return;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+  const Poly poly(args.scale);
   const int64_t key_first = int64_t{kt} * kTile + warp * 16 + group;  // rows g and g + 8
 
   auto issue_queries = [&](int i, int stage) {
@@ -343,17 +364,23 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
         tile::mma<Elem>(dw[2 * np + 1], a, b1);
       }
     }
+    // Queries kept by key row r: tile columns in [first_query[r], last_query] (ints in [-1, 64]).
+    const int64_t tile_first = int64_t{i} * kTile;
+    int first_query[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t first = key_first + 8 * r - tile_first;
+      first_query[r] = static_cast<int>(first < 0 ? 0 : (first > 64 ? 64 : first));
+    }
+    const int last_query = key_limit(seq.length - 1, seq.length, tile_first);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * quad + (e & 1);
-        const int64_t query = int64_t{i} * kTile + col;
-        const int64_t key = key_first + (e >= 2 ? 8 : 0);
-        const bool keep = query >= key && query < seq.length;
-        const float sv = args.scale * s[nt][e];
-        w[nt][e] = keep ? weight(sv) : 0.f;
-        dw[nt][e] = keep ? (dw[nt][e] + et[col]) * (1.f + sv) : 0.f;  // ds^T
+        const bool keep = col >= first_query[e / 2] && col <= last_query;
+        w[nt][e] = keep ? poly.weight(s[nt][e]) : 0.f;
+        dw[nt][e] = keep ? (dw[nt][e] + et[col]) * poly.slope(s[nt][e]) : 0.f;  // ds^T
       }
       // dv += w^T g;  dk += ds^T q (k = queries).
 #pragma unroll
@@ -414,6 +441,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
   const int key_tiles = static_cast<int>(
       min((seq.length + kTile - 1) / kTile, (int64_t{qt} + 1) * kQueryTile / kTile));
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+  const Poly poly(args.scale);
   auto row_of = [&](int mt, int r) {
     return int64_t{qt} * kQueryTile + warp * (16 * kRowTiles) + mt * 16 + group + 8 * r;
   };
@@ -479,16 +507,21 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
         }
       }
     }
+    int limit[kRowTiles][2];
+#pragma unroll
+    for (int mt = 0; mt < kRowTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        limit[mt][r] = key_limit(row_of(mt, r), seq.length, int64_t{j} * kTile);
 #pragma unroll
     for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int64_t key = int64_t{j} * kTile + nt * 8 + 2 * quad + (e & 1);
-          const bool keep = key <= row_of(mt, e / 2) && key < seq.length;
-          const float sv = args.scale * s[mt][nt][e];
-          ds[mt][nt][e] = keep ? (ds[mt][nt][e] + e_row[mt][e / 2]) * (1.f + sv) : 0.f;
+          const bool keep = nt * 8 + 2 * quad + (e & 1) <= limit[mt][e / 2];
+          ds[mt][nt][e] =
+              keep ? (ds[mt][nt][e] + e_row[mt][e / 2]) * poly.slope(s[mt][nt][e]) : 0.f;
         }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
