@@ -166,9 +166,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
   issue_rows(k_s, kDStride, args.k, seq, head, 0, kD, kTile);
   issue_rows(v_s, S::kVStride, args.v, seq, head, 0, V, kTile);
   tile::cp_async_commit();
+  // The value tiles' padding columns V..V+7 hold [1, 0, ..., 0] (cp.async never writes them):
+  // one more n-tile of the w v product then sums the weights, den = w 1, on the tensor cores.
+  for (int idx = threadIdx.x; idx < 2 * kTile * 8; idx += kThreads)
+    v_s[(idx / 8) * S::kVStride + V + idx % 8] = from_float<Elem>(idx % 8 == 0 ? 1.f : 0.f);
 
   float acc[kRowTiles][V / 8][4] = {};
-  float den[kRowTiles][2] = {};
+  float den_acc[kRowTiles][4] = {};
   uint32_t q_frag[kRowTiles][4];
   for (int j = 0; j < key_tiles; ++j) {
     const int stage = j % 2;
@@ -214,7 +218,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
         for (int e = 0; e < 4; ++e) {
           const bool keep = nt * 8 + 2 * quad + (e & 1) <= limit[mt][e / 2];
           w[mt][nt][e] = keep ? poly.weight(w[mt][nt][e]) : 0.f;
-          den[mt][e / 2] += w[mt][nt][e];
         }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -232,18 +235,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
           tile::mma<Elem>(acc[mt][2 * np + 1], a[mt], b1);
         }
       }
+      uint32_t ones[2];  // the padding n-tile: column V is 1
+      tile::ldmatrix_x2_trans(ones, vt + (kk * 16 + lane % 16) * S::kVStride + V);
+#pragma unroll
+      for (int mt = 0; mt < kRowTiles; ++mt) tile::mma<Elem>(den_acc[mt], a[mt], ones);
     }
     __syncthreads();  // the stage is overwritten next
   }
 #pragma unroll
   for (int mt = 0; mt < kRowTiles; ++mt) {
     float dot[2] = {0.f, 0.f};
+    float den[2];  // column 0 of the padding n-tile: c[0] / c[2] of the quad's first lane
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      den[mt][r] += __shfl_xor_sync(0xffffffffu, den[mt][r], 1);
-      den[mt][r] += __shfl_xor_sync(0xffffffffu, den[mt][r], 2);
-      den[mt][r] += kNormEps;
-    }
+    for (int r = 0; r < 2; ++r)
+      den[r] = __shfl_sync(0xffffffffu, den_acc[mt][2 * r], lane & ~3) + kNormEps;
 #pragma unroll
     for (int nt = 0; nt < V / 8; ++nt)
 #pragma unroll
@@ -254,7 +259,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
         const int col = nt * 8 + 2 * quad;
         const float num0 = acc[mt][nt][2 * r], num1 = acc[mt][nt][2 * r + 1];
         if constexpr (!kGradPrologue) {
-          const float inv = kNorm ? 1.f / den[mt][r] : 1.f;
+          const float inv = kNorm ? 1.f / den[r] : 1.f;
           *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.o.data) +
                                        element_offset(args.o, seq.batch, token, head, col)) =
               tile::pack<Elem>(num0 * inv, num1 * inv);
@@ -262,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
           const float2 d_o = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
               reinterpret_cast<const Elem*>(args.d_o.data) +
               element_offset(args.d_o, seq.batch, token, head, col)));
-          const float inv = 1.f / den[mt][r];
+          const float inv = 1.f / den[r];
           dot[r] += d_o.x * num0 + d_o.y * num1;
           *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.g.data) +
                                        element_offset(args.g, seq.batch, token, head, col)) =
@@ -277,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
         const int64_t row = row_of(mt, r);
         if (quad == 0 && row < seq.length)
           args.e[(seq.batch * args.time + seq.start + row) * args.num_heads + head] =
-              -dot[r] / (den[mt][r] * den[mt][r]);
+              -dot[r] / (den[r] * den[r]);
       }
     }
   }

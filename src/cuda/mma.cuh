@@ -62,6 +62,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_address(row_address)));
 }
 
+// Two 8x8 matrices, transposed; lanes 0-15 give the row addresses (matrix l / 8, row l % 8).
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_address(row_address)));
+}
+
 // 16-byte asynchronous copy global -> shared; src_bytes = 0 writes zeros (rows past the end).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* global, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)),
