@@ -138,6 +138,76 @@ __device__ __forceinline__ int key_limit(int64_t row, int64_t length, int64_t ti
   return static_cast<int>(last < -1 ? -1 : (last > 63 ? 63 : last));
 }
 
+// ---- the query-block loop shared by the forward and dq kernels ---------------------------------
+// A block of kQueryTile queries walks the key tiles j = 0 .. key_tiles - 1 (k, v in two stages).
+template <typename Elem, int V>
+struct QueryBlock {
+  using S = Shape<V>;
+  const Args& args;
+  SequenceSpan seq;
+  int64_t head;
+  int qt = -1, key_tiles = 0;
+  int64_t row0 = 0;  // row of this thread in m-tile 0 (+ 16 mt + 8 r for the others)
+  Elem *k_s, *v_s;
+
+  __device__ QueryBlock(const Args& a, Elem* keys, Elem* values)
+      : args(a), seq(a.sequences[blockIdx.z]), head(blockIdx.y), k_s(keys), v_s(values) {
+    const int query_tiles = static_cast<int>((seq.length + kQueryTile - 1) / kQueryTile);
+    qt = query_tiles - 1 - static_cast<int>(blockIdx.x);  // heaviest first
+    if (qt < 0) return;
+    key_tiles = static_cast<int>(
+        min((seq.length + kTile - 1) / kTile, (int64_t{qt} + 1) * kQueryTile / kTile));
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    row0 = int64_t{qt} * kQueryTile + warp * (16 * kRowTiles) + lane / 4;
+  }
+  __device__ int64_t row(int mt, int r) const { return row0 + 16 * mt + 8 * r; }
+  __device__ int64_t first_query() const { return int64_t{qt} * kQueryTile; }
+
+  __device__ void issue_keys(int j) const {
+    const int stage = j % 2;
+    issue_rows(k_s + stage * kTile * kDStride, kDStride, args.k, seq, head, int64_t{j} * kTile, kD,
+               kTile);
+    issue_rows(v_s + stage * kTile * S::kVStride, S::kVStride, args.v, seq, head,
+               int64_t{j} * kTile, V, kTile);
+  }
+  // Makes key tile j resident (prefetching j + 1) and synchronises the block.
+  __device__ void wait_keys(int j) const {
+    if (j + 1 < key_tiles) {
+      issue_keys(j + 1);
+      tile::cp_async_commit();
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    __syncthreads();
+  }
+  __device__ const Elem* keys(int j) const { return k_s + (j % 2) * kTile * kDStride; }
+  __device__ const Elem* values(int j) const { return v_s + (j % 2) * kTile * S::kVStride; }
+
+  // Raw scores q.k of the warp's m-tiles against key tile j.
+  __device__ void scores(float (&s)[kRowTiles][8][4], const uint32_t (&q_frag)[kRowTiles][4],
+                         int j) const {
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b0[2], b1[2];
+      load_b_nk(b0, b1, keys(j), kDStride, np * 16, 0);
+#pragma unroll
+      for (int mt = 0; mt < kRowTiles; ++mt) {
+        tile::mma<Elem>(s[mt][2 * np], q_frag[mt], b0);
+        tile::mma<Elem>(s[mt][2 * np + 1], q_frag[mt], b1);
+      }
+    }
+  }
+  // Per row, the last column of key tile j it keeps (see key_limit).
+  __device__ void limits(int (&limit)[kRowTiles][2], int j) const {
+#pragma unroll
+    for (int mt = 0; mt < kRowTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        limit[mt][r] = key_limit(row(mt, r), seq.length, int64_t{j} * kTile);
+  }
+};
+
 // ---- forward (and the backward's prologue) -----------------------------------------------------
 // Queries: kQueryTile per block, kRowTiles m-tiles of 16 per warp (every B fragment read from
 // shared memory feeds kRowTiles mma: half the shared-memory traffic per FLOP of one m-tile).
@@ -145,71 +215,37 @@ template <typename Elem, int V, bool kNorm, bool kGradPrologue>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
   using S = Shape<V>;
   extern __shared__ __align__(128) char smem[];
-  Elem* q_s = reinterpret_cast<Elem*>(smem);                                     // kQueryTile rows
-  Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes);                    // 2 stages
-  Elem* v_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes + 2 * S::kQkBytes);  // 2 stages
-  const SequenceSpan seq = args.sequences[blockIdx.z];
-  const int64_t head = blockIdx.y;
-  const int query_tiles = static_cast<int>((seq.length + kQueryTile - 1) / kQueryTile);
-  const int qt = query_tiles - 1 - static_cast<int>(blockIdx.x);  // heaviest first
-  if (qt < 0) return;
-  const int key_tiles = static_cast<int>(
-      min((seq.length + kTile - 1) / kTile, (int64_t{qt} + 1) * kQueryTile / kTile));
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+  Elem* q_s = reinterpret_cast<Elem*>(smem);  // kQueryTile rows
+  QueryBlock<Elem, V> blk(args, reinterpret_cast<Elem*>(smem + S::kQTileBytes),
+                          reinterpret_cast<Elem*>(smem + S::kQTileBytes + 2 * S::kQkBytes));
+  if (blk.qt < 0) return;
+  const SequenceSpan& seq = blk.seq;
+  const int64_t head = blk.head;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane % 4;
   const Poly poly(args.scale);
-  // Row of (m-tile mt, half r): rows g and g + 8 of each m-tile.
-  auto row_of = [&](int mt, int r) {
-    return int64_t{qt} * kQueryTile + warp * (16 * kRowTiles) + mt * 16 + group + 8 * r;
-  };
 
-  issue_rows(q_s, kDStride, args.q, seq, head, int64_t{qt} * kQueryTile, kD, kQueryTile);
-  issue_rows(k_s, kDStride, args.k, seq, head, 0, kD, kTile);
-  issue_rows(v_s, S::kVStride, args.v, seq, head, 0, V, kTile);
+  issue_rows(q_s, kDStride, args.q, seq, head, blk.first_query(), kD, kQueryTile);
+  blk.issue_keys(0);
   tile::cp_async_commit();
   // The value tiles' padding columns V..V+7 hold [1, 0, ..., 0] (cp.async never writes them):
   // one more n-tile of the w v product then sums the weights, den = w 1, on the tensor cores.
   for (int idx = threadIdx.x; idx < 2 * kTile * 8; idx += kThreads)
-    v_s[(idx / 8) * S::kVStride + V + idx % 8] = from_float<Elem>(idx % 8 == 0 ? 1.f : 0.f);
+    blk.v_s[(idx / 8) * S::kVStride + V + idx % 8] = from_float<Elem>(idx % 8 == 0 ? 1.f : 0.f);
 
   float acc[kRowTiles][V / 8][4] = {};
   float den_acc[kRowTiles][4] = {};
   uint32_t q_frag[kRowTiles][4];
-  for (int j = 0; j < key_tiles; ++j) {
-    const int stage = j % 2;
-    if (j + 1 < key_tiles) {
-      issue_rows(k_s + (1 - stage) * kTile * kDStride, kDStride, args.k, seq, head,
-                 int64_t{j + 1} * kTile, kD, kTile);
-      issue_rows(v_s + (1 - stage) * kTile * S::kVStride, S::kVStride, args.v, seq, head,
-                 int64_t{j + 1} * kTile, V, kTile);
-      tile::cp_async_commit();
-      tile::cp_async_wait<1>();
-    } else {
-      tile::cp_async_wait<0>();
-    }
-    __syncthreads();
+  for (int j = 0; j < blk.key_tiles; ++j) {
+    blk.wait_keys(j);
     if (j == 0)
 #pragma unroll
       for (int mt = 0; mt < kRowTiles; ++mt)
         load_a(q_frag[mt], q_s, kDStride, warp * 16 * kRowTiles + mt * 16, 0);
-    const Elem* kt = k_s + stage * kTile * kDStride;
-    const Elem* vt = v_s + stage * kTile * S::kVStride;
+    const Elem* vt = blk.values(j);
     float w[kRowTiles][8][4] = {};
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      uint32_t b0[2], b1[2];
-      load_b_nk(b0, b1, kt, kDStride, np * 16, 0);
-#pragma unroll
-      for (int mt = 0; mt < kRowTiles; ++mt) {
-        tile::mma<Elem>(w[mt][2 * np], q_frag[mt], b0);
-        tile::mma<Elem>(w[mt][2 * np + 1], q_frag[mt], b1);
-      }
-    }
+    blk.scores(w, q_frag, j);
     int limit[kRowTiles][2];
-#pragma unroll
-    for (int mt = 0; mt < kRowTiles; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        limit[mt][r] = key_limit(row_of(mt, r), seq.length, int64_t{j} * kTile);
+    blk.limits(limit, j);
 #pragma unroll
     for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
@@ -253,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
     for (int nt = 0; nt < V / 8; ++nt)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int64_t row = row_of(mt, r);
+        const int64_t row = blk.row(mt, r);
         if (row >= seq.length) continue;
         const int64_t token = seq.start + row;
         const int col = nt * 8 + 2 * quad;
@@ -279,7 +315,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
       for (int r = 0; r < 2; ++r) {
         dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
         dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
-        const int64_t row = row_of(mt, r);
+        const int64_t row = blk.row(mt, r);
         if (quad == 0 && row < seq.length)
           args.e[(seq.batch * args.time + seq.start + row) * args.num_heads + head] =
               -dot[r] / (den[r] * den[r]);
@@ -434,66 +470,39 @@ template <typename Elem, int V, bool kNorm>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
   using S = Shape<V>;
   extern __shared__ __align__(128) char smem[];
-  Elem* q_s = reinterpret_cast<Elem*>(smem);                                    // kQueryTile rows
-  Elem* g_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes);                   // kQueryTile rows
-  Elem* k_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes + S::kGTileBytes);  // 2 stages
-  Elem* v_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes + S::kGTileBytes + 2 * S::kQkBytes);
-  const SequenceSpan seq = args.sequences[blockIdx.z];
-  const int64_t head = blockIdx.y;
-  const int query_tiles = static_cast<int>((seq.length + kQueryTile - 1) / kQueryTile);
-  const int qt = query_tiles - 1 - static_cast<int>(blockIdx.x);
-  if (qt < 0) return;
-  const int key_tiles = static_cast<int>(
-      min((seq.length + kTile - 1) / kTile, (int64_t{qt} + 1) * kQueryTile / kTile));
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+  Elem* q_s = reinterpret_cast<Elem*>(smem);                   // kQueryTile rows
+  Elem* g_s = reinterpret_cast<Elem*>(smem + S::kQTileBytes);  // kQueryTile rows
+  QueryBlock<Elem, V> blk(
+      args, reinterpret_cast<Elem*>(smem + S::kQTileBytes + S::kGTileBytes),
+      reinterpret_cast<Elem*>(smem + S::kQTileBytes + S::kGTileBytes + 2 * S::kQkBytes));
+  if (blk.qt < 0) return;
+  const SequenceSpan& seq = blk.seq;
+  const int64_t head = blk.head;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane % 4;
   const Poly poly(args.scale);
-  auto row_of = [&](int mt, int r) {
-    return int64_t{qt} * kQueryTile + warp * (16 * kRowTiles) + mt * 16 + group + 8 * r;
-  };
   float e_row[kRowTiles][2];
 #pragma unroll
   for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) e_row[mt][r] = row_e<kNorm>(args, seq, head, row_of(mt, r));
+    for (int r = 0; r < 2; ++r) e_row[mt][r] = row_e<kNorm>(args, seq, head, blk.row(mt, r));
 
-  issue_rows(q_s, kDStride, args.q, seq, head, int64_t{qt} * kQueryTile, kD, kQueryTile);
-  issue_rows(g_s, S::kVStride, args.g, seq, head, int64_t{qt} * kQueryTile, V, kQueryTile);
-  issue_rows(k_s, kDStride, args.k, seq, head, 0, kD, kTile);
-  issue_rows(v_s, S::kVStride, args.v, seq, head, 0, V, kTile);
+  issue_rows(q_s, kDStride, args.q, seq, head, blk.first_query(), kD, kQueryTile);
+  issue_rows(g_s, S::kVStride, args.g, seq, head, blk.first_query(), V, kQueryTile);
+  blk.issue_keys(0);
   tile::cp_async_commit();
 
   float dq[kRowTiles][2][4] = {};
   uint32_t q_frag[kRowTiles][4];
-  for (int j = 0; j < key_tiles; ++j) {
-    const int stage = j % 2;
-    if (j + 1 < key_tiles) {
-      issue_rows(k_s + (1 - stage) * kTile * kDStride, kDStride, args.k, seq, head,
-                 int64_t{j + 1} * kTile, kD, kTile);
-      issue_rows(v_s + (1 - stage) * kTile * S::kVStride, S::kVStride, args.v, seq, head,
-                 int64_t{j + 1} * kTile, V, kTile);
-      tile::cp_async_commit();
-      tile::cp_async_wait<1>();
-    } else {
-      tile::cp_async_wait<0>();
-    }
-    __syncthreads();
+  for (int j = 0; j < blk.key_tiles; ++j) {
+    blk.wait_keys(j);
     if (j == 0)
 #pragma unroll
       for (int mt = 0; mt < kRowTiles; ++mt)
         load_a(q_frag[mt], q_s, kDStride, warp * 16 * kRowTiles + mt * 16, 0);
-    const Elem* kt = k_s + stage * kTile * kDStride;
-    const Elem* vt = v_s + stage * kTile * S::kVStride;
+    const Elem* kt = blk.keys(j);
+    const Elem* vt = blk.values(j);
     float s[kRowTiles][8][4] = {}, ds[kRowTiles][8][4] = {};
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      uint32_t b0[2], b1[2];
-      load_b_nk(b0, b1, kt, kDStride, np * 16, 0);
-#pragma unroll
-      for (int mt = 0; mt < kRowTiles; ++mt) {
-        tile::mma<Elem>(s[mt][2 * np], q_frag[mt], b0);
-        tile::mma<Elem>(s[mt][2 * np + 1], q_frag[mt], b1);
-      }
-    }
+    blk.scores(s, q_frag, j);
     // dw = g_rows v^T (k = value features).
 #pragma unroll
     for (int ks = 0; ks < V / 16; ++ks) {
@@ -513,11 +522,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
       }
     }
     int limit[kRowTiles][2];
-#pragma unroll
-    for (int mt = 0; mt < kRowTiles; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        limit[mt][r] = key_limit(row_of(mt, r), seq.length, int64_t{j} * kTile);
+    blk.limits(limit, j);
 #pragma unroll
     for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
@@ -546,7 +551,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
   for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t row = row_of(mt, r);
+      const int64_t row = blk.row(mt, r);
       if (row >= seq.length) continue;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
