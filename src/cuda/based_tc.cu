@@ -198,13 +198,24 @@ struct QueryBlock {
       }
     }
   }
-  // Per row, the last column of key tile j it keeps (see key_limit).
-  __device__ void limits(int (&limit)[kRowTiles][2], int j) const {
+  // x[mt][nt][e] = value(mt, nt, e) where (row, key) of key tile j is kept (key <= row, key <
+  // length), else 0: per row one limit, per element one compare of a small constant.
+  template <typename Value>
+  __device__ void masked(float (&x)[kRowTiles][8][4], int j, Value value) const {
+    const int quad = threadIdx.x % 4;
+    int limit[kRowTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kRowTiles; ++mt)
 #pragma unroll
       for (int r = 0; r < 2; ++r)
         limit[mt][r] = key_limit(row(mt, r), seq.length, int64_t{j} * kTile);
+#pragma unroll
+    for (int mt = 0; mt < kRowTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          x[mt][nt][e] = nt * 8 + 2 * quad + (e & 1) <= limit[mt][e / 2] ? value(mt, nt, e) : 0.f;
   }
 };
 
@@ -244,17 +255,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
     const Elem* vt = blk.values(j);
     float w[kRowTiles][8][4] = {};
     blk.scores(w, q_frag, j);
-    int limit[kRowTiles][2];
-    blk.limits(limit, j);
-#pragma unroll
-    for (int mt = 0; mt < kRowTiles; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool keep = nt * 8 + 2 * quad + (e & 1) <= limit[mt][e / 2];
-          w[mt][nt][e] = keep ? poly.weight(w[mt][nt][e]) : 0.f;
-        }
+    blk.masked(w, j, [&](int mt, int nt, int e) { return poly.weight(w[mt][nt][e]); });
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[kRowTiles][4];
@@ -521,18 +522,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
         }
       }
     }
-    int limit[kRowTiles][2];
-    blk.limits(limit, j);
-#pragma unroll
-    for (int mt = 0; mt < kRowTiles; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool keep = nt * 8 + 2 * quad + (e & 1) <= limit[mt][e / 2];
-          ds[mt][nt][e] =
-              keep ? (ds[mt][nt][e] + e_row[mt][e / 2]) * poly.slope(s[mt][nt][e]) : 0.f;
-        }
+    blk.masked(ds, j, [&](int mt, int nt, int e) {
+      return (ds[mt][nt][e] + e_row[mt][e / 2]) * poly.slope(s[mt][nt][e]);
+    });
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t b0[2], b1[2];
