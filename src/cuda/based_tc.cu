@@ -581,8 +581,11 @@ void launch(Kernel kernel, size_t smem, int tokens_per_block, const BasedParams&
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)),
              what);
-  const dim3 grid(static_cast<unsigned>((longest(p) + tokens_per_block - 1) / tokens_per_block),
-                  static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.sequences.size()));
+  // At least one block along x: a call whose sequences are all empty still launches (and exits).
+  const int64_t blocks =
+      std::max<int64_t>(1, (longest(p) + tokens_per_block - 1) / tokens_per_block);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.num_heads),
+                  static_cast<unsigned>(p.sequences.size()));
   kernel<<<grid, kThreads, smem, stream>>>(args);
   check_cuda(cudaGetLastError(), what);
 }

@@ -440,6 +440,7 @@ BackwardLayout backward_layout(const SlotAttentionParams& p) {
 }  // namespace
 
 flashlin_status slot_attention_forward(const SlotAttentionParams& p) {
+  if (p.sequences.empty() || p.num_heads == 0) return FLASHLIN_SUCCESS;
   if (slot_chunk_supports(p, false)) {
     slot_chunk_forward(p);
     return FLASHLIN_SUCCESS;
@@ -458,6 +459,7 @@ flashlin_status slot_attention_forward(const SlotAttentionParams& p) {
 }
 
 flashlin_status slot_attention_backward(const SlotAttentionParams& p) {
+  if (p.sequences.empty() || p.num_heads == 0) return FLASHLIN_SUCCESS;
   if (slot_chunk_supports(p, true)) {
     slot_chunk_backward(p);
     return FLASHLIN_SUCCESS;

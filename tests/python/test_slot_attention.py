@@ -261,6 +261,20 @@ def test_tensor_core_path_cases(kind, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gsa", "abc"])
+def test_all_sequences_empty(device, kind):
+    """Varlen with only empty sequences (tensor-core shapes on CUDA): the final state is the
+    initial one, nothing fails to launch."""
+    B, T, H, K, V, M = 1, 0, 2, 128, 128, 64
+    q, k, v, s, g, state = make_inputs(kind, B, T, H, K, V, M, 2, torch.bfloat16, device, True)
+    cu = torch.tensor([0, 0, 0], dtype=torch.int32, device=device)
+    o, final = run_op(kind, "chunk", q, k, v, s, g, None, state, cu)
+    assert o.shape == v.shape
+    for got, initial in zip(final, state):
+        assert torch.equal(got, initial)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
 def test_fresh_state_and_scale(device, kind, form):
     check_case(kind, form, torch.float32, device, B=1, T=70, H=3, K=32, V=16, M=32,
