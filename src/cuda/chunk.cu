@@ -60,10 +60,10 @@ bool pairs_writable(const StridedTensor& t) {
 
 // dq and dk may also be float32 (pairs of floats: unit feature stride, even strides, 8-byte
 // aligned; see chunk_bwd::store_pair).
-bool pair_output_ok(const StridedTensor& t, Storage elem) {
+bool pair_output_ok(const StridedTensor& t, Storage elem, bool float_allowed) {
   if (!t.present) return true;
   if (t.dtype == elem) return pairs_writable(t);
-  if (t.dtype != Storage::kFloat32 || t.stride[3] != 1) return false;
+  if (!float_allowed || t.dtype != Storage::kFloat32 || t.stride[3] != 1) return false;
   if (reinterpret_cast<uintptr_t>(t.data) % 8 != 0) return false;
   for (int d = 0; d < 3; ++d)
     if (t.stride[d] % 2 != 0) return false;
@@ -128,7 +128,10 @@ bool chunk_tc_supports(const RecurrenceParams& p, bool backward) {
       p.key_dim == 64 && p.value_dim == 128 && p.gate == GateKind::kPerKey && !p.bonus;
   if (p.value_dim != p.key_dim && !wide) return false;
   if (p.d_o.dtype != p.q.dtype || !rows_copyable(p.d_o)) return false;
-  return pair_output_ok(p.dq, p.q.dtype) && pair_output_ok(p.dk, p.q.dtype) && pairs_writable(p.dv);
+  // float32 dq / dk only where the kernels have that store (chunk_bwd Traits::kFloatGrads).
+  const bool float_grads = p.gate == GateKind::kPerKey && !p.bonus;
+  return pair_output_ok(p.dq, p.q.dtype, float_grads) &&
+         pair_output_ok(p.dk, p.q.dtype, float_grads) && pairs_writable(p.dv);
 }
 
 size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward) {

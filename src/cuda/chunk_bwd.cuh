@@ -34,11 +34,12 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Stores (x0, x1) at element `at` of a dq / dk output: a pair of Elem, or of float32 (the
-// slot-attention composition keeps its scores and write gradients in float32).
-template <typename Elem>
+// Stores (x0, x1) at element `at` of a dq / dk output: a pair of Elem, or of float32 where the
+// kernel allows it (kFloat: per-key gates without the bonus, the slot-attention composition's
+// scores and write gradients; the other kernels keep one store path).
+template <typename Elem, bool kFloat>
 __device__ __forceinline__ void store_pair(const StridedTensor& t, int64_t at, float x0, float x1) {
-  if (t.dtype == Storage::kFloat32)
+  if (kFloat && t.dtype == Storage::kFloat32)
     *reinterpret_cast<float2*>(reinterpret_cast<float*>(t.data) + at) = make_float2(x0, x1);
   else
     *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(t.data) + at) = tile::pack<Elem>(x0, x1);
@@ -64,6 +65,8 @@ struct Traits {
   static_assert((K == 64 || K == 128) && (V == 64 || V == 128) && K <= V, "K, V");
   static constexpr bool kPerKey = Gate == GateKind::kPerKey;
   static constexpr bool kScalarGate = Gate == GateKind::kPerHead || Gate == GateKind::kPerToken;
+  // dq and dk may be float32 (chunk_tc_supports: per-key gates without the bonus only).
+  static constexpr bool kFloatGrads = kPerKey && !Bonus;
   static constexpr int kQkStride = K + 8;
   static constexpr int kVStride = V + 8;
   static constexpr int kPStride = kChunk + 8;
@@ -685,8 +688,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
         }
         if (want_dq && i < valid) {
           const int64_t token = blk.token_at(int64_t{chunk} * kChunk + i);
-          store_pair<Elem>(args.dq, element_offset(args.dq, blk.seq.batch, token, blk.head, kk), g0,
-                           g1);
+          store_pair<Elem, T::kFloatGrads>(
+              args.dq, element_offset(args.dq, blk.seq.batch, token, blk.head, kk), g0, g1);
         }
       }
     if constexpr (Gate == GateKind::kPerToken) {
@@ -1221,7 +1224,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
             const int j = rows[r];
             if (j >= valid) continue;
             const int64_t token = blk.token_at(int64_t{chunk} * kChunk + j);
-            store_pair<Elem>(
+            store_pair<Elem, T::kFloatGrads>(
                 args.dk,
                 element_offset(args.dk, blk.seq.batch, token, blk.head, kcol0 + nt * 8 + 2 * quad),
                 intra[nt][2 * r], intra[nt][2 * r + 1]);
