@@ -27,6 +27,8 @@ __host__ __device__ constexpr float max_factor_range() {
 // Whether the tensor-core family runs p: float16/bfloat16 q, k, v, o with unit feature stride and
 // 16-byte aligned rows, K in {64, 128}, V a multiple of 64 up to 256, per-key gates (and the
 // RWKV-6 bonus) in float32/float16/bfloat16 with aligned rows; other gate kinds any layout.
+// Backward: K = V, or K = 64 and V = 128 with per-key gates and no bonus; dq and dk in the input
+// type, or float32 for per-key gates without the bonus.
 bool chunk_tc_supports(const RecurrenceParams& p, bool backward);
 size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward);
 cudaError_t chunk_tc_forward(const RecurrenceParams& p, const LaunchContext& ctx);

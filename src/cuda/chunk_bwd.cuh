@@ -289,7 +289,7 @@ struct Block {
   // Per-key gates: when the chunk's whole gate range is at most max_factor_range<Elem>() (log2
   // units; chunk.cuh), scale the chunk once in shared memory -- q_i * 2^{a_i} (if scale_q), k_j *
   // 2^{-b_j} -- so that the products need no per-element decays; every factor stays within
-  // 2^{+-40}. With the bonus, sm.bonus_u + K receives (q_i * u * k_i)·1 of each row first.
+  // 2^{+-range}. With the bonus, sm.bonus_u + K receives (q_i * u * k_i)·1 of each row first.
   // Block-uniform; synchronises.
   __device__ bool factorize(const Stage& st, bool scale_q) const {
     if constexpr (!T::kPerKey) {
