@@ -28,6 +28,7 @@
 
 #include "api/based_params.hpp"
 #include "cuda/based_tc.cuh"
+#include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
 #include "cuda/host.cuh"
 #include "cuda/mma.cuh"
@@ -555,19 +556,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
 }
 
 // ---- host side ---------------------------------------------------------------------------------
-bool aligned_rows(const StridedTensor& t) {
-  if (!t.present) return true;
-  if (t.stride[3] != 1 || reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return false;
-  for (int d = 0; d < 3; ++d)
-    if (t.stride[d] % 8 != 0) return false;
-  return true;
-}
-
-int64_t longest(const BasedParams& p) {
-  int64_t n = 0;
-  for (const SequenceSpan& s : p.sequences) n = std::max(n, s.length);
-  return n;
-}
+// Absent, or rows copyable in 16-byte pieces (chunk.cuh).
+bool aligned_rows(const StridedTensor& t) { return !t.present || rows_copyable(t); }
 
 size_t gradient_scratch_bytes(const BasedParams& p) {
   if (!p.use_norm) return 0;
@@ -582,8 +572,8 @@ void launch(Kernel kernel, size_t smem, int tokens_per_block, const BasedParams&
                                   static_cast<int>(smem)),
              what);
   // At least one block along x: a call whose sequences are all empty still launches (and exits).
-  const int64_t blocks =
-      std::max<int64_t>(1, (longest(p) + tokens_per_block - 1) / tokens_per_block);
+  const int64_t blocks = std::max<int64_t>(
+      1, (longest_sequence(p.sequences) + tokens_per_block - 1) / tokens_per_block);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(p.num_heads),
                   static_cast<unsigned>(p.sequences.size()));
   kernel<<<grid, kThreads, smem, stream>>>(args);
@@ -648,7 +638,8 @@ bool based_tc_supports(const BasedParams& p, bool backward) {
   if (p.value_dim != 64 && p.value_dim != 128) return false;
   if (p.initial_state.present || p.final_state.present) return false;
   if (p.num_heads > 65535 || p.sequences.size() > 65535) return false;
-  if (p.form == detail::Form::kChunked && longest(p) > kMaxParallelLength) return false;
+  if (p.form == detail::Form::kChunked && longest_sequence(p.sequences) > kMaxParallelLength)
+    return false;
   if (!aligned_rows(p.q) || !aligned_rows(p.k) || !aligned_rows(p.v)) return false;
   if (!backward) return !p.o.present || (p.o.dtype == p.q.dtype && aligned_rows(p.o));
   if (p.d_final_state.present || p.d_initial_state.present) return false;

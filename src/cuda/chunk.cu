@@ -37,16 +37,6 @@ namespace {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Rows of `t` can be copied in 16-byte pieces: unit feature stride, the other strides and the
-// base address 16-byte aligned.
-bool rows_copyable(const StridedTensor& t) {
-  const int64_t per16 = 16 / static_cast<int64_t>(storage_bytes(t.dtype));
-  if (t.stride[3] != 1 || !aligned16(t.data)) return false;
-  for (int d = 0; d < 3; ++d)
-    if (t.stride[d] % per16 != 0) return false;
-  return true;
-}
-
 bool half_type(Storage s) { return s == Storage::kBFloat16 || s == Storage::kFloat16; }
 
 // Outputs written as pairs of 16-bit elements: unit feature stride, even strides, 4-byte aligned.
@@ -88,6 +78,14 @@ ChunkArgs forward_args(const RecurrenceParams& p, const LaunchContext& ctx) {
 }
 
 }  // namespace
+
+bool rows_copyable(const StridedTensor& t) {
+  const int64_t per16 = 16 / static_cast<int64_t>(storage_bytes(t.dtype));
+  if (t.stride[3] != 1 || !aligned16(t.data)) return false;
+  for (int d = 0; d < 3; ++d)
+    if (t.stride[d] % per16 != 0) return false;
+  return true;
+}
 
 // The backward's scratch for `num_seqs` sequences (the call's, or the pieces of a split call).
 BackwardLayout backward_layout(const RecurrenceParams& p, size_t num_seqs) {

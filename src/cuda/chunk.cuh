@@ -24,6 +24,10 @@ __host__ __device__ constexpr float max_factor_range() {
   return std::is_same_v<Elem, __half> ? 8.0f : 40.0f;
 }
 
+// Rows of `t` can be copied in 16-byte pieces (cp.async): unit feature stride, the other strides
+// and the base address 16-byte aligned.
+bool rows_copyable(const StridedTensor& t);
+
 // Whether the tensor-core family runs p: float16/bfloat16 q, k, v, o with unit feature stride and
 // 16-byte aligned rows, K in {64, 128}, V a multiple of 64 up to 256, per-key gates (and the
 // RWKV-6 bonus) in float32/float16/bfloat16 with aligned rows; other gate kinds any layout.

@@ -76,6 +76,13 @@ class Scratch {
   char* owned_ = nullptr;
 };
 
+// Tokens of the longest sequence (0 when there is none).
+inline int64_t longest_sequence(const std::vector<SequenceSpan>& sequences) {
+  int64_t longest = 0;
+  for (const SequenceSpan& s : sequences) longest = s.length > longest ? s.length : longest;
+  return longest;
+}
+
 // Sequences that are the batch rows with all T tokens need no table on the device.
 inline bool uniform_sequences(const std::vector<SequenceSpan>& sequences, int64_t batch,
                               int64_t time) {

@@ -81,12 +81,6 @@ struct TokenShared {
   static size_t floats(int K, int V, int M) { return 2 * size_t(K) + 2 * V + 8 * size_t(M) + 32; }
 };
 
-__device__ __forceinline__ float logaddexp(float a, float b) {
-  const float larger = fmaxf(a, b);
-  if (larger == -INFINITY) return -INFINITY;
-  return larger + log1pf(expf(-fabsf(a - b)));
-}
-
 // Loads token `time` of batch row b, head h: q, k, v, s (and g into dgate: a spare vector) and,
 // when `with_grad`, d_o.
 __device__ void load_token(const SlotArgs& a, int64_t b, int64_t time, int h, TokenShared& t,
@@ -425,8 +419,7 @@ struct BackwardLayout {
 };
 
 BackwardLayout backward_layout(const SlotAttentionParams& p) {
-  int64_t longest = 1;
-  for (const SequenceSpan& s : p.sequences) longest = std::max(longest, s.length);
+  const int64_t longest = std::max<int64_t>(1, longest_sequence(p.sequences));
   BackwardLayout layout;
   layout.stride = checkpoint_stride(longest);
   const int64_t checkpoints = (longest + layout.stride - 1) / layout.stride + 1;

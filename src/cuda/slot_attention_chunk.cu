@@ -82,6 +82,11 @@ struct Buffers {
   size_t core_bytes = 0;
 };
 
+// ABC's piece-level scratch holds this many pieces of kPiece tokens per sequence (at least 1).
+int64_t pieces_per_sequence(const SlotAttentionParams& p) {
+  return std::max<int64_t>(1, (longest_sequence(p.sequences) + kPiece - 1) / kPiece);
+}
+
 // Places the buffers from `base` (nullptr: sizes only) and returns the bytes before the core
 // workspace.
 size_t place_buffers(const SlotAttentionParams& p, bool backward, char* base, Buffers* b) {
@@ -97,10 +102,8 @@ size_t place_buffers(const SlotAttentionParams& p, bool backward, char* base, Bu
   if (abc) {
     next(&b->write, elem);
     next(&b->gate, Storage::kFloat32);
-    int64_t longest = 1;
-    for (const SequenceSpan& seq : p.sequences) longest = std::max(longest, seq.length);
     const size_t piece_bytes =
-        align_up(p.sequences.size() * static_cast<size_t>((longest + kPiece - 1) / kPiece) *
+        align_up(p.sequences.size() * static_cast<size_t>(pieces_per_sequence(p)) *
                  static_cast<size_t>(p.num_heads * p.num_slots) * sizeof(float));
     for (StridedTensor& t : b->piece) {
       t = StridedTensor{};
@@ -308,15 +311,9 @@ __global__ void add_parts_kernel(SequenceTable sequences, int64_t num_heads, int
       load_float(total, at) + load_float(part, element_offset(part, span.batch, token, h, m)));
 }
 
-int64_t longest(const SlotAttentionParams& p) {
-  int64_t n = 0;
-  for (const SequenceSpan& s : p.sequences) n = std::max(n, s.length);
-  return n;
-}
-
 // Launch geometry over the sequences' (token, head) rows, `per_block` rows per block.
 dim3 rows_grid(const SlotAttentionParams& p, int64_t per_row, int64_t per_block) {
-  const int64_t items = longest(p) * p.num_heads * per_row;
+  const int64_t items = longest_sequence(p.sequences) * p.num_heads * per_row;
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, (items + per_block - 1) / per_block)),
               static_cast<unsigned>(p.sequences.size()));
 }
@@ -338,12 +335,6 @@ struct PieceIndex {
     return ((n * pieces + c) * heads + h) * slots + m;
   }
 };
-
-__device__ __forceinline__ float logaddexp(float a, float b) {
-  const float larger = fmaxf(a, b);
-  if (larger == -INFINITY) return -INFINITY;
-  return larger + log1pf(__expf(-fabsf(a - b)));
-}
 
 // Thread of (sequence blockIdx.y, piece, head, slot); false when the piece is past the end.
 struct PieceThread {
@@ -508,10 +499,7 @@ struct Run {
                              scratch.base() + buffer_bytes + core_size, stream);
   }
 
-  PieceIndex pieces() const {
-    return PieceIndex{std::max<int64_t>(1, (longest(p) + kPiece - 1) / kPiece), p.num_heads,
-                      p.num_slots};
-  }
+  PieceIndex pieces() const { return PieceIndex{pieces_per_sequence(p), p.num_heads, p.num_slots}; }
   // Grids over (piece, head, slot) and (head, slot) threads, sequences in y.
   dim3 pieces_grid() const {
     const PieceIndex at = pieces();
