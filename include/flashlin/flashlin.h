@@ -460,17 +460,26 @@ FLASHLIN_API flashlin_status flashlin_slot_attention_workspace_size(
  * learned by EMA outside the op, as in the paper); d_initial_state for the value sums (its
  * count column receives 0). A state holds value sums and counts, not keys: the dk of tokens of
  * an earlier call does not include the queries of later calls that read them through the state.
- * Cost: the forward (and decoding) is O(T (L + S)); the exact straight-through dk of tokens
- * read through the aggregates is not linear (CPU: a K x V matrix per code the sequence uses,
- * O(T U K V) for U used codes; CUDA: O(T^2 (K + V)) time); memory is never T x T.
+ * Key gradient (config.key_grad): FLASHLIN_VQ_KEY_GRAD_DENSE (0) is the dense formula's
+ * straight-through gradient, every query i >= j; FLASHLIN_VQ_KEY_GRAD_WINDOW (1) keeps only the
+ * queries of the key's own block of L tokens and the next block: the paper's gradient (its
+ * cache of codes passes no gradient to the keys), and linear in T. dq and dv are exact in both.
+ * Cost: the forward (and decoding) is O(T (L + S)); the dense dk of tokens read through the
+ * aggregates is not linear (CPU: a K x V matrix per code the sequence uses, O(T U K V) for U
+ * used codes; CUDA: O(T^2 (K + V)) time); memory is never T x T.
  * CPU: S in 1..4096, block_len in 16..1024, any K, V >= 1. CUDA: float32/float16/bfloat16,
  * K, V <= 256, at most 65535 (sequence, head) pairs per call (FLASHLIN_ERROR_UNSUPPORTED
- * otherwise); a simple kernel set for now (no tensor cores; the backward's key pass is
- * O(T^2) in time, never in memory). Scratch is allocated stream-ordered per call.
+ * otherwise); tensor cores for float16/bfloat16 q, v and codebook (one dtype) with K = V in
+ * {64, 128} and S a multiple of 64 up to 1024 (the result does not depend on block_len except
+ * through the window key gradient), CUDA cores otherwise. Scratch is allocated stream-ordered
+ * per call.
  */
+#define FLASHLIN_VQ_KEY_GRAD_DENSE 0
+#define FLASHLIN_VQ_KEY_GRAD_WINDOW 1
 typedef struct flashlin_vq_attention_config {
   double scale;      /* 0 selects K^-1/2; otherwise any finite value */
   int32_t block_len; /* L; 0 selects 64; 16..1024 */
+  int32_t key_grad;  /* FLASHLIN_VQ_KEY_GRAD_DENSE (0) or FLASHLIN_VQ_KEY_GRAD_WINDOW */
 } flashlin_vq_attention_config;
 
 /* q, k [B, T, H, K]; v [B, T, H, V] (q, k, v one floating dtype; float64 computes in float64);

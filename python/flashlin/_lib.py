@@ -188,7 +188,8 @@ class SlotAttentionGrads(ctypes.Structure):
 
 # Transformer-VQ (flashlin_vq_attention_*).
 class VqAttentionConfig(ctypes.Structure):
-    _fields_ = [("scale", ctypes.c_double), ("block_len", ctypes.c_int32)]
+    _fields_ = [("scale", ctypes.c_double), ("block_len", ctypes.c_int32),
+                ("key_grad", ctypes.c_int32)]
 
 
 class VqAttentionInputs(ctypes.Structure):

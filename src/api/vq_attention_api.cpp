@@ -99,6 +99,12 @@ VqAttentionParams validate_inputs(ArgumentChecker& check,
                "a block length in " + std::to_string(kMinBlockLen) + ".." +
                    std::to_string(kMaxBlockLen) + " (0 selects 64)",
                std::to_string(config->block_len));
+  if (config->key_grad != FLASHLIN_VQ_KEY_GRAD_DENSE &&
+      config->key_grad != FLASHLIN_VQ_KEY_GRAD_WINDOW)
+    check.fail("config.key_grad",
+               "FLASHLIN_VQ_KEY_GRAD_DENSE (0) or FLASHLIN_VQ_KEY_GRAD_WINDOW (1)",
+               std::to_string(config->key_grad));
+  p.window_key_grad = config->key_grad == FLASHLIN_VQ_KEY_GRAD_WINDOW;
 
   p.sequences = sequence_spans(check, inputs->cu_seqlens, p.batch, p.time, "q");
   if (inputs->initial_state)

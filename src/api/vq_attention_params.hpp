@@ -42,6 +42,9 @@ struct VqAttentionParams {
   int64_t num_codes = 0;  // S
   int64_t block_len = 64;
   double scale = 1.0;  // rounded to the compute type by the backend
+  // dk from the queries of the key's block and the next one only (the paper's gradient) instead
+  // of every later query (the dense attention's straight-through gradient).
+  bool window_key_grad = false;
   std::vector<SequenceSpan> sequences;
 
   StridedTensor q, k, v, codebook, initial_state;  // inputs

@@ -72,42 +72,6 @@ struct Shape {
   static constexpr size_t kDkdvSmem = 3 * (kQkBytes + kVBytes) + 2 * kTile * sizeof(float);
 };
 
-// ---- fragments (layouts in mma.cuh) -------------------------------------------------------------
-// A (16 x 16) from a row-major [row][col] tile at (row0, col0).
-template <typename Elem>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const Elem* tile, int stride, int row0,
-                                       int col0) {
-  const int lane = threadIdx.x % 32;
-  tile::ldmatrix_x4(a, tile + (row0 + lane % 16) * stride + col0 + (lane / 16) * 8);
-}
-// B fragments of n-tiles n0 and n0 + 8 at k-step k0, from a tile stored [n][k] (rows = n).
-template <typename Elem>
-__device__ __forceinline__ void load_b_nk(uint32_t (&b0)[2], uint32_t (&b1)[2], const Elem* tile,
-                                          int stride, int n0, int k0) {
-  const int lane = threadIdx.x % 32, m = lane / 8;
-  uint32_t r[4];
-  tile::ldmatrix_x4(r, tile + (n0 + (m / 2) * 8 + lane % 8) * stride + k0 + (m % 2) * 8);
-  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
-}
-// The same from a tile stored [k][n] (rows = k).
-template <typename Elem>
-__device__ __forceinline__ void load_b_kn(uint32_t (&b0)[2], uint32_t (&b1)[2], const Elem* tile,
-                                          int stride, int n0, int k0) {
-  const int lane = threadIdx.x % 32, m = lane / 8;
-  uint32_t r[4];
-  tile::ldmatrix_x4_trans(r, tile + (k0 + (m % 2) * 8 + lane % 8) * stride + n0 + (m / 2) * 8);
-  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
-}
-// A fragment of k-step kk from the accumulators of n-tiles 2kk and 2kk + 1 (16 x 8 each).
-template <typename Elem>
-__device__ __forceinline__ void a_from_c(uint32_t (&a)[4], const float (&lo)[4],
-                                         const float (&hi)[4]) {
-  a[0] = tile::pack<Elem>(lo[0], lo[1]);
-  a[1] = tile::pack<Elem>(lo[2], lo[3]);
-  a[2] = tile::pack<Elem>(hi[0], hi[1]);
-  a[3] = tile::pack<Elem>(hi[2], hi[3]);
-}
-
 // Rows [first, first + rows) of the sequence's tokens of x (row_elems 16-bit features), rows at
 // or past the sequence's length zero-filled.
 template <typename Elem>
@@ -191,7 +155,7 @@ struct QueryBlock {
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
       uint32_t b0[2], b1[2];
-      load_b_nk(b0, b1, keys(j), kDStride, np * 16, 0);
+      tile::load_b_nk(b0, b1, keys(j), kDStride, np * 16, 0);
 #pragma unroll
       for (int mt = 0; mt < kRowTiles; ++mt) {
         tile::mma<Elem>(s[mt][2 * np], q_frag[mt], b0);
@@ -252,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
     if (j == 0)
 #pragma unroll
       for (int mt = 0; mt < kRowTiles; ++mt)
-        load_a(q_frag[mt], q_s, kDStride, warp * 16 * kRowTiles + mt * 16, 0);
+        tile::load_a(q_frag[mt], q_s, kDStride, warp * 16 * kRowTiles + mt * 16, 0);
     const Elem* vt = blk.values(j);
     float w[kRowTiles][8][4] = {};
     blk.scores(w, q_frag, j);
@@ -262,11 +226,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
       uint32_t a[kRowTiles][4];
 #pragma unroll
       for (int mt = 0; mt < kRowTiles; ++mt)
-        a_from_c<Elem>(a[mt], w[mt][2 * kk], w[mt][2 * kk + 1]);
+        tile::a_from_c<Elem>(a[mt], w[mt][2 * kk], w[mt][2 * kk + 1]);
 #pragma unroll
       for (int np = 0; np < V / 16; ++np) {
         uint32_t b0[2], b1[2];
-        load_b_kn(b0, b1, vt, S::kVStride, np * 16, kk * 16);
+        tile::load_b_kn(b0, b1, vt, S::kVStride, np * 16, kk * 16);
 #pragma unroll
         for (int mt = 0; mt < kRowTiles; ++mt) {
           tile::mma<Elem>(acc[mt][2 * np], a[mt], b0);
@@ -381,7 +345,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
       tile::cp_async_wait<0>();
     }
     __syncthreads();
-    if (i == kt) load_a(k_frag, k_s, kDStride, warp * 16, 0);
+    if (i == kt) tile::load_a(k_frag, k_s, kDStride, warp * 16, 0);
     const Elem* qt = q_s + stage * kTile * kDStride;
     const Elem* gt = g_s + stage * kTile * S::kVStride;
     const float* et = e_s + stage * kTile;
@@ -390,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
       uint32_t b0[2], b1[2];
-      load_b_nk(b0, b1, qt, kDStride, np * 16, 0);
+      tile::load_b_nk(b0, b1, qt, kDStride, np * 16, 0);
       tile::mma<Elem>(s[2 * np], k_frag, b0);
       tile::mma<Elem>(s[2 * np + 1], k_frag, b1);
     }
@@ -398,11 +362,11 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
 #pragma unroll
     for (int ks = 0; ks < V / 16; ++ks) {
       uint32_t a[4];
-      load_a(a, v_s, S::kVStride, warp * 16, ks * 16);
+      tile::load_a(a, v_s, S::kVStride, warp * 16, ks * 16);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t b0[2], b1[2];
-        load_b_nk(b0, b1, gt, S::kVStride, np * 16, ks * 16);
+        tile::load_b_nk(b0, b1, gt, S::kVStride, np * 16, ks * 16);
         tile::mma<Elem>(dw[2 * np], a, b0);
         tile::mma<Elem>(dw[2 * np + 1], a, b1);
       }
@@ -429,17 +393,17 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4], ds_a[4];
-      a_from_c<Elem>(a, w[2 * kk], w[2 * kk + 1]);
-      a_from_c<Elem>(ds_a, dw[2 * kk], dw[2 * kk + 1]);
+      tile::a_from_c<Elem>(a, w[2 * kk], w[2 * kk + 1]);
+      tile::a_from_c<Elem>(ds_a, dw[2 * kk], dw[2 * kk + 1]);
 #pragma unroll
       for (int np = 0; np < V / 16; ++np) {
         uint32_t b0[2], b1[2];
-        load_b_kn(b0, b1, gt, S::kVStride, np * 16, kk * 16);
+        tile::load_b_kn(b0, b1, gt, S::kVStride, np * 16, kk * 16);
         tile::mma<Elem>(dv[2 * np], a, b0);
         tile::mma<Elem>(dv[2 * np + 1], a, b1);
       }
       uint32_t b0[2], b1[2];
-      load_b_kn(b0, b1, qt, kDStride, 0, kk * 16);
+      tile::load_b_kn(b0, b1, qt, kDStride, 0, kk * 16);
       tile::mma<Elem>(dk[0], ds_a, b0);
       tile::mma<Elem>(dk[1], ds_a, b1);
     }
@@ -500,7 +464,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
     if (j == 0)
 #pragma unroll
       for (int mt = 0; mt < kRowTiles; ++mt)
-        load_a(q_frag[mt], q_s, kDStride, warp * 16 * kRowTiles + mt * 16, 0);
+        tile::load_a(q_frag[mt], q_s, kDStride, warp * 16 * kRowTiles + mt * 16, 0);
     const Elem* kt = blk.keys(j);
     const Elem* vt = blk.values(j);
     float s[kRowTiles][8][4] = {}, ds[kRowTiles][8][4] = {};
@@ -511,11 +475,11 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
       uint32_t a[kRowTiles][4];
 #pragma unroll
       for (int mt = 0; mt < kRowTiles; ++mt)
-        load_a(a[mt], g_s, S::kVStride, warp * 16 * kRowTiles + mt * 16, ks * 16);
+        tile::load_a(a[mt], g_s, S::kVStride, warp * 16 * kRowTiles + mt * 16, ks * 16);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t b0[2], b1[2];
-        load_b_nk(b0, b1, vt, S::kVStride, np * 16, ks * 16);
+        tile::load_b_nk(b0, b1, vt, S::kVStride, np * 16, ks * 16);
 #pragma unroll
         for (int mt = 0; mt < kRowTiles; ++mt) {
           tile::mma<Elem>(ds[mt][2 * np], a[mt], b0);
@@ -529,11 +493,11 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t b0[2], b1[2];
-      load_b_kn(b0, b1, kt, kDStride, 0, kk * 16);
+      tile::load_b_kn(b0, b1, kt, kDStride, 0, kk * 16);
 #pragma unroll
       for (int mt = 0; mt < kRowTiles; ++mt) {
         uint32_t a[4];
-        a_from_c<Elem>(a, ds[mt][2 * kk], ds[mt][2 * kk + 1]);
+        tile::a_from_c<Elem>(a, ds[mt][2 * kk], ds[mt][2 * kk + 1]);
         tile::mma<Elem>(dq[mt][0], a, b0);
         tile::mma<Elem>(dq[mt][1], a, b1);
       }

@@ -105,6 +105,42 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// ---- fragments of row-major shared-memory tiles ----------------------------------------------
+// A (16 x 16) from a row-major [row][col] tile at (row0, col0).
+template <typename Elem>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const Elem* tile, int stride, int row0,
+                                       int col0) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4(a, tile + (row0 + lane % 16) * stride + col0 + (lane / 16) * 8);
+}
+// B fragments of n-tiles n0 and n0 + 8 at k-step k0, from a tile stored [n][k] (rows = n).
+template <typename Elem>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b0)[2], uint32_t (&b1)[2], const Elem* tile,
+                                          int stride, int n0, int k0) {
+  const int lane = threadIdx.x % 32, m = lane / 8;
+  uint32_t r[4];
+  ldmatrix_x4(r, tile + (n0 + (m / 2) * 8 + lane % 8) * stride + k0 + (m % 2) * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+// The same from a tile stored [k][n] (rows = k).
+template <typename Elem>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b0)[2], uint32_t (&b1)[2], const Elem* tile,
+                                          int stride, int n0, int k0) {
+  const int lane = threadIdx.x % 32, m = lane / 8;
+  uint32_t r[4];
+  ldmatrix_x4_trans(r, tile + (k0 + (m % 2) * 8 + lane % 8) * stride + n0 + (m / 2) * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+// A fragment of k-step kk from the accumulators of n-tiles 2kk and 2kk + 1 (16 x 8 each).
+template <typename Elem>
+__device__ __forceinline__ void a_from_c(uint32_t (&a)[4], const float (&lo)[4],
+                                         const float (&hi)[4]) {
+  a[0] = pack<Elem>(lo[0], lo[1]);
+  a[1] = pack<Elem>(lo[2], lo[3]);
+  a[2] = pack<Elem>(hi[0], hi[1]);
+  a[3] = pack<Elem>(hi[2], hi[3]);
+}
+
 }  // namespace flashlin::cuda::tile
 
 #endif  // FLASHLIN_SRC_CUDA_MMA_CUH_

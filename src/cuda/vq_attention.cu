@@ -1,5 +1,6 @@
-// CUDA backend of Transformer-VQ attention: a simple, correct-first implementation (no tensor
-// cores yet). Per sequence n and head h, with C the head's codebook [S, K], qs_i = scale q_i,
+// CUDA backend of Transformer-VQ attention: the quantization, and a simple CUDA-core path for the
+// shapes vq_attention_tc.cu does not take. Per sequence n and head h, with C the head's codebook
+// [S, K], qs_i = scale q_i,
 // blocks of L tokens counted from the call's first token (flashlin.h states the op in full):
 //   code_j = first argmin_s sum_i (k_j,i - C_s,i)^2 (float32);  k^_j = C[code_j];
 //   query i of block b: window = tokens j <= i of blocks b - 1, b; aggregates (count_s, U_s) =
@@ -11,7 +12,8 @@
 // P_ij = e^{qs_i.k^_j - lse_i} for every j <= i (window or aggregated: k^_j = C[code_j]):
 //   dq_i = scale (sum_w dS_ij k^_j + sum_s w_is (do_i.U_s - count_s D_i) C_s),
 //          dS_ij = P_ij (do_i.v_j - D_i), w_is = e^{c_is - lse_i};
-//   dk_j = sum_{i >= j} P_ij (do_i.v_j - D_i) qs_i;  dv_j = sum_{i >= j} P_ij do_i + dF[code_j];
+//   dk_j = sum_{i >= j} P_ij (do_i.v_j - D_i) qs_i (window key gradient: i < (j / L + 2) L only);
+//   dv_j = sum_{i >= j} P_ij do_i + dF[code_j];
 //   d_initial U_s = sum_i w_is do_i + dF_s for the codes with count > 0 in initial_state (the
 //   others are unused: their sums are ignored, gradient 0; dF: d_final_state's value sums).
 //
@@ -30,6 +32,7 @@
 #include "cuda/backend.hpp"
 #include "cuda/common.cuh"
 #include "cuda/host.cuh"
+#include "cuda/vq_attention_tc.cuh"
 
 namespace flashlin::cuda {
 namespace {
@@ -50,6 +53,7 @@ struct VqArgs {
   SequenceTable sequences;
   int64_t B = 0, T = 0, H = 0, K = 0, V = 0, S = 0, L = 0;
   float scale = 1.0f;
+  int64_t key_grad_block = 0;   // window key gradient: block_len; 0: every later query
   int32_t* codes = nullptr;     // [B, T, H]
   float* aggregates = nullptr;  // [N H, S, V + 1]
   float* scores = nullptr;      // [N H, kWarps, 2 L + S]
@@ -265,7 +269,8 @@ __global__ void __launch_bounds__(kThreads) vq_key_kernel(VqArgs a, int64_t keys
         for (int64_t x = 0; x < a.V; ++x)
           gv += load(a.d_o, seq.batch, ti, h, x) * load(a.v, seq.batch, tj, h, x);
         cv = expf(a.scale * s - a.lse[r]);
-        ck = cv * (gv - a.delta[r]) * a.scale;
+        const bool reaches_dk = a.key_grad_block == 0 || i < (j / a.key_grad_block + 2) * a.key_grad_block;
+        ck = reaches_dk ? cv * (gv - a.delta[r]) * a.scale : 0.0f;
       }
       coef_k[warp][lane] = ck;
       coef_v[warp][lane] = cv;
@@ -345,6 +350,9 @@ int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Scratch layout of a call.
 struct VqScratch {
   size_t codes = 0, aggregates = 0, scores = 0, lse = 0, delta = 0, total = 0;
+  size_t sums = 0, means = 0;  // the tensor-core path (vq_attention_tc.cu), instead of
+                               // aggregates and scores
+  bool tensor_cores = false;
 };
 
 VqScratch scratch_layout(const VqAttentionParams& p, bool backward) {
@@ -358,8 +366,15 @@ VqScratch scratch_layout(const VqAttentionParams& p, bool backward) {
     return begin;
   };
   s.codes = take(sizeof(int32_t) * tokens);
-  s.aggregates = take(sizeof(float) * ctas * p.num_codes * (p.value_dim + 1));
-  s.scores = take(sizeof(float) * ctas * kWarps * (2 * p.block_len + p.num_codes));
+  s.tensor_cores = vq_tc_supports(p);
+  if (s.tensor_cores) {
+    const size_t per_pair = vq_tc_aggregate_bytes(p);  // float32 sums; the means take half
+    s.sums = take(per_pair * static_cast<size_t>(ctas));
+    s.means = take(per_pair / 2 * static_cast<size_t>(ctas));
+  } else {
+    s.aggregates = take(sizeof(float) * ctas * p.num_codes * (p.value_dim + 1));
+    s.scores = take(sizeof(float) * ctas * kWarps * (2 * p.block_len + p.num_codes));
+  }
   if (backward) {
     s.lse = take(sizeof(float) * tokens);
     s.delta = take(sizeof(float) * tokens);
@@ -384,10 +399,11 @@ VqArgs make_args(const VqAttentionParams& p, char* base, const VqScratch& s, cud
   a.dq = p.dq, a.dk = p.dk, a.dv = p.dv, a.d_initial_state = p.d_initial_state;
   a.B = p.batch, a.T = p.time, a.H = p.num_heads, a.K = p.key_dim, a.V = p.value_dim;
   a.S = p.num_codes, a.L = p.block_len, a.scale = static_cast<float>(p.scale);
+  a.key_grad_block = p.window_key_grad ? p.block_len : 0;
   a.sequences = upload_sequences(p.sequences, p.batch, p.time, base, stream);
   a.codes = reinterpret_cast<int32_t*>(base + s.codes);
-  a.aggregates = reinterpret_cast<float*>(base + s.aggregates);
-  a.scores = reinterpret_cast<float*>(base + s.scores);
+  if (s.aggregates) a.aggregates = reinterpret_cast<float*>(base + s.aggregates);
+  if (s.scores) a.scores = reinterpret_cast<float*>(base + s.scores);
   if (s.lse) a.lse = reinterpret_cast<float*>(base + s.lse);
   if (s.delta) a.delta = reinterpret_cast<float*>(base + s.delta);
   if (p.codes.present) {
@@ -396,6 +412,17 @@ VqArgs make_args(const VqAttentionParams& p, char* base, const VqScratch& s, cud
     for (int i = 0; i < 3; ++i) a.codes_stride[i] = p.codes.stride[i];
   }
   return a;
+}
+
+VqTcBuffers tc_buffers(const VqArgs& a, char* base, const VqScratch& s) {
+  VqTcBuffers b;
+  b.codes = a.codes;
+  b.sums = reinterpret_cast<float*>(base + s.sums);
+  b.means = base + s.means;
+  b.lse = a.lse;
+  b.delta = a.delta;
+  b.sequences = a.sequences;
+  return b;
 }
 
 void launch_quantize(const VqArgs& a, cudaStream_t stream) {
@@ -421,6 +448,10 @@ flashlin_status vq_attention_forward(const VqAttentionParams& p) {
   Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, layout.total, stream);
   const VqArgs a = make_args(p, scratch.base(), layout, stream);
   launch_quantize(a, stream);
+  if (layout.tensor_cores) {
+    vq_tc_forward(p, tc_buffers(a, scratch.base(), layout), stream);
+    return FLASHLIN_SUCCESS;
+  }
   vq_query_kernel<false><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(a);
   check_cuda(cudaGetLastError(), "vq_attention: the forward pass");
   return FLASHLIN_SUCCESS;
@@ -436,13 +467,13 @@ flashlin_status vq_attention_backward(const VqAttentionParams& p) {
   Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, layout.total, stream);
   const VqArgs a = make_args(p, scratch.base(), layout, stream);
   launch_quantize(a, stream);
+  if (layout.tensor_cores) {
+    vq_tc_backward(p, tc_buffers(a, scratch.base(), layout), stream);
+    return FLASHLIN_SUCCESS;
+  }
   vq_query_kernel<true><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(a);
   check_cuda(cudaGetLastError(), "vq_attention: the backward query pass");
-  const int64_t longest = [&] {
-    int64_t most = 0;
-    for (const SequenceSpan& s : p.sequences) most = s.length > most ? s.length : most;
-    return most;
-  }();
+  const int64_t longest = longest_sequence(p.sequences);
   if ((p.dk.present || p.dv.present) && longest > 0) {
     const int64_t keys_per_cta = 4 * kWarps;
     const dim3 grid(static_cast<unsigned>(ceil_div64(longest, keys_per_cta)),

@@ -57,14 +57,21 @@ def nearest_codes(k, codebook):
     return (diff * diff).sum(-1)
 
 
-def dense_sequence(q, k, v, codebook, codes, scale, state):
+def dense_sequence(q, k, v, codebook, codes, scale, state, window=None):
     """One sequence, float64, [T, H, *]: softmax over the state's codes in use (logit + log count,
-    value U/count) and the causal tokens (k^ with the straight-through estimator)."""
+    value U/count) and the causal tokens (k^ with the straight-through estimator; with `window`
+    = block_len, only for the pairs whose query is in the key's block or the next one -- the
+    others see k^ without a gradient to k)."""
     T, H, _ = q.shape
     heads = torch.arange(H)
     k_hat = codebook[heads[None, :], codes]  # [T, H, K]
     k_st = k + (k_hat - k).detach()
     scores = torch.einsum("thk,shk->hts", q, k_st) * scale  # [H, T, T]
+    if window is not None:
+        blocks = torch.arange(T) // window
+        near = (blocks[:, None] - blocks[None, :]) <= 1  # [query, key]
+        detached = torch.einsum("thk,shk->hts", q, k_hat.detach()) * scale
+        scores = torch.where(near[None], scores, detached)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     scores = scores.masked_fill(~causal, -math.inf)
     values = v.permute(1, 0, 2)  # [H, T, V]
@@ -82,7 +89,8 @@ def dense_sequence(q, k, v, codebook, codes, scale, state):
     return o.permute(1, 0, 2)
 
 
-def dense_reference(q, k, v, codebook, codes, scale=None, initial_state=None, cu_seqlens=None):
+def dense_reference(q, k, v, codebook, codes, scale=None, initial_state=None, cu_seqlens=None,
+                    window=None):
     """float64 o and final state of every sequence (inputs: float64 leaves)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     B, T, H, _ = q.shape
@@ -98,7 +106,7 @@ def dense_reference(q, k, v, codebook, codes, scale=None, initial_state=None, cu
         if end > start:
             sl = slice(start, end)
             outs.append(dense_sequence(q[b, sl], k[b, sl], v[b, sl], codebook, codes[b, sl],
-                                       scale, state))
+                                       scale, state, window))
         onehot = torch.nn.functional.one_hot(codes[b, start:end], S).to(F64)  # [t, H, S]
         added = torch.einsum("ths,thv->hsv", onehot,
                              torch.cat([v[b, start:end], torch.ones(end - start, H, 1,
@@ -118,7 +126,8 @@ def leaves(tensors):
 
 
 def run_and_compare(q, k, v, codebook, block_len, initial_state=None, cu_seqlens=None,
-                    scale=None, grads=True, tol=None, device="cpu"):
+                    scale=None, grads=True, tol=None, device="cpu", key_grad="dense",
+                    grad_tol=None):
     """The op (in the inputs' dtype, on `device`) against the dense float64 reference on the
     same (rounded) inputs: o, codes (vs the float64 argmin), final state and, when grads, dq, dk,
     dv and d initial_state under random output / final-state gradients. Outputs and gradients
@@ -130,7 +139,8 @@ def run_and_compare(q, k, v, codebook, block_len, initial_state=None, cu_seqlens
         leaves([initial_state.to(device)]) if with_state else [])
     o, codes, final = vq_attention(*op_in[:4], block_len=block_len, scale=scale,
                                    initial_state=op_in[4] if with_state else None,
-                                   output_final_state=True, cu_seqlens=cu_seqlens)
+                                   output_final_state=True, cu_seqlens=cu_seqlens,
+                                   key_grad=key_grad)
     codes = codes.cpu()
     assert codes.dtype == torch.int64 and codes.shape == q.shape[:3]
     # (a) codes: the chosen code's float64 distance is the minimum, up to the rounding of the
@@ -143,7 +153,8 @@ def run_and_compare(q, k, v, codebook, block_len, initial_state=None, cu_seqlens
     ref_in = leaves([t.to(F64) for t in (q, k, v)]) + [codebook.to(F64)] + (
         leaves([initial_state.to(F64)]) if with_state else [])
     o_ref, final_ref = dense_reference(*ref_in[:4], codes, scale,
-                                       ref_in[4] if with_state else None, cu_seqlens)
+                                       ref_in[4] if with_state else None, cu_seqlens,
+                                       block_len if key_grad == "window" else None)
     assert rel_err(o, o_ref) <= tol, ("o", rel_err(o, o_ref))
     assert rel_err(final, final_ref) <= max(tol, 1e-6), ("final_state", rel_err(final, final_ref))
     if not grads:
@@ -153,13 +164,14 @@ def run_and_compare(q, k, v, codebook, block_len, initial_state=None, cu_seqlens
     ((o.cpu().to(F64) * d_o).sum() + (final.cpu().to(F64) * d_final).sum()).backward()
     ((o_ref * d_o).sum() + (final_ref * d_final).sum()).backward()
     names = ["dq", "dk", "dv"]
+    grad_tol = grad_tol or tol
     for name, mine, ref in zip(names, op_in[:3], ref_in[:3]):
-        assert rel_err(mine.grad, ref.grad) <= tol, (name, rel_err(mine.grad, ref.grad))
+        assert rel_err(mine.grad, ref.grad) <= grad_tol, (name, rel_err(mine.grad, ref.grad))
     if with_state:
         mine = op_in[4].grad
         assert (mine[..., -1] == 0).all(), "counts get no gradient"
         ref = ref_in[4].grad[..., :-1]
-        state_tol = tol if mine.dtype == F64 else max(tol, 1e-5)  # written in the state dtype
+        state_tol = grad_tol if mine.dtype == F64 else max(grad_tol, 1e-5)  # state dtype
         assert rel_err(mine[..., :-1], ref) <= state_tol, ("d_initial_state",
                                                             rel_err(mine[..., :-1], ref))
     return o, codes, final
@@ -174,6 +186,35 @@ def run_and_compare(q, k, v, codebook, block_len, initial_state=None, cu_seqlens
 def test_matches_dense(T, block_len, dtype, device):
     q, k, v, codebook = make_inputs(2, T, 3, 8, 5, 7, dtype)
     run_and_compare(q, k, v, codebook, block_len, device=device)
+
+
+@pytest.mark.parametrize("T,block_len", [(15, 16), (130, 16), (200, 64)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_key_gradient(T, block_len, dtype, device):
+    """key_grad="window": dk from the key's block and the next only (the reference detaches the
+    other pairs' k^); o, dq, dv, d initial_state unchanged from the dense gradient."""
+    q, k, v, codebook = make_inputs(2, T, 2, 8, 5, 7, dtype)
+    state = random_state(2, 2, 7, 5, dtype)
+    run_and_compare(q, k, v, codebook, block_len, initial_state=state, device=device,
+                    key_grad="window")
+
+
+def test_window_key_gradient_differs_from_dense():
+    """The two key gradients agree on the near pairs only: with 3+ blocks they must differ (a
+    test of the option itself), while dq and dv are the same."""
+    q, k, v, codebook = make_inputs(1, 100, 1, 8, 5, 7, F64)
+    grads = {}
+    for mode in ("dense", "window"):
+        ins = leaves([q, k, v])
+        o, _ = vq_attention(*ins, codebook, block_len=16, key_grad=mode)
+        o.sum().backward()
+        grads[mode] = [t.grad for t in ins]
+    assert rel_err(grads["window"][0], grads["dense"][0]) <= 1e-12
+    assert rel_err(grads["window"][2], grads["dense"][2]) <= 1e-12
+    assert rel_err(grads["window"][1], grads["dense"][1]) > 1e-3
+    # keys of the last two blocks (80..99) have no far queries: equal there
+    assert rel_err(grads["window"][1][:, 80:], grads["dense"][1][:, 80:]) <= 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -322,6 +363,8 @@ def test_bad_arguments():
         vq_attention(q, k, v, codebook, block_len=16.0)
     with pytest.raises(ValueError, match="scale"):
         vq_attention(q, k, v, codebook, scale=float("inf"))
+    with pytest.raises(ValueError, match="key_grad"):
+        vq_attention(q, k, v, codebook, key_grad="exact")
     with pytest.raises(ValueError, match="initial_state"):
         vq_attention(q, k, v, codebook, initial_state=torch.zeros(2, 2, 5, 6))
     with pytest.raises(ValueError, match="cu_seqlens"):
@@ -357,6 +400,79 @@ def test_bad_backward_arguments_leave_outputs_untouched():
     assert "d_initial_state" in _lib.lib.flashlin_last_error().decode()
     assert (d_init == 7.0).all()
     del keep
+
+
+def test_bad_key_grad_config_is_rejected_by_the_c_abi():
+    q, k, v, codebook = make_inputs(1, 10, 1, 4, 3, 5)
+    inputs, keep = _vq_inputs(q, k, v, codebook)
+    o = torch.full(v.shape, 7.0)
+    status = _lib.entry("flashlin_vq_attention_forward")(
+        _lib.VqAttentionConfig(0.0, 16, 2), inputs, _lib.TensorView(o, "o").pointer, None, None,
+        None)
+    assert status == _lib.INVALID_ARGUMENT
+    assert "config.key_grad" in _lib.lib.flashlin_last_error().decode()
+    assert (o == 7.0).all()
+    del keep
+
+
+def _vq_inputs(q, k, v, codebook):
+    keep = (q, k, v, codebook)
+    return _lib.VqAttentionInputs(*[_lib.TensorView(t, n).pointer for t, n in
+                                    ((q, "q"), (k, "k"), (v, "v"), (codebook, "codebook"),
+                                     (None, ""), (None, ""))]), keep
+
+
+# --- the CUDA tensor-core path (float16 / bfloat16, K = V in {64, 128}, S % 64 == 0) ---------
+
+@pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+@pytest.mark.parametrize("key_grad", ["dense", "window"])
+@pytest.mark.parametrize("D,S", [(64, 64), (128, 128), (128, 512)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_tensor_core_path(dtype, D, S, key_grad):
+    """T = 1000: eight query tiles of 128 (the last one partial), codes entering the aggregates
+    tile by tile; an initial state; both key gradients (window: block_len 64)."""
+    q, k, v, codebook = make_inputs(2, 1000, 2, D, D, S, dtype)
+    state = random_state(2, 2, S, D)
+    run_and_compare(q, k, v, codebook, 64, initial_state=state, device="cuda",
+                    key_grad=key_grad)
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+def test_cuda_tensor_core_varlen():
+    cu = torch.tensor([0, 0, 1, 130, 130, 400], dtype=torch.int32)
+    q, k, v, codebook = make_inputs(1, 400, 2, 64, 64, 64, torch.bfloat16)
+    state = random_state(5, 2, 64, 64)
+    run_and_compare(q, k, v, codebook, 32, initial_state=state, cu_seqlens=cu, device="cuda")
+    run_and_compare(q, k, v, codebook, 128, cu_seqlens=cu, device="cuda", key_grad="window")
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+def test_cuda_tensor_core_extreme_scores_and_unused_codes():
+    """Scores in the hundreds; code 0 aligned with every query, unused until token 200 (in the
+    window of queries 200..255, then through the aggregates with count 1)."""
+    H, D, S = 2, 64, 64
+    q, k, v, codebook = make_inputs(1, 300, H, D, D, S, F64, key_noise=0.05, q_scale=30.0)
+    direction = torch.randn(H, D, dtype=F64)
+    codebook[:, 0] = 10 * direction
+    q = q.abs() * direction.sign()[None, None]
+    k[0, 200, :] = codebook[:, 0] + 0.01
+    _, codes, _ = run_and_compare(*(t.to(torch.bfloat16) for t in (q, k, v, codebook)), 64,
+                                  device="cuda")
+    assert (codes[0, :200] != 0).all() and (codes[0, 200] == 0).all()
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+def test_cuda_tensor_core_repeatable():
+    """No atomics: the same bits every call, outputs and gradients."""
+    q, k, v, codebook = [t.cuda() for t in make_inputs(2, 333, 2, 128, 128, 128, torch.bfloat16)]
+    results = []
+    for _ in range(2):
+        ins = leaves([q, k, v])
+        o, codes, final = vq_attention(*ins, codebook, block_len=64, output_final_state=True)
+        (o.float().square().sum() + final.sum()).backward()
+        results.append([o, codes, final] + [t.grad for t in ins])
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")

@@ -28,7 +28,8 @@ class VQAttention(LinearAttentionLayer):
     use_cache=False, output_attentions=False, cu_seqlens=None) -> (o, None, cache)."""
 
     def __init__(self, hidden_size=1024, num_heads=4, head_dim=None, num_codes=512,
-                 block_len=64, codebook_decay=0.99, norm_eps=1e-5, layer_idx=None):
+                 block_len=64, codebook_decay=0.99, norm_eps=1e-5, layer_idx=None,
+                 key_grad="dense"):
         super().__init__()
         head_dim = head_dim or hidden_size // num_heads
         if head_dim < 1:
@@ -37,6 +38,9 @@ class VQAttention(LinearAttentionLayer):
             raise ValueError(f"codebook_decay must be in [0, 1), got {codebook_decay}")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.num_codes, self.block_len = num_codes, block_len
+        if key_grad not in ("dense", "window"):
+            raise ValueError(f"key_grad must be 'dense' or 'window', got {key_grad!r}")
+        self.key_grad = key_grad  # "window": the paper's gradient to the keys (ops.vq_attention)
         self.codebook_decay, self.norm_eps = codebook_decay, norm_eps
         self.layer_idx = layer_idx
         inner = num_heads * head_dim
@@ -79,7 +83,8 @@ class VQAttention(LinearAttentionLayer):
         codebook = self.codebook.to(q.dtype, copy=True)  # the EMA update rewrites the buffer
         out = vq_attention(q, k, v, codebook, block_len=self.block_len,
                            initial_state=self._initial_state(step),
-                           output_final_state=step.use_cache, cu_seqlens=step.cu_seqlens)
+                           output_final_state=step.use_cache, cu_seqlens=step.cu_seqlens,
+                           key_grad=self.key_grad)
         o, codes = out[0], out[1]
         state = out[2] if step.use_cache else None
         quantized = codebook[torch.arange(self.num_heads, device=codes.device), codes]

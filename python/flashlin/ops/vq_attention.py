@@ -14,8 +14,12 @@ a call with it as `initial_state` continues the sequence exactly (prefill then d
 
 Gradients: dq, dv, and dk = the gradient w.r.t. k^ (straight-through estimator); none for the
 codebook (learned by EMA outside the op, as in the paper); d initial_state for the value sums
-(the counts get 0). fla has no VQ op; the signature follows fla's conventions. On CUDA:
-float32 / float16 / bfloat16, K and V <= 256 (a simple first kernel set; float64 is CPU-only).
+(the counts get 0). key_grad="dense" (default) is the dense formula's gradient, every query
+i >= j; key_grad="window" keeps only the queries of the key's block of block_len tokens and the
+next one -- the paper's gradient (its cache of codes passes none to the keys), linear in T.
+fla has no VQ op; the signature follows fla's conventions. On CUDA: float32 / float16 /
+bfloat16, K and V <= 256; tensor cores for float16 / bfloat16 with K = V in {64, 128} and S a
+multiple of 64 up to 1024 (float64 is CPU-only).
 """
 from typing import List, Optional, Tuple
 
@@ -114,9 +118,9 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
     def _custom_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         codebook: torch.Tensor, initial_state: Optional[torch.Tensor],
                         cu_seqlens: Optional[torch.Tensor], scale: float, block_len: int,
-                        output_final_state: bool
+                        key_grad: int, output_final_state: bool
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        config = _lib.VqAttentionConfig(scale, block_len)
+        config = _lib.VqAttentionConfig(scale, block_len, key_grad)
         o, codes, final_state = _forward(q, k, v, codebook, initial_state, cu_seqlens, config,
                                          output_final_state)
         if final_state is None:
@@ -124,7 +128,8 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
         return o, codes, final_state
 
     @_custom_forward.register_fake
-    def _(q, k, v, codebook, initial_state, cu_seqlens, scale, block_len, output_final_state):
+    def _(q, k, v, codebook, initial_state, cu_seqlens, scale, block_len, key_grad,
+          output_final_state):
         num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         shape = ((num_seqs, q.shape[2], codebook.shape[1], v.shape[3] + 1)
                  if output_final_state else _EMPTY)
@@ -136,24 +141,24 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
                          codebook: torch.Tensor, initial_state: Optional[torch.Tensor],
                          cu_seqlens: Optional[torch.Tensor], d_o: torch.Tensor,
                          d_final_state: Optional[torch.Tensor], scale: float, block_len: int,
-                         needs: List[bool]) -> List[torch.Tensor]:
-        config = _lib.VqAttentionConfig(scale, block_len)
+                         key_grad: int, needs: List[bool]) -> List[torch.Tensor]:
+        config = _lib.VqAttentionConfig(scale, block_len, key_grad)
         grads = _backward(q, k, v, codebook, initial_state, cu_seqlens, config, d_o,
                           d_final_state, needs)
         return [grad if grad is not None else q.new_empty(_EMPTY) for grad in grads]
 
     @_custom_backward.register_fake
     def _(q, k, v, codebook, initial_state, cu_seqlens, d_o, d_final_state, scale, block_len,
-          needs):
+          key_grad, needs):
         return [torch.empty_like(src, memory_format=torch.contiguous_format)
                 if want and src is not None else q.new_empty(_EMPTY)
                 for want, src in zip(needs, (q, k, v, initial_state))]
 
     def _setup_context(ctx, inputs, output):
-        (q, k, v, codebook, initial_state, cu_seqlens, scale, block_len,
+        (q, k, v, codebook, initial_state, cu_seqlens, scale, block_len, key_grad,
          output_final_state) = inputs
         ctx.save_for_backward(q, k, v, codebook, initial_state, cu_seqlens)
-        ctx.spec = (scale, block_len)
+        ctx.spec = (scale, block_len, key_grad)
         ctx.output_final_state = output_final_state
 
     def _custom_autograd(ctx, d_o, d_codes, d_final_state):
@@ -166,7 +171,7 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
         grads = _custom_backward(q, k, v, codebook, initial_state, cu_seqlens, d_o.contiguous(),
                                  d_final_state, *ctx.spec, needs)
         dq, dk, dv, d_initial = [grad if want else None for grad, want in zip(grads, needs)]
-        return dq, dk, dv, None, d_initial, None, None, None, None
+        return dq, dk, dv, None, d_initial, None, None, None, None, None
 
     _custom_forward.register_autograd(_custom_autograd, setup_context=_setup_context)
 
@@ -177,11 +182,15 @@ def _compiling():
                 and compiler.is_compiling())
 
 
+_KEY_GRADS = {"dense": 0, "window": 1}
+
+
 def vq_attention(q, k, v, codebook, block_len=64, scale=None, initial_state=None,
-                 output_final_state=False, cu_seqlens=None):
+                 output_final_state=False, cu_seqlens=None, key_grad="dense"):
     """q, k [B, T, H, K]; v [B, T, H, V]; codebook [H, S, K]; block_len L in 16..1024;
     scale (default K^-0.5); initial_state [N, H, S, V + 1] (value sums, then counts) or None;
-    cu_seqlens [N + 1] with B == 1 for packed sequences.
+    cu_seqlens [N + 1] with B == 1 for packed sequences; key_grad "dense" or "window" (see the
+    module docstring).
     Returns (o [B, T, H, V], codes int64 [B, T, H]), plus final_state [N, H, S, V + 1]
     (float32; float64 for float64 inputs) when output_final_state."""
     for tensor, name in ((q, "q"), (k, "k"), (v, "v"), (codebook, "codebook")):
@@ -193,12 +202,16 @@ def vq_attention(q, k, v, codebook, block_len=64, scale=None, initial_state=None
     if scale is not None and float(scale) == 0.0:  # 0 means "default" to the library
         raise ValueError("argument 'scale': expected a non-zero finite value or None, got 0")
     scale_value = 0.0 if scale is None else float(scale)
+    if key_grad not in _KEY_GRADS:
+        raise ValueError(f"argument 'key_grad': expected 'dense' or 'window', got {key_grad!r}")
+    key_grad_value = _KEY_GRADS[key_grad]
     cu_seqlens = _lib.on_host(cu_seqlens)
     if _custom_forward is not None and _compiling():  # no ctypes objects in a traced graph
         o, codes, final_state = _custom_forward(q, k, v, codebook, initial_state, cu_seqlens,
-                                                scale_value, int(block_len), output_final_state)
+                                                scale_value, int(block_len), key_grad_value,
+                                                output_final_state)
         return (o, codes, final_state) if output_final_state else (o, codes)
-    config = _lib.VqAttentionConfig(scale_value, int(block_len))
+    config = _lib.VqAttentionConfig(scale_value, int(block_len), key_grad_value)
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, initial_state)):
         o, codes, final_state = _VqAttentionFunction.apply(

@@ -15,7 +15,8 @@
 //   aggregated pairs (j in blocks <= b_i - 2, w = w_{i,code_j}): dv_j += w do_i and
 //     dk_j += w (do_i.v_j - D_i) qs_i, i.e. with per-code sums over those queries
 //     R_s = sum w_is do_i, M_s = sum w_is qs_i do_i^T (K x V), N_s = sum w_is D_i qs_i:
-//     dv_j += R_{code_j};  dk_j += M_{code_j} v_j - N_{code_j}  (a reverse loop over blocks);
+//     dv_j += R_{code_j};  dk_j += M_{code_j} v_j - N_{code_j}  (a reverse loop over blocks;
+//     the window key gradient, the paper's, leaves dk out of these pairs: no M, N);
 //   d_initial_state: value sums sum_i w_is do_i + d_final_state's (counts: 0), for the codes with
 //     count > 0 in initial_state; a code with count 0 there is unused, its sums ignored (grad 0);
 //   d_final_state's value sums also flow to dv_j through U_{code_j}.
@@ -301,7 +302,8 @@ struct HeadTask {
       }
     }
     const int64_t U = static_cast<int64_t>(used.size());
-    std::vector<Real> R(U * V, Real(0)), M(U * K * V, Real(0)), N(U * K, Real(0));
+    const int64_t key_codes = p.window_key_grad ? 0 : U;  // M and N serve the dense dk only
+    std::vector<Real> R(U * V, Real(0)), M(key_codes * K * V, Real(0)), N(key_codes * K, Real(0));
     for (int64_t b = blocks - 3; b >= 0; --b) {
       // Add the queries of block b + 2.
       for (int64_t i = (b + 2) * L; i < std::min(len, (b + 3) * L); ++i) {
@@ -311,6 +313,7 @@ struct HeadTask {
           if (first_block[u] > b) continue;  // not yet aggregated at block b + 2
           const Real w = std::exp(dot(query, &codebook[used[u] * K], K) - log_z[i]);
           axpy(w, g, &R[u * V], V);
+          if (p.window_key_grad) continue;  // the aggregated pairs pass no gradient to k
           axpy(w * delta[i], query, &N[u * K], K);
           Real* m = &M[u * K * V];
           for (int64_t a = 0; a < K; ++a) axpy(w * query[a], g, m + a * V, V);
@@ -319,6 +322,7 @@ struct HeadTask {
       for (int64_t j = b * L; j < std::min(len, (b + 1) * L); ++j) {
         const int64_t u = slot[code[j]];
         axpy(Real(1), &R[u * V], &dv[j * V], V);
+        if (p.window_key_grad) continue;
         const Real* m = &M[u * K * V];
         Real* dkj = &dk[j * K];
         for (int64_t a = 0; a < K; ++a) dkj[a] += dot(m + a * V, &v[j * V], V) - N[u * K + a];

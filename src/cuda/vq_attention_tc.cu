@@ -1,0 +1,803 @@
+// Transformer-VQ attention on the tensor cores. Per sequence and head, with C the codebook [S, D],
+// code_j the key's code (vq_attention.cu quantizes) and k^_j = C[code_j], the op is dense causal
+// softmax attention over the quantized keys (scale c):
+//   o_i = sum_{j <= i} e^{c q_i.k^_j} v_j / sum_{j <= i} e^{c q_i.k^_j},
+// computed in O(T (S + 128)) per head. The queries go in tiles of 128 tokens; a tile attends to
+// its own tokens (causal) and, for every earlier token, to the token's code through the
+// aggregates count_s (earlier tokens with code s, plus initial_state's count) and mean_s =
+// U_s / count_s (U_s their value sum): S more keys C_s with logit bias log count_s and value
+// mean_s, in one online softmax; a code with count 0 is masked. Exactly the dense softmax up to
+// rounding (mean_s is rounded to the input type, like any value).
+// Backward, with lse_i, D_i = do_i.o_i, P_ij = e^{c q_i.k^_j - lse_i}, dS_ij = P_ij (do_i.v_j -
+// D_i) and w_is = e^{c q_i.C_s - lse_i}:
+//   dq_i = c sum_j dS_ij k^_j     over the same keys (a code: value mean_s, weight count_s w_is);
+//   dv_j = sum_{i >= j} P_ij do_i + dF_{code_j}
+//        = (queries of j's own tile) + sum_{queries of later tiles} w_{i,code_j} do_i + dF_{code_j};
+//   dk_j = c sum_{i >= j} dS_ij q_i   (straight-through: dL/dk^_j), or with the window key
+//          gradient only over the queries of j's block of block_len tokens and the next block
+//          (the paper's: its cache of codes passes no gradient to the keys);
+//   d initial U_s = sum_i w_is do_i + dF_s for the codes with count > 0 in initial_state
+// (dF: d_final_state's value sums; counts get no gradient).
+//
+// Kernels (mma.sync m16n8k16 with float32 accumulation, tiles double-buffered with cp.async):
+//   sequential_kernel  one block (8 warps of 16 queries) per (sequence, head) walks its query
+//                      tiles in order with the aggregates: float32 sums and input-type means in
+//                      scratch, counts and log2 biases in shared memory, updated after each tile
+//                      in token order (no atomics: every call gives the same bits). Passes:
+//                      forward (o, final_state), prologue (lse, D), dq.
+//   code_kernel        one block per (sequence, head, 64 codes) walks the query tiles backwards
+//                      with R_s = dF_s + sum_{later tiles} w_is do_i per code: writes dv_j = R_{code_j}
+//                      (dv's aggregated part) and d initial_state.
+//   key_kernel         one block per (sequence, head, 64 keys): dk, and dv's own-tile part added
+//                      to what code_kernel wrote.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/chunk.cuh"
+#include "cuda/common.cuh"
+#include "cuda/host.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/vq_attention_tc.cuh"
+
+namespace flashlin::cuda {
+namespace {
+
+using detail::VqAttentionParams;
+
+constexpr int kKeyTile = 64;  // keys (or codes) per streamed tile; queries per step of the
+                              // code and key kernels
+constexpr int kSeqWarps = 8;
+constexpr int kSeqThreads = 32 * kSeqWarps;
+constexpr int kQueryTile = 16 * kSeqWarps;  // queries per tile: the aggregation granularity
+constexpr int kTileWarps = 4;               // code and key kernels: 16 codes / keys per warp
+constexpr int kTileThreads = 32 * kTileWarps;
+constexpr int kMaxCodes = 1024;
+constexpr float kLog2e = 1.4426950408889634f;
+// w_is of a code is at most 1 / count_s; the clamp only keeps codes that are never read finite.
+constexpr float kMaxCodeLog2Weight = 64.f;
+
+enum class Pass { kForward, kPrologue, kDq };
+
+struct Args {
+  StridedTensor q, v, codebook, initial_state, o, final_state, d_o, d_final_state;
+  StridedTensor dq, dk, dv, d_initial_state;
+  SequenceTable sequences;
+  int64_t num_heads = 0, time = 0;
+  int num_codes = 0;
+  float scale = 1.f, scale_log2 = 1.f;  // c and c log2(e): the scores in log2 units
+  int64_t key_grad_block = 0;           // 0: dk from every later query; else block_len
+  const int32_t* codes = nullptr;
+  float* sums = nullptr;
+  void* means = nullptr;
+  float* lse = nullptr;  // log2 units
+  float* delta = nullptr;
+};
+
+template <int D>
+struct Shape {
+  static constexpr int kStride = D + 8;  // shared-memory row stride (elements)
+  static constexpr size_t kTileBytes = size_t{kKeyTile} * kStride * 2;
+  static constexpr size_t kQueryBytes = size_t{kQueryTile} * kStride * 2;
+  static size_t sequential_smem(Pass pass, int codes) {
+    return kQueryBytes * (pass == Pass::kDq ? 2 : 1) + 4 * kTileBytes +
+           2 * sizeof(float) * static_cast<size_t>(codes) + 3 * sizeof(int) * kQueryTile;
+  }
+  // codes, two stages of (queries, d_o, lse), R staged as float [64][D + 4], a tile's codes.
+  static constexpr size_t kCodeSmem = 5 * kTileBytes + 2 * kKeyTile * sizeof(float) +
+                                      size_t{kKeyTile} * (D + 4) * sizeof(float) +
+                                      kQueryTile * sizeof(int);
+  // keys, values, two stages of (queries, d_o, lse, D).
+  static constexpr size_t kKeySmem = 6 * kTileBytes + 4 * kKeyTile * sizeof(float);
+};
+
+__device__ __forceinline__ int64_t token_index(const Args& a, const SequenceSpan& seq, int64_t t,
+                                               int64_t head) {
+  return (seq.batch * a.time + seq.start + t) * a.num_heads + head;
+}
+
+template <typename Elem>
+__device__ __forceinline__ const Elem* row_of(const StridedTensor& x, int64_t i0, int64_t i1,
+                                              int64_t i2) {
+  return reinterpret_cast<const Elem*>(x.data) + element_offset(x, i0, i1, i2, 0);
+}
+
+// `rows` rows of D 16-bit features into dst (row stride D + 8); row r is read from row_address(r),
+// or zero-filled where that is nullptr.
+template <int D, int kThreads, typename Elem, typename RowAddress>
+__device__ void issue_tile(Elem* dst, int rows, const Elem* any_valid, RowAddress row_address) {
+  constexpr int kParts = D / 8;
+  for (int idx = threadIdx.x; idx < rows * kParts; idx += kThreads) {
+    const int row = idx / kParts, part = idx % kParts;
+    const Elem* src = row_address(row);
+    tile::cp_async_16(dst + row * (D + 8) + part * 8, (src ? src : any_valid) + part * 8,
+                      src ? 16 : 0);
+  }
+}
+
+// Rows first .. first + rows - 1 of a token tensor of the sequence (zeros past its end).
+template <typename Elem>
+struct TokenRows {
+  const StridedTensor& x;
+  const SequenceSpan& seq;
+  int64_t head, first;
+  __device__ const Elem* operator()(int row) const {
+    return first + row < seq.length ? row_of<Elem>(x, seq.batch, seq.start + first + row, head)
+                                    : nullptr;
+  }
+};
+
+// The m16n8 score tile s = q k^T of one warp (16 rows) against 64 keys: A from registers (one
+// fragment per 16 features), B from a [key][feature] tile.
+template <typename Elem, int D>
+__device__ __forceinline__ void score_tile(float (&s)[8][4], const uint32_t (&a)[D / 16][4],
+                                           const Elem* keys) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t b0[2], b1[2];
+      tile::load_b_nk(b0, b1, keys, D + 8, np * 16, ks * 16);
+      tile::mma<Elem>(s[2 * np], a[ks], b0);
+      tile::mma<Elem>(s[2 * np + 1], a[ks], b1);
+    }
+}
+
+// acc (16 x D) += p (16 x 64, accumulator layout) . rows (64 x D, [key][feature] tile).
+template <typename Elem, int D>
+__device__ __forceinline__ void accumulate_tile(float (&acc)[D / 8][4], const float (&p)[8][4],
+                                                const Elem* rows) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    uint32_t a[4];
+    tile::a_from_c<Elem>(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      uint32_t b0[2], b1[2];
+      tile::load_b_kn(b0, b1, rows, D + 8, np * 16, kk * 16);
+      tile::mma<Elem>(acc[2 * np], a, b0);
+      tile::mma<Elem>(acc[2 * np + 1], a, b1);
+    }
+  }
+}
+
+// Sum over the 4 lanes of a quad (the lanes holding one accumulator row).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// ---- the sequential pass: forward, backward prologue, dq ---------------------------------------
+template <typename Elem, int D, Pass kPass>
+__global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a) {
+  constexpr int kStride = D + 8;
+  constexpr bool kDq = kPass == Pass::kDq;
+  extern __shared__ __align__(128) char smem[];
+  Elem* const q_s = reinterpret_cast<Elem*>(smem);
+  Elem* const g_s = q_s + kQueryTile * kStride;  // d_o (dq pass)
+  Elem* const key_s = g_s + (kDq ? kQueryTile * kStride : 0);
+  Elem* const val_s = key_s + 2 * kKeyTile * kStride;
+  float* const count_s = reinterpret_cast<float*>(val_s + 2 * kKeyTile * kStride);
+  float* const bias_s = count_s + a.num_codes;  // log2 count_s, -inf for count 0
+  int* const tile_codes = reinterpret_cast<int*>(bias_s + a.num_codes);
+  int* const next_same = tile_codes + kQueryTile;  // next token of the tile with the same code
+  int* const leads = next_same + kQueryTile;       // first token of the tile with its code
+
+  const int64_t nh = blockIdx.x, n = nh / a.num_heads, head = nh % a.num_heads;
+  const SequenceSpan seq = a.sequences[n];
+  const int S = a.num_codes, code_tiles = S / kKeyTile;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane % 4;
+  float* const sums = a.sums + nh * S * D;
+  Elem* const means = reinterpret_cast<Elem*>(a.means) + nh * S * D;
+  const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
+  const int64_t code_stride = a.codebook.stride[2];
+
+  // The aggregates of initial_state (a code with count <= 0 summarises nothing).
+  const StridedTensor& init = a.initial_state;
+  for (int idx = threadIdx.x; idx < S * D; idx += kSeqThreads) {
+    const int s = idx / D;
+    float count = 0.f, sum = 0.f;
+    if (init.present) {
+      count = load_float(init, element_offset(init, n, head, s, D));
+      if (count > 0.f) sum = load_float(init, element_offset(init, n, head, s, idx % D));
+    }
+    sums[idx] = sum;
+    means[idx] = from_float<Elem>(count > 0.f ? sum / count : 0.f);
+  }
+  for (int s = threadIdx.x; s < S; s += kSeqThreads) {
+    const float count = init.present ? load_float(init, element_offset(init, n, head, s, D)) : 0.f;
+    count_s[s] = count > 0.f ? count : 0.f;
+    bias_s[s] = count > 0.f ? log2f(count) : -INFINITY;
+  }
+  __syncthreads();
+
+  const int64_t length = seq.length;
+  const int tiles = static_cast<int>((length + kQueryTile - 1) / kQueryTile);
+  const Elem* const any_valid = codebook;
+  for (int t = 0; t < tiles; ++t) {
+    const int64_t first = int64_t{t} * kQueryTile;
+    const int tokens = static_cast<int>(min(int64_t{kQueryTile}, length - first));
+    const int key_tiles = code_tiles + (tokens + kKeyTile - 1) / kKeyTile;
+    // Key tile kt: codes first (keys C_s, values mean_s), then the tile's own tokens (keys
+    // C[code_j], values v_j), which stay resident for the aggregate update.
+    auto issue_keys = [&](int kt) {
+      Elem* keys = key_s + (kt % 2) * kKeyTile * kStride;
+      Elem* values = val_s + (kt % 2) * kKeyTile * kStride;
+      if (kt < code_tiles) {
+        const int c0 = kt * kKeyTile;
+        issue_tile<D, kSeqThreads>(keys, kKeyTile, any_valid, [&](int r) {
+          return codebook + (c0 + r) * code_stride;
+        });
+        issue_tile<D, kSeqThreads>(values, kKeyTile, any_valid,
+                                   [&](int r) -> const Elem* { return means + (c0 + r) * D; });
+      } else {
+        const int64_t key0 = first + (kt - code_tiles) * kKeyTile;
+        issue_tile<D, kSeqThreads>(keys, kKeyTile, any_valid, [&](int r) -> const Elem* {
+          if (key0 + r >= length) return nullptr;
+          return codebook + a.codes[token_index(a, seq, key0 + r, head)] * code_stride;
+        });
+        issue_tile<D, kSeqThreads>(values, kKeyTile, any_valid,
+                                   TokenRows<Elem>{a.v, seq, head, key0});
+      }
+    };
+    issue_tile<D, kSeqThreads>(q_s, kQueryTile, any_valid, TokenRows<Elem>{a.q, seq, head, first});
+    if constexpr (kDq)
+      issue_tile<D, kSeqThreads>(g_s, kQueryTile, any_valid,
+                                 TokenRows<Elem>{a.d_o, seq, head, first});
+    issue_keys(0);
+    tile::cp_async_commit();
+
+    const int64_t row0 = first + warp * 16 + lane / 4;  // rows row0 and row0 + 8
+    const int64_t warp_last = first + warp * 16 + 15;
+    float row_lse[2] = {0.f, 0.f}, row_delta[2] = {0.f, 0.f};
+    if constexpr (kDq) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const bool valid = row0 + 8 * r < length;
+        const int64_t at = token_index(a, seq, valid ? row0 + 8 * r : 0, head);
+        row_lse[r] = valid ? a.lse[at] : INFINITY;  // rows past the end: P = 0
+        row_delta[r] = valid ? a.delta[at] : 0.f;
+      }
+    }
+    uint32_t q_frag[D / 16][4], g_frag[kDq ? D / 16 : 1][4];
+    float acc[D / 8][4] = {};  // o's numerator, or dq / c
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    for (int kt = 0; kt < key_tiles; ++kt) {
+      if (kt + 1 < key_tiles) {
+        issue_keys(kt + 1);
+        tile::cp_async_commit();
+        tile::cp_async_wait<1>();
+      } else {
+        tile::cp_async_wait<0>();
+      }
+      __syncthreads();
+      if (kt == 0) {
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+          tile::load_a(q_frag[ks], q_s, kStride, warp * 16, ks * 16);
+          if constexpr (kDq) tile::load_a(g_frag[ks], g_s, kStride, warp * 16, ks * 16);
+        }
+      }
+      const Elem* keys = key_s + (kt % 2) * kKeyTile * kStride;
+      const Elem* values = val_s + (kt % 2) * kKeyTile * kStride;
+      const bool is_code = kt < code_tiles;
+      const int64_t key0 = first + (kt - code_tiles) * kKeyTile;
+      if (is_code || key0 <= warp_last) {  // else every key of the tile is after the warp's rows
+        float s[8][4];
+        score_tile<Elem, D>(s, q_frag, keys);
+        if (is_code) {  // logit in log2 units: c log2(e) q.C_s + log2 count_s
+          const float* bias = bias_s + kt * kKeyTile;
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              s[nt][e] = fmaf(s[nt][e], a.scale_log2, bias[nt * 8 + 2 * quad + (e & 1)]);
+        } else {  // causal: key <= row, key < length
+          int limit[2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int64_t last = min(row0 + 8 * r, length - 1) - key0;
+            limit[r] = static_cast<int>(last < -1 ? -1 : (last > 63 ? 63 : last));
+          }
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              s[nt][e] = nt * 8 + 2 * quad + (e & 1) <= limit[e / 2] ? s[nt][e] * a.scale_log2
+                                                                     : -INFINITY;
+        }
+        if constexpr (!kDq) {  // online softmax
+          float new_max[2], base[2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) new_max[r] = row_max[r];
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) new_max[e / 2] = fmaxf(new_max[e / 2], s[nt][e]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            new_max[r] = quad_max(new_max[r]);
+            base[r] = new_max[r] == -INFINITY ? 0.f : new_max[r];  // nothing seen yet
+            const float alpha = tile::fast_exp2(row_max[r] - base[r]);
+            row_max[r] = new_max[r];
+            row_sum[r] *= alpha;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) acc[nt][2 * r] *= alpha, acc[nt][2 * r + 1] *= alpha;
+          }
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              s[nt][e] = tile::fast_exp2(s[nt][e] - base[e / 2]);
+              row_sum[e / 2] += s[nt][e];
+            }
+          accumulate_tile<Elem, D>(acc, s, values);
+        } else {  // dS = P (do.value - D), dq += dS key
+          float dp[8][4];
+          score_tile<Elem, D>(dp, g_frag, values);
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              dp[nt][e] = tile::fast_exp2(s[nt][e] - row_lse[e / 2]) * (dp[nt][e] - row_delta[e / 2]);
+          accumulate_tile<Elem, D>(acc, dp, keys);
+        }
+      }
+      __syncthreads();  // the stage is refilled next
+    }
+
+    // Epilogue: o; or lse and D; or dq.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = row0 + 8 * r;
+      const bool valid = row < length;
+      const int64_t token = seq.start + (valid ? row : 0);
+      if constexpr (kDq) {
+        if (!valid) continue;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt)
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dq.data) +
+                                       element_offset(a.dq, seq.batch, token, head,
+                                                      nt * 8 + 2 * quad)) =
+              tile::pack<Elem>(a.scale * acc[nt][2 * r], a.scale * acc[nt][2 * r + 1]);
+      } else {
+        const float total = quad_sum(row_sum[r]);
+        const float inv = valid ? 1.f / total : 0.f;
+        float dot = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+          const int col = nt * 8 + 2 * quad;
+          const float o0 = acc[nt][2 * r] * inv, o1 = acc[nt][2 * r + 1] * inv;
+          if (!valid) continue;
+          if constexpr (kPass == Pass::kForward) {
+            *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.o.data) +
+                                         element_offset(a.o, seq.batch, token, head, col)) =
+                tile::pack<Elem>(o0, o1);
+          } else {
+            const float2 g = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
+                row_of<Elem>(a.d_o, seq.batch, token, head) + col));
+            dot += g.x * o0 + g.y * o1;
+          }
+        }
+        if constexpr (kPass == Pass::kPrologue) {
+          dot = quad_sum(dot);
+          if (valid && quad == 0) {
+            const int64_t at = token_index(a, seq, row, head);
+            a.lse[at] = row_max[r] + log2f(total);
+            a.delta[at] = dot;
+          }
+        }
+      }
+    }
+
+    // The tile's tokens join the aggregates (not needed after the last tile, except for the
+    // forward's final_state). Tokens with the same code form a chain; the chain's first token
+    // adds the chain's values in token order: no two threads touch one code.
+    if (t + 1 == tiles && !(kPass == Pass::kForward && a.final_state.present)) break;
+    if (threadIdx.x < tokens) tile_codes[threadIdx.x] = a.codes[token_index(a, seq, first + threadIdx.x, head)];
+    __syncthreads();
+    if (threadIdx.x < tokens) {
+      const int j = threadIdx.x, code = tile_codes[j];
+      int next = -1, lead = 1;
+      for (int u = 0; u < tokens; ++u)
+        if (tile_codes[u] == code) {
+          if (u < j) lead = 0;
+          if (u > j && next < 0) next = u;
+        }
+      next_same[j] = next;
+      leads[j] = lead;
+    }
+    __syncthreads();
+    if (threadIdx.x < tokens && leads[threadIdx.x]) {
+      int size = 0;
+      for (int u = threadIdx.x; u >= 0; u = next_same[u]) ++size;
+      const int code = tile_codes[threadIdx.x];
+      count_s[code] += static_cast<float>(size);
+      bias_s[code] = log2f(count_s[code]);
+    }
+    __syncthreads();
+    // The tile's values are the last key tiles' values, still in shared memory.
+    auto value = [&](int u, int x) {
+      return to_float(val_s[((code_tiles + u / kKeyTile) % 2) * kKeyTile * kStride +
+                            (u % kKeyTile) * kStride + x]);
+    };
+    constexpr int kBatch = 8;  // independent sums loads in flight per thread
+    for (int base = threadIdx.x; base < tokens * D; base += kBatch * kSeqThreads) {
+      int at[kBatch];
+      float old[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int idx = base + b * kSeqThreads;
+        at[b] = idx < tokens * D && leads[idx / D] ? tile_codes[idx / D] * D + idx % D : -1;
+        old[b] = at[b] >= 0 ? sums[at[b]] : 0.f;
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        if (at[b] < 0) continue;
+        const int idx = base + b * kSeqThreads, x = idx % D;
+        float total = old[b];
+        for (int u = idx / D; u >= 0; u = next_same[u]) total += value(u, x);
+        sums[at[b]] = total;
+        means[at[b]] = from_float<Elem>(total / count_s[at[b] / D]);
+      }
+    }
+    __syncthreads();
+  }
+
+  if constexpr (kPass == Pass::kForward) {
+    if (!a.final_state.present) return;
+    for (int idx = threadIdx.x; idx < S * (D + 1); idx += kSeqThreads) {
+      const int s = idx / (D + 1), x = idx % (D + 1);
+      store_float(a.final_state, element_offset(a.final_state, n, head, s, x),
+                  x < D ? sums[s * D + x] : count_s[s]);
+    }
+  }
+}
+
+// ---- dv's aggregated part and d initial_state, per 64 codes ------------------------------------
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
+  constexpr int kStride = D + 8, kRStride = D + 4;
+  extern __shared__ __align__(128) char smem[];
+  Elem* const code_s = reinterpret_cast<Elem*>(smem);
+  Elem* const q_s = code_s + kKeyTile * kStride;  // two stages
+  Elem* const g_s = q_s + 2 * kKeyTile * kStride;
+  float* const lse_s = reinterpret_cast<float*>(g_s + 2 * kKeyTile * kStride);
+  float* const r_s = lse_s + 2 * kKeyTile;
+  int* const tile_codes = reinterpret_cast<int*>(r_s + kKeyTile * kRStride);
+
+  const int64_t nh = blockIdx.y, n = nh / a.num_heads, head = nh % a.num_heads;
+  const SequenceSpan seq = a.sequences[n];
+  const int c0 = blockIdx.x * kKeyTile;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane % 4;
+  const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
+  const int64_t code_stride = a.codebook.stride[2];
+  const int64_t length = seq.length;
+  const int steps = static_cast<int>((length + kKeyTile - 1) / kKeyTile);
+
+  auto issue_step = [&](int u, int stage) {  // queries u * 64 .. + 63
+    const int64_t first = int64_t{u} * kKeyTile;
+    issue_tile<D, kTileThreads>(q_s + stage * kKeyTile * kStride, kKeyTile, codebook,
+                                TokenRows<Elem>{a.q, seq, head, first});
+    issue_tile<D, kTileThreads>(g_s + stage * kKeyTile * kStride, kKeyTile, codebook,
+                                TokenRows<Elem>{a.d_o, seq, head, first});
+    for (int i = threadIdx.x; i < kKeyTile; i += kTileThreads)
+      lse_s[stage * kKeyTile + i] =
+          first + i < length ? a.lse[token_index(a, seq, first + i, head)] : INFINITY;
+  };
+  issue_tile<D, kTileThreads>(code_s, kKeyTile, codebook,
+                              [&](int r) { return codebook + (c0 + r) * code_stride; });
+  if (steps > 0) issue_step(steps - 1, 0);
+  tile::cp_async_commit();
+
+  // R: rows = codes c0 + 16 warp + lane / 4 (+ 8), columns nt * 8 + 2 quad (+ 1).
+  float acc[D / 8][4];
+  const int code_row = c0 + warp * 16 + lane / 4;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      acc[nt][e] = a.d_final_state.present
+                       ? load_float(a.d_final_state,
+                                    element_offset(a.d_final_state, n, head, code_row + 8 * (e / 2),
+                                                   nt * 8 + 2 * quad + (e & 1)))
+                       : 0.f;
+  uint32_t code_frag[D / 16][4];
+  for (int step = 0; step < steps; ++step) {
+    const int u = steps - 1 - step, stage = step % 2;
+    // Before the first (in reverse) step of a query tile, R = dF + the later tiles: it is dv's
+    // aggregated part for the tile's own tokens with these codes.
+    if (u == steps - 1 || u % 2 == 1) {
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          r_s[(warp * 16 + lane / 4 + 8 * (e / 2)) * kRStride + nt * 8 + 2 * quad + (e & 1)] =
+              acc[nt][e];
+      const int64_t tile_first = int64_t{u / 2} * kQueryTile;
+      const int tokens = static_cast<int>(min(int64_t{kQueryTile}, length - tile_first));
+      for (int i = threadIdx.x; i < tokens; i += kTileThreads)
+        tile_codes[i] = a.codes[token_index(a, seq, tile_first + i, head)] - c0;
+      __syncthreads();
+      if (a.dv.present)
+        for (int idx = threadIdx.x; idx < tokens * (D / 2); idx += kTileThreads) {
+          const int j = idx / (D / 2), x = 2 * (idx % (D / 2)), c = tile_codes[j];
+          if (c < 0 || c >= kKeyTile) continue;
+          *reinterpret_cast<uint32_t*>(
+              reinterpret_cast<Elem*>(a.dv.data) +
+              element_offset(a.dv, seq.batch, seq.start + tile_first + j, head, x)) =
+              tile::pack<Elem>(r_s[c * kRStride + x], r_s[c * kRStride + x + 1]);
+        }
+      __syncthreads();
+    }
+    if (step + 1 < steps) {
+      issue_step(u - 1, (step + 1) % 2);
+      tile::cp_async_commit();
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (step == 0)
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks)
+        tile::load_a(code_frag[ks], code_s, kStride, warp * 16, ks * 16);
+    const Elem* queries = q_s + stage * kKeyTile * kStride;
+    const float* lse = lse_s + stage * kKeyTile;
+    float w[8][4];
+    score_tile<Elem, D>(w, code_frag, queries);  // [codes][queries]
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        w[nt][e] = tile::fast_exp2(fminf(fmaf(w[nt][e], a.scale_log2, -lse[nt * 8 + 2 * quad + (e & 1)]),
+                                         kMaxCodeLog2Weight));
+    accumulate_tile<Elem, D>(acc, w, g_s + stage * kKeyTile * kStride);
+    __syncthreads();
+  }
+  if (!a.d_initial_state.present) return;
+  const StridedTensor& init = a.initial_state;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int code = code_row + 8 * r;
+    const bool used = load_float(init, element_offset(init, n, head, code, D)) > 0.f;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        store_float(a.d_initial_state,
+                    element_offset(a.d_initial_state, n, head, code, nt * 8 + 2 * quad + e),
+                    used ? acc[nt][2 * r + e] : 0.f);
+    if (quad == 0)  // counts get no gradient
+      store_float(a.d_initial_state, element_offset(a.d_initial_state, n, head, code, D), 0.f);
+  }
+}
+
+// ---- dk and dv's own-tile part, per 64 keys ----------------------------------------------------
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kTileThreads) key_kernel(const Args a) {
+  constexpr int kStride = D + 8;
+  extern __shared__ __align__(128) char smem[];
+  Elem* const k_s = reinterpret_cast<Elem*>(smem);
+  Elem* const v_s = k_s + kKeyTile * kStride;
+  Elem* const q_s = v_s + kKeyTile * kStride;  // two stages
+  Elem* const g_s = q_s + 2 * kKeyTile * kStride;
+  float* const stat_s = reinterpret_cast<float*>(g_s + 2 * kKeyTile * kStride);  // lse, D stages
+
+  const int64_t nh = blockIdx.y, n = nh / a.num_heads, head = nh % a.num_heads;
+  const SequenceSpan seq = a.sequences[n];
+  const int64_t length = seq.length, key0 = int64_t{blockIdx.x} * kKeyTile;
+  if (key0 >= length) return;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane % 4;
+  const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
+  const int64_t code_stride = a.codebook.stride[2];
+
+  // Queries that reach these keys: dv's own tile; dk's every later query or two blocks.
+  const int64_t dv_end = min(length, (key0 / kQueryTile + 1) * kQueryTile);
+  const int64_t block = a.key_grad_block;
+  const int64_t dk_end =
+      block > 0 ? min(length, ((min(key0 + kKeyTile, length) - 1) / block + 2) * block) : length;
+  const int64_t query_end = a.dk.present ? max(dv_end, dk_end) : dv_end;
+  const int first_step = static_cast<int>(key0 / kKeyTile);
+  const int steps = static_cast<int>((query_end + kKeyTile - 1) / kKeyTile) - first_step;
+
+  auto issue_step = [&](int step, int stage) {
+    const int64_t first = (first_step + int64_t{step}) * kKeyTile;
+    issue_tile<D, kTileThreads>(q_s + stage * kKeyTile * kStride, kKeyTile, codebook,
+                                TokenRows<Elem>{a.q, seq, head, first});
+    issue_tile<D, kTileThreads>(g_s + stage * kKeyTile * kStride, kKeyTile, codebook,
+                                TokenRows<Elem>{a.d_o, seq, head, first});
+    for (int i = threadIdx.x; i < kKeyTile; i += kTileThreads) {
+      const bool valid = first + i < length;
+      const int64_t at = token_index(a, seq, valid ? first + i : 0, head);
+      stat_s[stage * 2 * kKeyTile + i] = valid ? a.lse[at] : INFINITY;
+      stat_s[stage * 2 * kKeyTile + kKeyTile + i] = valid ? a.delta[at] : 0.f;
+    }
+  };
+  issue_tile<D, kTileThreads>(k_s, kKeyTile, codebook, [&](int r) -> const Elem* {
+    if (key0 + r >= length) return nullptr;
+    return codebook + a.codes[token_index(a, seq, key0 + r, head)] * code_stride;
+  });
+  issue_tile<D, kTileThreads>(v_s, kKeyTile, codebook, TokenRows<Elem>{a.v, seq, head, key0});
+  issue_step(0, 0);
+  tile::cp_async_commit();
+
+  // Rows: keys key0 + 16 warp + lane / 4 (+ 8); columns: queries.
+  const int64_t key_row = key0 + warp * 16 + lane / 4;
+  int64_t dk_limit[2];  // queries below this reach the key's dk
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    dk_limit[r] = block > 0 ? ((key_row + 8 * r) / block + 2) * block : length;
+  float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step % 2;
+    if (step + 1 < steps) {
+      issue_step(step + 1, (step + 1) % 2);
+      tile::cp_async_commit();
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int64_t query0 = (first_step + int64_t{step}) * kKeyTile;
+    if (query0 + kKeyTile - 1 >= key0 + warp * 16) {  // else every query is before the keys
+      const Elem* queries = q_s + stage * kKeyTile * kStride;
+      const Elem* grads = g_s + stage * kKeyTile * kStride;
+      const float* lse = stat_s + stage * 2 * kKeyTile;
+      const float* delta = lse + kKeyTile;
+      uint32_t frag[D / 16][4];
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) tile::load_a(frag[ks], k_s, kStride, warp * 16, ks * 16);
+      float p[8][4], dp[8][4];
+      score_tile<Elem, D>(p, frag, queries);  // [keys][queries]
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) tile::load_a(frag[ks], v_s, kStride, warp * 16, ks * 16);
+      score_tile<Elem, D>(dp, frag, grads);  // v_j . do_i
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + 2 * quad + (e & 1);
+          const int64_t query = query0 + col, key = key_row + 8 * (e / 2);
+          const float prob =
+              query >= key ? tile::fast_exp2(fmaf(p[nt][e], a.scale_log2, -lse[col])) : 0.f;
+          p[nt][e] = prob;
+          dp[nt][e] = query < dk_limit[e / 2] ? prob * (dp[nt][e] - delta[col]) : 0.f;
+        }
+      if (query0 < dv_end) accumulate_tile<Elem, D>(dv_acc, p, grads);
+      accumulate_tile<Elem, D>(dk_acc, dp, queries);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t key = key_row + 8 * r;
+    if (key >= length) continue;
+    const int64_t token = seq.start + key;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const int col = nt * 8 + 2 * quad;
+      if (a.dk.present)
+        *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dk.data) +
+                                     element_offset(a.dk, seq.batch, token, head, col)) =
+            tile::pack<Elem>(a.scale * dk_acc[nt][2 * r], a.scale * dk_acc[nt][2 * r + 1]);
+      if (a.dv.present) {
+        uint32_t* at = reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dv.data) +
+                                                   element_offset(a.dv, seq.batch, token, head, col));
+        const float2 aggregated = tile::unpack<Elem>(*at);
+        *at = tile::pack<Elem>(aggregated.x + dv_acc[nt][2 * r],
+                               aggregated.y + dv_acc[nt][2 * r + 1]);
+      }
+    }
+  }
+}
+
+// ---- host ---------------------------------------------------------------------------------------
+bool half_storage(Storage s) { return s == Storage::kBFloat16 || s == Storage::kFloat16; }
+
+Args make_args(const VqAttentionParams& p, const VqTcBuffers& b) {
+  Args a;
+  a.q = p.q, a.v = p.v, a.codebook = p.codebook, a.initial_state = p.initial_state;
+  a.o = p.o, a.final_state = p.final_state, a.d_o = p.d_o, a.d_final_state = p.d_final_state;
+  a.dq = p.dq, a.dk = p.dk, a.dv = p.dv, a.d_initial_state = p.d_initial_state;
+  a.sequences = b.sequences;
+  a.num_heads = p.num_heads, a.time = p.time;
+  a.num_codes = static_cast<int>(p.num_codes);
+  a.scale = static_cast<float>(p.scale);
+  a.scale_log2 = a.scale * kLog2e;
+  a.key_grad_block = p.window_key_grad ? p.block_len : 0;
+  a.codes = b.codes, a.sums = b.sums, a.means = b.means, a.lse = b.lse, a.delta = b.delta;
+  return a;
+}
+
+template <typename Kernel>
+void launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
+            const Args& a, const char* what) {
+  if (grid.x == 0 || grid.y == 0) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(smem)),
+             what);
+  kernel<<<grid, threads, smem, stream>>>(a);
+  check_cuda(cudaGetLastError(), what);
+}
+
+template <typename Elem, int D>
+void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, bool backward) {
+  using Sh = Shape<D>;
+  const Args a = make_args(p, b);
+  const unsigned pairs = static_cast<unsigned>(p.sequences.size() * p.num_heads);
+  const int codes = a.num_codes;
+  if (!backward) {
+    launch(sequential_kernel<Elem, D, Pass::kForward>, dim3(pairs), kSeqThreads,
+           Sh::sequential_smem(Pass::kForward, codes), stream, a, "vq_attention: the forward");
+    return;
+  }
+  launch(sequential_kernel<Elem, D, Pass::kPrologue>, dim3(pairs), kSeqThreads,
+         Sh::sequential_smem(Pass::kPrologue, codes), stream, a,
+         "vq_attention: the backward's softmax statistics");
+  if (p.dq.present)
+    launch(sequential_kernel<Elem, D, Pass::kDq>, dim3(pairs), kSeqThreads,
+           Sh::sequential_smem(Pass::kDq, codes), stream, a, "vq_attention: dq");
+  const int64_t longest = longest_sequence(p.sequences);
+  if (p.dv.present || p.d_initial_state.present)
+    launch(code_kernel<Elem, D>, dim3(static_cast<unsigned>(codes / kKeyTile), pairs),
+           kTileThreads, Sh::kCodeSmem, stream, a, "vq_attention: the codes' dv");
+  if (p.dk.present || p.dv.present)
+    launch(key_kernel<Elem, D>,
+           dim3(static_cast<unsigned>((longest + kKeyTile - 1) / kKeyTile), pairs), kTileThreads,
+           Sh::kKeySmem, stream, a, "vq_attention: dk, dv");
+}
+
+template <typename Elem>
+void dispatch(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream,
+              bool backward) {
+  if (p.key_dim == 64)
+    run<Elem, 64>(p, b, stream, backward);
+  else
+    run<Elem, 128>(p, b, stream, backward);
+}
+
+void dispatch_type(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream,
+                   bool backward) {
+  if (p.q.dtype == Storage::kBFloat16)
+    dispatch<__nv_bfloat16>(p, b, stream, backward);
+  else
+    dispatch<__half>(p, b, stream, backward);
+}
+
+}  // namespace
+
+bool vq_tc_supports(const VqAttentionParams& p) {
+  if (!half_storage(p.q.dtype) || p.v.dtype != p.q.dtype || p.codebook.dtype != p.q.dtype)
+    return false;
+  if (p.key_dim != p.value_dim || (p.key_dim != 64 && p.key_dim != 128)) return false;
+  if (p.num_codes % kKeyTile != 0 || p.num_codes > kMaxCodes) return false;
+  for (const StridedTensor* t : {&p.q, &p.v, &p.codebook, &p.d_o})
+    if (t->present && !rows_copyable(*t)) return false;
+  return true;
+}
+
+size_t vq_tc_aggregate_bytes(const VqAttentionParams& p) {
+  return static_cast<size_t>(p.num_codes * p.value_dim) * sizeof(float);
+}
+
+void vq_tc_forward(const VqAttentionParams& p, const VqTcBuffers& buffers, cudaStream_t stream) {
+  dispatch_type(p, buffers, stream, false);
+}
+
+void vq_tc_backward(const VqAttentionParams& p, const VqTcBuffers& buffers, cudaStream_t stream) {
+  dispatch_type(p, buffers, stream, true);
+}
+
+}  // namespace flashlin::cuda
