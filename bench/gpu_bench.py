@@ -45,6 +45,7 @@ What is measured (all in one process unless said otherwise):
     gsa    chunk_gsa(q, k, v, s, g)         M=64 slots, K=V=128, g = logsigmoid(randn)/8, s=1-e^g
     abc    chunk_abc(q, k, v, s)            M=64 slots, K=V=128, s = randn
     vq     vq_attention(q, k, v, codebook)  S=512 codes, block_len=512, K=V=128
+    vq_window  the same with key_grad="window" (the paper's key gradient; same forward)
   The floor is bytes only: inputs read and outputs written once per pass (the gradients in the
   backward), at --bandwidth.
 * Memory: peak extra device memory of fwd+bwd (and fwd) at T=16384, B=8, H=32:
@@ -695,7 +696,7 @@ def print_modules():
 
 
 # --- issue 5's ops --------------------------------------------------------------------------------
-MODEL_OPS = ("based", "gsa", "abc", "vq")
+MODEL_OPS = ("based", "gsa", "abc", "vq", "vq_window")
 MODEL_TARGETS = {"based": (1.0, 4.0), "gsa": (1.5, 6.0), "abc": (1.5, 6.0)}  # at T=4096
 MODEL_FLA_ISSUE = {"based": (3.67, 14.5), "abc": (5.37, 17.5)}  # the issue's fla numbers
 MODEL_SLOTS, MODEL_CODES, MODEL_BLOCK, BASED_DIM = 64, 512, 512, 16
@@ -717,7 +718,7 @@ def model_inputs(op, B, T, H, K, device, dtype, seed=0):
     if op == "abc":
         return [leaf(B, T, H, K), leaf(B, T, H, K), leaf(B, T, H, K),
                 leaf(B, T, H, MODEL_SLOTS)], {}
-    if op == "vq":
+    if op in ("vq", "vq_window"):
         codebook = torch.randn(H, MODEL_CODES, K, device=device).to(dtype)
         return [leaf(B, T, H, K), leaf(B, T, H, K), leaf(B, T, H, K)], {"codebook": codebook}
     raise ValueError(op)
@@ -732,9 +733,10 @@ def model_calls(op, fla_ok):
         calls["flashlin"] = lambda q, k, v, s, g: flashlin_ops.chunk_gsa(q, k, v, s, g)[0]
     elif op == "abc":
         calls["flashlin"] = lambda q, k, v, s: flashlin_ops.chunk_abc(q, k, v, s)[0]
-    elif op == "vq":
+    elif op in ("vq", "vq_window"):
+        key_grad = "window" if op == "vq_window" else "dense"
         calls["flashlin"] = lambda q, k, v, codebook: flashlin_ops.vq_attention(
-            q, k, v, codebook, block_len=MODEL_BLOCK)[0]
+            q, k, v, codebook, block_len=MODEL_BLOCK, key_grad=key_grad)[0]
     if fla_ok:
         try:
             if op == "based":
@@ -1211,7 +1213,7 @@ def parse_args(argv=None):
     parser.add_argument("--models-T", nargs="+", default=None,
                         help="sequence lengths of the models section (2048 4096 8192 16384)")
     parser.add_argument("--model-ops", nargs="+", default=list(MODEL_OPS),
-                        help="subset of based gsa abc vq for the models section")
+                        help="subset of based gsa abc vq vq_window for the models section")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes and few repeats everywhere (logic check)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")

@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one op's forward+backward (torch.profiler, after warm-up): where the
 time of a composite op goes. A diagnostic for bench/NOTES.md, not a benchmark of record.
-    python3 bench/probe_kernels.py gsa abc based gla (B=8, H=32, T=4096, K=V=128, M=64, bf16)"""
+    python3 bench/probe_kernels.py gsa abc based gla vq vq_window (B=8, H=32, T=4096, K=V=128, M=64, bf16)"""
 import os
 import sys
 
@@ -33,6 +33,10 @@ def inputs(op):
     if op == "gla":
         g = (F.logsigmoid(torch.randn(B, T, H, D, device=dev)) / 16).to(dt).requires_grad_()
         return lambda: ops.chunk_gla(q, k, v, g)[0]
+    if op in ("vq", "vq_window"):
+        codebook = torch.randn(H, 512, D, device=dev).to(dt)
+        key_grad = "window" if op == "vq_window" else "dense"
+        return lambda: ops.vq_attention(q, k, v, codebook, block_len=512, key_grad=key_grad)[0]
     raise ValueError(op)
 
 

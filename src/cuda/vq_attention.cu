@@ -447,11 +447,11 @@ flashlin_status vq_attention_forward(const VqAttentionParams& p) {
   const VqScratch layout = scratch_layout(p, false);
   Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, layout.total, stream);
   const VqArgs a = make_args(p, scratch.base(), layout, stream);
-  launch_quantize(a, stream);
   if (layout.tensor_cores) {
     vq_tc_forward(p, tc_buffers(a, scratch.base(), layout), stream);
     return FLASHLIN_SUCCESS;
   }
+  launch_quantize(a, stream);
   vq_query_kernel<false><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(a);
   check_cuda(cudaGetLastError(), "vq_attention: the forward pass");
   return FLASHLIN_SUCCESS;
@@ -466,11 +466,11 @@ flashlin_status vq_attention_backward(const VqAttentionParams& p) {
   const VqScratch layout = scratch_layout(p, true);
   Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, layout.total, stream);
   const VqArgs a = make_args(p, scratch.base(), layout, stream);
-  launch_quantize(a, stream);
   if (layout.tensor_cores) {
     vq_tc_backward(p, tc_buffers(a, scratch.base(), layout), stream);
     return FLASHLIN_SUCCESS;
   }
+  launch_quantize(a, stream);
   vq_query_kernel<true><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(a);
   check_cuda(cudaGetLastError(), "vq_attention: the backward query pass");
   const int64_t longest = longest_sequence(p.sequences);

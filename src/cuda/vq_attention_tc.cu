@@ -63,14 +63,16 @@ constexpr float kMaxCodeLog2Weight = 64.f;
 enum class Pass { kForward, kPrologue, kDq };
 
 struct Args {
-  StridedTensor q, v, codebook, initial_state, o, final_state, d_o, d_final_state;
+  StridedTensor q, k, v, codebook, initial_state, o, final_state, d_o, d_final_state;
   StridedTensor dq, dk, dv, d_initial_state;
   SequenceTable sequences;
   int64_t num_heads = 0, time = 0;
   int num_codes = 0;
   float scale = 1.f, scale_log2 = 1.f;  // c and c log2(e): the scores in log2 units
   int64_t key_grad_block = 0;           // 0: dk from every later query; else block_len
-  const int32_t* codes = nullptr;
+  int32_t* codes = nullptr;
+  detail::CodesTensor codes_out;  // the caller's codes (optional)
+  int64_t batch = 0;
   float* sums = nullptr;
   void* means = nullptr;
   float* lse = nullptr;  // log2 units
@@ -90,6 +92,8 @@ struct Shape {
   static constexpr size_t kCodeSmem = 5 * kTileBytes + 2 * kKeyTile * sizeof(float) +
                                       size_t{kKeyTile} * (D + 4) * sizeof(float) +
                                       kQueryTile * sizeof(int);
+  // keys, two stages of codes and of their norms.
+  static constexpr size_t kQuantizeSmem = 3 * kTileBytes + 2 * kKeyTile * sizeof(float);
   // keys, values, two stages of (queries, d_o, lse, D).
   static constexpr size_t kKeySmem = 6 * kTileBytes + 4 * kKeyTile * sizeof(float);
 };
@@ -176,6 +180,95 @@ __device__ __forceinline__ float quad_sum(float x) {
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// ---- quantization: code_j = argmin_s ||C_s||^2 - 2 k_j.C_s (||k_j||^2 is the same for every s) --
+// One block per 64 rows (batch, time) of one head, 16 per warp; the codebook streams in tiles of
+// 64 codes whose squared norms the block computes as they land.
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kTileThreads) quantize_kernel(const Args a) {
+  constexpr int kStride = D + 8;
+  extern __shared__ __align__(128) char smem[];
+  Elem* const k_s = reinterpret_cast<Elem*>(smem);
+  Elem* const code_s = k_s + kKeyTile * kStride;  // two stages
+  float* const norm_s = reinterpret_cast<float*>(code_s + 2 * kKeyTile * kStride);
+  const int64_t head = blockIdx.y, rows = a.batch * a.time, row0 = int64_t{blockIdx.x} * kKeyTile;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane % 4;
+  const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
+  const int64_t code_stride = a.codebook.stride[2];
+  const int code_tiles = a.num_codes / kKeyTile;
+  auto issue_codes = [&](int ct) {
+    issue_tile<D, kTileThreads>(code_s + (ct % 2) * kKeyTile * kStride, kKeyTile, codebook,
+                                [&](int r) { return codebook + (ct * kKeyTile + r) * code_stride; });
+  };
+  issue_tile<D, kTileThreads>(k_s, kKeyTile, codebook, [&](int r) -> const Elem* {
+    const int64_t row = row0 + r;
+    return row < rows ? row_of<Elem>(a.k, row / a.time, row % a.time, head) : nullptr;
+  });
+  issue_codes(0);
+  tile::cp_async_commit();
+  uint32_t k_frag[D / 16][4];
+  float best[2] = {INFINITY, INFINITY};
+  int best_code[2] = {0, 0};
+  for (int ct = 0; ct < code_tiles; ++ct) {
+    if (ct + 1 < code_tiles) {
+      issue_codes(ct + 1);
+      tile::cp_async_commit();
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const Elem* codes = code_s + (ct % 2) * kKeyTile * kStride;
+    float* norms = norm_s + (ct % 2) * kKeyTile;
+    {  // two threads per code
+      const int code = threadIdx.x / 2, half = threadIdx.x % 2;
+      float sum = 0.f;
+      for (int x = half * (D / 2); x < (half + 1) * (D / 2); ++x) {
+        const float c = to_float(codes[code * kStride + x]);
+        sum = fmaf(c, c, sum);
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      if (half == 0) norms[code] = sum;
+    }
+    if (ct == 0)
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) tile::load_a(k_frag[ks], k_s, kStride, warp * 16, ks * 16);
+    __syncthreads();
+    float s[8][4];
+    score_tile<Elem, D>(s, k_frag, codes);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {  // increasing code order: the first minimum stays
+        const int col = nt * 8 + 2 * quad + (e & 1);
+        const float distance = fmaf(-2.f, s[nt][e], norms[col]);
+        if (distance < best[e / 2]) best[e / 2] = distance, best_code[e / 2] = ct * kKeyTile + col;
+      }
+    __syncthreads();  // the stage is refilled next
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int offset = 1; offset < 4; offset *= 2) {  // the quad's minimum, lowest code on ties
+      const float other = __shfl_xor_sync(0xffffffffu, best[r], offset);
+      const int other_code = __shfl_xor_sync(0xffffffffu, best_code[r], offset);
+      if (other < best[r] || (other == best[r] && other_code < best_code[r]))
+        best[r] = other, best_code[r] = other_code;
+    }
+    const int64_t row = row0 + warp * 16 + lane / 4 + 8 * r;
+    if (quad != 0 || row >= rows) continue;
+    const int64_t b = row / a.time, t = row % a.time;
+    a.codes[(b * a.time + t) * a.num_heads + head] = best_code[r];
+    if (a.codes_out.present) {
+      const detail::CodesTensor& out = a.codes_out;
+      char* at = out.data + out.bytes * (b * out.stride[0] + t * out.stride[1] + head * out.stride[2]);
+      if (out.bytes == 4)
+        *reinterpret_cast<int32_t*>(at) = best_code[r];
+      else
+        *reinterpret_cast<int64_t*>(at) = best_code[r];
+    }
+  }
 }
 
 // ---- the sequential pass: forward, backward prologue, dq ---------------------------------------
@@ -708,7 +801,7 @@ bool half_storage(Storage s) { return s == Storage::kBFloat16 || s == Storage::k
 
 Args make_args(const VqAttentionParams& p, const VqTcBuffers& b) {
   Args a;
-  a.q = p.q, a.v = p.v, a.codebook = p.codebook, a.initial_state = p.initial_state;
+  a.q = p.q, a.k = p.k, a.v = p.v, a.codebook = p.codebook, a.initial_state = p.initial_state;
   a.o = p.o, a.final_state = p.final_state, a.d_o = p.d_o, a.d_final_state = p.d_final_state;
   a.dq = p.dq, a.dk = p.dk, a.dv = p.dv, a.d_initial_state = p.d_initial_state;
   a.sequences = b.sequences;
@@ -717,6 +810,8 @@ Args make_args(const VqAttentionParams& p, const VqTcBuffers& b) {
   a.scale = static_cast<float>(p.scale);
   a.scale_log2 = a.scale * kLog2e;
   a.key_grad_block = p.window_key_grad ? p.block_len : 0;
+  a.batch = p.batch;
+  a.codes_out = p.codes;
   a.codes = b.codes, a.sums = b.sums, a.means = b.means, a.lse = b.lse, a.delta = b.delta;
   return a;
 }
@@ -738,6 +833,10 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
   const Args a = make_args(p, b);
   const unsigned pairs = static_cast<unsigned>(p.sequences.size() * p.num_heads);
   const int codes = a.num_codes;
+  launch(quantize_kernel<Elem, D>,
+         dim3(static_cast<unsigned>((p.batch * p.time + kKeyTile - 1) / kKeyTile),
+              static_cast<unsigned>(p.num_heads)),
+         kTileThreads, Sh::kQuantizeSmem, stream, a, "vq_attention: the quantization");
   if (!backward) {
     launch(sequential_kernel<Elem, D, Pass::kForward>, dim3(pairs), kSeqThreads,
            Sh::sequential_smem(Pass::kForward, codes), stream, a, "vq_attention: the forward");
@@ -779,11 +878,13 @@ void dispatch_type(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_
 }  // namespace
 
 bool vq_tc_supports(const VqAttentionParams& p) {
-  if (!half_storage(p.q.dtype) || p.v.dtype != p.q.dtype || p.codebook.dtype != p.q.dtype)
+  if (!half_storage(p.q.dtype) || p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype ||
+      p.codebook.dtype != p.q.dtype)
     return false;
   if (p.key_dim != p.value_dim || (p.key_dim != 64 && p.key_dim != 128)) return false;
   if (p.num_codes % kKeyTile != 0 || p.num_codes > kMaxCodes) return false;
-  for (const StridedTensor* t : {&p.q, &p.v, &p.codebook, &p.d_o})
+  if (p.batch * p.time / kKeyTile >= (int64_t{1} << 31)) return false;  // quantization grid
+  for (const StridedTensor* t : {&p.q, &p.k, &p.v, &p.codebook, &p.d_o})
     if (t->present && !rows_copyable(*t)) return false;
   return true;
 }

@@ -1,5 +1,5 @@
-// Transformer-VQ attention on the tensor cores (vq_attention_tc.cu), called by vq_attention.cu
-// after it has quantized the keys.
+// Transformer-VQ attention on the tensor cores (vq_attention_tc.cu), quantization included,
+// called by vq_attention.cu for the shapes it supports.
 #ifndef FLASHLIN_SRC_CUDA_VQ_ATTENTION_TC_CUH_
 #define FLASHLIN_SRC_CUDA_VQ_ATTENTION_TC_CUH_
 
@@ -15,7 +15,7 @@ namespace flashlin::cuda {
 
 // Scratch of the tensor-core path, carved by vq_attention.cu.
 struct VqTcBuffers {
-  const int32_t* codes = nullptr;  // [B, T, H] from the quantization
+  int32_t* codes = nullptr;        // [B, T, H], written by the path's quantization
   float* sums = nullptr;           // [N H, S, D] running value sums
   void* means = nullptr;           // [N H, S, D] running value means, input type
   float* lse = nullptr;            // [B, T, H] (backward)
