@@ -350,8 +350,8 @@ int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Scratch layout of a call.
 struct VqScratch {
   size_t codes = 0, aggregates = 0, scores = 0, lse = 0, delta = 0, total = 0;
-  size_t sums = 0, means = 0;  // the tensor-core path (vq_attention_tc.cu), instead of
-                               // aggregates and scores
+  size_t sums = 0, means = 0, code_norms = 0;  // the tensor-core path (vq_attention_tc.cu),
+                                               // instead of aggregates and scores
   bool tensor_cores = false;
 };
 
@@ -371,6 +371,7 @@ VqScratch scratch_layout(const VqAttentionParams& p, bool backward) {
     const size_t per_pair = vq_tc_aggregate_bytes(p);  // float32 sums; the means take half
     s.sums = take(per_pair * static_cast<size_t>(ctas));
     s.means = take(per_pair / 2 * static_cast<size_t>(ctas));
+    s.code_norms = take(sizeof(float) * p.num_heads * p.num_codes);
   } else {
     s.aggregates = take(sizeof(float) * ctas * p.num_codes * (p.value_dim + 1));
     s.scores = take(sizeof(float) * ctas * kWarps * (2 * p.block_len + p.num_codes));
@@ -419,6 +420,7 @@ VqTcBuffers tc_buffers(const VqArgs& a, char* base, const VqScratch& s) {
   b.codes = a.codes;
   b.sums = reinterpret_cast<float*>(base + s.sums);
   b.means = base + s.means;
+  b.code_norms = reinterpret_cast<float*>(base + s.code_norms);
   b.lse = a.lse;
   b.delta = a.delta;
   b.sequences = a.sequences;

@@ -77,6 +77,7 @@ struct Args {
   void* means = nullptr;
   float* lse = nullptr;  // log2 units
   float* delta = nullptr;
+  float* code_norms = nullptr;  // [H, S]
 };
 
 template <int D>
@@ -88,12 +89,13 @@ struct Shape {
     return kQueryBytes * (pass == Pass::kDq ? 2 : 1) + 4 * kTileBytes +
            2 * sizeof(float) * static_cast<size_t>(codes) + 3 * sizeof(int) * kQueryTile;
   }
-  // codes, two stages of (queries, d_o, lse), R staged as float [64][D + 4], a tile's codes.
-  static constexpr size_t kCodeSmem = 5 * kTileBytes + 2 * kKeyTile * sizeof(float) +
-                                      size_t{kKeyTile} * (D + 4) * sizeof(float) +
-                                      kQueryTile * sizeof(int);
-  // keys, two stages of codes and of their norms.
-  static constexpr size_t kQuantizeSmem = 3 * kTileBytes + 2 * kKeyTile * sizeof(float);
+  // codes, two stages of (queries, d_o) (R, float [64][D + 4], is staged in the free one), two
+  // of lse, the tile's (token, code) pairs to write and their count.
+  static constexpr size_t kCodeSmem =
+      5 * kTileBytes + 2 * kKeyTile * sizeof(float) + (2 * kQueryTile + 1) * sizeof(int);
+  static_assert(size_t{kKeyTile} * (D + 4) * sizeof(float) <= 2 * kTileBytes, "R's staging");
+  // 128 keys, two stages of codes.
+  static constexpr size_t kQuantizeSmem = kQueryBytes + 2 * kTileBytes;
   // keys, values, two stages of (queries, d_o, lse, D).
   static constexpr size_t kKeySmem = 6 * kTileBytes + 4 * kKeyTile * sizeof(float);
 };
@@ -183,25 +185,37 @@ __device__ __forceinline__ float quad_max(float x) {
 }
 
 // ---- quantization: code_j = argmin_s ||C_s||^2 - 2 k_j.C_s (||k_j||^2 is the same for every s) --
-// One block per 64 rows (batch, time) of one head, 16 per warp; the codebook streams in tiles of
-// 64 codes whose squared norms the block computes as they land.
+// ||C_s||^2 of every (head, code), one thread each.
 template <typename Elem, int D>
-__global__ void __launch_bounds__(kTileThreads) quantize_kernel(const Args a) {
+__global__ void code_norms_kernel(const Args a) {
+  const int64_t item = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (item >= a.num_heads * a.num_codes) return;
+  const Elem* code = row_of<Elem>(a.codebook, 0, item / a.num_codes, 0) +
+                     (item % a.num_codes) * a.codebook.stride[2];
+  float sum = 0.f;
+  for (int x = 0; x < D; ++x) sum = fmaf(to_float(code[x]), to_float(code[x]), sum);
+  a.code_norms[item] = sum;
+}
+
+// One block per 128 rows (batch, time) of one head, 16 per warp; the codebook streams in tiles
+// of 64 codes.
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kSeqThreads) quantize_kernel(const Args a) {
   constexpr int kStride = D + 8;
   extern __shared__ __align__(128) char smem[];
   Elem* const k_s = reinterpret_cast<Elem*>(smem);
-  Elem* const code_s = k_s + kKeyTile * kStride;  // two stages
-  float* const norm_s = reinterpret_cast<float*>(code_s + 2 * kKeyTile * kStride);
-  const int64_t head = blockIdx.y, rows = a.batch * a.time, row0 = int64_t{blockIdx.x} * kKeyTile;
+  Elem* const code_s = k_s + kQueryTile * kStride;  // two stages
+  const int64_t head = blockIdx.y, rows = a.batch * a.time, row0 = int64_t{blockIdx.x} * kQueryTile;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane % 4;
   const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
   const int64_t code_stride = a.codebook.stride[2];
   const int code_tiles = a.num_codes / kKeyTile;
+  const float* norms_of_head = a.code_norms + head * a.num_codes;
   auto issue_codes = [&](int ct) {
-    issue_tile<D, kTileThreads>(code_s + (ct % 2) * kKeyTile * kStride, kKeyTile, codebook,
-                                [&](int r) { return codebook + (ct * kKeyTile + r) * code_stride; });
+    issue_tile<D, kSeqThreads>(code_s + (ct % 2) * kKeyTile * kStride, kKeyTile, codebook,
+                               [&](int r) { return codebook + (ct * kKeyTile + r) * code_stride; });
   };
-  issue_tile<D, kTileThreads>(k_s, kKeyTile, codebook, [&](int r) -> const Elem* {
+  issue_tile<D, kSeqThreads>(k_s, kQueryTile, codebook, [&](int r) -> const Elem* {
     const int64_t row = row0 + r;
     return row < rows ? row_of<Elem>(a.k, row / a.time, row % a.time, head) : nullptr;
   });
@@ -220,21 +234,10 @@ __global__ void __launch_bounds__(kTileThreads) quantize_kernel(const Args a) {
     }
     __syncthreads();
     const Elem* codes = code_s + (ct % 2) * kKeyTile * kStride;
-    float* norms = norm_s + (ct % 2) * kKeyTile;
-    {  // two threads per code
-      const int code = threadIdx.x / 2, half = threadIdx.x % 2;
-      float sum = 0.f;
-      for (int x = half * (D / 2); x < (half + 1) * (D / 2); ++x) {
-        const float c = to_float(codes[code * kStride + x]);
-        sum = fmaf(c, c, sum);
-      }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      if (half == 0) norms[code] = sum;
-    }
+    const float* norms = norms_of_head + ct * kKeyTile;
     if (ct == 0)
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) tile::load_a(k_frag[ks], k_s, kStride, warp * 16, ks * 16);
-    __syncthreads();
     float s[8][4];
     score_tile<Elem, D>(s, k_frag, codes);
 #pragma unroll
@@ -411,7 +414,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
                                                                      : -INFINITY;
         }
         if constexpr (!kDq) {  // online softmax
-          float new_max[2], base[2];
+          float new_max[2], base[2], alpha[2];
 #pragma unroll
           for (int r = 0; r < 2; ++r) new_max[r] = row_max[r];
 #pragma unroll
@@ -422,12 +425,16 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
           for (int r = 0; r < 2; ++r) {
             new_max[r] = quad_max(new_max[r]);
             base[r] = new_max[r] == -INFINITY ? 0.f : new_max[r];  // nothing seen yet
-            const float alpha = tile::fast_exp2(row_max[r] - base[r]);
+            alpha[r] = tile::fast_exp2(row_max[r] - base[r]);
             row_max[r] = new_max[r];
-            row_sum[r] *= alpha;
-#pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) acc[nt][2 * r] *= alpha, acc[nt][2 * r + 1] *= alpha;
+            row_sum[r] *= alpha[r];
           }
+          // Rescale only when some row's maximum moved (after the first tiles, rarely).
+          if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[nt][e] *= alpha[e / 2];
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -564,11 +571,13 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
   constexpr int kStride = D + 8, kRStride = D + 4;
   extern __shared__ __align__(128) char smem[];
   Elem* const code_s = reinterpret_cast<Elem*>(smem);
-  Elem* const q_s = code_s + kKeyTile * kStride;  // two stages
-  Elem* const g_s = q_s + 2 * kKeyTile * kStride;
-  float* const lse_s = reinterpret_cast<float*>(g_s + 2 * kKeyTile * kStride);
-  float* const r_s = lse_s + 2 * kKeyTile;
-  int* const tile_codes = reinterpret_cast<int*>(r_s + kKeyTile * kRStride);
+  Elem* const stages = code_s + kKeyTile * kStride;  // per stage: queries, then d_o
+  float* const lse_s = reinterpret_cast<float*>(stages + 4 * kKeyTile * kStride);
+  int* const pair_token = reinterpret_cast<int*>(lse_s + 2 * kKeyTile);
+  int* const pair_code = pair_token + kQueryTile;
+  int* const pair_count = pair_code + kQueryTile;
+  auto queries_of = [&](int stage) { return stages + stage * 2 * kKeyTile * kStride; };
+  auto grads_of = [&](int stage) { return queries_of(stage) + kKeyTile * kStride; };
 
   const int64_t nh = blockIdx.y, n = nh / a.num_heads, head = nh % a.num_heads;
   const SequenceSpan seq = a.sequences[n];
@@ -581,9 +590,9 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
 
   auto issue_step = [&](int u, int stage) {  // queries u * 64 .. + 63
     const int64_t first = int64_t{u} * kKeyTile;
-    issue_tile<D, kTileThreads>(q_s + stage * kKeyTile * kStride, kKeyTile, codebook,
+    issue_tile<D, kTileThreads>(queries_of(stage), kKeyTile, codebook,
                                 TokenRows<Elem>{a.q, seq, head, first});
-    issue_tile<D, kTileThreads>(g_s + stage * kKeyTile * kStride, kKeyTile, codebook,
+    issue_tile<D, kTileThreads>(grads_of(stage), kKeyTile, codebook,
                                 TokenRows<Elem>{a.d_o, seq, head, first});
     for (int i = threadIdx.x; i < kKeyTile; i += kTileThreads)
       lse_s[stage * kKeyTile + i] =
@@ -610,8 +619,10 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
   for (int step = 0; step < steps; ++step) {
     const int u = steps - 1 - step, stage = step % 2;
     // Before the first (in reverse) step of a query tile, R = dF + the later tiles: it is dv's
-    // aggregated part for the tile's own tokens with these codes.
-    if (u == steps - 1 || u % 2 == 1) {
+    // aggregated part for the tile's own tokens with these codes. R is staged in the stage that
+    // is refilled next (free until then).
+    if (a.dv.present && (u == steps - 1 || u % 2 == 1)) {
+      float* const r_s = reinterpret_cast<float*>(queries_of((step + 1) % 2));
 #pragma unroll
       for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
@@ -620,18 +631,25 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
               acc[nt][e];
       const int64_t tile_first = int64_t{u / 2} * kQueryTile;
       const int tokens = static_cast<int>(min(int64_t{kQueryTile}, length - tile_first));
-      for (int i = threadIdx.x; i < tokens; i += kTileThreads)
-        tile_codes[i] = a.codes[token_index(a, seq, tile_first + i, head)] - c0;
+      if (threadIdx.x == 0) *pair_count = 0;
       __syncthreads();
-      if (a.dv.present)
-        for (int idx = threadIdx.x; idx < tokens * (D / 2); idx += kTileThreads) {
-          const int j = idx / (D / 2), x = 2 * (idx % (D / 2)), c = tile_codes[j];
-          if (c < 0 || c >= kKeyTile) continue;
-          *reinterpret_cast<uint32_t*>(
-              reinterpret_cast<Elem*>(a.dv.data) +
-              element_offset(a.dv, seq.batch, seq.start + tile_first + j, head, x)) =
-              tile::pack<Elem>(r_s[c * kRStride + x], r_s[c * kRStride + x + 1]);
+      for (int i = threadIdx.x; i < tokens; i += kTileThreads) {
+        const int c = a.codes[token_index(a, seq, tile_first + i, head)] - c0;
+        if (c >= 0 && c < kKeyTile) {  // one of these codes: list it (any order)
+          const int at = atomicAdd(pair_count, 1);
+          pair_token[at] = i, pair_code[at] = c;
         }
+      }
+      __syncthreads();
+      for (int pair = warp; pair < *pair_count; pair += kTileWarps) {
+        const int c = pair_code[pair];
+        Elem* row = reinterpret_cast<Elem*>(a.dv.data) +
+                    element_offset(a.dv, seq.batch, seq.start + tile_first + pair_token[pair],
+                                   head, 0);
+        for (int x = 2 * lane; x < D; x += 64)
+          *reinterpret_cast<uint32_t*>(row + x) =
+              tile::pack<Elem>(r_s[c * kRStride + x], r_s[c * kRStride + x + 1]);
+      }
       __syncthreads();
     }
     if (step + 1 < steps) {
@@ -646,7 +664,7 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks)
         tile::load_a(code_frag[ks], code_s, kStride, warp * 16, ks * 16);
-    const Elem* queries = q_s + stage * kKeyTile * kStride;
+    const Elem* queries = queries_of(stage);
     const float* lse = lse_s + stage * kKeyTile;
     float w[8][4];
     score_tile<Elem, D>(w, code_frag, queries);  // [codes][queries]
@@ -656,7 +674,7 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
       for (int e = 0; e < 4; ++e)
         w[nt][e] = tile::fast_exp2(fminf(fmaf(w[nt][e], a.scale_log2, -lse[nt * 8 + 2 * quad + (e & 1)]),
                                          kMaxCodeLog2Weight));
-    accumulate_tile<Elem, D>(acc, w, g_s + stage * kKeyTile * kStride);
+    accumulate_tile<Elem, D>(acc, w, grads_of(stage));
     __syncthreads();
   }
   if (!a.d_initial_state.present) return;
@@ -812,6 +830,7 @@ Args make_args(const VqAttentionParams& p, const VqTcBuffers& b) {
   a.key_grad_block = p.window_key_grad ? p.block_len : 0;
   a.batch = p.batch;
   a.codes_out = p.codes;
+  a.code_norms = b.code_norms;
   a.codes = b.codes, a.sums = b.sums, a.means = b.means, a.lse = b.lse, a.delta = b.delta;
   return a;
 }
@@ -833,10 +852,13 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
   const Args a = make_args(p, b);
   const unsigned pairs = static_cast<unsigned>(p.sequences.size() * p.num_heads);
   const int codes = a.num_codes;
+  launch(code_norms_kernel<Elem, D>,
+         dim3(static_cast<unsigned>((p.num_heads * codes + kTileThreads - 1) / kTileThreads)),
+         kTileThreads, 0, stream, a, "vq_attention: the code norms");
   launch(quantize_kernel<Elem, D>,
-         dim3(static_cast<unsigned>((p.batch * p.time + kKeyTile - 1) / kKeyTile),
+         dim3(static_cast<unsigned>((p.batch * p.time + kQueryTile - 1) / kQueryTile),
               static_cast<unsigned>(p.num_heads)),
-         kTileThreads, Sh::kQuantizeSmem, stream, a, "vq_attention: the quantization");
+         kSeqThreads, Sh::kQuantizeSmem, stream, a, "vq_attention: the quantization");
   if (!backward) {
     launch(sequential_kernel<Elem, D, Pass::kForward>, dim3(pairs), kSeqThreads,
            Sh::sequential_smem(Pass::kForward, codes), stream, a, "vq_attention: the forward");
@@ -883,7 +905,7 @@ bool vq_tc_supports(const VqAttentionParams& p) {
     return false;
   if (p.key_dim != p.value_dim || (p.key_dim != 64 && p.key_dim != 128)) return false;
   if (p.num_codes % kKeyTile != 0 || p.num_codes > kMaxCodes) return false;
-  if (p.batch * p.time / kKeyTile >= (int64_t{1} << 31)) return false;  // quantization grid
+  if (p.batch * p.time / kQueryTile >= (int64_t{1} << 31)) return false;  // quantization grid
   for (const StridedTensor* t : {&p.q, &p.k, &p.v, &p.codebook, &p.d_o})
     if (t->present && !rows_copyable(*t)) return false;
   return true;

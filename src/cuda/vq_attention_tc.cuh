@@ -20,6 +20,7 @@ struct VqTcBuffers {
   void* means = nullptr;           // [N H, S, D] running value means, input type
   float* lse = nullptr;            // [B, T, H] (backward)
   float* delta = nullptr;          // [B, T, H] (backward)
+  float* code_norms = nullptr;     // [H, S]
   SequenceTable sequences;
 };
 
