@@ -518,6 +518,24 @@ FLASHLIN_API flashlin_status flashlin_vq_attention_backward(
     const DLTensor* d_o, const DLTensor* d_final_state, const flashlin_vq_attention_grads* grads,
     const flashlin_execution* exec);
 
+/* Training without recomputing the forward (as flash attention saves its softmax statistics):
+ * flashlin_vq_attention_forward_lse is the forward that also writes softmax_lse [B, T, H] float32
+ * (on the device of q; any non-negative strides), each query's log-normaliser
+ *     lse_i = log( sum_{j<=i} e^{scale q_i.k^_j} + sum_{s: count_s > 0} count_s e^{scale q_i.C_s} )
+ * (the second sum over initial_state's codes), and flashlin_vq_attention_backward_lse is the
+ * backward given that forward's o and softmax_lse, which must come from the same inputs: the CUDA
+ * tensor-core path then skips recomputing the forward's attention (a third of its backward);
+ * the other paths recompute it (the gradients agree to rounding). */
+FLASHLIN_API flashlin_status flashlin_vq_attention_forward_lse(
+    const flashlin_vq_attention_config* config, const flashlin_vq_attention_inputs* inputs,
+    DLTensor* o, DLTensor* codes, DLTensor* final_state, DLTensor* softmax_lse,
+    const flashlin_execution* exec);
+FLASHLIN_API flashlin_status flashlin_vq_attention_backward_lse(
+    const flashlin_vq_attention_config* config, const flashlin_vq_attention_inputs* inputs,
+    const DLTensor* o, const DLTensor* softmax_lse, const DLTensor* d_o,
+    const DLTensor* d_final_state, const flashlin_vq_attention_grads* grads,
+    const flashlin_execution* exec);
+
 /* Bytes of device scratch a call with these inputs takes from exec->workspace (0 on the CPU);
  * a call without (or with too small) a workspace allocates its own, stream-ordered.
  * backward: 0 for the forward pass, 1 for the backward pass. */

@@ -372,6 +372,29 @@ inline void vq_attention_backward(const flashlin_vq_attention_config& config,
   check(flashlin_vq_attention_backward(&config, &c_inputs, d_o, d_final_state, &c_grads, exec));
 }
 
+// Training without recomputation: the forward also writes softmax_lse [B, T, H] float32, and the
+// backward takes it with the forward's o (flashlin.h).
+inline void vq_attention_forward_lse(const flashlin_vq_attention_config& config,
+                                     const VqAttentionInputs& inputs, DLTensor* o,
+                                     DLTensor* softmax_lse, DLTensor* codes = nullptr,
+                                     DLTensor* final_state = nullptr,
+                                     const flashlin_execution* exec = nullptr) {
+  const flashlin_vq_attention_inputs c_inputs = inputs.c_struct();
+  check(flashlin_vq_attention_forward_lse(&config, &c_inputs, o, codes, final_state, softmax_lse,
+                                          exec));
+}
+
+inline void vq_attention_backward_lse(const flashlin_vq_attention_config& config,
+                                      const VqAttentionInputs& inputs, const DLTensor* o,
+                                      const DLTensor* softmax_lse, const DLTensor* d_o,
+                                      const DLTensor* d_final_state, const VqAttentionGrads& grads,
+                                      const flashlin_execution* exec = nullptr) {
+  const flashlin_vq_attention_inputs c_inputs = inputs.c_struct();
+  const flashlin_vq_attention_grads c_grads = grads.c_struct();
+  check(flashlin_vq_attention_backward_lse(&config, &c_inputs, o, softmax_lse, d_o, d_final_state,
+                                           &c_grads, exec));
+}
+
 inline size_t vq_attention_workspace_size(const flashlin_vq_attention_config& config,
                                           const VqAttentionInputs& inputs, bool backward) {
   const flashlin_vq_attention_inputs c_inputs = inputs.c_struct();

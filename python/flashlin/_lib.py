@@ -264,6 +264,12 @@ _SIGNATURES = {
     "flashlin_vq_attention_backward": [
         ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), _PDL, _PDL,
         ctypes.POINTER(VqAttentionGrads), ctypes.POINTER(Execution)],
+    "flashlin_vq_attention_forward_lse": [
+        ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), _PDL, _PDL, _PDL,
+        _PDL, ctypes.POINTER(Execution)],
+    "flashlin_vq_attention_backward_lse": [
+        ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), _PDL, _PDL, _PDL,
+        _PDL, ctypes.POINTER(VqAttentionGrads), ctypes.POINTER(Execution)],
     "flashlin_vq_attention_workspace_size": [
         ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), ctypes.c_int,
         _SIZE_P],

@@ -192,6 +192,97 @@ flashlin_status backward_on(const DLDevice&, const VqAttentionParams& p) {
 }
 #endif
 
+// softmax_lse: [B, T, H] float32 on the device of q (float_tensor checks the device).
+void validate_lse(ArgumentChecker& check, const VqAttentionParams& p, const DLTensor* lse) {
+  check.float_tensor(lse, "softmax_lse", 3);
+  check.shape_equals(lse, "softmax_lse", {p.batch, p.time, p.num_heads}, "([B, T, H] of q)");
+  const DLDataType dt = lse->dtype;
+  if (dt.code != kDLFloat || dt.bits != 32 || dt.lanes != 1)
+    check.fail("softmax_lse", "dtype float32", dtype_string(dt));
+}
+
+// The two forward entries: softmax_lse is the optional statistics output.
+flashlin_status forward_entry(const char* kFn, const flashlin_vq_attention_config* config,
+                              const flashlin_vq_attention_inputs* inputs, DLTensor* o,
+                              DLTensor* codes, DLTensor* final_state, DLTensor* softmax_lse,
+                              const flashlin_execution* exec) {
+  return guarded(kFn, [&]() {
+    ArgumentChecker check(kFn);
+    VqAttentionParams p = validate_inputs(check, config, inputs);
+    required(check, o, "o", "an output tensor [B, T, H, V]");
+    tensor_like(check, o, "o", shape_of(*inputs->v), "(as v)", inputs->v, "v");
+    if (final_state)
+      tensor_like(check, final_state, "final_state", state_shape(p), state_because(inputs));
+    check.register_output(o, "o");
+    p.codes = validate_codes(check, p, codes);
+    check.register_output(final_state, "final_state", inputs->initial_state);
+    p.o = strided(o, kIdentity4);
+    p.final_state = strided(final_state, kIdentity4);
+    if (softmax_lse) {
+      validate_lse(check, p, softmax_lse);
+      check.register_output(softmax_lse, "softmax_lse");
+      p.softmax_lse = strided(softmax_lse, {0, 1, 2});
+    }
+    p.exec = execution_of(exec, check.device());
+    return forward_on(check.device(), p);
+  });
+}
+
+// The two backward entries; with_saved: o and softmax_lse are the forward's saved statistics.
+flashlin_status backward_entry(const char* kFn, bool with_saved,
+                               const flashlin_vq_attention_config* config,
+                               const flashlin_vq_attention_inputs* inputs, const DLTensor* o,
+                               const DLTensor* softmax_lse, const DLTensor* d_o,
+                               const DLTensor* d_final_state,
+                               const flashlin_vq_attention_grads* grads,
+                               const flashlin_execution* exec) {
+  return guarded(kFn, [&]() {
+    ArgumentChecker check(kFn);
+    VqAttentionParams p = validate_inputs(check, config, inputs);
+    required(check, grads, "grads", "a gradients struct");
+    required(check, d_o, "d_o", "the output gradient [B, T, H, V]");
+    const std::vector<int64_t> q_shape = shape_of(*inputs->q);
+    const std::vector<int64_t> v_shape = shape_of(*inputs->v);
+    tensor_like(check, d_o, "d_o", v_shape, "(as v)", inputs->v, "v");
+    check.register_input(d_o, "d_o");
+    if (d_final_state) {
+      tensor_like(check, d_final_state, "d_final_state", state_shape(p), state_because(inputs));
+      check.register_input(d_final_state, "d_final_state");
+    }
+    if (grads->dq) tensor_like(check, grads->dq, "dq", q_shape, "(as q)", inputs->q, "q");
+    if (grads->dk) tensor_like(check, grads->dk, "dk", q_shape, "(as k)", inputs->q, "q");
+    if (grads->dv) tensor_like(check, grads->dv, "dv", v_shape, "(as v)", inputs->v, "v");
+    if (grads->d_initial_state) {
+      if (!inputs->initial_state)
+        check.fail("d_initial_state", "NULL (there is no initial_state)", "a tensor");
+      tensor_like(check, grads->d_initial_state, "d_initial_state", state_shape(p),
+                  state_because(inputs));
+    }
+    check.register_output(grads->dq, "dq");
+    check.register_output(grads->dk, "dk");
+    check.register_output(grads->dv, "dv");
+    check.register_output(grads->d_initial_state, "d_initial_state");
+    if (with_saved) {
+      required(check, o, "o", "the forward's output [B, T, H, V]");
+      required(check, softmax_lse, "softmax_lse", "the forward's statistics [B, T, H]");
+      tensor_like(check, o, "o", v_shape, "(as v)", inputs->v, "v");
+      check.register_input(o, "o");
+      validate_lse(check, p, softmax_lse);
+      check.register_input(softmax_lse, "softmax_lse");
+      p.o = strided(o, kIdentity4);
+      p.softmax_lse = strided(softmax_lse, {0, 1, 2});
+    }
+    p.d_o = strided(d_o, kIdentity4);
+    p.d_final_state = strided(d_final_state, kIdentity4);
+    p.dq = strided(grads->dq, kIdentity4);
+    p.dk = strided(grads->dk, kIdentity4);
+    p.dv = strided(grads->dv, kIdentity4);
+    p.d_initial_state = strided(grads->d_initial_state, kIdentity4);
+    p.exec = execution_of(exec, check.device());
+    return backward_on(check.device(), p);
+  });
+}
+
 }  // namespace
 }  // namespace flashlin::detail
 
@@ -203,23 +294,17 @@ flashlin_status flashlin_vq_attention_forward(const flashlin_vq_attention_config
                                               const flashlin_vq_attention_inputs* inputs,
                                               DLTensor* o, DLTensor* codes, DLTensor* final_state,
                                               const flashlin_execution* exec) {
-  static const char* const kFn = "flashlin_vq_attention_forward";
-  return detail::guarded(kFn, [&]() {
-    detail::ArgumentChecker check(kFn);
-    detail::VqAttentionParams p = detail::validate_inputs(check, config, inputs);
-    detail::required(check, o, "o", "an output tensor [B, T, H, V]");
-    detail::tensor_like(check, o, "o", detail::shape_of(*inputs->v), "(as v)", inputs->v, "v");
-    if (final_state)
-      detail::tensor_like(check, final_state, "final_state", detail::state_shape(p),
-                          detail::state_because(inputs));
-    check.register_output(o, "o");
-    p.codes = detail::validate_codes(check, p, codes);
-    check.register_output(final_state, "final_state", inputs->initial_state);
-    p.o = detail::strided(o, detail::kIdentity4);
-    p.final_state = detail::strided(final_state, detail::kIdentity4);
-    p.exec = detail::execution_of(exec, check.device());
-    return detail::forward_on(check.device(), p);
-  });
+  return detail::forward_entry("flashlin_vq_attention_forward", config, inputs, o, codes,
+                               final_state, nullptr, exec);
+}
+
+flashlin_status flashlin_vq_attention_forward_lse(const flashlin_vq_attention_config* config,
+                                                  const flashlin_vq_attention_inputs* inputs,
+                                                  DLTensor* o, DLTensor* codes,
+                                                  DLTensor* final_state, DLTensor* softmax_lse,
+                                                  const flashlin_execution* exec) {
+  return detail::forward_entry("flashlin_vq_attention_forward_lse", config, inputs, o, codes,
+                               final_state, softmax_lse, exec);
 }
 
 flashlin_status flashlin_vq_attention_backward(const flashlin_vq_attention_config* config,
@@ -227,43 +312,19 @@ flashlin_status flashlin_vq_attention_backward(const flashlin_vq_attention_confi
                                                const DLTensor* d_o, const DLTensor* d_final_state,
                                                const flashlin_vq_attention_grads* grads,
                                                const flashlin_execution* exec) {
-  static const char* const kFn = "flashlin_vq_attention_backward";
-  return detail::guarded(kFn, [&]() {
-    detail::ArgumentChecker check(kFn);
-    detail::VqAttentionParams p = detail::validate_inputs(check, config, inputs);
-    detail::required(check, grads, "grads", "a gradients struct");
-    detail::required(check, d_o, "d_o", "the output gradient [B, T, H, V]");
-    const std::vector<int64_t> q_shape = detail::shape_of(*inputs->q);
-    const std::vector<int64_t> v_shape = detail::shape_of(*inputs->v);
-    detail::tensor_like(check, d_o, "d_o", v_shape, "(as v)", inputs->v, "v");
-    check.register_input(d_o, "d_o");
-    if (d_final_state) {
-      detail::tensor_like(check, d_final_state, "d_final_state", detail::state_shape(p),
-                          detail::state_because(inputs));
-      check.register_input(d_final_state, "d_final_state");
-    }
-    if (grads->dq) detail::tensor_like(check, grads->dq, "dq", q_shape, "(as q)", inputs->q, "q");
-    if (grads->dk) detail::tensor_like(check, grads->dk, "dk", q_shape, "(as k)", inputs->q, "q");
-    if (grads->dv) detail::tensor_like(check, grads->dv, "dv", v_shape, "(as v)", inputs->v, "v");
-    if (grads->d_initial_state) {
-      if (!inputs->initial_state)
-        check.fail("d_initial_state", "NULL (there is no initial_state)", "a tensor");
-      detail::tensor_like(check, grads->d_initial_state, "d_initial_state", detail::state_shape(p),
-                          detail::state_because(inputs));
-    }
-    check.register_output(grads->dq, "dq");
-    check.register_output(grads->dk, "dk");
-    check.register_output(grads->dv, "dv");
-    check.register_output(grads->d_initial_state, "d_initial_state");
-    p.d_o = detail::strided(d_o, detail::kIdentity4);
-    p.d_final_state = detail::strided(d_final_state, detail::kIdentity4);
-    p.dq = detail::strided(grads->dq, detail::kIdentity4);
-    p.dk = detail::strided(grads->dk, detail::kIdentity4);
-    p.dv = detail::strided(grads->dv, detail::kIdentity4);
-    p.d_initial_state = detail::strided(grads->d_initial_state, detail::kIdentity4);
-    p.exec = detail::execution_of(exec, check.device());
-    return detail::backward_on(check.device(), p);
-  });
+  return detail::backward_entry("flashlin_vq_attention_backward", false, config, inputs, nullptr,
+                                nullptr, d_o, d_final_state, grads, exec);
+}
+
+flashlin_status flashlin_vq_attention_backward_lse(const flashlin_vq_attention_config* config,
+                                                   const flashlin_vq_attention_inputs* inputs,
+                                                   const DLTensor* o, const DLTensor* softmax_lse,
+                                                   const DLTensor* d_o,
+                                                   const DLTensor* d_final_state,
+                                                   const flashlin_vq_attention_grads* grads,
+                                                   const flashlin_execution* exec) {
+  return detail::backward_entry("flashlin_vq_attention_backward_lse", true, config, inputs, o,
+                                softmax_lse, d_o, d_final_state, grads, exec);
 }
 
 flashlin_status flashlin_vq_attention_workspace_size(const flashlin_vq_attention_config* config,

@@ -49,9 +49,12 @@ struct VqAttentionParams {
 
   StridedTensor q, k, v, codebook, initial_state;  // inputs
   StridedTensor o, final_state;                    // forward outputs
-  CodesTensor codes;                               // forward output (optional)
-  StridedTensor d_o, d_final_state;                // backward inputs
-  StridedTensor dq, dk, dv, d_initial_state;       // backward outputs (absent: not written)
+  // Each query's log-normaliser, [B, T, H] float32 as at(b, t, h, 0): a forward output
+  // (optional); in a backward, given with the forward's o (in `o`), the saved statistics.
+  StridedTensor softmax_lse;
+  CodesTensor codes;                          // forward output (optional)
+  StridedTensor d_o, d_final_state;           // backward inputs
+  StridedTensor dq, dk, dv, d_initial_state;  // backward outputs (absent: not written)
   Execution exec;
 };
 

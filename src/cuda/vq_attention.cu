@@ -45,7 +45,7 @@ constexpr int kMaxFeatures = 256;            // K and V
 constexpr int kPerLane = kMaxFeatures / 32;  // features a lane accumulates in the key pass
 
 struct VqArgs {
-  StridedTensor q, k, v, codebook, initial_state, o, final_state, d_o, d_final_state;
+  StridedTensor q, k, v, codebook, initial_state, o, final_state, d_o, d_final_state, softmax_lse;
   StridedTensor dq, dk, dv, d_initial_state;
   char* codes_out = nullptr;  // optional int32/int64 [B, T, H]
   int codes_bytes = 8;
@@ -199,7 +199,12 @@ __global__ void __launch_bounds__(kThreads) vq_query_kernel(VqArgs a) {
         else
           store_float(a.o, element_offset(a.o, seq.batch, time, h, x), o);
       }
-      if (!kBackward) continue;
+      if (!kBackward) {
+        if (a.softmax_lse.present && lane == 0)
+          store_float(a.softmax_lse, element_offset(a.softmax_lse, seq.batch, time, h, 0),
+                      m + logf(z));
+        continue;
+      }
       delta = warp_sum(delta);
       __syncwarp();  // every lane is done reading the probabilities
       const int64_t r = token_row(a, seq.batch, time, h);
@@ -269,7 +274,8 @@ __global__ void __launch_bounds__(kThreads) vq_key_kernel(VqArgs a, int64_t keys
         for (int64_t x = 0; x < a.V; ++x)
           gv += load(a.d_o, seq.batch, ti, h, x) * load(a.v, seq.batch, tj, h, x);
         cv = expf(a.scale * s - a.lse[r]);
-        const bool reaches_dk = a.key_grad_block == 0 || i < (j / a.key_grad_block + 2) * a.key_grad_block;
+        const bool reaches_dk =
+            a.key_grad_block == 0 || i < (j / a.key_grad_block + 2) * a.key_grad_block;
         ck = reaches_dk ? cv * (gv - a.delta[r]) * a.scale : 0.0f;
       }
       coef_k[warp][lane] = ck;
@@ -397,6 +403,7 @@ VqArgs make_args(const VqAttentionParams& p, char* base, const VqScratch& s, cud
   VqArgs a;
   a.q = p.q, a.k = p.k, a.v = p.v, a.codebook = p.codebook, a.initial_state = p.initial_state;
   a.o = p.o, a.final_state = p.final_state, a.d_o = p.d_o, a.d_final_state = p.d_final_state;
+  a.softmax_lse = p.softmax_lse;
   a.dq = p.dq, a.dk = p.dk, a.dv = p.dv, a.d_initial_state = p.d_initial_state;
   a.B = p.batch, a.T = p.time, a.H = p.num_heads, a.K = p.key_dim, a.V = p.value_dim;
   a.S = p.num_codes, a.L = p.block_len, a.scale = static_cast<float>(p.scale);

@@ -12,7 +12,8 @@
 // D_i) and w_is = e^{c q_i.C_s - lse_i}:
 //   dq_i = c sum_j dS_ij k^_j     over the same keys (a code: value mean_s, weight count_s w_is);
 //   dv_j = sum_{i >= j} P_ij do_i + dF_{code_j}
-//        = (queries of j's own tile) + sum_{queries of later tiles} w_{i,code_j} do_i + dF_{code_j};
+//        = (queries of j's own tile) + sum_{queries of later tiles} w_{i,code_j} do_i +
+//        dF_{code_j};
 //   dk_j = c sum_{i >= j} dS_ij q_i   (straight-through: dL/dk^_j), or with the window key
 //          gradient only over the queries of j's block of block_len tokens and the next block
 //          (the paper's: its cache of codes passes no gradient to the keys);
@@ -26,8 +27,8 @@
 //                      in token order (no atomics: every call gives the same bits). Passes:
 //                      forward (o, final_state), prologue (lse, D), dq.
 //   code_kernel        one block per (sequence, head, 64 codes) walks the query tiles backwards
-//                      with R_s = dF_s + sum_{later tiles} w_is do_i per code: writes dv_j = R_{code_j}
-//                      (dv's aggregated part) and d initial_state.
+//                      with R_s = dF_s + sum_{later tiles} w_is do_i per code: writes dv_j =
+//                      R_{code_j} (dv's aggregated part) and d initial_state.
 //   key_kernel         one block per (sequence, head, 64 keys): dk, and dv's own-tile part added
 //                      to what code_kernel wrote.
 #include <cuda_bf16.h>
@@ -57,13 +58,14 @@ constexpr int kTileWarps = 4;               // code and key kernels: 16 codes / 
 constexpr int kTileThreads = 32 * kTileWarps;
 constexpr int kMaxCodes = 1024;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 // w_is of a code is at most 1 / count_s; the clamp only keeps codes that are never read finite.
 constexpr float kMaxCodeLog2Weight = 64.f;
 
 enum class Pass { kForward, kPrologue, kDq };
 
 struct Args {
-  StridedTensor q, k, v, codebook, initial_state, o, final_state, d_o, d_final_state;
+  StridedTensor q, k, v, codebook, initial_state, o, final_state, d_o, d_final_state, softmax_lse;
   StridedTensor dq, dk, dv, d_initial_state;
   SequenceTable sequences;
   int64_t num_heads = 0, time = 0;
@@ -87,7 +89,7 @@ struct Shape {
   static constexpr size_t kQueryBytes = size_t{kQueryTile} * kStride * 2;
   static size_t sequential_smem(Pass pass, int codes) {
     return kQueryBytes * (pass == Pass::kDq ? 2 : 1) + 4 * kTileBytes +
-           2 * sizeof(float) * static_cast<size_t>(codes) + 3 * sizeof(int) * kQueryTile;
+           4 * sizeof(float) * static_cast<size_t>(codes) + 3 * sizeof(int) * kQueryTile;
   }
   // codes, two stages of (queries, d_o) (R, float [64][D + 4], is staged in the free one), two
   // of lse, the tile's (token, code) pairs to write and their count.
@@ -237,7 +239,8 @@ __global__ void __launch_bounds__(kSeqThreads) quantize_kernel(const Args a) {
     const float* norms = norms_of_head + ct * kKeyTile;
     if (ct == 0)
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) tile::load_a(k_frag[ks], k_s, kStride, warp * 16, ks * 16);
+      for (int ks = 0; ks < D / 16; ++ks)
+        tile::load_a(k_frag[ks], k_s, kStride, warp * 16, ks * 16);
     float s[8][4];
     score_tile<Elem, D>(s, k_frag, codes);
 #pragma unroll
@@ -265,7 +268,8 @@ __global__ void __launch_bounds__(kSeqThreads) quantize_kernel(const Args a) {
     a.codes[(b * a.time + t) * a.num_heads + head] = best_code[r];
     if (a.codes_out.present) {
       const detail::CodesTensor& out = a.codes_out;
-      char* at = out.data + out.bytes * (b * out.stride[0] + t * out.stride[1] + head * out.stride[2]);
+      char* at =
+          out.data + out.bytes * (b * out.stride[0] + t * out.stride[1] + head * out.stride[2]);
       if (out.bytes == 4)
         *reinterpret_cast<int32_t*>(at) = best_code[r];
       else
@@ -285,8 +289,10 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
   Elem* const key_s = g_s + (kDq ? kQueryTile * kStride : 0);
   Elem* const val_s = key_s + 2 * kKeyTile * kStride;
   float* const count_s = reinterpret_cast<float*>(val_s + 2 * kKeyTile * kStride);
-  float* const bias_s = count_s + a.num_codes;  // log2 count_s, -inf for count 0
-  int* const tile_codes = reinterpret_cast<int*>(bias_s + a.num_codes);
+  float* const bias_s = count_s + a.num_codes;    // log2 count_s, -inf for count 0
+  float* const inverse_s = bias_s + a.num_codes;  // 1 / count_s
+  int* const first_of = reinterpret_cast<int*>(inverse_s + a.num_codes);  // per code, in a tile
+  int* const tile_codes = first_of + a.num_codes;
   int* const next_same = tile_codes + kQueryTile;  // next token of the tile with the same code
   int* const leads = next_same + kQueryTile;       // first token of the tile with its code
 
@@ -309,12 +315,14 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
       if (count > 0.f) sum = load_float(init, element_offset(init, n, head, s, idx % D));
     }
     sums[idx] = sum;
-    means[idx] = from_float<Elem>(count > 0.f ? sum / count : 0.f);
+    means[idx] = from_float<Elem>(count > 0.f ? sum * (1.f / count) : 0.f);
   }
   for (int s = threadIdx.x; s < S; s += kSeqThreads) {
     const float count = init.present ? load_float(init, element_offset(init, n, head, s, D)) : 0.f;
     count_s[s] = count > 0.f ? count : 0.f;
     bias_s[s] = count > 0.f ? log2f(count) : -INFINITY;
+    inverse_s[s] = count > 0.f ? 1.f / count : 0.f;
+    first_of[s] = kQueryTile;  // "no token yet"
   }
   __syncthreads();
 
@@ -332,9 +340,8 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
       Elem* values = val_s + (kt % 2) * kKeyTile * kStride;
       if (kt < code_tiles) {
         const int c0 = kt * kKeyTile;
-        issue_tile<D, kSeqThreads>(keys, kKeyTile, any_valid, [&](int r) {
-          return codebook + (c0 + r) * code_stride;
-        });
+        issue_tile<D, kSeqThreads>(keys, kKeyTile, any_valid,
+                                   [&](int r) { return codebook + (c0 + r) * code_stride; });
         issue_tile<D, kSeqThreads>(values, kKeyTile, any_valid,
                                    [&](int r) -> const Elem* { return means + (c0 + r) * D; });
       } else {
@@ -393,12 +400,13 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
         float s[8][4];
         score_tile<Elem, D>(s, q_frag, keys);
         if (is_code) {  // logit in log2 units: c log2(e) q.C_s + log2 count_s
-          const float* bias = bias_s + kt * kKeyTile;
+          const float2* bias = reinterpret_cast<const float2*>(bias_s + kt * kKeyTile);
 #pragma unroll
-          for (int nt = 0; nt < 8; ++nt)
+          for (int nt = 0; nt < 8; ++nt) {
+            const float2 b = bias[nt * 4 + quad];  // columns nt * 8 + 2 quad (+ 1)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              s[nt][e] = fmaf(s[nt][e], a.scale_log2, bias[nt * 8 + 2 * quad + (e & 1)]);
+            for (int e = 0; e < 4; ++e) s[nt][e] = fmaf(s[nt][e], a.scale_log2, e & 1 ? b.y : b.x);
+          }
         } else {  // causal: key <= row, key < length
           int limit[2];
 #pragma unroll
@@ -410,8 +418,8 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
           for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              s[nt][e] = nt * 8 + 2 * quad + (e & 1) <= limit[e / 2] ? s[nt][e] * a.scale_log2
-                                                                     : -INFINITY;
+              s[nt][e] =
+                  nt * 8 + 2 * quad + (e & 1) <= limit[e / 2] ? s[nt][e] * a.scale_log2 : -INFINITY;
         }
         if constexpr (!kDq) {  // online softmax
           float new_max[2], base[2], alpha[2];
@@ -450,7 +458,8 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
           for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-              dp[nt][e] = tile::fast_exp2(s[nt][e] - row_lse[e / 2]) * (dp[nt][e] - row_delta[e / 2]);
+              dp[nt][e] =
+                  tile::fast_exp2(s[nt][e] - row_lse[e / 2]) * (dp[nt][e] - row_delta[e / 2]);
           accumulate_tile<Elem, D>(acc, dp, keys);
         }
       }
@@ -467,9 +476,9 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
         if (!valid) continue;
 #pragma unroll
         for (int nt = 0; nt < D / 8; ++nt)
-          *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dq.data) +
-                                       element_offset(a.dq, seq.batch, token, head,
-                                                      nt * 8 + 2 * quad)) =
+          *reinterpret_cast<uint32_t*>(
+              reinterpret_cast<Elem*>(a.dq.data) +
+              element_offset(a.dq, seq.batch, token, head, nt * 8 + 2 * quad)) =
               tile::pack<Elem>(a.scale * acc[nt][2 * r], a.scale * acc[nt][2 * r + 1]);
       } else {
         const float total = quad_sum(row_sum[r]);
@@ -484,6 +493,10 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
             *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.o.data) +
                                          element_offset(a.o, seq.batch, token, head, col)) =
                 tile::pack<Elem>(o0, o1);
+            if (nt == 0 && quad == 0 && a.softmax_lse.present)  // natural log
+              *reinterpret_cast<float*>(a.softmax_lse.data +
+                                        4 * element_offset(a.softmax_lse, seq.batch, token, head,
+                                                           0)) = (row_max[r] + log2f(total)) * kLn2;
           } else {
             const float2 g = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
                 row_of<Elem>(a.d_o, seq.batch, token, head) + col));
@@ -505,51 +518,64 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
     // forward's final_state). Tokens with the same code form a chain; the chain's first token
     // adds the chain's values in token order: no two threads touch one code.
     if (t + 1 == tiles && !(kPass == Pass::kForward && a.final_state.present)) break;
-    if (threadIdx.x < tokens) tile_codes[threadIdx.x] = a.codes[token_index(a, seq, first + threadIdx.x, head)];
+    if (threadIdx.x < tokens) {
+      const int code = a.codes[token_index(a, seq, first + threadIdx.x, head)];
+      tile_codes[threadIdx.x] = code;
+      atomicMin(first_of + code, static_cast<int>(threadIdx.x));
+    }
     __syncthreads();
     if (threadIdx.x < tokens) {
       const int j = threadIdx.x, code = tile_codes[j];
-      int next = -1, lead = 1;
-      for (int u = 0; u < tokens; ++u)
-        if (tile_codes[u] == code) {
-          if (u < j) lead = 0;
-          if (u > j && next < 0) next = u;
-        }
+      int next = -1;
+      for (int u = j + 1; u < tokens && next < 0; ++u)
+        if (tile_codes[u] == code) next = u;
       next_same[j] = next;
-      leads[j] = lead;
+      leads[j] = first_of[code] == j;
     }
     __syncthreads();
     if (threadIdx.x < tokens && leads[threadIdx.x]) {
       int size = 0;
       for (int u = threadIdx.x; u >= 0; u = next_same[u]) ++size;
       const int code = tile_codes[threadIdx.x];
-      count_s[code] += static_cast<float>(size);
-      bias_s[code] = log2f(count_s[code]);
+      const float count = count_s[code] + static_cast<float>(size);
+      count_s[code] = count;
+      bias_s[code] = log2f(count);
+      inverse_s[code] = 1.f / count;
+      first_of[code] = kQueryTile;
     }
     __syncthreads();
-    // The tile's values are the last key tiles' values, still in shared memory.
-    auto value = [&](int u, int x) {
-      return to_float(val_s[((code_tiles + u / kKeyTile) % 2) * kKeyTile * kStride +
-                            (u % kKeyTile) * kStride + x]);
-    };
-    constexpr int kBatch = 8;  // independent sums loads in flight per thread
-    for (int base = threadIdx.x; base < tokens * D; base += kBatch * kSeqThreads) {
+    // Items of 4 columns of a chain's first token; the tile's values are the last key tiles'
+    // values, still in shared memory.
+    constexpr int kCols = 4, kGroups = D / kCols;
+    constexpr int kBatch = 4;  // independent sums loads in flight per thread
+    for (int base = threadIdx.x; base < tokens * kGroups; base += kBatch * kSeqThreads) {
       int at[kBatch];
-      float old[kBatch];
+      float4 old[kBatch];
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
-        const int idx = base + b * kSeqThreads;
-        at[b] = idx < tokens * D && leads[idx / D] ? tile_codes[idx / D] * D + idx % D : -1;
-        old[b] = at[b] >= 0 ? sums[at[b]] : 0.f;
+        const int idx = base + b * kSeqThreads, j = idx / kGroups;
+        at[b] =
+            idx < tokens * kGroups && leads[j] ? tile_codes[j] * D + (idx % kGroups) * kCols : -1;
+        old[b] = at[b] >= 0 ? *reinterpret_cast<const float4*>(sums + at[b])
+                            : make_float4(0.f, 0.f, 0.f, 0.f);
       }
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
         if (at[b] < 0) continue;
-        const int idx = base + b * kSeqThreads, x = idx % D;
-        float total = old[b];
-        for (int u = idx / D; u >= 0; u = next_same[u]) total += value(u, x);
-        sums[at[b]] = total;
-        means[at[b]] = from_float<Elem>(total / count_s[at[b] / D]);
+        const int idx = base + b * kSeqThreads, x = (idx % kGroups) * kCols;
+        float4 total = old[b];
+        for (int u = idx / kGroups; u >= 0; u = next_same[u]) {
+          const Elem* row = val_s + ((code_tiles + u / kKeyTile) % 2) * kKeyTile * kStride +
+                            (u % kKeyTile) * kStride + x;
+          const float2 lo = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(row));
+          const float2 hi = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(row + 2));
+          total.x += lo.x, total.y += lo.y, total.z += hi.x, total.w += hi.y;
+        }
+        *reinterpret_cast<float4*>(sums + at[b]) = total;
+        const float inverse = inverse_s[at[b] / D];
+        *reinterpret_cast<uint2*>(means + at[b]) =
+            make_uint2(tile::pack<Elem>(total.x * inverse, total.y * inverse),
+                       tile::pack<Elem>(total.z * inverse, total.w * inverse));
       }
     }
     __syncthreads();
@@ -562,6 +588,32 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
       store_float(a.final_state, element_offset(a.final_state, n, head, s, x),
                   x < D ? sums[s * D + x] : count_s[s]);
     }
+  }
+}
+
+// ---- the backward's statistics from the forward's saved o and softmax_lse ----------------------
+// lse in log2 units and D_i = do_i.o_i of every (batch, time, head) row, one warp each.
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kSeqThreads) saved_statistics_kernel(const Args a) {
+  const int64_t row = blockIdx.x * int64_t{kSeqWarps} + threadIdx.x / 32;
+  if (row >= a.batch * a.time * a.num_heads) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t head = row % a.num_heads, t = (row / a.num_heads) % a.time,
+                b = row / (a.num_heads * a.time);
+  const Elem* o = row_of<Elem>(a.o, b, t, head);
+  const Elem* g = row_of<Elem>(a.d_o, b, t, head);
+  float dot = 0.f;
+  for (int x = 2 * lane; x < D; x += 64) {
+    const float2 ox = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(o + x));
+    const float2 gx = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(g + x));
+    dot += ox.x * gx.x + ox.y * gx.y;
+  }
+  for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  if (lane == 0) {
+    a.delta[row] = dot;
+    a.lse[row] =
+        kLog2e * *reinterpret_cast<const float*>(a.softmax_lse.data +
+                                                 4 * element_offset(a.softmax_lse, b, t, head, 0));
   }
 }
 
@@ -643,9 +695,9 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
       __syncthreads();
       for (int pair = warp; pair < *pair_count; pair += kTileWarps) {
         const int c = pair_code[pair];
-        Elem* row = reinterpret_cast<Elem*>(a.dv.data) +
-                    element_offset(a.dv, seq.batch, seq.start + tile_first + pair_token[pair],
-                                   head, 0);
+        Elem* row =
+            reinterpret_cast<Elem*>(a.dv.data) +
+            element_offset(a.dv, seq.batch, seq.start + tile_first + pair_token[pair], head, 0);
         for (int x = 2 * lane; x < D; x += 64)
           *reinterpret_cast<uint32_t*>(row + x) =
               tile::pack<Elem>(r_s[c * kRStride + x], r_s[c * kRStride + x + 1]);
@@ -672,8 +724,8 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        w[nt][e] = tile::fast_exp2(fminf(fmaf(w[nt][e], a.scale_log2, -lse[nt * 8 + 2 * quad + (e & 1)]),
-                                         kMaxCodeLog2Weight));
+        w[nt][e] = tile::fast_exp2(fminf(
+            fmaf(w[nt][e], a.scale_log2, -lse[nt * 8 + 2 * quad + (e & 1)]), kMaxCodeLog2Weight));
     accumulate_tile<Elem, D>(acc, w, grads_of(stage));
     __syncthreads();
   }
@@ -804,8 +856,8 @@ __global__ void __launch_bounds__(kTileThreads) key_kernel(const Args a) {
                                      element_offset(a.dk, seq.batch, token, head, col)) =
             tile::pack<Elem>(a.scale * dk_acc[nt][2 * r], a.scale * dk_acc[nt][2 * r + 1]);
       if (a.dv.present) {
-        uint32_t* at = reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dv.data) +
-                                                   element_offset(a.dv, seq.batch, token, head, col));
+        uint32_t* at = reinterpret_cast<uint32_t*>(
+            reinterpret_cast<Elem*>(a.dv.data) + element_offset(a.dv, seq.batch, token, head, col));
         const float2 aggregated = tile::unpack<Elem>(*at);
         *at = tile::pack<Elem>(aggregated.x + dv_acc[nt][2 * r],
                                aggregated.y + dv_acc[nt][2 * r + 1]);
@@ -821,6 +873,7 @@ Args make_args(const VqAttentionParams& p, const VqTcBuffers& b) {
   Args a;
   a.q = p.q, a.k = p.k, a.v = p.v, a.codebook = p.codebook, a.initial_state = p.initial_state;
   a.o = p.o, a.final_state = p.final_state, a.d_o = p.d_o, a.d_final_state = p.d_final_state;
+  a.softmax_lse = p.softmax_lse;
   a.dq = p.dq, a.dk = p.dk, a.dv = p.dv, a.d_initial_state = p.d_initial_state;
   a.sequences = b.sequences;
   a.num_heads = p.num_heads, a.time = p.time;
@@ -836,8 +889,8 @@ Args make_args(const VqAttentionParams& p, const VqTcBuffers& b) {
 }
 
 template <typename Kernel>
-void launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
-            const Args& a, const char* what) {
+void launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, const Args& a,
+            const char* what) {
   if (grid.x == 0 || grid.y == 0) return;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(smem)),
@@ -864,16 +917,22 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
            Sh::sequential_smem(Pass::kForward, codes), stream, a, "vq_attention: the forward");
     return;
   }
-  launch(sequential_kernel<Elem, D, Pass::kPrologue>, dim3(pairs), kSeqThreads,
-         Sh::sequential_smem(Pass::kPrologue, codes), stream, a,
-         "vq_attention: the backward's softmax statistics");
+  if (p.softmax_lse.present && p.o.present)  // saved by the forward: lse and D from them
+    launch(
+        saved_statistics_kernel<Elem, D>,
+        dim3(static_cast<unsigned>((p.batch * p.time * p.num_heads + kSeqWarps - 1) / kSeqWarps)),
+        kSeqThreads, 0, stream, a, "vq_attention: the saved statistics");
+  else
+    launch(sequential_kernel<Elem, D, Pass::kPrologue>, dim3(pairs), kSeqThreads,
+           Sh::sequential_smem(Pass::kPrologue, codes), stream, a,
+           "vq_attention: the backward's softmax statistics");
   if (p.dq.present)
     launch(sequential_kernel<Elem, D, Pass::kDq>, dim3(pairs), kSeqThreads,
            Sh::sequential_smem(Pass::kDq, codes), stream, a, "vq_attention: dq");
   const int64_t longest = longest_sequence(p.sequences);
   if (p.dv.present || p.d_initial_state.present)
-    launch(code_kernel<Elem, D>, dim3(static_cast<unsigned>(codes / kKeyTile), pairs),
-           kTileThreads, Sh::kCodeSmem, stream, a, "vq_attention: the codes' dv");
+    launch(code_kernel<Elem, D>, dim3(static_cast<unsigned>(codes / kKeyTile), pairs), kTileThreads,
+           Sh::kCodeSmem, stream, a, "vq_attention: the codes' dv");
   if (p.dk.present || p.dv.present)
     launch(key_kernel<Elem, D>,
            dim3(static_cast<unsigned>((longest + kKeyTile - 1) / kKeyTile), pairs), kTileThreads,
@@ -906,7 +965,8 @@ bool vq_tc_supports(const VqAttentionParams& p) {
   if (p.key_dim != p.value_dim || (p.key_dim != 64 && p.key_dim != 128)) return false;
   if (p.num_codes % kKeyTile != 0 || p.num_codes > kMaxCodes) return false;
   if (p.batch * p.time / kQueryTile >= (int64_t{1} << 31)) return false;  // quantization grid
-  for (const StridedTensor* t : {&p.q, &p.k, &p.v, &p.codebook, &p.d_o})
+  // Rows are read with cp.async and written in pairs: unit feature strides, 16-byte alignment.
+  for (const StridedTensor* t : {&p.q, &p.k, &p.v, &p.codebook, &p.d_o, &p.o, &p.dq, &p.dk, &p.dv})
     if (t->present && !rows_copyable(*t)) return false;
   return true;
 }

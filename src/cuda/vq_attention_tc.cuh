@@ -15,12 +15,12 @@ namespace flashlin::cuda {
 
 // Scratch of the tensor-core path, carved by vq_attention.cu.
 struct VqTcBuffers {
-  int32_t* codes = nullptr;        // [B, T, H], written by the path's quantization
-  float* sums = nullptr;           // [N H, S, D] running value sums
-  void* means = nullptr;           // [N H, S, D] running value means, input type
-  float* lse = nullptr;            // [B, T, H] (backward)
-  float* delta = nullptr;          // [B, T, H] (backward)
-  float* code_norms = nullptr;     // [H, S]
+  int32_t* codes = nullptr;     // [B, T, H], written by the path's quantization
+  float* sums = nullptr;        // [N H, S, D] running value sums
+  void* means = nullptr;        // [N H, S, D] running value means, input type
+  float* lse = nullptr;         // [B, T, H] (backward)
+  float* delta = nullptr;       // [B, T, H] (backward)
+  float* code_norms = nullptr;  // [H, S]
   SequenceTable sequences;
 };
 

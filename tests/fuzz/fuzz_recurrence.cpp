@@ -910,8 +910,7 @@ void fuzz_based(FuzzedDataProvider& in, Builder& make) {
   // The query checks what both calls check first (config and inputs), nothing else.
   require_agreement(size, forward, true);
   require_agreement(size, backward, true);
-  if (size.ok() &&
-      (argument_error(forward.status) || argument_error(backward.status))) {
+  if (size.ok() && (argument_error(forward.status) || argument_error(backward.status))) {
     // The query accepted the inputs: both calls on them, everything else valid, must too.
     const DLTensor* plain_o = make.like(inputs.v);
     const Outcome f = checked(make, {"flashlin_based_forward", ins, {plain_o}, {}}, [&] {
@@ -1068,8 +1067,7 @@ void fuzz_slot_attention(FuzzedDataProvider& in, Builder& make) {
   if (!bytes_ptr || (backward_flag != 0 && backward_flag != 1)) return;
   require_agreement(size, forward, true);
   require_agreement(size, backward, true);
-  if (size.ok() &&
-      (argument_error(forward.status) || argument_error(backward.status))) {
+  if (size.ok() && (argument_error(forward.status) || argument_error(backward.status))) {
     // The query accepted the inputs: both calls on them, everything else valid, must too.
     flashlin_slot_attention_outputs plain{};
     plain.o = make.like(inputs.v);
@@ -1110,6 +1108,7 @@ void fuzz_vq_attention(FuzzedDataProvider& in, Builder& make) {
       in.ConsumeBool()
           ? in.PickValueInArray({0, 16, 17, 64, 1024, 15, 1025, 1, -1, -16, kInt32Max, kInt32Min})
           : in.ConsumeIntegralInRange<int32_t>(0, 80);
+  config.key_grad = in.PickValueInArray({0, 1, 0, 1, 2, -1, kInt32Max});
   const flashlin_vq_attention_config* config_ptr = or_null(in, &config);
 
   int64_t N = B;
@@ -1199,8 +1198,7 @@ void fuzz_vq_attention(FuzzedDataProvider& in, Builder& make) {
   if (!bytes_ptr) return;
   require_agreement(size, forward, true);
   require_agreement(size, backward, true);
-  if (size.ok() &&
-      (argument_error(forward.status) || argument_error(backward.status))) {
+  if (size.ok() && (argument_error(forward.status) || argument_error(backward.status))) {
     // The query accepted the inputs: both calls on them, everything else valid, must too.
     DLTensor* plain_o = make.like(inputs.v);
     const Outcome f = checked(make, {"flashlin_vq_attention_forward", ins, {plain_o}, {}}, [&] {

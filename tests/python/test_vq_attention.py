@@ -3,6 +3,7 @@ causal softmax attention over the quantized keys k^ = C[code] (the T x T matrix,
 summarised by an initial state as weighted extra keys), with float64 autograd for every gradient
 (straight-through to k). Codes are checked against the float64 argmin separately, and the
 reference then uses the op's codes, so a legitimate near-tie cannot fail the output checks."""
+import importlib
 import math
 
 import pytest
@@ -420,6 +421,85 @@ def _vq_inputs(q, k, v, codebook):
     return _lib.VqAttentionInputs(*[_lib.TensorView(t, n).pointer for t, n in
                                     ((q, "q"), (k, "k"), (v, "v"), (codebook, "codebook"),
                                      (None, ""), (None, ""))]), keep
+
+
+# --- the saved statistics (forward_lse / backward_lse) -------------------------------------
+
+def dense_lse(q, codebook, codes, scale, state):
+    """float64 log-normaliser [T, H] of one sequence (the reference's scores, no gradient)."""
+    T, H, _ = q.shape
+    k_hat = codebook[torch.arange(H)[None, :], codes]
+    scores = torch.einsum("thk,shk->hts", q, k_hat) * scale
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+    if state is not None:
+        counts = state[..., -1]
+        code_scores = torch.einsum("thk,hsk->hts", q, codebook) * scale
+        code_scores = code_scores + torch.where(counts > 0, counts, torch.ones_like(counts)).log()[
+            :, None]
+        scores = torch.cat([code_scores.masked_fill(~(counts > 0)[:, None], -math.inf), scores], -1)
+    return torch.logsumexp(scores, -1).T
+
+
+def _lse_call(q, k, v, codebook, state=None, key_grad=0, block_len=64):
+    """The C ABI's forward_lse, then backward and backward_lse on the same random d_o: returns
+    (o, lse, grads without, grads with the saved statistics)."""
+    module = importlib.import_module("flashlin.ops.vq_attention")
+    config = _lib.VqAttentionConfig(0.0, block_len, key_grad)
+    o, codes, _, lse = module._forward(q, k, v, codebook, state, None, config, False,
+                                       with_lse=True)
+    d_o = torch.randn_like(o)
+    needs = (True, True, True, state is not None)
+    plain = module._backward(q, k, v, codebook, state, None, config, d_o, None, needs)
+    saved = module._backward(q, k, v, codebook, state, None, config, d_o, None, needs,
+                             saved=(o, lse))
+    return o, codes, lse, plain, saved
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softmax_lse_and_saved_backward(device):
+    """forward_lse's softmax_lse against the float64 log-normaliser; backward_lse (the saved
+    statistics) against backward (recomputed): the same gradients."""
+    if device == "cuda":  # the tensor-core path, which uses the saved statistics
+        q, k, v, codebook = [t.cuda() for t in make_inputs(2, 300, 2, 64, 64, 64, torch.bfloat16)]
+        state = random_state(2, 2, 64, 64).cuda()
+        tol = 1e-2
+    else:
+        q, k, v, codebook = make_inputs(2, 70, 2, 8, 5, 7, torch.float32)
+        state = random_state(2, 2, 7, 5)
+        tol = 1e-6
+    o, codes, lse, plain, saved = _lse_call(q, k, v, codebook, state)
+    f64 = [t.cpu().to(F64) for t in (q, codebook, state)]
+    ref = torch.stack([dense_lse(f64[0][b], f64[1], codes[b].cpu(), q.shape[-1] ** -0.5,
+                                 f64[2][b]) for b in range(2)])
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert (lse.cpu().to(F64) - ref).abs().max() <= (2e-2 if device == "cuda" else 1e-5)
+    for name, a, b in zip(("dq", "dk", "dv", "d_initial_state"), plain, saved):
+        assert rel_err(b, a) <= tol, (name, rel_err(b, a))
+
+
+def test_bad_saved_statistics_are_rejected():
+    q, k, v, codebook = make_inputs(1, 10, 1, 4, 3, 5)
+    inputs, keep = _vq_inputs(q, k, v, codebook)
+    config = _lib.VqAttentionConfig(0.0, 16, 0)
+    o = torch.zeros(v.shape)
+    for lse, why in ((torch.zeros(1, 10, 1, dtype=torch.float64), "float32"),
+                     (torch.zeros(1, 9, 1), "[B, T, H]")):
+        status = _lib.entry("flashlin_vq_attention_forward_lse")(
+            config, inputs, _lib.TensorView(o, "o").pointer, None, None,
+            _lib.TensorView(lse, "softmax_lse").pointer, None)
+        assert status == _lib.INVALID_ARGUMENT
+        message = _lib.lib.flashlin_last_error().decode()
+        assert "softmax_lse" in message and why in message, message
+    dq = torch.full(q.shape, 7.0)
+    grads = _lib.VqAttentionGrads(_lib.TensorView(dq, "dq").pointer, None, None, None)
+    d_o = torch.randn(v.shape)
+    status = _lib.entry("flashlin_vq_attention_backward_lse")(
+        config, inputs, _lib.TensorView(o, "o").pointer, None, _lib.TensorView(d_o, "d_o").pointer,
+        None, grads, None)
+    assert status == _lib.INVALID_ARGUMENT
+    assert "softmax_lse" in _lib.lib.flashlin_last_error().decode()
+    assert (dq == 7.0).all()
+    del keep
 
 
 # --- the CUDA tensor-core path (float16 / bfloat16, K = V in {64, 128}, S % 64 == 0) ---------

@@ -47,7 +47,10 @@ def _workspace_query(config, inputs, backward):
         config, inputs, backward, size)
 
 
-def _forward(q, k, v, codebook, initial_state, cu_seqlens, config, output_final_state):
+def _forward(q, k, v, codebook, initial_state, cu_seqlens, config, output_final_state,
+             with_lse=False):
+    """o, codes, final_state (or None), and softmax_lse [B, T, H] float32 when with_lse (the
+    statistics the backward can reuse; else None)."""
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     codes = torch.empty(q.shape[:3], dtype=torch.int64, device=q.device)
     final_state = None
@@ -55,17 +58,27 @@ def _forward(q, k, v, codebook, initial_state, cu_seqlens, config, output_final_
         num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         final_state = torch.empty(num_seqs, q.shape[2], codebook.shape[1], v.shape[3] + 1,
                                   dtype=_state_dtype(q), device=q.device)
+    lse = (torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if with_lse
+           else None)
     inputs, keep = _inputs(q, k, v, codebook, initial_state, cu_seqlens)
     views = [_lib.TensorView(t, n) for t, n in
              ((o, "o"), (codes, "codes"), (final_state, "final_state"))]
     execution, workspace = _lib.execution_for(q, _workspace_query(config, inputs, 0))
-    _lib.check(_lib.entry("flashlin_vq_attention_forward")(
-        config, inputs, *[view.pointer for view in views], execution))
+    if with_lse:
+        lse_view = _lib.TensorView(lse, "softmax_lse")
+        _lib.check(_lib.entry("flashlin_vq_attention_forward_lse")(
+            config, inputs, *[view.pointer for view in views], lse_view.pointer, execution))
+    else:
+        _lib.check(_lib.entry("flashlin_vq_attention_forward")(
+            config, inputs, *[view.pointer for view in views], execution))
     del keep, workspace
-    return o, codes, final_state
+    return o, codes, final_state, lse
 
 
-def _backward(q, k, v, codebook, initial_state, cu_seqlens, config, d_o, d_final_state, needs):
+def _backward(q, k, v, codebook, initial_state, cu_seqlens, config, d_o, d_final_state, needs,
+              saved=None):
+    """The gradients in `needs` (q, k, v, initial_state); saved = (o, softmax_lse) of the forward
+    lets the library skip recomputing the forward's attention."""
     sources = (q, k, v, initial_state)
     grads = [torch.empty(src.shape, dtype=src.dtype, device=src.device)
              if want and src is not None else None for want, src in zip(needs, sources)]
@@ -76,8 +89,14 @@ def _backward(q, k, v, codebook, initial_state, cu_seqlens, config, d_o, d_final
     d_o_view = _lib.TensorView(d_o, "d_o")
     d_final_view = _lib.TensorView(d_final_state, "d_final_state")
     execution, workspace = _lib.execution_for(q, _workspace_query(config, inputs, 1))
-    _lib.check(_lib.entry("flashlin_vq_attention_backward")(
-        config, inputs, d_o_view.pointer, d_final_view.pointer, grads_struct, execution))
+    if saved is not None:
+        saved_views = [_lib.TensorView(saved[0], "o"), _lib.TensorView(saved[1], "softmax_lse")]
+        _lib.check(_lib.entry("flashlin_vq_attention_backward_lse")(
+            config, inputs, *[view.pointer for view in saved_views], d_o_view.pointer,
+            d_final_view.pointer, grads_struct, execution))
+    else:
+        _lib.check(_lib.entry("flashlin_vq_attention_backward")(
+            config, inputs, d_o_view.pointer, d_final_view.pointer, grads_struct, execution))
     del keep, workspace
     return grads
 
@@ -85,9 +104,9 @@ def _backward(q, k, v, codebook, initial_state, cu_seqlens, config, d_o, d_final
 class _VqAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, codebook, initial_state, cu_seqlens, config, output_final_state):
-        o, codes, final_state = _forward(q, k, v, codebook, initial_state, cu_seqlens, config,
-                                         output_final_state)
-        ctx.save_for_backward(q, k, v, codebook, initial_state, cu_seqlens)
+        o, codes, final_state, lse = _forward(q, k, v, codebook, initial_state, cu_seqlens,
+                                              config, output_final_state, with_lse=True)
+        ctx.save_for_backward(q, k, v, codebook, initial_state, cu_seqlens, o, lse)
         ctx.config, ctx.output_final_state = config, output_final_state
         ctx.mark_non_differentiable(codes)
         return o, codes, final_state
@@ -95,7 +114,7 @@ class _VqAttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_o, d_codes, d_final_state):
-        q, k, v, codebook, initial_state, cu_seqlens = ctx.saved_tensors
+        q, k, v, codebook, initial_state, cu_seqlens, o, lse = ctx.saved_tensors
         if not ctx.output_final_state or d_final_state is None:
             d_final_state = None
         else:
@@ -103,7 +122,8 @@ class _VqAttentionFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
                  ctx.needs_input_grad[4])
         dq, dk, dv, d_initial = _backward(q, k, v, codebook, initial_state, cu_seqlens,
-                                          ctx.config, d_o.contiguous(), d_final_state, needs)
+                                          ctx.config, d_o.contiguous(), d_final_state, needs,
+                                          saved=(o, lse))
         # No gradient for the codebook: the layer learns it by EMA (see the module docstring).
         return dq, dk, dv, None, d_initial, None, None, None
 
@@ -121,8 +141,8 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
                         key_grad: int, output_final_state: bool
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         config = _lib.VqAttentionConfig(scale, block_len, key_grad)
-        o, codes, final_state = _forward(q, k, v, codebook, initial_state, cu_seqlens, config,
-                                         output_final_state)
+        o, codes, final_state, _ = _forward(q, k, v, codebook, initial_state, cu_seqlens, config,
+                                            output_final_state)
         if final_state is None:
             final_state = q.new_empty(_EMPTY, dtype=_state_dtype(q))
         return o, codes, final_state
@@ -217,8 +237,8 @@ def vq_attention(q, k, v, codebook, block_len=64, scale=None, initial_state=None
         o, codes, final_state = _VqAttentionFunction.apply(
             q, k, v, codebook, initial_state, cu_seqlens, config, output_final_state)
     else:
-        o, codes, final_state = _forward(q, k, v, codebook, initial_state, cu_seqlens, config,
-                                         output_final_state)
+        o, codes, final_state, _ = _forward(q, k, v, codebook, initial_state, cu_seqlens, config,
+                                            output_final_state)
     return (o, codes, final_state) if output_final_state else (o, codes)
 
 

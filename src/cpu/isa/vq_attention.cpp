@@ -211,8 +211,11 @@ struct HeadTask {
   void forward() {
     std::vector<Real> window_weight(2 * L), code_weight(S), o(V);
     for_each_query([&](int64_t t) {
-      attend(t, window_weight.data(), code_weight.data(), o.data());
+      const Real log_normaliser = attend(t, window_weight.data(), code_weight.data(), o.data());
       store_row(o.data(), V, p.o.at(seq.batch, seq.start + t, h, 0), p.o.dtype, p.o.stride[3]);
+      if (p.softmax_lse.present)  // float32 (the API checks)
+        *reinterpret_cast<float*>(p.softmax_lse.at(seq.batch, seq.start + t, h, 0)) =
+            static_cast<float>(log_normaliser);
     });
     if (p.codes.present)
       for (int64_t t = 0; t < len; ++t) p.codes.store(seq.batch, seq.start + t, h, code[t]);
