@@ -523,16 +523,17 @@ FLASHLIN_API flashlin_status flashlin_vq_attention_backward(
  * (on the device of q; any non-negative strides), each query's log-normaliser
  *     lse_i = log( sum_{j<=i} e^{scale q_i.k^_j} + sum_{s: count_s > 0} count_s e^{scale q_i.C_s} )
  * (the second sum over initial_state's codes), and flashlin_vq_attention_backward_lse is the
- * backward given that forward's o and softmax_lse, which must come from the same inputs: the CUDA
- * tensor-core path then skips recomputing the forward's attention (a third of its backward);
- * the other paths recompute it (the gradients agree to rounding). */
+ * backward given that forward's o and softmax_lse, and optionally its codes (NULL: quantized
+ * again), which must come from the same inputs: the CUDA tensor-core path then skips recomputing
+ * the forward's attention (a third of its backward) and the quantization; the other paths
+ * recompute them (the gradients agree to rounding). */
 FLASHLIN_API flashlin_status flashlin_vq_attention_forward_lse(
     const flashlin_vq_attention_config* config, const flashlin_vq_attention_inputs* inputs,
     DLTensor* o, DLTensor* codes, DLTensor* final_state, DLTensor* softmax_lse,
     const flashlin_execution* exec);
 FLASHLIN_API flashlin_status flashlin_vq_attention_backward_lse(
     const flashlin_vq_attention_config* config, const flashlin_vq_attention_inputs* inputs,
-    const DLTensor* o, const DLTensor* softmax_lse, const DLTensor* d_o,
+    const DLTensor* o, const DLTensor* softmax_lse, const DLTensor* codes, const DLTensor* d_o,
     const DLTensor* d_final_state, const flashlin_vq_attention_grads* grads,
     const flashlin_execution* exec);
 

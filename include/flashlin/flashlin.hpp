@@ -373,7 +373,7 @@ inline void vq_attention_backward(const flashlin_vq_attention_config& config,
 }
 
 // Training without recomputation: the forward also writes softmax_lse [B, T, H] float32, and the
-// backward takes it with the forward's o (flashlin.h).
+// backward takes it with the forward's o and (optionally, else nullptr) codes (flashlin.h).
 inline void vq_attention_forward_lse(const flashlin_vq_attention_config& config,
                                      const VqAttentionInputs& inputs, DLTensor* o,
                                      DLTensor* softmax_lse, DLTensor* codes = nullptr,
@@ -386,13 +386,14 @@ inline void vq_attention_forward_lse(const flashlin_vq_attention_config& config,
 
 inline void vq_attention_backward_lse(const flashlin_vq_attention_config& config,
                                       const VqAttentionInputs& inputs, const DLTensor* o,
-                                      const DLTensor* softmax_lse, const DLTensor* d_o,
-                                      const DLTensor* d_final_state, const VqAttentionGrads& grads,
+                                      const DLTensor* softmax_lse, const DLTensor* codes,
+                                      const DLTensor* d_o, const DLTensor* d_final_state,
+                                      const VqAttentionGrads& grads,
                                       const flashlin_execution* exec = nullptr) {
   const flashlin_vq_attention_inputs c_inputs = inputs.c_struct();
   const flashlin_vq_attention_grads c_grads = grads.c_struct();
-  check(flashlin_vq_attention_backward_lse(&config, &c_inputs, o, softmax_lse, d_o, d_final_state,
-                                           &c_grads, exec));
+  check(flashlin_vq_attention_backward_lse(&config, &c_inputs, o, softmax_lse, codes, d_o,
+                                           d_final_state, &c_grads, exec));
 }
 
 inline size_t vq_attention_workspace_size(const flashlin_vq_attention_config& config,

@@ -269,7 +269,7 @@ _SIGNATURES = {
         _PDL, ctypes.POINTER(Execution)],
     "flashlin_vq_attention_backward_lse": [
         ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), _PDL, _PDL, _PDL,
-        _PDL, ctypes.POINTER(VqAttentionGrads), ctypes.POINTER(Execution)],
+        _PDL, _PDL, ctypes.POINTER(VqAttentionGrads), ctypes.POINTER(Execution)],
     "flashlin_vq_attention_workspace_size": [
         ctypes.POINTER(VqAttentionConfig), ctypes.POINTER(VqAttentionInputs), ctypes.c_int,
         _SIZE_P],

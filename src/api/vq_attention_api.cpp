@@ -126,7 +126,8 @@ VqAttentionParams validate_inputs(ArgumentChecker& check,
 }
 
 // codes: [B, T, H] int32 or int64 on the device of q.
-CodesTensor validate_codes(ArgumentChecker& check, const VqAttentionParams& p, DLTensor* codes) {
+CodesTensor validate_codes(ArgumentChecker& check, const VqAttentionParams& p,
+                           const DLTensor* codes, bool is_input = false) {
   CodesTensor c;
   if (!codes) return c;
   if (codes->ndim != 3 || !codes->shape)
@@ -154,7 +155,10 @@ CodesTensor validate_codes(ArgumentChecker& check, const VqAttentionParams& p, D
   c.data = element_data(*codes);
   c.bytes = dt.bits / 8;
   for (int i = 0; i < 3; ++i) c.stride[i] = codes->shape[i] > 1 ? element_stride(*codes, i) : 0;
-  check.register_output(codes, "codes");
+  if (is_input)
+    check.register_input(codes, "codes");
+  else
+    check.register_output(const_cast<DLTensor*>(codes), "codes");
   return c;
 }
 
@@ -232,8 +236,8 @@ flashlin_status forward_entry(const char* kFn, const flashlin_vq_attention_confi
 flashlin_status backward_entry(const char* kFn, bool with_saved,
                                const flashlin_vq_attention_config* config,
                                const flashlin_vq_attention_inputs* inputs, const DLTensor* o,
-                               const DLTensor* softmax_lse, const DLTensor* d_o,
-                               const DLTensor* d_final_state,
+                               const DLTensor* softmax_lse, const DLTensor* codes,
+                               const DLTensor* d_o, const DLTensor* d_final_state,
                                const flashlin_vq_attention_grads* grads,
                                const flashlin_execution* exec) {
   return guarded(kFn, [&]() {
@@ -271,6 +275,7 @@ flashlin_status backward_entry(const char* kFn, bool with_saved,
       check.register_input(softmax_lse, "softmax_lse");
       p.o = strided(o, kIdentity4);
       p.softmax_lse = strided(softmax_lse, {0, 1, 2});
+      p.saved_codes = validate_codes(check, p, codes, true);
     }
     p.d_o = strided(d_o, kIdentity4);
     p.d_final_state = strided(d_final_state, kIdentity4);
@@ -313,18 +318,18 @@ flashlin_status flashlin_vq_attention_backward(const flashlin_vq_attention_confi
                                                const flashlin_vq_attention_grads* grads,
                                                const flashlin_execution* exec) {
   return detail::backward_entry("flashlin_vq_attention_backward", false, config, inputs, nullptr,
-                                nullptr, d_o, d_final_state, grads, exec);
+                                nullptr, nullptr, d_o, d_final_state, grads, exec);
 }
 
 flashlin_status flashlin_vq_attention_backward_lse(const flashlin_vq_attention_config* config,
                                                    const flashlin_vq_attention_inputs* inputs,
                                                    const DLTensor* o, const DLTensor* softmax_lse,
-                                                   const DLTensor* d_o,
+                                                   const DLTensor* codes, const DLTensor* d_o,
                                                    const DLTensor* d_final_state,
                                                    const flashlin_vq_attention_grads* grads,
                                                    const flashlin_execution* exec) {
   return detail::backward_entry("flashlin_vq_attention_backward_lse", true, config, inputs, o,
-                                softmax_lse, d_o, d_final_state, grads, exec);
+                                softmax_lse, codes, d_o, d_final_state, grads, exec);
 }
 
 flashlin_status flashlin_vq_attention_workspace_size(const flashlin_vq_attention_config* config,

@@ -52,8 +52,9 @@ struct VqAttentionParams {
   // Each query's log-normaliser, [B, T, H] float32 as at(b, t, h, 0): a forward output
   // (optional); in a backward, given with the forward's o (in `o`), the saved statistics.
   StridedTensor softmax_lse;
-  CodesTensor codes;                          // forward output (optional)
-  StridedTensor d_o, d_final_state;           // backward inputs
+  CodesTensor codes;                 // forward output (optional)
+  CodesTensor saved_codes;           // backward: the forward's codes (optional, with softmax_lse)
+  StridedTensor d_o, d_final_state;  // backward inputs
   StridedTensor dq, dk, dv, d_initial_state;  // backward outputs (absent: not written)
   Execution exec;
 };

@@ -73,7 +73,8 @@ struct Args {
   float scale = 1.f, scale_log2 = 1.f;  // c and c log2(e): the scores in log2 units
   int64_t key_grad_block = 0;           // 0: dk from every later query; else block_len
   int32_t* codes = nullptr;
-  detail::CodesTensor codes_out;  // the caller's codes (optional)
+  detail::CodesTensor codes_out;    // the caller's codes (optional)
+  detail::CodesTensor saved_codes;  // backward: the forward's codes (optional)
   int64_t batch = 0;
   float* sums = nullptr;
   void* means = nullptr;
@@ -276,6 +277,18 @@ __global__ void __launch_bounds__(kSeqThreads) quantize_kernel(const Args a) {
         *reinterpret_cast<int64_t*>(at) = best_code[r];
     }
   }
+}
+
+// The forward's codes (int32 or int64, strided) into the path's int32 table.
+__global__ void saved_codes_kernel(const Args a) {
+  const int64_t row = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;  // (b, t, h)
+  if (row >= a.batch * a.time * a.num_heads) return;
+  const int64_t head = row % a.num_heads, t = (row / a.num_heads) % a.time,
+                b = row / (a.num_heads * a.time);
+  const detail::CodesTensor& in = a.saved_codes;
+  const char* at = in.data + in.bytes * (b * in.stride[0] + t * in.stride[1] + head * in.stride[2]);
+  a.codes[row] = in.bytes == 4 ? *reinterpret_cast<const int32_t*>(at)
+                               : static_cast<int32_t>(*reinterpret_cast<const int64_t*>(at));
 }
 
 // ---- the sequential pass: forward, backward prologue, dq ---------------------------------------
@@ -883,6 +896,7 @@ Args make_args(const VqAttentionParams& p, const VqTcBuffers& b) {
   a.key_grad_block = p.window_key_grad ? p.block_len : 0;
   a.batch = p.batch;
   a.codes_out = p.codes;
+  a.saved_codes = p.saved_codes;
   a.code_norms = b.code_norms;
   a.codes = b.codes, a.sums = b.sums, a.means = b.means, a.lse = b.lse, a.delta = b.delta;
   return a;
@@ -905,13 +919,20 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
   const Args a = make_args(p, b);
   const unsigned pairs = static_cast<unsigned>(p.sequences.size() * p.num_heads);
   const int codes = a.num_codes;
-  launch(code_norms_kernel<Elem, D>,
-         dim3(static_cast<unsigned>((p.num_heads * codes + kTileThreads - 1) / kTileThreads)),
-         kTileThreads, 0, stream, a, "vq_attention: the code norms");
-  launch(quantize_kernel<Elem, D>,
-         dim3(static_cast<unsigned>((p.batch * p.time + kQueryTile - 1) / kQueryTile),
-              static_cast<unsigned>(p.num_heads)),
-         kSeqThreads, Sh::kQuantizeSmem, stream, a, "vq_attention: the quantization");
+  if (backward && p.saved_codes.present) {  // as the forward wrote them
+    launch(saved_codes_kernel,
+           dim3(static_cast<unsigned>((p.batch * p.time * p.num_heads + kTileThreads - 1) /
+                                      kTileThreads)),
+           kTileThreads, 0, stream, a, "vq_attention: the saved codes");
+  } else {
+    launch(code_norms_kernel<Elem, D>,
+           dim3(static_cast<unsigned>((p.num_heads * codes + kTileThreads - 1) / kTileThreads)),
+           kTileThreads, 0, stream, a, "vq_attention: the code norms");
+    launch(quantize_kernel<Elem, D>,
+           dim3(static_cast<unsigned>((p.batch * p.time + kQueryTile - 1) / kQueryTile),
+                static_cast<unsigned>(p.num_heads)),
+           kSeqThreads, Sh::kQuantizeSmem, stream, a, "vq_attention: the quantization");
+  }
   if (!backward) {
     launch(sequential_kernel<Elem, D, Pass::kForward>, dim3(pairs), kSeqThreads,
            Sh::sequential_smem(Pass::kForward, codes), stream, a, "vq_attention: the forward");

@@ -451,7 +451,11 @@ def _lse_call(q, k, v, codebook, state=None, key_grad=0, block_len=64):
     needs = (True, True, True, state is not None)
     plain = module._backward(q, k, v, codebook, state, None, config, d_o, None, needs)
     saved = module._backward(q, k, v, codebook, state, None, config, d_o, None, needs,
-                             saved=(o, lse))
+                             saved=(o, lse, codes))
+    again = module._backward(q, k, v, codebook, state, None, config, d_o, None, needs,
+                             saved=(o, lse, None))  # codes quantized again
+    for a, b in zip(saved, again):
+        assert torch.equal(a, b)
     return o, codes, lse, plain, saved
 
 
@@ -494,10 +498,18 @@ def test_bad_saved_statistics_are_rejected():
     grads = _lib.VqAttentionGrads(_lib.TensorView(dq, "dq").pointer, None, None, None)
     d_o = torch.randn(v.shape)
     status = _lib.entry("flashlin_vq_attention_backward_lse")(
-        config, inputs, _lib.TensorView(o, "o").pointer, None, _lib.TensorView(d_o, "d_o").pointer,
-        None, grads, None)
+        config, inputs, _lib.TensorView(o, "o").pointer, None, None,
+        _lib.TensorView(d_o, "d_o").pointer, None, grads, None)
     assert status == _lib.INVALID_ARGUMENT
     assert "softmax_lse" in _lib.lib.flashlin_last_error().decode()
+    lse = torch.zeros(q.shape[:3])
+    codes = torch.zeros(1, 9, 1, dtype=torch.int64)
+    status = _lib.entry("flashlin_vq_attention_backward_lse")(
+        config, inputs, _lib.TensorView(o, "o").pointer,
+        _lib.TensorView(lse, "softmax_lse").pointer, _lib.TensorView(codes, "codes").pointer,
+        _lib.TensorView(d_o, "d_o").pointer, None, grads, None)
+    assert status == _lib.INVALID_ARGUMENT
+    assert "codes" in _lib.lib.flashlin_last_error().decode()
     assert (dq == 7.0).all()
     del keep
 

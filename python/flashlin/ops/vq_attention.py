@@ -77,8 +77,9 @@ def _forward(q, k, v, codebook, initial_state, cu_seqlens, config, output_final_
 
 def _backward(q, k, v, codebook, initial_state, cu_seqlens, config, d_o, d_final_state, needs,
               saved=None):
-    """The gradients in `needs` (q, k, v, initial_state); saved = (o, softmax_lse) of the forward
-    lets the library skip recomputing the forward's attention."""
+    """The gradients in `needs` (q, k, v, initial_state); saved = (o, softmax_lse, codes) of the
+    forward (codes may be None) lets the library skip recomputing the forward's attention (and
+    quantization)."""
     sources = (q, k, v, initial_state)
     grads = [torch.empty(src.shape, dtype=src.dtype, device=src.device)
              if want and src is not None else None for want, src in zip(needs, sources)]
@@ -90,7 +91,8 @@ def _backward(q, k, v, codebook, initial_state, cu_seqlens, config, d_o, d_final
     d_final_view = _lib.TensorView(d_final_state, "d_final_state")
     execution, workspace = _lib.execution_for(q, _workspace_query(config, inputs, 1))
     if saved is not None:
-        saved_views = [_lib.TensorView(saved[0], "o"), _lib.TensorView(saved[1], "softmax_lse")]
+        saved_views = [_lib.TensorView(t, n) for t, n in zip(saved, ("o", "softmax_lse",
+                                                                     "codes"))]
         _lib.check(_lib.entry("flashlin_vq_attention_backward_lse")(
             config, inputs, *[view.pointer for view in saved_views], d_o_view.pointer,
             d_final_view.pointer, grads_struct, execution))
@@ -106,7 +108,7 @@ class _VqAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, codebook, initial_state, cu_seqlens, config, output_final_state):
         o, codes, final_state, lse = _forward(q, k, v, codebook, initial_state, cu_seqlens,
                                               config, output_final_state, with_lse=True)
-        ctx.save_for_backward(q, k, v, codebook, initial_state, cu_seqlens, o, lse)
+        ctx.save_for_backward(q, k, v, codebook, initial_state, cu_seqlens, o, lse, codes)
         ctx.config, ctx.output_final_state = config, output_final_state
         ctx.mark_non_differentiable(codes)
         return o, codes, final_state
@@ -114,7 +116,7 @@ class _VqAttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_o, d_codes, d_final_state):
-        q, k, v, codebook, initial_state, cu_seqlens, o, lse = ctx.saved_tensors
+        q, k, v, codebook, initial_state, cu_seqlens, o, lse, codes = ctx.saved_tensors
         if not ctx.output_final_state or d_final_state is None:
             d_final_state = None
         else:
@@ -123,7 +125,7 @@ class _VqAttentionFunction(torch.autograd.Function):
                  ctx.needs_input_grad[4])
         dq, dk, dv, d_initial = _backward(q, k, v, codebook, initial_state, cu_seqlens,
                                           ctx.config, d_o.contiguous(), d_final_state, needs,
-                                          saved=(o, lse))
+                                          saved=(o, lse, codes))
         # No gradient for the codebook: the layer learns it by EMA (see the module docstring).
         return dq, dk, dv, None, d_initial, None, None, None
 
