@@ -137,14 +137,7 @@ struct QueryBlock {
   }
   // Makes key tile j resident (prefetching j + 1) and synchronises the block.
   __device__ void wait_keys(int j) const {
-    if (j + 1 < key_tiles) {
-      issue_keys(j + 1);
-      tile::cp_async_commit();
-      tile::cp_async_wait<1>();
-    } else {
-      tile::cp_async_wait<0>();
-    }
-    __syncthreads();
+    tile::pipeline_step(j + 1 < key_tiles, [&] { issue_keys(j + 1); });
   }
   __device__ const Elem* keys(int j) const { return k_s + (j % 2) * kTile * kDStride; }
   __device__ const Elem* values(int j) const { return v_s + (j % 2) * kTile * S::kVStride; }
@@ -337,14 +330,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
   uint32_t k_frag[4];
   for (int i = kt; i < tiles; ++i) {
     const int stage = (i - kt) % 2;
-    if (i + 1 < tiles) {
-      issue_queries(i + 1, 1 - stage);
-      tile::cp_async_commit();
-      tile::cp_async_wait<1>();
-    } else {
-      tile::cp_async_wait<0>();
-    }
-    __syncthreads();
+    tile::pipeline_step(i + 1 < tiles, [&] { issue_queries(i + 1, 1 - stage); });
     if (i == kt) tile::load_a(k_frag, k_s, kDStride, warp * 16, 0);
     const Elem* qt = q_s + stage * kTile * kDStride;
     const Elem* gt = g_s + stage * kTile * S::kVStride;

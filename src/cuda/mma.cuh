@@ -80,6 +80,20 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 }
 
+// One step of a two-stage cp.async pipeline: issues the next stage (when there is one), waits
+// until the current stage has landed, and synchronises the block.
+template <typename IssueNext>
+__device__ __forceinline__ void pipeline_step(bool has_next, IssueNext issue_next) {
+  if (has_next) {
+    issue_next();
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  __syncthreads();
+}
+
 template <typename Elem>
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   typename MmaType<Elem>::pair v;

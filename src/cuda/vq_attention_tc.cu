@@ -228,14 +228,7 @@ __global__ void __launch_bounds__(kSeqThreads) quantize_kernel(const Args a) {
   float best[2] = {INFINITY, INFINITY};
   int best_code[2] = {0, 0};
   for (int ct = 0; ct < code_tiles; ++ct) {
-    if (ct + 1 < code_tiles) {
-      issue_codes(ct + 1);
-      tile::cp_async_commit();
-      tile::cp_async_wait<1>();
-    } else {
-      tile::cp_async_wait<0>();
-    }
-    __syncthreads();
+    tile::pipeline_step(ct + 1 < code_tiles, [&] { issue_codes(ct + 1); });
     const Elem* codes = code_s + (ct % 2) * kKeyTile * kStride;
     const float* norms = norms_of_head + ct * kKeyTile;
     if (ct == 0)
@@ -390,14 +383,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
     float acc[D / 8][4] = {};  // o's numerator, or dq / c
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
     for (int kt = 0; kt < key_tiles; ++kt) {
-      if (kt + 1 < key_tiles) {
-        issue_keys(kt + 1);
-        tile::cp_async_commit();
-        tile::cp_async_wait<1>();
-      } else {
-        tile::cp_async_wait<0>();
-      }
-      __syncthreads();
+      tile::pipeline_step(kt + 1 < key_tiles, [&] { issue_keys(kt + 1); });
       if (kt == 0) {
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
@@ -717,14 +703,7 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
       }
       __syncthreads();
     }
-    if (step + 1 < steps) {
-      issue_step(u - 1, (step + 1) % 2);
-      tile::cp_async_commit();
-      tile::cp_async_wait<1>();
-    } else {
-      tile::cp_async_wait<0>();
-    }
-    __syncthreads();
+    tile::pipeline_step(step + 1 < steps, [&] { issue_step(u - 1, (step + 1) % 2); });
     if (step == 0)
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks)
@@ -818,14 +797,7 @@ __global__ void __launch_bounds__(kTileThreads) key_kernel(const Args a) {
   float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
   for (int step = 0; step < steps; ++step) {
     const int stage = step % 2;
-    if (step + 1 < steps) {
-      issue_step(step + 1, (step + 1) % 2);
-      tile::cp_async_commit();
-      tile::cp_async_wait<1>();
-    } else {
-      tile::cp_async_wait<0>();
-    }
-    __syncthreads();
+    tile::pipeline_step(step + 1 < steps, [&] { issue_step(step + 1, (step + 1) % 2); });
     const int64_t query0 = (first_step + int64_t{step}) * kKeyTile;
     if (query0 + kKeyTile - 1 >= key0 + warp * 16) {  // else every query is before the keys
       const Elem* queries = q_s + stage * kKeyTile * kStride;
