@@ -526,7 +526,8 @@ FLASHLIN_API flashlin_status flashlin_vq_attention_backward(
  * backward given that forward's o and softmax_lse, and optionally its codes (NULL: quantized
  * again), which must come from the same inputs: the CUDA tensor-core path then skips recomputing
  * the forward's attention (a third of its backward) and the quantization; the other paths
- * recompute them (the gradients agree to rounding). */
+ * recompute them (the gradients agree to rounding). Saved values that are not the forward's give
+ * meaningless gradients (codes outside [0, S) are clamped into it: never a memory fault). */
 FLASHLIN_API flashlin_status flashlin_vq_attention_forward_lse(
     const flashlin_vq_attention_config* config, const flashlin_vq_attention_inputs* inputs,
     DLTensor* o, DLTensor* codes, DLTensor* final_state, DLTensor* softmax_lse,

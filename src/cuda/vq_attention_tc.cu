@@ -280,8 +280,11 @@ __global__ void saved_codes_kernel(const Args a) {
                 b = row / (a.num_heads * a.time);
   const detail::CodesTensor& in = a.saved_codes;
   const char* at = in.data + in.bytes * (b * in.stride[0] + t * in.stride[1] + head * in.stride[2]);
-  a.codes[row] = in.bytes == 4 ? *reinterpret_cast<const int32_t*>(at)
-                               : static_cast<int32_t>(*reinterpret_cast<const int64_t*>(at));
+  const int64_t code =
+      in.bytes == 4 ? *reinterpret_cast<const int32_t*>(at) : *reinterpret_cast<const int64_t*>(at);
+  // Codes that are not the forward's (outside [0, S)) must not index past the codebook.
+  a.codes[row] =
+      static_cast<int32_t>(code < 0 ? 0 : (code >= a.num_codes ? a.num_codes - 1 : code));
 }
 
 // ---- the sequential pass: forward, backward prologue, dq ---------------------------------------

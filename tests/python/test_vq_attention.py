@@ -459,14 +459,21 @@ def _lse_call(q, k, v, codebook, state=None, key_grad=0, block_len=64):
     return o, codes, lse, plain, saved
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_softmax_lse_and_saved_backward(device):
+@pytest.mark.parametrize("path", ["cpu", "cuda-tensor-cores", "cuda-float32"])
+def test_softmax_lse_and_saved_backward(path):
     """forward_lse's softmax_lse against the float64 log-normaliser; backward_lse (the saved
     statistics) against backward (recomputed): the same gradients."""
-    if device == "cuda":  # the tensor-core path, which uses the saved statistics
+    device = "cpu" if path == "cpu" else "cuda"
+    if device == "cuda" and not CUDA:
+        pytest.skip("no GPU or library built without CUDA")
+    if path == "cuda-tensor-cores":  # the path that uses the saved statistics
         q, k, v, codebook = [t.cuda() for t in make_inputs(2, 300, 2, 64, 64, 64, torch.bfloat16)]
         state = random_state(2, 2, 64, 64).cuda()
         tol = 1e-2
+    elif path == "cuda-float32":  # the CUDA-core kernels: lse written, saved values not used
+        q, k, v, codebook = [t.cuda() for t in make_inputs(2, 70, 2, 8, 5, 7, torch.float32)]
+        state = random_state(2, 2, 7, 5).cuda()
+        tol = 1e-5
     else:
         q, k, v, codebook = make_inputs(2, 70, 2, 8, 5, 7, torch.float32)
         state = random_state(2, 2, 7, 5)
@@ -476,7 +483,7 @@ def test_softmax_lse_and_saved_backward(device):
     ref = torch.stack([dense_lse(f64[0][b], f64[1], codes[b].cpu(), q.shape[-1] ** -0.5,
                                  f64[2][b]) for b in range(2)])
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
-    assert (lse.cpu().to(F64) - ref).abs().max() <= (2e-2 if device == "cuda" else 1e-5)
+    assert (lse.cpu().to(F64) - ref).abs().max() <= (2e-2 if q.dtype == torch.bfloat16 else 1e-4)
     for name, a, b in zip(("dq", "dk", "dv", "d_initial_state"), plain, saved):
         assert rel_err(b, a) <= tol, (name, rel_err(b, a))
 
