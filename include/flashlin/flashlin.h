@@ -116,7 +116,8 @@ typedef struct flashlin_recurrence_grads {
 /* Where and how to run. Zero-initialised is valid: default stream, library-managed scratch. */
 typedef struct flashlin_execution {
   void* stream;           /* cudaStream_t for CUDA tensors; ignored on the CPU */
-  void* workspace;        /* optional caller-owned scratch on the tensors' device */
+  void* workspace;        /* optional caller-owned scratch on the tensors' device; used when
+                             256-byte aligned (cudaMalloc's and torch's allocations are) */
   size_t workspace_bytes; /* its size; see flashlin_recurrence_workspace_size */
 } flashlin_execution;
 
@@ -526,8 +527,10 @@ FLASHLIN_API flashlin_status flashlin_vq_attention_backward(
  * backward given that forward's o and softmax_lse, and optionally its codes (NULL: quantized
  * again), which must come from the same inputs: the CUDA tensor-core path then skips recomputing
  * the forward's attention (a third of its backward) and the quantization; the other paths
- * recompute them (the gradients agree to rounding). Saved values that are not the forward's give
- * meaningless gradients (codes outside [0, S) are clamped into it: never a memory fault). */
+ * recompute them (the gradients agree to rounding). Pass the codes: quantized again on another
+ * path, a key within rounding of two codes could take the other one. Saved values that are not
+ * the forward's give meaningless gradients (codes outside [0, S) are clamped into it: never a
+ * memory fault). */
 FLASHLIN_API flashlin_status flashlin_vq_attention_forward_lse(
     const flashlin_vq_attention_config* config, const flashlin_vq_attention_inputs* inputs,
     DLTensor* o, DLTensor* codes, DLTensor* final_state, DLTensor* softmax_lse,

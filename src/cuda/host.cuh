@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include <string>
 #include <vector>
 
@@ -48,14 +50,16 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-// Scratch for one call: the caller's workspace when big enough, else a stream-ordered allocation
-// released (stream-ordered) when the call returns.
+// Scratch for one call: the caller's workspace when big enough and 256-byte aligned (the kernels
+// carve it into 256-byte aligned parts and read them with 16-byte vector accesses), else a
+// stream-ordered allocation released (stream-ordered) when the call returns.
 class Scratch {
  public:
   Scratch(void* workspace, size_t workspace_bytes, size_t bytes, cudaStream_t stream)
       : stream_(stream) {
     if (bytes == 0) return;
-    if (workspace && workspace_bytes >= bytes) {
+    if (workspace && workspace_bytes >= bytes &&
+        reinterpret_cast<uintptr_t>(workspace) % 256 == 0) {
       base_ = static_cast<char*>(workspace);
       return;
     }

@@ -177,6 +177,9 @@ __device__ __forceinline__ void accumulate_tile(float (&acc)[D / 8][4], const fl
   }
 }
 
+// min(x, limit) that keeps a NaN (fminf would return the limit).
+__device__ __forceinline__ float clamp_above(float x, float limit) { return x > limit ? limit : x; }
+
 // Sum over the 4 lanes of a quad (the lanes holding one accumulator row).
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
@@ -719,7 +722,7 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        w[nt][e] = tile::fast_exp2(fminf(
+        w[nt][e] = tile::fast_exp2(clamp_above(
             fmaf(w[nt][e], a.scale_log2, -lse[nt * 8 + 2 * quad + (e & 1)]), kMaxCodeLog2Weight));
     accumulate_tile<Elem, D>(acc, w, grads_of(stage));
     __syncthreads();
@@ -960,7 +963,10 @@ bool vq_tc_supports(const VqAttentionParams& p) {
     return false;
   if (p.key_dim != p.value_dim || (p.key_dim != 64 && p.key_dim != 128)) return false;
   if (p.num_codes % kKeyTile != 0 || p.num_codes > kMaxCodes) return false;
-  if (p.batch * p.time / kQueryTile >= (int64_t{1} << 31)) return false;  // quantization grid
+  // Grid sizes (x < 2^31): the quantization's, and the per-row kernels' of the saved statistics.
+  if ((p.batch * p.time + kQueryTile - 1) / kQueryTile >= (int64_t{1} << 31) ||
+      (p.batch * p.time * p.num_heads + kTileThreads - 1) / kTileThreads >= (int64_t{1} << 31))
+    return false;
   // Rows are read with cp.async and written in pairs: unit feature strides, 16-byte alignment.
   for (const StridedTensor* t : {&p.q, &p.k, &p.v, &p.codebook, &p.d_o, &p.o, &p.dq, &p.dk, &p.dv})
     if (t->present && !rows_copyable(*t)) return false;
