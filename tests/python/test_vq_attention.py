@@ -575,6 +575,31 @@ def test_cuda_tensor_core_repeatable():
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+def test_cuda_misaligned_workspace_is_not_used():
+    """A caller workspace that is not 256-byte aligned is passed over (the kernels read scratch
+    with 16-byte accesses): the call allocates its own and gives the same bits."""
+    import ctypes
+    q, k, v, codebook = [t.cuda() for t in make_inputs(1, 200, 1, 64, 64, 64, torch.bfloat16)]
+    expected, _ = vq_attention(q, k, v, codebook)
+    inputs, keep = _vq_inputs(q, k, v, codebook)
+    config = _lib.VqAttentionConfig(0.0, 64, 0)
+    size = ctypes.c_size_t(0)
+    _lib.check(_lib.entry("flashlin_vq_attention_workspace_size")(config, inputs, 0,
+                                                                 ctypes.byref(size)))
+    assert size.value > 0
+    workspace = torch.zeros(size.value + 256, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    execution = _lib.Execution(stream, workspace.data_ptr() + 8, size.value + 248)
+    o = torch.full_like(v, float("nan"))
+    _lib.check(_lib.entry("flashlin_vq_attention_forward")(
+        config, inputs, _lib.TensorView(o, "o").pointer, None, None, execution))
+    torch.cuda.synchronize()
+    assert torch.equal(o, expected)
+    assert (workspace == 0).all(), "the misaligned workspace was written"
+    del keep
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
 def test_cuda_float64_and_large_heads_are_unsupported():
     q, k, v, codebook = [t.cuda() for t in make_inputs(1, 10, 1, 4, 3, 5, F64)]
     with pytest.raises(_lib.UnsupportedError, match="float64"):
