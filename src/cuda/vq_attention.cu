@@ -24,7 +24,8 @@
 // (4) d_initial_state, one warp per (sequence, head, code).
 // Limits: float32 / float16 / bfloat16 tensors (float64 is CPU-only), K and V <= 256.
 // Scratch (stream-ordered, or exec.workspace when large enough): codes, aggregates, per-warp
-// score rows, per-query lse and D, the sequence table.
+// score rows, per-query lse and D, the sequence table (the tensor-core path: codes, sums, means,
+// code norms, lse and D instead).
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -1,6 +1,6 @@
 // Transformer-VQ attention on the tensor cores. Per sequence and head, with C the codebook [S, D],
-// code_j the key's code (vq_attention.cu quantizes) and k^_j = C[code_j], the op is dense causal
-// softmax attention over the quantized keys (scale c):
+// code_j = argmin_s |C_s|^2 - 2 k_j.C_s (the key's code) and k^_j = C[code_j], the op is dense
+// causal softmax attention over the quantized keys (scale c):
 //   o_i = sum_{j <= i} e^{c q_i.k^_j} v_j / sum_{j <= i} e^{c q_i.k^_j},
 // computed in O(T (S + 128)) per head. The queries go in tiles of 128 tokens; a tile attends to
 // its own tokens (causal) and, for every earlier token, to the token's code through the
@@ -21,11 +21,16 @@
 // (dF: d_final_state's value sums; counts get no gradient).
 //
 // Kernels (mma.sync m16n8k16 with float32 accumulation, tiles double-buffered with cp.async):
+//   quantize_kernel    one block per 128 (batch, time) rows of a head: the codes (code_norms_kernel
+//                      first); a backward given the forward's codes converts them instead
+//                      (saved_codes_kernel).
 //   sequential_kernel  one block (8 warps of 16 queries) per (sequence, head) walks its query
 //                      tiles in order with the aggregates: float32 sums and input-type means in
 //                      scratch, counts and log2 biases in shared memory, updated after each tile
 //                      in token order (no atomics: every call gives the same bits). Passes:
-//                      forward (o, final_state), prologue (lse, D), dq.
+//                      forward (o, final_state, softmax_lse), prologue (lse, D), dq. A backward
+//                      given the forward's o and softmax_lse skips the prologue: lse and D come
+//                      from saved_statistics_kernel.
 //   code_kernel        one block per (sequence, head, 64 codes) walks the query tiles backwards
 //                      with R_s = dF_s + sum_{later tiles} w_is do_i per code: writes dv_j =
 //                      R_{code_j} (dv's aggregated part) and d initial_state.
