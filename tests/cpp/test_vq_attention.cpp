@@ -322,6 +322,59 @@ TEST(VqAttentionDecode, InPlaceStateAndInt32CodesEqualOneCall) {
   EXPECT_TRUE(close_to("state", state.values(), final_full.values(), {1e-12, 1e-13}));
 }
 
+// The training entries through the C++ API (float64, an initial state): softmax_lse is each
+// query's log-normaliser, recomputed here from the returned codes; backward_lse (the saved o,
+// lse and codes) gives the gradients backward gives; both key gradients.
+TEST(VqAttentionSaved, ForwardLseAndBackwardLseEqualTheRecomputingCalls) {
+  StdRandom rng(seed_for_current_test());
+  const int64_t B = 2, T = 37, H = 2, K = 6, V = 4, S = 5;
+  HostTensor C = random_tensor(kF64, {H, S, K}, rng);
+  HostTensor q = random_tensor(kF64, {B, T, H, K}, rng);
+  HostTensor k = random_tensor(kF64, {B, T, H, K}, rng);
+  HostTensor v = random_tensor(kF64, {B, T, H, V}, rng);
+  HostTensor state(kF64, {B, H, S, V + 1});
+  for (int64_t i = 0; i < state.numel(); ++i)  // value sums, then a count 0..2 per code
+    state.set(i, i % (V + 1) == V ? static_cast<double>(i % 3) : 0.5 - rng.uniform());
+  flashlin::VqAttentionInputs in;
+  in.q = q.dl(), in.k = k.dl(), in.v = v.dl(), in.codebook = C.dl(), in.initial_state = state.dl();
+  for (const int key_grad : {FLASHLIN_VQ_KEY_GRAD_DENSE, FLASHLIN_VQ_KEY_GRAD_WINDOW}) {
+    flashlin_vq_attention_config config{};
+    config.block_len = 16;
+    config.key_grad = key_grad;
+    HostTensor o = poisoned(kF64, {B, T, H, V}), lse = poisoned(kF32, {B, T, H});
+    HostTensor codes = poisoned(DType::kInt64, {B, T, H});
+    flashlin::vq_attention_forward_lse(config, in, o.dl(), lse.dl(), codes.dl());
+    const double scale = 1.0 / std::sqrt(static_cast<double>(K));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          auto score = [&](int64_t s) {  // scale q_t . C_s
+            double dot = 0;
+            for (int64_t x = 0; x < K; ++x)
+              dot += q.get(((b * T + t) * H + h) * K + x) * C.get((h * S + s) * K + x);
+            return scale * dot;
+          };
+          double sum = 0;
+          for (int64_t j = 0; j <= t; ++j)
+            sum += std::exp(score(static_cast<int64_t>(codes.get((b * T + j) * H + h))));
+          for (int64_t s = 0; s < S; ++s)
+            sum += state.get(((b * H + h) * S + s) * (V + 1) + V) * std::exp(score(s));
+          EXPECT_NEAR(lse.get((b * T + t) * H + h), std::log(sum), 1e-5) << b << " " << t;
+        }
+    HostTensor d_o = random_tensor(kF64, {B, T, H, V}, rng);
+    HostTensor g1[4] = {HostTensor(kF64, {B, T, H, K}), HostTensor(kF64, {B, T, H, K}),
+                        HostTensor(kF64, {B, T, H, V}), HostTensor(kF64, {B, H, S, V + 1})};
+    HostTensor g2[4] = {HostTensor(kF64, {B, T, H, K}), HostTensor(kF64, {B, T, H, K}),
+                        HostTensor(kF64, {B, T, H, V}), HostTensor(kF64, {B, H, S, V + 1})};
+    flashlin::VqAttentionGrads plain{g1[0].dl(), g1[1].dl(), g1[2].dl(), g1[3].dl()};
+    flashlin::VqAttentionGrads saved{g2[0].dl(), g2[1].dl(), g2[2].dl(), g2[3].dl()};
+    flashlin::vq_attention_backward(config, in, d_o.dl(), nullptr, plain);
+    flashlin::vq_attention_backward_lse(config, in, o.dl(), lse.dl(), codes.dl(), d_o.dl(), nullptr,
+                                        saved);
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(g2[i].values(), g1[i].values()) << "gradient " << i;
+  }
+}
+
 // --- Bad arguments, through the C ABI --------------------------------------------------------
 
 struct VqAttentionBadArgs : ::testing::Test {
@@ -415,6 +468,9 @@ TEST_F(VqAttentionBadArgs, ConfigAndSequences) {
   config.block_len = 2048;
   expect_error(forward(in), "config.block_len");
   config.block_len = 0;
+  config.key_grad = 2;
+  expect_error(forward(in), "config.key_grad");
+  config.key_grad = FLASHLIN_VQ_KEY_GRAD_WINDOW;
   config.scale = std::numeric_limits<double>::infinity();
   expect_error(forward(in), "config.scale");
   config.scale = 0;
