@@ -9,6 +9,7 @@
 #define FLASHLIN_SRC_API_VQ_ATTENTION_PARAMS_HPP_
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "api/module_params.hpp"
@@ -16,21 +17,32 @@
 
 namespace flashlin::detail {
 
-// The integer codes output [B, T, H]: int32 or int64, element strides per (batch, time, head).
+#ifdef __CUDACC__
+#define FLASHLIN_VQ_HOST_DEVICE __host__ __device__
+#else
+#define FLASHLIN_VQ_HOST_DEVICE
+#endif
+
+// The integer codes [B, T, H] (a forward output, or a backward's saved input): int32 or int64,
+// element strides per (batch, time, head). Read and written on the host and the device.
 struct CodesTensor {
   char* data = nullptr;
   int bytes = 8;  // 4 (int32) or 8 (int64)
   int64_t stride[3] = {0, 0, 0};
   bool present = false;
 
-  void store(int64_t b, int64_t t, int64_t h, int64_t code) const {
-    char* at = data + bytes * (b * stride[0] + t * stride[1] + h * stride[2]);
-    if (bytes == 4) {
-      const int32_t value = static_cast<int32_t>(code);
-      __builtin_memcpy(at, &value, 4);
-    } else {
-      __builtin_memcpy(at, &code, 8);
-    }
+  FLASHLIN_VQ_HOST_DEVICE char* address(int64_t b, int64_t t, int64_t h) const {
+    return data + bytes * (b * stride[0] + t * stride[1] + h * stride[2]);
+  }
+  FLASHLIN_VQ_HOST_DEVICE void store(int64_t b, int64_t t, int64_t h, int64_t code) const {
+    const int32_t narrow = static_cast<int32_t>(code);
+    memcpy(address(b, t, h), bytes == 4 ? static_cast<const void*>(&narrow) : &code, bytes);
+  }
+  FLASHLIN_VQ_HOST_DEVICE int64_t load(int64_t b, int64_t t, int64_t h) const {
+    int32_t narrow = 0;
+    int64_t wide = 0;
+    memcpy(bytes == 4 ? static_cast<void*>(&narrow) : &wide, address(b, t, h), bytes);
+    return bytes == 4 ? narrow : wide;
   }
 };
 

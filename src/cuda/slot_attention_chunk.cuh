@@ -11,9 +11,6 @@
 
 namespace flashlin::cuda {
 
-// Whether the chunked composition runs p: chunked form, float16/bfloat16 q, k, v (and GSA s), and
-// every core call it makes taken by the tensor-core kernels (K, M in {64, 128} with K = M or
-// M = 64, V a multiple of 64; see chunk_tc_supports).
 // log(e^a + e^b) without overflow; -inf when both are (ABC's running log-sum-exp of the logits).
 __device__ __forceinline__ float logaddexp(float a, float b) {
   const float larger = fmaxf(a, b);
@@ -21,6 +18,9 @@ __device__ __forceinline__ float logaddexp(float a, float b) {
   return larger + log1pf(expf(-fabsf(a - b)));
 }
 
+// Whether the chunked composition runs p: chunked form, float16/bfloat16 q, k, v (and GSA s), and
+// every core call it makes taken by the tensor-core kernels (K, M in {64, 128} with K = M or
+// M = 64, V a multiple of 64; see chunk_tc_supports).
 bool slot_chunk_supports(const detail::SlotAttentionParams& p, bool backward);
 size_t slot_chunk_workspace_bytes(const detail::SlotAttentionParams& p, bool backward);
 void slot_chunk_forward(const detail::SlotAttentionParams& p);

@@ -48,9 +48,7 @@ constexpr int kPerLane = kMaxFeatures / 32;  // features a lane accumulates in t
 struct VqArgs {
   StridedTensor q, k, v, codebook, initial_state, o, final_state, d_o, d_final_state, softmax_lse;
   StridedTensor dq, dk, dv, d_initial_state;
-  char* codes_out = nullptr;  // optional int32/int64 [B, T, H]
-  int codes_bytes = 8;
-  int64_t codes_stride[3] = {0, 0, 0};
+  detail::CodesTensor codes_out;  // optional
   SequenceTable sequences;
   int64_t B = 0, T = 0, H = 0, K = 0, V = 0, S = 0, L = 0;
   float scale = 1.0f;
@@ -98,14 +96,7 @@ __global__ void vq_quantize_kernel(VqArgs a) {
     if (distance < best) best = distance, best_code = static_cast<int32_t>(s);
   }
   a.codes[row] = best_code;
-  if (a.codes_out) {
-    char* at = a.codes_out + a.codes_bytes * (b * a.codes_stride[0] + t * a.codes_stride[1] +
-                                              h * a.codes_stride[2]);
-    if (a.codes_bytes == 4)
-      *reinterpret_cast<int32_t*>(at) = best_code;
-    else
-      *reinterpret_cast<int64_t*>(at) = best_code;
-  }
+  if (a.codes_out.present) a.codes_out.store(b, t, h, best_code);
 }
 
 // Adds tokens [begin, end) of the sequence to the CTA's aggregates: each thread owns columns, the
@@ -416,9 +407,7 @@ VqArgs make_args(const VqAttentionParams& p, char* base, const VqScratch& s, cud
   if (s.lse) a.lse = reinterpret_cast<float*>(base + s.lse);
   if (s.delta) a.delta = reinterpret_cast<float*>(base + s.delta);
   if (p.codes.present) {
-    a.codes_out = p.codes.data;
-    a.codes_bytes = p.codes.bytes;
-    for (int i = 0; i < 3; ++i) a.codes_stride[i] = p.codes.stride[i];
+    a.codes_out = p.codes;
   }
   return a;
 }

@@ -268,15 +268,7 @@ __global__ void __launch_bounds__(kSeqThreads) quantize_kernel(const Args a) {
     if (quad != 0 || row >= rows) continue;
     const int64_t b = row / a.time, t = row % a.time;
     a.codes[(b * a.time + t) * a.num_heads + head] = best_code[r];
-    if (a.codes_out.present) {
-      const detail::CodesTensor& out = a.codes_out;
-      char* at =
-          out.data + out.bytes * (b * out.stride[0] + t * out.stride[1] + head * out.stride[2]);
-      if (out.bytes == 4)
-        *reinterpret_cast<int32_t*>(at) = best_code[r];
-      else
-        *reinterpret_cast<int64_t*>(at) = best_code[r];
-    }
+    if (a.codes_out.present) a.codes_out.store(b, t, head, best_code[r]);
   }
 }
 
@@ -286,10 +278,7 @@ __global__ void saved_codes_kernel(const Args a) {
   if (row >= a.batch * a.time * a.num_heads) return;
   const int64_t head = row % a.num_heads, t = (row / a.num_heads) % a.time,
                 b = row / (a.num_heads * a.time);
-  const detail::CodesTensor& in = a.saved_codes;
-  const char* at = in.data + in.bytes * (b * in.stride[0] + t * in.stride[1] + head * in.stride[2]);
-  const int64_t code =
-      in.bytes == 4 ? *reinterpret_cast<const int32_t*>(at) : *reinterpret_cast<const int64_t*>(at);
+  const int64_t code = a.saved_codes.load(b, t, head);
   // Codes that are not the forward's (outside [0, S)) must not index past the codebook.
   a.codes[row] =
       static_cast<int32_t>(code < 0 ? 0 : (code >= a.num_codes ? a.num_codes - 1 : code));
