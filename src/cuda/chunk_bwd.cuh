@@ -34,15 +34,16 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Stores (x0, x1) at element `at` of a dq / dk output: a pair of Elem, or of float32 where the
+// Stores (x0, x1) at feature `feature` of a dq / dk row: a pair of Elem, or of float32 where the
 // kernel allows it (kFloat: per-key gates without the bonus, the slot-attention composition's
 // scores and write gradients; the other kernels keep one store path).
 template <typename Elem, bool kFloat>
-__device__ __forceinline__ void store_pair(const StridedTensor& t, int64_t at, float x0, float x1) {
-  if (kFloat && t.dtype == Storage::kFloat32)
-    *reinterpret_cast<float2*>(reinterpret_cast<float*>(t.data) + at) = make_float2(x0, x1);
+__device__ __forceinline__ void store_pair(Storage dtype, char* row, int feature, float x0,
+                                           float x1) {
+  if (kFloat && dtype == Storage::kFloat32)
+    *reinterpret_cast<float2*>(reinterpret_cast<float*>(row) + feature) = make_float2(x0, x1);
   else
-    *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(t.data) + at) = tile::pack<Elem>(x0, x1);
+    *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(row) + feature) = tile::pack<Elem>(x0, x1);
 }
 
 // Scratch of the backward (float32, in the workspace).
@@ -193,33 +194,33 @@ struct Block {
     const int64_t remaining = seq.length - int64_t{chunk} * kChunk;
     return remaining < kChunk ? static_cast<int>(remaining) : kChunk;
   }
-  __device__ const char* row_address(const StridedTensor& x, int64_t token, int feature,
-                                     int elem_bytes) const {
-    return x.data + elem_bytes * element_offset(x, seq.batch, token, head, feature);
+  // Row `row` of `chunk` in token tensor x (elements of elem_bytes).
+  __device__ char* token_row(const StridedTensor& x, int elem_bytes, int chunk, int row) const {
+    return TokenRows(x, seq, head, args.fwd.reverse, elem_bytes).row(int64_t{chunk} * kChunk + row);
   }
 
-  __device__ void copy_rows(char* dst, int dst_stride_bytes, const StridedTensor& src,
-                            int row_bytes, int feature_bytes, int chunk, int valid_rows) const {
-    const int parts = row_bytes / 16;
-    for (int idx = tid; idx < kChunk * parts; idx += kThreads) {
-      const int row = idx / parts, part = idx % parts;
-      const bool valid = row < valid_rows;
-      const int64_t token = token_at(int64_t{chunk} * kChunk + (valid ? row : 0));
-      tile::cp_async_16(dst + row * dst_stride_bytes + part * 16,
-                        row_address(src, token, part * 16 / feature_bytes, feature_bytes),
-                        valid ? 16 : 0);
-    }
+  // Starts copying the rows of `chunk` of src (kRowBytes each) into shared rows dst_stride apart.
+  template <int kRowBytes>
+  __device__ void copy_rows(char* dst, int dst_stride, const StridedTensor& src, int elem_bytes,
+                            int chunk, int valid_rows) const {
+    const TokenRows rows(src, seq, head, args.fwd.reverse, elem_bytes);
+    tile::copy_rows_async<kRowBytes, kThreads, kChunk>(
+        dst, dst_stride, rows.row(int64_t{chunk} * kChunk), rows.step, valid_rows);
   }
 
   // Issues the cp.async copies of q, k, v, do (and per-key gates) of `chunk`.
   __device__ void issue_chunk(int chunk, const Stage& st) const {
     const int valid = rows_valid(chunk);
-    copy_rows(st.q, T::kQkStride * 2, args.fwd.q, K * 2, 2, chunk, valid);
-    copy_rows(st.k, T::kQkStride * 2, args.fwd.k, K * 2, 2, chunk, valid);
-    copy_rows(st.v, T::kVStride * 2, args.fwd.v, V * 2, 2, chunk, valid);
-    copy_rows(st.d_o, T::kVStride * 2, args.d_o, V * 2, 2, chunk, valid);
-    if constexpr (T::kPerKey)
-      copy_rows(st.raw_gate, K * gate_bytes, args.fwd.g, K * gate_bytes, gate_bytes, chunk, valid);
+    copy_rows<K * 2>(st.q, T::kQkStride * 2, args.fwd.q, 2, chunk, valid);
+    copy_rows<K * 2>(st.k, T::kQkStride * 2, args.fwd.k, 2, chunk, valid);
+    copy_rows<V * 2>(st.v, T::kVStride * 2, args.fwd.v, 2, chunk, valid);
+    copy_rows<V * 2>(st.d_o, T::kVStride * 2, args.d_o, 2, chunk, valid);
+    if constexpr (T::kPerKey) {
+      if (gate_bytes == 4)
+        copy_rows<K * 4>(st.raw_gate, K * 4, args.fwd.g, 4, chunk, valid);
+      else
+        copy_rows<K * 2>(st.raw_gate, K * 2, args.fwd.g, 2, chunk, valid);
+    }
   }
 
   // Makes `chunk` resident (and, with two stages, starts copying `next` unless it is -1), then
@@ -651,6 +652,19 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
     // Store dq = scale * acc (+ bonus) and q * dq_gated.
     const float scale = args.fwd.scale;
     float token_partial[2] = {0.f, 0.f};
+    char* dq_rows[2] = {nullptr, nullptr};
+    float* q_dq_rows[2] = {nullptr, nullptr};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (want_dq)
+        dq_rows[r] =
+            blk.token_row(args.dq, args.dq.dtype == Storage::kFloat32 ? 4 : 2, chunk, rows[r]);
+      if (T::kPerKey && want_gate_grad) {
+        const int64_t token = blk.token_at(int64_t{chunk} * kChunk + rows[r]);
+        q_dq_rows[r] = args.scratch.q_dq +
+                       ((blk.seq.batch * args.time + token) * args.fwd.num_heads + blk.head) * K;
+      }
+    }
 #pragma unroll
     for (int nt = 0; nt < T::kQkHalfTiles; ++nt)
 #pragma unroll
@@ -662,14 +676,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
             tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(q_s + i * T::kQkStride + kk));
         if (want_gate_grad) {
           if constexpr (T::kPerKey) {
-            if (i < valid) {
-              const int64_t token = blk.token_at(int64_t{chunk} * kChunk + i);
-              float* dst =
-                  args.scratch.q_dq +
-                  ((blk.seq.batch * args.time + token) * args.fwd.num_heads + blk.head) * K + kk;
-              dst[0] = qv.x * g0;
-              dst[1] = qv.y * g1;
-            }
+            if (i < valid)
+              *reinterpret_cast<float2*>(q_dq_rows[r] + kk) = make_float2(qv.x * g0, qv.y * g1);
           } else {
             token_partial[r] += qv.x * g0 + qv.y * g1;
           }
@@ -686,11 +694,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
           g0 += scale * row_dot[r] * u0 * kv.x;
           g1 += scale * row_dot[r] * u1 * kv.y;
         }
-        if (want_dq && i < valid) {
-          const int64_t token = blk.token_at(int64_t{chunk} * kChunk + i);
-          store_pair<Elem, T::kFloatGrads>(
-              args.dq, element_offset(args.dq, blk.seq.batch, token, blk.head, kk), g0, g1);
-        }
+        if (want_dq && i < valid)
+          store_pair<Elem, T::kFloatGrads>(args.dq.dtype, dq_rows[r], kk, g0, g1);
       }
     if constexpr (Gate == GateKind::kPerToken) {
       if (want_gate_grad) {
@@ -882,18 +887,22 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
     if (want_gate_grad) {
       const int shift = Bonus ? 1 : 0;
       if constexpr (T::kPerKey) {
-        constexpr int kParts = K * 4 / 16;
-        for (int idx = blk.tid; idx < kChunk * kParts; idx += kThreads) {
-          const int row = idx / kParts, part = idx % kParts;
-          const int64_t t = int64_t{chunk} * kChunk + row + shift;
-          const bool present = row < valid && t < blk.seq.length;
-          const int64_t token = blk.token_at(present ? t : 0);
-          const float* src =
-              args.scratch.q_dq +
-              ((blk.seq.batch * args.time + token) * args.fwd.num_heads + blk.head) * K + part * 4;
-          tile::cp_async_16(st.raw_gate + (row * T::kGateStride + part * 4) * 4, src,
-                            present ? 16 : 0);
-        }
+        // Rows of the scratch [B, T, H, K] in visiting order (its layout is the kernels' own).
+        const int64_t row_floats = args.fwd.num_heads * K;
+        const int64_t first_token = blk.token_at(0);
+        const float* q_dq_first = args.scratch.q_dq +
+                                  (blk.seq.batch * args.time + first_token) * row_floats +
+                                  blk.head * K;
+        const int64_t step = (args.fwd.reverse ? -row_floats : row_floats) * 4;
+        const int64_t first_row = int64_t{chunk} * kChunk;
+        // Rows present: those of the chunk with a next token (the bonus); none: all zero-filled
+        // from the chunk's first row, which always exists.
+        const int present =
+            static_cast<int>(min(int64_t{valid}, blk.seq.length - first_row - shift));
+        const char* src = reinterpret_cast<const char*>(q_dq_first) +
+                          (first_row + (present > 0 ? shift : 0)) * step;
+        tile::copy_rows_async<K * 4, kThreads, kChunk>(st.raw_gate, T::kGateStride * 4, src, step,
+                                                       present);
         tile::cp_async_commit();
       } else {
         if (blk.tid < kChunk) {
@@ -1085,19 +1094,16 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
       }
       if (args.dv.present) {
 #pragma unroll
-        for (int nt = 0; nt < T::kVHalfTiles; ++nt)
+        for (int r = 0; r < 2; ++r) {
+          const int j = row0 + group + 8 * r;
+          if (j >= valid) continue;
+          Elem* dv_row = reinterpret_cast<Elem*>(blk.token_row(args.dv, 2, chunk, j));
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int j = row0 + group + 8 * r;
-            if (j >= valid) continue;
-            const int64_t token = blk.token_at(int64_t{chunk} * kChunk + j);
-            Elem* dst =
-                reinterpret_cast<Elem*>(args.dv.data) +
-                element_offset(args.dv, blk.seq.batch, token, blk.head, vcol0 + nt * 8 + 2 * quad);
-            *reinterpret_cast<uint32_t*>(dst) =
+          for (int nt = 0; nt < T::kVHalfTiles; ++nt)
+            *reinterpret_cast<uint32_t*>(dv_row + vcol0 + nt * 8 + 2 * quad) =
                 tile::pack<Elem>(scale * intra[nt][2 * r] + inter[nt][2 * r],
                                  scale * intra[nt][2 * r + 1] + inter[nt][2 * r + 1]);
-          }
+        }
       }
     }
 
@@ -1217,18 +1223,17 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
           }
         }
       if (args.dk.present) {
+        const int elem_bytes = args.dk.dtype == Storage::kFloat32 ? 4 : 2;
 #pragma unroll
-        for (int nt = 0; nt < T::kQkHalfTiles; ++nt)
+        for (int r = 0; r < 2; ++r) {
+          const int j = rows[r];
+          if (j >= valid) continue;
+          char* dk_row = blk.token_row(args.dk, elem_bytes, chunk, j);
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int j = rows[r];
-            if (j >= valid) continue;
-            const int64_t token = blk.token_at(int64_t{chunk} * kChunk + j);
-            store_pair<Elem, T::kFloatGrads>(
-                args.dk,
-                element_offset(args.dk, blk.seq.batch, token, blk.head, kcol0 + nt * 8 + 2 * quad),
-                intra[nt][2 * r], intra[nt][2 * r + 1]);
-          }
+          for (int nt = 0; nt < T::kQkHalfTiles; ++nt)
+            store_pair<Elem, T::kFloatGrads>(args.dk.dtype, dk_row, kcol0 + nt * 8 + 2 * quad,
+                                             intra[nt][2 * r], intra[nt][2 * r + 1]);
+        }
       }
       if constexpr (Gate == GateKind::kPerToken) {
         if (want_gate_grad) {
@@ -1255,7 +1260,12 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         // A gate at the floor (-100 and below, -inf included) has zero gradient; its floored
         // value shows in the cumulative sums as a step of the floor (log2 units).
         constexpr float kFloorStep = kGateFloor * kLog2e + 0.5f;
-        for (int j = valid - 1; j >= 0; --j) {
+        // dg's element of visited row j, walked backwards from the chunk's last valid row.
+        int64_t dg_at = element_offset(args.dg, blk.seq.batch,
+                                       blk.token_at(int64_t{chunk} * kChunk + valid - 1), blk.head,
+                                       T::kPerKey ? kk : 0);
+        const int64_t dg_step = args.fwd.reverse ? args.dg.stride[1] : -args.dg.stride[1];
+        for (int j = valid - 1; j >= 0; --j, dg_at += dg_step) {
           float term;
           if constexpr (T::kPerKey)
             term = reinterpret_cast<const float*>(st.raw_gate)[j * T::kGateStride + kk];
@@ -1264,10 +1274,7 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
                    (blk.sm.token_sum[kChunk + j] + blk.sm.token_sum[2 * kChunk + j]);
           gate_suffix += term;
           const float step = blk.key_gate(j, kk) - (j > 0 ? blk.key_gate(j - 1, kk) : 0.f);
-          const int64_t token = blk.token_at(int64_t{chunk} * kChunk + j);
-          store_float(args.dg,
-                      element_offset(args.dg, blk.seq.batch, token, blk.head, T::kPerKey ? kk : 0),
-                      step <= kFloorStep ? 0.f : gate_suffix);
+          store_float(args.dg, dg_at, step <= kFloorStep ? 0.f : gate_suffix);
         }
       }
     }

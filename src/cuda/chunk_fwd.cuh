@@ -98,44 +98,29 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   auto token_at = [&](int64_t t) -> int64_t {
     return args.reverse ? seq.start + length - 1 - t : seq.start + t;
   };
-  auto row_address = [&](const StridedTensor& x, int64_t token, int feature, int elem_bytes) {
-    return x.data + elem_bytes * element_offset(x, seq.batch, token, head, feature);
-  };
 
   // ---- asynchronous load of one chunk into a stage ------------------------------------------
   const int gate_bytes = T::kPerKey ? (args.g.dtype == Storage::kFloat32 ? 4 : 2) : 0;
   auto issue_chunk = [&](int chunk, const Stage& st) {
-    const int64_t remaining = length - int64_t{chunk} * kChunk;
+    const int64_t first_row = int64_t{chunk} * kChunk;
+    const int64_t remaining = length - first_row;
     const int rows_valid = remaining < kChunk ? static_cast<int>(remaining) : kChunk;
-    constexpr int kQkParts = K * 2 / 16;  // 16-byte pieces per row
-    for (int idx = tid; idx < kChunk * kQkParts; idx += kThreads) {
-      const int row = idx / kQkParts, part = idx % kQkParts;
-      const bool valid = row < rows_valid;
-      const int64_t token = token_at(int64_t{chunk} * kChunk + (valid ? row : 0));
-      const int offset = (row * T::kQkStride + part * 8) * 2;
-      tile::cp_async_16(st.q + offset, row_address(args.q, token, part * 8, 2), valid ? 16 : 0);
-      tile::cp_async_16(st.k + offset, row_address(args.k, token, part * 8, 2), valid ? 16 : 0);
-    }
-    constexpr int kVParts = kValueTile * 2 / 16;
-    for (int idx = tid; idx < kChunk * kVParts; idx += kThreads) {
-      const int row = idx / kVParts, part = idx % kVParts;
-      const bool valid = row < rows_valid;
-      const int64_t token = token_at(int64_t{chunk} * kChunk + (valid ? row : 0));
-      tile::cp_async_16(st.v + (row * T::kVStride + part * 8) * 2,
-                        row_address(args.v, token, value0 + part * 8, 2), valid ? 16 : 0);
-    }
+    auto copy = [&](auto row_bytes, char* dst, int dst_stride, const StridedTensor& x,
+                    int elem_bytes, int feature0) {
+      const TokenRows rows(x, seq, head, args.reverse, elem_bytes, feature0);
+      tile::copy_rows_async<decltype(row_bytes)::value, kThreads, kChunk>(
+          dst, dst_stride, rows.row(first_row), rows.step, rows_valid);
+    };
+    using QkRow = std::integral_constant<int, K * 2>;
+    copy(QkRow{}, st.q, T::kQkStride * 2, args.q, 2, 0);
+    copy(QkRow{}, st.k, T::kQkStride * 2, args.k, 2, 0);
+    copy(std::integral_constant<int, kValueTile * 2>{}, st.v, T::kVStride * 2, args.v, 2, value0);
     if constexpr (T::kPerKey) {
-      const int parts = K * gate_bytes / 16;
-      for (int idx = tid; idx < kChunk * parts; idx += kThreads) {
-        const int row = idx / parts, part = idx % parts;
-        const bool valid = row < rows_valid;
-        const int64_t token = token_at(int64_t{chunk} * kChunk + (valid ? row : 0));
-        const int feature = part * 16 / gate_bytes;
-        char* dst = gate_bytes == 4
-                        ? reinterpret_cast<char*>(cum_gate) + row * T::kGateStride * 4 + part * 16
-                        : raw_gate + row * K * 2 + part * 16;
-        tile::cp_async_16(dst, row_address(args.g, token, feature, gate_bytes), valid ? 16 : 0);
-      }
+      if (gate_bytes == 4)  // float32 straight into the cumulative-gate rows (summed in place)
+        copy(std::integral_constant<int, K * 4>{}, reinterpret_cast<char*>(cum_gate),
+             T::kGateStride * 4, args.g, 4, 0);
+      else
+        copy(QkRow{}, raw_gate, K * 2, args.g, 2, 0);
     }
   };
 

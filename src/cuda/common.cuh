@@ -110,6 +110,23 @@ __host__ __device__ __forceinline__ int64_t element_offset(const StridedTensor& 
   return i0 * t.stride[0] + i1 * t.stride[1] + i2 * t.stride[2] + i3 * t.stride[3];
 }
 
+// One (sequence, head)'s rows of a token tensor [B, T, H, F], in the order a kernel visits them
+// (reversed: from the sequence's last token): row r is at first + r * step bytes. The 64-bit
+// address arithmetic is done once per use instead of once per row and 16-byte piece (which was
+// a third of the chunked kernels' instructions).
+struct TokenRows {
+  char* first;   // feature `feature0` of the first visited token
+  int64_t step;  // bytes from one visited row to the next (negative when reversed)
+  __device__ __forceinline__ TokenRows(const StridedTensor& x, const SequenceSpan& seq,
+                                       int64_t head, bool reverse, int elem_bytes,
+                                       int feature0 = 0) {
+    const int64_t token0 = reverse ? seq.start + seq.length - 1 : seq.start;
+    first = x.data + int64_t{elem_bytes} * element_offset(x, seq.batch, token0, head, feature0);
+    step = (reverse ? -int64_t{elem_bytes} : int64_t{elem_bytes}) * x.stride[1];
+  }
+  __device__ __forceinline__ char* row(int64_t r) const { return first + r * step; }
+};
+
 // Runtime-dtype scalar load/store, for tensors read a few times per token (gates, states). Hot
 // token data uses the typed pointers of the kernel's template instead.
 __device__ __forceinline__ float load_float(const StridedTensor& t, int64_t offset) {

@@ -74,6 +74,28 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* global, int 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)),
                "l"(global), "r"(src_bytes));
 }
+// Starts the copies of kRows rows of kRowBytes bytes (16-byte aligned) into shared rows
+// `dst_stride` bytes apart, spread over the kThreads threads of the block: row r comes from
+// src_first + r * src_step. Rows at and past valid_rows (>= 1) are zero-filled. Each thread
+// keeps one 16-byte column of the rows, so its addresses advance by a constant per pass.
+template <int kRowBytes, int kThreads, int kRows>
+__device__ __forceinline__ void copy_rows_async(char* dst, int dst_stride, const char* src_first,
+                                                int64_t src_step, int valid_rows) {
+  constexpr int kParts = kRowBytes / 16;
+  constexpr int kRowsPerPass = kThreads / kParts;
+  static_assert(kRowBytes % 16 == 0 && kThreads % kParts == 0 && kRows % kRowsPerPass == 0,
+                "rows must split evenly over the threads");
+  const int part = threadIdx.x % kParts, row0 = threadIdx.x / kParts;
+  const char* first_piece = src_first + part * 16;  // row 0: the address of zero-filled rows
+  const char* src = first_piece + row0 * src_step;
+  char* to = dst + row0 * dst_stride + part * 16;
+#pragma unroll
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    const bool valid = row0 + pass * kRowsPerPass < valid_rows;
+    cp_async_16(to + pass * kRowsPerPass * dst_stride,
+                valid ? src + pass * kRowsPerPass * src_step : first_piece, valid ? 16 : 0);
+  }
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int Pending>
 __device__ __forceinline__ void cp_async_wait() {
