@@ -350,41 +350,36 @@ struct Block {
   __device__ static bool strict(int i, int j) { return j < i; }
 };
 
-// Row-major 16 x 16 A fragment at (row0, col0) of a [rows][stride] Elem tile, element (r, c)
-// multiplied by factor(r, c) (identity when Scaled is false).
+// Row-major 16 x 16 A fragment at (row0, col0) of a [rows][stride] Elem tile (ldmatrix), element
+// (r, c) multiplied by factor(r, c) (identity when Scaled is false).
 template <typename Elem, bool Scaled, typename Factor>
 __device__ __forceinline__ void load_a_rows(uint32_t (&a)[4], const Elem* tile_base, int stride,
                                             int row0, int col0, int lane, Factor factor) {
-  const int group = lane / 4, quad = lane % 4;
+  tile::load_a<Elem>(a, tile_base, stride, row0, col0);
+  if constexpr (Scaled) {
+    const int group = lane / 4, quad = lane % 4;
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int row = row0 + group + ((r & 1) ? 8 : 0);
-    const int col = col0 + 2 * quad + (r >= 2 ? 8 : 0);
-    const uint32_t raw = *reinterpret_cast<const uint32_t*>(tile_base + row * stride + col);
-    if constexpr (Scaled) {
-      const float2 x = tile::unpack<Elem>(raw);
+    for (int r = 0; r < 4; ++r) {
+      const int row = row0 + group + ((r & 1) ? 8 : 0);
+      const int col = col0 + 2 * quad + (r >= 2 ? 8 : 0);
+      const float2 x = tile::unpack<Elem>(a[r]);
       a[r] = tile::pack<Elem>(x.x * factor(row, col), x.y * factor(row, col + 1));
-    } else {
-      a[r] = raw;
     }
   }
 }
 
-// B fragment (16 x 8, k x n) with B[k][n] = X[n][k] for a row-major X [n][stride]: two 32-bit
-// loads.
+// B fragment (16 x 8, k x n) with B[k][n] = X[n][k] for a row-major X [n][stride] (ldmatrix).
 template <typename Elem, bool Scaled, typename Factor>
 __device__ __forceinline__ void load_b_rows(uint32_t (&b)[2], const Elem* tile_base, int stride,
                                             int n0, int k0, int lane, Factor factor) {
-  const int group = lane / 4, quad = lane % 4;
+  tile::load_b_n<Elem>(b, tile_base, stride, n0, k0);
+  if constexpr (Scaled) {
+    const int group = lane / 4, quad = lane % 4;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int n = n0 + group, k = k0 + 2 * quad + 8 * r;
-    const uint32_t raw = *reinterpret_cast<const uint32_t*>(tile_base + n * stride + k);
-    if constexpr (Scaled) {
-      const float2 x = tile::unpack<Elem>(raw);
+    for (int r = 0; r < 2; ++r) {
+      const int n = n0 + group, k = k0 + 2 * quad + 8 * r;
+      const float2 x = tile::unpack<Elem>(b[r]);
       b[r] = tile::pack<Elem>(x.x * factor(n, k), x.y * factor(n, k + 1));
-    } else {
-      b[r] = raw;
     }
   }
 }

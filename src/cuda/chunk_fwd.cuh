@@ -307,16 +307,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     // Loads the A fragment of q rows (row0 + group, +8), columns ks*16.., each element multiplied
     // by factor(row, kk).
     auto load_q_fragment = [&](uint32_t(&a)[4], int ks, auto factor) {
+      tile::load_a<Elem>(a, q_s, T::kQkStride, row0, ks * 16);
+      if (T::kPerKey && !factorized) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int row = rows[r & 1];
-        const int kk = ks * 16 + 2 * quad + (r >= 2 ? 8 : 0);
-        const uint32_t raw = *reinterpret_cast<const uint32_t*>(q_s + row * T::kQkStride + kk);
-        if (T::kPerKey && !factorized) {
-          const float2 x = tile::unpack<Elem>(raw);
+        for (int r = 0; r < 4; ++r) {
+          const int row = rows[r & 1];
+          const int kk = ks * 16 + 2 * quad + (r >= 2 ? 8 : 0);
+          const float2 x = tile::unpack<Elem>(a[r]);
           a[r] = tile::pack<Elem>(x.x * factor(row, kk), x.y * factor(row, kk + 1));
-        } else {
-          a[r] = raw;
         }
       }
     };
@@ -373,18 +371,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       for (int nt = 0; nt < 8; ++nt) {
         if (nt >= score_tiles || (exact_diagonal && nt >= 2 * warp)) continue;
         uint32_t b[2];
-        const int j = nt * 8 + group;
+        tile::load_b_n<Elem>(b, k_s, T::kQkStride, nt * 8, ks * 16);
+        if (T::kPerKey && !factorized) {
+          const int j = nt * 8 + group;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int kk = ks * 16 + 2 * quad + 8 * r;
-          const uint32_t raw = *reinterpret_cast<const uint32_t*>(k_s + j * T::kQkStride + kk);
-          if (T::kPerKey && !factorized) {
-            const float2 x = tile::unpack<Elem>(raw);
+          for (int r = 0; r < 2; ++r) {
+            const int kk = ks * 16 + 2 * quad + 8 * r;
+            const float2 x = tile::unpack<Elem>(b[r]);
             b[r] = tile::pack<Elem>(
                 x.x * tile::fast_exp2(query_gate(row0, kk) - key_gate(j, kk)),
                 x.y * tile::fast_exp2(query_gate(row0, kk + 1) - key_gate(j, kk + 1)));
-          } else {
-            b[r] = raw;
           }
         }
         tile::mma<Elem>(scores[nt], a, b);

@@ -62,6 +62,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_address(row_address)));
 }
 
+// Two 8x8 matrices; lanes 0-15 give the row addresses (matrix l / 8, row l % 8).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_address(row_address)));
+}
+
 // Two 8x8 matrices, transposed; lanes 0-15 give the row addresses (matrix l / 8, row l % 8).
 __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row_address) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
@@ -157,6 +164,13 @@ __device__ __forceinline__ void load_b_nk(uint32_t (&b0)[2], uint32_t (&b1)[2], 
   uint32_t r[4];
   ldmatrix_x4(r, tile + (n0 + (m / 2) * 8 + lane % 8) * stride + k0 + (m % 2) * 8);
   b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+// The B fragment of n-tile n0 alone, at k-step k0, from a tile stored [n][k].
+template <typename Elem>
+__device__ __forceinline__ void load_b_n(uint32_t (&b)[2], const Elem* tile, int stride, int n0,
+                                         int k0) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x2(b, tile + (n0 + lane % 8) * stride + k0 + ((lane / 8) % 2) * 8);
 }
 // The same from a tile stored [k][n] (rows = k).
 template <typename Elem>
