@@ -81,6 +81,8 @@ struct Traits {
   static constexpr int kVHalfTiles = V / 2 / 8;
   // Unrolling of the loops over 16-wide steps (see chunk_fwd.cuh's Traits).
   static constexpr int kStepUnroll = kPerKey ? 1 : 8;
+  // Fragments of row-major tiles through ldmatrix, or 32-bit loads (tile::load_a_words).
+  static constexpr bool kLdmatrix = kStepUnroll == 1;
 
   static constexpr size_t kQBytes = size_t{kChunk} * kQkStride * sizeof(Elem);
   static constexpr size_t kVBytes = size_t{kChunk} * kVStride * sizeof(Elem);
@@ -350,12 +352,12 @@ struct Block {
   __device__ static bool strict(int i, int j) { return j < i; }
 };
 
-// Row-major 16 x 16 A fragment at (row0, col0) of a [rows][stride] Elem tile (ldmatrix), element
+// Row-major 16 x 16 A fragment at (row0, col0) of a [rows][stride] Elem tile, element
 // (r, c) multiplied by factor(r, c) (identity when Scaled is false).
-template <typename Elem, bool Scaled, typename Factor>
+template <typename Elem, bool Scaled, bool kLdmatrix, typename Factor>
 __device__ __forceinline__ void load_a_rows(uint32_t (&a)[4], const Elem* tile_base, int stride,
                                             int row0, int col0, int lane, Factor factor) {
-  tile::load_a<Elem>(a, tile_base, stride, row0, col0);
+  tile::load_a_any<Elem, kLdmatrix>(a, tile_base, stride, row0, col0);
   if constexpr (Scaled) {
     const int group = lane / 4, quad = lane % 4;
 #pragma unroll
@@ -368,11 +370,11 @@ __device__ __forceinline__ void load_a_rows(uint32_t (&a)[4], const Elem* tile_b
   }
 }
 
-// B fragment (16 x 8, k x n) with B[k][n] = X[n][k] for a row-major X [n][stride] (ldmatrix).
-template <typename Elem, bool Scaled, typename Factor>
+// B fragment (16 x 8, k x n) with B[k][n] = X[n][k] for a row-major X [n][stride].
+template <typename Elem, bool Scaled, bool kLdmatrix, typename Factor>
 __device__ __forceinline__ void load_b_rows(uint32_t (&b)[2], const Elem* tile_base, int stride,
                                             int n0, int k0, int lane, Factor factor) {
-  tile::load_b_n<Elem>(b, tile_base, stride, n0, k0);
+  tile::load_b_n_any<Elem, kLdmatrix>(b, tile_base, stride, n0, k0);
   if constexpr (Scaled) {
     const int group = lane / 4, quad = lane % 4;
 #pragma unroll
@@ -503,12 +505,12 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
 #pragma unroll T::kStepUnroll
     for (int ks = 0; ks < V / 16; ++ks) {
       uint32_t a[4];
-      load_a_rows<Elem, false>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
+      load_a_rows<Elem, false, T::kLdmatrix>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         if (nt >= score_tiles) continue;
         uint32_t b[2];
-        load_b_rows<Elem, false>(b, v_s, T::kVStride, nt * 8, ks * 16, lane, One{});
+        load_b_rows<Elem, false, T::kLdmatrix>(b, v_s, T::kVStride, nt * 8, ks * 16, lane, One{});
         tile::mma<Elem>(dp[nt], a, b);
       }
     }
@@ -569,11 +571,12 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
 #pragma unroll T::kStepUnroll
     for (int ks = 0; ks < V / 16; ++ks) {
       uint32_t a[4];
-      load_a_rows<Elem, false>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
+      load_a_rows<Elem, false, T::kLdmatrix>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
 #pragma unroll
       for (int nt = 0; nt < T::kQkHalfTiles; ++nt) {
         uint32_t b[2];
-        load_b_rows<Elem, false>(b, blk.sm.state, T::kVStride, col0 + nt * 8, ks * 16, lane, One{});
+        load_b_rows<Elem, false, T::kLdmatrix>(b, blk.sm.state, T::kVStride, col0 + nt * 8, ks * 16,
+                                               lane, One{});
         tile::mma<Elem>(acc[nt], a, b);
       }
     }
@@ -943,27 +946,32 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
         for (int ks = 0; ks < K / 16; ++ks) {
           uint32_t a[4];
           if (factorized) {
-            load_a_rows<Elem, false>(a, q_s, T::kQkStride, row0, ks * 16, lane, One{});
+            load_a_rows<Elem, false, T::kLdmatrix>(a, q_s, T::kQkStride, row0, ks * 16, lane,
+                                                   One{});
           } else if constexpr (T::kPerKey) {
-            load_a_rows<Elem, true>(a, q_s, T::kQkStride, row0, ks * 16, lane, [&](int i, int kk) {
-              return tile::fast_exp2(blk.query_gate(i, kk) - blk.query_gate(row0, kk));
-            });
+            load_a_rows<Elem, true, T::kLdmatrix>(
+                a, q_s, T::kQkStride, row0, ks * 16, lane, [&](int i, int kk) {
+                  return tile::fast_exp2(blk.query_gate(i, kk) - blk.query_gate(row0, kk));
+                });
           } else {
-            load_a_rows<Elem, false>(a, q_s, T::kQkStride, row0, ks * 16, lane, One{});
+            load_a_rows<Elem, false, T::kLdmatrix>(a, q_s, T::kQkStride, row0, ks * 16, lane,
+                                                   One{});
           }
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt) {
             if (nt >= score_tiles || (exact_diagonal && nt >= 2 * rowblock)) continue;
             uint32_t b[2];
             if (factorized) {
-              load_b_rows<Elem, false>(b, k_s, T::kQkStride, nt * 8, ks * 16, lane, One{});
+              load_b_rows<Elem, false, T::kLdmatrix>(b, k_s, T::kQkStride, nt * 8, ks * 16, lane,
+                                                     One{});
             } else if constexpr (T::kPerKey) {
-              load_b_rows<Elem, true>(
+              load_b_rows<Elem, true, T::kLdmatrix>(
                   b, k_s, T::kQkStride, nt * 8, ks * 16, lane, [&](int j, int kk) {
                     return tile::fast_exp2(blk.query_gate(row0, kk) - blk.key_gate(j, kk));
                   });
             } else {
-              load_b_rows<Elem, false>(b, k_s, T::kQkStride, nt * 8, ks * 16, lane, One{});
+              load_b_rows<Elem, false, T::kLdmatrix>(b, k_s, T::kQkStride, nt * 8, ks * 16, lane,
+                                                     One{});
             }
             tile::mma<Elem>(acc[nt], a, b);
           }
@@ -991,12 +999,13 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
 #pragma unroll T::kStepUnroll
         for (int ks = 0; ks < V / 16; ++ks) {
           uint32_t a[4];
-          load_a_rows<Elem, false>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
+          load_a_rows<Elem, false, T::kLdmatrix>(a, do_s, T::kVStride, row0, ks * 16, lane, One{});
 #pragma unroll
           for (int nt = 0; nt < 8; ++nt) {
             if (nt >= score_tiles) continue;
             uint32_t b[2];
-            load_b_rows<Elem, false>(b, v_s, T::kVStride, nt * 8, ks * 16, lane, One{});
+            load_b_rows<Elem, false, T::kLdmatrix>(b, v_s, T::kVStride, nt * 8, ks * 16, lane,
+                                                   One{});
             tile::mma<Elem>(acc[nt], a, b);
           }
         }
@@ -1073,11 +1082,12 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
       for (int ks = 0; ks < K / 16; ++ks) {
         uint32_t a[4];
         if (Gate != GateKind::kNone && !factorized) {
-          load_a_rows<Elem, true>(a, k_s, T::kQkStride, row0, ks * 16, lane, [&](int j, int kk) {
-            return tile::fast_exp2(blk.key_gate(kChunk - 1, kk) - blk.key_gate(j, kk));
-          });
+          load_a_rows<Elem, true, T::kLdmatrix>(
+              a, k_s, T::kQkStride, row0, ks * 16, lane, [&](int j, int kk) {
+                return tile::fast_exp2(blk.key_gate(kChunk - 1, kk) - blk.key_gate(j, kk));
+              });
         } else {
-          load_a_rows<Elem, false>(a, k_s, T::kQkStride, row0, ks * 16, lane, One{});
+          load_a_rows<Elem, false, T::kLdmatrix>(a, k_s, T::kQkStride, row0, ks * 16, lane, One{});
         }
 #pragma unroll
         for (int nt = 0; nt < T::kVHalfTiles; nt += 2) {
@@ -1153,12 +1163,12 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) 
 #pragma unroll T::kStepUnroll
       for (int ks = 0; ks < V / 16; ++ks) {
         uint32_t a[4];
-        load_a_rows<Elem, false>(a, v_s, T::kVStride, row0, ks * 16, lane, One{});
+        load_a_rows<Elem, false, T::kLdmatrix>(a, v_s, T::kVStride, row0, ks * 16, lane, One{});
 #pragma unroll
         for (int nt = 0; nt < T::kQkHalfTiles; ++nt) {
           uint32_t b[2];
-          load_b_rows<Elem, false>(b, blk.sm.state, T::kVStride, kcol0 + nt * 8, ks * 16, lane,
-                                   One{});
+          load_b_rows<Elem, false, T::kLdmatrix>(b, blk.sm.state, T::kVStride, kcol0 + nt * 8,
+                                                 ks * 16, lane, One{});
           tile::mma<Elem>(inter[nt], a, b);
         }
       }

@@ -48,6 +48,8 @@ struct Traits {
   // (factorized and reference-relative) and run out of instruction cache when unrolled
   // (measured: 2-4x slower), the others are faster unrolled.
   static constexpr int kStepUnroll = kPerKey ? 1 : 8;
+  // Fragments of row-major tiles through ldmatrix, or 32-bit loads (tile::load_a_words).
+  static constexpr bool kLdmatrix = kStepUnroll == 1;
 
   // Shared memory layout (bytes).
   static constexpr size_t kQBytes = size_t{kChunk} * kQkStride * sizeof(Elem);
@@ -307,7 +309,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     // Loads the A fragment of q rows (row0 + group, +8), columns ks*16.., each element multiplied
     // by factor(row, kk).
     auto load_q_fragment = [&](uint32_t(&a)[4], int ks, auto factor) {
-      tile::load_a<Elem>(a, q_s, T::kQkStride, row0, ks * 16);
+      tile::load_a_any<Elem, T::kLdmatrix>(a, q_s, T::kQkStride, row0, ks * 16);
       if (T::kPerKey && !factorized) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
@@ -371,7 +373,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       for (int nt = 0; nt < 8; ++nt) {
         if (nt >= score_tiles || (exact_diagonal && nt >= 2 * warp)) continue;
         uint32_t b[2];
-        tile::load_b_n<Elem>(b, k_s, T::kQkStride, nt * 8, ks * 16);
+        tile::load_b_n_any<Elem, T::kLdmatrix>(b, k_s, T::kQkStride, nt * 8, ks * 16);
         if (T::kPerKey && !factorized) {
           const int j = nt * 8 + group;
 #pragma unroll

@@ -172,6 +172,43 @@ __device__ __forceinline__ void load_b_n(uint32_t (&b)[2], const Elem* tile, int
   const int lane = threadIdx.x % 32;
   ldmatrix_x2(b, tile + (n0 + lane % 8) * stride + k0 + ((lane / 8) % 2) * 8);
 }
+// A and the B of one n-tile as above through 32-bit shared loads (four and two) instead of
+// ldmatrix. Measured on the H200 (bench/NOTES.md): in the fully unrolled chunked kernels these
+// are faster (the loads spread ahead of the mma's), in the rolled per-key ones ldmatrix is.
+template <typename Elem>
+__device__ __forceinline__ void load_a_words(uint32_t (&a)[4], const Elem* tile, int stride,
+                                             int row0, int col0) {
+  const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+    a[r] = *reinterpret_cast<const uint32_t*>(tile + (row0 + group + ((r & 1) ? 8 : 0)) * stride +
+                                              col0 + 2 * quad + (r >= 2 ? 8 : 0));
+}
+template <typename Elem>
+__device__ __forceinline__ void load_b_n_words(uint32_t (&b)[2], const Elem* tile, int stride,
+                                               int n0, int k0) {
+  const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    b[r] = *reinterpret_cast<const uint32_t*>(tile + (n0 + group) * stride + k0 + 2 * quad + 8 * r);
+}
+// Either form: kLdmatrix picks ldmatrix.
+template <typename Elem, bool kLdmatrix>
+__device__ __forceinline__ void load_a_any(uint32_t (&a)[4], const Elem* tile, int stride, int row0,
+                                           int col0) {
+  if constexpr (kLdmatrix)
+    load_a<Elem>(a, tile, stride, row0, col0);
+  else
+    load_a_words<Elem>(a, tile, stride, row0, col0);
+}
+template <typename Elem, bool kLdmatrix>
+__device__ __forceinline__ void load_b_n_any(uint32_t (&b)[2], const Elem* tile, int stride, int n0,
+                                             int k0) {
+  if constexpr (kLdmatrix)
+    load_b_n<Elem>(b, tile, stride, n0, k0);
+  else
+    load_b_n_words<Elem>(b, tile, stride, n0, k0);
+}
 // The same from a tile stored [k][n] (rows = k).
 template <typename Elem>
 __device__ __forceinline__ void load_b_kn(uint32_t (&b0)[2], uint32_t (&b1)[2], const Elem* tile,
