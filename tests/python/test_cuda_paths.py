@@ -9,7 +9,7 @@ write shows up as NaN. Skipped without a GPU or without a CUDA build of the libr
 import pytest
 import torch
 
-from cases import (CUDA, OPS_BY_ID, check_against_reference, make_inputs, run_op,
+from cases import (CUDA, OPS_BY_ID, check_against_reference, flashlin_ops, make_inputs, run_op,
                    run_reference)
 
 pytestmark = pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
@@ -117,6 +117,33 @@ def test_chunk_varlen(op, path):
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     x = make_inputs(op, 1, int(cu[-1]), 2, 128, 128, dtype=BF16, device="cuda", N=len(lengths))
     check_against_reference(op, x, cu_seqlens=cu.cuda())
+
+
+@pytest.mark.parametrize("op", _ops(["fused_recurrent_retention", "fused_recurrent_simple_gla[g]",
+                                     "fused_recurrent_gla", "fused_recurrent_rwkv6"]), ids=str)
+def test_chunked_form_reverse(op, path, monkeypatch):
+    """The chunked kernels visiting the last token first (the C ABI's config.reverse with the
+    chunked form; flashlin.ops reaches `reverse` only through the recurrent ops, so their calls
+    are switched to the chunked form here): outputs, final state and every gradient, varlen with
+    an empty and a one-token sequence, against the float64 reference."""
+    import importlib
+
+    module = importlib.import_module(getattr(flashlin_ops(), op.name).__module__)
+    real, calls = module.recurrence, []
+
+    def chunked(*args, **kwargs):
+        args = list(args)
+        assert len(args) >= 12 and args[11] == "recurrent", "recurrence's positional form moved"
+        args[11] = "chunked"
+        calls.append(args[10])  # reverse
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "recurrence", chunked)
+    lengths = [1, 130, 0, 77]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    x = make_inputs(op, 1, int(cu[-1]), 2, 128, 128, dtype=BF16, device="cuda", N=len(lengths))
+    check_against_reference(op, x, reverse=True, cu_seqlens=cu.cuda())
+    assert calls and all(calls), "the op did not reach the chunked form with reverse=True"
 
 
 @pytest.mark.parametrize("op", _ops(["chunk_gla", "chunk_retention"]), ids=str)
