@@ -12,13 +12,11 @@
 // computed exactly, element by element, instead. Masked entries are selected to zero after the
 // products.
 //
-// Work split: grid (V / 64, H, N); 8 warps (4 for per-key gates, Traits::kWarps). Warp w owns
-// rows 16 (w % 4).. of the chunk for the output (scores, P·V, Q·S), in the 8-warp kernels with
-// half of the 64 value columns each, and K / 16 / warps row tiles of the state for the update
-// (or, at K = 64 with 8 warps, half of one row tile). The state lives in float32 registers (the
-// update accumulates into it) and, rounded to the input type, in shared memory as the operand of
-// Q·S. q, k, v (and per-key gates) of the next chunk are copied with cp.async while the current
-// chunk computes.
+// Work split: grid (V / 64, H, N); 4 warps. Warp w owns rows 16w..16w+15 of the chunk for the
+// output (scores, P·V, Q·S) and rows (K/4)·w.. of the state for the update. The state lives in
+// float32 registers (the update accumulates into it) and, rounded to the input type, in shared
+// memory as the operand of Q·S. q, k, v (and per-key gates) of the next chunk are copied with
+// cp.async while the current chunk computes.
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_FWD_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_FWD_CUH_
 
@@ -30,8 +28,10 @@ namespace flashlin::cuda::chunk_fwd {
 
 constexpr int kChunk = 64;
 constexpr int kValueTile = 64;
-constexpr int kRowBlocks = kChunk / 16;  // 16-row blocks of a chunk's output
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
+// run factorized (see "factorized" below)
 
 template <typename Elem, int K, GateKind Gate, bool Bonus>
 struct Traits {
@@ -42,22 +42,8 @@ struct Traits {
   static constexpr int kQkStride = K + 8;  // elements; +8 keeps ldmatrix/row loads conflict-free
   static constexpr int kVStride = kValueTile + 8;
   static constexpr int kGateStride = K + 4;  // floats, cumulative gates b[j][k]
-  // Warps: the scalar-gate kernels run 8 (two per 16-row block of the output, each with half of
-  // the 64 value columns; the state's row tiles spread over all 8), which halves each warp's
-  // chain of mma's per chunk and doubles the warps that hide one another's latency; the per-key
-  // kernels keep 4 (their registers would not fit two 256-thread blocks on a multiprocessor).
-  static constexpr int kWarps = kPerKey ? 4 : 8;
-  static constexpr int kThreads = 32 * kWarps;
-  // Two blocks per multiprocessor: at 8 warps this caps the registers at 128 per thread.
-  static constexpr int kMinBlocks = kWarps == 8 ? 2 : 1;
-  static constexpr int kColumnGroups = kWarps / kRowBlocks;  // output column groups per row block
-  static constexpr int kOutTiles = kValueTile / 8 / kColumnGroups;  // n-tiles of a warp's output
-  // State K x 64: K/16 row tiles; several per warp, or several warps per tile (splitting its 8
-  // column tiles).
-  static constexpr int kRowTiles = K / 16;
-  static constexpr int kStateMTiles = kRowTiles >= kWarps ? kRowTiles / kWarps : 1;
-  static constexpr int kWarpsPerRowTile = kRowTiles >= kWarps ? 1 : kWarps / kRowTiles;
-  static constexpr int kStateTiles = kValueTile / 8 / kWarpsPerRowTile;  // n-tiles of a warp
+  static constexpr int kStateRowsPerWarp = K / kWarps;
+  static constexpr int kStateMTiles = kStateRowsPerWarp / 16;
   // Unrolling of the loops over 16-wide steps: the per-key kernels carry two code paths
   // (factorized and reference-relative) and run out of instruction cache when unrolled
   // (measured: 2-4x slower), the others are faster unrolled.
@@ -89,9 +75,7 @@ struct Stage {
 };
 
 template <typename Elem, int K, GateKind Gate, bool Bonus>
-__global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
-                                  Traits<Elem, K, Gate, Bonus>::kMinBlocks)
-    forward_kernel(const ChunkArgs args) {
+__global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args) {
   using T = Traits<Elem, K, Gate, Bonus>;
   extern __shared__ __align__(128) char smem[];
   auto stage_at = [&](int s) {
@@ -126,7 +110,7 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
     auto copy = [&](auto row_bytes, char* dst, int dst_stride, const StridedTensor& x,
                     int elem_bytes, int feature0) {
       const TokenRows rows(x, seq, head, args.reverse, elem_bytes, feature0);
-      tile::copy_rows_async<decltype(row_bytes)::value, T::kThreads, kChunk>(
+      tile::copy_rows_async<decltype(row_bytes)::value, kThreads, kChunk>(
           dst, dst_stride, rows.row(first_row), rows.step, rows_valid);
     };
     using QkRow = std::integral_constant<int, K * 2>;
@@ -161,24 +145,21 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
   if constexpr (Gate == GateKind::kPerHead)
     head_gate = floor_gate(load_float(args.g, element_offset(args.g, 0, 0, head, 0))) * kLog2e;
   if constexpr (Bonus) {
-    for (int kk = tid; kk < K; kk += T::kThreads)
+    for (int kk = tid; kk < K; kk += kThreads)
       bonus_u[kk] = load_float(args.u, element_offset(args.u, 0, 0, head, kk));
   }
 
-  // ---- the state: float32 registers; warp w owns T::kStateMTiles row tiles from state_row0 and
-  // T::kStateTiles column tiles from state_col0 ---------------------------------------------
-  float state[T::kStateMTiles][T::kStateTiles][4];
-  const int state_row0 =
-      16 * (T::kWarpsPerRowTile == 1 ? warp * T::kStateMTiles : warp % T::kRowTiles);
-  const int state_col0 = T::kWarpsPerRowTile == 1 ? 0 : (warp / T::kRowTiles) * T::kStateTiles * 8;
+  // ---- the state: float32 registers, warp w owns rows (K/4)w.. -----------------------------
+  float state[T::kStateMTiles][8][4];
+  const int state_row0 = warp * T::kStateRowsPerWarp;
 #pragma unroll
   for (int mt = 0; mt < T::kStateMTiles; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < T::kStateTiles; ++nt)
+    for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int kk = state_row0 + mt * 16 + group + (e >= 2 ? 8 : 0);
-        const int vv = value0 + state_col0 + nt * 8 + 2 * quad + (e & 1);
+        const int vv = value0 + nt * 8 + 2 * quad + (e & 1);
         state[mt][nt][e] =
             args.initial_state.present
                 ? load_float(args.initial_state,
@@ -189,9 +170,9 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
 #pragma unroll
     for (int mt = 0; mt < T::kStateMTiles; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < T::kStateTiles; ++nt) {
+      for (int nt = 0; nt < 8; ++nt) {
         const int kk = state_row0 + mt * 16 + group;
-        const int col = state_col0 + nt * 8 + 2 * quad;
+        const int col = nt * 8 + 2 * quad;
         *reinterpret_cast<uint32_t*>(state_smem + kk * T::kVStride + col) =
             tile::pack<Elem>(state[mt][nt][0], state[mt][nt][1]);
         *reinterpret_cast<uint32_t*>(state_smem + (kk + 8) * T::kVStride + col) =
@@ -275,12 +256,12 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
     float* bonus_rows = bonus_u + K;  // the bonus dot of each row (factorized chunks)
     if constexpr (T::kPerKey) {
       bool narrow = true;
-      for (int kk = tid; kk < K; kk += T::kThreads)
+      for (int kk = tid; kk < K; kk += kThreads)
         narrow &= -cum_gate[(kChunk - 1) * T::kGateStride + kk] <= max_factor_range<Elem>();
       factorized = __syncthreads_and(narrow);
       if (factorized) {
         if constexpr (Bonus) {  // (q_i * u * k_i)·1 from the unscaled rows
-          for (int row = warp; row < kChunk; row += T::kWarps) {
+          for (int row = warp; row < kChunk; row += kWarps) {
             float sum = 0.f;
             for (int kk = lane; kk < K; kk += 32)
               sum += to_float(q_s[row * T::kQkStride + kk]) * bonus_u[kk] *
@@ -293,7 +274,7 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
         }
         Elem* q_mut = reinterpret_cast<Elem*>(st.q);
         Elem* k_mut = reinterpret_cast<Elem*>(st.k);
-        for (int idx = tid; idx < kChunk * K / 2; idx += T::kThreads) {
+        for (int idx = tid; idx < kChunk * K / 2; idx += kThreads) {
           const int row = idx / (K / 2), kk = 2 * (idx % (K / 2));
           uint32_t* qp = reinterpret_cast<uint32_t*>(q_mut + row * T::kQkStride + kk);
           uint32_t* kp = reinterpret_cast<uint32_t*>(k_mut + row * T::kQkStride + kk);
@@ -309,10 +290,8 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
       }
     }
 
-    // ---- output rows and columns of this warp: row block warp % 4, out_col0.. ---------------
-    const int row_block = warp % kRowBlocks;
-    const int out_col0 = (warp / kRowBlocks) * T::kOutTiles * 8;
-    const int row0 = 16 * row_block;
+    // ---- output rows of this warp ---------------------------------------------------------
+    const int row0 = 16 * warp;
     const int rows[2] = {row0 + group, row0 + group + 8};
     // a (query-side cumulative gate) of row i at key kk; 0 before the chunk.
     auto query_gate = [&](int row, int kk) -> float {
@@ -321,9 +300,9 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
     };
     auto key_gate = [&](int row, int kk) -> float { return cum_gate[row * T::kGateStride + kk]; };
 
-    float out[T::kOutTiles][4];
+    float out[8][4];
 #pragma unroll
-    for (int nt = 0; nt < T::kOutTiles; ++nt)
+    for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[nt][e] = 0.f;
 
@@ -348,10 +327,10 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
       uint32_t a[4];
       load_q_fragment(a, ks, [&](int row, int kk) { return tile::fast_exp2(query_gate(row, kk)); });
 #pragma unroll
-      for (int ntp = 0; ntp < T::kOutTiles / 2; ++ntp) {
+      for (int ntp = 0; ntp < 4; ++ntp) {
         uint32_t b[4];
         const int kk = ks * 16 + (lane % 8) + ((lane >> 3) & 1) * 8;
-        const int col = out_col0 + ntp * 16 + (lane >> 4) * 8;
+        const int col = ntp * 16 + (lane >> 4) * 8;
         tile::ldmatrix_x4_trans(b, state_smem + kk * T::kVStride + col);
         const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
         tile::mma<Elem>(out[2 * ntp], a, b0);
@@ -362,7 +341,7 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
       const float decay0 = tile::fast_exp2(cum_gate[rows[0]]);
       const float decay1 = tile::fast_exp2(cum_gate[rows[1]]);
 #pragma unroll
-      for (int nt = 0; nt < T::kOutTiles; ++nt) {
+      for (int nt = 0; nt < 8; ++nt) {
         out[nt][0] *= decay0;
         out[nt][1] *= decay0;
         out[nt][2] *= decay1;
@@ -370,9 +349,8 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
       }
     }
 
-    // (2) intra-chunk scores of rows i against tokens j <= i: n-tiles 0 .. 2 row_block + 1 (both
-    // column groups of a row block compute them: cheaper than sharing them through memory).
-    const int score_tiles = 2 * (row_block + 1);
+    // (2) intra-chunk scores of rows i against tokens j <= i: n-tiles 0 .. 2w+1.
+    const int score_tiles = 2 * (warp + 1);
     bool exact_diagonal = false;
     if constexpr (T::kPerKey) {
       bool wide = false;
@@ -393,7 +371,7 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
       });
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
-        if (nt >= score_tiles || (exact_diagonal && nt >= 2 * row_block)) continue;
+        if (nt >= score_tiles || (exact_diagonal && nt >= 2 * warp)) continue;
         uint32_t b[2];
         tile::load_b_n_any<Elem, T::kLdmatrix>(b, k_s, T::kQkStride, nt * 8, ks * 16);
         if (T::kPerKey && !factorized) {
@@ -416,7 +394,7 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            if (nt / 2 != row_block) continue;
+            if (nt / 2 != warp) continue;
             const int i = rows[e >> 1], j = nt * 8 + 2 * quad + (e & 1);
             float sum = 0.f;
             if (Bonus ? j < i : j <= i) {
@@ -465,17 +443,17 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
 
     // (3) out += P V over the token steps that hold unmasked entries.
 #pragma unroll
-    for (int ks = 0; ks < kRowBlocks; ++ks) {
-      if (ks > row_block) continue;
+    for (int ks = 0; ks < kWarps; ++ks) {
+      if (ks > warp) continue;
       const uint32_t a[4] = {tile::pack<Elem>(scores[2 * ks][0], scores[2 * ks][1]),
                              tile::pack<Elem>(scores[2 * ks][2], scores[2 * ks][3]),
                              tile::pack<Elem>(scores[2 * ks + 1][0], scores[2 * ks + 1][1]),
                              tile::pack<Elem>(scores[2 * ks + 1][2], scores[2 * ks + 1][3])};
 #pragma unroll
-      for (int ntp = 0; ntp < T::kOutTiles / 2; ++ntp) {
+      for (int ntp = 0; ntp < 4; ++ntp) {
         uint32_t b[4];
         const int j = ks * 16 + (lane % 8) + ((lane >> 3) & 1) * 8;
-        const int col = out_col0 + ntp * 16 + (lane >> 4) * 8;
+        const int col = ntp * 16 + (lane >> 4) * 8;
         tile::ldmatrix_x4_trans(b, v_s + j * T::kVStride + col);
         const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
         tile::mma<Elem>(out[2 * ntp], a, b0);
@@ -489,9 +467,9 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
       if (rows[r] >= rows_valid || !args.o.present) continue;
       const int64_t token = token_at(int64_t{chunk} * kChunk + rows[r]);
       Elem* o_row = reinterpret_cast<Elem*>(args.o.data) +
-                    element_offset(args.o, seq.batch, token, head, value0 + out_col0);
+                    element_offset(args.o, seq.batch, token, head, value0);
 #pragma unroll
-      for (int nt = 0; nt < T::kOutTiles; ++nt)
+      for (int nt = 0; nt < 8; ++nt)
         *reinterpret_cast<uint32_t*>(o_row + nt * 8 + 2 * quad) =
             tile::pack<Elem>(out[nt][2 * r] * args.scale, out[nt][2 * r + 1] * args.scale);
     }
@@ -508,7 +486,7 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
           const float decay =
               tile::fast_exp2(T::kPerKey ? key_gate(kChunk - 1, kk) : cum_gate[kChunk - 1]);
 #pragma unroll
-          for (int nt = 0; nt < T::kStateTiles; ++nt) {
+          for (int nt = 0; nt < 8; ++nt) {
             state[mt][nt][2 * half] *= decay;
             state[mt][nt][2 * half + 1] *= decay;
           }
@@ -517,11 +495,11 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
     if (Gate != GateKind::kNone && !factorized) decay_state();
 #pragma unroll T::kStepUnroll
     for (int ks = 0; ks < kChunk / 16; ++ks) {
-      uint32_t bv[T::kStateTiles / 2][4];
+      uint32_t bv[4][4];
 #pragma unroll
-      for (int ntp = 0; ntp < T::kStateTiles / 2; ++ntp) {
+      for (int ntp = 0; ntp < 4; ++ntp) {
         const int j = ks * 16 + (lane % 8) + ((lane >> 3) & 1) * 8;
-        const int col = state_col0 + ntp * 16 + (lane >> 4) * 8;
+        const int col = ntp * 16 + (lane >> 4) * 8;
         tile::ldmatrix_x4_trans(bv[ntp], v_s + j * T::kVStride + col);
       }
 #pragma unroll
@@ -553,7 +531,7 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
           }
         }
 #pragma unroll
-        for (int ntp = 0; ntp < T::kStateTiles / 2; ++ntp) {
+        for (int ntp = 0; ntp < 4; ++ntp) {
           const uint32_t b0[2] = {bv[ntp][0], bv[ntp][1]}, b1[2] = {bv[ntp][2], bv[ntp][3]};
           tile::mma<Elem>(state[mt][2 * ntp], a, b0);
           tile::mma<Elem>(state[mt][2 * ntp + 1], a, b1);
@@ -573,11 +551,11 @@ __global__ void __launch_bounds__(Traits<Elem, K, Gate, Bonus>::kThreads,
 #pragma unroll
     for (int mt = 0; mt < T::kStateMTiles; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < T::kStateTiles; ++nt)
+      for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int kk = state_row0 + mt * 16 + group + (e >= 2 ? 8 : 0);
-          const int vv = value0 + state_col0 + nt * 8 + 2 * quad + (e & 1);
+          const int vv = value0 + nt * 8 + 2 * quad + (e & 1);
           store_float(args.final_state, element_offset(args.final_state, seq_index, head, kk, vv),
                       state[mt][nt][e]);
         }
@@ -593,7 +571,7 @@ cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaS
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(value_dim / kValueTile),
                   static_cast<unsigned>(args.num_heads), static_cast<unsigned>(num_seqs));
-  kernel<<<grid, T::kThreads, T::kSmemBytes, stream>>>(args);
+  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 
