@@ -63,14 +63,11 @@ def _forward(q, k, v, codebook, initial_state, cu_seqlens, config, output_final_
     inputs, keep = _inputs(q, k, v, codebook, initial_state, cu_seqlens)
     views = [_lib.TensorView(t, n) for t, n in
              ((o, "o"), (codes, "codes"), (final_state, "final_state"))]
+    if with_lse:  # the _lse entry's extra output, last
+        views.append(_lib.TensorView(lse, "softmax_lse"))
     execution, workspace = _lib.execution_for(q, _workspace_query(config, inputs, 0))
-    if with_lse:
-        lse_view = _lib.TensorView(lse, "softmax_lse")
-        _lib.check(_lib.entry("flashlin_vq_attention_forward_lse")(
-            config, inputs, *[view.pointer for view in views], lse_view.pointer, execution))
-    else:
-        _lib.check(_lib.entry("flashlin_vq_attention_forward")(
-            config, inputs, *[view.pointer for view in views], execution))
+    entry = "flashlin_vq_attention_forward" + ("_lse" if with_lse else "")
+    _lib.check(_lib.entry(entry)(config, inputs, *[view.pointer for view in views], execution))
     del keep, workspace
     return o, codes, final_state, lse
 
@@ -87,18 +84,13 @@ def _backward(q, k, v, codebook, initial_state, cu_seqlens, config, d_o, d_final
     grad_views = [_lib.TensorView(t, n) for t, n in zip(grads, ("dq", "dk", "dv",
                                                                 "d_initial_state"))]
     grads_struct = _lib.VqAttentionGrads(*[view.pointer for view in grad_views])
-    d_o_view = _lib.TensorView(d_o, "d_o")
-    d_final_view = _lib.TensorView(d_final_state, "d_final_state")
+    # The _lse entry takes the saved statistics (o, softmax_lse, codes) before d_o.
+    views = [_lib.TensorView(t, n) for t, n in zip(saved or (), ("o", "softmax_lse", "codes"))]
+    views += [_lib.TensorView(d_o, "d_o"), _lib.TensorView(d_final_state, "d_final_state")]
     execution, workspace = _lib.execution_for(q, _workspace_query(config, inputs, 1))
-    if saved is not None:
-        saved_views = [_lib.TensorView(t, n) for t, n in zip(saved, ("o", "softmax_lse",
-                                                                     "codes"))]
-        _lib.check(_lib.entry("flashlin_vq_attention_backward_lse")(
-            config, inputs, *[view.pointer for view in saved_views], d_o_view.pointer,
-            d_final_view.pointer, grads_struct, execution))
-    else:
-        _lib.check(_lib.entry("flashlin_vq_attention_backward")(
-            config, inputs, d_o_view.pointer, d_final_view.pointer, grads_struct, execution))
+    entry = "flashlin_vq_attention_backward" + ("" if saved is None else "_lse")
+    _lib.check(_lib.entry(entry)(config, inputs, *[view.pointer for view in views],
+                                 grads_struct, execution))
     del keep, workspace
     return grads
 
