@@ -336,6 +336,73 @@ FLASHLIN_API flashlin_status flashlin_based_workspace_size(const flashlin_based_
                                                            const flashlin_based_inputs* inputs,
                                                            int backward, size_t* bytes);
 
+/* ---- GateLoop ---- */
+
+/*
+ * GateLoop (Katsch 2023; DESIGN.md §4): a data-controlled complex diagonal transition per key
+ * dimension. Per sequence and head, with a complex state S [K, V]:
+ *     S_t = diag(exp(g_t + i theta_t)) S_{t-1} + k_t v_t^T,      o_t = scale * Re(S_t^T q_t)
+ * g [B, T, H, K]: log decay (<= 0; clamped below at the recurrence's gate floor), theta
+ * [B, T, H, K]: phase (NULL: 0, i.e. GLA run on a complex state). Computed as the gated
+ * recurrence (flashlin_recurrence_*, FLASHLIN_GATE_PER_KEY) with key dimension 2K: with
+ * Theta_t = sum of theta from the sequence's first token (float64, reduced modulo 2 pi),
+ *     q' = [q cos Theta, q sin Theta], k' = [k cos Theta, k sin Theta] (rounded to q's dtype),
+ *     g' = [g, g], S_t = e^{i Theta_t} (C_t - i D_t) with [C; D] that recurrence's real state,
+ * so the forms, dtypes and varlen rules of the recurrence apply, with its size limits read for
+ * 2K (CUDA: K <= 128; the tensor cores for float16/bfloat16 with K in {32, 64}).
+ * States are complex [N, H, K, V] DLPack tensors (kDLComplex: 64 bits = two float32, 128 bits =
+ * two float64), so a call continuing from a previous call's final state equals one call over
+ * both (the state carries the phase). Gradients reach q, k, v, g, theta and initial_state; a
+ * complex gradient is dL/dRe + i dL/dIm (PyTorch's convention). Scratch (several tensors of
+ * [B, T, H, 2K]) is allocated per call, stream-ordered on CUDA.
+ */
+typedef struct flashlin_gateloop_config {
+  double scale;       /* 0 selects K^-1/2 (of the op's K); otherwise any finite value */
+  flashlin_form form; /* as for the recurrence */
+  int32_t chunk_size; /* chunked form only; 0 selects 64 */
+} flashlin_gateloop_config;
+
+/* q, k, g, theta [B, T, H, K]; v [B, T, H, V]; q/k/v one floating dtype, g and theta any floating
+ * dtype; initial_state optional complex [N, H, K, V] (N = B, or the sequences of cu_seqlens);
+ * cu_seqlens optional, as for the recurrence (host memory, B == 1). */
+typedef struct flashlin_gateloop_inputs {
+  const DLTensor* q;
+  const DLTensor* k;
+  const DLTensor* v;
+  const DLTensor* g;
+  const DLTensor* theta;         /* optional */
+  const DLTensor* initial_state; /* optional */
+  const DLTensor* cu_seqlens;    /* optional */
+} flashlin_gateloop_inputs;
+
+/* Any may be NULL: dq, dk, dv (dtype of q), dg, dtheta (shaped and typed as g / theta; dtheta
+ * requires theta), d_initial_state (complex [N, H, K, V]; requires initial_state). */
+typedef struct flashlin_gateloop_grads {
+  DLTensor* dq;
+  DLTensor* dk;
+  DLTensor* dv;
+  DLTensor* dg;
+  DLTensor* dtheta;
+  DLTensor* d_initial_state;
+} flashlin_gateloop_grads;
+
+/* Writes o [B, T, H, V] (dtype of v) and, if non-NULL, final_state (complex [N, H, K, V]; may be
+ * the very same tensor as initial_state: updated in place). exec may be NULL. */
+FLASHLIN_API flashlin_status flashlin_gateloop_forward(const flashlin_gateloop_config* config,
+                                                       const flashlin_gateloop_inputs* inputs,
+                                                       DLTensor* o, DLTensor* final_state,
+                                                       const flashlin_execution* exec);
+
+/* d_o [B, T, H, V] (dtype of v); d_final_state optional complex [N, H, K, V]: the gradient
+ * flowing into final_state (the final state is then recomputed: one more forward pass).
+ * Recomputes what the forward computed. */
+FLASHLIN_API flashlin_status flashlin_gateloop_backward(const flashlin_gateloop_config* config,
+                                                        const flashlin_gateloop_inputs* inputs,
+                                                        const DLTensor* d_o,
+                                                        const DLTensor* d_final_state,
+                                                        const flashlin_gateloop_grads* grads,
+                                                        const flashlin_execution* exec);
+
 /* ---- ABC / GSA slot attention ---- */
 
 /*

@@ -34,7 +34,8 @@ inline int cuda_device_count() { return flashlin_cuda_device_count(); }
 inline void set_num_threads(int n) { flashlin_set_num_threads(n); }
 inline int num_threads() { return flashlin_get_num_threads(); }
 
-enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64, kInt32, kInt64 };
+// Complex64/128: two float32/float64 (GateLoop's states).
+enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64, kInt32, kInt64, kComplex64, kComplex128 };
 
 inline DLDataType to_dlpack(DType dtype) {
   switch (dtype) {
@@ -44,6 +45,8 @@ inline DLDataType to_dlpack(DType dtype) {
     case DType::kFloat64: return DLDataType{kDLFloat, 64, 1};
     case DType::kInt32: return DLDataType{kDLInt, 32, 1};
     case DType::kInt64: return DLDataType{kDLInt, 64, 1};
+    case DType::kComplex64: return DLDataType{kDLComplex, 64, 1};
+    case DType::kComplex128: return DLDataType{kDLComplex, 128, 1};
   }
   return DLDataType{kDLFloat, 32, 1};
 }
@@ -303,6 +306,49 @@ inline size_t based_workspace_size(const flashlin_based_config& config, const Ba
   size_t bytes = 0;
   check(flashlin_based_workspace_size(&config, &c_inputs, backward ? 1 : 0, &bytes));
   return bytes;
+}
+
+// ---- GateLoop ----
+
+struct GateloopInputs {
+  const DLTensor* q = nullptr;
+  const DLTensor* k = nullptr;
+  const DLTensor* v = nullptr;
+  const DLTensor* g = nullptr;
+  const DLTensor* theta = nullptr;
+  const DLTensor* initial_state = nullptr;
+  const DLTensor* cu_seqlens = nullptr;
+  flashlin_gateloop_inputs c_struct() const {
+    return flashlin_gateloop_inputs{q, k, v, g, theta, initial_state, cu_seqlens};
+  }
+};
+
+struct GateloopGrads {
+  DLTensor* dq = nullptr;
+  DLTensor* dk = nullptr;
+  DLTensor* dv = nullptr;
+  DLTensor* dg = nullptr;
+  DLTensor* dtheta = nullptr;
+  DLTensor* d_initial_state = nullptr;
+  flashlin_gateloop_grads c_struct() const {
+    return flashlin_gateloop_grads{dq, dk, dv, dg, dtheta, d_initial_state};
+  }
+};
+
+inline void gateloop_forward(const flashlin_gateloop_config& config, const GateloopInputs& inputs,
+                             DLTensor* o, DLTensor* final_state = nullptr,
+                             const flashlin_execution* exec = nullptr) {
+  const flashlin_gateloop_inputs c_inputs = inputs.c_struct();
+  check(flashlin_gateloop_forward(&config, &c_inputs, o, final_state, exec));
+}
+
+inline void gateloop_backward(const flashlin_gateloop_config& config, const GateloopInputs& inputs,
+                              const DLTensor* d_o, const DLTensor* d_final_state,
+                              const GateloopGrads& grads,
+                              const flashlin_execution* exec = nullptr) {
+  const flashlin_gateloop_inputs c_inputs = inputs.c_struct();
+  const flashlin_gateloop_grads c_grads = grads.c_struct();
+  check(flashlin_gateloop_backward(&config, &c_inputs, d_o, d_final_state, &c_grads, exec));
 }
 
 // ---- ABC / GSA slot attention ----

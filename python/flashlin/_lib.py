@@ -52,7 +52,7 @@ class DLTensor(ctypes.Structure):
     ]
 
 
-_DL_INT, _DL_FLOAT, _DL_BFLOAT = 0, 2, 4
+_DL_INT, _DL_FLOAT, _DL_BFLOAT, _DL_COMPLEX = 0, 2, 4, 5
 _DL_CPU, _DL_CUDA = 1, 2
 _DL_DTYPES = {
     torch.float32: DLDataType(_DL_FLOAT, 32, 1),
@@ -61,6 +61,8 @@ _DL_DTYPES = {
     torch.bfloat16: DLDataType(_DL_BFLOAT, 16, 1),
     torch.int32: DLDataType(_DL_INT, 32, 1),
     torch.int64: DLDataType(_DL_INT, 64, 1),
+    torch.complex64: DLDataType(_DL_COMPLEX, 64, 1),  # GateLoop's states
+    torch.complex128: DLDataType(_DL_COMPLEX, 128, 1),
 }
 
 
@@ -186,6 +188,20 @@ class SlotAttentionGrads(ctypes.Structure):
                                           "d_initial_hv", "d_initial_z")]
 
 
+# GateLoop (flashlin_gateloop_*).
+class GateloopConfig(ctypes.Structure):
+    _fields_ = [("scale", ctypes.c_double), ("form", ctypes.c_int), ("chunk_size", ctypes.c_int32)]
+
+
+class GateloopInputs(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in
+                ("q", "k", "v", "g", "theta", "initial_state", "cu_seqlens")]
+
+
+class GateloopGrads(ctypes.Structure):
+    _fields_ = [(name, _PDL) for name in ("dq", "dk", "dv", "dg", "dtheta", "d_initial_state")]
+
+
 # Transformer-VQ (flashlin_vq_attention_*).
 class VqAttentionConfig(ctypes.Structure):
     _fields_ = [("scale", ctypes.c_double), ("block_len", ctypes.c_int32),
@@ -244,6 +260,14 @@ _SIGNATURES = {
         ctypes.POINTER(BasedGrads), ctypes.POINTER(Execution)],
     "flashlin_based_workspace_size": [
         ctypes.POINTER(BasedConfig), ctypes.POINTER(BasedInputs), ctypes.c_int, _SIZE_P],
+
+    # GateLoop
+    "flashlin_gateloop_forward": [
+        ctypes.POINTER(GateloopConfig), ctypes.POINTER(GateloopInputs), _PDL, _PDL,
+        ctypes.POINTER(Execution)],
+    "flashlin_gateloop_backward": [
+        ctypes.POINTER(GateloopConfig), ctypes.POINTER(GateloopInputs), _PDL, _PDL,
+        ctypes.POINTER(GateloopGrads), ctypes.POINTER(Execution)],
 
     # ABC / GSA slot attention
     "flashlin_slot_attention_forward": [

@@ -29,6 +29,7 @@ std::string dtype_string(DLDataType dtype) {
     case kDLBfloat: name = "bfloat"; break;
     case kDLInt: name = "int"; break;
     case kDLUInt: name = "uint"; break;
+    case kDLComplex: name = "complex"; break;
     default: name = "dtype(code=" + std::to_string(dtype.code) + ")"; break;
   }
   name += std::to_string(dtype.bits);
@@ -104,6 +105,14 @@ void ArgumentChecker::fail(const std::string& arg, const std::string& expected,
 }
 
 void ArgumentChecker::float_tensor(const DLTensor* t, const char* arg, int ndim) {
+  checked_tensor(t, arg, ndim, false);
+}
+
+void ArgumentChecker::complex_tensor(const DLTensor* t, const char* arg, int ndim) {
+  checked_tensor(t, arg, ndim, true);
+}
+
+void ArgumentChecker::checked_tensor(const DLTensor* t, const char* arg, int ndim, bool complex) {
   if (!t) fail(arg, "a tensor", "NULL");
   if (t->ndim != ndim)
     fail(arg, "a " + std::to_string(ndim) + "-D tensor",
@@ -112,10 +121,15 @@ void ArgumentChecker::float_tensor(const DLTensor* t, const char* arg, int ndim)
   for (int i = 0; i < ndim; ++i)
     if (t->shape[i] < 0) fail(arg, "non-negative sizes", "shape " + shape_string(*t));
   const DLDataType dt = t->dtype;
-  const bool ok = dt.lanes == 1 &&
-                  ((dt.code == kDLFloat && (dt.bits == 64 || dt.bits == 32 || dt.bits == 16)) ||
-                   (dt.code == kDLBfloat && dt.bits == 16));
-  if (!ok) fail(arg, "dtype float32, float64, float16 or bfloat16", dtype_string(dt));
+  if (complex) {
+    if (dt.lanes != 1 || dt.code != kDLComplex || (dt.bits != 64 && dt.bits != 128))
+      fail(arg, "dtype complex64 or complex128", dtype_string(dt));
+  } else {
+    const bool ok = dt.lanes == 1 &&
+                    ((dt.code == kDLFloat && (dt.bits == 64 || dt.bits == 32 || dt.bits == 16)) ||
+                     (dt.code == kDLBfloat && dt.bits == 16));
+    if (!ok) fail(arg, "dtype float32, float64, float16 or bfloat16", dtype_string(dt));
+  }
   if (t->strides)
     for (int i = 0; i < ndim; ++i)
       if (t->strides[i] < 0)

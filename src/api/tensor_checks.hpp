@@ -44,6 +44,8 @@ class ArgumentChecker {
   // Non-null, rank, floating dtype (float32/float16/bfloat16), non-negative strides, data present
   // when it has elements, and on `device` (the device of the first tensor checked sets it).
   void float_tensor(const DLTensor* t, const char* arg, int ndim);
+  // The same with dtype complex64 or complex128 (kDLComplex, two float32 / float64).
+  void complex_tensor(const DLTensor* t, const char* arg, int ndim);
   void shape_equals(const DLTensor* t, const char* arg, const std::vector<int64_t>& shape,
                     const char* because = nullptr) const;
   void dtype_equals(const DLTensor* t, const char* arg, DLDataType dtype, const char* as) const;
@@ -56,6 +58,7 @@ class ArgumentChecker {
   const char* function() const { return function_; }
 
  private:
+  void checked_tensor(const DLTensor* t, const char* arg, int ndim, bool complex);
   struct Registered {
     const DLTensor* tensor;
     const char* arg;

@@ -48,6 +48,7 @@ struct Kernels {
   Entry<detail::RotaryParams> rotary[2];
   Entry<detail::ShortConvParams> short_conv_forward[2], short_conv_backward[2];
   Entry<detail::BasedParams> based_forward[2], based_backward[2];
+  Entry<detail::GateloopPass> gateloop_pass[2];
   Entry<detail::SlotAttentionParams> slot_attention_forward[2], slot_attention_backward[2];
   Entry<detail::VqAttentionParams> vq_attention_forward[2], vq_attention_backward[2];
 };
@@ -68,6 +69,7 @@ struct Kernels {
     FLASHLIN_CPU_ENTRY(isa, short_conv_backward),      \
     FLASHLIN_CPU_ENTRY(isa, based_forward),            \
     FLASHLIN_CPU_ENTRY(isa, based_backward),           \
+    FLASHLIN_CPU_ENTRY(isa, gateloop_pass),            \
     FLASHLIN_CPU_ENTRY(isa, slot_attention_forward),   \
     FLASHLIN_CPU_ENTRY(isa, slot_attention_backward),  \
     FLASHLIN_CPU_ENTRY(isa, vq_attention_forward),     \
@@ -158,6 +160,12 @@ flashlin_status based_forward(const detail::BasedParams& params) {
 
 flashlin_status based_backward(const detail::BasedParams& params) {
   return call(kernels().based_backward, params, params.q.dtype);
+}
+
+// GateLoop (the passes run in float64 whatever the dtypes: the float entry serves every call)
+
+flashlin_status gateloop_pass(const detail::GateloopPass& pass) {
+  return kernels().gateloop_pass[0](pass, resolved_threads());
 }
 
 // ABC / GSA slot attention

@@ -7,6 +7,7 @@
 #include <flashlin/flashlin.h>
 
 #include "api/based_params.hpp"
+#include "api/gateloop_params.hpp"
 #include "api/module_params.hpp"
 #include "api/params.hpp"
 #include "api/slot_attention_params.hpp"
@@ -35,6 +36,10 @@ flashlin_status short_conv_backward(const detail::ShortConvParams& params);
 // Based (based.cpp / based.cu)
 flashlin_status based_forward(const detail::BasedParams& params);
 flashlin_status based_backward(const detail::BasedParams& params);
+
+// GateLoop's passes around the core recurrence (gateloop.cpp / .cu): one pass over every
+// (sequence, head, key) channel.
+flashlin_status gateloop_pass(const detail::GateloopPass& pass);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
 flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params);

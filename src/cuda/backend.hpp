@@ -7,8 +7,10 @@
 #include <flashlin/flashlin.h>
 
 #include <cstddef>
+#include <memory>
 
 #include "api/based_params.hpp"
+#include "api/gateloop_params.hpp"
 #include "api/module_params.hpp"
 #include "api/params.hpp"
 #include "api/slot_attention_params.hpp"
@@ -37,6 +39,14 @@ size_t short_conv_backward_workspace_bytes(const detail::ShortConvParams& params
 flashlin_status based_forward(const detail::BasedParams& params);
 flashlin_status based_backward(const detail::BasedParams& params);
 size_t based_workspace_bytes(const detail::BasedParams& params, bool backward);
+
+// GateLoop's passes around the core recurrence (gateloop.cpp / .cu): one pass over every
+// (sequence, head, key) channel.
+flashlin_status gateloop_pass(const detail::GateloopPass& pass, const detail::Execution& exec);
+
+// Device memory for the intermediates of an op composed in src/api (GateLoop): a stream-ordered
+// allocation on `device`, freed stream-ordered when its last owner lets go (null for 0 bytes).
+std::shared_ptr<char> device_buffer(size_t bytes, int device, void* stream);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
 flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params);

@@ -10,42 +10,76 @@ flashlin's core op runs (CPU and CUDA, forward and backward):
 
     q' = [q cos Theta, q sin Theta],  k' = [k cos Theta, k sin Theta],  g' = [g, g]
 
-and o_t = q'_t^T [C_t; D_t] * scale. The state handed in and out is the complex S [N, H, K, V]
-(complex64; complex128 for float64 inputs), so a sequence run in two calls, the first one's
-final state as the second one's initial state, equals the sequence run whole. Theta is
-accumulated in float64 and reduced modulo 2 pi before its cosine and sine, so long sequences keep
-their phase. Gradients reach q, k, v, g, theta and initial_state (autograd through the mapping
-and the core op). `fla` has no GateLoop op; the signature follows its other ops.
+and o_t = q'_t^T [C_t; D_t] * scale: the library's flashlin_gateloop_forward / _backward run
+that mapping and its gradient (C ABI and C++ API alike; CPU and CUDA). The state handed in and
+out is the complex S [N, H, K, V] (complex64; complex128 for float64 inputs), so a sequence run
+in two calls, the first one's final state as the second one's initial state, equals the sequence
+run whole. Theta is accumulated in float64 and kept modulo 2 pi before its cosine and sine, so
+long sequences keep their phase. Gradients reach q, k, v, g, theta and initial_state. `fla` has
+no GateLoop op; the signature follows its other ops.
 """
-import math
-
 import torch
 
 from ._common import _lib, recurrence, take_chunk_size
 
 
-def _cumulative_phase(theta, cu_seqlens):
-    """Theta_t [B, T, H, K] in float64: the sum of theta over the sequence up to t (inclusive),
-    restarting at each sequence of cu_seqlens; reduced modulo 2 pi."""
-    phase = theta.to(torch.float64).cumsum(1)
-    if cu_seqlens is not None:
-        starts = cu_seqlens[:-1].to(device=theta.device, dtype=torch.long)
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=theta.device, dtype=torch.long)
-        before = torch.nn.functional.pad(phase[0], (0, 0, 0, 0, 1, 0))  # [T + 1, H, K]
-        offset = torch.repeat_interleave(before.index_select(0, starts), lengths, dim=0)
-        phase = phase - offset.unsqueeze(0)
-    return torch.remainder(phase, 2 * math.pi)
+def _complex_dtype(q):
+    return torch.complex128 if q.dtype == torch.float64 else torch.complex64
 
 
-def _last_phase(phase, cu_seqlens):
-    """The phase after each sequence's last token [N, H, K] (0 for an empty sequence)."""
-    if cu_seqlens is None:
-        return phase[:, -1] if phase.shape[1] > 0 else phase.new_zeros(phase.shape[0],
-                                                                       *phase.shape[2:])
-    ends = cu_seqlens[1:].to(device=phase.device, dtype=torch.long)
-    padded = torch.nn.functional.pad(phase[0], (0, 0, 0, 0, 1, 0))  # index 0: "no token"
-    lengths = ends - cu_seqlens[:-1].to(device=phase.device, dtype=torch.long)
-    return padded.index_select(0, torch.where(lengths > 0, ends, torch.zeros_like(ends)))
+def _inputs(q, k, v, g, theta, initial_state, cu_seqlens):
+    views = [_lib.TensorView(t, n) for t, n in (
+        (q, "q"), (k, "k"), (v, "v"), (g, "g"), (theta, "theta"),
+        (initial_state, "initial_state"), (cu_seqlens, "cu_seqlens"))]
+    return _lib.GateloopInputs(*[view.pointer for view in views]), views
+
+
+class _GateloopFunction(torch.autograd.Function):
+    """flashlin_gateloop_forward / _backward (the backward recomputes the forward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, theta, initial_state, cu_seqlens, config, output_final_state):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, g, theta, initial_state, cu_seqlens)
+        ctx.config = config
+        o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        final_state = None
+        if output_final_state:
+            n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            final_state = torch.empty(n, q.shape[2], q.shape[3], v.shape[3],
+                                      dtype=_complex_dtype(q), device=q.device)
+        inputs, keep = _inputs(q, k, v, g, theta, initial_state, cu_seqlens)
+        outs = [_lib.TensorView(o, "o"), _lib.TensorView(final_state, "final_state")]
+        execution, _ = _lib.execution_for(q)
+        _lib.check(_lib.entry("flashlin_gateloop_forward")(config, inputs, outs[0].pointer,
+                                                           outs[1].pointer, execution))
+        del keep, outs
+        return o, final_state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_o, d_final_state):
+        q, k, v, g, theta, initial_state, cu_seqlens = ctx.saved_tensors
+        sources = (q, k, v, g, theta, initial_state)
+        grads = [torch.empty(src.shape, dtype=src.dtype, device=src.device)
+                 if want and src is not None else None
+                 for want, src in zip(ctx.needs_input_grad[:6], sources)]
+        if d_o is None:  # only the final state's gradient flows
+            d_o = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+        if d_final_state is not None:
+            d_final_state = d_final_state.to(_complex_dtype(q)).contiguous()
+        inputs, keep = _inputs(*sources, cu_seqlens)
+        in_views = [_lib.TensorView(d_o.contiguous(), "d_o"),
+                    _lib.TensorView(d_final_state, "d_final_state")]
+        grad_views = [_lib.TensorView(t, name) for t, name in zip(
+            grads, ("dq", "dk", "dv", "dg", "dtheta", "d_initial_state"))]
+        grads_struct = _lib.GateloopGrads(*[view.pointer for view in grad_views])
+        execution, _ = _lib.execution_for(q)
+        _lib.check(_lib.entry("flashlin_gateloop_backward")(
+            ctx.config, inputs, in_views[0].pointer, in_views[1].pointer, grads_struct,
+            execution))
+        del keep, in_views, grad_views
+        return (*grads, None, None, None)
 
 
 def _gateloop(q, k, v, g, theta, scale, initial_state, output_final_state, cu_seqlens, form,
@@ -60,36 +94,14 @@ def _gateloop(q, k, v, g, theta, scale, initial_state, output_final_state, cu_se
                              "theta is None, got a complex tensor")
         return recurrence(q, k, v, g, _lib.GATE_PER_KEY, None, initial_state, output_final_state,
                           cu_seqlens, scale, False, form, chunk_size)
-    if not isinstance(theta, torch.Tensor) or theta.shape != q.shape:
-        raise ValueError(f"argument 'theta': expected a tensor shaped as q {list(q.shape)}, got "
-                         f"{getattr(theta, 'shape', type(theta).__name__)}")
-    if g is None or not isinstance(g, torch.Tensor) or g.shape != q.shape:
-        raise ValueError(f"argument 'g': expected a tensor shaped as q {list(q.shape)}, got "
-                         f"{getattr(g, 'shape', type(g).__name__)}")
-    cu_seqlens = _lib.on_host(cu_seqlens)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    phase = _cumulative_phase(theta, cu_seqlens)
-    cos, sin = phase.cos().to(compute), phase.sin().to(compute)
-
-    def rotate(x):
-        x = x.to(compute)
-        return torch.cat([x * cos, x * sin], dim=-1).to(q.dtype)
-
-    state = None
-    if initial_state is not None:
-        if not initial_state.is_complex():
-            initial_state = torch.complex(initial_state, torch.zeros_like(initial_state))
-        state = torch.cat([initial_state.real, -initial_state.imag], dim=2).to(compute)
-    o, doubled = recurrence(rotate(q), rotate(k), v, torch.cat([g, g], dim=-1),
-                            _lib.GATE_PER_KEY, None, state, output_final_state, cu_seqlens,
-                            scale, False, form, chunk_size)
-    if doubled is None:
-        return o, None
-    key_dim = q.shape[-1]
-    c, d = doubled[:, :, :key_dim], doubled[:, :, key_dim:]
-    last = _last_phase(phase, cu_seqlens).to(doubled.dtype).unsqueeze(-1)  # [N, H, K, 1]
-    cos_t, sin_t = last.cos(), last.sin()
-    return o, torch.complex(cos_t * c + sin_t * d, sin_t * c - cos_t * d)
+    if initial_state is not None and isinstance(initial_state, torch.Tensor) \
+            and not initial_state.is_complex():  # a real state: zero imaginary part
+        initial_state = torch.complex(initial_state, torch.zeros_like(initial_state))
+    config = _lib.GateloopConfig(float(scale), _lib.FORMS[form], int(chunk_size))
+    o, final_state = _GateloopFunction.apply(q, k, v, g, theta, initial_state,
+                                             _lib.on_host(cu_seqlens), config,
+                                             bool(output_final_state))
+    return o, final_state
 
 
 def chunk_gateloop(q, k, v, g, theta=None, scale=None, initial_state=None,

@@ -8,6 +8,7 @@
 #include <flashlin/flashlin.h>
 
 #include "api/based_params.hpp"
+#include "api/gateloop_params.hpp"
 #include "api/module_params.hpp"
 #include "api/params.hpp"
 #include "api/slot_attention_params.hpp"
@@ -29,6 +30,9 @@ flashlin_status short_conv_backward(const detail::ShortConvParams& params, int t
 // Based (based.cpp / based.cu)
 flashlin_status based_forward(const detail::BasedParams& params, int threads);
 flashlin_status based_backward(const detail::BasedParams& params, int threads);
+
+// GateLoop's passes around the core recurrence (gateloop.cpp / .cu)
+flashlin_status gateloop_pass(const detail::GateloopPass& pass, int threads);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
 flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params, int threads);

@@ -26,12 +26,14 @@ inline size_t dtype_bytes(DType dtype) {
     case DType::kFloat32:
     case DType::kInt32: return 4;
     case DType::kFloat64:
-    case DType::kInt64: return 8;
+    case DType::kInt64:
+    case DType::kComplex64: return 8;
+    case DType::kComplex128: return 16;
   }
   return 4;
 }
 
-// Short lower-case name: "f32", "f16", "bf16", "f64", "i32", "i64".
+// Short lower-case name: "f32", "f16", "bf16", "f64", "i32", "i64", "c64", "c128".
 inline const char* dtype_name(DType dtype) {
   switch (dtype) {
     case DType::kFloat32: return "f32";
@@ -40,6 +42,8 @@ inline const char* dtype_name(DType dtype) {
     case DType::kFloat64: return "f64";
     case DType::kInt32: return "i32";
     case DType::kInt64: return "i64";
+    case DType::kComplex64: return "c64";
+    case DType::kComplex128: return "c128";
   }
   return "?";
 }

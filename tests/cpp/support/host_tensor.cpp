@@ -156,6 +156,8 @@ void HostTensor::store(int64_t e, double x) {
       std::memcpy(p, &i, 8);
       break;
     }
+    case DType::kComplex64:
+    case DType::kComplex128: break;  // not a HostTensor dtype (see host_tensor.hpp)
   }
 }
 
@@ -192,6 +194,8 @@ double HostTensor::load(int64_t e) const {
       std::memcpy(&i, p, 8);
       return static_cast<double>(i);
     }
+    case DType::kComplex64:
+    case DType::kComplex128: break;  // not a HostTensor dtype
   }
   return 0;
 }
@@ -207,6 +211,8 @@ void HostTensor::store_poison(size_t e) {
       break;
     case DType::kInt32:
     case DType::kInt64: std::memset(p, 0xff, dtype_bytes(dtype_)); break;
+    case DType::kComplex64:
+    case DType::kComplex128: break;  // not a HostTensor dtype
   }
 }
 

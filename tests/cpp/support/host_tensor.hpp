@@ -30,7 +30,8 @@ const char* layout_name(Layout layout);
 void layout_strides(const std::vector<int64_t>& shape, Layout layout, std::vector<int64_t>* strides,
                     int64_t* offset);
 
-// A host buffer (64-byte aligned, zero-filled when made) with a DLTensor view. Move-only: the
+// A host buffer (64-byte aligned, zero-filled when made) with a DLTensor view, of a real or
+// integer dtype (complex ones are not element types here). Move-only: the
 // view points into the buffer.
 class HostTensor {
  public:

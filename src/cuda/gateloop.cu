@@ -1,0 +1,78 @@
+// CUDA runner of GateLoop's passes around the core recurrence (the math and the passes are in
+// src/api/gateloop_params.hpp): one thread per (sequence, head, key) channel, consecutive threads
+// on consecutive keys (coalesced token rows), float64 arithmetic. Also the device memory of the
+// op's intermediates, which src/api allocates through device_buffer.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "api/gateloop_params.hpp"
+#include "cuda/backend.hpp"
+#include "cuda/common.cuh"
+#include "cuda/host.cuh"
+
+namespace flashlin::cuda {
+namespace {
+
+using detail::GateloopPass;
+
+struct DeviceIo {
+  static __device__ double load(const StridedTensor& t, int64_t i0, int64_t i1, int64_t i2,
+                                int64_t i3) {
+    return load_double(t, element_offset(t, i0, i1, i2, i3));
+  }
+  static __device__ void store(const StridedTensor& t, int64_t i0, int64_t i1, int64_t i2,
+                               int64_t i3, double x) {
+    store_double(t, element_offset(t, i0, i1, i2, i3), x);
+  }
+};
+
+__global__ void gateloop_pass_kernel(const GateloopPass pass) {
+  const int64_t channels = pass.num_sequences * pass.num_heads * pass.key_dim;
+  const int64_t channel = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (channel >= channels) return;
+  const int64_t kk = channel % pass.key_dim;
+  const int64_t h = channel / pass.key_dim % pass.num_heads;
+  const int64_t n = channel / (pass.key_dim * pass.num_heads);
+  detail::gateloop::run_channel<DeviceIo>(pass, pass.sequences[n], n, h, kk);
+}
+
+}  // namespace
+
+flashlin_status gateloop_pass(const GateloopPass& pass, const detail::Execution& exec) {
+  const int64_t channels = pass.num_sequences * pass.num_heads * pass.key_dim;
+  if (channels == 0) return FLASHLIN_SUCCESS;
+  DeviceGuard guard(exec.device_id);
+  cudaStream_t stream = static_cast<cudaStream_t>(exec.stream);
+  const size_t table = sizeof(detail::SequenceSpan) * static_cast<size_t>(pass.num_sequences);
+  Scratch scratch(nullptr, 0, table, stream);
+  // Pageable source: cudaMemcpyAsync returns once the bytes are staged.
+  check_cuda(cudaMemcpyAsync(scratch.base(), pass.sequences, table, cudaMemcpyHostToDevice, stream),
+             "the upload of GateLoop's sequence table");
+  GateloopPass device_pass = pass;
+  device_pass.sequences = reinterpret_cast<const detail::SequenceSpan*>(scratch.base());
+  constexpr int kThreads = 128;
+  const int64_t blocks = (channels + kThreads - 1) / kThreads;
+  if (blocks > 0x7fffffff) unsupported("GateLoop: too many (sequence, head, key) channels");
+  gateloop_pass_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(device_pass);
+  check_cuda(cudaGetLastError(), "the GateLoop pass kernel");
+  return FLASHLIN_SUCCESS;
+}
+
+std::shared_ptr<char> device_buffer(size_t bytes, int device, void* stream) {
+  if (bytes == 0) return nullptr;
+  DeviceGuard guard(device);
+  char* data = nullptr;
+  check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&data), bytes,
+                             static_cast<cudaStream_t>(stream)),
+             "cudaMallocAsync");
+  return std::shared_ptr<char>(data, [device, stream](char* p) {
+    int current = 0;
+    if (cudaGetDevice(&current) == cudaSuccess && current != device) cudaSetDevice(device);
+    cudaFreeAsync(p, static_cast<cudaStream_t>(stream));
+    if (current != device) cudaSetDevice(current);
+  });
+}
+
+}  // namespace flashlin::cuda
