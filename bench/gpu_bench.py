@@ -696,7 +696,7 @@ def print_modules():
 
 
 # --- issue 5's ops --------------------------------------------------------------------------------
-MODEL_OPS = ("based", "gsa", "abc", "vq", "vq_window")
+MODEL_OPS = ("based", "gsa", "abc", "vq", "vq_window", "gateloop")
 MODEL_TARGETS = {"based": (1.0, 4.0), "gsa": (1.5, 6.0), "abc": (1.5, 6.0)}  # at T=4096
 MODEL_FLA_ISSUE = {"based": (3.67, 14.5), "abc": (5.37, 17.5)}  # the issue's fla numbers
 MODEL_SLOTS, MODEL_CODES, MODEL_BLOCK, BASED_DIM = 64, 512, 512, 16
@@ -718,6 +718,11 @@ def model_inputs(op, B, T, H, K, device, dtype, seed=0):
     if op == "abc":
         return [leaf(B, T, H, K), leaf(B, T, H, K), leaf(B, T, H, K),
                 leaf(B, T, H, MODEL_SLOTS)], {}
+    if op == "gateloop":  # log decays and phases per key; fla has no GateLoop
+        g = (F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 8).to(dtype)
+        theta = (0.1 * torch.randn(B, T, H, K, device=device)).to(dtype)
+        return [leaf(B, T, H, K), leaf(B, T, H, K), leaf(B, T, H, K), g.requires_grad_(),
+                theta.requires_grad_()], {}
     if op in ("vq", "vq_window"):
         codebook = torch.randn(H, MODEL_CODES, K, device=device).to(dtype)
         return [leaf(B, T, H, K), leaf(B, T, H, K), leaf(B, T, H, K)], {"codebook": codebook}
@@ -733,6 +738,9 @@ def model_calls(op, fla_ok):
         calls["flashlin"] = lambda q, k, v, s, g: flashlin_ops.chunk_gsa(q, k, v, s, g)[0]
     elif op == "abc":
         calls["flashlin"] = lambda q, k, v, s: flashlin_ops.chunk_abc(q, k, v, s)[0]
+    elif op == "gateloop":
+        calls["flashlin"] = lambda q, k, v, g, theta: flashlin_ops.chunk_gateloop(
+            q, k, v, g, theta)[0]
     elif op in ("vq", "vq_window"):
         key_grad = "window" if op == "vq_window" else "dense"
         calls["flashlin"] = lambda q, k, v, codebook: flashlin_ops.vq_attention(

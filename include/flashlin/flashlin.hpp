@@ -35,7 +35,16 @@ inline void set_num_threads(int n) { flashlin_set_num_threads(n); }
 inline int num_threads() { return flashlin_get_num_threads(); }
 
 // Complex64/128: two float32/float64 (GateLoop's states).
-enum class DType { kFloat32, kFloat16, kBFloat16, kFloat64, kInt32, kInt64, kComplex64, kComplex128 };
+enum class DType {
+  kFloat32,
+  kFloat16,
+  kBFloat16,
+  kFloat64,
+  kInt32,
+  kInt64,
+  kComplex64,
+  kComplex128
+};
 
 inline DLDataType to_dlpack(DType dtype) {
   switch (dtype) {

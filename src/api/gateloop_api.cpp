@@ -24,7 +24,7 @@
 namespace flashlin::detail {
 namespace {
 
-constexpr int64_t kMaxKeyDim = 2048;    // the recurrence's 4096, for the doubled 2K
+constexpr int64_t kMaxKeyDim = 2048;     // the recurrence's 4096, for the doubled 2K
 constexpr int64_t kMaxCudaKeyDim = 128;  // the CUDA recurrence's 256, for the doubled 2K
 constexpr int64_t kMaxValueDim = 4096;
 constexpr int kMaxChunkSize = 1024;
@@ -183,8 +183,9 @@ class Backend {
     }
 #endif
     if (bytes > 0)
-      memory_ = std::shared_ptr<char>(static_cast<char*>(::operator new(bytes, std::align_val_t{256})),
-                                      [](char* p) { ::operator delete(p, std::align_val_t{256}); });
+      memory_ =
+          std::shared_ptr<char>(static_cast<char*>(::operator new (bytes, std::align_val_t{256})),
+                                [](char* p) { ::operator delete (p, std::align_val_t{256}); });
   }
   char* part(size_t offset) const { return memory_.get() + offset; }
 
@@ -410,16 +411,15 @@ flashlin_status flashlin_gateloop_backward(const flashlin_gateloop_config* confi
     const size_t qk_bytes = doubled.token_elems * storage_bytes(val.q.dtype);
     const size_t dq2 = want_dq2 ? layout.add(qk_bytes) : 0;
     const size_t dk2 = want_dk2 ? layout.add(qk_bytes) : 0;
-    const size_t dg2 =
-        grads->dg ? layout.add(doubled.token_elems * storage_bytes(val.compute)) : 0;
+    const size_t dg2 = grads->dg ? layout.add(doubled.token_elems * storage_bytes(val.compute)) : 0;
     const size_t d_initial2 = grads->d_initial_state ? layout.add(doubled.state_bytes(val)) : 0;
     // With d_final_state: the forward again (its o discarded) for S_T, and d[C_T; D_T].
     size_t final2 = 0, d_final2 = 0, o_discarded = 0, phase_grad = 0;
     if (d_final_state) {
       final2 = layout.add(doubled.state_bytes(val));
       d_final2 = layout.add(doubled.state_bytes(val));
-      o_discarded = layout.add(val.batch * val.time * val.heads * val.value_dim *
-                               storage_bytes(val.v.dtype));
+      o_discarded =
+          layout.add(val.batch * val.time * val.heads * val.value_dim * storage_bytes(val.v.dtype));
       phase_grad = layout.add(sizeof(double) * val.num_seqs * val.heads * val.key_dim);
     }
     backend.reserve(layout.total());

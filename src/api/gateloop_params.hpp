@@ -51,9 +51,9 @@ struct GateloopPass {
   const SequenceSpan* sequences = nullptr;  // host memory (a backend may stage a copy)
   int64_t num_sequences = 0;
   int64_t num_heads = 0, key_dim = 0, value_dim = 0;
-  StridedTensor q, k, g, theta;     // theta absent: phase 0
-  StridedTensor q2, k2, g2;         // kRotate: written
-  StridedTensor dq2, dk2, dg2;      // kInputGrads: read (absent when not needed)
+  StridedTensor q, k, g, theta;      // theta absent: phase 0
+  StridedTensor q2, k2, g2;          // kRotate: written
+  StridedTensor dq2, dk2, dg2;       // kInputGrads: read (absent when not needed)
   StridedTensor dq, dk, dg, dtheta;  // kInputGrads: written when present
   // kRotate: S_0 (read, optional); kFinalState: S_T (written); kStateGrad: dS_T (read);
   // kInputGrads: dS_0 (written, optional).
@@ -61,7 +61,7 @@ struct GateloopPass {
   // kRotate: [C_0; D_0] (written when S_0 is given); kFinalState, kStateGrad: [C_T; D_T] (read);
   // kInputGrads: d[C_0; D_0] (read when dS_0 is wanted).
   StridedTensor doubled_state;
-  StridedTensor doubled_grad;  // kStateGrad: d[C_T; D_T] (written)
+  StridedTensor doubled_grad;    // kStateGrad: d[C_T; D_T] (written)
   double* last_phase = nullptr;  // kRotate: written; later steps: read
   double* phase_grad = nullptr;  // kStateGrad: written; kInputGrads: read (null: none)
 };
@@ -146,7 +146,8 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_channel(const GateloopPass& p, const Sequ
           phase_grad += Io::load(p.k, b, t, h, kk) * (ds * c - dc * s);
         }
         if (p.dg.present)
-          Io::store(p.dg, b, t, h, kk, Io::load(p.dg2, b, t, h, kk) + Io::load(p.dg2, b, t, h, K + kk));
+          Io::store(p.dg, b, t, h, kk,
+                    Io::load(p.dg2, b, t, h, kk) + Io::load(p.dg2, b, t, h, K + kk));
         if (p.theta.present) {
           theta_grad += phase_grad;
           if (p.dtheta.present) Io::store(p.dtheta, b, t, h, kk, theta_grad);

@@ -64,9 +64,9 @@ std::shared_ptr<char> device_buffer(size_t bytes, int device, void* stream) {
   if (bytes == 0) return nullptr;
   DeviceGuard guard(device);
   char* data = nullptr;
-  check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&data), bytes,
-                             static_cast<cudaStream_t>(stream)),
-             "cudaMallocAsync");
+  check_cuda(
+      cudaMallocAsync(reinterpret_cast<void**>(&data), bytes, static_cast<cudaStream_t>(stream)),
+      "cudaMallocAsync");
   return std::shared_ptr<char>(data, [device, stream](char* p) {
     int current = 0;
     if (cudaGetDevice(&current) == cudaSuccess && current != device) cudaSetDevice(device);

@@ -23,8 +23,8 @@ struct HostIo {
     load_row(t.at(i0, i1, i2, i3), t.dtype, 1, 1, &x);
     return x;
   }
-  static void store(const detail::StridedTensor& t, int64_t i0, int64_t i1, int64_t i2,
-                    int64_t i3, double x) {
+  static void store(const detail::StridedTensor& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3,
+                    double x) {
     store_row(&x, 1, t.at(i0, i1, i2, i3), t.dtype, 1);
   }
 };
