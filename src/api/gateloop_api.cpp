@@ -190,28 +190,75 @@ class Backend {
   char* part(size_t offset) const { return memory_.get() + offset; }
 
   void pass(GateloopPass pass, const Validated& val) const {
-    pass.sequences = val.sequences.data();
-    pass.num_sequences = val.num_seqs;
-    pass.num_heads = val.heads;
-    pass.key_dim = val.key_dim;
-    pass.value_dim = val.value_dim;
+    run_pass(pass, val.sequences, val.heads, val.key_dim, val.value_dim);
+  }
+
+  // The core recurrence. On CUDA, a doubled problem that misses the tensor cores (2K = 256, or
+  // V != 2K in the backward) whose halves of K keys (the C and the D rows) fit them runs as the
+  // two halves: the outputs that sum over keys (o forward, dv backward) meet in a buffer.
+  void recurrence(RecurrenceParams& p, bool backward) const {
+    p.device_id = exec_.device_id;
+    p.stream = exec_.stream;
+#if FLASHLIN_WITH_CUDA
+    if (cuda_) {
+      RecurrenceParams first = half(p, 0), second = half(p, 1);
+      if (p.key_dim % 2 == 0 && !cuda::recurrence_on_tensor_cores(p, backward) &&
+          cuda::recurrence_on_tensor_cores(first, backward)) {
+        StridedTensor& first_sum = backward ? first.dv : first.o;
+        const StridedTensor& total = backward ? p.dv : p.o;
+        std::shared_ptr<char> buffer;
+        if (total.present) {
+          buffer = cuda::device_buffer(
+              static_cast<size_t>(p.batch * p.time * p.num_heads * p.value_dim) *
+                  storage_bytes(total.dtype),
+              exec_.device_id, exec_.stream);
+          first_sum = compact(buffer.get(), total.dtype, p.time, p.num_heads, p.value_dim);
+        }
+        succeed(backward ? cuda::recurrence_backward(first) : cuda::recurrence_forward(first));
+        succeed(backward ? cuda::recurrence_backward(second) : cuda::recurrence_forward(second));
+        if (total.present) {
+          GateloopPass sum;
+          sum.step = GateloopStep::kAccumulate;
+          sum.sum_into = total;
+          sum.sum_from = first_sum;
+          run_pass(sum, p.sequences, p.num_heads, p.key_dim / 2, p.value_dim);
+        }
+        return;
+      }
+      return succeed(backward ? cuda::recurrence_backward(p) : cuda::recurrence_forward(p));
+    }
+#endif
+    succeed(backward ? cpu::recurrence_backward(p) : cpu::recurrence_forward(p));
+  }
+
+ private:
+  void run_pass(GateloopPass pass, const std::vector<SequenceSpan>& sequences, int64_t heads,
+                int64_t key_dim, int64_t value_dim) const {
+    pass.sequences = sequences.data();
+    pass.num_sequences = static_cast<int64_t>(sequences.size());
+    pass.num_heads = heads;
+    pass.key_dim = key_dim;
+    pass.value_dim = value_dim;
 #if FLASHLIN_WITH_CUDA
     if (cuda_) return succeed(cuda::gateloop_pass(pass, exec_));
 #endif
     succeed(cpu::gateloop_pass(pass));
   }
 
-  void recurrence(RecurrenceParams& p, bool backward) const {
-    p.device_id = exec_.device_id;
-    p.stream = exec_.stream;
-#if FLASHLIN_WITH_CUDA
-    if (cuda_)
-      return succeed(backward ? cuda::recurrence_backward(p) : cuda::recurrence_forward(p));
-#endif
-    succeed(backward ? cpu::recurrence_backward(p) : cpu::recurrence_forward(p));
+  // Keys [which K, (which + 1) K) of the doubled problem (K = half its key dimension): its token
+  // tensors' features and its states' rows.
+  static RecurrenceParams half(const RecurrenceParams& p, int which) {
+    const int64_t K = p.key_dim / 2;
+    RecurrenceParams h = p;
+    h.key_dim = K;
+    for (StridedTensor* t : {&h.q, &h.k, &h.g, &h.dq, &h.dk, &h.dg})
+      if (t->present) t->data += storage_bytes(t->dtype) * which * K * t->stride[3];
+    for (StridedTensor* t :
+         {&h.initial_state, &h.final_state, &h.d_final_state, &h.d_initial_state})
+      if (t->present) t->data += storage_bytes(t->dtype) * which * K * t->stride[2];
+    return h;
   }
 
- private:
   static void succeed(flashlin_status status) {
     if (status != FLASHLIN_SUCCESS) throw ApiError{status, last_error_message()};
   }

@@ -42,11 +42,21 @@ enum class GateloopStep : uint8_t {
   kFinalState,  // S_T from [C_T; D_T]
   kStateGrad,   // d[C_T; D_T] and the phase gradient S_T carries
   kInputGrads,  // dq, dk, dg, dtheta, dS_0 from the core op's gradients
+  kAccumulate,  // sum_into += sum_from, [B, T, H, V] (the core op run as two halves of 2K)
 };
 
 // One pass over every (sequence, head, key) channel. Token tensors at(b, t, h, feature), the
 // doubled ones [B, T, H, 2K]; doubled states [N, H, 2K, V]; last_phase, phase_grad [N, H, K].
 struct GateloopPass {
+  // Channels are (sequence, head, feature) with features() features: keys, or values for
+  // kAccumulate.
+  FLASHLIN_GATELOOP_HOST_DEVICE int64_t features() const {
+    return step == GateloopStep::kAccumulate ? value_dim : key_dim;
+  }
+  FLASHLIN_GATELOOP_HOST_DEVICE int64_t channels() const {
+    return num_sequences * num_heads * features();
+  }
+
   GateloopStep step = GateloopStep::kRotate;
   const SequenceSpan* sequences = nullptr;  // host memory (a backend may stage a copy)
   int64_t num_sequences = 0;
@@ -62,7 +72,8 @@ struct GateloopPass {
   // kInputGrads: d[C_0; D_0] (read when dS_0 is wanted).
   StridedTensor doubled_state;
   StridedTensor doubled_grad;    // kStateGrad: d[C_T; D_T] (written)
-  double* last_phase = nullptr;  // kRotate: written; later steps: read
+  StridedTensor sum_into, sum_from;  // kAccumulate
+  double* last_phase = nullptr;      // kRotate: written; later steps: read
   double* phase_grad = nullptr;  // kStateGrad: written; kInputGrads: read (null: none)
 };
 
@@ -75,15 +86,18 @@ FLASHLIN_GATELOOP_HOST_DEVICE inline double wrap_phase(double x) {
   return x < 0 ? x + kTwoPi : x;
 }
 
-// The pass for channel (sequence n at `seq`, head h, key kk). Io provides
+// The pass for one channel, 0 <= channel < p.channels(): sequence n, head h, feature kk (a key,
+// or a value for kAccumulate). Io provides
 //   static double load(const StridedTensor&, int64_t, int64_t, int64_t, int64_t)
 //   static void store(const StridedTensor&, int64_t, int64_t, int64_t, int64_t, double)
-// in the backend's memory.
+// in the backend's memory; p.sequences must be readable there.
 template <class Io>
-FLASHLIN_GATELOOP_HOST_DEVICE void run_channel(const GateloopPass& p, const SequenceSpan& seq,
-                                               int64_t n, int64_t h, int64_t kk) {
+FLASHLIN_GATELOOP_HOST_DEVICE void run_channel(const GateloopPass& p, int64_t channel) {
+  const int64_t kk = channel % p.features();
+  const int64_t h = channel / p.features() % p.num_heads;
+  const int64_t n = channel / (p.features() * p.num_heads);
+  const SequenceSpan seq = p.sequences[n];
   const int64_t K = p.key_dim, b = seq.batch, end = seq.start + seq.length;
-  const int64_t channel = (n * p.num_heads + h) * K + kk;
   const ComplexTensor& z = p.complex_state;
   switch (p.step) {
     case GateloopStep::kRotate: {
@@ -129,6 +143,11 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_channel(const GateloopPass& p, const Sequ
       if (p.step == GateloopStep::kStateGrad) p.phase_grad[channel] = phase_grad;
       break;
     }
+    case GateloopStep::kAccumulate:
+      for (int64_t t = seq.start; t < end; ++t)
+        Io::store(p.sum_into, b, t, h, kk,
+                  Io::load(p.sum_into, b, t, h, kk) + Io::load(p.sum_from, b, t, h, kk));
+      break;
     case GateloopStep::kInputGrads: {
       double phase = p.last_phase[channel];
       double theta_grad = p.phase_grad ? p.phase_grad[channel] : 0.0;  // sum over t' >= t

@@ -76,6 +76,11 @@ flashlin_status run(const RecurrenceParams& p, bool backward) {
 }  // namespace
 
 flashlin_status recurrence_forward(const RecurrenceParams& params) { return run(params, false); }
+
+bool recurrence_on_tensor_cores(const RecurrenceParams& params, bool backward) {
+  return !forced_general() && params.form != Form::kRecurrent &&
+         chunk_tc_supports(params, backward);
+}
 flashlin_status recurrence_backward(const RecurrenceParams& params) { return run(params, true); }
 
 size_t recurrence_workspace_bytes(const RecurrenceParams& params, bool backward) {

@@ -21,6 +21,9 @@ namespace flashlin::cuda {
 flashlin_status recurrence_forward(const detail::RecurrenceParams& params);
 flashlin_status recurrence_backward(const detail::RecurrenceParams& params);
 
+// Whether the call would run on the chunked tensor-core kernels (else the general SIMT ones).
+bool recurrence_on_tensor_cores(const detail::RecurrenceParams& params, bool backward);
+
 // Bytes of device scratch the call uses; a caller-provided workspace of this size avoids the
 // backend's own stream-ordered allocation.
 size_t recurrence_workspace_bytes(const detail::RecurrenceParams& params, bool backward);

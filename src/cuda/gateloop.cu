@@ -1,6 +1,6 @@
 // CUDA runner of GateLoop's passes around the core recurrence (the math and the passes are in
-// src/api/gateloop_params.hpp): one thread per (sequence, head, key) channel, consecutive threads
-// on consecutive keys (coalesced token rows), float64 arithmetic. Also the device memory of the
+// src/api/gateloop_params.hpp): one thread per (sequence, head, feature) channel, consecutive
+// threads on consecutive features (coalesced token rows), float64 arithmetic. Also the device memory of the
 // op's intermediates, which src/api allocates through device_buffer.
 #include <cuda_runtime.h>
 
@@ -29,19 +29,14 @@ struct DeviceIo {
 };
 
 __global__ void gateloop_pass_kernel(const GateloopPass pass) {
-  const int64_t channels = pass.num_sequences * pass.num_heads * pass.key_dim;
   const int64_t channel = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (channel >= channels) return;
-  const int64_t kk = channel % pass.key_dim;
-  const int64_t h = channel / pass.key_dim % pass.num_heads;
-  const int64_t n = channel / (pass.key_dim * pass.num_heads);
-  detail::gateloop::run_channel<DeviceIo>(pass, pass.sequences[n], n, h, kk);
+  if (channel < pass.channels()) detail::gateloop::run_channel<DeviceIo>(pass, channel);
 }
 
 }  // namespace
 
 flashlin_status gateloop_pass(const GateloopPass& pass, const detail::Execution& exec) {
-  const int64_t channels = pass.num_sequences * pass.num_heads * pass.key_dim;
+  const int64_t channels = pass.channels();
   if (channels == 0) return FLASHLIN_SUCCESS;
   DeviceGuard guard(exec.device_id);
   cudaStream_t stream = static_cast<cudaStream_t>(exec.stream);

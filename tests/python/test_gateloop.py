@@ -84,6 +84,40 @@ def test_gateloop_against_complex_reference(device, dtype, form, layout, T):
         assert relative_error(got, want) <= 2 * tol, name
 
 
+@pytest.mark.parametrize("KV", [(128, 64), (128, 128), (64, 64), (64, 128), (32, 64)],
+                         ids=lambda kv: f"K{kv[0]}V{kv[1]}")
+@pytest.mark.parametrize("layout", ["batch", "varlen"])
+def test_gateloop_tensor_core_shapes(KV, layout):
+    """bfloat16 on CUDA at the head sizes of the tensor-core kernels: the doubled problem (2K keys)
+    runs on them directly (2K = 64, 128 with V = 2K), or as its two halves of K keys (2K = 256,
+    or V != 2K in the backward) whose outputs are summed; every output and gradient against the
+    complex reference, with an initial state, a final state, varlen with an empty sequence."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    K, V = KV
+    T, H = 130, 2
+    cu = torch.tensor([0, 61, 61, T]) if layout == "varlen" else None
+    B, N = (1, 3) if cu is not None else (2, 2)
+    q, k, v, g, theta, state = inputs(B, T, H, K, V, torch.bfloat16, "cuda", N)
+    o, final = chunk_gateloop(q, k, v, g, theta, initial_state=state, output_final_state=True,
+                              cu_seqlens=cu)
+    ref_leaves = [x.detach().cpu().requires_grad_() for x in (q, k, v, g, theta, state)]
+    ref_o, ref_final = reference(*ref_leaves, cu, K ** -0.5)
+    tol = TOL[torch.bfloat16]
+    assert relative_error(o, ref_o) <= tol
+    assert relative_error(torch.view_as_real(final), torch.view_as_real(ref_final)) <= tol
+    d_o = torch.randn_like(ref_o)
+    d_final = torch.complex(torch.randn_like(ref_final.real), torch.randn_like(ref_final.real))
+    torch.autograd.backward([o, final], [d_o.to(o.dtype).cuda(), d_final.to(final.dtype).cuda()])
+    torch.autograd.backward([ref_o, ref_final], [d_o, d_final])
+    for name, ours, theirs in zip(("q", "k", "v", "g", "theta", "initial_state"),
+                                  (q, k, v, g, theta, state), ref_leaves):
+        got, want = ours.grad, theirs.grad
+        if got.is_complex():
+            got, want = torch.view_as_real(got), torch.view_as_real(want)
+        assert relative_error(got, want) <= 2 * tol, name
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_two_halves_equal_the_whole(device):
     q, k, v, g, theta, _ = [x.detach() for x in inputs(2, 200, 2, 32, 16, torch.float32, device,

@@ -32,14 +32,10 @@ struct HostIo {
 }  // namespace
 
 flashlin_status gateloop_pass(const detail::GateloopPass& pass, int threads) {
-  const int64_t channels = pass.num_sequences * pass.num_heads * pass.key_dim;
+  const int64_t channels = pass.channels();
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t channel = 0; channel < channels; ++channel) {
-    const int64_t kk = channel % pass.key_dim;
-    const int64_t h = channel / pass.key_dim % pass.num_heads;
-    const int64_t n = channel / (pass.key_dim * pass.num_heads);
-    detail::gateloop::run_channel<HostIo>(pass, pass.sequences[n], n, h, kk);
-  }
+  for (int64_t channel = 0; channel < channels; ++channel)
+    detail::gateloop::run_channel<HostIo>(pass, channel);
   return FLASHLIN_SUCCESS;
 }
 
