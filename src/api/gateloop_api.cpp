@@ -2,6 +2,7 @@
 // gated recurrence with doubled key dimension (src/api/gateloop_params.hpp states the mapping and
 // its gradient): a rotate pass, the core recurrence on the tensors' backend, and the passes that
 // map its results back. All checks run before anything is written.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -64,7 +65,9 @@ struct Validated {
   double scale = 1.0;
   StridedTensor q, k, v, g, theta;
   ComplexTensor initial_state;
-  Storage compute = Storage::kFloat32;  // of the doubled gates and states
+  Storage compute = Storage::kFloat32;  // of the doubled states and gate gradients
+  Storage gate = Storage::kFloat32;     // of the doubled gates: g's, float32 for float64 g
+  int64_t num_chunks = 0;               // of GateloopPass::kChunkTokens, longest sequence
 };
 
 std::vector<int64_t> token_shape(const Validated& val, int64_t features) {
@@ -154,6 +157,11 @@ Validated validate_common(ArgumentChecker& check, const flashlin_gateloop_config
   val.theta = strided(inputs->theta, kIdentity4);
   val.initial_state = complex_parts(inputs->initial_state);
   val.compute = val.q.dtype == Storage::kFloat64 ? Storage::kFloat64 : Storage::kFloat32;
+  // The doubled gates are a copy in g's dtype; float32 for a float64 g with float32 compute.
+  val.gate = val.compute == Storage::kFloat64   ? Storage::kFloat64
+             : val.g.dtype == Storage::kFloat64 ? Storage::kFloat32
+                                                : val.g.dtype;
+  val.num_chunks = (longest + GateloopPass::kChunkTokens - 1) / GateloopPass::kChunkTokens;
   for (const auto& [tensor, name] : {std::pair<const DLTensor*, const char*>{inputs->q, "q"},
                                      {inputs->k, "k"},
                                      {inputs->v, "v"},
@@ -190,6 +198,8 @@ class Backend {
   char* part(size_t offset) const { return memory_.get() + offset; }
 
   void pass(GateloopPass pass, const Validated& val) const {
+    pass.precise = val.compute == Storage::kFloat64;
+    pass.num_chunks = val.num_chunks;
     run_pass(pass, val.sequences, val.heads, val.key_dim, val.value_dim);
   }
 
@@ -219,6 +229,10 @@ class Backend {
         if (total.present) {
           GateloopPass sum;
           sum.step = GateloopStep::kAccumulate;
+          for (const SequenceSpan& seq : p.sequences)
+            sum.num_chunks =
+                std::max(sum.num_chunks, (seq.length + GateloopPass::kChunkTokens - 1) /
+                                             GateloopPass::kChunkTokens);
           sum.sum_into = total;
           sum.sum_from = first_sum;
           run_pass(sum, p.sequences, p.num_heads, p.key_dim / 2, p.value_dim);
@@ -281,9 +295,9 @@ class Layout {
   size_t total_ = 0;
 };
 
-// The doubled problem's token tensors and states, and the last phases, for a call.
+// The doubled problem's token tensors and states, and the phases, for a call.
 struct Doubled {
-  size_t q2 = 0, k2 = 0, g2 = 0, initial = 0, last_phase = 0;
+  size_t q2 = 0, k2 = 0, g2 = 0, initial = 0, last_phase = 0, chunk_phase = 0;
   int64_t token_elems = 0, state_elems = 0;
 
   Doubled(Layout& layout, const Validated& val) {
@@ -291,9 +305,14 @@ struct Doubled {
     state_elems = val.num_seqs * val.heads * 2 * val.key_dim * val.value_dim;
     q2 = layout.add(token_elems * storage_bytes(val.q.dtype));
     k2 = layout.add(token_elems * storage_bytes(val.q.dtype));
-    g2 = layout.add(token_elems * storage_bytes(val.compute));
+    g2 = layout.add(token_elems * storage_bytes(val.gate));
     if (val.initial_state.present()) initial = layout.add(state_bytes(val));
     last_phase = layout.add(sizeof(double) * val.num_seqs * val.heads * val.key_dim);
+    chunk_phase = layout.add(chunk_bytes(val));
+  }
+  // A float64 per (sequence, head, key, chunk).
+  static size_t chunk_bytes(const Validated& val) {
+    return sizeof(double) * val.num_seqs * val.heads * val.key_dim * val.num_chunks;
   }
   size_t state_bytes(const Validated& val) const {
     return state_elems * storage_bytes(val.compute);
@@ -306,9 +325,17 @@ struct Doubled {
     return compact(mem.part(offset), val.compute, val.heads, 2 * val.key_dim, val.value_dim);
   }
 
-  // The rotate pass, and the core recurrence's parameters with its inputs.
+  // The phases (chunk sums, then their scan) and the rotate pass; returns the core recurrence's
+  // parameters with its inputs.
   RecurrenceParams rotate(const Backend& mem, const Validated& val) const {
     GateloopPass pass;
+    pass.theta = val.theta;
+    pass.chunk_phase = reinterpret_cast<double*>(mem.part(chunk_phase));
+    pass.last_phase = reinterpret_cast<double*>(mem.part(last_phase));
+    pass.step = GateloopStep::kPhaseSums;
+    mem.pass(pass, val);
+    pass.step = GateloopStep::kPhaseScan;
+    mem.pass(pass, val);
     pass.step = GateloopStep::kRotate;
     pass.q = val.q;
     pass.k = val.k;
@@ -316,10 +343,9 @@ struct Doubled {
     pass.theta = val.theta;
     pass.q2 = token(mem, q2, val, val.q.dtype);
     pass.k2 = token(mem, k2, val, val.q.dtype);
-    pass.g2 = token(mem, g2, val, val.compute);
+    pass.g2 = token(mem, g2, val, val.gate);
     pass.complex_state = val.initial_state;
     if (val.initial_state.present()) pass.doubled_state = state(mem, initial, val);
-    pass.last_phase = reinterpret_cast<double*>(mem.part(last_phase));
     mem.pass(pass, val);
 
     RecurrenceParams p;
@@ -469,6 +495,7 @@ flashlin_status flashlin_gateloop_backward(const flashlin_gateloop_config* confi
           layout.add(val.batch * val.time * val.heads * val.value_dim * storage_bytes(val.v.dtype));
       phase_grad = layout.add(sizeof(double) * val.num_seqs * val.heads * val.key_dim);
     }
+    const size_t chunk_grad = want_phase ? layout.add(Doubled::chunk_bytes(val)) : 0;
     backend.reserve(layout.total());
     double* last_phase = reinterpret_cast<double*>(backend.part(doubled.last_phase));
 
@@ -498,12 +525,22 @@ flashlin_status flashlin_gateloop_backward(const flashlin_gateloop_config* confi
     backend.recurrence(core, true);
 
     GateloopPass pass;
-    pass.step = GateloopStep::kInputGrads;
     pass.q = val.q;
     pass.k = val.k;
     pass.theta = val.theta;
     pass.dq2 = core.dq;
     pass.dk2 = core.dk;
+    pass.chunk_phase = reinterpret_cast<double*>(backend.part(doubled.chunk_phase));
+    pass.last_phase = last_phase;
+    pass.phase_grad = d_final_state ? reinterpret_cast<double*>(backend.part(phase_grad)) : nullptr;
+    if (want_phase) {  // dtheta: sums of dL/dTheta per chunk, then their suffix sums
+      pass.chunk_grad = reinterpret_cast<double*>(backend.part(chunk_grad));
+      pass.step = GateloopStep::kPhaseGradSums;
+      backend.pass(pass, val);
+      pass.step = GateloopStep::kPhaseGradScan;
+      backend.pass(pass, val);
+    }
+    pass.step = GateloopStep::kInputGrads;
     pass.dg2 = core.dg;
     pass.dq = strided(grads->dq, kIdentity4);
     pass.dk = strided(grads->dk, kIdentity4);
@@ -511,8 +548,6 @@ flashlin_status flashlin_gateloop_backward(const flashlin_gateloop_config* confi
     pass.dtheta = strided(grads->dtheta, kIdentity4);
     pass.complex_state = flashlin::detail::complex_parts(grads->d_initial_state);
     pass.doubled_state = core.d_initial_state;
-    pass.last_phase = last_phase;
-    pass.phase_grad = d_final_state ? reinterpret_cast<double*>(backend.part(phase_grad)) : nullptr;
     backend.pass(pass, val);
     return FLASHLIN_SUCCESS;
   });

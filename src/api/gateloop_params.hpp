@@ -38,32 +38,34 @@ struct ComplexTensor {
 };
 
 enum class GateloopStep : uint8_t {
-  kRotate,      // q', k', g', [C_0; D_0] and each sequence's last phase
-  kFinalState,  // S_T from [C_T; D_T]
-  kStateGrad,   // d[C_T; D_T] and the phase gradient S_T carries
-  kInputGrads,  // dq, dk, dg, dtheta, dS_0 from the core op's gradients
-  kAccumulate,  // sum_into += sum_from, [B, T, H, V] (the core op run as two halves of 2K)
+  // Per chunk of kChunkTokens tokens ("items": one per (sequence, head, feature, chunk)):
+  kPhaseSums,      // chunk_phase[c] = sum of theta over chunk c
+  kRotate,         // q', k', g' from the chunk's start phase; [C_0; D_0] (chunk 0's items)
+  kPhaseGradSums,  // chunk_grad[c] = sum over chunk c of dL/dTheta_t (the inputs' part)
+  kInputGrads,     // dq, dk, dg, dtheta; dS_0 (chunk 0's items)
+  kAccumulate,     // sum_into += sum_from, [B, T, H, V] (the core op run as two halves of 2K)
+  // Per (sequence, head, key) channel:
+  kPhaseScan,      // chunk_phase[c] = Theta before chunk c (kept in [0, 2 pi)); last_phase
+  kFinalState,     // S_T from [C_T; D_T]
+  kStateGrad,      // d[C_T; D_T] and the phase gradient S_T carries (phase_grad)
+  kPhaseGradScan,  // chunk_grad[c] = phase_grad + the sum of dL/dTheta_t from chunk c's start
 };
 
-// One pass over every (sequence, head, key) channel. Token tensors at(b, t, h, feature), the
-// doubled ones [B, T, H, 2K]; doubled states [N, H, 2K, V]; last_phase, phase_grad [N, H, K].
+// One pass: a step over every item. Token tensors at(b, t, h, feature), the doubled ones
+// [B, T, H, 2K]; doubled states [N, H, 2K, V]; last_phase, phase_grad [N, H, K]; chunk_phase,
+// chunk_grad [N, H, K, num_chunks].
 struct GateloopPass {
-  // Channels are (sequence, head, feature) with features() features: keys, or values for
-  // kAccumulate.
-  FLASHLIN_GATELOOP_HOST_DEVICE int64_t features() const {
-    return step == GateloopStep::kAccumulate ? value_dim : key_dim;
-  }
-  FLASHLIN_GATELOOP_HOST_DEVICE int64_t channels() const {
-    return num_sequences * num_heads * features();
-  }
+  static constexpr int64_t kChunkTokens = 64;
 
-  GateloopStep step = GateloopStep::kRotate;
+  GateloopStep step = GateloopStep::kPhaseSums;
   const SequenceSpan* sequences = nullptr;  // host memory (a backend may stage a copy)
   int64_t num_sequences = 0;
   int64_t num_heads = 0, key_dim = 0, value_dim = 0;
+  int64_t num_chunks = 0;            // chunks of the longest sequence
+  bool precise = false;              // float64 compute: cosines and sines in float64
   StridedTensor q, k, g, theta;      // theta absent: phase 0
   StridedTensor q2, k2, g2;          // kRotate: written
-  StridedTensor dq2, dk2, dg2;       // kInputGrads: read (absent when not needed)
+  StridedTensor dq2, dk2, dg2;       // kPhaseGradSums, kInputGrads: read (absent: not needed)
   StridedTensor dq, dk, dg, dtheta;  // kInputGrads: written when present
   // kRotate: S_0 (read, optional); kFinalState: S_T (written); kStateGrad: dS_T (read);
   // kInputGrads: dS_0 (written, optional).
@@ -71,10 +73,25 @@ struct GateloopPass {
   // kRotate: [C_0; D_0] (written when S_0 is given); kFinalState, kStateGrad: [C_T; D_T] (read);
   // kInputGrads: d[C_0; D_0] (read when dS_0 is wanted).
   StridedTensor doubled_state;
-  StridedTensor doubled_grad;    // kStateGrad: d[C_T; D_T] (written)
+  StridedTensor doubled_grad;        // kStateGrad: d[C_T; D_T] (written)
   StridedTensor sum_into, sum_from;  // kAccumulate
-  double* last_phase = nullptr;      // kRotate: written; later steps: read
-  double* phase_grad = nullptr;  // kStateGrad: written; kInputGrads: read (null: none)
+  double* chunk_phase = nullptr;
+  double* chunk_grad = nullptr;
+  double* last_phase = nullptr;  // kPhaseScan: written; later steps: read
+  double* phase_grad = nullptr;  // kStateGrad: written; kPhaseGradScan: read (null: none)
+
+  FLASHLIN_GATELOOP_HOST_DEVICE bool per_chunk() const {
+    return step == GateloopStep::kPhaseSums || step == GateloopStep::kRotate ||
+           step == GateloopStep::kPhaseGradSums || step == GateloopStep::kInputGrads ||
+           step == GateloopStep::kAccumulate;
+  }
+  // Features per (sequence, head): keys, or values for kAccumulate.
+  FLASHLIN_GATELOOP_HOST_DEVICE int64_t features() const {
+    return step == GateloopStep::kAccumulate ? value_dim : key_dim;
+  }
+  FLASHLIN_GATELOOP_HOST_DEVICE int64_t items() const {
+    return num_sequences * num_heads * features() * (per_chunk() ? num_chunks : 1);
+  }
 };
 
 namespace gateloop {
@@ -86,36 +103,76 @@ FLASHLIN_GATELOOP_HOST_DEVICE inline double wrap_phase(double x) {
   return x < 0 ? x + kTwoPi : x;
 }
 
-// The pass for one channel, 0 <= channel < p.channels(): sequence n, head h, feature kk (a key,
-// or a value for kAccumulate). Io provides
+// The pass for one item, 0 <= item < p.items(). Consecutive items are consecutive features of
+// one (sequence, head, chunk) (coalesced rows). Io provides, in the backend's memory,
 //   static double load(const StridedTensor&, int64_t, int64_t, int64_t, int64_t)
 //   static void store(const StridedTensor&, int64_t, int64_t, int64_t, int64_t, double)
-// in the backend's memory; p.sequences must be readable there.
+//   static void sincos(double x, bool precise, double* s, double* c)   (x in [0, 2 pi))
+// and p.sequences must be readable there.
 template <class Io>
-FLASHLIN_GATELOOP_HOST_DEVICE void run_channel(const GateloopPass& p, int64_t channel) {
-  const int64_t kk = channel % p.features();
-  const int64_t h = channel / p.features() % p.num_heads;
-  const int64_t n = channel / (p.features() * p.num_heads);
+FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t item) {
+  const int64_t F = p.features(), chunks = p.per_chunk() ? p.num_chunks : 1;
+  const int64_t kk = item % F;
+  const int64_t c = item / F % chunks;
+  const int64_t h = item / (F * chunks) % p.num_heads;
+  const int64_t n = item / (F * chunks * p.num_heads);
   const SequenceSpan seq = p.sequences[n];
   const int64_t K = p.key_dim, b = seq.batch, end = seq.start + seq.length;
+  const int64_t channel = (n * p.num_heads + h) * K + kk;  // key steps only
+  const int64_t first = seq.start + c * GateloopPass::kChunkTokens;
+  const int64_t last = first + GateloopPass::kChunkTokens < end ? first + GateloopPass::kChunkTokens
+                                                                : end;  // per-chunk steps
+  double* const chunk_phase = p.chunk_phase + channel * p.num_chunks;
+  double* const chunk_grad = p.chunk_grad + channel * p.num_chunks;
   const ComplexTensor& z = p.complex_state;
+  // dL/dTheta_t of the inputs' rotations (needs the phase's cosine and sine).
+  const auto phase_gradient = [&](int64_t t, double cos_t, double sin_t) {
+    double sum = 0.0;
+    if (p.dq2.present)
+      sum += Io::load(p.q, b, t, h, kk) *
+             (Io::load(p.dq2, b, t, h, K + kk) * cos_t - Io::load(p.dq2, b, t, h, kk) * sin_t);
+    if (p.dk2.present)
+      sum += Io::load(p.k, b, t, h, kk) *
+             (Io::load(p.dk2, b, t, h, K + kk) * cos_t - Io::load(p.dk2, b, t, h, kk) * sin_t);
+    return sum;
+  };
+  const auto advance = [&](double phase, int64_t t) {
+    return p.theta.present ? wrap_phase(phase + Io::load(p.theta, b, t, h, kk)) : phase;
+  };
   switch (p.step) {
-    case GateloopStep::kRotate: {
+    case GateloopStep::kPhaseSums: {
+      double sum = 0.0;
+      if (p.theta.present)
+        for (int64_t t = first; t < last; ++t) sum += Io::load(p.theta, b, t, h, kk);
+      chunk_phase[c] = sum;
+      break;
+    }
+    case GateloopStep::kPhaseScan: {
       double phase = 0.0;
-      for (int64_t t = seq.start; t < end; ++t) {
-        if (p.theta.present) phase = wrap_phase(phase + Io::load(p.theta, b, t, h, kk));
-        const double c = cos(phase), s = sin(phase);
+      for (int64_t i = 0; i < p.num_chunks; ++i) {
+        const double sum = chunk_phase[i];
+        chunk_phase[i] = phase;
+        phase = wrap_phase(phase + sum);
+      }
+      p.last_phase[channel] = phase;
+      break;
+    }
+    case GateloopStep::kRotate: {
+      double phase = chunk_phase[c];
+      for (int64_t t = first; t < last; ++t) {
+        phase = advance(phase, t);
+        double sin_t = 0.0, cos_t = 1.0;
+        Io::sincos(phase, p.precise, &sin_t, &cos_t);
         const double qv = Io::load(p.q, b, t, h, kk), kv = Io::load(p.k, b, t, h, kk);
         const double gv = Io::load(p.g, b, t, h, kk);
-        Io::store(p.q2, b, t, h, kk, qv * c);
-        Io::store(p.q2, b, t, h, K + kk, qv * s);
-        Io::store(p.k2, b, t, h, kk, kv * c);
-        Io::store(p.k2, b, t, h, K + kk, kv * s);
+        Io::store(p.q2, b, t, h, kk, qv * cos_t);
+        Io::store(p.q2, b, t, h, K + kk, qv * sin_t);
+        Io::store(p.k2, b, t, h, kk, kv * cos_t);
+        Io::store(p.k2, b, t, h, K + kk, kv * sin_t);
         Io::store(p.g2, b, t, h, kk, gv);
         Io::store(p.g2, b, t, h, K + kk, gv);
       }
-      p.last_phase[channel] = phase;
-      if (z.present())
+      if (c == 0 && z.present())
         for (int64_t v = 0; v < p.value_dim; ++v) {
           Io::store(p.doubled_state, n, h, kk, v, Io::load(z.re, n, h, kk, v));
           Io::store(p.doubled_state, n, h, K + kk, v, -Io::load(z.im, n, h, kk, v));
@@ -124,62 +181,80 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_channel(const GateloopPass& p, int64_t ch
     }
     case GateloopStep::kFinalState:
     case GateloopStep::kStateGrad: {
-      const double c = cos(p.last_phase[channel]), s = sin(p.last_phase[channel]);
+      double sin_t = 0.0, cos_t = 1.0;
+      Io::sincos(p.last_phase[channel], true, &sin_t, &cos_t);
       double phase_grad = 0.0;
       for (int64_t v = 0; v < p.value_dim; ++v) {
         const double cv = Io::load(p.doubled_state, n, h, kk, v);
         const double dv = Io::load(p.doubled_state, n, h, K + kk, v);
-        const double re = c * cv + s * dv, im = s * cv - c * dv;
+        const double re = cos_t * cv + sin_t * dv, im = sin_t * cv - cos_t * dv;
         if (p.step == GateloopStep::kFinalState) {
           Io::store(z.re, n, h, kk, v, re);
           Io::store(z.im, n, h, kk, v, im);
         } else {
           const double d_re = Io::load(z.re, n, h, kk, v), d_im = Io::load(z.im, n, h, kk, v);
-          Io::store(p.doubled_grad, n, h, kk, v, c * d_re + s * d_im);
-          Io::store(p.doubled_grad, n, h, K + kk, v, s * d_re - c * d_im);
+          Io::store(p.doubled_grad, n, h, kk, v, cos_t * d_re + sin_t * d_im);
+          Io::store(p.doubled_grad, n, h, K + kk, v, sin_t * d_re - cos_t * d_im);
           phase_grad += d_im * re - d_re * im;
         }
       }
       if (p.step == GateloopStep::kStateGrad) p.phase_grad[channel] = phase_grad;
       break;
     }
-    case GateloopStep::kAccumulate:
-      for (int64_t t = seq.start; t < end; ++t)
-        Io::store(p.sum_into, b, t, h, kk,
-                  Io::load(p.sum_into, b, t, h, kk) + Io::load(p.sum_from, b, t, h, kk));
+    case GateloopStep::kPhaseGradSums: {
+      double phase = chunk_phase[c], sum = 0.0;
+      for (int64_t t = first; t < last; ++t) {
+        phase = advance(phase, t);
+        double sin_t = 0.0, cos_t = 1.0;
+        Io::sincos(phase, p.precise, &sin_t, &cos_t);
+        sum += phase_gradient(t, cos_t, sin_t);
+      }
+      chunk_grad[c] = sum;
       break;
+    }
+    case GateloopStep::kPhaseGradScan: {
+      double suffix = p.phase_grad ? p.phase_grad[channel] : 0.0;  // from the final state
+      for (int64_t i = p.num_chunks - 1; i >= 0; --i) {
+        suffix += chunk_grad[i];
+        chunk_grad[i] = suffix;
+      }
+      break;
+    }
     case GateloopStep::kInputGrads: {
-      double phase = p.last_phase[channel];
-      double theta_grad = p.phase_grad ? p.phase_grad[channel] : 0.0;  // sum over t' >= t
-      for (int64_t t = end - 1; t >= seq.start; --t) {
-        const double c = cos(phase), s = sin(phase);
-        double phase_grad = 0.0;
-        if (p.dq2.present) {
-          const double dc = Io::load(p.dq2, b, t, h, kk), ds = Io::load(p.dq2, b, t, h, K + kk);
-          if (p.dq.present) Io::store(p.dq, b, t, h, kk, dc * c + ds * s);
-          phase_grad += Io::load(p.q, b, t, h, kk) * (ds * c - dc * s);
-        }
-        if (p.dk2.present) {
-          const double dc = Io::load(p.dk2, b, t, h, kk), ds = Io::load(p.dk2, b, t, h, K + kk);
-          if (p.dk.present) Io::store(p.dk, b, t, h, kk, dc * c + ds * s);
-          phase_grad += Io::load(p.k, b, t, h, kk) * (ds * c - dc * s);
-        }
+      double phase = chunk_phase[c];
+      double theta_grad = p.dtheta.present ? chunk_grad[c] : 0.0;  // sum over t' >= t
+      for (int64_t t = first; t < last; ++t) {
+        phase = advance(phase, t);
+        double sin_t = 0.0, cos_t = 1.0;
+        Io::sincos(phase, p.precise, &sin_t, &cos_t);
+        if (p.dq.present)
+          Io::store(
+              p.dq, b, t, h, kk,
+              Io::load(p.dq2, b, t, h, kk) * cos_t + Io::load(p.dq2, b, t, h, K + kk) * sin_t);
+        if (p.dk.present)
+          Io::store(
+              p.dk, b, t, h, kk,
+              Io::load(p.dk2, b, t, h, kk) * cos_t + Io::load(p.dk2, b, t, h, K + kk) * sin_t);
         if (p.dg.present)
           Io::store(p.dg, b, t, h, kk,
                     Io::load(p.dg2, b, t, h, kk) + Io::load(p.dg2, b, t, h, K + kk));
-        if (p.theta.present) {
-          theta_grad += phase_grad;
-          if (p.dtheta.present) Io::store(p.dtheta, b, t, h, kk, theta_grad);
-          phase = wrap_phase(phase - Io::load(p.theta, b, t, h, kk));
+        if (p.dtheta.present) {
+          Io::store(p.dtheta, b, t, h, kk, theta_grad);
+          theta_grad -= phase_gradient(t, cos_t, sin_t);
         }
       }
-      if (z.present())
+      if (c == 0 && z.present())
         for (int64_t v = 0; v < p.value_dim; ++v) {
           Io::store(z.re, n, h, kk, v, Io::load(p.doubled_state, n, h, kk, v));
           Io::store(z.im, n, h, kk, v, -Io::load(p.doubled_state, n, h, K + kk, v));
         }
       break;
     }
+    case GateloopStep::kAccumulate:
+      for (int64_t t = first; t < last; ++t)
+        Io::store(p.sum_into, b, t, h, kk,
+                  Io::load(p.sum_into, b, t, h, kk) + Io::load(p.sum_from, b, t, h, kk));
+      break;
   }
 }
 

@@ -1,6 +1,7 @@
 // CUDA runner of GateLoop's passes around the core recurrence (the math and the passes are in
-// src/api/gateloop_params.hpp): one thread per (sequence, head, feature) channel, consecutive
-// threads on consecutive features (coalesced token rows), float64 arithmetic. Also the device memory of the
+// src/api/gateloop_params.hpp): one thread per item of a pass (a (sequence, head, feature) and,
+// for the per-token steps, a chunk of 64 tokens), consecutive threads on consecutive features
+// (coalesced token rows), float64 arithmetic. Also the device memory of the
 // op's intermediates, which src/api allocates through device_buffer.
 #include <cuda_runtime.h>
 
@@ -26,18 +27,30 @@ struct DeviceIo {
                                int64_t i3, double x) {
     store_double(t, element_offset(t, i0, i1, i2, i3), x);
   }
+  // x in [0, 2 pi): float32 sincosf is accurate there to a float32 rounding, which is all that
+  // float32 or 16-bit q', k' keep; float64 compute takes the float64 functions.
+  static __device__ void sincos(double x, bool precise, double* s, double* c) {
+    if (precise) {
+      ::sincos(x, s, c);
+      return;
+    }
+    float sf, cf;
+    sincosf(static_cast<float>(x), &sf, &cf);
+    *s = sf;
+    *c = cf;
+  }
 };
 
 __global__ void gateloop_pass_kernel(const GateloopPass pass) {
-  const int64_t channel = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (channel < pass.channels()) detail::gateloop::run_channel<DeviceIo>(pass, channel);
+  const int64_t item = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (item < pass.items()) detail::gateloop::run_item<DeviceIo>(pass, item);
 }
 
 }  // namespace
 
 flashlin_status gateloop_pass(const GateloopPass& pass, const detail::Execution& exec) {
-  const int64_t channels = pass.channels();
-  if (channels == 0) return FLASHLIN_SUCCESS;
+  const int64_t items = pass.items();
+  if (items == 0) return FLASHLIN_SUCCESS;
   DeviceGuard guard(exec.device_id);
   cudaStream_t stream = static_cast<cudaStream_t>(exec.stream);
   const size_t table = sizeof(detail::SequenceSpan) * static_cast<size_t>(pass.num_sequences);
@@ -48,8 +61,8 @@ flashlin_status gateloop_pass(const GateloopPass& pass, const detail::Execution&
   GateloopPass device_pass = pass;
   device_pass.sequences = reinterpret_cast<const detail::SequenceSpan*>(scratch.base());
   constexpr int kThreads = 128;
-  const int64_t blocks = (channels + kThreads - 1) / kThreads;
-  if (blocks > 0x7fffffff) unsupported("GateLoop: too many (sequence, head, key) channels");
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  if (blocks > 0x7fffffff) unsupported("GateLoop: too many (sequence, head, feature, chunk) items");
   gateloop_pass_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(device_pass);
   check_cuda(cudaGetLastError(), "the GateLoop pass kernel");
   return FLASHLIN_SUCCESS;

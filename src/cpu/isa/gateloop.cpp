@@ -1,12 +1,13 @@
 // CPU runner of GateLoop's passes around the core recurrence (the math and the passes are in
-// src/api/gateloop_params.hpp): every (sequence, head, key) channel independently, in float64,
-// reading and writing the tensors in their storage dtypes.
+// src/api/gateloop_params.hpp): the items of a pass in parallel, in float64, reading and writing
+// the tensors in their storage dtypes.
 #if !defined(FLASHLIN_CPU_ISA_NS) || !defined(FLASHLIN_CPU_REAL)
 #error "compile with -DFLASHLIN_CPU_ISA_NS=<namespace> -DFLASHLIN_CPU_REAL=<float|double>"
 #endif
 
 #include <omp.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "api/gateloop_params.hpp"
@@ -27,15 +28,18 @@ struct HostIo {
                     double x) {
     store_row(&x, 1, t.at(i0, i1, i2, i3), t.dtype, 1);
   }
+  static void sincos(double x, bool /*precise*/, double* s, double* c) {
+    *s = std::sin(x);
+    *c = std::cos(x);
+  }
 };
 
 }  // namespace
 
 flashlin_status gateloop_pass(const detail::GateloopPass& pass, int threads) {
-  const int64_t channels = pass.channels();
+  const int64_t items = pass.items();
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t channel = 0; channel < channels; ++channel)
-    detail::gateloop::run_channel<HostIo>(pass, channel);
+  for (int64_t item = 0; item < items; ++item) detail::gateloop::run_item<HostIo>(pass, item);
   return FLASHLIN_SUCCESS;
 }
 
