@@ -97,164 +97,244 @@ struct GateloopPass {
 namespace gateloop {
 
 constexpr double kTwoPi = 6.283185307179586476925286766559;
+constexpr double kInvTwoPi = 1.0 / kTwoPi;
+// Tokens whose inputs are loaded before any of them is stored: the loads cannot pass a store
+// (the compiler must assume they alias), so a token-at-a-time loop waits for memory each token.
+constexpr int kBatch = 8;
 
+#if defined(__CUDA_ARCH__)
+#define FLASHLIN_GATELOOP_UNROLL _Pragma("unroll")
+#else
+#define FLASHLIN_GATELOOP_UNROLL
+#endif
+
+// x reduced to [0, 2 pi) (to a rounding, which cosine and sine do not mind).
 FLASHLIN_GATELOOP_HOST_DEVICE inline double wrap_phase(double x) {
-  x = fmod(x, kTwoPi);
-  return x < 0 ? x + kTwoPi : x;
+  return x - kTwoPi * floor(x * kInvTwoPi);
 }
 
-// The pass for one item, 0 <= item < p.items(). Consecutive items are consecutive features of
-// one (sequence, head, chunk) (coalesced rows). Io provides, in the backend's memory,
-//   static double load(const StridedTensor&, int64_t, int64_t, int64_t, int64_t)
-//   static void store(const StridedTensor&, int64_t, int64_t, int64_t, int64_t, double)
+FLASHLIN_GATELOOP_HOST_DEVICE inline int64_t offset_of(const StridedTensor& t, int64_t i0,
+                                                       int64_t i1, int64_t i2, int64_t i3) {
+  return i0 * t.stride[0] + i1 * t.stride[1] + i2 * t.stride[2] + i3 * t.stride[3];
+}
+
+// Element offsets of one feature of a token tensor at the tokens of one (batch row, head).
+struct TokenColumn {
+  int64_t base, step;
+  FLASHLIN_GATELOOP_HOST_DEVICE TokenColumn(const StridedTensor& t, int64_t b, int64_t h,
+                                            int64_t feature)
+      : base(offset_of(t, b, 0, h, feature)), step(t.stride[1]) {}
+  FLASHLIN_GATELOOP_HOST_DEVICE int64_t at(int64_t token) const { return base + token * step; }
+};
+
+// Where item `index` of a pass works. Consecutive items are consecutive features of one
+// (sequence, head, chunk): coalesced rows.
+struct Item {
+  int64_t n, h, kk, chunk;  // sequence, head, feature, chunk (0 for the per-channel steps)
+  int64_t channel;          // (n, h, kk) of the key steps
+  int64_t b, first, last;   // batch row; tokens [first, last) of the chunk
+  FLASHLIN_GATELOOP_HOST_DEVICE Item(const GateloopPass& p, int64_t index) {
+    const int64_t F = p.features(), chunks = p.per_chunk() ? p.num_chunks : 1;
+    kk = index % F;
+    chunk = index / F % chunks;
+    h = index / (F * chunks) % p.num_heads;
+    n = index / (F * chunks * p.num_heads);
+    channel = (n * p.num_heads + h) * p.key_dim + kk;
+    const SequenceSpan seq = p.sequences[n];
+    const int64_t end = seq.start + seq.length;
+    b = seq.batch;
+    first = seq.start + chunk * GateloopPass::kChunkTokens;
+    last = first + GateloopPass::kChunkTokens < end ? first + GateloopPass::kChunkTokens : end;
+  }
+};
+
+// The pass `Step` for one item, 0 <= index < p.items(). Io provides, in the backend's memory,
+//   static double load(const StridedTensor&, int64_t element_offset)
+//   static void store(const StridedTensor&, int64_t element_offset, double)
 //   static void sincos(double x, bool precise, double* s, double* c)   (x in [0, 2 pi))
 // and p.sequences must be readable there.
-template <class Io>
-FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t item) {
-  const int64_t F = p.features(), chunks = p.per_chunk() ? p.num_chunks : 1;
-  const int64_t kk = item % F;
-  const int64_t c = item / F % chunks;
-  const int64_t h = item / (F * chunks) % p.num_heads;
-  const int64_t n = item / (F * chunks * p.num_heads);
-  const SequenceSpan seq = p.sequences[n];
-  const int64_t K = p.key_dim, b = seq.batch, end = seq.start + seq.length;
-  const int64_t channel = (n * p.num_heads + h) * K + kk;  // key steps only
-  const int64_t first = seq.start + c * GateloopPass::kChunkTokens;
-  const int64_t last = first + GateloopPass::kChunkTokens < end ? first + GateloopPass::kChunkTokens
-                                                                : end;  // per-chunk steps
-  double* const chunk_phase = p.chunk_phase + channel * p.num_chunks;
-  double* const chunk_grad = p.chunk_grad + channel * p.num_chunks;
+template <class Io, GateloopStep Step>
+FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index) {
+  const Item it(p, index);
+  const int64_t K = p.key_dim, n = it.n, h = it.h, kk = it.kk, c = it.chunk, b = it.b;
+  double* const chunk_phase = p.chunk_phase + it.channel * p.num_chunks;
+  double* const chunk_grad = p.chunk_grad + it.channel * p.num_chunks;
   const ComplexTensor& z = p.complex_state;
-  // dL/dTheta_t of the inputs' rotations (needs the phase's cosine and sine).
-  const auto phase_gradient = [&](int64_t t, double cos_t, double sin_t) {
+  const auto state = [&](const StridedTensor& t, int64_t row, int64_t v) {
+    return offset_of(t, n, h, row, v);
+  };
+  // A token among [first, last): tokens past `last` in a batch re-read the chunk's last one.
+  const auto token = [&](int64_t t) { return t < it.last ? t : it.last - 1; };
+
+  if constexpr (Step == GateloopStep::kPhaseSums) {
     double sum = 0.0;
-    if (p.dq2.present)
-      sum += Io::load(p.q, b, t, h, kk) *
-             (Io::load(p.dq2, b, t, h, K + kk) * cos_t - Io::load(p.dq2, b, t, h, kk) * sin_t);
-    if (p.dk2.present)
-      sum += Io::load(p.k, b, t, h, kk) *
-             (Io::load(p.dk2, b, t, h, K + kk) * cos_t - Io::load(p.dk2, b, t, h, kk) * sin_t);
-    return sum;
-  };
-  const auto advance = [&](double phase, int64_t t) {
-    return p.theta.present ? wrap_phase(phase + Io::load(p.theta, b, t, h, kk)) : phase;
-  };
-  switch (p.step) {
-    case GateloopStep::kPhaseSums: {
-      double sum = 0.0;
-      if (p.theta.present)
-        for (int64_t t = first; t < last; ++t) sum += Io::load(p.theta, b, t, h, kk);
-      chunk_phase[c] = sum;
-      break;
+    if (p.theta.present) {
+      const TokenColumn theta(p.theta, b, h, kk);
+      for (int64_t t = it.first; t < it.last; ++t) sum += Io::load(p.theta, theta.at(t));
     }
-    case GateloopStep::kPhaseScan: {
-      double phase = 0.0;
-      for (int64_t i = 0; i < p.num_chunks; ++i) {
-        const double sum = chunk_phase[i];
-        chunk_phase[i] = phase;
-        phase = wrap_phase(phase + sum);
+    chunk_phase[c] = sum;
+  } else if constexpr (Step == GateloopStep::kPhaseScan) {
+    double phase = 0.0;
+    for (int64_t i = 0; i < p.num_chunks; ++i) {
+      const double sum = chunk_phase[i];
+      chunk_phase[i] = phase;
+      phase = wrap_phase(phase + sum);
+    }
+    p.last_phase[it.channel] = phase;
+  } else if constexpr (Step == GateloopStep::kRotate) {
+    const TokenColumn theta(p.theta, b, h, kk), q(p.q, b, h, kk), k(p.k, b, h, kk),
+        g(p.g, b, h, kk), q2c(p.q2, b, h, kk), q2s(p.q2, b, h, K + kk), k2c(p.k2, b, h, kk),
+        k2s(p.k2, b, h, K + kk), g2c(p.g2, b, h, kk), g2s(p.g2, b, h, K + kk);
+    double phase = chunk_phase[c];
+    for (int64_t t0 = it.first; t0 < it.last; t0 += kBatch) {
+      double theta_v[kBatch], q_v[kBatch], k_v[kBatch], g_v[kBatch];
+      FLASHLIN_GATELOOP_UNROLL
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t t = token(t0 + i);
+        theta_v[i] = p.theta.present ? Io::load(p.theta, theta.at(t)) : 0.0;
+        q_v[i] = Io::load(p.q, q.at(t));
+        k_v[i] = Io::load(p.k, k.at(t));
+        g_v[i] = Io::load(p.g, g.at(t));
       }
-      p.last_phase[channel] = phase;
-      break;
-    }
-    case GateloopStep::kRotate: {
-      double phase = chunk_phase[c];
-      for (int64_t t = first; t < last; ++t) {
-        phase = advance(phase, t);
+      FLASHLIN_GATELOOP_UNROLL
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t t = t0 + i;
+        if (t >= it.last) break;
+        phase = wrap_phase(phase + theta_v[i]);
         double sin_t = 0.0, cos_t = 1.0;
         Io::sincos(phase, p.precise, &sin_t, &cos_t);
-        const double qv = Io::load(p.q, b, t, h, kk), kv = Io::load(p.k, b, t, h, kk);
-        const double gv = Io::load(p.g, b, t, h, kk);
-        Io::store(p.q2, b, t, h, kk, qv * cos_t);
-        Io::store(p.q2, b, t, h, K + kk, qv * sin_t);
-        Io::store(p.k2, b, t, h, kk, kv * cos_t);
-        Io::store(p.k2, b, t, h, K + kk, kv * sin_t);
-        Io::store(p.g2, b, t, h, kk, gv);
-        Io::store(p.g2, b, t, h, K + kk, gv);
+        Io::store(p.q2, q2c.at(t), q_v[i] * cos_t);
+        Io::store(p.q2, q2s.at(t), q_v[i] * sin_t);
+        Io::store(p.k2, k2c.at(t), k_v[i] * cos_t);
+        Io::store(p.k2, k2s.at(t), k_v[i] * sin_t);
+        Io::store(p.g2, g2c.at(t), g_v[i]);
+        Io::store(p.g2, g2s.at(t), g_v[i]);
       }
-      if (c == 0 && z.present())
-        for (int64_t v = 0; v < p.value_dim; ++v) {
-          Io::store(p.doubled_state, n, h, kk, v, Io::load(z.re, n, h, kk, v));
-          Io::store(p.doubled_state, n, h, K + kk, v, -Io::load(z.im, n, h, kk, v));
-        }
-      break;
     }
-    case GateloopStep::kFinalState:
-    case GateloopStep::kStateGrad: {
-      double sin_t = 0.0, cos_t = 1.0;
-      Io::sincos(p.last_phase[channel], true, &sin_t, &cos_t);
-      double phase_grad = 0.0;
+    if (c == 0 && z.present())
       for (int64_t v = 0; v < p.value_dim; ++v) {
-        const double cv = Io::load(p.doubled_state, n, h, kk, v);
-        const double dv = Io::load(p.doubled_state, n, h, K + kk, v);
-        const double re = cos_t * cv + sin_t * dv, im = sin_t * cv - cos_t * dv;
-        if (p.step == GateloopStep::kFinalState) {
-          Io::store(z.re, n, h, kk, v, re);
-          Io::store(z.im, n, h, kk, v, im);
-        } else {
-          const double d_re = Io::load(z.re, n, h, kk, v), d_im = Io::load(z.im, n, h, kk, v);
-          Io::store(p.doubled_grad, n, h, kk, v, cos_t * d_re + sin_t * d_im);
-          Io::store(p.doubled_grad, n, h, K + kk, v, sin_t * d_re - cos_t * d_im);
-          phase_grad += d_im * re - d_re * im;
-        }
+        Io::store(p.doubled_state, state(p.doubled_state, kk, v),
+                  Io::load(z.re, state(z.re, kk, v)));
+        Io::store(p.doubled_state, state(p.doubled_state, K + kk, v),
+                  -Io::load(z.im, state(z.im, kk, v)));
       }
-      if (p.step == GateloopStep::kStateGrad) p.phase_grad[channel] = phase_grad;
-      break;
+  } else if constexpr (Step == GateloopStep::kFinalState || Step == GateloopStep::kStateGrad) {
+    double sin_t = 0.0, cos_t = 1.0;
+    Io::sincos(p.last_phase[it.channel], true, &sin_t, &cos_t);
+    double phase_grad = 0.0;
+    for (int64_t v = 0; v < p.value_dim; ++v) {
+      const double cv = Io::load(p.doubled_state, state(p.doubled_state, kk, v));
+      const double dv = Io::load(p.doubled_state, state(p.doubled_state, K + kk, v));
+      const double re = cos_t * cv + sin_t * dv, im = sin_t * cv - cos_t * dv;
+      if constexpr (Step == GateloopStep::kFinalState) {
+        Io::store(z.re, state(z.re, kk, v), re);
+        Io::store(z.im, state(z.im, kk, v), im);
+      } else {
+        const double d_re = Io::load(z.re, state(z.re, kk, v));
+        const double d_im = Io::load(z.im, state(z.im, kk, v));
+        Io::store(p.doubled_grad, state(p.doubled_grad, kk, v), cos_t * d_re + sin_t * d_im);
+        Io::store(p.doubled_grad, state(p.doubled_grad, K + kk, v), sin_t * d_re - cos_t * d_im);
+        phase_grad += d_im * re - d_re * im;
+      }
     }
-    case GateloopStep::kPhaseGradSums: {
-      double phase = chunk_phase[c], sum = 0.0;
-      for (int64_t t = first; t < last; ++t) {
-        phase = advance(phase, t);
+    if constexpr (Step == GateloopStep::kStateGrad) p.phase_grad[it.channel] = phase_grad;
+  } else if constexpr (Step == GateloopStep::kPhaseGradScan) {
+    double suffix = p.phase_grad ? p.phase_grad[it.channel] : 0.0;  // from the final state
+    for (int64_t i = p.num_chunks - 1; i >= 0; --i) {
+      suffix += chunk_grad[i];
+      chunk_grad[i] = suffix;
+    }
+  } else if constexpr (Step == GateloopStep::kPhaseGradSums || Step == GateloopStep::kInputGrads) {
+    // Per token: the phase, then dL/dTheta_t of the inputs' rotations
+    //   q (dq'_s cos - dq'_c sin) + k (dk'_s cos - dk'_c sin),
+    // and (kInputGrads) dq, dk, dg and dtheta_t = the suffix sum of dL/dTheta from t.
+    constexpr bool kWrite = Step == GateloopStep::kInputGrads;
+    const TokenColumn theta(p.theta, b, h, kk), q(p.q, b, h, kk), k(p.k, b, h, kk),
+        dq2c(p.dq2, b, h, kk), dq2s(p.dq2, b, h, K + kk), dk2c(p.dk2, b, h, kk),
+        dk2s(p.dk2, b, h, K + kk), dg2c(p.dg2, b, h, kk), dg2s(p.dg2, b, h, K + kk),
+        dq(p.dq, b, h, kk), dk(p.dk, b, h, kk), dg(p.dg, b, h, kk), dtheta(p.dtheta, b, h, kk);
+    const bool with_dg = kWrite && p.dg.present;
+    double phase = chunk_phase[c], sum = 0.0;
+    double theta_grad = kWrite && p.dtheta.present ? chunk_grad[c] : 0.0;  // sum over t' >= t
+    for (int64_t t0 = it.first; t0 < it.last; t0 += kBatch) {
+      double theta_v[kBatch], q_v[kBatch], k_v[kBatch];
+      double dqc[kBatch], dqs[kBatch], dkc[kBatch], dks[kBatch], dgc[kBatch], dgs[kBatch];
+      FLASHLIN_GATELOOP_UNROLL
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t t = token(t0 + i);
+        theta_v[i] = p.theta.present ? Io::load(p.theta, theta.at(t)) : 0.0;
+        q_v[i] = p.dq2.present ? Io::load(p.q, q.at(t)) : 0.0;
+        k_v[i] = p.dk2.present ? Io::load(p.k, k.at(t)) : 0.0;
+        dqc[i] = p.dq2.present ? Io::load(p.dq2, dq2c.at(t)) : 0.0;
+        dqs[i] = p.dq2.present ? Io::load(p.dq2, dq2s.at(t)) : 0.0;
+        dkc[i] = p.dk2.present ? Io::load(p.dk2, dk2c.at(t)) : 0.0;
+        dks[i] = p.dk2.present ? Io::load(p.dk2, dk2s.at(t)) : 0.0;
+        dgc[i] = with_dg ? Io::load(p.dg2, dg2c.at(t)) : 0.0;
+        dgs[i] = with_dg ? Io::load(p.dg2, dg2s.at(t)) : 0.0;
+      }
+      FLASHLIN_GATELOOP_UNROLL
+      for (int i = 0; i < kBatch; ++i) {
+        const int64_t t = t0 + i;
+        if (t >= it.last) break;
+        phase = wrap_phase(phase + theta_v[i]);
         double sin_t = 0.0, cos_t = 1.0;
         Io::sincos(phase, p.precise, &sin_t, &cos_t);
-        sum += phase_gradient(t, cos_t, sin_t);
-      }
-      chunk_grad[c] = sum;
-      break;
-    }
-    case GateloopStep::kPhaseGradScan: {
-      double suffix = p.phase_grad ? p.phase_grad[channel] : 0.0;  // from the final state
-      for (int64_t i = p.num_chunks - 1; i >= 0; --i) {
-        suffix += chunk_grad[i];
-        chunk_grad[i] = suffix;
-      }
-      break;
-    }
-    case GateloopStep::kInputGrads: {
-      double phase = chunk_phase[c];
-      double theta_grad = p.dtheta.present ? chunk_grad[c] : 0.0;  // sum over t' >= t
-      for (int64_t t = first; t < last; ++t) {
-        phase = advance(phase, t);
-        double sin_t = 0.0, cos_t = 1.0;
-        Io::sincos(phase, p.precise, &sin_t, &cos_t);
-        if (p.dq.present)
-          Io::store(
-              p.dq, b, t, h, kk,
-              Io::load(p.dq2, b, t, h, kk) * cos_t + Io::load(p.dq2, b, t, h, K + kk) * sin_t);
-        if (p.dk.present)
-          Io::store(
-              p.dk, b, t, h, kk,
-              Io::load(p.dk2, b, t, h, kk) * cos_t + Io::load(p.dk2, b, t, h, K + kk) * sin_t);
-        if (p.dg.present)
-          Io::store(p.dg, b, t, h, kk,
-                    Io::load(p.dg2, b, t, h, kk) + Io::load(p.dg2, b, t, h, K + kk));
-        if (p.dtheta.present) {
-          Io::store(p.dtheta, b, t, h, kk, theta_grad);
-          theta_grad -= phase_gradient(t, cos_t, sin_t);
+        const double phase_grad =
+            q_v[i] * (dqs[i] * cos_t - dqc[i] * sin_t) + k_v[i] * (dks[i] * cos_t - dkc[i] * sin_t);
+        sum += phase_grad;
+        if constexpr (kWrite) {
+          if (p.dq.present) Io::store(p.dq, dq.at(t), dqc[i] * cos_t + dqs[i] * sin_t);
+          if (p.dk.present) Io::store(p.dk, dk.at(t), dkc[i] * cos_t + dks[i] * sin_t);
+          if (with_dg) Io::store(p.dg, dg.at(t), dgc[i] + dgs[i]);
+          if (p.dtheta.present) {
+            Io::store(p.dtheta, dtheta.at(t), theta_grad);
+            theta_grad -= phase_grad;
+          }
         }
       }
+    }
+    if constexpr (kWrite) {
       if (c == 0 && z.present())
         for (int64_t v = 0; v < p.value_dim; ++v) {
-          Io::store(z.re, n, h, kk, v, Io::load(p.doubled_state, n, h, kk, v));
-          Io::store(z.im, n, h, kk, v, -Io::load(p.doubled_state, n, h, K + kk, v));
+          Io::store(z.re, state(z.re, kk, v),
+                    Io::load(p.doubled_state, state(p.doubled_state, kk, v)));
+          Io::store(z.im, state(z.im, kk, v),
+                    -Io::load(p.doubled_state, state(p.doubled_state, K + kk, v)));
         }
-      break;
+    } else {
+      chunk_grad[c] = sum;
     }
-    case GateloopStep::kAccumulate:
-      for (int64_t t = first; t < last; ++t)
-        Io::store(p.sum_into, b, t, h, kk,
-                  Io::load(p.sum_into, b, t, h, kk) + Io::load(p.sum_from, b, t, h, kk));
-      break;
+  } else if constexpr (Step == GateloopStep::kAccumulate) {
+    const TokenColumn into(p.sum_into, b, h, kk), from(p.sum_from, b, h, kk);
+    for (int64_t t0 = it.first; t0 < it.last; t0 += kBatch) {
+      double into_v[kBatch], from_v[kBatch];
+      FLASHLIN_GATELOOP_UNROLL
+      for (int i = 0; i < kBatch; ++i) {
+        into_v[i] = Io::load(p.sum_into, into.at(token(t0 + i)));
+        from_v[i] = Io::load(p.sum_from, from.at(token(t0 + i)));
+      }
+      FLASHLIN_GATELOOP_UNROLL
+      for (int i = 0; i < kBatch; ++i) {
+        if (t0 + i >= it.last) break;
+        Io::store(p.sum_into, into.at(t0 + i), into_v[i] + from_v[i]);
+      }
+    }
+  }
+}
+
+// The step of p, chosen at run time (the CPU runner; CUDA instantiates one kernel per step).
+template <class Io>
+void run_item(const GateloopPass& p, int64_t index) {
+  switch (p.step) {
+    case GateloopStep::kPhaseSums: return run_item<Io, GateloopStep::kPhaseSums>(p, index);
+    case GateloopStep::kRotate: return run_item<Io, GateloopStep::kRotate>(p, index);
+    case GateloopStep::kPhaseGradSums: return run_item<Io, GateloopStep::kPhaseGradSums>(p, index);
+    case GateloopStep::kInputGrads: return run_item<Io, GateloopStep::kInputGrads>(p, index);
+    case GateloopStep::kAccumulate: return run_item<Io, GateloopStep::kAccumulate>(p, index);
+    case GateloopStep::kPhaseScan: return run_item<Io, GateloopStep::kPhaseScan>(p, index);
+    case GateloopStep::kFinalState: return run_item<Io, GateloopStep::kFinalState>(p, index);
+    case GateloopStep::kStateGrad: return run_item<Io, GateloopStep::kStateGrad>(p, index);
+    case GateloopStep::kPhaseGradScan: return run_item<Io, GateloopStep::kPhaseGradScan>(p, index);
   }
 }
 

@@ -19,13 +19,11 @@ namespace {
 using detail::GateloopPass;
 
 struct DeviceIo {
-  static __device__ double load(const StridedTensor& t, int64_t i0, int64_t i1, int64_t i2,
-                                int64_t i3) {
-    return load_double(t, element_offset(t, i0, i1, i2, i3));
+  static __device__ double load(const StridedTensor& t, int64_t offset) {
+    return load_double(t, offset);
   }
-  static __device__ void store(const StridedTensor& t, int64_t i0, int64_t i1, int64_t i2,
-                               int64_t i3, double x) {
-    store_double(t, element_offset(t, i0, i1, i2, i3), x);
+  static __device__ void store(const StridedTensor& t, int64_t offset, double x) {
+    store_double(t, offset, x);
   }
   // x in [0, 2 pi): float32 sincosf is accurate there to a float32 rounding, which is all that
   // float32 or 16-bit q', k' keep; float64 compute takes the float64 functions.
@@ -41,9 +39,27 @@ struct DeviceIo {
   }
 };
 
-__global__ void gateloop_pass_kernel(const GateloopPass pass) {
+template <GateloopStep Step>
+__global__ void __launch_bounds__(128) gateloop_pass_kernel(const GateloopPass pass) {
   const int64_t item = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (item < pass.items()) detail::gateloop::run_item<DeviceIo>(pass, item);
+  if (item < pass.items()) detail::gateloop::run_item<DeviceIo, Step>(pass, item);
+}
+
+using PassKernel = void (*)(GateloopPass);
+
+PassKernel kernel_for(GateloopStep step) {
+  switch (step) {
+    case GateloopStep::kPhaseSums: return gateloop_pass_kernel<GateloopStep::kPhaseSums>;
+    case GateloopStep::kRotate: return gateloop_pass_kernel<GateloopStep::kRotate>;
+    case GateloopStep::kPhaseGradSums: return gateloop_pass_kernel<GateloopStep::kPhaseGradSums>;
+    case GateloopStep::kInputGrads: return gateloop_pass_kernel<GateloopStep::kInputGrads>;
+    case GateloopStep::kAccumulate: return gateloop_pass_kernel<GateloopStep::kAccumulate>;
+    case GateloopStep::kPhaseScan: return gateloop_pass_kernel<GateloopStep::kPhaseScan>;
+    case GateloopStep::kFinalState: return gateloop_pass_kernel<GateloopStep::kFinalState>;
+    case GateloopStep::kStateGrad: return gateloop_pass_kernel<GateloopStep::kStateGrad>;
+    case GateloopStep::kPhaseGradScan: return gateloop_pass_kernel<GateloopStep::kPhaseGradScan>;
+  }
+  return nullptr;
 }
 
 }  // namespace
@@ -63,7 +79,7 @@ flashlin_status gateloop_pass(const GateloopPass& pass, const detail::Execution&
   constexpr int kThreads = 128;
   const int64_t blocks = (items + kThreads - 1) / kThreads;
   if (blocks > 0x7fffffff) unsupported("GateLoop: too many (sequence, head, feature, chunk) items");
-  gateloop_pass_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(device_pass);
+  kernel_for(pass.step)<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(device_pass);
   check_cuda(cudaGetLastError(), "the GateLoop pass kernel");
   return FLASHLIN_SUCCESS;
 }

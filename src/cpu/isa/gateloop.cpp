@@ -18,15 +18,15 @@ namespace flashlin::cpu::FLASHLIN_CPU_ISA_NS {
 namespace {
 
 struct HostIo {
-  static double load(const detail::StridedTensor& t, int64_t i0, int64_t i1, int64_t i2,
-                     int64_t i3) {
+  static double load(const detail::StridedTensor& t, int64_t offset) {
     double x = 0.0;
-    load_row(t.at(i0, i1, i2, i3), t.dtype, 1, 1, &x);
+    load_row(t.data + offset * static_cast<int64_t>(detail::storage_bytes(t.dtype)), t.dtype, 1, 1,
+             &x);
     return x;
   }
-  static void store(const detail::StridedTensor& t, int64_t i0, int64_t i1, int64_t i2, int64_t i3,
-                    double x) {
-    store_row(&x, 1, t.at(i0, i1, i2, i3), t.dtype, 1);
+  static void store(const detail::StridedTensor& t, int64_t offset, double x) {
+    store_row(&x, 1, t.data + offset * static_cast<int64_t>(detail::storage_bytes(t.dtype)),
+              t.dtype, 1);
   }
   static void sincos(double x, bool /*precise*/, double* s, double* c) {
     *s = std::sin(x);
