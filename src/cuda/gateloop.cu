@@ -17,6 +17,7 @@ namespace flashlin::cuda {
 namespace {
 
 using detail::GateloopPass;
+using detail::GateloopStep;
 
 struct DeviceIo {
   static __device__ double load(const StridedTensor& t, int64_t offset) {
