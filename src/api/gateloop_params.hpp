@@ -151,6 +151,12 @@ struct Item {
 // The pass `Step` for one item, 0 <= index < p.items(). Io provides, in the backend's memory,
 //   static double load(const StridedTensor&, int64_t element_offset)
 //   static void store(const StridedTensor&, int64_t element_offset, double)
+//   static void load_column(const StridedTensor&, const TokenColumn&, int64_t t0, int count,
+//                           double (&out)[kBatch])
+//       out[i] = the element at token t0 + min(i, count - 1): one dtype dispatch for the batch,
+//       whose loads are then all in flight together;
+//   static void store_column(const StridedTensor&, const TokenColumn&, int64_t t0, int count,
+//                            Value value)      the element at token t0 + i = value(i), i < count
 //   static void sincos(double x, bool precise, double* s, double* c)   (x in [0, 2 pi))
 // and p.sequences must be readable there.
 template <class Io, GateloopStep Step>
@@ -163,14 +169,21 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index
   const auto state = [&](const StridedTensor& t, int64_t row, int64_t v) {
     return offset_of(t, n, h, row, v);
   };
-  // A token among [first, last): tokens past `last` in a batch re-read the chunk's last one.
-  const auto token = [&](int64_t t) { return t < it.last ? t : it.last - 1; };
+  // Tokens of the batch starting at t0 (at most kBatch).
+  const auto batch_count = [&](int64_t t0) {
+    return static_cast<int>(it.last - t0 < kBatch ? it.last - t0 : kBatch);
+  };
 
   if constexpr (Step == GateloopStep::kPhaseSums) {
     double sum = 0.0;
     if (p.theta.present) {
       const TokenColumn theta(p.theta, b, h, kk);
-      for (int64_t t = it.first; t < it.last; ++t) sum += Io::load(p.theta, theta.at(t));
+      for (int64_t t0 = it.first; t0 < it.last; t0 += kBatch) {
+        const int count = batch_count(t0);
+        double theta_v[kBatch];
+        Io::load_column(p.theta, theta, t0, count, theta_v);
+        for (int i = 0; i < count; ++i) sum += theta_v[i];
+      }
     }
     chunk_phase[c] = sum;
   } else if constexpr (Step == GateloopStep::kPhaseScan) {
@@ -187,29 +200,24 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index
         k2s(p.k2, b, h, K + kk), g2c(p.g2, b, h, kk), g2s(p.g2, b, h, K + kk);
     double phase = chunk_phase[c];
     for (int64_t t0 = it.first; t0 < it.last; t0 += kBatch) {
-      double theta_v[kBatch], q_v[kBatch], k_v[kBatch], g_v[kBatch];
+      const int count = batch_count(t0);
+      double theta_v[kBatch] = {}, q_v[kBatch], k_v[kBatch], g_v[kBatch];
+      if (p.theta.present) Io::load_column(p.theta, theta, t0, count, theta_v);
+      Io::load_column(p.q, q, t0, count, q_v);
+      Io::load_column(p.k, k, t0, count, k_v);
+      Io::load_column(p.g, g, t0, count, g_v);
+      double cos_v[kBatch], sin_v[kBatch];
       FLASHLIN_GATELOOP_UNROLL
       for (int i = 0; i < kBatch; ++i) {
-        const int64_t t = token(t0 + i);
-        theta_v[i] = p.theta.present ? Io::load(p.theta, theta.at(t)) : 0.0;
-        q_v[i] = Io::load(p.q, q.at(t));
-        k_v[i] = Io::load(p.k, k.at(t));
-        g_v[i] = Io::load(p.g, g.at(t));
+        phase = i < count ? wrap_phase(phase + theta_v[i]) : phase;
+        Io::sincos(phase, p.precise, &sin_v[i], &cos_v[i]);
       }
-      FLASHLIN_GATELOOP_UNROLL
-      for (int i = 0; i < kBatch; ++i) {
-        const int64_t t = t0 + i;
-        if (t >= it.last) break;
-        phase = wrap_phase(phase + theta_v[i]);
-        double sin_t = 0.0, cos_t = 1.0;
-        Io::sincos(phase, p.precise, &sin_t, &cos_t);
-        Io::store(p.q2, q2c.at(t), q_v[i] * cos_t);
-        Io::store(p.q2, q2s.at(t), q_v[i] * sin_t);
-        Io::store(p.k2, k2c.at(t), k_v[i] * cos_t);
-        Io::store(p.k2, k2s.at(t), k_v[i] * sin_t);
-        Io::store(p.g2, g2c.at(t), g_v[i]);
-        Io::store(p.g2, g2s.at(t), g_v[i]);
-      }
+      Io::store_column(p.q2, q2c, t0, count, [&](int i) { return q_v[i] * cos_v[i]; });
+      Io::store_column(p.q2, q2s, t0, count, [&](int i) { return q_v[i] * sin_v[i]; });
+      Io::store_column(p.k2, k2c, t0, count, [&](int i) { return k_v[i] * cos_v[i]; });
+      Io::store_column(p.k2, k2s, t0, count, [&](int i) { return k_v[i] * sin_v[i]; });
+      Io::store_column(p.g2, g2c, t0, count, [&](int i) { return g_v[i]; });
+      Io::store_column(p.g2, g2s, t0, count, [&](int i) { return g_v[i]; });
     }
     if (c == 0 && z.present())
       for (int64_t v = 0; v < p.value_dim; ++v) {
@@ -257,39 +265,50 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index
     double phase = chunk_phase[c], sum = 0.0;
     double theta_grad = kWrite && p.dtheta.present ? chunk_grad[c] : 0.0;  // sum over t' >= t
     for (int64_t t0 = it.first; t0 < it.last; t0 += kBatch) {
-      double theta_v[kBatch], q_v[kBatch], k_v[kBatch];
-      double dqc[kBatch], dqs[kBatch], dkc[kBatch], dks[kBatch], dgc[kBatch], dgs[kBatch];
-      FLASHLIN_GATELOOP_UNROLL
-      for (int i = 0; i < kBatch; ++i) {
-        const int64_t t = token(t0 + i);
-        theta_v[i] = p.theta.present ? Io::load(p.theta, theta.at(t)) : 0.0;
-        q_v[i] = p.dq2.present ? Io::load(p.q, q.at(t)) : 0.0;
-        k_v[i] = p.dk2.present ? Io::load(p.k, k.at(t)) : 0.0;
-        dqc[i] = p.dq2.present ? Io::load(p.dq2, dq2c.at(t)) : 0.0;
-        dqs[i] = p.dq2.present ? Io::load(p.dq2, dq2s.at(t)) : 0.0;
-        dkc[i] = p.dk2.present ? Io::load(p.dk2, dk2c.at(t)) : 0.0;
-        dks[i] = p.dk2.present ? Io::load(p.dk2, dk2s.at(t)) : 0.0;
-        dgc[i] = with_dg ? Io::load(p.dg2, dg2c.at(t)) : 0.0;
-        dgs[i] = with_dg ? Io::load(p.dg2, dg2s.at(t)) : 0.0;
+      const int count = batch_count(t0);
+      double theta_v[kBatch] = {}, q_v[kBatch] = {}, k_v[kBatch] = {};
+      double dqc[kBatch] = {}, dqs[kBatch] = {}, dkc[kBatch] = {}, dks[kBatch] = {};
+      if (p.theta.present) Io::load_column(p.theta, theta, t0, count, theta_v);
+      if (p.dq2.present) {
+        Io::load_column(p.q, q, t0, count, q_v);
+        Io::load_column(p.dq2, dq2c, t0, count, dqc);
+        Io::load_column(p.dq2, dq2s, t0, count, dqs);
       }
+      if (p.dk2.present) {
+        Io::load_column(p.k, k, t0, count, k_v);
+        Io::load_column(p.dk2, dk2c, t0, count, dkc);
+        Io::load_column(p.dk2, dk2s, t0, count, dks);
+      }
+      double cos_v[kBatch], sin_v[kBatch], phase_grad[kBatch];
       FLASHLIN_GATELOOP_UNROLL
       for (int i = 0; i < kBatch; ++i) {
-        const int64_t t = t0 + i;
-        if (t >= it.last) break;
-        phase = wrap_phase(phase + theta_v[i]);
-        double sin_t = 0.0, cos_t = 1.0;
-        Io::sincos(phase, p.precise, &sin_t, &cos_t);
-        const double phase_grad =
-            q_v[i] * (dqs[i] * cos_t - dqc[i] * sin_t) + k_v[i] * (dks[i] * cos_t - dkc[i] * sin_t);
-        sum += phase_grad;
-        if constexpr (kWrite) {
-          if (p.dq.present) Io::store(p.dq, dq.at(t), dqc[i] * cos_t + dqs[i] * sin_t);
-          if (p.dk.present) Io::store(p.dk, dk.at(t), dkc[i] * cos_t + dks[i] * sin_t);
-          if (with_dg) Io::store(p.dg, dg.at(t), dgc[i] + dgs[i]);
-          if (p.dtheta.present) {
-            Io::store(p.dtheta, dtheta.at(t), theta_grad);
-            theta_grad -= phase_grad;
+        phase = i < count ? wrap_phase(phase + theta_v[i]) : phase;
+        Io::sincos(phase, p.precise, &sin_v[i], &cos_v[i]);
+        phase_grad[i] = q_v[i] * (dqs[i] * cos_v[i] - dqc[i] * sin_v[i]) +
+                        k_v[i] * (dks[i] * cos_v[i] - dkc[i] * sin_v[i]);
+        sum += i < count ? phase_grad[i] : 0.0;
+      }
+      if constexpr (kWrite) {
+        if (p.dq.present)
+          Io::store_column(p.dq, dq, t0, count,
+                           [&](int i) { return dqc[i] * cos_v[i] + dqs[i] * sin_v[i]; });
+        if (p.dk.present)
+          Io::store_column(p.dk, dk, t0, count,
+                           [&](int i) { return dkc[i] * cos_v[i] + dks[i] * sin_v[i]; });
+        if (with_dg) {
+          double dgc[kBatch], dgs[kBatch];
+          Io::load_column(p.dg2, dg2c, t0, count, dgc);
+          Io::load_column(p.dg2, dg2s, t0, count, dgs);
+          Io::store_column(p.dg, dg, t0, count, [&](int i) { return dgc[i] + dgs[i]; });
+        }
+        if (p.dtheta.present) {
+          double dtheta_v[kBatch];
+          FLASHLIN_GATELOOP_UNROLL
+          for (int i = 0; i < kBatch; ++i) {  // the suffix sum from token t0 + i
+            dtheta_v[i] = theta_grad;
+            theta_grad -= i < count ? phase_grad[i] : 0.0;
           }
+          Io::store_column(p.dtheta, dtheta, t0, count, [&](int i) { return dtheta_v[i]; });
         }
       }
     }
@@ -307,17 +326,11 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index
   } else if constexpr (Step == GateloopStep::kAccumulate) {
     const TokenColumn into(p.sum_into, b, h, kk), from(p.sum_from, b, h, kk);
     for (int64_t t0 = it.first; t0 < it.last; t0 += kBatch) {
+      const int count = batch_count(t0);
       double into_v[kBatch], from_v[kBatch];
-      FLASHLIN_GATELOOP_UNROLL
-      for (int i = 0; i < kBatch; ++i) {
-        into_v[i] = Io::load(p.sum_into, into.at(token(t0 + i)));
-        from_v[i] = Io::load(p.sum_from, from.at(token(t0 + i)));
-      }
-      FLASHLIN_GATELOOP_UNROLL
-      for (int i = 0; i < kBatch; ++i) {
-        if (t0 + i >= it.last) break;
-        Io::store(p.sum_into, into.at(t0 + i), into_v[i] + from_v[i]);
-      }
+      Io::load_column(p.sum_into, into, t0, count, into_v);
+      Io::load_column(p.sum_from, from, t0, count, from_v);
+      Io::store_column(p.sum_into, into, t0, count, [&](int i) { return into_v[i] + from_v[i]; });
     }
   }
 }

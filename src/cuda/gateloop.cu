@@ -3,10 +3,13 @@
 // for the per-token steps, a chunk of 64 tokens), consecutive threads on consecutive features
 // (coalesced token rows), float64 arithmetic. Also the device memory of the
 // op's intermediates, which src/api allocates through device_buffer.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 
 #include "api/gateloop_params.hpp"
 #include "cuda/backend.hpp"
@@ -18,6 +21,8 @@ namespace {
 
 using detail::GateloopPass;
 using detail::GateloopStep;
+using detail::gateloop::kBatch;
+using detail::gateloop::TokenColumn;
 
 struct DeviceIo {
   static __device__ double load(const StridedTensor& t, int64_t offset) {
@@ -26,6 +31,50 @@ struct DeviceIo {
   static __device__ void store(const StridedTensor& t, int64_t offset, double x) {
     store_double(t, offset, x);
   }
+  // A batch of one token column: one dtype dispatch, then kBatch independent loads or stores.
+  static __device__ void load_column(const StridedTensor& t, const TokenColumn& column, int64_t t0,
+                                     int count, double (&out)[kBatch]) {
+    switch (t.dtype) {
+      case Storage::kFloat32: return gather<float>(t, column, t0, count, out);
+      case Storage::kFloat64: return gather<double>(t, column, t0, count, out);
+      case Storage::kFloat16: return gather<__half>(t, column, t0, count, out);
+      default: return gather<__nv_bfloat16>(t, column, t0, count, out);
+    }
+  }
+  template <class Value>
+  static __device__ void store_column(const StridedTensor& t, const TokenColumn& column, int64_t t0,
+                                      int count, Value value) {
+    switch (t.dtype) {
+      case Storage::kFloat32: return scatter<float>(t, column, t0, count, value);
+      case Storage::kFloat64: return scatter<double>(t, column, t0, count, value);
+      case Storage::kFloat16: return scatter<__half>(t, column, t0, count, value);
+      default: return scatter<__nv_bfloat16>(t, column, t0, count, value);
+    }
+  }
+  template <typename T>
+  static __device__ void gather(const StridedTensor& t, const TokenColumn& column, int64_t t0,
+                                int count, double (&out)[kBatch]) {
+    const T* data = reinterpret_cast<const T*>(t.data);
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i)
+      out[i] = to_double(data[column.at(t0 + (i < count ? i : count - 1))]);
+  }
+  template <typename T, class Value>
+  static __device__ void scatter(const StridedTensor& t, const TokenColumn& column, int64_t t0,
+                                 int count, Value value) {
+    T* data = reinterpret_cast<T*>(t.data);
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i)
+      if (i < count) data[column.at(t0 + i)] = rounded<T>(value(i));
+  }
+  template <typename T>
+  static __device__ T rounded(double x) {
+    if constexpr (std::is_same_v<T, double>)
+      return x;
+    else
+      return from_float<T>(static_cast<float>(x));  // as store_double: via float32
+  }
+
   // x in [0, 2 pi): float32 sincosf is accurate there to a float32 rounding, which is all that
   // float32 or 16-bit q', k' keep; float64 compute takes the float64 functions.
   static __device__ void sincos(double x, bool precise, double* s, double* c) {

@@ -20,13 +20,28 @@ namespace {
 struct HostIo {
   static double load(const detail::StridedTensor& t, int64_t offset) {
     double x = 0.0;
-    load_row(t.data + offset * static_cast<int64_t>(detail::storage_bytes(t.dtype)), t.dtype, 1, 1,
-             &x);
+    load_row(address(t, offset), t.dtype, 1, 1, &x);
     return x;
   }
   static void store(const detail::StridedTensor& t, int64_t offset, double x) {
-    store_row(&x, 1, t.data + offset * static_cast<int64_t>(detail::storage_bytes(t.dtype)),
-              t.dtype, 1);
+    store_row(&x, 1, address(t, offset), t.dtype, 1);
+  }
+  static void load_column(const detail::StridedTensor& t,
+                          const detail::gateloop::TokenColumn& column, int64_t t0, int count,
+                          double (&out)[detail::gateloop::kBatch]) {
+    load_row(address(t, column.at(t0)), t.dtype, column.step, count, out);
+    for (int i = count; i < detail::gateloop::kBatch; ++i) out[i] = out[count - 1];
+  }
+  template <class Value>
+  static void store_column(const detail::StridedTensor& t,
+                           const detail::gateloop::TokenColumn& column, int64_t t0, int count,
+                           Value value) {
+    double values[detail::gateloop::kBatch];
+    for (int i = 0; i < count; ++i) values[i] = value(i);
+    store_row(values, count, address(t, column.at(t0)), t.dtype, column.step);
+  }
+  static char* address(const detail::StridedTensor& t, int64_t offset) {
+    return t.data + offset * static_cast<int64_t>(detail::storage_bytes(t.dtype));
   }
   static void sincos(double x, bool /*precise*/, double* s, double* c) {
     *s = std::sin(x);
