@@ -9,7 +9,7 @@ build="${1:-build-cuda}"
 rm -rf build-device && mkdir -p build-device
 cp "$build/libflashlin.so" build-device/
 for lib in libgomp.so.1; do
-  path=$(/sbin/ldconfig -p | awk -v l="$lib" '$1 == l {print $NF; exit}')
+  path=$(/sbin/ldconfig -p | awk -v l="$lib" '$1 == l && !found {print $NF; found = 1}')
   if [ -n "$path" ]; then cp -L "$path" build-device/; else echo "warning: $lib not found"; fi
 done
 du -sh build-device

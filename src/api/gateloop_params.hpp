@@ -152,19 +152,22 @@ struct Item {
 //   static double load(const StridedTensor&, int64_t element_offset)
 //   static void store(const StridedTensor&, int64_t element_offset, double)
 //   static void load_column(const StridedTensor&, const TokenColumn&, int64_t t0, int count,
-//                           double (&out)[kBatch])
+//                           R (&out)[kBatch])            (R: float or double)
 //       out[i] = the element at token t0 + min(i, count - 1): one dtype dispatch for the batch,
 //       whose loads are then all in flight together;
 //   static void store_column(const StridedTensor&, const TokenColumn&, int64_t t0, int count,
 //                            Value value)      the element at token t0 + i = value(i), i < count
-//   static void sincos(double x, bool precise, double* s, double* c)   (x in [0, 2 pi))
-// and p.sequences must be readable there.
-template <class Io, GateloopStep Step>
+//   static void sincos(double x, bool precise, R* s, R* c)   (x in [0, 2 pi))
+// and p.sequences must be readable there. Real is the type of the token values' arithmetic:
+// float suffices for float32 and 16-bit data (the phases and the sums over tokens are float64
+// whatever Real is), double for float64 compute.
+template <class Io, GateloopStep Step, typename Real>
 FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index) {
   const Item it(p, index);
   const int64_t K = p.key_dim, n = it.n, h = it.h, kk = it.kk, c = it.chunk, b = it.b;
-  double* const chunk_phase = p.chunk_phase + it.channel * p.num_chunks;
-  double* const chunk_grad = p.chunk_grad + it.channel * p.num_chunks;
+  // This channel's chunks (pointer arithmetic only on the steps' non-null arrays).
+  double* const chunk_phase = p.chunk_phase ? p.chunk_phase + it.channel * p.num_chunks : nullptr;
+  double* const chunk_grad = p.chunk_grad ? p.chunk_grad + it.channel * p.num_chunks : nullptr;
   const ComplexTensor& z = p.complex_state;
   const auto state = [&](const StridedTensor& t, int64_t row, int64_t v) {
     return offset_of(t, n, h, row, v);
@@ -201,12 +204,13 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index
     double phase = chunk_phase[c];
     for (int64_t t0 = it.first; t0 < it.last; t0 += kBatch) {
       const int count = batch_count(t0);
-      double theta_v[kBatch] = {}, q_v[kBatch], k_v[kBatch], g_v[kBatch];
+      double theta_v[kBatch] = {};
+      Real q_v[kBatch], k_v[kBatch], g_v[kBatch];
       if (p.theta.present) Io::load_column(p.theta, theta, t0, count, theta_v);
       Io::load_column(p.q, q, t0, count, q_v);
       Io::load_column(p.k, k, t0, count, k_v);
       Io::load_column(p.g, g, t0, count, g_v);
-      double cos_v[kBatch], sin_v[kBatch];
+      Real cos_v[kBatch], sin_v[kBatch];
       FLASHLIN_GATELOOP_UNROLL
       for (int i = 0; i < kBatch; ++i) {
         phase = i < count ? wrap_phase(phase + theta_v[i]) : phase;
@@ -266,8 +270,9 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index
     double theta_grad = kWrite && p.dtheta.present ? chunk_grad[c] : 0.0;  // sum over t' >= t
     for (int64_t t0 = it.first; t0 < it.last; t0 += kBatch) {
       const int count = batch_count(t0);
-      double theta_v[kBatch] = {}, q_v[kBatch] = {}, k_v[kBatch] = {};
-      double dqc[kBatch] = {}, dqs[kBatch] = {}, dkc[kBatch] = {}, dks[kBatch] = {};
+      double theta_v[kBatch] = {};
+      Real q_v[kBatch] = {}, k_v[kBatch] = {};
+      Real dqc[kBatch] = {}, dqs[kBatch] = {}, dkc[kBatch] = {}, dks[kBatch] = {};
       if (p.theta.present) Io::load_column(p.theta, theta, t0, count, theta_v);
       if (p.dq2.present) {
         Io::load_column(p.q, q, t0, count, q_v);
@@ -279,7 +284,7 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index
         Io::load_column(p.dk2, dk2c, t0, count, dkc);
         Io::load_column(p.dk2, dk2s, t0, count, dks);
       }
-      double cos_v[kBatch], sin_v[kBatch], phase_grad[kBatch];
+      Real cos_v[kBatch], sin_v[kBatch], phase_grad[kBatch];
       FLASHLIN_GATELOOP_UNROLL
       for (int i = 0; i < kBatch; ++i) {
         phase = i < count ? wrap_phase(phase + theta_v[i]) : phase;
@@ -296,7 +301,7 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index
           Io::store_column(p.dk, dk, t0, count,
                            [&](int i) { return dkc[i] * cos_v[i] + dks[i] * sin_v[i]; });
         if (with_dg) {
-          double dgc[kBatch], dgs[kBatch];
+          Real dgc[kBatch], dgs[kBatch];
           Io::load_column(p.dg2, dg2c, t0, count, dgc);
           Io::load_column(p.dg2, dg2s, t0, count, dgs);
           Io::store_column(p.dg, dg, t0, count, [&](int i) { return dgc[i] + dgs[i]; });
@@ -327,7 +332,7 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index
     const TokenColumn into(p.sum_into, b, h, kk), from(p.sum_from, b, h, kk);
     for (int64_t t0 = it.first; t0 < it.last; t0 += kBatch) {
       const int count = batch_count(t0);
-      double into_v[kBatch], from_v[kBatch];
+      Real into_v[kBatch], from_v[kBatch];
       Io::load_column(p.sum_into, into, t0, count, into_v);
       Io::load_column(p.sum_from, from, t0, count, from_v);
       Io::store_column(p.sum_into, into, t0, count, [&](int i) { return into_v[i] + from_v[i]; });
@@ -335,19 +340,25 @@ FLASHLIN_GATELOOP_HOST_DEVICE void run_item(const GateloopPass& p, int64_t index
   }
 }
 
-// The step of p, chosen at run time (the CPU runner; CUDA instantiates one kernel per step).
+// The step of p chosen at run time, in float64 (the CPU runner; CUDA instantiates one kernel per
+// step and arithmetic type).
 template <class Io>
-void run_item(const GateloopPass& p, int64_t index) {
+void run_item_double(const GateloopPass& p, int64_t index) {
   switch (p.step) {
-    case GateloopStep::kPhaseSums: return run_item<Io, GateloopStep::kPhaseSums>(p, index);
-    case GateloopStep::kRotate: return run_item<Io, GateloopStep::kRotate>(p, index);
-    case GateloopStep::kPhaseGradSums: return run_item<Io, GateloopStep::kPhaseGradSums>(p, index);
-    case GateloopStep::kInputGrads: return run_item<Io, GateloopStep::kInputGrads>(p, index);
-    case GateloopStep::kAccumulate: return run_item<Io, GateloopStep::kAccumulate>(p, index);
-    case GateloopStep::kPhaseScan: return run_item<Io, GateloopStep::kPhaseScan>(p, index);
-    case GateloopStep::kFinalState: return run_item<Io, GateloopStep::kFinalState>(p, index);
-    case GateloopStep::kStateGrad: return run_item<Io, GateloopStep::kStateGrad>(p, index);
-    case GateloopStep::kPhaseGradScan: return run_item<Io, GateloopStep::kPhaseGradScan>(p, index);
+    case GateloopStep::kPhaseSums: return run_item<Io, GateloopStep::kPhaseSums, double>(p, index);
+    case GateloopStep::kRotate: return run_item<Io, GateloopStep::kRotate, double>(p, index);
+    case GateloopStep::kPhaseGradSums:
+      return run_item<Io, GateloopStep::kPhaseGradSums, double>(p, index);
+    case GateloopStep::kInputGrads:
+      return run_item<Io, GateloopStep::kInputGrads, double>(p, index);
+    case GateloopStep::kAccumulate:
+      return run_item<Io, GateloopStep::kAccumulate, double>(p, index);
+    case GateloopStep::kPhaseScan: return run_item<Io, GateloopStep::kPhaseScan, double>(p, index);
+    case GateloopStep::kFinalState:
+      return run_item<Io, GateloopStep::kFinalState, double>(p, index);
+    case GateloopStep::kStateGrad: return run_item<Io, GateloopStep::kStateGrad, double>(p, index);
+    case GateloopStep::kPhaseGradScan:
+      return run_item<Io, GateloopStep::kPhaseGradScan, double>(p, index);
   }
 }
 

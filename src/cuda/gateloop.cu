@@ -32,8 +32,9 @@ struct DeviceIo {
     store_double(t, offset, x);
   }
   // A batch of one token column: one dtype dispatch, then kBatch independent loads or stores.
+  template <typename R>
   static __device__ void load_column(const StridedTensor& t, const TokenColumn& column, int64_t t0,
-                                     int count, double (&out)[kBatch]) {
+                                     int count, R (&out)[kBatch]) {
     switch (t.dtype) {
       case Storage::kFloat32: return gather<float>(t, column, t0, count, out);
       case Storage::kFloat64: return gather<double>(t, column, t0, count, out);
@@ -51,13 +52,18 @@ struct DeviceIo {
       default: return scatter<__nv_bfloat16>(t, column, t0, count, value);
     }
   }
-  template <typename T>
+  template <typename T, typename R>
   static __device__ void gather(const StridedTensor& t, const TokenColumn& column, int64_t t0,
-                                int count, double (&out)[kBatch]) {
+                                int count, R (&out)[kBatch]) {
     const T* data = reinterpret_cast<const T*>(t.data);
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i)
-      out[i] = to_double(data[column.at(t0 + (i < count ? i : count - 1))]);
+    for (int i = 0; i < kBatch; ++i) {
+      const T x = data[column.at(t0 + (i < count ? i : count - 1))];
+      if constexpr (std::is_same_v<R, double>)
+        out[i] = to_double(x);
+      else
+        out[i] = to_float(x);
+    }
   }
   template <typename T, class Value>
   static __device__ void scatter(const StridedTensor& t, const TokenColumn& column, int64_t t0,
@@ -67,8 +73,8 @@ struct DeviceIo {
     for (int i = 0; i < kBatch; ++i)
       if (i < count) data[column.at(t0 + i)] = rounded<T>(value(i));
   }
-  template <typename T>
-  static __device__ T rounded(double x) {
+  template <typename T, typename R>
+  static __device__ T rounded(R x) {
     if constexpr (std::is_same_v<T, double>)
       return x;
     else
@@ -77,9 +83,13 @@ struct DeviceIo {
 
   // x in [0, 2 pi): float32 sincosf is accurate there to a float32 rounding, which is all that
   // float32 or 16-bit q', k' keep; float64 compute takes the float64 functions.
-  static __device__ void sincos(double x, bool precise, double* s, double* c) {
+  template <typename R>
+  static __device__ void sincos(double x, bool precise, R* s, R* c) {
     if (precise) {
-      ::sincos(x, s, c);
+      double sd, cd;
+      ::sincos(x, &sd, &cd);
+      *s = static_cast<R>(sd);
+      *c = static_cast<R>(cd);
       return;
     }
     float sf, cf;
@@ -89,25 +99,31 @@ struct DeviceIo {
   }
 };
 
-template <GateloopStep Step>
+template <GateloopStep Step, typename Real>
 __global__ void __launch_bounds__(128) gateloop_pass_kernel(const GateloopPass pass) {
   const int64_t item = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (item < pass.items()) detail::gateloop::run_item<DeviceIo, Step>(pass, item);
+  if (item < pass.items()) detail::gateloop::run_item<DeviceIo, Step, Real>(pass, item);
 }
 
 using PassKernel = void (*)(GateloopPass);
 
-PassKernel kernel_for(GateloopStep step) {
-  switch (step) {
-    case GateloopStep::kPhaseSums: return gateloop_pass_kernel<GateloopStep::kPhaseSums>;
-    case GateloopStep::kRotate: return gateloop_pass_kernel<GateloopStep::kRotate>;
-    case GateloopStep::kPhaseGradSums: return gateloop_pass_kernel<GateloopStep::kPhaseGradSums>;
-    case GateloopStep::kInputGrads: return gateloop_pass_kernel<GateloopStep::kInputGrads>;
-    case GateloopStep::kAccumulate: return gateloop_pass_kernel<GateloopStep::kAccumulate>;
-    case GateloopStep::kPhaseScan: return gateloop_pass_kernel<GateloopStep::kPhaseScan>;
-    case GateloopStep::kFinalState: return gateloop_pass_kernel<GateloopStep::kFinalState>;
-    case GateloopStep::kStateGrad: return gateloop_pass_kernel<GateloopStep::kStateGrad>;
-    case GateloopStep::kPhaseGradScan: return gateloop_pass_kernel<GateloopStep::kPhaseGradScan>;
+// float arithmetic for float32 and 16-bit data, double for float64 compute (pass.precise).
+template <GateloopStep Step>
+PassKernel kernel_of(const GateloopPass& pass) {
+  return pass.precise ? gateloop_pass_kernel<Step, double> : gateloop_pass_kernel<Step, float>;
+}
+
+PassKernel kernel_for(const GateloopPass& pass) {
+  switch (pass.step) {
+    case GateloopStep::kPhaseSums: return kernel_of<GateloopStep::kPhaseSums>(pass);
+    case GateloopStep::kRotate: return kernel_of<GateloopStep::kRotate>(pass);
+    case GateloopStep::kPhaseGradSums: return kernel_of<GateloopStep::kPhaseGradSums>(pass);
+    case GateloopStep::kInputGrads: return kernel_of<GateloopStep::kInputGrads>(pass);
+    case GateloopStep::kAccumulate: return kernel_of<GateloopStep::kAccumulate>(pass);
+    case GateloopStep::kPhaseScan: return kernel_of<GateloopStep::kPhaseScan>(pass);
+    case GateloopStep::kFinalState: return kernel_of<GateloopStep::kFinalState>(pass);
+    case GateloopStep::kStateGrad: return kernel_of<GateloopStep::kStateGrad>(pass);
+    case GateloopStep::kPhaseGradScan: return kernel_of<GateloopStep::kPhaseGradScan>(pass);
   }
   return nullptr;
 }
@@ -129,7 +145,7 @@ flashlin_status gateloop_pass(const GateloopPass& pass, const detail::Execution&
   constexpr int kThreads = 128;
   const int64_t blocks = (items + kThreads - 1) / kThreads;
   if (blocks > 0x7fffffff) unsupported("GateLoop: too many (sequence, head, feature, chunk) items");
-  kernel_for(pass.step)<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(device_pass);
+  kernel_for(pass)<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(device_pass);
   check_cuda(cudaGetLastError(), "the GateLoop pass kernel");
   return FLASHLIN_SUCCESS;
 }

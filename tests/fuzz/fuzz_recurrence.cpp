@@ -1,15 +1,17 @@
 // libFuzzer target over the C ABI: every entry point of the recurrence (workspace sizes, forward,
 // backward) and of the fused modules (RMSNorm / gated RMSNorm forward, backward and backward
 // workspace size; rotary embedding; short convolution forward, backward and backward workspace
-// size); and the three op families added later, each forward, backward and workspace size:
-// Based linear attention, ABC / GSA slot attention and Transformer-VQ attention. The first input
+// size); the three op families added later, each forward, backward and workspace size: Based
+// linear attention, ABC / GSA slot attention and Transformer-VQ attention; and GateLoop's forward
+// and backward (complex states: kDLComplex 64 / 128, and dtypes it rejects). The first input
 // byte picks the family (family_of); the rest feeds a FuzzedDataProvider (which reads its
 // integers from the end, so the recurrence consumes what it always did).
 // Fuzzed: configs (enum values out of range; scale, eps, rotary base 0 / negative / NaN / inf /
 // huge; chunk sizes; rotary_dim, offset and per-sequence offsets negative or huge; interleaved,
 // inverse; kernel widths 0..70; Based's use_norm and form, slot attention's kind and form,
-// Transformer-VQ's block_len; feature, slot and code counts at and past their limits) and
-// tensors -- ranks, shapes, strides (zero, negative, huge), byte offsets, dtypes, devices, NULL
+// Transformer-VQ's block_len, GateLoop's form and chunk_size; feature, slot and code counts at and
+// past their limits) and tensors -- ranks, shapes, strides (zero, negative, huge), byte offsets,
+// dtypes (complex ones of other widths or lanes, real ones for complex states), devices, NULL
 // data, cu_seqlens and offsets values, NULL optional arguments, aliasing (the in-place pairs the
 // API permits, the same view described another way, shifted views and outputs on inputs or on
 // each other, which must be rejected) -- built around small, exactly sized heap buffers so that
@@ -27,7 +29,10 @@
 //     agree); the recurrence's exact backward query accepts exactly what the backward accepts;
 //     and a module query that accepts its arguments makes the backward on them (other arguments
 //     valid) run without an argument error, as does a Based / slot / VQ query (which sizes both
-//     directions) for the forward and the backward.
+//     directions) for the forward and the backward;
+//   * GateLoop (no size query): its forward and backward reject a config or input argument with
+//     the same status and message, and a call that accepts config and inputs makes the other
+//     call on them (other arguments minimal) run without an argument error.
 // Run with scripts/fuzz.sh (bounded time, committed seed corpus in tests/fuzz/corpus/). Built with
 // -DFLASHLIN_FUZZ_TRACE it prints every call's status (to see what a seed reaches).
 #include <dlpack/dlpack.h>
@@ -1218,15 +1223,192 @@ void fuzz_vq_attention(FuzzedDataProvider& in, Builder& make) {
   }
 }
 
+// --- GateLoop
+// ------------------------------------------------------------------------------------
+
+// A complex state dtype: usually complex64 / complex128, sometimes one the API rejects (complex of
+// 16 or 32 bits, two lanes, a real float where a complex tensor belongs).
+DLDataType pick_complex(FuzzedDataProvider& in) {
+  if (in.ConsumeIntegralInRange<int>(0, 7) != 0)
+    return in.ConsumeBool() ? DLDataType{kDLComplex, 64, 1} : DLDataType{kDLComplex, 128, 1};
+  return in.PickValueInArray({DLDataType{kDLComplex, 32, 1}, DLDataType{kDLComplex, 64, 2},
+                              DLDataType{kDLComplex, 16, 1}, DLDataType{kDLFloat, 32, 1},
+                              DLDataType{kDLFloat, 64, 1}, DLDataType{kDLFloat, 32, 2}});
+}
+
+// The argument a failed call's message names ("argument 'q': expected ..."), or "".
+std::string failed_argument(const Outcome& outcome) {
+  static const char kPrefix[] = "argument '";
+  if (outcome.message.compare(0, sizeof kPrefix - 1, kPrefix) != 0) return "";
+  const size_t end = outcome.message.find('\'', sizeof kPrefix - 1);
+  return end == std::string::npos
+             ? ""
+             : outcome.message.substr(sizeof kPrefix - 1, end - (sizeof kPrefix - 1));
+}
+
+void fuzz_gateloop(FuzzedDataProvider& in, Builder& make) {
+  // q/k/v one floating dtype (now and then a complex one: rejected); g and theta any floating one.
+  const DLDataType tok =
+      in.ConsumeIntegralInRange<int>(0, 15) == 0 ? pick_complex(in) : pick_float(in);
+  const DLDataType gate_type = in.ConsumeBool() ? kF32 : pick_float(in);
+  const DLDataType phase_type = in.ConsumeBool() ? gate_type : pick_float(in);
+  const DLDataType state_type = pick_complex(in);
+  // Each state now and then of its own (complex) dtype: each is checked on its own.
+  const auto state_dtype = [&] {
+    return in.ConsumeIntegralInRange<int>(0, 5) ? state_type : pick_complex(in);
+  };
+  const int alias = in.ConsumeIntegralInRange<int>(0, 15);
+  const int bwd_alias = in.ConsumeIntegralInRange<int>(0, 15);
+  const int64_t shift = in.ConsumeIntegralInRange<int64_t>(1, 3);
+  const int64_t B = in.ConsumeIntegralInRange<int64_t>(0, 3),
+                T = in.ConsumeIntegralInRange<int64_t>(0, 40);
+  const int64_t H = in.ConsumeIntegralInRange<int64_t>(0, 3);
+  const int64_t K = pick_size(in, 7, {0, 1, 2048, 2049});  // 1..2048 (the recurrence's 2K)
+  const int64_t V = pick_size(in, 7, {0, 1, 4096, 4097});  // 1..4096
+
+  flashlin_gateloop_config config{};
+  config.scale = pick_scale(in);
+  set_enum(in, config.form, 2);
+  config.chunk_size =
+      in.ConsumeBool()
+          ? in.PickValueInArray({0, 1, 3, 16, 64, 1024, 1025, -1, -64, kInt32Max, kInt32Min})
+          : in.ConsumeIntegralInRange<int32_t>(0, 70);
+  const flashlin_gateloop_config* config_ptr = or_null(in, &config);
+
+  int64_t N = B;
+  flashlin_gateloop_inputs inputs{};
+  inputs.cu_seqlens = in.ConsumeIntegralInRange<int>(0, 3) == 0
+                          ? make_cu_seqlens(in, make, T, in.ConsumeBool() ? kI32 : kI64, &N)
+                          : nullptr;
+  inputs.q = make.make({B, T, H, K}, tok);
+  inputs.k = make.make({B, T, H, K}, tok);
+  inputs.v = make.make({B, T, H, V}, tok, true, alias == 1 ? shift : 0);
+  inputs.g = make.make({B, T, H, K}, gate_type);  // required: NULL 1 time in 10
+  inputs.theta =
+      in.ConsumeIntegralInRange<int>(0, 3) ? make.make({B, T, H, K}, phase_type) : nullptr;
+  inputs.initial_state = in.ConsumeBool() ? make.make({N, H, K, V}, state_dtype(), true,
+                                                      (alias == 3 || alias == 5) ? shift : 0)
+                                          : nullptr;
+  const flashlin_gateloop_inputs* inputs_ptr = or_null(in, &inputs);
+
+  DLTensor* o = make.make({B, T, H, V}, tok);
+  DLTensor* final_state = in.ConsumeBool() ? make.make({N, H, K, V}, state_dtype()) : nullptr;
+  switch (alias) {
+    case 0: o = const_cast<DLTensor*>(inputs.q); break;  // o aliases q: rejected
+    case 1: o = make.view_of(inputs.v, shift); break;    // overlaps v, shifted
+    case 2: final_state = const_cast<DLTensor*>(inputs.initial_state); break;  // in place
+    case 3: final_state = make.view_of(inputs.initial_state, shift); break;
+    case 4: final_state = make.view_of(inputs.initial_state, 0); break;  // in place, described anew
+    case 5:  // shifted by half an element: the real parts on the imaginary ones
+      final_state = make.view_of(inputs.initial_state, shift);
+      if (final_state) final_state->byte_offset -= item_bytes(final_state->dtype) / 2;
+      break;
+    case 6: final_state = o; break;
+    case 7: o = const_cast<DLTensor*>(inputs.g); break;
+    case 8: final_state = const_cast<DLTensor*>(inputs.theta); break;  // real: rejected
+    case 9: o = const_cast<DLTensor*>(inputs.cu_seqlens); break;
+    case 10: o = const_cast<DLTensor*>(inputs.v); break;  // no in-place attention: rejected
+    default: break;
+  }
+  const std::vector<const DLTensor*> ins = {inputs.q,         inputs.k,     inputs.v,
+                                            inputs.g,         inputs.theta, inputs.initial_state,
+                                            inputs.cu_seqlens};
+  flashlin_execution exec_storage;
+  const flashlin_execution* exec = pick_exec(in, exec_storage);
+  const Outcome forward = checked(
+      make,
+      {"flashlin_gateloop_forward", ins, {o, final_state}, {{final_state, inputs.initial_state}}},
+      [&] { return flashlin_gateloop_forward(config_ptr, inputs_ptr, o, final_state, exec); });
+
+  const DLTensor* d_o = make.make({B, T, H, V}, tok);
+  const DLTensor* d_final =
+      in.ConsumeBool() ? make.make({N, H, K, V}, state_dtype(), true, bwd_alias == 8 ? shift : 0)
+                       : nullptr;
+  flashlin_gateloop_grads grads{};
+  grads.dq = in.ConsumeBool() ? make.make({B, T, H, K}, tok) : nullptr;
+  grads.dk = in.ConsumeBool() ? make.make({B, T, H, K}, tok) : nullptr;
+  grads.dv = in.ConsumeBool() ? make.make({B, T, H, V}, tok) : nullptr;
+  grads.dg =
+      in.ConsumeBool() ? make.make({B, T, H, K}, inputs.g ? inputs.g->dtype : gate_type) : nullptr;
+  // dtheta requires theta, d_initial_state initial_state: now and then without it (rejected).
+  grads.dtheta = (inputs.theta ? in.ConsumeBool() : in.ConsumeIntegralInRange<int>(0, 7) == 0)
+                     ? make.make({B, T, H, K}, phase_type)
+                     : nullptr;
+  grads.d_initial_state =
+      (inputs.initial_state ? in.ConsumeBool() : in.ConsumeIntegralInRange<int>(0, 7) == 0)
+          ? make.make({N, H, K, V}, state_dtype())
+          : nullptr;
+  switch (bwd_alias) {  // overlaps the backward must reject
+    case 0: grads.dq = const_cast<DLTensor*>(inputs.q); break;
+    case 1: grads.dk = grads.dq; break;
+    case 2: grads.dv = const_cast<DLTensor*>(d_o); break;
+    case 3: grads.d_initial_state = const_cast<DLTensor*>(inputs.initial_state); break;
+    case 4: grads.d_initial_state = const_cast<DLTensor*>(d_final); break;
+    case 5: grads.dk = make.view_of(inputs.k, 0); break;
+    case 6: grads.dtheta = const_cast<DLTensor*>(inputs.theta); break;
+    case 7: grads.dg = grads.dtheta; break;  // same shape, often the same dtype
+    case 8: grads.d_initial_state = make.view_of(d_final, shift); break;
+    case 9: grads.dtheta = make.view_of(inputs.g, 0); break;
+    case 10: grads.d_initial_state = make.view_of(inputs.initial_state, 0); break;
+    default: break;
+  }
+  const flashlin_gateloop_grads* grads_ptr = or_null(in, &grads);
+  std::vector<const DLTensor*> bwd_ins = ins;
+  bwd_ins.push_back(d_o);
+  bwd_ins.push_back(d_final);
+  const Outcome backward = checked(
+      make,
+      {"flashlin_gateloop_backward",
+       bwd_ins,
+       {grads.dq, grads.dk, grads.dv, grads.dg, grads.dtheta, grads.d_initial_state},
+       {}},
+      [&] {
+        return flashlin_gateloop_backward(config_ptr, inputs_ptr, d_o, d_final, grads_ptr, exec);
+      });
+
+  // Both calls check config and inputs first, alike: a call rejecting one of those arguments
+  // makes the other reject it with the same status and message.
+  static const char* const kCommon[] = {
+      "config", "inputs", "config.form", "config.chunk_size", "config.scale", "q", "k",
+      "v",      "g",      "theta",       "initial_state",     "cu_seqlens"};
+  for (const Outcome* a : {&forward, &backward}) {
+    const Outcome& b = a == &forward ? backward : forward;
+    if (!argument_error(a->status)) continue;
+    const std::string arg = failed_argument(*a);
+    for (const char* common : kCommon)
+      if (arg == common && (b.status != a->status || b.message != a->message)) __builtin_trap();
+  }
+  // A call that accepted config and inputs: the other call on them, everything else valid and
+  // minimal, accepts them too.
+  if (forward.ok() || backward.ok()) {
+    DLTensor* plain_o = make.like(inputs.v);
+    const Outcome f = checked(make, {"flashlin_gateloop_forward", ins, {plain_o}, {}}, [&] {
+      return flashlin_gateloop_forward(config_ptr, inputs_ptr, plain_o, nullptr, nullptr);
+    });
+    if (argument_error(f.status)) __builtin_trap();
+    const flashlin_gateloop_grads none{};
+    const DLTensor* plain_do = make.like(inputs.v);
+    std::vector<const DLTensor*> minimal_ins = ins;
+    minimal_ins.push_back(plain_do);
+    const Outcome b = checked(make, {"flashlin_gateloop_backward", minimal_ins, {}, {}}, [&] {
+      return flashlin_gateloop_backward(config_ptr, inputs_ptr, plain_do, nullptr, &none, nullptr);
+    });
+    if (argument_error(b.status)) __builtin_trap();
+  }
+}
+
 // The entry-point family of an input: its first byte. Selectors 0xC2..0xE1 (which no seed of the
 // older families begins with) pick the newer op families, Based, slot attention and
-// Transformer-VQ in turn; every other selector keeps its meaning, selector % 8 over the older
-// families (the recurrence for three values in eight, so that it keeps most of the time; an empty
-// input too).
+// Transformer-VQ in turn; 0xEF..0xFD (which no seed began with when GateLoop came: a fourth entry
+// in the cycle above would have moved the committed Based / slot / VQ seeds to other families)
+// pick GateLoop; every other selector keeps its meaning, selector % 8 over the older families
+// (the recurrence for three values in eight, so that it keeps most of the time; an empty input
+// too).
 using Family = void (*)(FuzzedDataProvider&, Builder&);
 Family family_of(uint8_t selector) {
   static const Family kNewer[3] = {fuzz_based, fuzz_slot_attention, fuzz_vq_attention};
   if (selector >= 0xC2 && selector <= 0xE1) return kNewer[(selector - 0xC2) % 3];
+  if (selector >= 0xEF && selector <= 0xFD) return fuzz_gateloop;
   static const Family kFamilies[8] = {fuzz_recurrence, fuzz_recurrence, fuzz_recurrence,
                                       fuzz_rms_norm,   fuzz_rms_norm,   fuzz_rotary,
                                       fuzz_short_conv, fuzz_short_conv};

@@ -26,9 +26,10 @@ struct HostIo {
   static void store(const detail::StridedTensor& t, int64_t offset, double x) {
     store_row(&x, 1, address(t, offset), t.dtype, 1);
   }
+  template <typename R>
   static void load_column(const detail::StridedTensor& t,
                           const detail::gateloop::TokenColumn& column, int64_t t0, int count,
-                          double (&out)[detail::gateloop::kBatch]) {
+                          R (&out)[detail::gateloop::kBatch]) {
     load_row(address(t, column.at(t0)), t.dtype, column.step, count, out);
     for (int i = count; i < detail::gateloop::kBatch; ++i) out[i] = out[count - 1];
   }
@@ -36,16 +37,18 @@ struct HostIo {
   static void store_column(const detail::StridedTensor& t,
                            const detail::gateloop::TokenColumn& column, int64_t t0, int count,
                            Value value) {
-    double values[detail::gateloop::kBatch];
+    using R = decltype(value(0));
+    R values[detail::gateloop::kBatch];
     for (int i = 0; i < count; ++i) values[i] = value(i);
     store_row(values, count, address(t, column.at(t0)), t.dtype, column.step);
   }
   static char* address(const detail::StridedTensor& t, int64_t offset) {
     return t.data + offset * static_cast<int64_t>(detail::storage_bytes(t.dtype));
   }
-  static void sincos(double x, bool /*precise*/, double* s, double* c) {
-    *s = std::sin(x);
-    *c = std::cos(x);
+  template <typename R>
+  static void sincos(double x, bool /*precise*/, R* s, R* c) {
+    *s = static_cast<R>(std::sin(x));
+    *c = static_cast<R>(std::cos(x));
   }
 };
 
@@ -54,7 +57,8 @@ struct HostIo {
 flashlin_status gateloop_pass(const detail::GateloopPass& pass, int threads) {
   const int64_t items = pass.items();
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t item = 0; item < items; ++item) detail::gateloop::run_item<HostIo>(pass, item);
+  for (int64_t item = 0; item < items; ++item)
+    detail::gateloop::run_item_double<HostIo>(pass, item);
   return FLASHLIN_SUCCESS;
 }
 
