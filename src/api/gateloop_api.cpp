@@ -28,7 +28,6 @@ namespace {
 constexpr int64_t kMaxKeyDim = 2048;     // the recurrence's 4096, for the doubled 2K
 constexpr int64_t kMaxCudaKeyDim = 128;  // the CUDA recurrence's 256, for the doubled 2K
 constexpr int64_t kMaxValueDim = 4096;
-constexpr int kMaxChunkSize = 1024;
 constexpr int64_t kMaxParallelLength = 8192;  // as the recurrence: T x T per sequence
 
 // The real and imaginary parts of a complex [N, H, K, V] tensor as strided views.
@@ -88,43 +87,18 @@ Validated validate_common(ArgumentChecker& check, const flashlin_gateloop_config
   static_assert(sizeof(flashlin_form) == sizeof(int), "enum fields are int-sized");
   int form = 0;
   std::memcpy(&form, &config->form, sizeof form);  // any int a C caller stored
-  if (form < 0 || form > 2)
-    check.fail("config.form", "one of FLASHLIN_FORM_CHUNKED/RECURRENT/PARALLEL (0..2)",
-               std::to_string(form));
-  if (config->chunk_size < 0 || config->chunk_size > kMaxChunkSize)
-    check.fail("config.chunk_size", "0 (default 64) or 1.." + std::to_string(kMaxChunkSize),
-               std::to_string(config->chunk_size));
-  if (!std::isfinite(config->scale))
-    check.fail("config.scale", "a finite value (0 selects K^-1/2)", std::to_string(config->scale));
+  check_recurrence_config(check, form, config->chunk_size, config->scale);
 
   Validated val;
-  check.float_tensor(inputs->q, "q", 4);
-  const DLTensor& q = *inputs->q;
-  val.batch = q.shape[0];
-  val.time = q.shape[1];
-  val.heads = q.shape[2];
-  val.key_dim = q.shape[3];
-  if (val.key_dim < 1) check.fail("q", "key dimension K >= 1", shape_string(q));
-  const bool cuda = check.device().device_type == kDLCUDA;
-  const int64_t max_key = cuda ? kMaxCudaKeyDim : kMaxKeyDim;
-  if (val.key_dim > max_key)
-    check.fail("q",
-               "key dimension K <= " + std::to_string(max_key) + (cuda ? " on CUDA" : "") +
-                   " (GateLoop runs the recurrence with 2K)",
-               shape_string(q), FLASHLIN_ERROR_UNSUPPORTED);
+  const TokenSizes sizes =
+      check_qkv(check, inputs->q, inputs->k, inputs->v, kMaxKeyDim, kMaxCudaKeyDim,
+                " (GateLoop runs the recurrence with 2K)", kMaxValueDim);
+  val.batch = sizes.batch;
+  val.time = sizes.time;
+  val.heads = sizes.heads;
+  val.key_dim = sizes.key_dim;
+  val.value_dim = sizes.value_dim;
   const std::vector<int64_t> qk_shape = token_shape(val, val.key_dim);
-  check.float_tensor(inputs->k, "k", 4);
-  check.shape_equals(inputs->k, "k", qk_shape, "(as q)");
-  check.dtype_equals(inputs->k, "k", q.dtype, "q");
-  check.float_tensor(inputs->v, "v", 4);
-  val.value_dim = inputs->v->shape[3];
-  check.shape_equals(inputs->v, "v", token_shape(val, val.value_dim),
-                     "([B, T, H, V] with B, T, H of q)");
-  check.dtype_equals(inputs->v, "v", q.dtype, "q");
-  if (val.value_dim < 1 || val.value_dim > kMaxValueDim)
-    check.fail("v", "value dimension V in 1.." + std::to_string(kMaxValueDim),
-               shape_string(*inputs->v),
-               val.value_dim < 1 ? FLASHLIN_ERROR_INVALID_ARGUMENT : FLASHLIN_ERROR_UNSUPPORTED);
   if (!inputs->g) check.fail("g", "a log-decay tensor [B, T, H, K]", "NULL");
   check.float_tensor(inputs->g, "g", 4);
   check.shape_equals(inputs->g, "g", qk_shape, "(as q)");

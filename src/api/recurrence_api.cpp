@@ -18,8 +18,7 @@
 namespace flashlin::detail {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 4096;  // K and V; larger is rejected as unsupported
-constexpr int kMaxChunkSize = 1024;
+constexpr int64_t kMaxHeadDim = 4096;         // K and V; larger is rejected as unsupported
 constexpr int64_t kMaxParallelLength = 8192;  // the parallel form materialises T x T per sequence
 
 // Everything both directions share: config, q, k, v, g, u, cu_seqlens, initial_state.
@@ -42,39 +41,16 @@ Validated validate_common(ArgumentChecker& check, const flashlin_recurrence_conf
   if (gate < 0 || gate > 3)
     check.fail("config.gate_kind", "one of FLASHLIN_GATE_NONE/PER_HEAD/PER_TOKEN/PER_KEY (0..3)",
                std::to_string(gate));
-  if (form < 0 || form > 2)
-    check.fail("config.form", "one of FLASHLIN_FORM_CHUNKED/RECURRENT/PARALLEL (0..2)",
-               std::to_string(form));
-  if (config->chunk_size < 0 || config->chunk_size > kMaxChunkSize)
-    check.fail("config.chunk_size", "0 (default 64) or 1.." + std::to_string(kMaxChunkSize),
-               std::to_string(config->chunk_size));
-  if (!std::isfinite(config->scale))
-    check.fail("config.scale", "a finite value (0 selects K^-1/2)", std::to_string(config->scale));
+  check_recurrence_config(check, form, config->chunk_size, config->scale);
 
   Validated out;
-  check.float_tensor(inputs->q, "q", 4);
-  const DLTensor& q = *inputs->q;
-  out.batch = q.shape[0];
-  out.time = q.shape[1];
-  out.heads = q.shape[2];
-  out.key_dim = q.shape[3];
-  if (out.key_dim < 1) check.fail("q", "key dimension K >= 1", shape_string(q));
-  if (out.key_dim > kMaxHeadDim)
-    check.fail("q", "key dimension K <= " + std::to_string(kMaxHeadDim), shape_string(q),
-               FLASHLIN_ERROR_UNSUPPORTED);
-  check.float_tensor(inputs->k, "k", 4);
-  check.shape_equals(inputs->k, "k", {out.batch, out.time, out.heads, out.key_dim}, "(as q)");
-  check.dtype_equals(inputs->k, "k", q.dtype, "q");
-  check.float_tensor(inputs->v, "v", 4);
-  const DLTensor& v = *inputs->v;
-  out.value_dim = v.shape[3];
-  check.shape_equals(inputs->v, "v", {out.batch, out.time, out.heads, out.value_dim},
-                     "([B, T, H, V] with B, T, H of q)");
-  check.dtype_equals(inputs->v, "v", q.dtype, "q");
-  if (out.value_dim < 1) check.fail("v", "value dimension V >= 1", shape_string(v));
-  if (out.value_dim > kMaxHeadDim)
-    check.fail("v", "value dimension V <= " + std::to_string(kMaxHeadDim), shape_string(v),
-               FLASHLIN_ERROR_UNSUPPORTED);
+  const TokenSizes sizes =
+      check_qkv(check, inputs->q, inputs->k, inputs->v, kMaxHeadDim, kMaxHeadDim, "", kMaxHeadDim);
+  out.batch = sizes.batch;
+  out.time = sizes.time;
+  out.heads = sizes.heads;
+  out.key_dim = sizes.key_dim;
+  out.value_dim = sizes.value_dim;
 
   RecurrenceParams& p = out.params;
   p.gate = static_cast<GateKind>(gate);

@@ -1,5 +1,6 @@
 #include "api/sequences.hpp"
 
+#include <cmath>
 #include <cstring>
 #include <string>
 
@@ -75,6 +76,49 @@ std::vector<SequenceSpan> sequence_spans(ArgumentChecker& check, const DLTensor*
   for (size_t i = 0; i + 1 < offsets.size(); ++i)
     spans.push_back({0, offsets[i], offsets[i + 1] - offsets[i]});
   return spans;
+}
+
+void check_recurrence_config(ArgumentChecker& check, int form, int32_t chunk_size, double scale) {
+  if (form < 0 || form > 2)
+    check.fail("config.form", "one of FLASHLIN_FORM_CHUNKED/RECURRENT/PARALLEL (0..2)",
+               std::to_string(form));
+  if (chunk_size < 0 || chunk_size > kMaxChunkSize)
+    check.fail("config.chunk_size", "0 (default 64) or 1.." + std::to_string(kMaxChunkSize),
+               std::to_string(chunk_size));
+  if (!std::isfinite(scale))
+    check.fail("config.scale", "a finite value (0 selects K^-1/2)", std::to_string(scale));
+}
+
+TokenSizes check_qkv(ArgumentChecker& check, const DLTensor* q, const DLTensor* k,
+                     const DLTensor* v, int64_t max_key, int64_t max_key_cuda, const char* key_note,
+                     int64_t max_value) {
+  TokenSizes out;
+  check.float_tensor(q, "q", 4);
+  out.batch = q->shape[0];
+  out.time = q->shape[1];
+  out.heads = q->shape[2];
+  out.key_dim = q->shape[3];
+  if (out.key_dim < 1) check.fail("q", "key dimension K >= 1", shape_string(*q));
+  const bool cuda = check.device().device_type == kDLCUDA;
+  const int64_t key_limit = cuda ? max_key_cuda : max_key;
+  if (out.key_dim > key_limit)
+    check.fail("q",
+               "key dimension K <= " + std::to_string(key_limit) +
+                   (cuda && max_key_cuda != max_key ? " on CUDA" : "") + key_note,
+               shape_string(*q), FLASHLIN_ERROR_UNSUPPORTED);
+  check.float_tensor(k, "k", 4);
+  check.shape_equals(k, "k", {out.batch, out.time, out.heads, out.key_dim}, "(as q)");
+  check.dtype_equals(k, "k", q->dtype, "q");
+  check.float_tensor(v, "v", 4);
+  out.value_dim = v->shape[3];
+  check.shape_equals(v, "v", {out.batch, out.time, out.heads, out.value_dim},
+                     "([B, T, H, V] with B, T, H of q)");
+  check.dtype_equals(v, "v", q->dtype, "q");
+  if (out.value_dim < 1) check.fail("v", "value dimension V >= 1", shape_string(*v));
+  if (out.value_dim > max_value)
+    check.fail("v", "value dimension V <= " + std::to_string(max_value), shape_string(*v),
+               FLASHLIN_ERROR_UNSUPPORTED);
+  return out;
 }
 
 }  // namespace flashlin::detail

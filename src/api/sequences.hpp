@@ -1,7 +1,7 @@
-// Shared by the C ABI entry points (recurrence_api.cpp, modules_api.cpp): the mapping of a
-// DLTensor onto the four logical dimensions of a StridedTensor, and the sequences of token
-// tensors (batch rows, or the packed spans of cu_seqlens) with the host integer tensors that
-// describe them.
+// Shared by the C ABI entry points (recurrence_api.cpp, modules_api.cpp, ...): the mapping of a
+// DLTensor onto the four logical dimensions of a StridedTensor, the sequences of token tensors
+// (batch rows, or the packed spans of cu_seqlens) with the host integer tensors that describe
+// them, and the argument checks of the recurrence that the ops built on it repeat.
 #ifndef FLASHLIN_SRC_API_SEQUENCES_HPP_
 #define FLASHLIN_SRC_API_SEQUENCES_HPP_
 
@@ -30,6 +30,21 @@ std::vector<int64_t> read_host_integers(ArgumentChecker& check, const DLTensor* 
 // row, or the spans of cu_seqlens ([N + 1], starting at 0, non-decreasing, ending at T; B == 1).
 std::vector<SequenceSpan> sequence_spans(ArgumentChecker& check, const DLTensor* cu_seqlens,
                                          int64_t batch, int64_t time, const char* tokens_arg);
+
+// The checks of the recurrence's entry points that the ops run through it (GateLoop) share.
+constexpr int kMaxChunkSize = 1024;
+
+// config.form (its raw int: 0..2), config.chunk_size (0 or 1..kMaxChunkSize), config.scale.
+void check_recurrence_config(ArgumentChecker& check, int form, int32_t chunk_size, double scale);
+
+struct TokenSizes {
+  int64_t batch = 0, time = 0, heads = 0, key_dim = 0, value_dim = 0;
+};
+// q, k [B, T, H, K] and v [B, T, H, V], one floating dtype, K in 1..max_key (max_key_cuda for
+// CUDA tensors; `key_note` is added to the message of a K past it), V in 1..max_value.
+TokenSizes check_qkv(ArgumentChecker& check, const DLTensor* q, const DLTensor* k,
+                     const DLTensor* v, int64_t max_key, int64_t max_key_cuda, const char* key_note,
+                     int64_t max_value);
 
 }  // namespace flashlin::detail
 
