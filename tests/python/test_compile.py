@@ -1,6 +1,6 @@
 """torch.compile (torch >= 2.4, where the ops are torch.library custom ops): a function calling
-chunk_gla and fused_recurrent_rwkv6 compiles with fullgraph=True (backend aot_eager) and its
-forward and backward match eager execution.
+chunk_gla and fused_recurrent_rwkv6, and one calling chunk_gateloop (complex states), compile
+with fullgraph=True (backend aot_eager) and their forward and backward match eager execution.
 """
 import pytest
 import torch
@@ -42,6 +42,38 @@ def test_compile_fullgraph_matches_eager(device):
         grads = torch.autograd.grad([o, h], inputs, [do, dh])
         results.append([o, h, *grads])
     names = ["o", "final_state", "dq", "dk", "dv", "dg", "dw", "du", "dh0"]
+    for name, eager, comp in zip(names, *results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _gateloop_model(q, k, v, g, theta, h0):
+    from flashlin.ops import chunk_gateloop
+
+    o, h = chunk_gateloop(q, k, v, g, theta, initial_state=h0, output_final_state=True)
+    return o * 2.0, h
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_gateloop_matches_eager(device):
+    """GateLoop's library op (complex states) under torch.compile(fullgraph=True)."""
+    B, T, H, K, V = 1, 70, 2, 8, 4
+    q, k, v = torch.randn(B, T, H, K), torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+    g = F.logsigmoid(torch.randn(B, T, H, K)) / 16
+    theta = torch.randn(B, T, H, K)
+    h0 = torch.complex(torch.randn(B, H, K, V), torch.randn(B, H, K, V))
+    inputs = [t.to(device).requires_grad_() for t in (q, k, v, g, theta, h0)]
+    do = torch.randn(B, T, H, V, device=device)
+    dh = torch.complex(torch.randn(B, H, K, V), torch.randn(B, H, K, V)).to(device)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_gateloop_model, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (_gateloop_model, compiled):
+        o, h = fn(*inputs)
+        grads = torch.autograd.grad([o, h], inputs, [do, dh])
+        results.append([o, h, *grads])
+    names = ["o", "final_state", "dq", "dk", "dv", "dg", "dtheta", "dh0"]
     for name, eager, comp in zip(names, *results):
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
