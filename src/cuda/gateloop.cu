@@ -52,13 +52,18 @@ struct DeviceIo {
       default: return scatter<__nv_bfloat16>(t, column, t0, count, value);
     }
   }
+  // The batch's elements are one stride apart: a pointer walked by that stride (a 64-bit add
+  // per element instead of an index product; the loads' addresses were most of these kernels'
+  // instructions). A partial batch (the sequence's last) re-reads its last token.
   template <typename T, typename R>
   static __device__ void gather(const StridedTensor& t, const TokenColumn& column, int64_t t0,
                                 int count, R (&out)[kBatch]) {
-    const T* data = reinterpret_cast<const T*>(t.data);
+    const T* at = reinterpret_cast<const T*>(t.data) + column.at(t0);
+    const int64_t step = column.step;
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
-      const T x = data[column.at(t0 + (i < count ? i : count - 1))];
+      const T x = *at;
+      if (i + 1 < count) at += step;
       if constexpr (std::is_same_v<R, double>)
         out[i] = to_double(x);
       else
@@ -68,10 +73,11 @@ struct DeviceIo {
   template <typename T, class Value>
   static __device__ void scatter(const StridedTensor& t, const TokenColumn& column, int64_t t0,
                                  int count, Value value) {
-    T* data = reinterpret_cast<T*>(t.data);
+    T* at = reinterpret_cast<T*>(t.data) + column.at(t0);
+    const int64_t step = column.step;
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i)
-      if (i < count) data[column.at(t0 + i)] = rounded<T>(value(i));
+    for (int i = 0; i < kBatch; ++i, at += step)
+      if (i < count) *at = rounded<T>(value(i));
   }
   template <typename T, typename R>
   static __device__ T rounded(R x) {
