@@ -66,7 +66,7 @@ struct Validated {
   ComplexTensor initial_state;
   Storage compute = Storage::kFloat32;  // of the doubled states and gate gradients
   Storage gate = Storage::kFloat32;     // of the doubled gates: g's, float32 for float64 g
-  int64_t num_chunks = 0;               // of GateloopPass::kChunkTokens, longest sequence
+  int64_t num_chunks = 1;               // of GateloopPass::kChunkTokens, longest sequence
 };
 
 std::vector<int64_t> token_shape(const Validated& val, int64_t features) {
@@ -135,7 +135,9 @@ Validated validate_common(ArgumentChecker& check, const flashlin_gateloop_config
   val.gate = val.compute == Storage::kFloat64   ? Storage::kFloat64
              : val.g.dtype == Storage::kFloat64 ? Storage::kFloat32
                                                 : val.g.dtype;
-  val.num_chunks = (longest + GateloopPass::kChunkTokens - 1) / GateloopPass::kChunkTokens;
+  // At least one: chunk 0's items also map the states (with no tokens at all, T = 0, too).
+  val.num_chunks =
+      std::max<int64_t>(1, (longest + GateloopPass::kChunkTokens - 1) / GateloopPass::kChunkTokens);
   for (const auto& [tensor, name] : {std::pair<const DLTensor*, const char*>{inputs->q, "q"},
                                      {inputs->k, "k"},
                                      {inputs->v, "v"},

@@ -132,6 +132,23 @@ def test_two_halves_equal_the_whole(device):
     assert relative_error(torch.view_as_real(end_state), torch.view_as_real(whole_state)) <= 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["batch", "varlen"])
+def test_no_tokens_keep_the_state(device, layout):
+    """T = 0 (and varlen of empty sequences): the final state is the initial one, and its
+    gradient flows to the initial state unchanged."""
+    cu = torch.tensor([0, 0, 0]) if layout == "varlen" else None
+    B, N = (1, 2) if cu is not None else (2, 2)
+    q, k, v, g, theta, state = inputs(B, 0, 2, 4, 3, torch.float32, device, N)
+    o, final = chunk_gateloop(q, k, v, g, theta, initial_state=state, output_final_state=True,
+                              cu_seqlens=cu)
+    assert o.shape == (B, 0, 2, 3)
+    assert torch.equal(final, state.detach())
+    d_final = torch.complex(torch.randn_like(final.real), torch.randn_like(final.real))
+    final.backward(d_final)
+    assert torch.equal(state.grad, d_final)
+
+
 def test_real_gates_are_gla():
     q, k, v, g, _, _ = [x.detach() for x in inputs(2, 70, 2, 16, 16, torch.float32, "cpu")]
     o, state = chunk_gateloop(q, k, v, g, output_final_state=True)
