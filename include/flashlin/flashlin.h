@@ -349,12 +349,14 @@ FLASHLIN_API flashlin_status flashlin_based_workspace_size(const flashlin_based_
  *     q' = [q cos Theta, q sin Theta], k' = [k cos Theta, k sin Theta] (rounded to q's dtype),
  *     g' = [g, g], S_t = e^{i Theta_t} (C_t - i D_t) with [C; D] that recurrence's real state,
  * so the forms, dtypes and varlen rules of the recurrence apply, with its size limits read for
- * 2K (CUDA: K <= 128; the tensor cores for float16/bfloat16 with K in {32, 64}).
+ * 2K (CUDA: K <= 128; the tensor cores for float16/bfloat16 with K in {32, 64, 128}, a problem
+ * whose 2K keys miss them, K = 128 or V != 2K in the backward, running as its two halves of K
+ * keys). The rotation is computed in float64 on the CPU, in float32 (phase in float64) on CUDA.
  * States are complex [N, H, K, V] DLPack tensors (kDLComplex: 64 bits = two float32, 128 bits =
  * two float64), so a call continuing from a previous call's final state equals one call over
  * both (the state carries the phase). Gradients reach q, k, v, g, theta and initial_state; a
  * complex gradient is dL/dRe + i dL/dIm (PyTorch's convention). Scratch (several tensors of
- * [B, T, H, 2K]) is allocated per call, stream-ordered on CUDA.
+ * [B, T, H, 2K]) is allocated per call, stream-ordered on CUDA; exec->workspace is not used.
  */
 typedef struct flashlin_gateloop_config {
   double scale;       /* 0 selects K^-1/2 (of the op's K); otherwise any finite value */
