@@ -351,7 +351,8 @@ FLASHLIN_API flashlin_status flashlin_based_workspace_size(const flashlin_based_
  * so the forms, dtypes and varlen rules of the recurrence apply, with its size limits read for
  * 2K (CUDA: K <= 128; the tensor cores for float16/bfloat16 with K in {32, 64, 128}, a problem
  * whose 2K keys miss them, K = 128 or V != 2K in the backward, running as its two halves of K
- * keys). The rotation is computed in float64 on the CPU, in float32 (phase in float64) on CUDA.
+ * keys). The phase is summed in float64; the rotation is computed in float64 on the CPU and for
+ * float64 inputs, in float32 otherwise on CUDA.
  * States are complex [N, H, K, V] DLPack tensors (kDLComplex: 64 bits = two float32, 128 bits =
  * two float64), so a call continuing from a previous call's final state equals one call over
  * both (the state carries the phase). Gradients reach q, k, v, g, theta and initial_state; a
