@@ -352,6 +352,14 @@ def entry(name):
     return function
 
 
+def compiling():
+    """Whether torch.compile is tracing the caller (the ops then call their torch.library custom
+    ops, whose graphs hold no ctypes objects)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling")
+                and compiler.is_compiling())
+
+
 def on_host(tensor):
     """cu_seqlens and offsets for the library, which reads them on the host: a CUDA tensor is
     copied to the CPU, anything else is returned as it is."""

@@ -178,11 +178,6 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
     _custom_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _compiling():
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling")
-                and compiler.is_compiling())
-
 
 def recurrence(q, k, v, g=None, gate_kind=_lib.GATE_NONE, u=None, initial_state=None,
                output_final_state=False, cu_seqlens=None, scale=None, reverse=False,
@@ -198,7 +193,7 @@ def recurrence(q, k, v, g=None, gate_kind=_lib.GATE_NONE, u=None, initial_state=
         form = "chunked"  # the parallel form keeps T x T scores per sequence; same result
     bonus = u is not None
     spec = (gate_kind, form, 0.0 if scale is None else float(scale), chunk_size, reverse, bonus)
-    if _custom_forward is None or not _compiling():
+    if _custom_forward is None or not _lib.compiling():
         # Eager calls skip the torch.library custom op, whose first call costs seconds in torch
         # 2.11 (measured: 3.6-4.0 s, against 1 ms for the library's own first call,
         # bench/first_call.py); torch.compile traces the custom op below.

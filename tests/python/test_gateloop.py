@@ -47,6 +47,27 @@ def inputs(B, T, H, K, V, dtype, device, N=None, theta_scale=1.0):
                                                    .requires_grad_()]
 
 
+def assert_matches_reference(o, final, leaves, cu_seqlens, tol):
+    """o and the complex final state of the op on `leaves` (q, k, v, g, theta, initial_state,
+    each requiring grad) against the reference, then every gradient for random d_o and d_final
+    (relative error <= tol, 2 tol for the gradients)."""
+    ref_leaves = [x.detach().cpu().requires_grad_() for x in leaves]
+    ref_o, ref_final = reference(*ref_leaves, cu_seqlens, leaves[0].shape[-1] ** -0.5)
+    assert relative_error(o, ref_o) <= tol
+    assert relative_error(torch.view_as_real(final), torch.view_as_real(ref_final)) <= tol
+    d_o = torch.randn_like(ref_o)
+    d_final = torch.complex(torch.randn_like(ref_final.real), torch.randn_like(ref_final.real))
+    torch.autograd.backward([o, final], [d_o.to(o.dtype).to(o.device),
+                                         d_final.to(final.dtype).to(final.device)])
+    torch.autograd.backward([ref_o, ref_final], [d_o, d_final])
+    for name, ours, theirs in zip(("q", "k", "v", "g", "theta", "initial_state"), leaves,
+                                  ref_leaves):
+        got, want = ours.grad, theirs.grad
+        if got.is_complex():
+            got, want = torch.view_as_real(got), torch.view_as_real(want)
+        assert relative_error(got, want) <= 2 * tol, name
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
@@ -65,23 +86,8 @@ def test_gateloop_against_complex_reference(device, dtype, form, layout, T):
     q, k, v, g, theta, state = inputs(B, T, H, K, V, dtype, device, N)
     o, final = OPS[form](q, k, v, g, theta, initial_state=state, output_final_state=True,
                          cu_seqlens=cu)
-    ref_leaves = [x.detach().cpu().requires_grad_() for x in (q, k, v, g, theta, state)]
-    ref_o, ref_final = reference(*ref_leaves[:5], ref_leaves[5], cu, K ** -0.5)
-    tol = TOL[dtype]
     assert final.is_complex() and final.shape == (N, H, K, V)
-    assert relative_error(o, ref_o) <= tol
-    assert relative_error(torch.view_as_real(final), torch.view_as_real(ref_final)) <= tol
-    d_o = torch.randn_like(ref_o)
-    d_final = torch.complex(torch.randn_like(ref_final.real), torch.randn_like(ref_final.real))
-    torch.autograd.backward([o, final], [d_o.to(o.dtype).to(device), d_final.to(final.dtype)
-                                         .to(device)])
-    torch.autograd.backward([ref_o, ref_final], [d_o, d_final])
-    for name, ours, theirs in zip(("q", "k", "v", "g", "theta", "initial_state"),
-                                  (q, k, v, g, theta, state), ref_leaves):
-        got, want = ours.grad, theirs.grad
-        if got.is_complex():
-            got, want = torch.view_as_real(got), torch.view_as_real(want)
-        assert relative_error(got, want) <= 2 * tol, name
+    assert_matches_reference(o, final, (q, k, v, g, theta, state), cu, TOL[dtype])
 
 
 @pytest.mark.parametrize("KV", [(128, 64), (128, 128), (64, 64), (64, 128), (32, 64)],
@@ -101,21 +107,7 @@ def test_gateloop_tensor_core_shapes(KV, layout):
     q, k, v, g, theta, state = inputs(B, T, H, K, V, torch.bfloat16, "cuda", N)
     o, final = chunk_gateloop(q, k, v, g, theta, initial_state=state, output_final_state=True,
                               cu_seqlens=cu)
-    ref_leaves = [x.detach().cpu().requires_grad_() for x in (q, k, v, g, theta, state)]
-    ref_o, ref_final = reference(*ref_leaves, cu, K ** -0.5)
-    tol = TOL[torch.bfloat16]
-    assert relative_error(o, ref_o) <= tol
-    assert relative_error(torch.view_as_real(final), torch.view_as_real(ref_final)) <= tol
-    d_o = torch.randn_like(ref_o)
-    d_final = torch.complex(torch.randn_like(ref_final.real), torch.randn_like(ref_final.real))
-    torch.autograd.backward([o, final], [d_o.to(o.dtype).cuda(), d_final.to(final.dtype).cuda()])
-    torch.autograd.backward([ref_o, ref_final], [d_o, d_final])
-    for name, ours, theirs in zip(("q", "k", "v", "g", "theta", "initial_state"),
-                                  (q, k, v, g, theta, state), ref_leaves):
-        got, want = ours.grad, theirs.grad
-        if got.is_complex():
-            got, want = torch.view_as_real(got), torch.view_as_real(want)
-        assert relative_error(got, want) <= 2 * tol, name
+    assert_matches_reference(o, final, (q, k, v, g, theta, state), cu, TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("device", DEVICES)

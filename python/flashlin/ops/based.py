@@ -150,11 +150,6 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
     _custom_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _compiling():
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling")
-                and compiler.is_compiling())
-
 
 def based(q, k, v, scale=None, use_norm=True, initial_state=None, output_final_state=False,
           cu_seqlens=None, form="chunked"):
@@ -167,7 +162,7 @@ def based(q, k, v, scale=None, use_norm=True, initial_state=None, output_final_s
     if form == "parallel" and q.shape[1] > 8192:
         form = "chunked"  # the same values; the parallel form's work grows as T^2
     spec = (form, 0.0 if scale is None else float(scale), bool(use_norm))
-    if _custom_forward is not None and _compiling():
+    if _custom_forward is not None and _lib.compiling():
         o, final_state = _custom_forward(q, k, v, initial_state, cu_seqlens, *spec,
                                          output_final_state)
         return o, (final_state if output_final_state else None)

@@ -159,11 +159,6 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
     _custom_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _compiling():
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling")
-                and compiler.is_compiling())
-
 
 def _gateloop(q, k, v, g, theta, scale, initial_state, output_final_state, cu_seqlens, form,
               chunk_size):
@@ -182,7 +177,7 @@ def _gateloop(q, k, v, g, theta, scale, initial_state, output_final_state, cu_se
         initial_state = torch.complex(initial_state, torch.zeros_like(initial_state))
     cu_seqlens = _lib.on_host(cu_seqlens)
     spec = (form, float(scale), int(chunk_size))
-    if _custom_forward is not None and _compiling():
+    if _custom_forward is not None and _lib.compiling():
         o, final_state = _custom_forward(q, k, v, g, theta, initial_state, cu_seqlens, *spec,
                                          bool(output_final_state))
         return o, (final_state if output_final_state else None)

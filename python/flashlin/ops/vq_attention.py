@@ -190,11 +190,6 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
     _custom_forward.register_autograd(_custom_autograd, setup_context=_setup_context)
 
 
-def _compiling():
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling")
-                and compiler.is_compiling())
-
 
 _KEY_GRADS = {"dense": 0, "window": 1}
 
@@ -220,7 +215,7 @@ def vq_attention(q, k, v, codebook, block_len=64, scale=None, initial_state=None
         raise ValueError(f"argument 'key_grad': expected 'dense' or 'window', got {key_grad!r}")
     key_grad_value = _KEY_GRADS[key_grad]
     cu_seqlens = _lib.on_host(cu_seqlens)
-    if _custom_forward is not None and _compiling():  # no ctypes objects in a traced graph
+    if _custom_forward is not None and _lib.compiling():  # no ctypes objects in a traced graph
         o, codes, final_state = _custom_forward(q, k, v, codebook, initial_state, cu_seqlens,
                                                 scale_value, int(block_len), key_grad_value,
                                                 output_final_state)
