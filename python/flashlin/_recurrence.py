@@ -178,7 +178,6 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
     _custom_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-
 def recurrence(q, k, v, g=None, gate_kind=_lib.GATE_NONE, u=None, initial_state=None,
                output_final_state=False, cu_seqlens=None, scale=None, reverse=False,
                form="chunked", chunk_size=64, names=None):

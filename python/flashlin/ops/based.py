@@ -150,7 +150,6 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
     _custom_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-
 def based(q, k, v, scale=None, use_norm=True, initial_state=None, output_final_state=False,
           cu_seqlens=None, form="chunked"):
     """The op in any form; returns (o, final_state or None)."""

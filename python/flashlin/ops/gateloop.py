@@ -159,7 +159,6 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
     _custom_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-
 def _gateloop(q, k, v, g, theta, scale, initial_state, output_final_state, cu_seqlens, form,
               chunk_size):
     if not isinstance(q, torch.Tensor):

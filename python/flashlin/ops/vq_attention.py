@@ -190,7 +190,6 @@ if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):  # torch >
     _custom_forward.register_autograd(_custom_autograd, setup_context=_setup_context)
 
 
-
 _KEY_GRADS = {"dense": 0, "window": 1}
 
 
