@@ -56,8 +56,8 @@ StridedTensor compact(char* data, Storage dtype, int64_t d1, int64_t d2, int64_t
   return t;
 }
 
-struct Validated {
-  int64_t batch = 0, time = 0, heads = 0, key_dim = 0, value_dim = 0, num_seqs = 0;
+struct Validated : TokenSizes {
+  int64_t num_seqs = 0;
   std::vector<SequenceSpan> sequences;
   Form form = Form::kChunked;
   int chunk_size = 64;
@@ -90,14 +90,9 @@ Validated validate_common(ArgumentChecker& check, const flashlin_gateloop_config
   check_recurrence_config(check, form, config->chunk_size, config->scale);
 
   Validated val;
-  const TokenSizes sizes =
+  static_cast<TokenSizes&>(val) =
       check_qkv(check, inputs->q, inputs->k, inputs->v, kMaxKeyDim, kMaxCudaKeyDim,
                 " (GateLoop runs the recurrence with 2K)", kMaxValueDim);
-  val.batch = sizes.batch;
-  val.time = sizes.time;
-  val.heads = sizes.heads;
-  val.key_dim = sizes.key_dim;
-  val.value_dim = sizes.value_dim;
   const std::vector<int64_t> qk_shape = token_shape(val, val.key_dim);
   if (!inputs->g) check.fail("g", "a log-decay tensor [B, T, H, K]", "NULL");
   check.float_tensor(inputs->g, "g", 4);
@@ -149,13 +144,23 @@ Validated validate_common(ArgumentChecker& check, const flashlin_gateloop_config
   return val;
 }
 
-// The tensors' backend: the core recurrence, the passes and the intermediates' memory.
+// The tensors' backend for one validated call: the core recurrence, the passes and the
+// intermediates' memory. On CUDA the passes read the sequence table from one device copy.
 class Backend {
  public:
-  Backend(const DLDevice& device, const flashlin_execution* exec)
-      : cuda_(device.device_type == kDLCUDA) {
+  Backend(const DLDevice& device, const flashlin_execution* exec, const Validated& val)
+      : cuda_(device.device_type == kDLCUDA), val_(val) {
     exec_.device_id = device.device_id;
     if (exec) exec_.stream = exec->stream;  // the caller's workspace is not used (see flashlin.h)
+    sequences_ = val.sequences.data();
+#if FLASHLIN_WITH_CUDA
+    if (cuda_) {
+      device_sequences_ =
+          cuda::device_copy(val.sequences.data(), val.sequences.size() * sizeof(SequenceSpan),
+                            exec_.device_id, exec_.stream);
+      sequences_ = reinterpret_cast<const SequenceSpan*>(device_sequences_.get());
+    }
+#endif
   }
 
   // One block holding every intermediate; parts are carved 256-byte aligned.
@@ -173,10 +178,19 @@ class Backend {
   }
   char* part(size_t offset) const { return memory_.get() + offset; }
 
-  void pass(GateloopPass pass, const Validated& val) const {
-    pass.precise = val.compute == Storage::kFloat64;
-    pass.num_chunks = val.num_chunks;
-    run_pass(pass, val.sequences, val.heads, val.key_dim, val.value_dim);
+  // A pass over the call's (sequence, head, feature[, chunk]) items.
+  void pass(GateloopPass pass) const {
+    pass.sequences = sequences_;
+    pass.num_sequences = val_.num_seqs;
+    pass.num_heads = val_.heads;
+    pass.key_dim = val_.key_dim;
+    pass.value_dim = val_.value_dim;
+    pass.num_chunks = val_.num_chunks;
+    pass.precise = val_.compute == Storage::kFloat64;
+#if FLASHLIN_WITH_CUDA
+    if (cuda_) return succeed(cuda::gateloop_pass(pass, exec_));
+#endif
+    succeed(cpu::gateloop_pass(pass));
   }
 
   // The core recurrence. On CUDA, a doubled problem that misses the tensor cores (2K = 256, or
@@ -186,10 +200,10 @@ class Backend {
     p.device_id = exec_.device_id;
     p.stream = exec_.stream;
 #if FLASHLIN_WITH_CUDA
-    if (cuda_) {
-      RecurrenceParams first = half(p, 0), second = half(p, 1);
-      if (p.key_dim % 2 == 0 && !cuda::recurrence_on_tensor_cores(p, backward) &&
-          cuda::recurrence_on_tensor_cores(first, backward)) {
+    if (cuda_ && !cuda::recurrence_on_tensor_cores(p, backward)) {
+      RecurrenceParams first = half(p, 0);
+      if (cuda::recurrence_on_tensor_cores(first, backward)) {
+        RecurrenceParams second = half(p, 1);
         StridedTensor& first_sum = backward ? first.dv : first.o;
         const StridedTensor& total = backward ? p.dv : p.o;
         std::shared_ptr<char> buffer;
@@ -205,36 +219,20 @@ class Backend {
         if (total.present) {
           GateloopPass sum;
           sum.step = GateloopStep::kAccumulate;
-          for (const SequenceSpan& seq : p.sequences)
-            sum.num_chunks =
-                std::max(sum.num_chunks, (seq.length + GateloopPass::kChunkTokens - 1) /
-                                             GateloopPass::kChunkTokens);
           sum.sum_into = total;
           sum.sum_from = first_sum;
-          run_pass(sum, p.sequences, p.num_heads, p.key_dim / 2, p.value_dim);
+          pass(sum);
         }
         return;
       }
-      return succeed(backward ? cuda::recurrence_backward(p) : cuda::recurrence_forward(p));
     }
+    if (cuda_)
+      return succeed(backward ? cuda::recurrence_backward(p) : cuda::recurrence_forward(p));
 #endif
     succeed(backward ? cpu::recurrence_backward(p) : cpu::recurrence_forward(p));
   }
 
  private:
-  void run_pass(GateloopPass pass, const std::vector<SequenceSpan>& sequences, int64_t heads,
-                int64_t key_dim, int64_t value_dim) const {
-    pass.sequences = sequences.data();
-    pass.num_sequences = static_cast<int64_t>(sequences.size());
-    pass.num_heads = heads;
-    pass.key_dim = key_dim;
-    pass.value_dim = value_dim;
-#if FLASHLIN_WITH_CUDA
-    if (cuda_) return succeed(cuda::gateloop_pass(pass, exec_));
-#endif
-    succeed(cpu::gateloop_pass(pass));
-  }
-
   // Keys [which K, (which + 1) K) of the doubled problem (K = half its key dimension): its token
   // tensors' features and its states' rows.
   static RecurrenceParams half(const RecurrenceParams& p, int which) {
@@ -253,7 +251,10 @@ class Backend {
     if (status != FLASHLIN_SUCCESS) throw ApiError{status, last_error_message()};
   }
   bool cuda_;
+  const Validated& val_;
   Execution exec_;
+  const SequenceSpan* sequences_;  // where the passes read the sequence table
+  std::shared_ptr<char> device_sequences_;
   std::shared_ptr<char> memory_;
 };
 
@@ -309,9 +310,9 @@ struct Doubled {
     pass.chunk_phase = reinterpret_cast<double*>(mem.part(chunk_phase));
     pass.last_phase = reinterpret_cast<double*>(mem.part(last_phase));
     pass.step = GateloopStep::kPhaseSums;
-    mem.pass(pass, val);
+    mem.pass(pass);
     pass.step = GateloopStep::kPhaseScan;
-    mem.pass(pass, val);
+    mem.pass(pass);
     pass.step = GateloopStep::kRotate;
     pass.q = val.q;
     pass.k = val.k;
@@ -322,7 +323,7 @@ struct Doubled {
     pass.g2 = token(mem, g2, val, val.gate);
     pass.complex_state = val.initial_state;
     if (val.initial_state.present()) pass.doubled_state = state(mem, initial, val);
-    mem.pass(pass, val);
+    mem.pass(pass);
 
     RecurrenceParams p;
     p.batch = val.batch;
@@ -383,7 +384,7 @@ flashlin_status flashlin_gateloop_forward(const flashlin_gateloop_config* config
     check.register_output(o, "o");
     check.register_output(final_state, "final_state", inputs->initial_state);
 
-    Backend backend(check.device(), exec);
+    Backend backend(check.device(), exec, val);
     Layout layout;
     const Doubled doubled(layout, val);
     const size_t final_doubled = final_state ? layout.add(doubled.state_bytes(val)) : 0;
@@ -398,7 +399,7 @@ flashlin_status flashlin_gateloop_forward(const flashlin_gateloop_config* config
       pass.doubled_state = core.final_state;
       pass.complex_state = flashlin::detail::complex_parts(final_state);
       pass.last_phase = reinterpret_cast<double*>(backend.part(doubled.last_phase));
-      backend.pass(pass, val);
+      backend.pass(pass);
     }
     return FLASHLIN_SUCCESS;
   });
@@ -454,7 +455,7 @@ flashlin_status flashlin_gateloop_backward(const flashlin_gateloop_config* confi
 
     const bool want_phase = grads->dtheta != nullptr;
     const bool want_dq2 = grads->dq || want_phase, want_dk2 = grads->dk || want_phase;
-    Backend backend(check.device(), exec);
+    Backend backend(check.device(), exec, val);
     Layout layout;
     const Doubled doubled(layout, val);
     const size_t qk_bytes = doubled.token_elems * storage_bytes(val.q.dtype);
@@ -489,7 +490,7 @@ flashlin_status flashlin_gateloop_backward(const flashlin_gateloop_config* confi
       pass.complex_state = flashlin::detail::complex_parts(d_final_state);
       pass.last_phase = last_phase;
       pass.phase_grad = reinterpret_cast<double*>(backend.part(phase_grad));
-      backend.pass(pass, val);
+      backend.pass(pass);
       core.d_final_state = pass.doubled_grad;
     }
     core.d_o = strided(d_o, kIdentity4);
@@ -512,9 +513,9 @@ flashlin_status flashlin_gateloop_backward(const flashlin_gateloop_config* confi
     if (want_phase) {  // dtheta: sums of dL/dTheta per chunk, then their suffix sums
       pass.chunk_grad = reinterpret_cast<double*>(backend.part(chunk_grad));
       pass.step = GateloopStep::kPhaseGradSums;
-      backend.pass(pass, val);
+      backend.pass(pass);
       pass.step = GateloopStep::kPhaseGradScan;
-      backend.pass(pass, val);
+      backend.pass(pass);
     }
     pass.step = GateloopStep::kInputGrads;
     pass.dg2 = core.dg;
@@ -524,7 +525,7 @@ flashlin_status flashlin_gateloop_backward(const flashlin_gateloop_config* confi
     pass.dtheta = strided(grads->dtheta, kIdentity4);
     pass.complex_state = flashlin::detail::complex_parts(grads->d_initial_state);
     pass.doubled_state = core.d_initial_state;
-    backend.pass(pass, val);
+    backend.pass(pass);
     return FLASHLIN_SUCCESS;
   });
 }

@@ -58,7 +58,7 @@ struct GateloopPass {
   static constexpr int64_t kChunkTokens = 64;
 
   GateloopStep step = GateloopStep::kPhaseSums;
-  const SequenceSpan* sequences = nullptr;  // host memory (a backend may stage a copy)
+  const SequenceSpan* sequences = nullptr;  // in the memory of the backend running the pass
   int64_t num_sequences = 0;
   int64_t num_heads = 0, key_dim = 0, value_dim = 0;
   int64_t num_chunks = 0;            // chunks of the longest sequence

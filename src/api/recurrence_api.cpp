@@ -22,8 +22,8 @@ constexpr int64_t kMaxHeadDim = 4096;         // K and V; larger is rejected as 
 constexpr int64_t kMaxParallelLength = 8192;  // the parallel form materialises T x T per sequence
 
 // Everything both directions share: config, q, k, v, g, u, cu_seqlens, initial_state.
-struct Validated {
-  int64_t batch = 0, time = 0, heads = 0, key_dim = 0, value_dim = 0, num_seqs = 0;
+struct Validated : TokenSizes {
+  int64_t num_seqs = 0;
   RecurrenceParams params;
 };
 
@@ -44,13 +44,8 @@ Validated validate_common(ArgumentChecker& check, const flashlin_recurrence_conf
   check_recurrence_config(check, form, config->chunk_size, config->scale);
 
   Validated out;
-  const TokenSizes sizes =
+  static_cast<TokenSizes&>(out) =
       check_qkv(check, inputs->q, inputs->k, inputs->v, kMaxHeadDim, kMaxHeadDim, "", kMaxHeadDim);
-  out.batch = sizes.batch;
-  out.time = sizes.time;
-  out.heads = sizes.heads;
-  out.key_dim = sizes.key_dim;
-  out.value_dim = sizes.value_dim;
 
   RecurrenceParams& p = out.params;
   p.gate = static_cast<GateKind>(gate);

@@ -50,6 +50,8 @@ flashlin_status gateloop_pass(const detail::GateloopPass& pass, const detail::Ex
 // Device memory for the intermediates of an op composed in src/api (GateLoop): a stream-ordered
 // allocation on `device`, freed stream-ordered when its last owner lets go (null for 0 bytes).
 std::shared_ptr<char> device_buffer(size_t bytes, int device, void* stream);
+// A device copy of `bytes` of host memory (stream-ordered upload; null for 0 bytes).
+std::shared_ptr<char> device_copy(const void* host, size_t bytes, int device, void* stream);
 
 // ABC / GSA slot attention (slot_attention.cpp / .cu)
 flashlin_status slot_attention_forward(const detail::SlotAttentionParams& params);

@@ -1,8 +1,9 @@
 // CUDA runner of GateLoop's passes around the core recurrence (the math and the passes are in
 // src/api/gateloop_params.hpp): one thread per item of a pass (a (sequence, head, feature) and,
 // for the per-token steps, a chunk of 64 tokens), consecutive threads on consecutive features
-// (coalesced token rows), float64 arithmetic. Also the device memory of the
-// op's intermediates, which src/api allocates through device_buffer.
+// (coalesced token rows), float arithmetic (float64 for float64 compute). Also the memory of the
+// op's intermediates (and its sequence table), which src/api allocates through device_buffer
+// and device_copy.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -141,17 +142,10 @@ flashlin_status gateloop_pass(const GateloopPass& pass, const detail::Execution&
   if (items == 0) return FLASHLIN_SUCCESS;
   DeviceGuard guard(exec.device_id);
   cudaStream_t stream = static_cast<cudaStream_t>(exec.stream);
-  const size_t table = sizeof(detail::SequenceSpan) * static_cast<size_t>(pass.num_sequences);
-  Scratch scratch(nullptr, 0, table, stream);
-  // Pageable source: cudaMemcpyAsync returns once the bytes are staged.
-  check_cuda(cudaMemcpyAsync(scratch.base(), pass.sequences, table, cudaMemcpyHostToDevice, stream),
-             "the upload of GateLoop's sequence table");
-  GateloopPass device_pass = pass;
-  device_pass.sequences = reinterpret_cast<const detail::SequenceSpan*>(scratch.base());
   constexpr int kThreads = 128;
   const int64_t blocks = (items + kThreads - 1) / kThreads;
   if (blocks > 0x7fffffff) unsupported("GateLoop: too many (sequence, head, feature, chunk) items");
-  kernel_for(pass)<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(device_pass);
+  kernel_for(pass)<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(pass);
   check_cuda(cudaGetLastError(), "the GateLoop pass kernel");
   return FLASHLIN_SUCCESS;
 }
@@ -169,6 +163,18 @@ std::shared_ptr<char> device_buffer(size_t bytes, int device, void* stream) {
     cudaFreeAsync(p, static_cast<cudaStream_t>(stream));
     if (current != device) cudaSetDevice(current);
   });
+}
+
+std::shared_ptr<char> device_copy(const void* host, size_t bytes, int device, void* stream) {
+  std::shared_ptr<char> copy = device_buffer(bytes, device, stream);
+  if (copy) {
+    DeviceGuard guard(device);
+    // Pageable source: cudaMemcpyAsync returns once the bytes are staged.
+    check_cuda(cudaMemcpyAsync(copy.get(), host, bytes, cudaMemcpyHostToDevice,
+                               static_cast<cudaStream_t>(stream)),
+               "a host-to-device copy");
+  }
+  return copy;
 }
 
 }  // namespace flashlin::cuda
