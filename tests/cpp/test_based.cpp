@@ -119,12 +119,6 @@ HostTensor random_tensor(DType dtype, Shape shape, RandomSource& rng, double sca
   return t;
 }
 
-HostTensor poisoned(DType dtype, Shape shape) {
-  HostTensor t(dtype, std::move(shape));
-  t.poison();
-  return t;
-}
-
 HostTensor integers(const std::vector<int64_t>& values) {
   HostTensor t(DType::kInt64, {static_cast<int64_t>(values.size())});
   for (size_t i = 0; i < values.size(); ++i) t.set(static_cast<int64_t>(i), double(values[i]));

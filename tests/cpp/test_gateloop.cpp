@@ -390,18 +390,6 @@ CValues numeric_state_gradient(const Problem& p, bool with_state_term) {
 // --- Library calls
 // --------------------------------------------------------------------------------
 
-HostTensor tensor(DType dtype, Shape shape, const Values& values) {
-  HostTensor t(dtype, std::move(shape));
-  t.set_values(values);
-  return t;
-}
-
-HostTensor poisoned(DType dtype, Shape shape) {
-  HostTensor t(dtype, std::move(shape));
-  t.poison();
-  return t;
-}
-
 ComplexTensor poisoned_complex(DType dtype, Shape shape) {
   ComplexTensor t(dtype, std::move(shape));
   t.poison();

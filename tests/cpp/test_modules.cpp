@@ -58,12 +58,6 @@ HostTensor random_tensor(DType dtype, Shape shape, RandomSource& rng, double sca
   return t;
 }
 
-HostTensor poisoned(DType dtype, Shape shape, Layout layout = Layout::kContiguous) {
-  HostTensor t(dtype, std::move(shape), layout);
-  t.poison();
-  return t;
-}
-
 HostTensor integers(DType dtype, const std::vector<int64_t>& values) {
   HostTensor t(dtype, {static_cast<int64_t>(values.size())});
   for (size_t i = 0; i < values.size(); ++i) t.set(static_cast<int64_t>(i), double(values[i]));

@@ -219,18 +219,6 @@ Result reference(const Problem& p) {
 // --- Library calls
 // --------------------------------------------------------------------------------
 
-HostTensor tensor(DType dtype, Shape shape, const Values& values) {
-  HostTensor t(dtype, std::move(shape));
-  t.set_values(values);
-  return t;
-}
-
-HostTensor poisoned(DType dtype, Shape shape) {
-  HostTensor t(dtype, std::move(shape));
-  t.poison();
-  return t;
-}
-
 // All tensors of one call, in the problem's dtype (states float32, or float64 for float64).
 struct Call {
   Call(const Problem& p, DType dtype) : p(p), dtype(dtype) {

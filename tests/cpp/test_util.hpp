@@ -52,6 +52,26 @@ inline RecurrenceProblem make_problem(const ProblemSpec& spec, uint64_t seed) {
 inline void PrintTo(const ProblemSpec& spec, std::ostream* os) { *os << spec.name(); }
 
 // ---------------------------------------------------------------------------------------------
+// Host tensors of the tests' calls
+
+// An input of `shape` holding `values` (row-major).
+inline HostTensor tensor(DType dtype, std::vector<int64_t> shape,
+                         const std::vector<double>& values) {
+  HostTensor t(dtype, std::move(shape));
+  t.set_values(values);
+  return t;
+}
+
+// An output filled with NaN (or all-ones bits for integers): an element the call leaves
+// unwritten shows.
+inline HostTensor poisoned(DType dtype, std::vector<int64_t> shape,
+                           Layout layout = Layout::kContiguous) {
+  HostTensor t(dtype, std::move(shape), layout);
+  t.poison();
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tolerances and comparisons
 
 struct Tolerance {

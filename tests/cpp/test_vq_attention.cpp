@@ -37,12 +37,6 @@ HostTensor random_tensor(DType dtype, Shape shape, RandomSource& rng, double sca
   return t;
 }
 
-HostTensor poisoned(DType dtype, Shape shape) {
-  HostTensor t(dtype, std::move(shape));
-  t.poison();
-  return t;
-}
-
 struct Spans {
   std::vector<int64_t> batch, start, length;
 };
