@@ -20,7 +20,10 @@
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_FWD_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_FWD_CUH_
 
+#include <cstdlib>
+
 #include "cuda/chunk.cuh"
+#include "cuda/chunk_fwd_wgmma.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
 
@@ -575,17 +578,32 @@ cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaS
   return cudaGetLastError();
 }
 
+// Scalar gates run on Hopper's wgmma (chunk_fwd_wgmma.cuh) where the build and the device
+// have it; elsewhere, or with FLASHLIN_CUDA_MMA_SYNC set to anything but 0 (to compare the two
+// kernels), on the mma.sync kernel above.
+inline bool mma_sync_forced() {
+  const char* value = std::getenv("FLASHLIN_CUDA_MMA_SYNC");
+  return value != nullptr && value[0] != '\0' && !(value[0] == '0' && value[1] == '\0');
+}
+template <typename Elem, int K, GateKind Gate>
+cudaError_t launch_scalar_gate(const ChunkArgs& args, int value_dim, int64_t num_seqs,
+                               cudaStream_t stream) {
+  if (!mma_sync_forced() && chunk_fwd_wgmma::runs_here<Elem, K, Gate>())
+    return chunk_fwd_wgmma::launch<Elem, K, Gate>(args, value_dim, num_seqs, stream);
+  return launch<Elem, K, Gate, false>(args, value_dim, num_seqs, stream);
+}
+
 // Instantiated once per (Elem, K) in chunk_fwd_<elem>_k<K>.cu.
 template <typename Elem, int K>
 cudaError_t launch_for_gate(const ChunkArgs& args, GateKind gate, bool bonus, int value_dim,
                             int64_t num_seqs, cudaStream_t stream) {
   switch (gate) {
     case GateKind::kNone:
-      return launch<Elem, K, GateKind::kNone, false>(args, value_dim, num_seqs, stream);
+      return launch_scalar_gate<Elem, K, GateKind::kNone>(args, value_dim, num_seqs, stream);
     case GateKind::kPerHead:
-      return launch<Elem, K, GateKind::kPerHead, false>(args, value_dim, num_seqs, stream);
+      return launch_scalar_gate<Elem, K, GateKind::kPerHead>(args, value_dim, num_seqs, stream);
     case GateKind::kPerToken:
-      return launch<Elem, K, GateKind::kPerToken, false>(args, value_dim, num_seqs, stream);
+      return launch_scalar_gate<Elem, K, GateKind::kPerToken>(args, value_dim, num_seqs, stream);
     default:
       return bonus ? launch<Elem, K, GateKind::kPerKey, true>(args, value_dim, num_seqs, stream)
                    : launch<Elem, K, GateKind::kPerKey, false>(args, value_dim, num_seqs, stream);
