@@ -6,14 +6,17 @@
 // Work split: grid (V / 64, H, N), one warpgroup (4 warps) per block, the chunk's 64 rows over
 // the warpgroup's m64 tiles. Per chunk, all products are 64x64 wgmma tiles with float32
 // accumulators:
-//   scores = Q K^T         (Q, K from shared memory, K-major)            K/16 steps
-//   out    = Q S0          (S0 rounded to the input type in shared memory) K/16 steps
-//   out    = 2^{b_i} out + P V, P = masked, decayed scores (A from registers)   4 steps
-//   S      = 2^{b_C} S + K^T (2^{b_C - b_j} v_j) (K as the M-major A operand)   K/64 x 4 steps
-// The first two are issued together and the gate-weighted copy of V is formed while they run;
-// the state stays in registers across the chunks, q, k, v of the next chunk arrive by cp.async
-// into the other stage meanwhile. Against chunk_fwd.cuh's mma.sync kernel this keeps the tensor
-// cores busy from one warpgroup's issue (no per-warp chain of dependent mma.sync).
+//   (a) scores = Q K^T        (Q, K from shared memory, K-major)               K/16 steps
+//   (b) out    = Q S0         (S0 rounded to the input type in shared memory)  K/16 steps
+//   (c) S      = 2^{b_C} S + K^T (2^{b_C - b_j} v_j)   (K as the M-major A operand)  K/64 x 4
+//   (d) out    = 2^{b_i} out + P V, P = masked, decayed scores (A from registers)    4 steps
+// (a), (b) and (c) need nothing of the chunk but its inputs and S0, so they are issued together;
+// (d) follows the masking. The state stays in registers across the chunks. The inputs of the
+// next chunk arrive by cp.async into the other stage while a chunk computes; at its end each
+// thread waits for its own copies and forms the gate-weighted v of the pieces it copied, so that
+// one barrier at the top of a chunk publishes the inputs, the weighted v and S0 together, and a
+// second one (all reads of S0 done) precedes the publication of the next S0. Each warp scans the
+// chunk's scalar gates itself (into its own row of shared memory): no barrier for the gates.
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 
@@ -43,7 +46,7 @@ struct Traits {
   static constexpr int kStages = 2;
   static constexpr size_t kStateBytes = size_t{K} * kValueTile * 2;
   static constexpr size_t kWeightedVBytes = kGated ? kVBytes : 0;
-  static constexpr size_t kGateBytes = wg::kAtomBytes;  // 64 floats, padded
+  static constexpr size_t kGateBytes = wg::kAtomBytes;  // 64 floats per warp (4 warps)
   static constexpr size_t kSmemBytes = kStages * kStageBytes + kStateBytes + kWeightedVBytes +
                                        kGateBytes + wg::kAtomBytes;  // + alignment slack
 };
@@ -60,10 +63,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   auto stage_v = [&](int chunk) { return stage_q(chunk) + 2 * T::kQkBytes; };
   char* state_tile = smem + T::kStages * T::kStageBytes;
   char* weighted_v = state_tile + T::kStateBytes;
-  float* cum_gate = reinterpret_cast<float*>(weighted_v + T::kWeightedVBytes);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = lane / 4, quad = lane % 4;
+  // b of the chunk's rows (log2 units), this warp's copy.
+  float* gates = reinterpret_cast<float*>(weighted_v + T::kWeightedVBytes) + warp * kChunk;
   const int value0 = blockIdx.x * kValueTile;
   const int64_t head = blockIdx.y, seq_index = blockIdx.z;
   const SequenceSpan seq = args.sequences[seq_index];
@@ -91,24 +95,67 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
                                                           v_rows.step, valid);
   };
 
-  // Per-token gates of a chunk, prefetched into registers of warp 0 (rows lane and lane + 32).
-  float gate_current[2] = {0.f, 0.f}, gate_next[2] = {0.f, 0.f};
-  auto load_gates = [&](int chunk, float(&out)[2]) {
+  // Per-token gates of a chunk (rows lane and lane + 32), prefetched into registers a chunk
+  // ahead by every warp.
+  float gate_raw[2] = {0.f, 0.f};
+  auto load_gates = [&](int chunk) {
     if constexpr (Gate == GateKind::kPerToken) {
-      if (warp == 0) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int64_t t = int64_t{chunk} * kChunk + lane + 32 * r;
-          out[r] = t < length
-                       ? load_float(args.g, element_offset(args.g, seq.batch, token_at(t), head, 0))
+      for (int r = 0; r < 2; ++r) {
+        const int64_t t = int64_t{chunk} * kChunk + lane + 32 * r;
+        gate_raw[r] =
+            t < length ? load_float(args.g, element_offset(args.g, seq.batch, token_at(t), head, 0))
                        : 0.f;
-        }
       }
     }
   };
   float head_gate = 0.f;  // per-head constant decay, log2 units
   if constexpr (Gate == GateKind::kPerHead)
     head_gate = floor_gate(load_float(args.g, element_offset(args.g, 0, 0, head, 0))) * kLog2e;
+  // The warp's inclusive scan of the chunk's gates into `gates` (rows past the end add nothing).
+  auto scan_gates = [&](int chunk) {
+    if constexpr (T::kGated) {
+      const int rows_valid = rows_valid_of(chunk);
+      float x[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        x[r] = Gate == GateKind::kPerHead ? head_gate : floor_gate(gate_raw[r]) * kLog2e;
+        if (lane + 32 * r >= rows_valid) x[r] = 0.f;
+#pragma unroll
+        for (int offset = 1; offset < 32; offset *= 2) {
+          const float y = __shfl_up_sync(0xffffffffu, x[r], offset);
+          if (lane >= offset) x[r] += y;
+        }
+      }
+      const float first_half_total = __shfl_sync(0xffffffffu, x[0], 31);
+      __syncwarp();  // the warp's reads of the previous chunk's gates are done
+      gates[lane] = x[0];
+      gates[lane + 32] = first_half_total + x[1];
+      __syncwarp();
+    }
+  };
+  // 2^{b_C - b_j} v_j of the pieces of v this thread copied (wg::copy_rows_async: 16-byte column
+  // tid % 8 of rows tid / 8 + 16 p), into the same places of weighted_v.
+  auto weigh_v = [&](int chunk) {
+    if constexpr (T::kGated) {
+      const char* v_tile = stage_v(chunk);
+      const float end = gates[kChunk - 1];
+#pragma unroll
+      for (int pass = 0; pass < 4; ++pass) {
+        const int row = tid / 8 + 16 * pass;
+        const uint32_t at = wg::tile_offset<kChunk>(row, 8 * (tid % 8));
+        const float factor = tile::fast_exp2(end - gates[row]);
+        uint4 x = *reinterpret_cast<const uint4*>(v_tile + at);
+        uint32_t* words = reinterpret_cast<uint32_t*>(&x);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const float2 pair = tile::unpack<Elem>(words[w]);
+          words[w] = tile::pack<Elem>(pair.x * factor, pair.y * factor);
+        }
+        *reinterpret_cast<uint4*>(weighted_v + at) = x;
+      }
+    }
+  };
 
   // ---- the state: float32 accumulators of K/64 m64 tiles (rows = keys) -----------------------
   float state[K / 64][32];
@@ -137,137 +184,95 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 
   if (num_chunks > 0) {
     issue_chunk(0);
-    load_gates(0, gate_current);
+    load_gates(0);
+    tile::cp_async_commit();
+    tile::cp_async_wait<0>();
+    scan_gates(0);
+    weigh_v(0);
   }
-  tile::cp_async_commit();
 
+  const uint64_t state_desc = wg::descriptor(state_tile, K * wg::kRowBytes);
+  const uint64_t weighted_v_desc = wg::descriptor(weighted_v, T::kVBytes);
+  constexpr uint32_t kStep16Rows = 16 * wg::kRowBytes >> 4;  // descriptor units
   for (int chunk = 0; chunk < num_chunks; ++chunk) {
     const int rows_valid = rows_valid_of(chunk);
-    if (chunk + 1 < num_chunks) {
+    const bool has_next = chunk + 1 < num_chunks;
+    if (has_next) {
       issue_chunk(chunk + 1);
-      load_gates(chunk + 1, gate_next);
+      load_gates(chunk + 1);
     }
     tile::cp_async_commit();
-    tile::cp_async_wait<1>();
-
-    // Cumulative gates b_i of the chunk (log2 units; rows past the end add nothing).
-    if constexpr (T::kGated) {
-      if (warp == 0) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = lane + 32 * r;
-          float x = Gate == GateKind::kPerHead ? head_gate : floor_gate(gate_current[r]) * kLog2e;
-          if (row >= rows_valid) x = 0.f;
-          for (int offset = 1; offset < 32; offset *= 2) {
-            const float y = __shfl_up_sync(0xffffffffu, x, offset);
-            if (lane >= offset) x += y;
-          }
-          gate_current[r] = x;
-        }
-        const float first_half_total = __shfl_sync(0xffffffffu, gate_current[0], 31);
-        cum_gate[lane] = gate_current[0];
-        cum_gate[lane + 32] = first_half_total + gate_current[1];
-      }
-    }
-    wg::fence_async_shared();  // this thread's cp.async data and published state -> wgmma
+    wg::fence_async_shared();  // this thread's copies, weighted v and published S0 -> wgmma
     __syncthreads();
 
-    const char* q_tile = stage_q(chunk);
-    const char* k_tile = stage_k(chunk);
-    const char* v_tile = stage_v(chunk);
+    const uint64_t q_desc = wg::descriptor(stage_q(chunk), 16);
+    const uint64_t k_desc = wg::descriptor(stage_k(chunk), 16);
+    const uint64_t k_mn_desc = wg::descriptor(stage_k(chunk), kChunk * wg::kRowBytes);
+    const uint64_t v_desc = wg::descriptor(stage_v(chunk), T::kVBytes);
+    auto key_step = [](int s) {  // k16 step s of a K-major [64][K] tile, descriptor units
+      return static_cast<uint32_t>(((s / 4) * (kChunk * wg::kRowBytes) + (s % 4) * 32) >> 4);
+    };
 
-    // (1) scores = Q K^T and out = Q S0, issued together.
-    float scores[32] = {}, out[32] = {};  // overwritten by the first step (accumulate = 0)
-    wg::fence();
-#pragma unroll
-    for (int s = 0; s < T::kKeySteps; ++s) {
-      const uint32_t k_step = (s / 4) * (kChunk * wg::kRowBytes) + (s % 4) * 32;
-      wg::mma<Elem, 0, 0>(scores, wg::descriptor(q_tile + k_step, 16),
-                          wg::descriptor(k_tile + k_step, 16), s > 0);
-    }
-#pragma unroll
-    for (int s = 0; s < T::kKeySteps; ++s) {
-      const uint32_t k_step = (s / 4) * (kChunk * wg::kRowBytes) + (s % 4) * 32;
-      wg::mma<Elem, 0, 1>(out, wg::descriptor(q_tile + k_step, 16),
-                          wg::descriptor(state_tile + s * 16 * wg::kRowBytes, K * wg::kRowBytes),
-                          s > 0);
-    }
-    wg::commit();
-
-    // Meanwhile: the gate-weighted v of the state update, 2^{b_C - b_j} v_j (same layout).
     if constexpr (T::kGated) {
-      const float end = cum_gate[kChunk - 1];
-#pragma unroll
-      for (int piece = tid; piece < kChunk * kValueTile / 8; piece += kThreads) {
-        const int row = piece / 8;  // 8 pieces of 16 bytes per row of 64 values
-        const float factor = tile::fast_exp2(end - cum_gate[row]);
-        uint4 x = reinterpret_cast<const uint4*>(v_tile)[piece];
-        uint32_t* words = reinterpret_cast<uint32_t*>(&x);
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          const float2 pair = tile::unpack<Elem>(words[w]);
-          words[w] = tile::pack<Elem>(pair.x * factor, pair.y * factor);
-        }
-        reinterpret_cast<uint4*>(weighted_v)[piece] = x;
-      }
-    }
-
-    wg::wait<0>();
-    wg::fence_operand(scores);
-    wg::fence_operand(out);
-
-    // (2) causal mask and decay of the scores, decay of the inter-chunk part of out.
-    const int row_a = 16 * warp + group, row_b = row_a + 8;
-    float decay_a = 1.f, decay_b = 1.f, gate_a = 0.f, gate_b = 0.f;
-    if constexpr (T::kGated) {
-      gate_a = cum_gate[row_a];
-      gate_b = cum_gate[row_b];
-      decay_a = tile::fast_exp2(gate_a);
-      decay_b = tile::fast_exp2(gate_b);
-    }
-#pragma unroll
-    for (int e = 0; e < 32; ++e) {
-      const bool second = (e % 4) >= 2;
-      const int i = second ? row_b : row_a, j = 8 * (e / 4) + 2 * quad + (e % 2);
-      float value = scores[e];
-      if constexpr (T::kGated) {
-        if (j <= i) value *= tile::fast_exp2((second ? gate_b : gate_a) - cum_gate[j]);
-      }
-      scores[e] = j <= i ? value : 0.f;
-      out[e] *= second ? decay_b : decay_a;
-    }
-
-    // (3) out += P V; then the state update S = 2^{b_C} S + K^T (weighted v).
-    uint32_t p_frag[4][4];
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        p_frag[s][r] = tile::pack<Elem>(scores[8 * s + 2 * r], scores[8 * s + 2 * r + 1]);
-    }
-    if constexpr (T::kGated) {
-      const float decay_end = tile::fast_exp2(cum_gate[kChunk - 1]);
+      const float decay_end = tile::fast_exp2(gates[kChunk - 1]);
 #pragma unroll
       for (int mb = 0; mb < K / 64; ++mb)
 #pragma unroll
         for (int e = 0; e < 32; ++e) state[mb][e] *= decay_end;
-      wg::fence_async_shared();  // the weighted v -> wgmma
     }
-    __syncthreads();  // weighted v complete; every warp is past its reads of the published S0
+    // (a), (b), then (c) in a group of its own.
+    float scores[32] = {}, out[32] = {};  // overwritten by the first step (accumulate = 0)
     wg::fence();
 #pragma unroll
-    for (int s = 0; s < 4; ++s)
-      wg::mma<Elem, 1>(out, p_frag[s], wg::descriptor(v_tile + s * 16 * wg::kRowBytes, T::kVBytes), 1);
-    const char* update_v = T::kGated ? weighted_v : v_tile;
+    for (int s = 0; s < T::kKeySteps; ++s)
+      wg::mma<Elem, 0, 0>(scores, q_desc + key_step(s), k_desc + key_step(s), s > 0);
+#pragma unroll
+    for (int s = 0; s < T::kKeySteps; ++s)
+      wg::mma<Elem, 0, 1>(out, q_desc + key_step(s), state_desc + s * kStep16Rows, s > 0);
+    wg::commit();
+    const uint64_t update_v_desc = T::kGated ? weighted_v_desc : v_desc;
 #pragma unroll
     for (int mb = 0; mb < K / 64; ++mb)
 #pragma unroll
       for (int s = 0; s < 4; ++s)
         wg::mma<Elem, 1, 1>(state[mb],
-                            wg::descriptor(k_tile + mb * (kChunk * wg::kRowBytes) +
-                                               s * 16 * wg::kRowBytes,
-                                           kChunk * wg::kRowBytes),
-                            wg::descriptor(update_v + s * 16 * wg::kRowBytes, T::kVBytes), 1);
+                            k_mn_desc + ((mb * kChunk * wg::kRowBytes) >> 4) + s * kStep16Rows,
+                            update_v_desc + s * kStep16Rows, 1);
+    wg::commit();
+    wg::wait<1>();
+    wg::fence_operand(scores);
+    wg::fence_operand(out);
+
+    // Causal mask and decay of the scores, decay of the inter-chunk part of out.
+    const int row_a = 16 * warp + group, row_b = row_a + 8;
+    float decay_a = 1.f, decay_b = 1.f, gate_a = 0.f, gate_b = 0.f;
+    if constexpr (T::kGated) {
+      gate_a = gates[row_a];
+      gate_b = gates[row_b];
+      decay_a = tile::fast_exp2(gate_a);
+      decay_b = tile::fast_exp2(gate_b);
+    }
+    uint32_t p_frag[4][4];
+#pragma unroll
+    for (int e = 0; e < 32; e += 2) {
+      const bool second = (e % 4) >= 2;
+      const int i = second ? row_b : row_a, j = 8 * (e / 4) + 2 * quad;
+      float value[2] = {scores[e], scores[e + 1]};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (T::kGated) {
+          if (j + h <= i) value[h] *= tile::fast_exp2((second ? gate_b : gate_a) - gates[j + h]);
+        }
+        value[h] = j + h <= i ? value[h] : 0.f;
+      }
+      p_frag[e / 8][(e % 8) / 2] = tile::pack<Elem>(value[0], value[1]);
+      out[e] *= second ? decay_b : decay_a;
+      out[e + 1] *= second ? decay_b : decay_a;
+    }
+    // (d) out += P V.
+    wg::fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wg::mma<Elem, 1>(out, p_frag[s], v_desc + s * kStep16Rows, 1);
     wg::commit();
     wg::wait<0>();
     wg::fence_operand(out);
@@ -289,12 +294,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
               out[4 * j + 2 * half] * args.scale, out[4 * j + 2 * half + 1] * args.scale);
       }
     }
-    publish_state();  // every Q·S0 read finished before the barrier above
-    if constexpr (Gate == GateKind::kPerToken) {
-      gate_current[0] = gate_next[0];
-      gate_current[1] = gate_next[1];
+    __syncthreads();  // every warp is done with this chunk's S0, weighted v and stage
+    publish_state();
+    if (has_next) {
+      tile::cp_async_wait<0>();  // this thread's copies of the next chunk
+      scan_gates(chunk + 1);
+      weigh_v(chunk + 1);
     }
-    __syncthreads();  // the stage and the gates are free for the next chunk
   }
 
   if (args.final_state.present) {
