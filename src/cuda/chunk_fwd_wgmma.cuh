@@ -46,28 +46,33 @@ struct Traits {
   static constexpr int kStages = 2;
   static constexpr size_t kStateBytes = size_t{K} * kValueTile * 2;
   static constexpr size_t kWeightedVBytes = kGated ? kVBytes : 0;
-  static constexpr size_t kGateBytes = wg::kAtomBytes;  // 64 floats per warp (4 warps)
-  static constexpr size_t kSmemBytes = kStages * kStageBytes + kStateBytes + kWeightedVBytes +
-                                       kGateBytes + wg::kAtomBytes;  // + alignment slack
+  // Per-token gates: 64 floats per warp (each warp scans its own copy); per-head gates are
+  // computed from the constant.
+  static constexpr size_t kGateBytes = Gate == GateKind::kPerToken ? wg::kAtomBytes : 0;
+  static constexpr size_t kOutBytes = size_t{kChunk} * kValueTile * 2;  // o, staged per warp
+  // At K = 128: 113 KB, two blocks per multiprocessor (the dynamic shared memory starts 1024-byte
+  // aligned: there is no static shared memory, and the kernel checks).
+  static constexpr size_t kSmemBytes =
+      kStages * kStageBytes + kStateBytes + kWeightedVBytes + kOutBytes + kGateBytes;
 };
 
 template <typename Elem, int K, GateKind Gate>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args) {
 #if defined(FLASHLIN_WGMMA_DEVICE)
   using T = Traits<Elem, K, Gate>;
-  extern __shared__ char smem_raw[];
-  char* smem = smem_raw + ((wg::kAtomBytes - tile::smem_address(smem_raw) % wg::kAtomBytes) %
-                           wg::kAtomBytes);
+  extern __shared__ __align__(1024) char smem[];
+  if (tile::smem_address(smem) % wg::kAtomBytes != 0) __trap();  // swizzled tiles need it
   auto stage_q = [&](int chunk) { return smem + (chunk % T::kStages) * T::kStageBytes; };
   auto stage_k = [&](int chunk) { return stage_q(chunk) + T::kQkBytes; };
   auto stage_v = [&](int chunk) { return stage_q(chunk) + 2 * T::kQkBytes; };
   char* state_tile = smem + T::kStages * T::kStageBytes;
   char* weighted_v = state_tile + T::kStateBytes;
+  char* out_tile = weighted_v + T::kWeightedVBytes;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = lane / 4, quad = lane % 4;
-  // b of the chunk's rows (log2 units), this warp's copy.
-  float* gates = reinterpret_cast<float*>(weighted_v + T::kWeightedVBytes) + warp * kChunk;
+  // Per-token gates: b of the chunk's rows (log2 units), this warp's copy.
+  float* gates = reinterpret_cast<float*>(out_tile + T::kOutBytes) + warp * kChunk;
   const int value0 = blockIdx.x * kValueTile;
   const int64_t head = blockIdx.y, seq_index = blockIdx.z;
   const SequenceSpan seq = args.sequences[seq_index];
@@ -87,10 +92,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   auto issue_chunk = [&](int chunk) {
     const int64_t first_row = int64_t{chunk} * kChunk;
     const int valid = rows_valid_of(chunk);
-    wg::copy_rows_async<K * 2, kThreads, kChunk>(stage_q(chunk), q_rows.row(first_row),
-                                                 q_rows.step, valid);
-    wg::copy_rows_async<K * 2, kThreads, kChunk>(stage_k(chunk), k_rows.row(first_row),
-                                                 k_rows.step, valid);
+    wg::copy_rows_async<K * 2, kThreads, kChunk>(stage_q(chunk), q_rows.row(first_row), q_rows.step,
+                                                 valid);
+    wg::copy_rows_async<K * 2, kThreads, kChunk>(stage_k(chunk), k_rows.row(first_row), k_rows.step,
+                                                 valid);
     wg::copy_rows_async<kValueTile * 2, kThreads, kChunk>(stage_v(chunk), v_rows.row(first_row),
                                                           v_rows.step, valid);
   };
@@ -114,12 +119,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     head_gate = floor_gate(load_float(args.g, element_offset(args.g, 0, 0, head, 0))) * kLog2e;
   // The warp's inclusive scan of the chunk's gates into `gates` (rows past the end add nothing).
   auto scan_gates = [&](int chunk) {
-    if constexpr (T::kGated) {
+    if constexpr (Gate == GateKind::kPerToken) {
       const int rows_valid = rows_valid_of(chunk);
       float x[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        x[r] = Gate == GateKind::kPerHead ? head_gate : floor_gate(gate_raw[r]) * kLog2e;
+        x[r] = floor_gate(gate_raw[r]) * kLog2e;
         if (lane + 32 * r >= rows_valid) x[r] = 0.f;
 #pragma unroll
         for (int offset = 1; offset < 32; offset *= 2) {
@@ -134,17 +139,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       __syncwarp();
     }
   };
+  // b of row `row` of a chunk with rows_valid rows (flat past the end).
+  auto cum_gate = [&](int row, int rows_valid) -> float {
+    if constexpr (Gate == GateKind::kPerHead)
+      return head_gate * static_cast<float>((row < rows_valid ? row : rows_valid - 1) + 1);
+    else
+      return gates[row];
+  };
   // 2^{b_C - b_j} v_j of the pieces of v this thread copied (wg::copy_rows_async: 16-byte column
   // tid % 8 of rows tid / 8 + 16 p), into the same places of weighted_v.
   auto weigh_v = [&](int chunk) {
     if constexpr (T::kGated) {
       const char* v_tile = stage_v(chunk);
-      const float end = gates[kChunk - 1];
+      const int rows_valid = rows_valid_of(chunk);
+      const float end = cum_gate(kChunk - 1, rows_valid);
 #pragma unroll
       for (int pass = 0; pass < 4; ++pass) {
         const int row = tid / 8 + 16 * pass;
         const uint32_t at = wg::tile_offset<kChunk>(row, 8 * (tid % 8));
-        const float factor = tile::fast_exp2(end - gates[row]);
+        const float factor = tile::fast_exp2(end - cum_gate(row, rows_valid));
         uint4 x = *reinterpret_cast<const uint4*>(v_tile + at);
         uint32_t* words = reinterpret_cast<uint32_t*>(&x);
 #pragma unroll
@@ -214,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     };
 
     if constexpr (T::kGated) {
-      const float decay_end = tile::fast_exp2(gates[kChunk - 1]);
+      const float decay_end = tile::fast_exp2(cum_gate(kChunk - 1, rows_valid));
 #pragma unroll
       for (int mb = 0; mb < K / 64; ++mb)
 #pragma unroll
@@ -239,19 +252,26 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
                             k_mn_desc + ((mb * kChunk * wg::kRowBytes) >> 4) + s * kStep16Rows,
                             update_v_desc + s * kStep16Rows, 1);
     wg::commit();
+
+    // The gates of this thread's rows and columns, read while the products run.
+    const int row_a = 16 * warp + group, row_b = row_a + 8;
+    float decay_a = 1.f, decay_b = 1.f, gate_a = 0.f, gate_b = 0.f;
+    float column_gate[16] = {};  // b_j of column j = 8c + 2 * quad + h at [2c + h]
+    if constexpr (T::kGated) {
+      gate_a = cum_gate(row_a, rows_valid);
+      gate_b = cum_gate(row_b, rows_valid);
+      decay_a = tile::fast_exp2(gate_a);
+      decay_b = tile::fast_exp2(gate_b);
+    }
+    if constexpr (Gate == GateKind::kPerToken) {
+#pragma unroll
+      for (int c = 0; c < 16; ++c) column_gate[c] = gates[8 * (c / 2) + 2 * quad + c % 2];
+    }
     wg::wait<1>();
     wg::fence_operand(scores);
     wg::fence_operand(out);
 
     // Causal mask and decay of the scores, decay of the inter-chunk part of out.
-    const int row_a = 16 * warp + group, row_b = row_a + 8;
-    float decay_a = 1.f, decay_b = 1.f, gate_a = 0.f, gate_b = 0.f;
-    if constexpr (T::kGated) {
-      gate_a = gates[row_a];
-      gate_b = gates[row_b];
-      decay_a = tile::fast_exp2(gate_a);
-      decay_b = tile::fast_exp2(gate_b);
-    }
     uint32_t p_frag[4][4];
 #pragma unroll
     for (int e = 0; e < 32; e += 2) {
@@ -260,8 +280,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       float value[2] = {scores[e], scores[e + 1]};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        if constexpr (T::kGated) {
-          if (j + h <= i) value[h] *= tile::fast_exp2((second ? gate_b : gate_a) - gates[j + h]);
+        if constexpr (Gate == GateKind::kPerHead) {  // 2^{(i - j) g}, exactly the decay
+          if (j + h <= i) value[h] *= tile::fast_exp2(static_cast<float>(i - j - h) * head_gate);
+        } else if constexpr (Gate == GateKind::kPerToken) {
+          if (j + h <= i)
+            value[h] *= tile::fast_exp2((second ? gate_b : gate_a) - column_gate[2 * (e / 4) + h]);
         }
         value[h] = j + h <= i ? value[h] : 0.f;
       }
@@ -279,19 +302,27 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 #pragma unroll
     for (int mb = 0; mb < K / 64; ++mb) wg::fence_operand(state[mb]);
 
-    // Store o (rows past the sequence end are not written; no o: a states-only pass).
+    // Store o: the warp's 16 rows staged in shared memory (swizzled: conflict-free), then
+    // written as 16-byte pieces, two rows of 128 bytes per store instruction. Rows past the
+    // sequence end are not written; no o: a states-only pass.
     if (args.o.present) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = half ? row_b : row_a;
+      for (int e = 0; e < 32; e += 2) {
+        const int row = (e % 4) >= 2 ? row_b : row_a;
+        *reinterpret_cast<uint32_t*>(out_tile + wg::tile_offset<kChunk>(row, state_value(e))) =
+            tile::pack<Elem>(out[e] * args.scale, out[e + 1] * args.scale);
+      }
+      __syncwarp();
+#pragma unroll
+      for (int pass = 0; pass < 4; ++pass) {
+        const int row = 16 * warp + 4 * pass + lane / 8, piece = lane % 8;
         if (row >= rows_valid) continue;
+        const uint4 x =
+            *reinterpret_cast<const uint4*>(out_tile + wg::tile_offset<kChunk>(row, 8 * piece));
         const int64_t token = token_at(int64_t{chunk} * kChunk + row);
         Elem* o_row = reinterpret_cast<Elem*>(args.o.data) +
                       element_offset(args.o, seq.batch, token, head, value0);
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-          *reinterpret_cast<uint32_t*>(o_row + 8 * j + 2 * quad) = tile::pack<Elem>(
-              out[4 * j + 2 * half] * args.scale, out[4 * j + 2 * half + 1] * args.scale);
+        *reinterpret_cast<uint4*>(o_row + 8 * piece) = x;
       }
     }
     __syncthreads();  // every warp is done with this chunk's S0, weighted v and stage

@@ -68,8 +68,8 @@ __device__ __forceinline__ void copy_rows_async(char* tile_base, const char* src
                                                 int64_t src_step, int valid_rows) {
   constexpr int kParts = kRowBytesIn / 16;
   constexpr int kRowsPerPass = kThreads / kParts;
-  static_assert(kRowBytesIn % kRowBytes == 0 && kThreads % kParts == 0 &&
-                    kRowsPerPass % 8 == 0 && kRows % kRowsPerPass == 0,
+  static_assert(kRowBytesIn % kRowBytes == 0 && kThreads % kParts == 0 && kRowsPerPass % 8 == 0 &&
+                    kRows % kRowsPerPass == 0,
                 "rows must split evenly over the threads, 8 rows at a time");
   const int part = threadIdx.x % kParts, row0 = threadIdx.x / kParts;
   const char* first_piece = src_first + part * 16;  // row 0: the address of zero-filled rows
@@ -92,7 +92,9 @@ __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 // Before a wgmma whose accumulator or A registers other instructions wrote.
-__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ void commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -109,27 +111,28 @@ __device__ __forceinline__ void fence_operand(float (&d)[N]) {
 #define FLASHLIN_WG_D32                                                                         \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define FLASHLIN_WG_D32_OPERANDS                                                               \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),          \
-      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),  \
-      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),            \
-      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),            \
-      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define FLASHLIN_WG_D32_OPERANDS                                                                  \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),    \
+      "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),  \
+      "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),  \
+      "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 // d (+)= A B, both operands in shared memory.
-#define FLASHLIN_WG_SS(TYPE)                                                                     \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                    \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FLASHLIN_WG_D32 \
-               ", %32, %33, p, 1, 1, %35, %36;\n}\n"                                           \
-               : FLASHLIN_WG_D32_OPERANDS                                                      \
-               : "l"(a), "l"(b), "r"(accumulate), "n"(TransA), "n"(TransB))
+#define FLASHLIN_WG_SS(TYPE)                                                          \
+  asm volatile(                                                                       \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                    \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FLASHLIN_WG_D32 \
+      ", %32, %33, p, 1, 1, %35, %36;\n}\n"                                           \
+      : FLASHLIN_WG_D32_OPERANDS                                                      \
+      : "l"(a), "l"(b), "r"(accumulate), "n"(TransA), "n"(TransB))
 // d (+)= A B, A from registers.
-#define FLASHLIN_WG_RS(TYPE)                                                                     \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                    \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FLASHLIN_WG_D32 \
-               ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                               \
-               : FLASHLIN_WG_D32_OPERANDS                                                      \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),          \
-                 "n"(TransB))
+#define FLASHLIN_WG_RS(TYPE)                                                          \
+  asm volatile(                                                                       \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                    \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FLASHLIN_WG_D32 \
+      ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"                               \
+      : FLASHLIN_WG_D32_OPERANDS                                                      \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TransB))
 
 // d = A B (accumulate = 0) or d += A B, 64 x 64 x 16, A and B in shared memory.
 template <typename Elem, int TransA, int TransB>
