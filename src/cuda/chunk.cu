@@ -3,6 +3,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
+#include <utility>
+
 #include "cuda/chunk.cuh"
 #include "cuda/chunk_bwd.cuh"
 #include "cuda/chunk_fwd.cuh"
@@ -18,6 +21,10 @@ extern template cudaError_t launch_for_gate<__half, 64>(const ChunkArgs&, GateKi
                                                         int64_t, cudaStream_t);
 extern template cudaError_t launch_for_gate<__half, 128>(const ChunkArgs&, GateKind, bool, int,
                                                          int64_t, cudaStream_t);
+extern template bool on_wgmma<__nv_bfloat16, 64>(GateKind);
+extern template bool on_wgmma<__nv_bfloat16, 128>(GateKind);
+extern template bool on_wgmma<__half, 64>(GateKind);
+extern template bool on_wgmma<__half, 128>(GateKind);
 }  // namespace chunk_fwd
 
 namespace chunk_bwd {
@@ -147,18 +154,118 @@ cudaError_t chunk_tc_forward(const RecurrenceParams& p, const LaunchContext& ctx
   return chunk_tc_launch_forward(p, args, num_seqs, ctx.stream);
 }
 
+namespace {
+
+// The forward kernels of (elem, key_dim) over value_dim columns.
+cudaError_t launch_forward_kernels(Storage elem, int64_t key_dim, int64_t value_dim, GateKind gate,
+                                   bool bonus, const ChunkArgs& args, int64_t num_seqs,
+                                   cudaStream_t stream) {
+  const int v = static_cast<int>(value_dim);
+  const bool bf16 = elem == Storage::kBFloat16;
+  if (key_dim == 64)
+    return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 64>(args, gate, bonus, v, num_seqs,
+                                                                stream)
+                : chunk_fwd::launch_for_gate<__half, 64>(args, gate, bonus, v, num_seqs, stream);
+  return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 128>(args, gate, bonus, v, num_seqs,
+                                                               stream)
+              : chunk_fwd::launch_for_gate<__half, 128>(args, gate, bonus, v, num_seqs, stream);
+}
+
+bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
+  const bool bf16 = elem == Storage::kBFloat16;
+  if (key_dim == 64)
+    return bf16 ? chunk_fwd::on_wgmma<__nv_bfloat16, 64>(gate)
+                : chunk_fwd::on_wgmma<__half, 64>(gate);
+  if (key_dim == 128)
+    return bf16 ? chunk_fwd::on_wgmma<__nv_bfloat16, 128>(gate)
+                : chunk_fwd::on_wgmma<__half, 128>(gate);
+  return false;
+}
+
+StridedTensor transposed_state(StridedTensor t) {  // (sequence, head, value, key) view
+  std::swap(t.stride[2], t.stride[3]);
+  return t;
+}
+
+// The backward of retention and linear attention (no gate, or a per-head decay g) as three
+// passes of the forward kernel on wgmma. With b_i = (i + 1) g and D_ij = 2^{b_i - b_j}:
+//   dq_i = scale [ sum_{j <= i} D_ij (do_i . v_j) k_j + 2^{b_i} S0 do_i ]
+//        = forward(q = do, k = v, v = k, initial state S0^T)
+//   dv_j = scale sum_{i >= j} D_ij (k_j . q_i) do_i + 2^{b_T - b_j} k_j dS_T
+//        = forward in the other direction (q = k, k = q, v = do, initial state dS_T / scale),
+//          each token's decay applied after it (ChunkArgs::shift_gates), since the gradient's
+//          recurrence is dS_{t-1} = 2^{g} dS_t + q_t do_t^T; its final state times scale is dS0
+//   dk_j = scale sum_{i >= j} D_ij (v_j . do_i) q_i + 2^{b_T - b_j} dS_T v_j
+//        = the same with q = v, k = do, v = q, initial state dS_T^T / scale
+// Each pass reads three tensors and writes one, like the forward; none needs scratch.
+bool backward_as_forward(const RecurrenceParams& p) {
+  if (p.gate != GateKind::kNone && p.gate != GateKind::kPerHead) return false;
+  if (p.bonus || p.dg.present || p.du.present) return false;
+  if (!(p.scale != 0.0 && std::isfinite(1.0 / p.scale))) return false;
+  if (p.value_dim != 64 && p.value_dim != 128) return false;  // the key dim of dq's and dk's pass
+  if (!forward_on_wgmma(p.q.dtype, p.key_dim, p.gate) ||
+      !forward_on_wgmma(p.q.dtype, p.value_dim, p.gate))
+    return false;
+  for (const StridedTensor* grad : {&p.dq, &p.dk, &p.dv})
+    if (grad->present && (grad->dtype != p.q.dtype || !rows_copyable(*grad))) return false;
+  return true;
+}
+
+cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext& ctx) {
+  const int64_t num_seqs = ctx.sequences.count;
+  const ChunkArgs base = forward_args(p, ctx);
+  const float inverse_scale = static_cast<float>(1.0 / p.scale);
+  auto run = [&](const ChunkArgs& args, int64_t key_dim, int64_t value_dim) {
+    return launch_forward_kernels(p.q.dtype, key_dim, value_dim, p.gate, false, args, num_seqs,
+                                  ctx.stream);
+  };
+  cudaError_t err = cudaSuccess;
+  if (p.dq.present) {
+    ChunkArgs args = base;
+    args.q = p.d_o;
+    args.k = p.v;
+    args.v = p.k;
+    args.o = p.dq;
+    args.initial_state = transposed_state(p.initial_state);
+    args.final_state = StridedTensor{};
+    err = run(args, p.value_dim, p.key_dim);
+    if (err != cudaSuccess) return err;
+  }
+  ChunkArgs reversed = base;
+  reversed.reverse = !p.reverse;
+  reversed.shift_gates = true;
+  reversed.initial_state_factor = inverse_scale;
+  if (p.dv.present || p.d_initial_state.present) {
+    ChunkArgs args = reversed;
+    args.q = p.k;
+    args.k = p.q;
+    args.v = p.d_o;
+    args.o = p.dv;
+    args.initial_state = p.d_final_state;
+    args.final_state = p.d_initial_state;
+    args.final_state_factor = static_cast<float>(p.scale);
+    err = run(args, p.key_dim, p.value_dim);
+    if (err != cudaSuccess) return err;
+  }
+  if (p.dk.present) {
+    ChunkArgs args = reversed;
+    args.q = p.v;
+    args.k = p.d_o;
+    args.v = p.q;
+    args.o = p.dk;
+    args.initial_state = transposed_state(p.d_final_state);
+    args.final_state = StridedTensor{};
+    err = run(args, p.value_dim, p.key_dim);
+  }
+  return err;
+}
+
+}  // namespace
+
 cudaError_t chunk_tc_launch_forward(const RecurrenceParams& p, const ChunkArgs& args,
                                     int64_t num_seqs, cudaStream_t stream) {
-  const int v = static_cast<int>(p.value_dim);
-  const bool bf16 = p.q.dtype == Storage::kBFloat16;
-  if (p.key_dim == 64)
-    return bf16
-               ? chunk_fwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, v, num_seqs,
-                                                               stream)
-               : chunk_fwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, v, num_seqs, stream);
-  return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, v, num_seqs,
-                                                               stream)
-              : chunk_fwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, v, num_seqs, stream);
+  return launch_forward_kernels(p.q.dtype, p.key_dim, p.value_dim, p.gate, p.bonus, args, num_seqs,
+                                stream);
 }
 
 static chunk_bwd::BackwardArgs chunk_tc_backward_args(const RecurrenceParams& p,
@@ -184,6 +291,8 @@ cudaError_t chunk_tc_backward(const RecurrenceParams& p, const LaunchContext& ct
   SplitPlan plan;
   if (num_seqs > 0 && p.num_heads > 0 && plan_split(p, true, &plan))
     return chunk_tc_backward_split(p, ctx, plan, args);
+  if (backward_as_forward(p))
+    return num_seqs == 0 || p.num_heads == 0 ? cudaSuccess : backward_via_forward(p, ctx);
   const BackwardLayout layout = backward_layout(p, p.sequences.size());
   if (layout.total > 0 && (ctx.workspace == nullptr || ctx.workspace_bytes < layout.total))
     return cudaErrorInvalidValue;

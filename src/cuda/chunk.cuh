@@ -45,6 +45,13 @@ struct ChunkArgs {
   int64_t num_heads = 0;
   float scale = 1.0f;
   bool reverse = false;
+  // For the backward run as forward passes (chunk.cu, wgmma kernel only): the initial state is
+  // read times initial_state_factor and the final state written times final_state_factor; with
+  // shift_gates (per-head gates) the first visited token does not decay the state and the final
+  // state decays once more, i.e. each token's decay applies after it instead of before.
+  float initial_state_factor = 1.0f;
+  float final_state_factor = 1.0f;
+  bool shift_gates = false;
 };
 
 // Launches the forward kernel of p's types over `num_seqs` sequences of args.sequences.

@@ -593,6 +593,19 @@ cudaError_t launch_scalar_gate(const ChunkArgs& args, int value_dim, int64_t num
   return launch<Elem, K, Gate, false>(args, value_dim, num_seqs, stream);
 }
 
+// Whether launch_for_gate<Elem, K> runs `gate` on the wgmma kernel here. Instantiated once per
+// (Elem, K) in chunk_fwd_<elem>_k<K>.cu.
+template <typename Elem, int K>
+bool on_wgmma(GateKind gate) {
+  if (mma_sync_forced()) return false;
+  switch (gate) {
+    case GateKind::kNone: return chunk_fwd_wgmma::runs_here<Elem, K, GateKind::kNone>();
+    case GateKind::kPerHead: return chunk_fwd_wgmma::runs_here<Elem, K, GateKind::kPerHead>();
+    case GateKind::kPerToken: return chunk_fwd_wgmma::runs_here<Elem, K, GateKind::kPerToken>();
+    default: return false;
+  }
+}
+
 // Instantiated once per (Elem, K) in chunk_fwd_<elem>_k<K>.cu.
 template <typename Elem, int K>
 cudaError_t launch_for_gate(const ChunkArgs& args, GateKind gate, bool bonus, int value_dim,

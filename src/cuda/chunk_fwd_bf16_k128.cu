@@ -5,4 +5,5 @@
 namespace flashlin::cuda::chunk_fwd {
 template cudaError_t launch_for_gate<__nv_bfloat16, 128>(const ChunkArgs&, GateKind, bool, int,
                                                          int64_t, cudaStream_t);
+template bool on_wgmma<__nv_bfloat16, 128>(GateKind);
 }  // namespace flashlin::cuda::chunk_fwd

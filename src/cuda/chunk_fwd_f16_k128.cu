@@ -5,4 +5,5 @@
 namespace flashlin::cuda::chunk_fwd {
 template cudaError_t launch_for_gate<__half, 128>(const ChunkArgs&, GateKind, bool, int, int64_t,
                                                   cudaStream_t);
+template bool on_wgmma<__half, 128>(GateKind);
 }  // namespace flashlin::cuda::chunk_fwd

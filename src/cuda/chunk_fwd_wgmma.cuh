@@ -117,6 +117,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   float head_gate = 0.f;  // per-head constant decay, log2 units
   if constexpr (Gate == GateKind::kPerHead)
     head_gate = floor_gate(load_float(args.g, element_offset(args.g, 0, 0, head, 0))) * kLog2e;
+  // ChunkArgs::shift_gates: the first chunk's b lower by one decay (none for the first token).
+  const float first_chunk_shift = Gate == GateKind::kPerHead && args.shift_gates ? head_gate : 0.f;
   // The warp's inclusive scan of the chunk's gates into `gates` (rows past the end add nothing).
   auto scan_gates = [&](int chunk) {
     if constexpr (Gate == GateKind::kPerToken) {
@@ -179,9 +181,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 #pragma unroll
     for (int e = 0; e < 32; ++e)
       state[mb][e] = args.initial_state.present
-                         ? load_float(args.initial_state,
-                                      element_offset(args.initial_state, seq_index, head,
-                                                     state_key(mb, e), value0 + state_value(e)))
+                         ? args.initial_state_factor *
+                               load_float(args.initial_state,
+                                          element_offset(args.initial_state, seq_index, head,
+                                                         state_key(mb, e), value0 + state_value(e)))
                          : 0.f;
   // The rounded copy for Q·S: [K][64], the MN-major B operand (rows = keys, the reduction).
   auto publish_state = [&]() {
@@ -210,6 +213,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   for (int chunk = 0; chunk < num_chunks; ++chunk) {
     const int rows_valid = rows_valid_of(chunk);
     const bool has_next = chunk + 1 < num_chunks;
+    const float shift = chunk == 0 ? first_chunk_shift : 0.f;  // of b, not of differences
     if (has_next) {
       issue_chunk(chunk + 1);
       load_gates(chunk + 1);
@@ -227,7 +231,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     };
 
     if constexpr (T::kGated) {
-      const float decay_end = tile::fast_exp2(cum_gate(kChunk - 1, rows_valid));
+      const float decay_end = tile::fast_exp2(cum_gate(kChunk - 1, rows_valid) - shift);
 #pragma unroll
       for (int mb = 0; mb < K / 64; ++mb)
 #pragma unroll
@@ -258,8 +262,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     float decay_a = 1.f, decay_b = 1.f, gate_a = 0.f, gate_b = 0.f;
     float column_gate[16] = {};  // b_j of column j = 8c + 2 * quad + h at [2c + h]
     if constexpr (T::kGated) {
-      gate_a = cum_gate(row_a, rows_valid);
-      gate_b = cum_gate(row_b, rows_valid);
+      gate_a = cum_gate(row_a, rows_valid) - shift;
+      gate_b = cum_gate(row_b, rows_valid) - shift;
       decay_a = tile::fast_exp2(gate_a);
       decay_b = tile::fast_exp2(gate_b);
     }
@@ -335,6 +339,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   }
 
   if (args.final_state.present) {
+    // shift_gates: the last token's decay, after it (no tokens, no decay).
+    const float factor =
+        args.final_state_factor * (num_chunks > 0 ? tile::fast_exp2(first_chunk_shift) : 1.f);
 #pragma unroll
     for (int mb = 0; mb < K / 64; ++mb)
 #pragma unroll
@@ -342,7 +349,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         store_float(args.final_state,
                     element_offset(args.final_state, seq_index, head, state_key(mb, e),
                                    value0 + state_value(e)),
-                    state[mb][e]);
+                    factor * state[mb][e]);
   }
 #endif  // FLASHLIN_WGMMA_DEVICE
 }

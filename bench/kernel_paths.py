@@ -1,0 +1,99 @@
+"""The scalar-gate ops on their two CUDA paths side by side in one process: Hopper's default
+(the forward on wgmma, and for retention and linear attention the backward as three wgmma forward
+passes) and the mma.sync kernels (FLASHLIN_CUDA_MMA_SYNC=1). B=8, H=32, K=V=128, bf16, forward
+(torch.no_grad) and forward+backward (gradients of q, k, v), CUDA events, median of the runs;
+the two paths alternate in blocks of 5 queued runs so that both see the same clocks. Also the
+largest difference between their outputs (o, and dq, dk, dv) relative to the largest value.
+Prints a table; no assertions (tests/python checks both paths against the float64 reference).
+
+usage: python3 bench/kernel_paths.py [T ...]   (default 2048 4096 8192)
+"""
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import flashlin.ops as ops  # noqa: E402
+
+B, H, D = 8, 32, 128
+RUNS = 30
+BLOCK = 5
+
+
+def call_of(name, q, k, v, g):
+    if name == "retention":
+        return lambda: ops.chunk_retention(q, k, v)[0]
+    if name == "linear":
+        return lambda: ops.chunk_linear_attn(q, k, v, normalize=False)[0]
+    return lambda: ops.chunk_simple_gla(q, k, v, g=g)[0]  # per-token gates
+
+
+def timed_block(fn, runs):
+    """ms of `runs` calls queued back to back (events between them, one synchronisation at the
+    end, so that the host's call overhead overlaps the previous kernel as in a model)."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(runs + 1)]
+    events[0].record()
+    for event in events[1:]:
+        fn()
+        event.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+
+
+def use_kernel(kernel):
+    if kernel == "mma.sync":
+        os.environ["FLASHLIN_CUDA_MMA_SYNC"] = "1"
+    else:
+        os.environ.pop("FLASHLIN_CUDA_MMA_SYNC", None)
+
+
+def main():
+    lengths = [int(t) for t in sys.argv[1:]] or [2048, 4096, 8192]
+    print(f"B={B} H={H} K=V={D} bf16, median ms of {RUNS} runs each; default = wgmma paths")
+    print(f"{'op':10} {'T':>6} {'pass':5} {'default':>8} {'mma.sync':>9} {'speedup':>8} "
+          f"{'max rel diff':>13}")
+    for T in lengths:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).div(16)
+        do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+        for name in ("retention", "linear", "per-token"):
+            call = call_of(name, q, k, v, g)
+
+            def forward():
+                with torch.no_grad():
+                    return call()
+
+            def backward():
+                return torch.autograd.grad(call(), [q, k, v], do)
+
+            for which, fn in (("fwd", forward), ("f+b", backward)):
+                times = {"wgmma": [], "mma.sync": []}
+                outputs = {}
+                for kernel in times:  # warm-up, and the results to compare
+                    use_kernel(kernel)
+                    result = fn()
+                    result = result if isinstance(result, tuple) else (result,)
+                    outputs[kernel] = [x.float() for x in result]
+                    timed_block(fn, 3)
+                for _ in range(RUNS // BLOCK):  # blocks of runs, alternating the paths
+                    for kernel in times:
+                        use_kernel(kernel)
+                        times[kernel] += timed_block(fn, BLOCK)
+                os.environ.pop("FLASHLIN_CUDA_MMA_SYNC", None)
+                diff = max(((a - b).abs().max() / b.abs().max()).item()
+                           for a, b in zip(outputs["wgmma"], outputs["mma.sync"]))
+                fast, slow = (statistics.median(times[kernel]) for kernel in ("wgmma", "mma.sync"))
+                print(f"{name:10} {T:6d} {which:5} {fast:8.3f} {slow:9.3f} {slow / fast:7.2f}x "
+                      f"{diff:13.2e}", flush=True)
+                del outputs
+        del q, k, v, g, do
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
