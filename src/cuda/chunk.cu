@@ -212,52 +212,44 @@ bool backward_as_forward(const RecurrenceParams& p) {
 }
 
 cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext& ctx) {
-  const int64_t num_seqs = ctx.sequences.count;
-  const ChunkArgs base = forward_args(p, ctx);
-  const float inverse_scale = static_cast<float>(1.0 / p.scale);
-  auto run = [&](const ChunkArgs& args, int64_t key_dim, int64_t value_dim) {
-    return launch_forward_kernels(p.q.dtype, key_dim, value_dim, p.gate, false, args, num_seqs,
-                                  ctx.stream);
+  // One pass: the forward over (q, k, v) -> o, from `initial` to `final`, in the call's direction
+  // or the other one (then with the gates shifted and dS_T / scale as the initial state).
+  struct Pass {
+    const StridedTensor &q, &k, &v, &o;
+    StridedTensor initial, final;
+    int64_t key_dim, value_dim;
+    bool other_direction;
+    bool wanted;
   };
-  cudaError_t err = cudaSuccess;
-  if (p.dq.present) {
-    ChunkArgs args = base;
-    args.q = p.d_o;
-    args.k = p.v;
-    args.v = p.k;
-    args.o = p.dq;
-    args.initial_state = transposed_state(p.initial_state);
-    args.final_state = StridedTensor{};
-    err = run(args, p.value_dim, p.key_dim);
+  const StridedTensor none{};
+  const Pass passes[] = {
+      {p.d_o, p.v, p.k, p.dq, transposed_state(p.initial_state), none, p.value_dim, p.key_dim,
+       false, p.dq.present},
+      {p.k, p.q, p.d_o, p.dv, p.d_final_state, p.d_initial_state, p.key_dim, p.value_dim, true,
+       p.dv.present || p.d_initial_state.present},
+      {p.v, p.d_o, p.q, p.dk, transposed_state(p.d_final_state), none, p.value_dim, p.key_dim, true,
+       p.dk.present},
+  };
+  for (const Pass& pass : passes) {
+    if (!pass.wanted) continue;
+    ChunkArgs args = forward_args(p, ctx);
+    args.q = pass.q;
+    args.k = pass.k;
+    args.v = pass.v;
+    args.o = pass.o;
+    args.initial_state = pass.initial;
+    args.final_state = pass.final;
+    if (pass.other_direction) {
+      args.reverse = !p.reverse;
+      args.shift_gates = true;
+      args.initial_state_factor = static_cast<float>(1.0 / p.scale);
+      args.final_state_factor = static_cast<float>(p.scale);  // dS0 from dS_T / scale
+    }
+    const cudaError_t err = launch_forward_kernels(p.q.dtype, pass.key_dim, pass.value_dim, p.gate,
+                                                   false, args, ctx.sequences.count, ctx.stream);
     if (err != cudaSuccess) return err;
   }
-  ChunkArgs reversed = base;
-  reversed.reverse = !p.reverse;
-  reversed.shift_gates = true;
-  reversed.initial_state_factor = inverse_scale;
-  if (p.dv.present || p.d_initial_state.present) {
-    ChunkArgs args = reversed;
-    args.q = p.k;
-    args.k = p.q;
-    args.v = p.d_o;
-    args.o = p.dv;
-    args.initial_state = p.d_final_state;
-    args.final_state = p.d_initial_state;
-    args.final_state_factor = static_cast<float>(p.scale);
-    err = run(args, p.key_dim, p.value_dim);
-    if (err != cudaSuccess) return err;
-  }
-  if (p.dk.present) {
-    ChunkArgs args = reversed;
-    args.q = p.v;
-    args.k = p.d_o;
-    args.v = p.q;
-    args.o = p.dk;
-    args.initial_state = transposed_state(p.d_final_state);
-    args.final_state = StridedTensor{};
-    err = run(args, p.value_dim, p.key_dim);
-  }
-  return err;
+  return cudaSuccess;
 }
 
 }  // namespace

@@ -38,6 +38,12 @@ size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward);
 cudaError_t chunk_tc_forward(const RecurrenceParams& p, const LaunchContext& ctx);
 cudaError_t chunk_tc_backward(const RecurrenceParams& p, const LaunchContext& ctx);
 
+namespace chunk_tc {
+constexpr int kChunk = 64;      // tokens per chunk
+constexpr int kValueTile = 64;  // value columns per thread block of the forward kernels
+constexpr float kLog2e = 1.4426950408889634f;
+}  // namespace chunk_tc
+
 // Kernel arguments: the plain, trivially copyable part of RecurrenceParams.
 struct ChunkArgs {
   StridedTensor q, k, v, g, u, initial_state, o, final_state;
@@ -53,6 +59,37 @@ struct ChunkArgs {
   float final_state_factor = 1.0f;
   bool shift_gates = false;
 };
+
+namespace chunk_tc {
+// Per-token scalar gates of rows lane and lane + 32 of a chunk, raw (0 past the sequence end).
+__device__ __forceinline__ void load_token_gates(const ChunkArgs& args, const SequenceSpan& seq,
+                                                 int64_t head, int chunk, float (&gates)[2]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t t = int64_t{chunk} * kChunk + lane + 32 * r;
+    const int64_t token = args.reverse ? seq.start + seq.length - 1 - t : seq.start + t;
+    gates[r] = t < seq.length
+                   ? load_float(args.g, element_offset(args.g, seq.batch, token, head, 0))
+                   : 0.f;
+  }
+}
+// The warp's inclusive scan over a chunk's 64 rows of log2 gates (rows lane and lane + 32 of
+// `x`, in place); rows at and past rows_valid add nothing.
+__device__ __forceinline__ void scan_chunk_gates(float (&x)[2], int rows_valid) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (lane + 32 * r >= rows_valid) x[r] = 0.f;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const float y = __shfl_up_sync(0xffffffffu, x[r], offset);
+      if (lane >= offset) x[r] += y;
+    }
+  }
+  x[1] += __shfl_sync(0xffffffffu, x[0], 31);
+}
+}  // namespace chunk_tc
 
 // Launches the forward kernel of p's types over `num_seqs` sequences of args.sequences.
 cudaError_t chunk_tc_launch_forward(const RecurrenceParams& p, const ChunkArgs& args,

@@ -29,10 +29,10 @@
 
 namespace flashlin::cuda::chunk_bwd {
 
-constexpr int kChunk = 64;
+using chunk_tc::kChunk;
+using chunk_tc::kLog2e;
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
-constexpr float kLog2e = 1.4426950408889634f;
 
 // Stores (x0, x1) at feature `feature` of a dq / dk row: a pair of Elem, or of float32 where the
 // kernel allows it (kFloat: per-key gates without the bonus, the slot-attention composition's

@@ -29,11 +29,11 @@
 
 namespace flashlin::cuda::chunk_fwd {
 
-constexpr int kChunk = 64;
-constexpr int kValueTile = 64;
+using chunk_tc::kChunk;
+using chunk_tc::kLog2e;
+using chunk_tc::kValueTile;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr float kLog2e = 1.4426950408889634f;
 // run factorized (see "factorized" below)
 
 template <typename Elem, int K, GateKind Gate, bool Bonus>
@@ -133,15 +133,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   float gate_current[2] = {0.f, 0.f}, gate_next[2] = {0.f, 0.f};
   auto load_scalar_gates = [&](int chunk, float(&out)[2]) {
     if constexpr (Gate == GateKind::kPerToken) {
-      if (warp == 0) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int64_t t = int64_t{chunk} * kChunk + lane + 32 * r;
-          out[r] = t < length
-                       ? load_float(args.g, element_offset(args.g, seq.batch, token_at(t), head, 0))
-                       : 0.f;
-        }
-      }
+      if (warp == 0) chunk_tc::load_token_gates(args, seq, head, chunk, out);
     }
   };
   float head_gate = 0.f;  // per-head constant decay, log2 units
@@ -233,19 +225,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     } else if constexpr (T::kScalarGate) {
       if (warp == 0) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = lane + 32 * r;
-          float x = Gate == GateKind::kPerHead ? head_gate : floor_gate(gate_current[r]) * kLog2e;
-          if (row >= rows_valid) x = 0.f;
-          for (int offset = 1; offset < 32; offset *= 2) {
-            const float y = __shfl_up_sync(0xffffffffu, x, offset);
-            if (lane >= offset) x += y;
-          }
-          gate_current[r] = x;  // inclusive scan within the half
-        }
-        const float first_half_total = __shfl_sync(0xffffffffu, gate_current[0], 31);
+        for (int r = 0; r < 2; ++r)
+          gate_current[r] =
+              Gate == GateKind::kPerHead ? head_gate : floor_gate(gate_current[r]) * kLog2e;
+        chunk_tc::scan_chunk_gates(gate_current, rows_valid);
         cum_gate[lane] = gate_current[0];
-        cum_gate[lane + 32] = first_half_total + gate_current[1];
+        cum_gate[lane + 32] = gate_current[1];
       }
     }
     __syncthreads();

@@ -27,10 +27,10 @@
 
 namespace flashlin::cuda::chunk_fwd_wgmma {
 
-constexpr int kChunk = 64;
-constexpr int kValueTile = 64;
+using chunk_tc::kChunk;
+using chunk_tc::kLog2e;
+using chunk_tc::kValueTile;
 constexpr int kThreads = 128;
-constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename Elem, int K, GateKind Gate>
 struct Traits {
@@ -39,7 +39,7 @@ struct Traits {
   static constexpr bool kGated = Gate != GateKind::kNone;
   static constexpr int kKeySteps = K / 16;
   // Shared memory (bytes), every tile 1024-byte aligned: two stages of q, k ([64][K]) and v
-  // ([64][64]); the published state ([K][64]); the gate-weighted v; the cumulative gates.
+  // ([64][64]); the published state ([K][64]); the gate-weighted v; o; the per-token gates.
   static constexpr size_t kQkBytes = size_t{kChunk} * K * 2;
   static constexpr size_t kVBytes = size_t{kChunk} * kValueTile * 2;
   static constexpr size_t kStageBytes = 2 * kQkBytes + kVBytes;
@@ -104,15 +104,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   // ahead by every warp.
   float gate_raw[2] = {0.f, 0.f};
   auto load_gates = [&](int chunk) {
-    if constexpr (Gate == GateKind::kPerToken) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t t = int64_t{chunk} * kChunk + lane + 32 * r;
-        gate_raw[r] =
-            t < length ? load_float(args.g, element_offset(args.g, seq.batch, token_at(t), head, 0))
-                       : 0.f;
-      }
-    }
+    if constexpr (Gate == GateKind::kPerToken)
+      chunk_tc::load_token_gates(args, seq, head, chunk, gate_raw);
   };
   float head_gate = 0.f;  // per-head constant decay, log2 units
   if constexpr (Gate == GateKind::kPerHead)
@@ -122,22 +115,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   // The warp's inclusive scan of the chunk's gates into `gates` (rows past the end add nothing).
   auto scan_gates = [&](int chunk) {
     if constexpr (Gate == GateKind::kPerToken) {
-      const int rows_valid = rows_valid_of(chunk);
-      float x[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        x[r] = floor_gate(gate_raw[r]) * kLog2e;
-        if (lane + 32 * r >= rows_valid) x[r] = 0.f;
-#pragma unroll
-        for (int offset = 1; offset < 32; offset *= 2) {
-          const float y = __shfl_up_sync(0xffffffffu, x[r], offset);
-          if (lane >= offset) x[r] += y;
-        }
-      }
-      const float first_half_total = __shfl_sync(0xffffffffu, x[0], 31);
+      float x[2] = {floor_gate(gate_raw[0]) * kLog2e, floor_gate(gate_raw[1]) * kLog2e};
+      chunk_tc::scan_chunk_gates(x, rows_valid_of(chunk));
       __syncwarp();  // the warp's reads of the previous chunk's gates are done
       gates[lane] = x[0];
-      gates[lane + 32] = first_half_total + x[1];
+      gates[lane + 32] = x[1];
       __syncwarp();
     }
   };

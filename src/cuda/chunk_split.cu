@@ -41,7 +41,6 @@ constexpr int64_t kPieceAlign = 64;      // whole chunks
 constexpr int64_t kMinPiece = 1024;      // below this the two passes cost more than they gain
 constexpr int kForwardBlocksPerSm = 2;   // the per-key forward runs two blocks per SM
 constexpr int kBackwardBlocksPerSm = 1;  // 8 warps and a whole K x V state per block
-constexpr int kValueTile = 64;           // value columns per thread block of the forward
 constexpr int kScanThreads = 256;
 
 bool split_disabled() {
@@ -188,7 +187,7 @@ __global__ void gather_final_states(const float* piece_final, const int64_t* fir
 bool plan_split(const RecurrenceParams& p, bool backward, SplitPlan* plan) {
   if (p.reverse || p.sequences.empty() || p.num_heads == 0 || split_disabled()) return false;
   const int64_t blocks = static_cast<int64_t>(p.sequences.size()) * p.num_heads *
-                         (backward ? 1 : p.value_dim / kValueTile);
+                         (backward ? 1 : p.value_dim / chunk_tc::kValueTile);
   const int64_t wanted =
       int64_t{backward ? kBackwardBlocksPerSm : kForwardBlocksPerSm} * multiprocessors(p.device_id);
   if (blocks <= 0 || blocks >= wanted) return false;
