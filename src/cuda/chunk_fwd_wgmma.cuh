@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     for (int mb = 0; mb < K / 64; ++mb) wg::fence_operand(state[mb]);
 
     // Store o: the warp's 16 rows staged in shared memory (swizzled: conflict-free), then
-    // written as 16-byte pieces, two rows of 128 bytes per store instruction. Rows past the
+    // written as 16-byte pieces, four rows of 128 bytes per warp-wide store. Rows past the
     // sequence end are not written; no o: a states-only pass.
     if (args.o.present) {
 #pragma unroll
