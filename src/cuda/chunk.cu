@@ -4,7 +4,6 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
-#include <utility>
 
 #include "cuda/chunk.cuh"
 #include "cuda/chunk_bwd.cuh"
@@ -180,11 +179,6 @@ bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
     return bf16 ? chunk_fwd::on_wgmma<__nv_bfloat16, 128>(gate)
                 : chunk_fwd::on_wgmma<__half, 128>(gate);
   return false;
-}
-
-StridedTensor transposed_state(StridedTensor t) {  // (sequence, head, value, key) view
-  std::swap(t.stride[2], t.stride[3]);
-  return t;
 }
 
 // The backward of retention and linear attention (no gate, or a per-head decay g) as three

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cuda/common.cuh"
@@ -59,6 +60,12 @@ struct ChunkArgs {
   float final_state_factor = 1.0f;
   bool shift_gates = false;
 };
+
+// A state tensor (sequence, head, key, value) seen as (sequence, head, value, key).
+inline StridedTensor transposed_state(StridedTensor t) {
+  std::swap(t.stride[2], t.stride[3]);
+  return t;
+}
 
 namespace chunk_tc {
 // Per-token scalar gates of rows lane and lane + 32 of a chunk, raw (0 past the sequence end).

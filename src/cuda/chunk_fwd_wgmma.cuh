@@ -20,6 +20,8 @@
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 
+#include <atomic>
+
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
@@ -338,15 +340,30 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 
 // Whether this build and the current device run forward_kernel: the library holds sm_90a code
 // (FLASHLIN_SM90A, set by CMake when CMAKE_CUDA_ARCHITECTURES has 90a) and the device loads it.
+// Asked once per device (a call may ask several times: the backward's passes).
 template <typename Elem, int K, GateKind Gate>
 bool runs_here() {
 #if defined(FLASHLIN_SM90A)
-  cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate>) != cudaSuccess) {
+  constexpr int kKnownDevices = 64;
+  static std::atomic<signed char> known[kKnownDevices];  // 0: not asked yet, 1: yes, -1: no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
-  return attributes.binaryVersion == 90;
+  const bool cached = device >= 0 && device < kKnownDevices;
+  if (cached) {
+    const signed char answer = known[device].load(std::memory_order_relaxed);
+    if (answer != 0) return answer > 0;
+  }
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;  // not cached: a failed query says nothing about the device
+  }
+  const bool runs = attributes.binaryVersion == 90;
+  if (cached) known[device].store(runs ? 1 : -1, std::memory_order_relaxed);
+  return runs;
 #else
   return false;
 #endif

@@ -58,12 +58,6 @@ StridedTensor token_tensor(char* base, Storage dtype, const SlotAttentionParams&
   return t;
 }
 
-// hk [N, H, K, M] seen as the core state [N, H, M, K] (keys s, values k).
-StridedTensor transposed(StridedTensor t) {
-  std::swap(t.stride[2], t.stride[3]);
-  return t;
-}
-
 size_t token_bytes(const SlotAttentionParams& p, Storage dtype) {
   return align_up(static_cast<size_t>(p.batch * p.time * p.num_heads * p.num_slots) *
                   storage_bytes(dtype));
@@ -177,7 +171,7 @@ Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
     r.q = queries;
     r.k = slots.write;
     r.v = p.k;
-    r.initial_state = transposed(p.initial_hk);
+    r.initial_state = transposed_state(p.initial_hk);  // hk [N, H, K, M] as [N, H, M, K]
     return r;
   };
   auto values_pass = [&]() {
@@ -198,7 +192,7 @@ Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
     c.values.o = p.o;
     c.values.final_state = p.final_hv;
     c.keys_final = keys_pass(slots.write);
-    c.keys_final.final_state = transposed(p.final_hk);
+    c.keys_final.final_state = transposed_state(p.final_hk);
     return c;
   }
   c.values_grad = values_pass();
@@ -213,11 +207,11 @@ Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
   c.queries_grad.o = p.dq;
   c.keys_grad = keys_pass(b.dscores);
   c.keys_grad.d_o = p.q;
-  c.keys_grad.d_final_state = transposed(p.d_final_hk);
+  c.keys_grad.d_final_state = transposed_state(p.d_final_hk);
   c.keys_grad.dk = slots.d_write.present ? b.ds_part : StridedTensor{};
   c.keys_grad.dv = p.dk;
   c.keys_grad.dg = slots.d_gate.present ? b.dg_part : StridedTensor{};
-  c.keys_grad.d_initial_state = transposed(p.d_initial_hk);
+  c.keys_grad.d_initial_state = transposed_state(p.d_initial_hk);
   return c;
 }
 
