@@ -1,12 +1,14 @@
-"""The scalar-gate ops on their two CUDA paths side by side in one process: Hopper's default
-(the forward on wgmma, and for retention and linear attention the backward as three wgmma forward
-passes) and the mma.sync kernels (FLASHLIN_CUDA_MMA_SYNC=1). B=8, H=32, K=V=128, bf16, forward
+"""The chunked ops on their two CUDA paths side by side in one process: Hopper's default (the
+forward on wgmma, and for retention and linear attention the backward as three wgmma forward
+passes) and the mma.sync kernels (FLASHLIN_CUDA_MMA_SYNC=1): retention, linear attention, per-token
+gates (simple GLA), per-key gates (GLA, g = logsigmoid(randn) / 16) and RWKV-6 (w =
+logsigmoid(randn), u = 0.1 randn), gates in bf16 like gpu_bench.py. B=8, H=32, K=V=128, bf16, forward
 (torch.no_grad) and forward+backward (gradients of q, k, v), CUDA events, median of the runs;
 the two paths alternate in blocks of 5 queued runs so that both see the same clocks. Also the
 largest difference between their outputs (o, and dq, dk, dv) relative to the largest value.
 Prints a table; no assertions (tests/python checks both paths against the float64 reference).
 
-usage: python3 bench/kernel_paths.py [T ...]   (default 2048 4096 8192)
+usage: python3 bench/kernel_paths.py [T ...] [op ...]   (default 2048 4096 8192, every op)
 """
 import os
 import statistics
@@ -23,12 +25,19 @@ RUNS = 30
 BLOCK = 5
 
 
-def call_of(name, q, k, v, g):
+OPS = ("retention", "linear", "per-token", "gla", "rwkv6")
+
+
+def call_of(name, q, k, v, gates):
     if name == "retention":
         return lambda: ops.chunk_retention(q, k, v)[0]
     if name == "linear":
         return lambda: ops.chunk_linear_attn(q, k, v, normalize=False)[0]
-    return lambda: ops.chunk_simple_gla(q, k, v, g=g)[0]  # per-token gates
+    if name == "gla":
+        return lambda: ops.chunk_gla(q, k, v, gates["per-key"])[0]
+    if name == "rwkv6":
+        return lambda: ops.chunk_rwkv6(q, k, v, gates["rwkv6"], gates["u"])[0]
+    return lambda: ops.chunk_simple_gla(q, k, v, g=gates["per-token"])[0]
 
 
 def timed_block(fn, runs):
@@ -51,7 +60,9 @@ def use_kernel(kernel):
 
 
 def main():
-    lengths = [int(t) for t in sys.argv[1:]] or [2048, 4096, 8192]
+    lengths = [int(a) for a in sys.argv[1:] if a.isdigit()] or [2048, 4096, 8192]
+    names = [a for a in sys.argv[1:] if not a.isdigit()] or list(OPS)
+    assert all(n in OPS for n in names), f"ops are {OPS}"
     print(f"B={B} H={H} K=V={D} bf16, median ms of {RUNS} runs each; default = wgmma paths")
     print(f"{'op':10} {'T':>6} {'pass':5} {'default':>8} {'mma.sync':>9} {'speedup':>8} "
           f"{'max rel diff':>13}")
@@ -59,10 +70,15 @@ def main():
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16,
                                requires_grad=True) for _ in range(3))
-        g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).div(16)
+        gates = {
+            "per-token": F.logsigmoid(torch.randn(B, T, H, device="cuda")).div(16),
+            "per-key": F.logsigmoid(torch.randn(B, T, H, D, device="cuda")).div(16).bfloat16(),
+            "rwkv6": F.logsigmoid(torch.randn(B, T, H, D, device="cuda")).bfloat16(),
+            "u": (0.1 * torch.randn(H, D, device="cuda")).bfloat16(),
+        }
         do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
-        for name in ("retention", "linear", "per-token"):
-            call = call_of(name, q, k, v, g)
+        for name in names:
+            call = call_of(name, q, k, v, gates)
 
             def forward():
                 with torch.no_grad():
@@ -91,7 +107,7 @@ def main():
                 print(f"{name:10} {T:6d} {which:5} {fast:8.3f} {slow:9.3f} {slow / fast:7.2f}x "
                       f"{diff:13.2e}", flush=True)
                 del outputs
-        del q, k, v, g, do
+        del q, k, v, gates, do
         torch.cuda.empty_cache()
 
 

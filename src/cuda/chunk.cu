@@ -138,18 +138,38 @@ bool chunk_tc_supports(const RecurrenceParams& p, bool backward) {
          pair_output_ok(p.dk, p.q.dtype, float_grads) && pairs_writable(p.dv);
 }
 
+namespace {
+// The forward's flags of ChunkArgs::redo (per-key gates): one per thread block of the launches
+// over `num_seqs` sequences (the call's, or the pieces of a split call).
+size_t redo_flags_bytes(const RecurrenceParams& p, size_t num_seqs) {
+  if (p.gate != GateKind::kPerKey) return 0;
+  return align_up(num_seqs * static_cast<size_t>(p.num_heads) *
+                  static_cast<size_t>(p.value_dim / chunk_tc::kValueTile) * sizeof(int));
+}
+}  // namespace
+
 size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward) {
   SplitPlan plan;
-  if (plan_split(p, backward, &plan)) return split_workspace_bytes(p, backward, plan);
-  return backward ? backward_layout(p, p.sequences.size()).total : 0;
+  const bool split = plan_split(p, backward, &plan);
+  if (backward)
+    return split ? split_workspace_bytes(p, true, plan)
+                 : backward_layout(p, p.sequences.size()).total;
+  return split ? split_workspace_bytes(p, false, plan) + redo_flags_bytes(p, plan.pieces.size())
+               : redo_flags_bytes(p, p.sequences.size());
 }
 
 cudaError_t chunk_tc_forward(const RecurrenceParams& p, const LaunchContext& ctx) {
-  const ChunkArgs args = forward_args(p, ctx);
+  ChunkArgs args = forward_args(p, ctx);
   const int64_t num_seqs = ctx.sequences.count;
   if (num_seqs == 0 || p.num_heads == 0) return cudaSuccess;
   SplitPlan plan;
-  if (plan_split(p, false, &plan)) return chunk_tc_forward_split(p, ctx, plan, args);
+  const bool split = plan_split(p, false, &plan);
+  // The redo flags follow the split call's scratch; without room, the mma.sync kernel alone.
+  const size_t flags_at = split ? split_workspace_bytes(p, false, plan) : 0;
+  const size_t flags_bytes = redo_flags_bytes(p, split ? plan.pieces.size() : p.sequences.size());
+  if (flags_bytes > 0 && ctx.workspace != nullptr && ctx.workspace_bytes >= flags_at + flags_bytes)
+    args.redo = reinterpret_cast<int*>(ctx.workspace + flags_at);
+  if (split) return chunk_tc_forward_split(p, ctx, plan, args);
   return chunk_tc_launch_forward(p, args, num_seqs, ctx.stream);
 }
 

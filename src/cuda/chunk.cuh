@@ -25,6 +25,17 @@ __host__ __device__ constexpr float max_factor_range() {
   return std::is_same_v<Elem, __half> ? 8.0f : 40.0f;
 }
 
+// Per-key gates on wgmma (chunk_fwd_wgmma.cuh): q and k are scaled relative to the midpoint of
+// each key's gate range over the chunk, so a chunk whose widest range is R (log2 units) has every
+// factor within 2^{+-R/2}. bfloat16: 2^{+-60} keeps every |q|, |k| >= 2^-66 a normal number after
+// scaling (float32's exponent range), the unmasked products of scaled values are those of the
+// inputs times decays <= 1, and a masked one that overflows is discarded by selection. float16:
+// 2^{+-8}, as above.
+template <typename Elem>
+__host__ __device__ constexpr float max_midpoint_range() {
+  return 2.0f * (std::is_same_v<Elem, __half> ? 8.0f : 60.0f);
+}
+
 // Rows of `t` can be copied in 16-byte pieces (cp.async): unit feature stride, the other strides
 // and the base address 16-byte aligned.
 bool rows_copyable(const StridedTensor& t);
@@ -59,6 +70,11 @@ struct ChunkArgs {
   float initial_state_factor = 1.0f;
   float final_state_factor = 1.0f;
   bool shift_gates = false;
+  // Per-key gates: one flag per thread block (grid (V / 64, H, N), x fastest), written by the
+  // wgmma kernel (1: it stopped at a chunk wider than max_midpoint_range) and read by the
+  // mma.sync kernel launched after it, which runs only the flagged blocks. Null: no wgmma kernel
+  // ran, the mma.sync kernel runs every block.
+  int* redo = nullptr;
 };
 
 // A state tensor (sequence, head, key, value) seen as (sequence, head, value, key).

@@ -34,7 +34,6 @@ using chunk_tc::kLog2e;
 using chunk_tc::kValueTile;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-// run factorized (see "factorized" below)
 
 template <typename Elem, int K, GateKind Gate, bool Bonus>
 struct Traits {
@@ -80,6 +79,10 @@ struct Stage {
 template <typename Elem, int K, GateKind Gate, bool Bonus>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args) {
   using T = Traits<Elem, K, Gate, Bonus>;
+  // Per-key gates after the wgmma kernel: only the blocks it left (ChunkArgs::redo).
+  if (args.redo != nullptr &&
+      args.redo[(int64_t{blockIdx.z} * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] == 0)
+    return;
   extern __shared__ __align__(128) char smem[];
   auto stage_at = [&](int s) {
     char* base = smem + (s % T::kStages) * T::kStageBytes;
@@ -578,6 +581,22 @@ cudaError_t launch_scalar_gate(const ChunkArgs& args, int value_dim, int64_t num
   return launch<Elem, K, Gate, false>(args, value_dim, num_seqs, stream);
 }
 
+// Per-key gates run on the wgmma kernel where it runs and ChunkArgs::redo has room for its flags,
+// then on the mma.sync kernel for the thread blocks it left (a chunk too wide for its scaling);
+// elsewhere on the mma.sync kernel alone.
+template <typename Elem, int K, bool Bonus>
+cudaError_t launch_per_key(ChunkArgs args, int value_dim, int64_t num_seqs, cudaStream_t stream) {
+  if (args.redo != nullptr && !mma_sync_forced() &&
+      chunk_fwd_wgmma::runs_here<Elem, K, GateKind::kPerKey, Bonus>()) {
+    const cudaError_t err = chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, Bonus>(
+        args, value_dim, num_seqs, stream);
+    if (err != cudaSuccess) return err;
+  } else {
+    args.redo = nullptr;
+  }
+  return launch<Elem, K, GateKind::kPerKey, Bonus>(args, value_dim, num_seqs, stream);
+}
+
 // Whether launch_for_gate<Elem, K> runs `gate` on the wgmma kernel here. Instantiated once per
 // (Elem, K) in chunk_fwd_<elem>_k<K>.cu.
 template <typename Elem, int K>
@@ -603,8 +622,8 @@ cudaError_t launch_for_gate(const ChunkArgs& args, GateKind gate, bool bonus, in
     case GateKind::kPerToken:
       return launch_scalar_gate<Elem, K, GateKind::kPerToken>(args, value_dim, num_seqs, stream);
     default:
-      return bonus ? launch<Elem, K, GateKind::kPerKey, true>(args, value_dim, num_seqs, stream)
-                   : launch<Elem, K, GateKind::kPerKey, false>(args, value_dim, num_seqs, stream);
+      return bonus ? launch_per_key<Elem, K, true>(args, value_dim, num_seqs, stream)
+                   : launch_per_key<Elem, K, false>(args, value_dim, num_seqs, stream);
   }
 }
 

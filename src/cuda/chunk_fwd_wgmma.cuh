@@ -1,7 +1,18 @@
-// Fused chunked forward of the linear recurrence with scalar gates (none, per head, per token) on
-// Hopper's warpgroup MMA (sm_90a). The math is chunk_fwd.cuh's with a scalar b per row:
+// Fused chunked forward of the linear recurrence on Hopper's warpgroup MMA (sm_90a): scalar gates
+// (none, per head, per token) and per-key gates (GLA, and RWKV-6 with its bonus). The math is
+// chunk_fwd.cuh's; with a scalar b per row:
 //   o_i   = scale * [ 2^{b_i} q_i S0  +  sum_{j <= i} 2^{b_i - b_j} (q_i · k_j) v_j ]
 //   S_end = 2^{b_C} S0 + sum_j k_j (2^{b_C - b_j} v_j)^T
+// With per-key gates (b_i a vector over the keys, a_i = b_i, or b_{i-1} for the bonus form) every
+// product is formed relative to each key's midpoint r = b_C / 2 of the chunk's gate range:
+//   q'_i = q_i * 2^{a_i - r},  k'_j = k_j * 2^{r - b_j},  S0' = 2^{r} * S0   (per key)
+//   o_i   = scale * [ q'_i S0'  +  sum_{j <= i} (q'_i · k'_j) v_j ]   (bonus: j < i, plus
+//           (q_i * u * k_i)·1 v_i)
+//   S_end = 2^{r} * (S0' + sum_j k'_j v_j^T)
+// so a chunk runs like an ungated one. Each factor lies within 2^{+-R/2} for a chunk whose widest
+// key range is R; where R passes max_midpoint_range<Elem>() (chunk.cuh) the kernel stops at that
+// chunk and flags its thread block in ChunkArgs::redo, and the mma.sync kernel (chunk_fwd.cuh)
+// runs those blocks again from the start with products relative to nearby references.
 //
 // Work split: grid (V / 64, H, N), one warpgroup (4 warps) per block, the chunk's 64 rows over
 // the warpgroup's m64 tiles. Per chunk, all products are 64x64 wgmma tiles with float32
@@ -10,17 +21,23 @@
 //   (b) out    = Q S0         (S0 rounded to the input type in shared memory)  K/16 steps
 //   (c) S      = 2^{b_C} S + K^T (2^{b_C - b_j} v_j)   (K as the M-major A operand)  K/64 x 4
 //   (d) out    = 2^{b_i} out + P V, P = masked, decayed scores (A from registers)    4 steps
-// (a), (b) and (c) need nothing of the chunk but its inputs and S0, so they are issued together;
-// (d) follows the masking. The state stays in registers across the chunks. The inputs of the
-// next chunk arrive by cp.async into the other stage while a chunk computes; at its end each
-// thread waits for its own copies and forms the gate-weighted v of the pieces it copied, so that
-// one barrier at the top of a chunk publishes the inputs, the weighted v and S0 together, and a
-// second one (all reads of S0 done) precedes the publication of the next S0. Each warp scans the
-// chunk's scalar gates itself (into its own row of shared memory): no barrier for the gates.
+// (per-key gates: Q', K', S0' and no decays in (c) and (d)). (a), (b) and (c) need nothing of the
+// chunk but its inputs and S0, so they are issued together; (d) follows the masking. The state
+// stays in registers across the chunks. The inputs of the next chunk arrive by cp.async into the
+// other stage while a chunk computes. Scalar gates: at its end each thread waits for its own
+// copies and forms the gate-weighted v of the pieces it copied, so that one barrier at the top of
+// a chunk publishes the inputs, the weighted v and S0 together, and a second one (all reads of S0
+// done) precedes the publication of the next S0; each warp scans the chunk's scalar gates itself.
+// Per-key gates: the second barrier also publishes the next chunk's raw inputs; then each warp
+// sums every key's gates over the chunk itself (the sums are identical in every warp) and scales
+// q and k of its own 16 rows in place, and the next copies are issued after the top barrier (the
+// raw gates have one buffer). o is staged per warp in its rows of the chunk's q tile, which no
+// wgmma reads once the chunk's products are done.
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 
 #include <atomic>
+#include <type_traits>
 
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
@@ -34,34 +51,40 @@ using chunk_tc::kLog2e;
 using chunk_tc::kValueTile;
 constexpr int kThreads = 128;
 
-template <typename Elem, int K, GateKind Gate>
+template <typename Elem, int K, GateKind Gate, bool Bonus>
 struct Traits {
   static_assert(K == 64 || K == 128, "K must be 64 or 128");
-  static_assert(Gate != GateKind::kPerKey, "scalar gates only");
-  static constexpr bool kGated = Gate != GateKind::kNone;
+  static_assert(!Bonus || Gate == GateKind::kPerKey, "the bonus form has per-key gates");
+  static constexpr bool kPerKey = Gate == GateKind::kPerKey;
+  static constexpr bool kScalarGated = Gate == GateKind::kPerHead || Gate == GateKind::kPerToken;
   static constexpr int kKeySteps = K / 16;
+  static constexpr int kKeysPerLane = K / 32;  // per-key gates: keys of a lane in the transform
   // Shared memory (bytes), every tile 1024-byte aligned: two stages of q, k ([64][K]) and v
-  // ([64][64]); the published state ([K][64]); the gate-weighted v; o; the per-token gates.
+  // ([64][64]); the published state ([K][64]); the gate-weighted v (scalar gates); the per-token
+  // gates; the raw per-key gates of the next chunk ([64][K] in the gate tensor's type).
   static constexpr size_t kQkBytes = size_t{kChunk} * K * 2;
   static constexpr size_t kVBytes = size_t{kChunk} * kValueTile * 2;
   static constexpr size_t kStageBytes = 2 * kQkBytes + kVBytes;
   static constexpr int kStages = 2;
   static constexpr size_t kStateBytes = size_t{K} * kValueTile * 2;
-  static constexpr size_t kWeightedVBytes = kGated ? kVBytes : 0;
+  static constexpr size_t kWeightedVBytes = kScalarGated ? kVBytes : 0;
   // Per-token gates: 64 floats per warp (each warp scans its own copy); per-head gates are
   // computed from the constant.
   static constexpr size_t kGateBytes = Gate == GateKind::kPerToken ? wg::kAtomBytes : 0;
-  static constexpr size_t kOutBytes = size_t{kChunk} * kValueTile * 2;  // o, staged per warp
-  // At K = 128: 113 KB, two blocks per multiprocessor (the dynamic shared memory starts 1024-byte
-  // aligned: there is no static shared memory, and the kernel checks).
-  static constexpr size_t kSmemBytes =
-      kStages * kStageBytes + kStateBytes + kWeightedVBytes + kOutBytes + kGateBytes;
+  static constexpr size_t kFixedBytes =
+      kStages * kStageBytes + kStateBytes + kWeightedVBytes + kGateBytes;
+  // At K = 128: 105 KB for scalar gates, 112 KB with 16-bit per-key gates: two blocks per
+  // multiprocessor (float32 per-key gates: 128 KB, one). The dynamic shared memory starts
+  // 1024-byte aligned: there is no static shared memory, and the kernel checks.
+  static constexpr size_t smem_bytes(int gate_bytes) {
+    return kFixedBytes + (kPerKey ? size_t{kChunk} * K * gate_bytes : 0);
+  }
 };
 
-template <typename Elem, int K, GateKind Gate>
+template <typename Elem, int K, GateKind Gate, bool Bonus>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args) {
 #if defined(FLASHLIN_WGMMA_DEVICE)
-  using T = Traits<Elem, K, Gate>;
+  using T = Traits<Elem, K, Gate, Bonus>;
   extern __shared__ __align__(1024) char smem[];
   if (tile::smem_address(smem) % wg::kAtomBytes != 0) __trap();  // swizzled tiles need it
   auto stage_q = [&](int chunk) { return smem + (chunk % T::kStages) * T::kStageBytes; };
@@ -69,12 +92,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   auto stage_v = [&](int chunk) { return stage_q(chunk) + 2 * T::kQkBytes; };
   char* state_tile = smem + T::kStages * T::kStageBytes;
   char* weighted_v = state_tile + T::kStateBytes;
-  char* out_tile = weighted_v + T::kWeightedVBytes;
+  char* key_gates = weighted_v + T::kWeightedVBytes + T::kGateBytes;  // per-key: [64][K] raw
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = lane / 4, quad = lane % 4;
   // Per-token gates: b of the chunk's rows (log2 units), this warp's copy.
-  float* gates = reinterpret_cast<float*>(out_tile + T::kOutBytes) + warp * kChunk;
+  float* gates = reinterpret_cast<float*>(weighted_v + T::kWeightedVBytes) + warp * kChunk;
   const int value0 = blockIdx.x * kValueTile;
   const int64_t head = blockIdx.y, seq_index = blockIdx.z;
   const SequenceSpan seq = args.sequences[seq_index];
@@ -91,6 +114,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   const TokenRows q_rows(args.q, seq, head, args.reverse, 2);
   const TokenRows k_rows(args.k, seq, head, args.reverse, 2);
   const TokenRows v_rows(args.v, seq, head, args.reverse, 2, value0);
+  const int key_gate_bytes = T::kPerKey ? (args.g.dtype == Storage::kFloat32 ? 4 : 2) : 0;
   auto issue_chunk = [&](int chunk) {
     const int64_t first_row = int64_t{chunk} * kChunk;
     const int valid = rows_valid_of(chunk);
@@ -100,6 +124,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
                                                  valid);
     wg::copy_rows_async<kValueTile * 2, kThreads, kChunk>(stage_v(chunk), v_rows.row(first_row),
                                                           v_rows.step, valid);
+    if constexpr (T::kPerKey) {
+      const TokenRows g_rows(args.g, seq, head, args.reverse, key_gate_bytes);
+      if (key_gate_bytes == 4)
+        tile::copy_rows_async<K * 4, kThreads, kChunk>(key_gates, K * 4, g_rows.row(first_row),
+                                                       g_rows.step, valid);
+      else
+        tile::copy_rows_async<K * 2, kThreads, kChunk>(key_gates, K * 2, g_rows.row(first_row),
+                                                       g_rows.step, valid);
+    }
   };
 
   // Per-token gates of a chunk (rows lane and lane + 32), prefetched into registers a chunk
@@ -135,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   // 2^{b_C - b_j} v_j of the pieces of v this thread copied (wg::copy_rows_async: 16-byte column
   // tid % 8 of rows tid / 8 + 16 p), into the same places of weighted_v.
   auto weigh_v = [&](int chunk) {
-    if constexpr (T::kGated) {
+    if constexpr (T::kScalarGated) {
       const char* v_tile = stage_v(chunk);
       const int rows_valid = rows_valid_of(chunk);
       const float end = cum_gate(kChunk - 1, rows_valid);
@@ -180,15 +213,167 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
                                      wg::tile_offset<K>(state_key(mb, e), state_value(e))) =
             tile::pack<Elem>(state[mb][e], state[mb][e + 1]);
   };
-  publish_state();
 
-  if (num_chunks > 0) {
-    issue_chunk(0);
-    load_gates(0);
-    tile::cp_async_commit();
-    tile::cp_async_wait<0>();
-    scan_gates(0);
-    weigh_v(0);
+  // ---- per-key gates ---------------------------------------------------------------------------
+  // 2^{r} of the thread's state rows (key 64 mb + 16 warp + group + 8 h at [mb][h]): S0' and the
+  // update's end factor. Bonus: u of the lane's keys, and the bonus dot of the row that lane
+  // 2 * (row % 16) of the row's warp holds.
+  float key_factor[K / 64][2] = {};
+  float bonus_u[T::kKeysPerLane] = {}, bonus_dot = 0.f;
+  if constexpr (Bonus) {
+#pragma unroll
+    for (int c = 0; c < T::kKeysPerLane; ++c)
+      bonus_u[c] =
+          load_float(args.u, element_offset(args.u, 0, 0, head, T::kKeysPerLane * lane + c));
+  }
+  // Scales q and k of the warp's rows of `chunk` in place (lane: keys kKeysPerLane * lane ..),
+  // sets key_factor and bonus_dot; false when the chunk's gate range is too wide for that.
+  auto scale_per_key = [&](int chunk, auto gate_type) -> bool {
+    using GateElem = decltype(gate_type);
+    constexpr int kKeys = T::kKeysPerLane;
+    const int key0 = kKeys * lane, row0 = 16 * warp;
+    struct alignas(sizeof(GateElem) * kKeys) LaneGates {
+      GateElem x[kKeys];
+    };
+    auto gates_of = [&](int row, float(&g)[kKeys]) {  // one 4- to 16-byte load
+      const LaneGates lane_gates = reinterpret_cast<const LaneGates*>(
+          key_gates + static_cast<size_t>(row) * K * sizeof(GateElem))[lane];
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) g[c] = floor_gate(to_float(lane_gates.x[c])) * kLog2e;
+    };
+    // The chunk's sum per key (rows past the end were zero-filled: they add nothing), and the
+    // sum over the rows before the warp's.
+    float total[kKeys] = {}, before[kKeys] = {};
+#pragma unroll 8
+    for (int row = 0; row < kChunk; ++row) {
+      if (row == row0) {
+#pragma unroll
+        for (int c = 0; c < kKeys; ++c) before[c] = total[c];
+      }
+      float g[kKeys];
+      gates_of(row, g);
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) total[c] += g[c];
+    }
+    bool wide = false;
+#pragma unroll
+    for (int c = 0; c < kKeys; ++c) wide |= -total[c] > max_midpoint_range<Elem>();
+    if (__any_sync(0xffffffffu, wide)) return false;  // the same in every warp
+
+    float mid[kKeys], mid_factor[kKeys], b[kKeys], dots[16];
+#pragma unroll
+    for (int c = 0; c < kKeys; ++c) {
+      mid[c] = 0.5f * total[c];
+      mid_factor[c] = tile::fast_exp2(mid[c]);
+      b[c] = before[c];
+    }
+    char* q_tile = stage_q(chunk);
+    char* k_tile = stage_k(chunk);
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int row = row0 + r;
+      float g[kKeys], a[kKeys];
+      gates_of(row, g);
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) {
+        a[c] = Bonus ? b[c] : b[c] + g[c];  // the bonus form's q sees the gates before its row
+        b[c] += g[c];
+      }
+      // The lane's kKeys consecutive keys lie in one 16-byte piece of the swizzled row.
+      uint32_t* q_at = reinterpret_cast<uint32_t*>(q_tile + wg::tile_offset<kChunk>(row, key0));
+      uint32_t* k_at = reinterpret_cast<uint32_t*>(k_tile + wg::tile_offset<kChunk>(row, key0));
+      float dot = 0.f;
+#pragma unroll
+      for (int w = 0; w < kKeys / 2; ++w) {
+        const float2 qv = tile::unpack<Elem>(q_at[w]), kv = tile::unpack<Elem>(k_at[w]);
+        if constexpr (Bonus) dot += qv.x * bonus_u[2 * w] * kv.x + qv.y * bonus_u[2 * w + 1] * kv.y;
+        q_at[w] = tile::pack<Elem>(qv.x * tile::fast_exp2(a[2 * w] - mid[2 * w]),
+                                   qv.y * tile::fast_exp2(a[2 * w + 1] - mid[2 * w + 1]));
+        k_at[w] = tile::pack<Elem>(kv.x * tile::fast_exp2(mid[2 * w] - b[2 * w]),
+                                   kv.y * tile::fast_exp2(mid[2 * w + 1] - b[2 * w + 1]));
+      }
+      dots[r] = dot;
+    }
+    // 2^{r} of the thread's state rows, from the lane that holds the key.
+#pragma unroll
+    for (int mb = 0; mb < K / 64; ++mb)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int key = 64 * mb + 16 * warp + group + 8 * h;
+        float factor = 0.f;
+#pragma unroll
+        for (int c = 0; c < kKeys; ++c) {
+          const float x = __shfl_sync(0xffffffffu, mid_factor[c], key / kKeys);
+          factor = key % kKeys == c ? x : factor;
+        }
+        key_factor[mb][h] = factor;
+      }
+    if constexpr (Bonus) {
+      // Sum the 16 rows' dots over the warp's lanes, halving the rows at each step: lane l ends
+      // with row l / 2 (bits 4..1 of the lane select halves 8, 4, 2, 1 of the rows).
+      auto halve = [&](auto half_rows) {  // one level; the row count a compile-time constant
+        constexpr int kHalf = decltype(half_rows)::value;
+        const bool upper = lane & (2 * kHalf);
+#pragma unroll
+        for (int r = 0; r < kHalf; ++r) {
+          // Both halves exchanged, then the sum selected: selecting which value to send makes
+          // the compiler index `dots` by the lane (local memory).
+          const float low = dots[r] + __shfl_xor_sync(0xffffffffu, dots[r], 2 * kHalf);
+          const float high =
+              dots[r + kHalf] + __shfl_xor_sync(0xffffffffu, dots[r + kHalf], 2 * kHalf);
+          dots[r] = upper ? high : low;
+        }
+      };
+      halve(std::integral_constant<int, 8>{});
+      halve(std::integral_constant<int, 4>{});
+      halve(std::integral_constant<int, 2>{});
+      halve(std::integral_constant<int, 1>{});
+      dots[0] += __shfl_xor_sync(0xffffffffu, dots[0], 1);
+      bonus_dot = dots[0];
+    } else {
+      (void)dots;
+    }
+    return true;
+  };
+  // The per-key scaling of `chunk`, for the gate tensor's type; false: too wide.
+  auto prepare_per_key = [&](int chunk) -> bool {
+    if constexpr (T::kPerKey) {
+      if (args.g.dtype == Storage::kFloat32) return scale_per_key(chunk, float{});
+      if (args.g.dtype == Storage::kBFloat16) return scale_per_key(chunk, __nv_bfloat16{});
+      return scale_per_key(chunk, __half{});
+    } else {
+      return true;
+    }
+  };
+  // S0' = 2^{r} S0 of the chunk ahead (per-key gates).
+  auto scale_state_rows = [&]() {
+#pragma unroll
+    for (int mb = 0; mb < K / 64; ++mb)
+#pragma unroll
+      for (int e = 0; e < 32; ++e) state[mb][e] *= key_factor[mb][(e % 4) / 2];
+  };
+
+  bool narrow = true;  // per-key gates: every chunk so far within max_midpoint_range
+  if constexpr (T::kPerKey) {
+    if (num_chunks > 0) {
+      issue_chunk(0);
+      tile::cp_async_commit();
+      tile::cp_async_wait<0>();
+      __syncthreads();
+      narrow = prepare_per_key(0);
+      scale_state_rows();
+    }
+    publish_state();
+  } else {
+    publish_state();
+    if (num_chunks > 0) {
+      issue_chunk(0);
+      load_gates(0);
+      tile::cp_async_commit();
+      tile::cp_async_wait<0>();
+      scan_gates(0);
+      weigh_v(0);
+    }
   }
 
   const uint64_t state_desc = wg::descriptor(state_tile, K * wg::kRowBytes);
@@ -198,13 +383,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     const int rows_valid = rows_valid_of(chunk);
     const bool has_next = chunk + 1 < num_chunks;
     const float shift = chunk == 0 ? first_chunk_shift : 0.f;  // of b, not of differences
-    if (has_next) {
-      issue_chunk(chunk + 1);
-      load_gates(chunk + 1);
+    if constexpr (T::kPerKey) {
+      // Per-key gates: the raw gates of the next chunk go into the buffer every warp has just
+      // read, so the copies follow the barrier.
+      wg::fence_async_shared();  // this warp's scaled q, k and published S0 -> wgmma
+      narrow = !__syncthreads_or(!narrow);
+      if (narrow) {
+        if (has_next) issue_chunk(chunk + 1);
+        tile::cp_async_commit();
+      }
+    } else {
+      if (has_next) {
+        issue_chunk(chunk + 1);
+        load_gates(chunk + 1);
+      }
+      tile::cp_async_commit();
+      wg::fence_async_shared();  // this thread's copies, weighted v and published S0 -> wgmma
+      __syncthreads();
     }
-    tile::cp_async_commit();
-    wg::fence_async_shared();  // this thread's copies, weighted v and published S0 -> wgmma
-    __syncthreads();
+    if (!narrow) break;  // the block is flagged below; no copies or products are in flight
 
     const uint64_t q_desc = wg::descriptor(stage_q(chunk), 16);
     const uint64_t k_desc = wg::descriptor(stage_k(chunk), 16);
@@ -214,7 +411,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       return static_cast<uint32_t>(((s / 4) * (kChunk * wg::kRowBytes) + (s % 4) * 32) >> 4);
     };
 
-    if constexpr (T::kGated) {
+    if constexpr (T::kScalarGated) {
       const float decay_end = tile::fast_exp2(cum_gate(kChunk - 1, rows_valid) - shift);
 #pragma unroll
       for (int mb = 0; mb < K / 64; ++mb)
@@ -231,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     for (int s = 0; s < T::kKeySteps; ++s)
       wg::mma<Elem, 0, 1>(out, q_desc + key_step(s), state_desc + s * kStep16Rows, s > 0);
     wg::commit();
-    const uint64_t update_v_desc = T::kGated ? weighted_v_desc : v_desc;
+    const uint64_t update_v_desc = T::kScalarGated ? weighted_v_desc : v_desc;
 #pragma unroll
     for (int mb = 0; mb < K / 64; ++mb)
 #pragma unroll
@@ -245,7 +442,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     const int row_a = 16 * warp + group, row_b = row_a + 8;
     float decay_a = 1.f, decay_b = 1.f, gate_a = 0.f, gate_b = 0.f;
     float column_gate[16] = {};  // b_j of column j = 8c + 2 * quad + h at [2c + h]
-    if constexpr (T::kGated) {
+    if constexpr (T::kScalarGated) {
       gate_a = cum_gate(row_a, rows_valid) - shift;
       gate_b = cum_gate(row_b, rows_valid) - shift;
       decay_a = tile::fast_exp2(gate_a);
@@ -254,6 +451,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     if constexpr (Gate == GateKind::kPerToken) {
 #pragma unroll
       for (int c = 0; c < 16; ++c) column_gate[c] = gates[8 * (c / 2) + 2 * quad + c % 2];
+    }
+    // Bonus: the dots of rows row_a and row_b (lanes 2 (row % 16) of this warp hold them).
+    float bonus_a = 0.f, bonus_b = 0.f;
+    if constexpr (Bonus) {
+      bonus_a = __shfl_sync(0xffffffffu, bonus_dot, 2 * group);
+      bonus_b = __shfl_sync(0xffffffffu, bonus_dot, 2 * group + 16);
     }
     wg::wait<1>();
     wg::fence_operand(scores);
@@ -274,11 +477,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
           if (j + h <= i)
             value[h] *= tile::fast_exp2((second ? gate_b : gate_a) - column_gate[2 * (e / 4) + h]);
         }
-        value[h] = j + h <= i ? value[h] : 0.f;
+        // Selected, not multiplied: a masked per-key score may be infinite.
+        value[h] = (Bonus ? j + h < i : j + h <= i) ? value[h] : 0.f;
+        if (Bonus && j + h == i) value[h] = second ? bonus_b : bonus_a;
       }
       p_frag[e / 8][(e % 8) / 2] = tile::pack<Elem>(value[0], value[1]);
-      out[e] *= second ? decay_b : decay_a;
-      out[e + 1] *= second ? decay_b : decay_a;
+      if constexpr (T::kScalarGated) {
+        out[e] *= second ? decay_b : decay_a;
+        out[e + 1] *= second ? decay_b : decay_a;
+      }
     }
     // (d) out += P V.
     wg::fence();
@@ -289,11 +496,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     wg::fence_operand(out);
 #pragma unroll
     for (int mb = 0; mb < K / 64; ++mb) wg::fence_operand(state[mb]);
+    if constexpr (T::kPerKey) scale_state_rows();  // S_end = 2^{r} (S0' + K'^T V)
 
-    // Store o: the warp's 16 rows staged in shared memory (swizzled: conflict-free), then
-    // written as 16-byte pieces, four rows of 128 bytes per warp-wide store. Rows past the
+    // Store o: the warp's 16 rows staged in its rows of the chunk's q tile (swizzled:
+    // conflict-free; wgmma reads only this warp's rows of q as A, and those products are done),
+    // then written as 16-byte pieces, four rows of 128 bytes per warp-wide store. Rows past the
     // sequence end are not written; no o: a states-only pass.
     if (args.o.present) {
+      char* out_tile = stage_q(chunk);
 #pragma unroll
       for (int e = 0; e < 32; e += 2) {
         const int row = (e % 4) >= 2 ? row_b : row_a;
@@ -313,15 +523,33 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         *reinterpret_cast<uint4*>(o_row + 8 * piece) = x;
       }
     }
-    __syncthreads();  // every warp is done with this chunk's S0, weighted v and stage
-    publish_state();
-    if (has_next) {
-      tile::cp_async_wait<0>();  // this thread's copies of the next chunk
-      scan_gates(chunk + 1);
-      weigh_v(chunk + 1);
+    if constexpr (T::kPerKey) {
+      // Every warp is done with this chunk's S0 and stage, and the next chunk's raw inputs are
+      // visible to all.
+      tile::cp_async_wait<0>();
+      __syncthreads();
+      if (has_next) {
+        narrow = prepare_per_key(chunk + 1);
+        scale_state_rows();
+      }
+      publish_state();
+    } else {
+      __syncthreads();  // every warp is done with this chunk's S0, weighted v and stage
+      publish_state();
+      if (has_next) {
+        tile::cp_async_wait<0>();  // this thread's copies of the next chunk
+        scan_gates(chunk + 1);
+        weigh_v(chunk + 1);
+      }
     }
   }
 
+  if constexpr (T::kPerKey) {
+    // Whether the mma.sync kernel has to run this block (ChunkArgs::redo).
+    if (args.redo != nullptr && tid == 0)
+      args.redo[(seq_index * gridDim.y + head) * gridDim.x + blockIdx.x] = narrow ? 0 : 1;
+    if (!narrow) return;
+  }
   if (args.final_state.present) {
     // shift_gates: the last token's decay, after it (no tokens, no decay).
     const float factor =
@@ -341,7 +569,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 // Whether this build and the current device run forward_kernel: the library holds sm_90a code
 // (FLASHLIN_SM90A, set by CMake when CMAKE_CUDA_ARCHITECTURES has 90a) and the device loads it.
 // Asked once per device (a call may ask several times: the backward's passes).
-template <typename Elem, int K, GateKind Gate>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false>
 bool runs_here() {
 #if defined(FLASHLIN_SM90A)
   constexpr int kKnownDevices = 64;
@@ -357,7 +585,7 @@ bool runs_here() {
     if (answer != 0) return answer > 0;
   }
   cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate, Bonus>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;  // not cached: a failed query says nothing about the device
   }
@@ -369,16 +597,18 @@ bool runs_here() {
 #endif
 }
 
-template <typename Elem, int K, GateKind Gate>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false>
 cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaStream_t stream) {
-  using T = Traits<Elem, K, Gate>;
-  auto kernel = forward_kernel<Elem, K, Gate>;
+  using T = Traits<Elem, K, Gate, Bonus>;
+  auto kernel = forward_kernel<Elem, K, Gate, Bonus>;
+  const size_t smem_bytes =
+      T::smem_bytes(Gate == GateKind::kPerKey && args.g.dtype == Storage::kFloat32 ? 4 : 2);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(T::kSmemBytes));
+                                         static_cast<int>(smem_bytes));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(value_dim / kValueTile),
                   static_cast<unsigned>(args.num_heads), static_cast<unsigned>(num_seqs));
-  kernel<<<grid, kThreads, T::kSmemBytes, stream>>>(args);
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
   return cudaGetLastError();
 }
 

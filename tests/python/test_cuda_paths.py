@@ -2,7 +2,8 @@
 
 The fused chunked tensor-core kernels run float16/bfloat16 inputs with K in {64, 128} and V a
 multiple of 64 (up to 256); the general kernels run everything else, and every call when
-FLASHLIN_CUDA_PATH=general. On Hopper the scalar-gate forward of the chunked family runs on wgmma,
+FLASHLIN_CUDA_PATH=general. On Hopper the forward of the chunked family runs on wgmma (per-key gates:
+the chunks narrow enough for its scaling, the rest of a thread block's sequence on mma.sync),
 elsewhere (and with FLASHLIN_CUDA_MMA_SYNC=1) on mma.sync. Each case runs under the three settings
 ("default", "general" and "mma_sync": the tensor-core kernels with the forward forced onto
 mma.sync), with the CUDA caching allocator filled with NaN first so that an output element the kernels forget to
@@ -123,6 +124,31 @@ def test_chunk_varlen(op, path):
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     x = make_inputs(op, 1, int(cu[-1]), 2, 128, 128, dtype=BF16, device="cuda", N=len(lengths))
     check_against_reference(op, x, cu_seqlens=cu.cuda())
+
+
+@pytest.mark.parametrize("gate_dtype", [torch.float32, BF16, F16], ids=str)
+@pytest.mark.parametrize("KV", [(64, 64), (128, 128)], ids=lambda kv: "%dx%d" % kv)
+@pytest.mark.parametrize("op", _ops(["chunk_gla", "chunk_rwkv6"]), ids=str)
+def test_per_key_gate_ranges(op, KV, gate_dtype, path):
+    """Per-key gates on wgmma scale each chunk's q and k around the midpoint of each key's gate
+    range, and a thread block stops at the first chunk too wide for that, leaving it to the
+    mma.sync kernel (ChunkArgs::redo). Varlen sequences that stay inside (one near bfloat16's
+    limit: a key decaying e^-1.2 per token, 111 in log2 over a chunk, scaled by 2^+-55), that
+    start wide, and that turn wide after two chunks in one head only, with gates in each
+    dtype; forward outputs and final states against the reference."""
+    K, V = KV
+    lengths = [200, 130, 300, 0, 64]
+    starts = [0] + list(torch.tensor(lengths).cumsum(0))
+    cu = torch.tensor(starts, dtype=torch.int32)
+    x = make_inputs(op, 1, int(cu[-1]), 2, K, V, dtype=BF16, device="cuda", N=len(lengths),
+                    gate_dtype=gate_dtype)
+    g = x[op.gate].float()
+    s0, s1, s2 = (int(t) for t in starts[:3])
+    g[0, s0 + 64:s0 + 128, :, 5] = -1.2  # near the limit (bfloat16), too wide for float16
+    g[0, s1:s1 + 64, 0, 3] = -2.0  # 185 in log2: the first chunk is too wide
+    g[0, s2 + 128:s2 + 192, 1, K - 1] = -2.0  # the third chunk, head 1
+    x[op.gate] = g.to(gate_dtype)
+    check_against_reference(op, x, grads=[], cu_seqlens=cu.cuda())
 
 
 @pytest.mark.parametrize("op", _ops(["fused_recurrent_retention", "fused_recurrent_simple_gla[g]",
@@ -262,7 +288,8 @@ def test_split_equals_unsplit(op, monkeypatch):
     split_bytes = _forward_workspace_bytes(x, gate)
     split = run()
     monkeypatch.setenv("FLASHLIN_CUDA_SPLIT", "off")
-    assert _forward_workspace_bytes(x, gate) == 0
+    # Unsplit: only the per-key forward's flags of its wgmma blocks (ChunkArgs::redo), 2 x 2 ints.
+    assert _forward_workspace_bytes(x, gate) == 256
     unsplit = run()
     # pieces of >= 1024 tokens, each with a [2, 128, 128] float32 state in and out
     assert split_bytes >= 2 * 4 * 2 * 128 * 128 * 4, split_bytes
