@@ -242,19 +242,32 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       for (int c = 0; c < kKeys; ++c) g[c] = floor_gate(to_float(lane_gates.x[c])) * kLog2e;
     };
     // The chunk's sum per key (rows past the end were zero-filled: they add nothing), and the
-    // sum over the rows before the warp's.
-    float total[kKeys] = {}, before[kKeys] = {};
-#pragma unroll 8
-    for (int row = 0; row < kChunk; ++row) {
-      if (row == row0) {
+    // sum over the rows before the warp's: each warp sums its own rows into the other stage's q
+    // tile (free: its next copies are issued after the top barrier), then reads all four sums
+    // in the same order (the same totals in every warp).
+    float* row_sums = reinterpret_cast<float*>(stage_q(chunk + 1));  // [4][K]
+    {
+      float own[kKeys] = {};
 #pragma unroll
-        for (int c = 0; c < kKeys; ++c) before[c] = total[c];
+      for (int r = 0; r < 16; ++r) {
+        float g[kKeys];
+        gates_of(row0 + r, g);
+#pragma unroll
+        for (int c = 0; c < kKeys; ++c) own[c] += g[c];
       }
-      float g[kKeys];
-      gates_of(row, g);
 #pragma unroll
-      for (int c = 0; c < kKeys; ++c) total[c] += g[c];
+      for (int c = 0; c < kKeys; ++c) row_sums[warp * K + key0 + c] = own[c];
     }
+    __syncthreads();
+    float total[kKeys] = {}, before[kKeys] = {};
+#pragma unroll
+    for (int w = 0; w < 4; ++w)
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) {
+        const float sum = row_sums[w * K + key0 + c];
+        before[c] += w < warp ? sum : 0.f;
+        total[c] += sum;
+      }
     bool wide = false;
 #pragma unroll
     for (int c = 0; c < kKeys; ++c) wide |= -total[c] > max_midpoint_range<Elem>();
