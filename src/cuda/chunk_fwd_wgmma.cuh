@@ -61,7 +61,9 @@ struct Traits {
   static constexpr int kKeysPerLane = K / 32;  // per-key gates: keys of a lane in the transform
   // Shared memory (bytes), every tile 1024-byte aligned: two stages of q, k ([64][K]) and v
   // ([64][64]); the published state ([K][64]); the gate-weighted v (scalar gates); the per-token
-  // gates; the raw per-key gates of the next chunk ([64][K] in the gate tensor's type).
+  // gates; the raw 16-bit per-key gates of the next chunk ([64][K]; float32 ones are read from
+  // global memory, prefetched into L2 a chunk ahead: their 32 KB would leave one block per
+  // multiprocessor).
   static constexpr size_t kQkBytes = size_t{kChunk} * K * 2;
   static constexpr size_t kVBytes = size_t{kChunk} * kValueTile * 2;
   static constexpr size_t kStageBytes = 2 * kQkBytes + kVBytes;
@@ -73,11 +75,11 @@ struct Traits {
   static constexpr size_t kGateBytes = Gate == GateKind::kPerToken ? wg::kAtomBytes : 0;
   static constexpr size_t kFixedBytes =
       kStages * kStageBytes + kStateBytes + kWeightedVBytes + kGateBytes;
-  // At K = 128: 105 KB for scalar gates, 112 KB with 16-bit per-key gates: two blocks per
-  // multiprocessor (float32 per-key gates: 128 KB, one). The dynamic shared memory starts
-  // 1024-byte aligned: there is no static shared memory, and the kernel checks.
+  // At K = 128: 105 KB for scalar gates, 112 KB with 16-bit per-key gates, 96 KB with float32
+  // ones: two blocks per multiprocessor. The dynamic shared memory starts 1024-byte aligned:
+  // there is no static shared memory, and the kernel checks.
   static constexpr size_t smem_bytes(int gate_bytes) {
-    return kFixedBytes + (kPerKey ? size_t{kChunk} * K * gate_bytes : 0);
+    return kFixedBytes + (kPerKey && gate_bytes == 2 ? size_t{kChunk} * K * 2 : 0);
   }
 };
 
@@ -126,12 +128,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
                                                           v_rows.step, valid);
     if constexpr (T::kPerKey) {
       const TokenRows g_rows(args.g, seq, head, args.reverse, key_gate_bytes);
-      if (key_gate_bytes == 4)
-        tile::copy_rows_async<K * 4, kThreads, kChunk>(key_gates, K * 4, g_rows.row(first_row),
-                                                       g_rows.step, valid);
-      else
+      if (key_gate_bytes == 4) {  // into L2: 128-byte lines, K / 32 per row, K / 64 per thread
+#pragma unroll
+        for (int p = 0; p < K / 64; ++p) {
+          const int line = tid + kThreads * p, row = line / (K / 32);
+          if (row < valid) tile::prefetch_l2(g_rows.row(first_row + row) + (line % (K / 32)) * 128);
+        }
+      } else {
         tile::copy_rows_async<K * 2, kThreads, kChunk>(key_gates, K * 2, g_rows.row(first_row),
                                                        g_rows.step, valid);
+      }
     }
   };
 
@@ -235,9 +241,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     struct alignas(sizeof(GateElem) * kKeys) LaneGates {
       GateElem x[kKeys];
     };
+    // float32 gates from global memory (prefetched into L2; the second read of a row hits L1),
+    // zero past the sequence end like the zero-filled rows of the shared buffer.
+    const int rows_valid = rows_valid_of(chunk);
+    const TokenRows g_rows(args.g, seq, head, args.reverse, 4);
     auto gates_of = [&](int row, float(&g)[kKeys]) {  // one 4- to 16-byte load
-      const LaneGates lane_gates = reinterpret_cast<const LaneGates*>(
-          key_gates + static_cast<size_t>(row) * K * sizeof(GateElem))[lane];
+      LaneGates lane_gates{};
+      if constexpr (std::is_same_v<GateElem, float>) {
+        if (row < rows_valid)
+          lane_gates =
+              reinterpret_cast<const LaneGates*>(g_rows.row(int64_t{chunk} * kChunk + row))[lane];
+      } else {
+        lane_gates = reinterpret_cast<const LaneGates*>(key_gates + static_cast<size_t>(row) * K *
+                                                                        sizeof(GateElem))[lane];
+      }
 #pragma unroll
       for (int c = 0; c < kKeys; ++c) g[c] = floor_gate(to_float(lane_gates.x[c])) * kLog2e;
     };
