@@ -139,12 +139,22 @@ bool chunk_tc_supports(const RecurrenceParams& p, bool backward) {
 }
 
 namespace {
-// The forward's flags of ChunkArgs::redo (per-key gates): one per thread block of the launches
-// over `num_seqs` sequences (the call's, or the pieces of a split call).
-size_t redo_flags_bytes(const RecurrenceParams& p, size_t num_seqs) {
-  if (p.gate != GateKind::kPerKey) return 0;
-  return align_up(num_seqs * static_cast<size_t>(p.num_heads) *
-                  static_cast<size_t>(p.value_dim / chunk_tc::kValueTile) * sizeof(int));
+// The forward's scratch: the split call's (if split), then the flags of ChunkArgs::redo (per-key
+// gates): one per thread block of the launches over the call's sequences or the split's pieces.
+struct ForwardLayout {
+  size_t flags_at = 0, flags_bytes = 0;
+  size_t total() const { return flags_at + flags_bytes; }
+};
+ForwardLayout forward_layout(const RecurrenceParams& p, bool split, const SplitPlan& plan) {
+  ForwardLayout layout;
+  layout.flags_at = split ? split_workspace_bytes(p, false, plan) : 0;
+  if (p.gate == GateKind::kPerKey) {
+    const size_t launched = split ? plan.pieces.size() : p.sequences.size();
+    layout.flags_bytes =
+        align_up(launched * static_cast<size_t>(p.num_heads) *
+                 static_cast<size_t>(p.value_dim / chunk_tc::kValueTile) * sizeof(int));
+  }
+  return layout;
 }
 }  // namespace
 
@@ -154,8 +164,7 @@ size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward) {
   if (backward)
     return split ? split_workspace_bytes(p, true, plan)
                  : backward_layout(p, p.sequences.size()).total;
-  return split ? split_workspace_bytes(p, false, plan) + redo_flags_bytes(p, plan.pieces.size())
-               : redo_flags_bytes(p, p.sequences.size());
+  return forward_layout(p, split, plan).total();
 }
 
 cudaError_t chunk_tc_forward(const RecurrenceParams& p, const LaunchContext& ctx) {
@@ -164,11 +173,10 @@ cudaError_t chunk_tc_forward(const RecurrenceParams& p, const LaunchContext& ctx
   if (num_seqs == 0 || p.num_heads == 0) return cudaSuccess;
   SplitPlan plan;
   const bool split = plan_split(p, false, &plan);
-  // The redo flags follow the split call's scratch; without room, the mma.sync kernel alone.
-  const size_t flags_at = split ? split_workspace_bytes(p, false, plan) : 0;
-  const size_t flags_bytes = redo_flags_bytes(p, split ? plan.pieces.size() : p.sequences.size());
-  if (flags_bytes > 0 && ctx.workspace != nullptr && ctx.workspace_bytes >= flags_at + flags_bytes)
-    args.redo = reinterpret_cast<int*>(ctx.workspace + flags_at);
+  // Without room for the redo flags, the mma.sync kernel alone runs per-key gates.
+  const ForwardLayout layout = forward_layout(p, split, plan);
+  if (layout.flags_bytes > 0 && ctx.workspace != nullptr && ctx.workspace_bytes >= layout.total())
+    args.redo = reinterpret_cast<int*>(ctx.workspace + layout.flags_at);
   if (split) return chunk_tc_forward_split(p, ctx, plan, args);
   return chunk_tc_launch_forward(p, args, num_seqs, ctx.stream);
 }

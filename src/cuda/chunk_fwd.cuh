@@ -566,17 +566,21 @@ cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaS
   return cudaGetLastError();
 }
 
-// Scalar gates run on Hopper's wgmma (chunk_fwd_wgmma.cuh) where the build and the device
-// have it; elsewhere, or with FLASHLIN_CUDA_MMA_SYNC set to anything but 0 (to compare the two
+// The forward runs on Hopper's wgmma (chunk_fwd_wgmma.cuh) where the build and the device have
+// it; elsewhere, or with FLASHLIN_CUDA_MMA_SYNC set to anything but 0 (to compare the two
 // kernels), on the mma.sync kernel above.
 inline bool mma_sync_forced() {
   const char* value = std::getenv("FLASHLIN_CUDA_MMA_SYNC");
   return value != nullptr && value[0] != '\0' && !(value[0] == '0' && value[1] == '\0');
 }
+template <typename Elem, int K, GateKind Gate, bool Bonus = false>
+bool wgmma_chosen() {
+  return !mma_sync_forced() && chunk_fwd_wgmma::runs_here<Elem, K, Gate, Bonus>();
+}
 template <typename Elem, int K, GateKind Gate>
 cudaError_t launch_scalar_gate(const ChunkArgs& args, int value_dim, int64_t num_seqs,
                                cudaStream_t stream) {
-  if (!mma_sync_forced() && chunk_fwd_wgmma::runs_here<Elem, K, Gate>())
+  if (wgmma_chosen<Elem, K, Gate>())
     return chunk_fwd_wgmma::launch<Elem, K, Gate>(args, value_dim, num_seqs, stream);
   return launch<Elem, K, Gate, false>(args, value_dim, num_seqs, stream);
 }
@@ -586,8 +590,7 @@ cudaError_t launch_scalar_gate(const ChunkArgs& args, int value_dim, int64_t num
 // elsewhere on the mma.sync kernel alone.
 template <typename Elem, int K, bool Bonus>
 cudaError_t launch_per_key(ChunkArgs args, int value_dim, int64_t num_seqs, cudaStream_t stream) {
-  if (args.redo != nullptr && !mma_sync_forced() &&
-      chunk_fwd_wgmma::runs_here<Elem, K, GateKind::kPerKey, Bonus>()) {
+  if (args.redo != nullptr && wgmma_chosen<Elem, K, GateKind::kPerKey, Bonus>()) {
     const cudaError_t err = chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, Bonus>(
         args, value_dim, num_seqs, stream);
     if (err != cudaSuccess) return err;
@@ -601,11 +604,10 @@ cudaError_t launch_per_key(ChunkArgs args, int value_dim, int64_t num_seqs, cuda
 // (Elem, K) in chunk_fwd_<elem>_k<K>.cu.
 template <typename Elem, int K>
 bool on_wgmma(GateKind gate) {
-  if (mma_sync_forced()) return false;
   switch (gate) {
-    case GateKind::kNone: return chunk_fwd_wgmma::runs_here<Elem, K, GateKind::kNone>();
-    case GateKind::kPerHead: return chunk_fwd_wgmma::runs_here<Elem, K, GateKind::kPerHead>();
-    case GateKind::kPerToken: return chunk_fwd_wgmma::runs_here<Elem, K, GateKind::kPerToken>();
+    case GateKind::kNone: return wgmma_chosen<Elem, K, GateKind::kNone>();
+    case GateKind::kPerHead: return wgmma_chosen<Elem, K, GateKind::kPerHead>();
+    case GateKind::kPerToken: return wgmma_chosen<Elem, K, GateKind::kPerToken>();
     default: return false;
   }
 }
