@@ -8,6 +8,7 @@
 #include "cuda/chunk.cuh"
 #include "cuda/chunk_bwd.cuh"
 #include "cuda/chunk_fwd.cuh"
+#include "cuda/chunk_gate_grad.cuh"
 
 namespace flashlin::cuda {
 
@@ -24,6 +25,18 @@ extern template bool on_wgmma<__nv_bfloat16, 64>(GateKind);
 extern template bool on_wgmma<__nv_bfloat16, 128>(GateKind);
 extern template bool on_wgmma<__half, 64>(GateKind);
 extern template bool on_wgmma<__half, 128>(GateKind);
+extern template bool per_key_pass_on_wgmma<__nv_bfloat16, 64>();
+extern template bool per_key_pass_on_wgmma<__nv_bfloat16, 128>();
+extern template bool per_key_pass_on_wgmma<__half, 64>();
+extern template bool per_key_pass_on_wgmma<__half, 128>();
+extern template cudaError_t launch_per_key_pass<__nv_bfloat16, 64>(const ChunkArgs&, bool, int,
+                                                                   int64_t, cudaStream_t);
+extern template cudaError_t launch_per_key_pass<__nv_bfloat16, 128>(const ChunkArgs&, bool, int,
+                                                                    int64_t, cudaStream_t);
+extern template cudaError_t launch_per_key_pass<__half, 64>(const ChunkArgs&, bool, int, int64_t,
+                                                            cudaStream_t);
+extern template cudaError_t launch_per_key_pass<__half, 128>(const ChunkArgs&, bool, int, int64_t,
+                                                             cudaStream_t);
 }  // namespace chunk_fwd
 
 namespace chunk_bwd {
@@ -158,12 +171,19 @@ ForwardLayout forward_layout(const RecurrenceParams& p, bool split, const SplitP
 }
 }  // namespace
 
+namespace {
+bool backward_as_forward(const RecurrenceParams& p);
+size_t pass_layout_total(const RecurrenceParams& p);
+}  // namespace
+
 size_t chunk_tc_workspace_bytes(const RecurrenceParams& p, bool backward) {
   SplitPlan plan;
   const bool split = plan_split(p, backward, &plan);
-  if (backward)
-    return split ? split_workspace_bytes(p, true, plan)
-                 : backward_layout(p, p.sequences.size()).total;
+  if (backward) {
+    if (split) return split_workspace_bytes(p, true, plan);
+    if (p.gate == GateKind::kPerKey && backward_as_forward(p)) return pass_layout_total(p);
+    return backward_layout(p, p.sequences.size()).total;
+  }
   return forward_layout(p, split, plan).total();
 }
 
@@ -198,6 +218,32 @@ cudaError_t launch_forward_kernels(Storage elem, int64_t key_dim, int64_t value_
               : chunk_fwd::launch_for_gate<__half, 128>(args, gate, bonus, v, num_seqs, stream);
 }
 
+// The per-key backward's passes over a reduction of key_dim (chunk_fwd::launch_per_key_pass).
+bool per_key_passes_on_wgmma(Storage elem, int64_t key_dim) {
+  const bool bf16 = elem == Storage::kBFloat16;
+  if (key_dim == 64)
+    return bf16 ? chunk_fwd::per_key_pass_on_wgmma<__nv_bfloat16, 64>()
+                : chunk_fwd::per_key_pass_on_wgmma<__half, 64>();
+  if (key_dim == 128)
+    return bf16 ? chunk_fwd::per_key_pass_on_wgmma<__nv_bfloat16, 128>()
+                : chunk_fwd::per_key_pass_on_wgmma<__half, 128>();
+  return false;
+}
+cudaError_t launch_per_key_pass(Storage elem, int64_t key_dim, bool value_gates,
+                                const ChunkArgs& args, int64_t value_dim, int64_t num_seqs,
+                                cudaStream_t stream) {
+  const bool bf16 = elem == Storage::kBFloat16;
+  const int v = static_cast<int>(value_dim);
+  if (key_dim == 64)
+    return bf16
+               ? chunk_fwd::launch_per_key_pass<__nv_bfloat16, 64>(args, value_gates, v, num_seqs,
+                                                                   stream)
+               : chunk_fwd::launch_per_key_pass<__half, 64>(args, value_gates, v, num_seqs, stream);
+  return bf16 ? chunk_fwd::launch_per_key_pass<__nv_bfloat16, 128>(args, value_gates, v, num_seqs,
+                                                                   stream)
+              : chunk_fwd::launch_per_key_pass<__half, 128>(args, value_gates, v, num_seqs, stream);
+}
+
 bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
   const bool bf16 = elem == Storage::kBFloat16;
   if (key_dim == 64)
@@ -209,8 +255,8 @@ bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
   return false;
 }
 
-// The backward of retention and linear attention (no gate, or a per-head decay g) as three
-// passes of the forward kernel on wgmma. With b_i = (i + 1) g and D_ij = 2^{b_i - b_j}:
+// The backward as three passes of the forward kernel on wgmma. With a per-head decay g
+// (b_i = (i + 1) g, D_ij = 2^{b_i - b_j}), or none:
 //   dq_i = scale [ sum_{j <= i} D_ij (do_i . v_j) k_j + 2^{b_i} S0 do_i ]
 //        = forward(q = do, k = v, v = k, initial state S0^T)
 //   dv_j = scale sum_{i >= j} D_ij (k_j . q_i) do_i + 2^{b_T - b_j} k_j dS_T
@@ -220,40 +266,98 @@ bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
 //   dk_j = scale sum_{i >= j} D_ij (v_j . do_i) q_i + 2^{b_T - b_j} dS_T v_j
 //        = the same with q = v, k = do, v = q, initial state dS_T^T / scale
 // Each pass reads three tensors and writes one, like the forward; none needs scratch.
+// Per-key gates (GLA; b_i a vector over the keys, D_ij = 2^{b_i - b_j} per key): the same
+// passes, dv's with its gates on the reduction (the keys) like the forward, dq's and dk's on the
+// output's columns (the keys again: forward_kernel's ValueGates); then dg from dq and dk
+// (chunk_gate_grad.cuh), with rowsum(S_T * dS_T) from the dq pass's final state S_T^T. A pass's
+// thread block that meets a chunk too wide for the per-key scaling flags its (sequence, head),
+// and the mma.sync backward runs the flagged ones after the passes.
 bool backward_as_forward(const RecurrenceParams& p) {
-  if (p.gate != GateKind::kNone && p.gate != GateKind::kPerHead) return false;
-  if (p.bonus || p.dg.present || p.du.present) return false;
+  const bool per_key = p.gate == GateKind::kPerKey;
+  if (p.gate != GateKind::kNone && p.gate != GateKind::kPerHead && !per_key) return false;
+  if (p.bonus || p.du.present) return false;
+  // dg comes from the passes' dq and dk: both are computed when it is wanted.
+  if (p.dg.present && (!per_key || !p.dq.present || !p.dk.present)) return false;
   if (!(p.scale != 0.0 && std::isfinite(1.0 / p.scale))) return false;
   if (p.value_dim != 64 && p.value_dim != 128) return false;  // the key dim of dq's and dk's pass
-  if (!forward_on_wgmma(p.q.dtype, p.key_dim, p.gate) ||
-      !forward_on_wgmma(p.q.dtype, p.value_dim, p.gate))
+  if (per_key ? !per_key_passes_on_wgmma(p.q.dtype, p.key_dim) ||
+                    !per_key_passes_on_wgmma(p.q.dtype, p.value_dim)
+              : !forward_on_wgmma(p.q.dtype, p.key_dim, p.gate) ||
+                    !forward_on_wgmma(p.q.dtype, p.value_dim, p.gate))
     return false;
   for (const StridedTensor* grad : {&p.dq, &p.dk, &p.dv})
     if (grad->present && (grad->dtype != p.q.dtype || !rows_copyable(*grad))) return false;
   return true;
 }
 
-cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext& ctx) {
+// The per-key backward's scratch: the mma.sync backward's (it runs the (sequence, head) pairs
+// the passes leave), the passes' flags, and S_T in float32 [N][H][K][V] when dg and dS_T are
+// wanted.
+struct PassLayout {
+  BackwardLayout fallback;
+  int flags_per_head = 0;  // dq's pass K / 64, dv's V / 64, dk's K / 64
+  size_t flags_at = 0, flags_bytes = 0, final_state_at = 0, final_state_bytes = 0;
+  size_t total() const { return final_state_at + final_state_bytes; }
+};
+PassLayout pass_layout(const RecurrenceParams& p) {
+  PassLayout layout;
+  layout.fallback = backward_layout(p, p.sequences.size());
+  const size_t pairs = p.sequences.size() * static_cast<size_t>(p.num_heads);
+  layout.flags_per_head = static_cast<int>((2 * p.key_dim + p.value_dim) / chunk_tc::kValueTile);
+  layout.flags_at = layout.fallback.total;
+  layout.flags_bytes = align_up(pairs * static_cast<size_t>(layout.flags_per_head) * sizeof(int));
+  layout.final_state_at = layout.flags_at + layout.flags_bytes;
+  if (p.dg.present && p.d_final_state.present)
+    layout.final_state_bytes =
+        align_up(pairs * static_cast<size_t>(p.key_dim * p.value_dim) * sizeof(float));
+  return layout;
+}
+
+size_t pass_layout_total(const RecurrenceParams& p) { return pass_layout(p).total(); }
+
+// Per-key passes: their flags (ChunkArgs::redo) and where the dq pass leaves S_T (or null).
+struct PassScratch {
+  int* flags = nullptr;
+  int flags_per_head = 0;
+  float* final_state = nullptr;
+};
+
+cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext& ctx,
+                                 const PassScratch& scratch) {
+  const bool per_key = p.gate == GateKind::kPerKey;
+  // S_T^T of the dq pass (rows: values, columns: keys) stored as [N][H][K][V].
+  StridedTensor final_state{};
+  if (scratch.final_state != nullptr) {
+    final_state.data = reinterpret_cast<char*>(scratch.final_state);
+    final_state.dtype = Storage::kFloat32;
+    final_state.stride[1] = p.key_dim * p.value_dim;
+    final_state.stride[0] = p.num_heads * final_state.stride[1];
+    final_state.stride[2] = 1;
+    final_state.stride[3] = p.value_dim;
+    final_state.present = true;
+  }
   // One pass: the forward over (q, k, v) -> o, from `initial` to `final`, in the call's direction
-  // or the other one (then with the gates shifted and dS_T / scale as the initial state).
+  // or the other one (then with the gates shifted and dS_T / scale as the initial state); per-key
+  // gates on the keys or on the output's columns.
   struct Pass {
     const StridedTensor &q, &k, &v, &o;
     StridedTensor initial, final;
     int64_t key_dim, value_dim;
-    bool other_direction;
+    bool other_direction, value_gates;
     bool wanted;
   };
   const StridedTensor none{};
   const Pass passes[] = {
-      {p.d_o, p.v, p.k, p.dq, transposed_state(p.initial_state), none, p.value_dim, p.key_dim,
-       false, p.dq.present},
+      {p.d_o, p.v, p.k, p.dq, transposed_state(p.initial_state), final_state, p.value_dim,
+       p.key_dim, false, true, p.dq.present},
       {p.k, p.q, p.d_o, p.dv, p.d_final_state, p.d_initial_state, p.key_dim, p.value_dim, true,
-       p.dv.present || p.d_initial_state.present},
+       false, p.dv.present || p.d_initial_state.present},
       {p.v, p.d_o, p.q, p.dk, transposed_state(p.d_final_state), none, p.value_dim, p.key_dim, true,
-       p.dk.present},
+       true, p.dk.present},
   };
+  int flags_offset = 0;
   for (const Pass& pass : passes) {
-    if (!pass.wanted) continue;
+    const int blocks_per_head = static_cast<int>(pass.value_dim / chunk_tc::kValueTile);
     ChunkArgs args = forward_args(p, ctx);
     args.q = pass.q;
     args.k = pass.k;
@@ -267,11 +371,63 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
       args.initial_state_factor = static_cast<float>(1.0 / p.scale);
       args.final_state_factor = static_cast<float>(p.scale);  // dS0 from dS_T / scale
     }
-    const cudaError_t err = launch_forward_kernels(p.q.dtype, pass.key_dim, pass.value_dim, p.gate,
-                                                   false, args, ctx.sequences.count, ctx.stream);
+    args.redo = scratch.flags;
+    args.redo_stride = scratch.flags_per_head;
+    args.redo_offset = flags_offset;
+    flags_offset += blocks_per_head;
+    if (!pass.wanted) continue;
+    const cudaError_t err =
+        per_key ? launch_per_key_pass(p.q.dtype, pass.key_dim, pass.value_gates, args,
+                                      pass.value_dim, ctx.sequences.count, ctx.stream)
+                : launch_forward_kernels(p.q.dtype, pass.key_dim, pass.value_dim, p.gate, false,
+                                         args, ctx.sequences.count, ctx.stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+// The per-key backward: the passes, dg from their dq and dk, then the mma.sync backward for the
+// (sequence, head) pairs a pass left.
+cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx,
+                             chunk_bwd::BackwardArgs args) {
+  const PassLayout layout = pass_layout(p);
+  if (ctx.workspace == nullptr || ctx.workspace_bytes < layout.total())
+    return cudaErrorInvalidValue;
+  place_backward_scratch(p, layout.fallback, ctx.workspace, &args);
+  PassScratch scratch;
+  scratch.flags = reinterpret_cast<int*>(ctx.workspace + layout.flags_at);
+  scratch.flags_per_head = layout.flags_per_head;
+  if (layout.final_state_bytes > 0)
+    scratch.final_state = reinterpret_cast<float*>(ctx.workspace + layout.final_state_at);
+  cudaError_t err = cudaMemsetAsync(scratch.flags, 0, layout.flags_bytes, ctx.stream);
+  if (err != cudaSuccess) return err;
+  err = backward_via_forward(p, ctx, scratch);
+  if (err != cudaSuccess) return err;
+  if (p.dg.present) {
+    chunk_gate_grad::GateGradArgs gate_args;
+    gate_args.q = p.q;
+    gate_args.k = p.k;
+    gate_args.dq = p.dq;
+    gate_args.dk = p.dk;
+    gate_args.g = p.g;
+    gate_args.dg = p.dg;
+    gate_args.d_final_state = p.d_final_state;
+    gate_args.final_state = scratch.final_state;
+    gate_args.sequences = ctx.sequences;
+    gate_args.num_heads = p.num_heads;
+    gate_args.value_dim = static_cast<int>(p.value_dim);
+    gate_args.reverse = p.reverse;
+    const bool bf16 = p.q.dtype == Storage::kBFloat16;
+    err = p.key_dim == 64
+              ? (bf16 ? chunk_gate_grad::launch<__nv_bfloat16, 64>(gate_args, ctx.stream)
+                      : chunk_gate_grad::launch<__half, 64>(gate_args, ctx.stream))
+              : (bf16 ? chunk_gate_grad::launch<__nv_bfloat16, 128>(gate_args, ctx.stream)
+                      : chunk_gate_grad::launch<__half, 128>(gate_args, ctx.stream));
+    if (err != cudaSuccess) return err;
+  }
+  args.redo = scratch.flags;
+  args.redo_stride = scratch.flags_per_head;
+  return chunk_tc_launch_backward(p, args, ctx.sequences.count, ctx.stream);
 }
 
 }  // namespace
@@ -305,8 +461,11 @@ cudaError_t chunk_tc_backward(const RecurrenceParams& p, const LaunchContext& ct
   SplitPlan plan;
   if (num_seqs > 0 && p.num_heads > 0 && plan_split(p, true, &plan))
     return chunk_tc_backward_split(p, ctx, plan, args);
-  if (backward_as_forward(p))
-    return num_seqs == 0 || p.num_heads == 0 ? cudaSuccess : backward_via_forward(p, ctx);
+  if (backward_as_forward(p)) {
+    if (num_seqs == 0 || p.num_heads == 0) return cudaSuccess;
+    return p.gate == GateKind::kPerKey ? per_key_backward(p, ctx, args)
+                                       : backward_via_forward(p, ctx, PassScratch{});
+  }
   const BackwardLayout layout = backward_layout(p, p.sequences.size());
   if (layout.total > 0 && (ctx.workspace == nullptr || ctx.workspace_bytes < layout.total))
     return cudaErrorInvalidValue;

@@ -65,16 +65,19 @@ struct ChunkArgs {
   bool reverse = false;
   // For the backward run as forward passes (chunk.cu, wgmma kernel only): the initial state is
   // read times initial_state_factor and the final state written times final_state_factor; with
-  // shift_gates (per-head gates) the first visited token does not decay the state and the final
-  // state decays once more, i.e. each token's decay applies after it instead of before.
+  // shift_gates (per-head and per-key gates) the first visited token does not decay the state and
+  // the final state decays once more, i.e. each token's decay applies after it instead of before.
   float initial_state_factor = 1.0f;
   float final_state_factor = 1.0f;
   bool shift_gates = false;
   // Per-key gates: one flag per thread block (grid (V / 64, H, N), x fastest), written by the
   // wgmma kernel (1: it stopped at a chunk wider than max_midpoint_range) and read by the
   // mma.sync kernel launched after it, which runs only the flagged blocks. Null: no wgmma kernel
-  // ran, the mma.sync kernel runs every block.
+  // ran, the mma.sync kernel runs every block. The backward's passes share one array: a pass's
+  // flag of block (x, head, seq) is at (seq H + head) redo_stride + redo_offset + x (stride 0:
+  // the grid's width).
   int* redo = nullptr;
+  int redo_stride = 0, redo_offset = 0;
 };
 
 // A state tensor (sequence, head, key, value) seen as (sequence, head, value, key).

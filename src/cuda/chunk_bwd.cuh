@@ -58,7 +58,20 @@ struct BackwardArgs {
   StridedTensor d_o, d_final_state, dq, dk, dv, dg, du, d_initial_state;
   BackwardScratch scratch;
   int64_t batch = 0, time = 0;
+  // After the per-key backward's passes on wgmma (chunk.cu): their flags, redo_stride per
+  // (sequence, head); only a (sequence, head) with a flag set runs here. Null: every one runs.
+  const int* redo = nullptr;
+  int redo_stride = 0;
 };
+
+// Whether this thread block (grid (1, H, N)) has nothing to do: the passes on wgmma did it.
+__device__ __forceinline__ bool done_by_passes(const BackwardArgs& args) {
+  if (args.redo == nullptr) return false;
+  const int* flags = args.redo + (int64_t{blockIdx.z} * gridDim.y + blockIdx.y) * args.redo_stride;
+  for (int i = 0; i < args.redo_stride; ++i)
+    if (flags[i] != 0) return false;
+  return true;
+}
 
 template <typename Elem, int K, int V, GateKind Gate, bool Bonus>
 struct Traits {
@@ -439,6 +452,7 @@ struct One {
 // dq kernel: forward sweep.
 template <typename Elem, int K, int V, GateKind Gate, bool Bonus>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
+  if (done_by_passes(args)) return;
   using B = Block<Elem, K, V, Gate, Bonus>;
   using T = typename B::T;
   extern __shared__ __align__(128) char smem[];
@@ -798,6 +812,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardArgs args) {
 // dk, dv, dg, d_initial_state kernel: backward sweep.
 template <typename Elem, int K, int V, GateKind Gate, bool Bonus>
 __global__ void __launch_bounds__(kThreads) dkv_kernel(const BackwardArgs args) {
+  if (done_by_passes(args)) return;
   using B = Block<Elem, K, V, Gate, Bonus>;
   using T = typename B::T;
   extern __shared__ __align__(128) char smem[];

@@ -9,7 +9,13 @@
 //   o_i   = scale * [ q'_i S0'  +  sum_{j <= i} (q'_i · k'_j) v_j ]   (bonus: j < i, plus
 //           (q_i * u * k_i)·1 v_i)
 //   S_end = 2^{r} * (S0' + sum_j k'_j v_j^T)
-// so a chunk runs like an ungated one. Each factor lies within 2^{+-R/2} for a chunk whose widest
+// so a chunk runs like an ungated one. With ChunkArgs::shift_gates (the backward's passes in the
+// other direction) k'_j uses b_{j-1} too. Gates on the output's columns instead (ValueGates: the
+// backward's dq and dk, o_ic = sum_{j <= i} (q_i · k_j) 2^{a_ic - b_jc} v_jc + 2^{a_ic} (q_i
+// S0)_c):
+//   v'_j = v_j * 2^{r - b_j},  S0' = S0 * 2^{r},  o_i = scale * 2^{a_i - r} * [ q_i S0' +
+//          sum_{j <= i} (q_i · k_j) v'_j ],  S_end = (S0' + K^T V') * 2^{r}      (per column)
+// Each factor lies within 2^{+-R/2} for a chunk whose widest
 // key range is R; where R passes max_midpoint_range<Elem>() (chunk.cuh) the kernel stops at that
 // chunk and flags its thread block in ChunkArgs::redo, and the mma.sync kernel (chunk_fwd.cuh)
 // runs those blocks again from the start with products relative to nearby references.
@@ -51,14 +57,19 @@ using chunk_tc::kLog2e;
 using chunk_tc::kValueTile;
 constexpr int kThreads = 128;
 
-template <typename Elem, int K, GateKind Gate, bool Bonus>
+template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = false>
 struct Traits {
   static_assert(K == 64 || K == 128, "K must be 64 or 128");
   static_assert(!Bonus || Gate == GateKind::kPerKey, "the bonus form has per-key gates");
+  static_assert(!ValueGates || (Gate == GateKind::kPerKey && !Bonus),
+                "gates on the output's columns are per-key gates without the bonus");
   static constexpr bool kPerKey = Gate == GateKind::kPerKey;
+  // Per-key gates on the keys (q and k scaled) or on the output's columns (v scaled, o times the
+  // factor tile): each lane sums the gates of kGateColsPerLane of the kGateCols columns.
+  static constexpr int kGateCols = ValueGates ? kValueTile : K;
+  static constexpr int kGateColsPerLane = kGateCols / 32;
   static constexpr bool kScalarGated = Gate == GateKind::kPerHead || Gate == GateKind::kPerToken;
   static constexpr int kKeySteps = K / 16;
-  static constexpr int kKeysPerLane = K / 32;  // per-key gates: keys of a lane in the transform
   // Shared memory (bytes), every tile 1024-byte aligned: two stages of q, k ([64][K]) and v
   // ([64][64]); the published state ([K][64]); the gate-weighted v (scalar gates); the per-token
   // gates; the raw 16-bit per-key gates of the next chunk ([64][K]; float32 ones are read from
@@ -78,15 +89,23 @@ struct Traits {
   // At K = 128: 105 KB for scalar gates, 112 KB with 16-bit per-key gates, 96 KB with float32
   // ones: two blocks per multiprocessor. The dynamic shared memory starts 1024-byte aligned:
   // there is no static shared memory, and the kernel checks.
+  // Gates on the output's columns: their gates are read from global memory like float32 ones,
+  // and the chunk's output factors 2^{a - r} take a float32 [64][64] tile (also 112 KB).
+  static constexpr size_t kFactorTileBytes = ValueGates ? size_t{kChunk} * kValueTile * 4 : 0;
   static constexpr size_t smem_bytes(int gate_bytes) {
-    return kFixedBytes + (kPerKey && gate_bytes == 2 ? size_t{kChunk} * K * 2 : 0);
+    return kFixedBytes + kFactorTileBytes +
+           (kPerKey && !ValueGates && gate_bytes == 2 ? size_t{kChunk} * K * 2 : 0);
+  }
+  // Whether the gates of this dtype are read from global memory (else from the shared buffer).
+  __host__ __device__ static constexpr bool gates_from_global(int gate_bytes) {
+    return ValueGates || gate_bytes == 4;
   }
 };
 
-template <typename Elem, int K, GateKind Gate, bool Bonus>
+template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args) {
 #if defined(FLASHLIN_WGMMA_DEVICE)
-  using T = Traits<Elem, K, Gate, Bonus>;
+  using T = Traits<Elem, K, Gate, Bonus, ValueGates>;
   extern __shared__ __align__(1024) char smem[];
   if (tile::smem_address(smem) % wg::kAtomBytes != 0) __trap();  // swizzled tiles need it
   auto stage_q = [&](int chunk) { return smem + (chunk % T::kStages) * T::kStageBytes; };
@@ -95,6 +114,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   char* state_tile = smem + T::kStages * T::kStageBytes;
   char* weighted_v = state_tile + T::kStateBytes;
   char* key_gates = weighted_v + T::kWeightedVBytes + T::kGateBytes;  // per-key: [64][K] raw
+  // Gates on the output's columns: 2^{a_i - r} of row i, column c at [i][c ^ 8 (i % 8)].
+  float* factor_tile = reinterpret_cast<float*>(key_gates);
+  auto factor_at = [](int row, int col) { return row * kValueTile + (col ^ ((row % 8) << 3)); };
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int group = lane / 4, quad = lane % 4;
@@ -127,12 +149,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     wg::copy_rows_async<kValueTile * 2, kThreads, kChunk>(stage_v(chunk), v_rows.row(first_row),
                                                           v_rows.step, valid);
     if constexpr (T::kPerKey) {
-      const TokenRows g_rows(args.g, seq, head, args.reverse, key_gate_bytes);
-      if (key_gate_bytes == 4) {  // into L2: 128-byte lines, K / 32 per row, K / 64 per thread
-#pragma unroll
-        for (int p = 0; p < K / 64; ++p) {
-          const int line = tid + kThreads * p, row = line / (K / 32);
-          if (row < valid) tile::prefetch_l2(g_rows.row(first_row + row) + (line % (K / 32)) * 128);
+      const TokenRows g_rows(args.g, seq, head, args.reverse, key_gate_bytes,
+                             ValueGates ? value0 : 0);
+      if (T::gates_from_global(key_gate_bytes)) {  // into L2, in 128-byte lines
+        const int lines_per_row = T::kGateCols * key_gate_bytes / 128;
+        for (int line = tid; line < kChunk * lines_per_row; line += kThreads) {
+          const int row = line / lines_per_row;
+          if (row < valid)
+            tile::prefetch_l2(g_rows.row(first_row + row) + (line % lines_per_row) * 128);
         }
       } else {
         tile::copy_rows_async<K * 2, kThreads, kChunk>(key_gates, K * 2, g_rows.row(first_row),
@@ -221,109 +245,23 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   };
 
   // ---- per-key gates ---------------------------------------------------------------------------
-  // 2^{r} of the thread's state rows (key 64 mb + 16 warp + group + 8 h at [mb][h]): S0' and the
-  // update's end factor. Bonus: u of the lane's keys, and the bonus dot of the row that lane
-  // 2 * (row % 16) of the row's warp holds.
-  float key_factor[K / 64][2] = {};
-  float bonus_u[T::kKeysPerLane] = {}, bonus_dot = 0.f;
+  // Gates on the keys: 2^{r} of the thread's state rows (key 64 mb + 16 warp + group + 8 h at
+  // [mb][h]): S0' and the update's end factor. Gates on the output's columns: 2^{r} of the
+  // lane's two columns (column_mid; the state's columns take them by shuffles). Bonus: u of the
+  // lane's keys, and the bonus dot of the row that lane 2 * (row % 16) of the row's warp holds.
+  float key_factor[K / 64][2] = {}, column_mid[2] = {};
+  float bonus_u[T::kGateColsPerLane] = {}, bonus_dot = 0.f;
   if constexpr (Bonus) {
 #pragma unroll
-    for (int c = 0; c < T::kKeysPerLane; ++c)
+    for (int c = 0; c < T::kGateColsPerLane; ++c)
       bonus_u[c] =
-          load_float(args.u, element_offset(args.u, 0, 0, head, T::kKeysPerLane * lane + c));
+          load_float(args.u, element_offset(args.u, 0, 0, head, T::kGateColsPerLane * lane + c));
   }
-  // Scales q and k of the warp's rows of `chunk` in place (lane: keys kKeysPerLane * lane ..),
-  // sets key_factor and bonus_dot; false when the chunk's gate range is too wide for that.
-  auto scale_per_key = [&](int chunk, auto gate_type) -> bool {
-    using GateElem = decltype(gate_type);
-    constexpr int kKeys = T::kKeysPerLane;
-    const int key0 = kKeys * lane, row0 = 16 * warp;
-    struct alignas(sizeof(GateElem) * kKeys) LaneGates {
-      GateElem x[kKeys];
-    };
-    // float32 gates from global memory (prefetched into L2; the second read of a row hits L1),
-    // zero past the sequence end like the zero-filled rows of the shared buffer.
-    const int rows_valid = rows_valid_of(chunk);
-    const TokenRows g_rows(args.g, seq, head, args.reverse, 4);
-    auto gates_of = [&](int row, float(&g)[kKeys]) {  // one 4- to 16-byte load
-      LaneGates lane_gates{};
-      if constexpr (std::is_same_v<GateElem, float>) {
-        if (row < rows_valid)
-          lane_gates =
-              reinterpret_cast<const LaneGates*>(g_rows.row(int64_t{chunk} * kChunk + row))[lane];
-      } else {
-        lane_gates = reinterpret_cast<const LaneGates*>(key_gates + static_cast<size_t>(row) * K *
-                                                                        sizeof(GateElem))[lane];
-      }
-#pragma unroll
-      for (int c = 0; c < kKeys; ++c) g[c] = floor_gate(to_float(lane_gates.x[c])) * kLog2e;
-    };
-    // The chunk's sum per key (rows past the end were zero-filled: they add nothing), and the
-    // sum over the rows before the warp's: each warp sums its own rows into the other stage's q
-    // tile (free: its next copies are issued after the top barrier), then reads all four sums
-    // in the same order (the same totals in every warp).
-    float* row_sums = reinterpret_cast<float*>(stage_q(chunk + 1));  // [4][K]
-    {
-      float own[kKeys] = {};
-#pragma unroll
-      for (int r = 0; r < 16; ++r) {
-        float g[kKeys];
-        gates_of(row0 + r, g);
-#pragma unroll
-        for (int c = 0; c < kKeys; ++c) own[c] += g[c];
-      }
-#pragma unroll
-      for (int c = 0; c < kKeys; ++c) row_sums[warp * K + key0 + c] = own[c];
-    }
-    __syncthreads();
-    float total[kKeys] = {}, before[kKeys] = {};
-#pragma unroll
-    for (int w = 0; w < 4; ++w)
-#pragma unroll
-      for (int c = 0; c < kKeys; ++c) {
-        const float sum = row_sums[w * K + key0 + c];
-        before[c] += w < warp ? sum : 0.f;
-        total[c] += sum;
-      }
-    bool wide = false;
-#pragma unroll
-    for (int c = 0; c < kKeys; ++c) wide |= -total[c] > max_midpoint_range<Elem>();
-    if (__any_sync(0xffffffffu, wide)) return false;  // the same in every warp
-
-    float mid[kKeys], mid_factor[kKeys], b[kKeys], dots[16];
-#pragma unroll
-    for (int c = 0; c < kKeys; ++c) {
-      mid[c] = 0.5f * total[c];
-      mid_factor[c] = tile::fast_exp2(mid[c]);
-      b[c] = before[c];
-    }
-    char* q_tile = stage_q(chunk);
-    char* k_tile = stage_k(chunk);
-#pragma unroll
-    for (int r = 0; r < 16; ++r) {
-      const int row = row0 + r;
-      float g[kKeys], a[kKeys];
-      gates_of(row, g);
-#pragma unroll
-      for (int c = 0; c < kKeys; ++c) {
-        a[c] = Bonus ? b[c] : b[c] + g[c];  // the bonus form's q sees the gates before its row
-        b[c] += g[c];
-      }
-      // The lane's kKeys consecutive keys lie in one 16-byte piece of the swizzled row.
-      uint32_t* q_at = reinterpret_cast<uint32_t*>(q_tile + wg::tile_offset<kChunk>(row, key0));
-      uint32_t* k_at = reinterpret_cast<uint32_t*>(k_tile + wg::tile_offset<kChunk>(row, key0));
-      float dot = 0.f;
-#pragma unroll
-      for (int w = 0; w < kKeys / 2; ++w) {
-        const float2 qv = tile::unpack<Elem>(q_at[w]), kv = tile::unpack<Elem>(k_at[w]);
-        if constexpr (Bonus) dot += qv.x * bonus_u[2 * w] * kv.x + qv.y * bonus_u[2 * w + 1] * kv.y;
-        q_at[w] = tile::pack<Elem>(qv.x * tile::fast_exp2(a[2 * w] - mid[2 * w]),
-                                   qv.y * tile::fast_exp2(a[2 * w + 1] - mid[2 * w + 1]));
-        k_at[w] = tile::pack<Elem>(kv.x * tile::fast_exp2(mid[2 * w] - b[2 * w]),
-                                   kv.y * tile::fast_exp2(mid[2 * w + 1] - b[2 * w + 1]));
-      }
-      dots[r] = dot;
-    }
+  // Gates on the keys: key_factor of the thread's state rows from the lanes' 2^{r}, and the
+  // bonus dot of the rows from the lanes' per-row partial dots.
+  auto key_factors_and_bonus = [&](const float(&mid_factor)[T::kGateColsPerLane],
+                                   float(&dots)[16]) {
+    constexpr int kKeys = T::kGateColsPerLane;
     // 2^{r} of the thread's state rows, from the lane that holds the key.
 #pragma unroll
     for (int mb = 0; mb < K / 64; ++mb)
@@ -363,6 +301,129 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     } else {
       (void)dots;
     }
+  };
+  // The exponents of the query side (a) and of the key side are each row's cumulative gate, or
+  // the one before it: the bonus form's q sees the gates before its row, and with shift_gates
+  // (each token's decay applied after it) both sides do.
+  const bool query_exclusive = Bonus || args.shift_gates, key_exclusive = args.shift_gates;
+  // Scales the warp's rows of `chunk` in place (lane: gate columns kGateColsPerLane * lane ..):
+  // q and k with gates on the keys (sets key_factor and bonus_dot), v with gates on the output's
+  // columns (writes the rows' output factors, sets column_mid); false when the chunk's gate
+  // range is too wide for that.
+  auto scale_per_key = [&](int chunk, auto gate_type) -> bool {
+    using GateElem = decltype(gate_type);
+    constexpr int kKeys = T::kGateColsPerLane;
+    const int key0 = kKeys * lane, row0 = 16 * warp;
+    struct alignas(sizeof(GateElem) * kKeys) LaneGates {
+      GateElem x[kKeys];
+    };
+    // Gates from global memory (prefetched into L2; the second read of a row hits L1), zero
+    // past the sequence end like the zero-filled rows of the shared buffer.
+    const int rows_valid = rows_valid_of(chunk);
+    const TokenRows g_rows(args.g, seq, head, args.reverse, sizeof(GateElem),
+                           ValueGates ? value0 : 0);
+    auto gates_of = [&](int row, float(&g)[kKeys]) {  // one 4- to 16-byte load
+      LaneGates lane_gates{};
+      if constexpr (T::gates_from_global(sizeof(GateElem))) {
+        if (row < rows_valid)
+          lane_gates =
+              reinterpret_cast<const LaneGates*>(g_rows.row(int64_t{chunk} * kChunk + row))[lane];
+      } else {
+        lane_gates = reinterpret_cast<const LaneGates*>(key_gates + static_cast<size_t>(row) * K *
+                                                                        sizeof(GateElem))[lane];
+      }
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) g[c] = floor_gate(to_float(lane_gates.x[c])) * kLog2e;
+    };
+    // The chunk's sum per key (rows past the end were zero-filled: they add nothing), and the
+    // sum over the rows before the warp's: each warp sums its own rows into the other stage's q
+    // tile (free: its next copies are issued after the top barrier), then reads all four sums
+    // in the same order (the same totals in every warp).
+    float* row_sums = reinterpret_cast<float*>(stage_q(chunk + 1));  // [4][kGateCols]
+    constexpr int kCols = T::kGateCols;
+    {
+      float own[kKeys] = {};
+#pragma unroll
+      for (int r = 0; r < 16; ++r) {
+        float g[kKeys];
+        gates_of(row0 + r, g);
+#pragma unroll
+        for (int c = 0; c < kKeys; ++c) own[c] += g[c];
+      }
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) row_sums[warp * kCols + key0 + c] = own[c];
+    }
+    __syncthreads();
+    float total[kKeys] = {}, before[kKeys] = {};
+#pragma unroll
+    for (int w = 0; w < 4; ++w)
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) {
+        const float sum = row_sums[w * kCols + key0 + c];
+        before[c] += w < warp ? sum : 0.f;
+        total[c] += sum;
+      }
+    bool wide = false;
+#pragma unroll
+    for (int c = 0; c < kKeys; ++c) wide |= -total[c] > max_midpoint_range<Elem>();
+    if (__any_sync(0xffffffffu, wide)) return false;  // the same in every warp
+
+    float mid[kKeys], mid_factor[kKeys], b[kKeys], dots[16];
+#pragma unroll
+    for (int c = 0; c < kKeys; ++c) {
+      mid[c] = 0.5f * total[c];
+      mid_factor[c] = tile::fast_exp2(mid[c]);
+      b[c] = before[c];
+    }
+    char* q_tile = stage_q(chunk);
+    char* k_tile = stage_k(chunk);
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int row = row0 + r;
+      float g[kKeys], a[kKeys], key_side[kKeys];
+      gates_of(row, g);
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) {
+        a[c] = query_exclusive ? b[c] : b[c] + g[c];
+        key_side[c] = key_exclusive ? b[c] : b[c] + g[c];
+        b[c] += g[c];
+      }
+      if constexpr (ValueGates) {
+        // v_j * 2^{r - b_j} in place; the output factors 2^{a_i - r} of the row.
+        uint32_t* v_at =
+            reinterpret_cast<uint32_t*>(stage_v(chunk) + wg::tile_offset<kChunk>(row, key0));
+        const float2 vv = tile::unpack<Elem>(*v_at);
+        *v_at = tile::pack<Elem>(vv.x * tile::fast_exp2(mid[0] - key_side[0]),
+                                 vv.y * tile::fast_exp2(mid[1] - key_side[1]));
+        *reinterpret_cast<float2*>(factor_tile + factor_at(row, key0)) =
+            make_float2(tile::fast_exp2(a[0] - mid[0]), tile::fast_exp2(a[1] - mid[1]));
+      } else {
+        // The lane's kKeys consecutive keys lie in one 16-byte piece of the swizzled row.
+        uint32_t* q_at = reinterpret_cast<uint32_t*>(q_tile + wg::tile_offset<kChunk>(row, key0));
+        uint32_t* k_at = reinterpret_cast<uint32_t*>(k_tile + wg::tile_offset<kChunk>(row, key0));
+        float dot = 0.f;
+#pragma unroll
+        for (int w = 0; w < kKeys / 2; ++w) {
+          const float2 qv = tile::unpack<Elem>(q_at[w]), kv = tile::unpack<Elem>(k_at[w]);
+          if constexpr (Bonus)
+            dot += qv.x * bonus_u[2 * w] * kv.x + qv.y * bonus_u[2 * w + 1] * kv.y;
+          q_at[w] = tile::pack<Elem>(qv.x * tile::fast_exp2(a[2 * w] - mid[2 * w]),
+                                     qv.y * tile::fast_exp2(a[2 * w + 1] - mid[2 * w + 1]));
+          k_at[w] = tile::pack<Elem>(kv.x * tile::fast_exp2(mid[2 * w] - key_side[2 * w]),
+                                     kv.y * tile::fast_exp2(mid[2 * w + 1] - key_side[2 * w + 1]));
+        }
+        dots[r] = dot;
+      }
+    }
+    if constexpr (ValueGates) {
+      column_mid[0] = mid_factor[0];
+      column_mid[1] = mid_factor[1];
+      (void)dots;
+      (void)q_tile;
+      (void)k_tile;
+    } else {
+      key_factors_and_bonus(mid_factor, dots);
+    }
     return true;
   };
   // The per-key scaling of `chunk`, for the gate tensor's type; false: too wide.
@@ -375,12 +436,28 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       return true;
     }
   };
-  // S0' = 2^{r} S0 of the chunk ahead (per-key gates).
+  // The state times 2^{r} (per-key gates): S0' of the chunk ahead, or S_end after the update;
+  // along its rows (keys), or its columns with gates on the output's columns.
   auto scale_state_rows = [&]() {
+    if constexpr (ValueGates) {
 #pragma unroll
-    for (int mb = 0; mb < K / 64; ++mb)
+      for (int n = 0; n < 8; ++n) {  // columns 8 n + 2 quad + h, held by lane 4 n + quad
+        const float f0 = __shfl_sync(0xffffffffu, column_mid[0], 4 * n + quad);
+        const float f1 = __shfl_sync(0xffffffffu, column_mid[1], 4 * n + quad);
 #pragma unroll
-      for (int e = 0; e < 32; ++e) state[mb][e] *= key_factor[mb][(e % 4) / 2];
+        for (int mb = 0; mb < K / 64; ++mb) {
+          state[mb][4 * n] *= f0;
+          state[mb][4 * n + 1] *= f1;
+          state[mb][4 * n + 2] *= f0;
+          state[mb][4 * n + 3] *= f1;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int mb = 0; mb < K / 64; ++mb)
+#pragma unroll
+        for (int e = 0; e < 32; ++e) state[mb][e] *= key_factor[mb][(e % 4) / 2];
+    }
   };
 
   bool narrow = true;  // per-key gates: every chunk so far within max_midpoint_range
@@ -527,6 +604,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 #pragma unroll
     for (int mb = 0; mb < K / 64; ++mb) wg::fence_operand(state[mb]);
     if constexpr (T::kPerKey) scale_state_rows();  // S_end = 2^{r} (S0' + K'^T V)
+    if constexpr (ValueGates) {
+      // o_ic times 2^{a_ic - r_c}: the warp's own rows of the factor tile (no barrier needed).
+#pragma unroll
+      for (int e = 0; e < 32; e += 2) {
+        const int row = (e % 4) >= 2 ? row_b : row_a;
+        const float2 factor =
+            *reinterpret_cast<const float2*>(factor_tile + factor_at(row, state_value(e)));
+        out[e] *= factor.x;
+        out[e + 1] *= factor.y;
+      }
+    }
 
     // Store o: the warp's 16 rows staged in its rows of the chunk's q tile (swizzled:
     // conflict-free; wgmma reads only this warp's rows of q as A, and those products are done),
@@ -576,8 +664,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 
   if constexpr (T::kPerKey) {
     // Whether the mma.sync kernel has to run this block (ChunkArgs::redo).
-    if (args.redo != nullptr && tid == 0)
-      args.redo[(seq_index * gridDim.y + head) * gridDim.x + blockIdx.x] = narrow ? 0 : 1;
+    if (args.redo != nullptr && tid == 0) {
+      const int stride = args.redo_stride > 0 ? args.redo_stride : static_cast<int>(gridDim.x);
+      args.redo[(seq_index * gridDim.y + head) * stride + args.redo_offset + blockIdx.x] =
+          narrow ? 0 : 1;
+    }
     if (!narrow) return;
   }
   if (args.final_state.present) {
@@ -599,7 +690,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 // Whether this build and the current device run forward_kernel: the library holds sm_90a code
 // (FLASHLIN_SM90A, set by CMake when CMAKE_CUDA_ARCHITECTURES has 90a) and the device loads it.
 // Asked once per device (a call may ask several times: the backward's passes).
-template <typename Elem, int K, GateKind Gate, bool Bonus = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false>
 bool runs_here() {
 #if defined(FLASHLIN_SM90A)
   constexpr int kKnownDevices = 64;
@@ -615,7 +706,8 @@ bool runs_here() {
     if (answer != 0) return answer > 0;
   }
   cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate, Bonus>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate, Bonus, ValueGates>) !=
+      cudaSuccess) {
     (void)cudaGetLastError();
     return false;  // not cached: a failed query says nothing about the device
   }
@@ -627,10 +719,10 @@ bool runs_here() {
 #endif
 }
 
-template <typename Elem, int K, GateKind Gate, bool Bonus = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false>
 cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaStream_t stream) {
-  using T = Traits<Elem, K, Gate, Bonus>;
-  auto kernel = forward_kernel<Elem, K, Gate, Bonus>;
+  using T = Traits<Elem, K, Gate, Bonus, ValueGates>;
+  auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates>;
   const size_t smem_bytes =
       T::smem_bytes(Gate == GateKind::kPerKey && args.g.dtype == Storage::kFloat32 ? 4 : 2);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -3,8 +3,9 @@
 The fused chunked tensor-core kernels run float16/bfloat16 inputs with K in {64, 128} and V a
 multiple of 64 (up to 256); the general kernels run everything else, and every call when
 FLASHLIN_CUDA_PATH=general. On Hopper the forward of the chunked family runs on wgmma (per-key gates:
-the chunks narrow enough for its scaling, the rest of a thread block's sequence on mma.sync),
-elsewhere (and with FLASHLIN_CUDA_MMA_SYNC=1) on mma.sync. Each case runs under the three settings
+the chunks narrow enough for its scaling, the rest of a thread block's sequence on mma.sync), and
+so does the backward of retention, linear attention and GLA, as passes of that kernel (GLA: a head
+with a chunk too wide for them on the mma.sync backward); elsewhere (and with FLASHLIN_CUDA_MMA_SYNC=1) on mma.sync. Each case runs under the three settings
 ("default", "general" and "mma_sync": the tensor-core kernels with the forward forced onto
 mma.sync), with the CUDA caching allocator filled with NaN first so that an output element the kernels forget to
 write shows up as NaN. Skipped without a GPU or without a CUDA build of the library.
@@ -135,7 +136,8 @@ def test_per_key_gate_ranges(op, KV, gate_dtype, path):
     mma.sync kernel (ChunkArgs::redo). Varlen sequences that stay inside (one near bfloat16's
     limit: a key decaying e^-1.2 per token, 111 in log2 over a chunk, scaled by 2^+-55), that
     start wide, and that turn wide after two chunks in one head only, with gates in each
-    dtype; forward outputs and final states against the reference."""
+    dtype; outputs, final states and every gradient against the reference (GLA's backward
+    passes on wgmma flag the same way, and the mma.sync backward reruns the flagged heads)."""
     K, V = KV
     lengths = [200, 130, 300, 0, 64]
     starts = [0] + list(torch.tensor(lengths).cumsum(0))
@@ -148,7 +150,7 @@ def test_per_key_gate_ranges(op, KV, gate_dtype, path):
     g[0, s1:s1 + 64, 0, 3] = -2.0  # 185 in log2: the first chunk is too wide
     g[0, s2 + 128:s2 + 192, 1, K - 1] = -2.0  # the third chunk, head 1
     x[op.gate] = g.to(gate_dtype)
-    check_against_reference(op, x, grads=[], cu_seqlens=cu.cuda())
+    check_against_reference(op, x, cu_seqlens=cu.cuda())
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
