@@ -3,9 +3,9 @@ forward on wgmma, and for retention and linear attention the backward as three w
 passes) and the mma.sync kernels (FLASHLIN_CUDA_MMA_SYNC=1): retention, linear attention, per-token
 gates (simple GLA), per-key gates (GLA, g = logsigmoid(randn) / 16) and RWKV-6 (w =
 logsigmoid(randn), u = 0.1 randn), gates in bf16 like gpu_bench.py. B=8, H=32, K=V=128, bf16, forward
-(torch.no_grad) and forward+backward (gradients of q, k, v), CUDA events, median of the runs;
+(torch.no_grad) and forward+backward (gradients of q, k, v and of the gates and u), CUDA events, median of the runs;
 the two paths alternate in blocks of 5 queued runs so that both see the same clocks. Also the
-largest difference between their outputs (o, and dq, dk, dv) relative to the largest value.
+largest difference between their outputs (o, and dq, dk, dv, dg, du) relative to the largest value.
 Prints a table; no assertions (tests/python checks both paths against the float64 reference).
 
 usage: python3 bench/kernel_paths.py [T ...] [op ...]   (default 2048 4096 8192, every op)
@@ -76,6 +76,8 @@ def main():
             "rwkv6": F.logsigmoid(torch.randn(B, T, H, D, device="cuda")).bfloat16(),
             "u": (0.1 * torch.randn(H, D, device="cuda")).bfloat16(),
         }
+        for tensor in gates.values():
+            tensor.requires_grad_(True)
         do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
         for name in names:
             call = call_of(name, q, k, v, gates)
@@ -84,8 +86,10 @@ def main():
                 with torch.no_grad():
                     return call()
 
-            def backward():
-                return torch.autograd.grad(call(), [q, k, v], do)
+            def backward():  # the op's inputs among q, k, v and the gates (the others: None)
+                grads = torch.autograd.grad(call(), [q, k, v, *gates.values()], do,
+                                            allow_unused=True)
+                return tuple(x for x in grads if x is not None)
 
             for which, fn in (("fwd", forward), ("f+b", backward)):
                 times = {"wgmma": [], "mma.sync": []}

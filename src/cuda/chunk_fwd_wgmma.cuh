@@ -619,8 +619,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     // Store o: the warp's 16 rows staged in its rows of the chunk's q tile (swizzled:
     // conflict-free; wgmma reads only this warp's rows of q as A, and those products are done),
     // then written as 16-byte pieces, four rows of 128 bytes per warp-wide store. Rows past the
-    // sequence end are not written; no o: a states-only pass.
-    if (args.o.present) {
+    // sequence end are not written; no o: a states-only pass. Gates on the output's columns may
+    // write float32 o (the backward's dq and dk for the gate gradient), pairs from the fragment.
+    if (ValueGates && args.o.present && args.o.dtype == Storage::kFloat32) {
+#pragma unroll
+      for (int e = 0; e < 32; e += 2) {
+        const int row = (e % 4) >= 2 ? row_b : row_a;
+        if (row >= rows_valid) continue;
+        const int64_t token = token_at(int64_t{chunk} * kChunk + row);
+        *reinterpret_cast<float2*>(
+            reinterpret_cast<float*>(args.o.data) +
+            element_offset(args.o, seq.batch, token, head, value0 + state_value(e))) =
+            make_float2(out[e] * args.scale, out[e + 1] * args.scale);
+      }
+    } else if (args.o.present) {
       char* out_tile = stage_q(chunk);
 #pragma unroll
       for (int e = 0; e < 32; e += 2) {

@@ -6,7 +6,9 @@
 // One thread block per (head, sequence) walks the sequence from its last visited token in tiles
 // of 64 tokens: each warp takes 8 rows, each lane K / 32 keys; a thread sums its own rows, and
 // the rows of the warps after it and of the tiles after the tile come from shared memory and a
-// carry. The sums run in a fixed order (deterministic results).
+// carry. The sums run in a fixed order (deterministic results). dq and dk come in float32 from
+// the passes and leave here in the input type: q * dq and k * dk cancel almost entirely over a
+// sequence (dg_0 is only the boundary terms), so their rounding to 16 bits would show in dg.
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 
@@ -17,7 +19,9 @@
 namespace flashlin::cuda::chunk_gate_grad {
 
 struct GateGradArgs {
-  StridedTensor q, k, dq, dk, g, dg, d_final_state;
+  StridedTensor q, k, g, dg, d_final_state;
+  StridedTensor dq_float, dk_float;    // float32, from the passes
+  StridedTensor dq, dk;                // the input type: written here
   const float* final_state = nullptr;  // [N][H][K][V] float32 S_T, or null (no dS_T)
   SequenceTable sequences;
   int64_t num_heads = 0;
@@ -47,6 +51,17 @@ __device__ __forceinline__ void load_gate_row(const StridedTensor& g, int64_t of
     case Storage::kFloat16: load_row(reinterpret_cast<const __half*>(g.data) + offset, x); break;
     default: load_row(reinterpret_cast<const __nv_bfloat16*>(g.data) + offset, x); break;
   }
+}
+
+template <typename Elem, int kKeys>
+__device__ __forceinline__ void store_row(Elem* row, const float (&x)[kKeys]) {
+  struct alignas(sizeof(Elem) * kKeys) Piece {
+    Elem e[kKeys];
+  };
+  Piece piece;
+#pragma unroll
+  for (int c = 0; c < kKeys; ++c) piece.e[c] = from_float<Elem>(x[c]);
+  *reinterpret_cast<Piece*>(row) = piece;
 }
 
 template <typename Elem, int K>
@@ -97,13 +112,19 @@ __global__ void __launch_bounds__(32 * kWarps) gate_grad_kernel(const GateGradAr
         load_row(reinterpret_cast<const Elem*>(args.k.data) +
                      element_offset(args.k, seq.batch, token[r], head, key0),
                  k);
-        load_row(reinterpret_cast<const Elem*>(args.dq.data) +
-                     element_offset(args.dq, seq.batch, token[r], head, key0),
+        load_row(reinterpret_cast<const float*>(args.dq_float.data) +
+                     element_offset(args.dq_float, seq.batch, token[r], head, key0),
                  dq);
-        load_row(reinterpret_cast<const Elem*>(args.dk.data) +
-                     element_offset(args.dk, seq.batch, token[r], head, key0),
+        load_row(reinterpret_cast<const float*>(args.dk_float.data) +
+                     element_offset(args.dk_float, seq.batch, token[r], head, key0),
                  dk);
         load_gate_row(args.g, element_offset(args.g, seq.batch, token[r], head, key0), g);
+        store_row(reinterpret_cast<Elem*>(args.dq.data) +
+                      element_offset(args.dq, seq.batch, token[r], head, key0),
+                  dq);
+        store_row(reinterpret_cast<Elem*>(args.dk.data) +
+                      element_offset(args.dk, seq.batch, token[r], head, key0),
+                  dk);
       }
 #pragma unroll
       for (int c = 0; c < kKeys; ++c) {
