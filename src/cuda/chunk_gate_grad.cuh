@@ -22,6 +22,7 @@ struct GateGradArgs {
   StridedTensor q, k, g, dg, d_final_state;
   StridedTensor dq_float, dk_float;    // float32, from the passes
   StridedTensor dq, dk;                // the input type: written here
+  bool dg_rows = false;                // dg: 16-byte aligned rows of unit stride, not float64
   const float* final_state = nullptr;  // [N][H][K][V] float32 S_T, or null (no dS_T)
   SequenceTable sequences;
   int64_t num_heads = 0;
@@ -64,6 +65,22 @@ __device__ __forceinline__ void store_row(Elem* row, const float (&x)[kKeys]) {
   *reinterpret_cast<Piece*>(row) = piece;
 }
 
+// dg's kKeys elements from `offset`: one store where the dtype allows (16-byte aligned rows of
+// unit stride: GateGradArgs::dg_rows), else one per element.
+template <int kKeys>
+__device__ __forceinline__ void store_gate_row(const StridedTensor& dg, bool rows, int64_t offset,
+                                               const float (&x)[kKeys]) {
+  if (rows && dg.dtype == Storage::kFloat32)
+    store_row(reinterpret_cast<float*>(dg.data) + offset, x);
+  else if (rows && dg.dtype == Storage::kBFloat16)
+    store_row(reinterpret_cast<__nv_bfloat16*>(dg.data) + offset, x);
+  else if (rows && dg.dtype == Storage::kFloat16)
+    store_row(reinterpret_cast<__half*>(dg.data) + offset, x);
+  else
+#pragma unroll
+    for (int c = 0; c < kKeys; ++c) store_float(dg, offset + c * dg.stride[3], x[c]);
+}
+
 template <typename Elem, int K>
 __global__ void __launch_bounds__(32 * kWarps) gate_grad_kernel(const GateGradArgs args) {
   constexpr int kKeys = K / 32;
@@ -96,42 +113,48 @@ __global__ void __launch_bounds__(32 * kWarps) gate_grad_kernel(const GateGradAr
   const int64_t length = seq.length;
   const int64_t num_tiles = (length + kTileRows - 1) / kTileRows;
   for (int64_t tile = num_tiles - 1; tile >= 0; --tile) {
-    float suffix[kRowsPerWarp][kKeys], own[kKeys] = {};
-    bool floored[kRowsPerWarp][kKeys];
+    // All loads of the warp's rows first (nothing stored in between: they are all in flight
+    // at once), then q * dq - k * dk summed from the warp's last row to its first, then dq and
+    // dk in the input type.
+    float q[kRowsPerWarp][kKeys] = {}, k[kRowsPerWarp][kKeys] = {}, dq[kRowsPerWarp][kKeys] = {},
+          dk[kRowsPerWarp][kKeys] = {}, g[kRowsPerWarp][kKeys] = {};
     int64_t token[kRowsPerWarp];
-    // Rows from the warp's last to its first: the thread's own suffix sums.
 #pragma unroll
-    for (int r = kRowsPerWarp - 1; r >= 0; --r) {
+    for (int r = 0; r < kRowsPerWarp; ++r) {
       const int64_t t = tile * kTileRows + warp * kRowsPerWarp + r;
       token[r] = args.reverse ? seq.start + length - 1 - t : seq.start + t;
-      float q[kKeys] = {}, k[kKeys] = {}, dq[kKeys] = {}, dk[kKeys] = {}, g[kKeys] = {};
-      if (t < length) {
-        load_row(reinterpret_cast<const Elem*>(args.q.data) +
-                     element_offset(args.q, seq.batch, token[r], head, key0),
-                 q);
-        load_row(reinterpret_cast<const Elem*>(args.k.data) +
-                     element_offset(args.k, seq.batch, token[r], head, key0),
-                 k);
-        load_row(reinterpret_cast<const float*>(args.dq_float.data) +
-                     element_offset(args.dq_float, seq.batch, token[r], head, key0),
-                 dq);
-        load_row(reinterpret_cast<const float*>(args.dk_float.data) +
-                     element_offset(args.dk_float, seq.batch, token[r], head, key0),
-                 dk);
-        load_gate_row(args.g, element_offset(args.g, seq.batch, token[r], head, key0), g);
-        store_row(reinterpret_cast<Elem*>(args.dq.data) +
-                      element_offset(args.dq, seq.batch, token[r], head, key0),
-                  dq);
-        store_row(reinterpret_cast<Elem*>(args.dk.data) +
-                      element_offset(args.dk, seq.batch, token[r], head, key0),
-                  dk);
-      }
+      if (t >= length) continue;
+      load_row(reinterpret_cast<const Elem*>(args.q.data) +
+                   element_offset(args.q, seq.batch, token[r], head, key0),
+               q[r]);
+      load_row(reinterpret_cast<const Elem*>(args.k.data) +
+                   element_offset(args.k, seq.batch, token[r], head, key0),
+               k[r]);
+      load_row(reinterpret_cast<const float*>(args.dq_float.data) +
+                   element_offset(args.dq_float, seq.batch, token[r], head, key0),
+               dq[r]);
+      load_row(reinterpret_cast<const float*>(args.dk_float.data) +
+                   element_offset(args.dk_float, seq.batch, token[r], head, key0),
+               dk[r]);
+      load_gate_row(args.g, element_offset(args.g, seq.batch, token[r], head, key0), g[r]);
+    }
+    float suffix[kRowsPerWarp][kKeys], own[kKeys] = {};
+#pragma unroll
+    for (int r = kRowsPerWarp - 1; r >= 0; --r)
 #pragma unroll
       for (int c = 0; c < kKeys; ++c) {
-        own[c] += q[c] * dq[c] - k[c] * dk[c];
+        own[c] += q[r][c] * dq[r][c] - k[r][c] * dk[r][c];
         suffix[r][c] = own[c];
-        floored[r][c] = !(g[c] > kGateFloor);
       }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      if (tile * kTileRows + warp * kRowsPerWarp + r >= length) continue;
+      store_row(reinterpret_cast<Elem*>(args.dq.data) +
+                    element_offset(args.dq, seq.batch, token[r], head, key0),
+                dq[r]);
+      store_row(reinterpret_cast<Elem*>(args.dk.data) +
+                    element_offset(args.dk, seq.batch, token[r], head, key0),
+                dk[r]);
     }
     float* sums = warp_sums[tile % 2][0];
 #pragma unroll
@@ -156,10 +179,10 @@ __global__ void __launch_bounds__(32 * kWarps) gate_grad_kernel(const GateGradAr
       const int64_t t = tile * kTileRows + warp * kRowsPerWarp + r;
       if (t >= length) continue;
       const int64_t at = element_offset(args.dg, seq.batch, token[r], head, key0);
+      float x[kKeys];
 #pragma unroll
-      for (int c = 0; c < kKeys; ++c)
-        store_float(args.dg, at + c * args.dg.stride[3],
-                    floored[r][c] ? 0.f : suffix[r][c] + after[c]);
+      for (int c = 0; c < kKeys; ++c) x[c] = g[r][c] > kGateFloor ? suffix[r][c] + after[c] : 0.f;
+      store_gate_row(args.dg, args.dg_rows, at, x);
     }
 #pragma unroll
     for (int c = 0; c < kKeys; ++c) carry[c] = total[c];
