@@ -395,8 +395,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         const float2 vv = tile::unpack<Elem>(*v_at);
         *v_at = tile::pack<Elem>(vv.x * tile::fast_exp2(mid[0] - key_side[0]),
                                  vv.y * tile::fast_exp2(mid[1] - key_side[1]));
+        // Negative where the gate is at the floor (-inf and NaN included): no gradient there.
+        constexpr float kFloor = kGateFloor * kLog2e;
+        const float f0 = tile::fast_exp2(a[0] - mid[0]), f1 = tile::fast_exp2(a[1] - mid[1]);
         *reinterpret_cast<float2*>(factor_tile + factor_at(row, key0)) =
-            make_float2(tile::fast_exp2(a[0] - mid[0]), tile::fast_exp2(a[1] - mid[1]));
+            make_float2(g[0] > kFloor ? f0 : -f0, g[1] > kFloor ? f1 : -f1);
       } else {
         // The lane's kKeys consecutive keys lie in one 16-byte piece of the swizzled row.
         uint32_t* q_at = reinterpret_cast<uint32_t*>(q_tile + wg::tile_offset<kChunk>(row, key0));
@@ -457,6 +460,131 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       for (int mb = 0; mb < K / 64; ++mb)
 #pragma unroll
         for (int e = 0; e < 32; ++e) state[mb][e] *= key_factor[mb][(e % 4) / 2];
+    }
+  };
+
+  // ---- the gate gradient (gates on the output's columns, ChunkArgs::gate_terms) ---------------
+  // Pass dq (no gate_grad): q * dq into gate_terms. Pass dk (visiting the tokens backwards):
+  // t = gate_terms - k * dk, and dg = the sum of t over the visited tokens so far, plus
+  // rowsum(S_T * dS_T): within a chunk a scan over the warp's rows (shuffles over the lane
+  // groups, then the second 8 rows after the first) and over the warps before (their column
+  // sums in shared memory, published by the chunk's last barrier), across chunks a carry of the
+  // column sums. The warp's sums sit in its own 16 rows of the chunk's q tile, past the o it
+  // staged there (bytes 1024 .. 1279 of its 2 KB; warp 0 also puts the carry at 1280 .. 1535),
+  // clear of the row sums that the next chunk's scaling writes at the tile's first 1 KB.
+  const bool gate_grad = ValueGates && args.gate_terms.present;
+  const bool gate_grad_sum = gate_grad && args.gate_grad.present;
+  float grad_carry[2] = {0.f, 0.f};  // warp 0: the carry of columns 2 lane, 2 lane + 1
+  if (gate_grad_sum && warp == 0 && args.gate_grad_state != nullptr) {
+    // rowsum(S_T * dS_T) of the lane's columns: S_T float32 [N][H][K][V] (K: our columns).
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = value0 + 2 * lane + c;
+      const float* s_row = args.gate_grad_state +
+                           ((seq_index * args.num_heads + head) * args.gate_grad_state_keys + col) *
+                               args.gate_grad_state_values;
+      float sum = 0.f;
+      for (int v = 0; v < args.gate_grad_state_values; ++v)
+        sum += s_row[v] *
+               load_float(args.d_final_state_for_grad,
+                          element_offset(args.d_final_state_for_grad, seq_index, head, col, v));
+      grad_carry[c] = sum;
+    }
+  }
+  auto warp_sums_of = [&](int chunk, int w) {  // [64] floats, then warp 0's carry [64]
+    return reinterpret_cast<float*>(stage_q(chunk) + 2048 * w + 1024);
+  };
+  auto gate_grad_terms = [&](int chunk, int rows_valid, int row_a, int row_b, float(&out)[32]) {
+    if constexpr (ValueGates) {
+      if (!gate_grad) return;
+#pragma unroll
+      for (int e = 0; e < 32; e += 2) {
+        const int row = (e % 4) >= 2 ? row_b : row_a;
+        float t0 = 0.f, t1 = 0.f;
+        if (row < rows_valid) {
+          const int64_t token = token_at(int64_t{chunk} * kChunk + row);
+          const int col = value0 + state_value(e);
+          const float2 x = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
+              reinterpret_cast<const Elem*>(args.gate_terms_with.data) +
+              element_offset(args.gate_terms_with, seq.batch, token, head, col)));
+          float2* terms = reinterpret_cast<float2*>(
+              reinterpret_cast<float*>(args.gate_terms.data) +
+              element_offset(args.gate_terms, seq.batch, token, head, col));
+          const float d0 = out[e] * args.scale, d1 = out[e + 1] * args.scale;
+          if (gate_grad_sum) {
+            const float2 before = *terms;
+            t0 = before.x - x.x * d0;
+            t1 = before.y - x.y * d1;
+          } else {
+            *terms = make_float2(x.x * d0, x.y * d1);
+          }
+        }
+        out[e] = t0;
+        out[e + 1] = t1;
+      }
+      if (!gate_grad_sum) return;
+        // Inclusive scan over the lane groups (rows group and group + 8 at once), then the second
+        // half of the rows after the first.
+#pragma unroll
+      for (int d = 1; d < 8; d *= 2)
+#pragma unroll
+        for (int e = 0; e < 32; ++e) {
+          const float y = __shfl_up_sync(0xffffffffu, out[e], 4 * d);
+          if (group >= d) out[e] += y;
+        }
+#pragma unroll
+      for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float first_half = __shfl_sync(0xffffffffu, out[4 * n + j], 28 + quad);
+          out[4 * n + 2 + j] += first_half;
+        }
+      __syncwarp();  // the o staged in the warp's rows is read
+      float* sums = warp_sums_of(chunk, warp);
+      if (group == 7) {
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+          *reinterpret_cast<float2*>(sums + 8 * n + 2 * quad) =
+              make_float2(out[4 * n + 2], out[4 * n + 3]);
+      }
+      if (warp == 0)
+        *reinterpret_cast<float2*>(sums + 64 + 2 * lane) =
+            make_float2(grad_carry[0], grad_carry[1]);
+    }
+  };
+  // After the chunk's last barrier: dg of the warp's rows; warp 0 moves the carry on.
+  auto gate_grad_store = [&](int chunk, int rows_valid, int row_a, int row_b,
+                             const float(&out)[32]) {
+    if constexpr (ValueGates) {
+      if (!gate_grad_sum) return;
+      const float* carry = warp_sums_of(chunk, 0) + 64;
+#pragma unroll
+      for (int e = 0; e < 32; e += 2) {
+        const int row = (e % 4) >= 2 ? row_b : row_a;
+        const int col = state_value(e);
+        float2 offset = *reinterpret_cast<const float2*>(carry + col);
+        for (int w = 0; w < warp; ++w) {
+          const float2 x = *reinterpret_cast<const float2*>(warp_sums_of(chunk, w) + col);
+          offset.x += x.x;
+          offset.y += x.y;
+        }
+        if (row >= rows_valid) continue;
+        const int64_t token = token_at(int64_t{chunk} * kChunk + row);
+        const int64_t at = element_offset(args.gate_grad, seq.batch, token, head, value0 + col);
+        // Floored gates (their factor's sign, see scale_per_key) have no gradient.
+        const float2 factor = *reinterpret_cast<const float2*>(factor_tile + factor_at(row, col));
+        store_float(args.gate_grad, at, factor.x < 0.f ? 0.f : out[e] + offset.x);
+        store_float(args.gate_grad, at + args.gate_grad.stride[3],
+                    factor.y < 0.f ? 0.f : out[e + 1] + offset.y);
+      }
+      if (warp == 0) {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const float2 x = *reinterpret_cast<const float2*>(warp_sums_of(chunk, w) + 2 * lane);
+          grad_carry[0] += x.x;
+          grad_carry[1] += x.y;
+        }
+      }
     }
   };
 
@@ -611,28 +739,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         const int row = (e % 4) >= 2 ? row_b : row_a;
         const float2 factor =
             *reinterpret_cast<const float2*>(factor_tile + factor_at(row, state_value(e)));
-        out[e] *= factor.x;
-        out[e + 1] *= factor.y;
+        out[e] *= fabsf(factor.x);
+        out[e + 1] *= fabsf(factor.y);
       }
     }
 
     // Store o: the warp's 16 rows staged in its rows of the chunk's q tile (swizzled:
     // conflict-free; wgmma reads only this warp's rows of q as A, and those products are done),
     // then written as 16-byte pieces, four rows of 128 bytes per warp-wide store. Rows past the
-    // sequence end are not written; no o: a states-only pass. Gates on the output's columns may
-    // write float32 o (the backward's dq and dk for the gate gradient), pairs from the fragment.
-    if (ValueGates && args.o.present && args.o.dtype == Storage::kFloat32) {
-#pragma unroll
-      for (int e = 0; e < 32; e += 2) {
-        const int row = (e % 4) >= 2 ? row_b : row_a;
-        if (row >= rows_valid) continue;
-        const int64_t token = token_at(int64_t{chunk} * kChunk + row);
-        *reinterpret_cast<float2*>(
-            reinterpret_cast<float*>(args.o.data) +
-            element_offset(args.o, seq.batch, token, head, value0 + state_value(e))) =
-            make_float2(out[e] * args.scale, out[e + 1] * args.scale);
-      }
-    } else if (args.o.present) {
+    // sequence end are not written; no o: a states-only pass.
+    if (args.o.present) {
       char* out_tile = stage_q(chunk);
 #pragma unroll
       for (int e = 0; e < 32; e += 2) {
@@ -653,11 +769,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         *reinterpret_cast<uint4*>(o_row + 8 * piece) = x;
       }
     }
+    if constexpr (ValueGates) gate_grad_terms(chunk, rows_valid, row_a, row_b, out);
     if constexpr (T::kPerKey) {
       // Every warp is done with this chunk's S0 and stage, and the next chunk's raw inputs are
       // visible to all.
       tile::cp_async_wait<0>();
       __syncthreads();
+      if constexpr (ValueGates) gate_grad_store(chunk, rows_valid, row_a, row_b, out);
       if (has_next) {
         narrow = prepare_per_key(chunk + 1);
         scale_state_rows();
