@@ -57,12 +57,14 @@ using chunk_tc::kLog2e;
 using chunk_tc::kValueTile;
 constexpr int kThreads = 128;
 
-template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = false,
+          bool GateGrad = false>
 struct Traits {
   static_assert(K == 64 || K == 128, "K must be 64 or 128");
   static_assert(!Bonus || Gate == GateKind::kPerKey, "the bonus form has per-key gates");
   static_assert(!ValueGates || (Gate == GateKind::kPerKey && !Bonus),
                 "gates on the output's columns are per-key gates without the bonus");
+  static_assert(!GateGrad || ValueGates, "the gate gradient's terms come with value gates");
   static constexpr bool kPerKey = Gate == GateKind::kPerKey;
   // Per-key gates on the keys (q and k scaled) or on the output's columns (v scaled, o times the
   // factor tile): each lane sums the gates of kGateColsPerLane of the kGateCols columns.
@@ -102,10 +104,10 @@ struct Traits {
   }
 };
 
-template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates>
+template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates, bool GateGrad>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args) {
 #if defined(FLASHLIN_WGMMA_DEVICE)
-  using T = Traits<Elem, K, Gate, Bonus, ValueGates>;
+  using T = Traits<Elem, K, Gate, Bonus, ValueGates, GateGrad>;
   extern __shared__ __align__(1024) char smem[];
   if (tile::smem_address(smem) % wg::kAtomBytes != 0) __trap();  // swizzled tiles need it
   auto stage_q = [&](int chunk) { return smem + (chunk % T::kStages) * T::kStageBytes; };
@@ -472,10 +474,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   // column sums. The warp's sums sit in its own 16 rows of the chunk's q tile, past the o it
   // staged there (bytes 1024 .. 1279 of its 2 KB; warp 0 also puts the carry at 1280 .. 1535),
   // clear of the row sums that the next chunk's scaling writes at the tile's first 1 KB.
-  const bool gate_grad = ValueGates && args.gate_terms.present;
-  const bool gate_grad_sum = gate_grad && args.gate_grad.present;
+  // GateGrad: args.gate_terms is present (the launch picks the instantiation).
+  const bool gate_grad_sum = GateGrad && args.gate_grad.present;
   float grad_carry[2] = {0.f, 0.f};  // warp 0: the carry of columns 2 lane, 2 lane + 1
-  if (gate_grad_sum && warp == 0 && args.gate_grad_state != nullptr) {
+  if (GateGrad && gate_grad_sum && warp == 0 && args.gate_grad_state != nullptr) {
     // rowsum(S_T * dS_T) of the lane's columns: S_T float32 [N][H][K][V] (K: our columns).
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
@@ -495,32 +497,46 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     return reinterpret_cast<float*>(stage_q(chunk) + 2048 * w + 1024);
   };
   auto gate_grad_terms = [&](int chunk, int rows_valid, int row_a, int row_b, float(&out)[32]) {
-    if constexpr (ValueGates) {
-      if (!gate_grad) return;
+    if constexpr (GateGrad) {
+      // Rows row_a and row_b of q (or k) and of the terms (unit feature strides), past the end
+      // not read. Loads in batches ahead of the stores (a store in between would keep the next
+      // loads waiting for it; all 32 pairs at once would not fit in the registers).
+      const Elem* with_row[2];
+      float* term_row[2];
+      bool valid[2];
 #pragma unroll
-      for (int e = 0; e < 32; e += 2) {
-        const int row = (e % 4) >= 2 ? row_b : row_a;
-        float t0 = 0.f, t1 = 0.f;
-        if (row < rows_valid) {
-          const int64_t token = token_at(int64_t{chunk} * kChunk + row);
-          const int col = value0 + state_value(e);
-          const float2 x = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
-              reinterpret_cast<const Elem*>(args.gate_terms_with.data) +
-              element_offset(args.gate_terms_with, seq.batch, token, head, col)));
-          float2* terms = reinterpret_cast<float2*>(
-              reinterpret_cast<float*>(args.gate_terms.data) +
-              element_offset(args.gate_terms, seq.batch, token, head, col));
-          const float d0 = out[e] * args.scale, d1 = out[e + 1] * args.scale;
-          if (gate_grad_sum) {
-            const float2 before = *terms;
-            t0 = before.x - x.x * d0;
-            t1 = before.y - x.y * d1;
-          } else {
-            *terms = make_float2(x.x * d0, x.y * d1);
-          }
+      for (int h = 0; h < 2; ++h) {
+        const int row = h ? row_b : row_a;
+        valid[h] = row < rows_valid;
+        const int64_t token = token_at(int64_t{chunk} * kChunk + (valid[h] ? row : 0));
+        with_row[h] = reinterpret_cast<const Elem*>(args.gate_terms_with.data) +
+                      element_offset(args.gate_terms_with, seq.batch, token, head, value0);
+        term_row[h] = reinterpret_cast<float*>(args.gate_terms.data) +
+                      element_offset(args.gate_terms, seq.batch, token, head, value0);
+      }
+#pragma unroll
+      for (int batch = 0; batch < 16 / 4; ++batch) {  // 4 pairs: their loads, then the terms
+        uint32_t x_pairs[4] = {};
+        float2 before[4] = {};
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          const int e = 2 * (4 * batch + p), h = (e % 4) / 2;
+          if (!valid[h]) continue;
+          x_pairs[p] = *reinterpret_cast<const uint32_t*>(with_row[h] + state_value(e));
+          if (gate_grad_sum)
+            before[p] = *reinterpret_cast<const float2*>(term_row[h] + state_value(e));
         }
-        out[e] = t0;
-        out[e + 1] = t1;
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+          const int e = 2 * (4 * batch + p), h = (e % 4) / 2;
+          const float2 x = tile::unpack<Elem>(x_pairs[p]);
+          const float d0 = out[e] * args.scale, d1 = out[e + 1] * args.scale;
+          out[e] = before[p].x - x.x * d0;  // 0 past the sequence end
+          out[e + 1] = before[p].y - x.y * d1;
+          if (!gate_grad_sum && valid[h])
+            *reinterpret_cast<float2*>(term_row[h] + state_value(e)) =
+                make_float2(x.x * d0, x.y * d1);
+        }
       }
       if (!gate_grad_sum) return;
         // Inclusive scan over the lane groups (rows group and group + 8 at once), then the second
@@ -539,6 +555,18 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
           const float first_half = __shfl_sync(0xffffffffu, out[4 * n + j], 28 + quad);
           out[4 * n + 2 + j] += first_half;
         }
+        // The prefix sums go into the warp's own rows of the factor tile (no longer needed but for
+        // the sign, which becomes the lowest bit), so that nothing waits in registers across the
+        // chunk's last barrier.
+#pragma unroll
+      for (int e = 0; e < 32; e += 2) {
+        const int row = (e % 4) >= 2 ? row_b : row_a;
+        float2* at = reinterpret_cast<float2*>(factor_tile + factor_at(row, state_value(e)));
+        const float2 factor = *at;
+        *at = make_float2(
+            __uint_as_float((__float_as_uint(out[e]) & ~1u) | (factor.x < 0.f ? 1u : 0u)),
+            __uint_as_float((__float_as_uint(out[e + 1]) & ~1u) | (factor.y < 0.f ? 1u : 0u)));
+      }
       __syncwarp();  // the o staged in the warp's rows is read
       float* sums = warp_sums_of(chunk, warp);
       if (group == 7) {
@@ -553,11 +581,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     }
   };
   // After the chunk's last barrier: dg of the warp's rows; warp 0 moves the carry on.
-  auto gate_grad_store = [&](int chunk, int rows_valid, int row_a, int row_b,
-                             const float(&out)[32]) {
-    if constexpr (ValueGates) {
+  auto gate_grad_store = [&](int chunk, int rows_valid, int row_a, int row_b) {
+    if constexpr (GateGrad) {
       if (!gate_grad_sum) return;
       const float* carry = warp_sums_of(chunk, 0) + 64;
+      const bool pairs = args.gate_grad.stride[3] == 1;
 #pragma unroll
       for (int e = 0; e < 32; e += 2) {
         const int row = (e % 4) >= 2 ? row_b : row_a;
@@ -569,13 +597,22 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
           offset.y += x.y;
         }
         if (row >= rows_valid) continue;
+        // The warp's prefix sums, each with its floored flag in the lowest bit (gate_grad_terms).
+        const float2 prefix = *reinterpret_cast<const float2*>(factor_tile + factor_at(row, col));
+        const float x0 = (__float_as_uint(prefix.x) & 1u) ? 0.f : prefix.x + offset.x;
+        const float x1 = (__float_as_uint(prefix.y) & 1u) ? 0.f : prefix.y + offset.y;
         const int64_t token = token_at(int64_t{chunk} * kChunk + row);
         const int64_t at = element_offset(args.gate_grad, seq.batch, token, head, value0 + col);
-        // Floored gates (their factor's sign, see scale_per_key) have no gradient.
-        const float2 factor = *reinterpret_cast<const float2*>(factor_tile + factor_at(row, col));
-        store_float(args.gate_grad, at, factor.x < 0.f ? 0.f : out[e] + offset.x);
-        store_float(args.gate_grad, at + args.gate_grad.stride[3],
-                    factor.y < 0.f ? 0.f : out[e + 1] + offset.y);
+        if (pairs && args.gate_grad.dtype == Storage::kBFloat16) {
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<__nv_bfloat16*>(args.gate_grad.data) + at) =
+              tile::pack<__nv_bfloat16>(x0, x1);
+        } else if (pairs && args.gate_grad.dtype == Storage::kFloat32) {
+          *reinterpret_cast<float2*>(reinterpret_cast<float*>(args.gate_grad.data) + at) =
+              make_float2(x0, x1);
+        } else {
+          store_float(args.gate_grad, at, x0);
+          store_float(args.gate_grad, at + args.gate_grad.stride[3], x1);
+        }
       }
       if (warp == 0) {
 #pragma unroll
@@ -769,13 +806,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         *reinterpret_cast<uint4*>(o_row + 8 * piece) = x;
       }
     }
-    if constexpr (ValueGates) gate_grad_terms(chunk, rows_valid, row_a, row_b, out);
+    if constexpr (GateGrad) gate_grad_terms(chunk, rows_valid, row_a, row_b, out);
     if constexpr (T::kPerKey) {
       // Every warp is done with this chunk's S0 and stage, and the next chunk's raw inputs are
       // visible to all.
       tile::cp_async_wait<0>();
       __syncthreads();
-      if constexpr (ValueGates) gate_grad_store(chunk, rows_valid, row_a, row_b, out);
+      if constexpr (GateGrad) gate_grad_store(chunk, rows_valid, row_a, row_b);
       if (has_next) {
         narrow = prepare_per_key(chunk + 1);
         scale_state_rows();
@@ -820,7 +857,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 // Whether this build and the current device run forward_kernel: the library holds sm_90a code
 // (FLASHLIN_SM90A, set by CMake when CMAKE_CUDA_ARCHITECTURES has 90a) and the device loads it.
 // Asked once per device (a call may ask several times: the backward's passes).
-template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
+          bool GateGrad = false>
 bool runs_here() {
 #if defined(FLASHLIN_SM90A)
   constexpr int kKnownDevices = 64;
@@ -836,8 +874,8 @@ bool runs_here() {
     if (answer != 0) return answer > 0;
   }
   cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate, Bonus, ValueGates>) !=
-      cudaSuccess) {
+  if (cudaFuncGetAttributes(
+          &attributes, forward_kernel<Elem, K, Gate, Bonus, ValueGates, GateGrad>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;  // not cached: a failed query says nothing about the device
   }
@@ -849,10 +887,11 @@ bool runs_here() {
 #endif
 }
 
-template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
+          bool GateGrad = false>
 cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaStream_t stream) {
-  using T = Traits<Elem, K, Gate, Bonus, ValueGates>;
-  auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates>;
+  using T = Traits<Elem, K, Gate, Bonus, ValueGates, GateGrad>;
+  auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates, GateGrad>;
   const size_t smem_bytes =
       T::smem_bytes(Gate == GateKind::kPerKey && args.g.dtype == Storage::kFloat32 ? 4 : 2);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
