@@ -8,6 +8,7 @@
 #include "cuda/chunk.cuh"
 #include "cuda/chunk_bwd.cuh"
 #include "cuda/chunk_fwd.cuh"
+#include "cuda/chunk_gate_grad.cuh"
 
 namespace flashlin::cuda {
 
@@ -267,10 +268,8 @@ bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
 // Each pass reads three tensors and writes one, like the forward; none needs scratch.
 // Per-key gates (GLA; b_i a vector over the keys, D_ij = 2^{b_i - b_j} per key): the same
 // passes, dv's with its gates on the reduction (the keys) like the forward, dq's and dk's on the
-// output's columns (the keys again: forward_kernel's ValueGates). dg (ChunkArgs::gate_grad):
-// the dq pass writes q * dq in float32, and the dk pass, visiting the tokens backwards, sums
-// q * dq - k * dk (in float32: the two cancel almost entirely over a sequence) plus
-// rowsum(S_T * dS_T), with S_T the dq pass's final state. A pass's
+// output's columns (the keys again: forward_kernel's ValueGates); then dg from dq and dk
+// (chunk_gate_grad.cuh), with rowsum(S_T * dS_T) from the dq pass's final state S_T^T. A pass's
 // thread block that meets a chunk too wide for the per-key scaling flags its (sequence, head),
 // and the mma.sync backward runs the flagged ones after the passes.
 bool backward_as_forward(const RecurrenceParams& p) {
@@ -292,13 +291,14 @@ bool backward_as_forward(const RecurrenceParams& p) {
 }
 
 // The per-key backward's scratch: the mma.sync backward's (it runs the (sequence, head) pairs
-// the passes leave; when dg is wanted the passes' q * dq [B][T][H][K] goes in its q * dq, which
-// it writes only after them), the passes' flags, and S_T in float32 [N][H][K][V] when dg and
-// dS_T are wanted.
+// the passes leave), the passes' flags, and when dg is wanted float32 dq and dk [B][T][H][K]
+// (dq in the mma.sync backward's q * dq, which it writes only after them) and S_T in float32
+// [N][H][K][V] if dS_T is given.
 struct PassLayout {
   BackwardLayout fallback;
   int flags_per_head = 0;  // dq's pass K / 64, dv's V / 64, dk's K / 64
-  size_t flags_at = 0, flags_bytes = 0, final_state_at = 0, final_state_bytes = 0;
+  size_t flags_at = 0, flags_bytes = 0, dk_float_at = 0, dk_float_bytes = 0, final_state_at = 0,
+         final_state_bytes = 0;
   size_t total() const { return final_state_at + final_state_bytes; }
 };
 PassLayout pass_layout(const RecurrenceParams& p) {
@@ -308,7 +308,11 @@ PassLayout pass_layout(const RecurrenceParams& p) {
   layout.flags_per_head = static_cast<int>((2 * p.key_dim + p.value_dim) / chunk_tc::kValueTile);
   layout.flags_at = layout.fallback.total;
   layout.flags_bytes = align_up(pairs * static_cast<size_t>(layout.flags_per_head) * sizeof(int));
-  layout.final_state_at = layout.flags_at + layout.flags_bytes;
+  layout.dk_float_at = layout.flags_at + layout.flags_bytes;
+  if (p.dg.present)
+    layout.dk_float_bytes = align_up(static_cast<size_t>(p.batch * p.time * p.num_heads) *
+                                     static_cast<size_t>(p.key_dim) * sizeof(float));
+  layout.final_state_at = layout.dk_float_at + layout.dk_float_bytes;
   if (p.dg.present && p.d_final_state.present)
     layout.final_state_bytes =
         align_up(pairs * static_cast<size_t>(p.key_dim * p.value_dim) * sizeof(float));
@@ -318,15 +322,15 @@ PassLayout pass_layout(const RecurrenceParams& p) {
 size_t pass_layout_total(const RecurrenceParams& p) { return pass_layout(p).total(); }
 
 // Per-key passes: their flags (ChunkArgs::redo), where the dq pass leaves S_T (or null), and
-// q * dq for dg (or null: no dg).
+// float32 dq and dk (for dg; else null: the passes write the gradients).
 struct PassScratch {
   int* flags = nullptr;
   int flags_per_head = 0;
   float* final_state = nullptr;
-  float* gate_terms = nullptr;
+  float *dq_float = nullptr, *dk_float = nullptr;
 };
 
-// A float32 [B][T][H][K] tensor over `data` (the passes' q * dq for dg).
+// A float32 [B][T][H][K] tensor over `data` (the passes' dq and dk for dg).
 StridedTensor float_token_tensor(float* data, const RecurrenceParams& p) {
   StridedTensor t{};
   if (data == nullptr) return t;
@@ -365,14 +369,15 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
     bool wanted;
   };
   const StridedTensor none{};
-  const StridedTensor gate_terms = float_token_tensor(scratch.gate_terms, p);
+  const StridedTensor dq_float = float_token_tensor(scratch.dq_float, p);
+  const StridedTensor dk_float = float_token_tensor(scratch.dk_float, p);
   const Pass passes[] = {
-      {p.d_o, p.v, p.k, p.dq, transposed_state(p.initial_state), final_state, p.value_dim,
-       p.key_dim, false, true, p.dq.present},
+      {p.d_o, p.v, p.k, dq_float.present ? dq_float : p.dq, transposed_state(p.initial_state),
+       final_state, p.value_dim, p.key_dim, false, true, p.dq.present},
       {p.k, p.q, p.d_o, p.dv, p.d_final_state, p.d_initial_state, p.key_dim, p.value_dim, true,
        false, p.dv.present || p.d_initial_state.present},
-      {p.v, p.d_o, p.q, p.dk, transposed_state(p.d_final_state), none, p.value_dim, p.key_dim, true,
-       true, p.dk.present},
+      {p.v, p.d_o, p.q, dk_float.present ? dk_float : p.dk, transposed_state(p.d_final_state), none,
+       p.value_dim, p.key_dim, true, true, p.dk.present},
   };
   int flags_offset = 0;
   for (const Pass& pass : passes) {
@@ -394,18 +399,6 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
     args.redo_stride = scratch.flags_per_head;
     args.redo_offset = flags_offset;
     flags_offset += blocks_per_head;
-    if (pass.value_gates && gate_terms.present) {  // dg: q * dq, then the sums with k * dk
-      const bool dk_pass = pass.other_direction;
-      args.gate_terms_with = dk_pass ? p.k : p.q;
-      args.gate_terms = gate_terms;
-      if (dk_pass) {
-        args.gate_grad = p.dg;
-        args.d_final_state_for_grad = p.d_final_state;
-        args.gate_grad_state = scratch.final_state;
-        args.gate_grad_state_keys = static_cast<int>(p.key_dim);
-        args.gate_grad_state_values = static_cast<int>(p.value_dim);
-      }
-    }
     if (!pass.wanted) continue;
     const cudaError_t err =
         per_key ? launch_per_key_pass(p.q.dtype, pass.key_dim, pass.value_gates, args,
@@ -417,8 +410,8 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
   return cudaSuccess;
 }
 
-// The per-key backward: the passes (dg with them), then the mma.sync backward for the (sequence,
-// head) pairs a pass left.
+// The per-key backward: the passes, dg from their dq and dk, then the mma.sync backward for the
+// (sequence, head) pairs a pass left.
 cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx,
                              chunk_bwd::BackwardArgs args) {
   const PassLayout layout = pass_layout(p);
@@ -430,11 +423,39 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
   scratch.flags_per_head = layout.flags_per_head;
   if (layout.final_state_bytes > 0)
     scratch.final_state = reinterpret_cast<float*>(ctx.workspace + layout.final_state_at);
-  if (p.dg.present) scratch.gate_terms = args.scratch.q_dq;
+  if (p.dg.present) {
+    scratch.dq_float = args.scratch.q_dq;
+    scratch.dk_float = reinterpret_cast<float*>(ctx.workspace + layout.dk_float_at);
+  }
   cudaError_t err = cudaMemsetAsync(scratch.flags, 0, layout.flags_bytes, ctx.stream);
   if (err != cudaSuccess) return err;
   err = backward_via_forward(p, ctx, scratch);
   if (err != cudaSuccess) return err;
+  if (p.dg.present) {
+    chunk_gate_grad::GateGradArgs gate_args;
+    gate_args.q = p.q;
+    gate_args.k = p.k;
+    gate_args.dq = p.dq;
+    gate_args.dk = p.dk;
+    gate_args.dq_float = float_token_tensor(scratch.dq_float, p);
+    gate_args.dk_float = float_token_tensor(scratch.dk_float, p);
+    gate_args.g = p.g;
+    gate_args.dg = p.dg;
+    gate_args.dg_rows = rows_copyable(p.dg) && p.dg.dtype != Storage::kFloat64;
+    gate_args.d_final_state = p.d_final_state;
+    gate_args.final_state = scratch.final_state;
+    gate_args.sequences = ctx.sequences;
+    gate_args.num_heads = p.num_heads;
+    gate_args.value_dim = static_cast<int>(p.value_dim);
+    gate_args.reverse = p.reverse;
+    const bool bf16 = p.q.dtype == Storage::kBFloat16;
+    err = p.key_dim == 64
+              ? (bf16 ? chunk_gate_grad::launch<__nv_bfloat16, 64>(gate_args, ctx.stream)
+                      : chunk_gate_grad::launch<__half, 64>(gate_args, ctx.stream))
+              : (bf16 ? chunk_gate_grad::launch<__nv_bfloat16, 128>(gate_args, ctx.stream)
+                      : chunk_gate_grad::launch<__half, 128>(gate_args, ctx.stream));
+    if (err != cudaSuccess) return err;
+  }
   args.redo = scratch.flags;
   args.redo_stride = scratch.flags_per_head;
   return chunk_tc_launch_backward(p, args, ctx.sequences.count, ctx.stream);

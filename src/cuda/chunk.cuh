@@ -78,14 +78,6 @@ struct ChunkArgs {
   // the grid's width).
   int* redo = nullptr;
   int redo_stride = 0, redo_offset = 0;
-  // Per-key gates on the output's columns (the per-key backward's dq and dk passes, chunk.cu):
-  // the gate gradient's terms, float32 [B][T][H][columns]. Without gate_grad: gate_terms =
-  // gate_terms_with * o (dq's pass: q * dq). With it: t = gate_terms - gate_terms_with * o
-  // (dk's pass: q * dq - k * dk), and gate_grad = the sum of t over the tokens visited so far
-  // plus rowsum(S_T * dS_T) (S_T: gate_grad_state, float32 [N][H][keys][values], or null).
-  StridedTensor gate_terms_with, gate_terms, gate_grad, d_final_state_for_grad;
-  const float* gate_grad_state = nullptr;
-  int gate_grad_state_keys = 0, gate_grad_state_values = 0;
 };
 
 // A state tensor (sequence, head, key, value) seen as (sequence, head, value, key).

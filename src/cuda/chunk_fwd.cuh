@@ -573,11 +573,9 @@ inline bool mma_sync_forced() {
   const char* value = std::getenv("FLASHLIN_CUDA_MMA_SYNC");
   return value != nullptr && value[0] != '\0' && !(value[0] == '0' && value[1] == '\0');
 }
-template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
-          bool GateGrad = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false>
 bool wgmma_chosen() {
-  return !mma_sync_forced() &&
-         chunk_fwd_wgmma::runs_here<Elem, K, Gate, Bonus, ValueGates, GateGrad>();
+  return !mma_sync_forced() && chunk_fwd_wgmma::runs_here<Elem, K, Gate, Bonus, ValueGates>();
 }
 template <typename Elem, int K, GateKind Gate>
 cudaError_t launch_scalar_gate(const ChunkArgs& args, int value_dim, int64_t num_seqs,
@@ -609,21 +607,16 @@ cudaError_t launch_per_key(ChunkArgs args, int value_dim, int64_t num_seqs, cuda
 template <typename Elem, int K>
 bool per_key_pass_on_wgmma() {
   return wgmma_chosen<Elem, K, GateKind::kPerKey, false, false>() &&
-         wgmma_chosen<Elem, K, GateKind::kPerKey, false, true>() &&
-         wgmma_chosen<Elem, K, GateKind::kPerKey, false, true, true>();
+         wgmma_chosen<Elem, K, GateKind::kPerKey, false, true>();
 }
 template <typename Elem, int K>
 cudaError_t launch_per_key_pass(const ChunkArgs& args, bool value_gates, int value_dim,
                                 int64_t num_seqs, cudaStream_t stream) {
   if (args.redo == nullptr) return cudaErrorInvalidValue;
-  if (!value_gates)
-    return chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, false, false>(args, value_dim,
-                                                                             num_seqs, stream);
-  if (args.gate_terms.present)  // the gate gradient's terms: their own instantiation
-    return chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, false, true, true>(args, value_dim,
-                                                                                  num_seqs, stream);
-  return chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, false, true>(args, value_dim, num_seqs,
-                                                                          stream);
+  return value_gates ? chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, false, true>(
+                           args, value_dim, num_seqs, stream)
+                     : chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, false, false>(
+                           args, value_dim, num_seqs, stream);
 }
 
 // Whether launch_for_gate<Elem, K> runs `gate` on the wgmma kernel here. Instantiated once per

@@ -57,14 +57,12 @@ using chunk_tc::kLog2e;
 using chunk_tc::kValueTile;
 constexpr int kThreads = 128;
 
-template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = false,
-          bool GateGrad = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = false>
 struct Traits {
   static_assert(K == 64 || K == 128, "K must be 64 or 128");
   static_assert(!Bonus || Gate == GateKind::kPerKey, "the bonus form has per-key gates");
   static_assert(!ValueGates || (Gate == GateKind::kPerKey && !Bonus),
                 "gates on the output's columns are per-key gates without the bonus");
-  static_assert(!GateGrad || ValueGates, "the gate gradient's terms come with value gates");
   static constexpr bool kPerKey = Gate == GateKind::kPerKey;
   // Per-key gates on the keys (q and k scaled) or on the output's columns (v scaled, o times the
   // factor tile): each lane sums the gates of kGateColsPerLane of the kGateCols columns.
@@ -104,10 +102,10 @@ struct Traits {
   }
 };
 
-template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates, bool GateGrad>
+template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args) {
 #if defined(FLASHLIN_WGMMA_DEVICE)
-  using T = Traits<Elem, K, Gate, Bonus, ValueGates, GateGrad>;
+  using T = Traits<Elem, K, Gate, Bonus, ValueGates>;
   extern __shared__ __align__(1024) char smem[];
   if (tile::smem_address(smem) % wg::kAtomBytes != 0) __trap();  // swizzled tiles need it
   auto stage_q = [&](int chunk) { return smem + (chunk % T::kStages) * T::kStageBytes; };
@@ -397,11 +395,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         const float2 vv = tile::unpack<Elem>(*v_at);
         *v_at = tile::pack<Elem>(vv.x * tile::fast_exp2(mid[0] - key_side[0]),
                                  vv.y * tile::fast_exp2(mid[1] - key_side[1]));
-        // Negative where the gate is at the floor (-inf and NaN included): no gradient there.
-        constexpr float kFloor = kGateFloor * kLog2e;
-        const float f0 = tile::fast_exp2(a[0] - mid[0]), f1 = tile::fast_exp2(a[1] - mid[1]);
         *reinterpret_cast<float2*>(factor_tile + factor_at(row, key0)) =
-            make_float2(g[0] > kFloor ? f0 : -f0, g[1] > kFloor ? f1 : -f1);
+            make_float2(tile::fast_exp2(a[0] - mid[0]), tile::fast_exp2(a[1] - mid[1]));
       } else {
         // The lane's kKeys consecutive keys lie in one 16-byte piece of the swizzled row.
         uint32_t* q_at = reinterpret_cast<uint32_t*>(q_tile + wg::tile_offset<kChunk>(row, key0));
@@ -462,166 +457,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       for (int mb = 0; mb < K / 64; ++mb)
 #pragma unroll
         for (int e = 0; e < 32; ++e) state[mb][e] *= key_factor[mb][(e % 4) / 2];
-    }
-  };
-
-  // ---- the gate gradient (gates on the output's columns, ChunkArgs::gate_terms) ---------------
-  // Pass dq (no gate_grad): q * dq into gate_terms. Pass dk (visiting the tokens backwards):
-  // t = gate_terms - k * dk, and dg = the sum of t over the visited tokens so far, plus
-  // rowsum(S_T * dS_T): within a chunk a scan over the warp's rows (shuffles over the lane
-  // groups, then the second 8 rows after the first) and over the warps before (their column
-  // sums in shared memory, published by the chunk's last barrier), across chunks a carry of the
-  // column sums. The warp's sums sit in its own 16 rows of the chunk's q tile, past the o it
-  // staged there (bytes 1024 .. 1279 of its 2 KB; warp 0 also puts the carry at 1280 .. 1535),
-  // clear of the row sums that the next chunk's scaling writes at the tile's first 1 KB.
-  // GateGrad: args.gate_terms is present (the launch picks the instantiation).
-  const bool gate_grad_sum = GateGrad && args.gate_grad.present;
-  float grad_carry[2] = {0.f, 0.f};  // warp 0: the carry of columns 2 lane, 2 lane + 1
-  if (GateGrad && gate_grad_sum && warp == 0 && args.gate_grad_state != nullptr) {
-    // rowsum(S_T * dS_T) of the lane's columns: S_T float32 [N][H][K][V] (K: our columns).
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int col = value0 + 2 * lane + c;
-      const float* s_row = args.gate_grad_state +
-                           ((seq_index * args.num_heads + head) * args.gate_grad_state_keys + col) *
-                               args.gate_grad_state_values;
-      float sum = 0.f;
-      for (int v = 0; v < args.gate_grad_state_values; ++v)
-        sum += s_row[v] *
-               load_float(args.d_final_state_for_grad,
-                          element_offset(args.d_final_state_for_grad, seq_index, head, col, v));
-      grad_carry[c] = sum;
-    }
-  }
-  auto warp_sums_of = [&](int chunk, int w) {  // [64] floats, then warp 0's carry [64]
-    return reinterpret_cast<float*>(stage_q(chunk) + 2048 * w + 1024);
-  };
-  auto gate_grad_terms = [&](int chunk, int rows_valid, int row_a, int row_b, float(&out)[32]) {
-    if constexpr (GateGrad) {
-      // Rows row_a and row_b of q (or k) and of the terms (unit feature strides), past the end
-      // not read. Loads in batches ahead of the stores (a store in between would keep the next
-      // loads waiting for it; all 32 pairs at once would not fit in the registers).
-      const Elem* with_row[2];
-      float* term_row[2];
-      bool valid[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = h ? row_b : row_a;
-        valid[h] = row < rows_valid;
-        const int64_t token = token_at(int64_t{chunk} * kChunk + (valid[h] ? row : 0));
-        with_row[h] = reinterpret_cast<const Elem*>(args.gate_terms_with.data) +
-                      element_offset(args.gate_terms_with, seq.batch, token, head, value0);
-        term_row[h] = reinterpret_cast<float*>(args.gate_terms.data) +
-                      element_offset(args.gate_terms, seq.batch, token, head, value0);
-      }
-#pragma unroll
-      for (int batch = 0; batch < 16 / 4; ++batch) {  // 4 pairs: their loads, then the terms
-        uint32_t x_pairs[4] = {};
-        float2 before[4] = {};
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          const int e = 2 * (4 * batch + p), h = (e % 4) / 2;
-          if (!valid[h]) continue;
-          x_pairs[p] = *reinterpret_cast<const uint32_t*>(with_row[h] + state_value(e));
-          if (gate_grad_sum)
-            before[p] = *reinterpret_cast<const float2*>(term_row[h] + state_value(e));
-        }
-#pragma unroll
-        for (int p = 0; p < 4; ++p) {
-          const int e = 2 * (4 * batch + p), h = (e % 4) / 2;
-          const float2 x = tile::unpack<Elem>(x_pairs[p]);
-          const float d0 = out[e] * args.scale, d1 = out[e + 1] * args.scale;
-          out[e] = before[p].x - x.x * d0;  // 0 past the sequence end
-          out[e + 1] = before[p].y - x.y * d1;
-          if (!gate_grad_sum && valid[h])
-            *reinterpret_cast<float2*>(term_row[h] + state_value(e)) =
-                make_float2(x.x * d0, x.y * d1);
-        }
-      }
-      if (!gate_grad_sum) return;
-        // Inclusive scan over the lane groups (rows group and group + 8 at once), then the second
-        // half of the rows after the first.
-#pragma unroll
-      for (int d = 1; d < 8; d *= 2)
-#pragma unroll
-        for (int e = 0; e < 32; ++e) {
-          const float y = __shfl_up_sync(0xffffffffu, out[e], 4 * d);
-          if (group >= d) out[e] += y;
-        }
-#pragma unroll
-      for (int n = 0; n < 8; ++n)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float first_half = __shfl_sync(0xffffffffu, out[4 * n + j], 28 + quad);
-          out[4 * n + 2 + j] += first_half;
-        }
-        // The prefix sums go into the warp's own rows of the factor tile (no longer needed but for
-        // the sign, which becomes the lowest bit), so that nothing waits in registers across the
-        // chunk's last barrier.
-#pragma unroll
-      for (int e = 0; e < 32; e += 2) {
-        const int row = (e % 4) >= 2 ? row_b : row_a;
-        float2* at = reinterpret_cast<float2*>(factor_tile + factor_at(row, state_value(e)));
-        const float2 factor = *at;
-        *at = make_float2(
-            __uint_as_float((__float_as_uint(out[e]) & ~1u) | (factor.x < 0.f ? 1u : 0u)),
-            __uint_as_float((__float_as_uint(out[e + 1]) & ~1u) | (factor.y < 0.f ? 1u : 0u)));
-      }
-      __syncwarp();  // the o staged in the warp's rows is read
-      float* sums = warp_sums_of(chunk, warp);
-      if (group == 7) {
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-          *reinterpret_cast<float2*>(sums + 8 * n + 2 * quad) =
-              make_float2(out[4 * n + 2], out[4 * n + 3]);
-      }
-      if (warp == 0)
-        *reinterpret_cast<float2*>(sums + 64 + 2 * lane) =
-            make_float2(grad_carry[0], grad_carry[1]);
-    }
-  };
-  // After the chunk's last barrier: dg of the warp's rows; warp 0 moves the carry on.
-  auto gate_grad_store = [&](int chunk, int rows_valid, int row_a, int row_b) {
-    if constexpr (GateGrad) {
-      if (!gate_grad_sum) return;
-      const float* carry = warp_sums_of(chunk, 0) + 64;
-      const bool pairs = args.gate_grad.stride[3] == 1;
-#pragma unroll
-      for (int e = 0; e < 32; e += 2) {
-        const int row = (e % 4) >= 2 ? row_b : row_a;
-        const int col = state_value(e);
-        float2 offset = *reinterpret_cast<const float2*>(carry + col);
-        for (int w = 0; w < warp; ++w) {
-          const float2 x = *reinterpret_cast<const float2*>(warp_sums_of(chunk, w) + col);
-          offset.x += x.x;
-          offset.y += x.y;
-        }
-        if (row >= rows_valid) continue;
-        // The warp's prefix sums, each with its floored flag in the lowest bit (gate_grad_terms).
-        const float2 prefix = *reinterpret_cast<const float2*>(factor_tile + factor_at(row, col));
-        const float x0 = (__float_as_uint(prefix.x) & 1u) ? 0.f : prefix.x + offset.x;
-        const float x1 = (__float_as_uint(prefix.y) & 1u) ? 0.f : prefix.y + offset.y;
-        const int64_t token = token_at(int64_t{chunk} * kChunk + row);
-        const int64_t at = element_offset(args.gate_grad, seq.batch, token, head, value0 + col);
-        if (pairs && args.gate_grad.dtype == Storage::kBFloat16) {
-          *reinterpret_cast<uint32_t*>(reinterpret_cast<__nv_bfloat16*>(args.gate_grad.data) + at) =
-              tile::pack<__nv_bfloat16>(x0, x1);
-        } else if (pairs && args.gate_grad.dtype == Storage::kFloat32) {
-          *reinterpret_cast<float2*>(reinterpret_cast<float*>(args.gate_grad.data) + at) =
-              make_float2(x0, x1);
-        } else {
-          store_float(args.gate_grad, at, x0);
-          store_float(args.gate_grad, at + args.gate_grad.stride[3], x1);
-        }
-      }
-      if (warp == 0) {
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          const float2 x = *reinterpret_cast<const float2*>(warp_sums_of(chunk, w) + 2 * lane);
-          grad_carry[0] += x.x;
-          grad_carry[1] += x.y;
-        }
-      }
     }
   };
 
@@ -776,16 +611,28 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         const int row = (e % 4) >= 2 ? row_b : row_a;
         const float2 factor =
             *reinterpret_cast<const float2*>(factor_tile + factor_at(row, state_value(e)));
-        out[e] *= fabsf(factor.x);
-        out[e + 1] *= fabsf(factor.y);
+        out[e] *= factor.x;
+        out[e + 1] *= factor.y;
       }
     }
 
     // Store o: the warp's 16 rows staged in its rows of the chunk's q tile (swizzled:
     // conflict-free; wgmma reads only this warp's rows of q as A, and those products are done),
     // then written as 16-byte pieces, four rows of 128 bytes per warp-wide store. Rows past the
-    // sequence end are not written; no o: a states-only pass.
-    if (args.o.present) {
+    // sequence end are not written; no o: a states-only pass. Gates on the output's columns may
+    // write float32 o (the backward's dq and dk for the gate gradient), pairs from the fragment.
+    if (ValueGates && args.o.present && args.o.dtype == Storage::kFloat32) {
+#pragma unroll
+      for (int e = 0; e < 32; e += 2) {
+        const int row = (e % 4) >= 2 ? row_b : row_a;
+        if (row >= rows_valid) continue;
+        const int64_t token = token_at(int64_t{chunk} * kChunk + row);
+        *reinterpret_cast<float2*>(
+            reinterpret_cast<float*>(args.o.data) +
+            element_offset(args.o, seq.batch, token, head, value0 + state_value(e))) =
+            make_float2(out[e] * args.scale, out[e + 1] * args.scale);
+      }
+    } else if (args.o.present) {
       char* out_tile = stage_q(chunk);
 #pragma unroll
       for (int e = 0; e < 32; e += 2) {
@@ -806,13 +653,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         *reinterpret_cast<uint4*>(o_row + 8 * piece) = x;
       }
     }
-    if constexpr (GateGrad) gate_grad_terms(chunk, rows_valid, row_a, row_b, out);
     if constexpr (T::kPerKey) {
       // Every warp is done with this chunk's S0 and stage, and the next chunk's raw inputs are
       // visible to all.
       tile::cp_async_wait<0>();
       __syncthreads();
-      if constexpr (GateGrad) gate_grad_store(chunk, rows_valid, row_a, row_b);
       if (has_next) {
         narrow = prepare_per_key(chunk + 1);
         scale_state_rows();
@@ -857,8 +702,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 // Whether this build and the current device run forward_kernel: the library holds sm_90a code
 // (FLASHLIN_SM90A, set by CMake when CMAKE_CUDA_ARCHITECTURES has 90a) and the device loads it.
 // Asked once per device (a call may ask several times: the backward's passes).
-template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
-          bool GateGrad = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false>
 bool runs_here() {
 #if defined(FLASHLIN_SM90A)
   constexpr int kKnownDevices = 64;
@@ -874,8 +718,8 @@ bool runs_here() {
     if (answer != 0) return answer > 0;
   }
   cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(
-          &attributes, forward_kernel<Elem, K, Gate, Bonus, ValueGates, GateGrad>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate, Bonus, ValueGates>) !=
+      cudaSuccess) {
     (void)cudaGetLastError();
     return false;  // not cached: a failed query says nothing about the device
   }
@@ -887,11 +731,10 @@ bool runs_here() {
 #endif
 }
 
-template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
-          bool GateGrad = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false>
 cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaStream_t stream) {
-  using T = Traits<Elem, K, Gate, Bonus, ValueGates, GateGrad>;
-  auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates, GateGrad>;
+  using T = Traits<Elem, K, Gate, Bonus, ValueGates>;
+  auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates>;
   const size_t smem_bytes =
       T::smem_bytes(Gate == GateKind::kPerKey && args.g.dtype == Storage::kFloat32 ? 4 : 2);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
