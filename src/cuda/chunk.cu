@@ -441,7 +441,6 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
     gate_args.dk_float = float_token_tensor(scratch.dk_float, p);
     gate_args.g = p.g;
     gate_args.dg = p.dg;
-    gate_args.dg_rows = rows_copyable(p.dg) && p.dg.dtype != Storage::kFloat64;
     gate_args.d_final_state = p.d_final_state;
     gate_args.final_state = scratch.final_state;
     gate_args.sequences = ctx.sequences;

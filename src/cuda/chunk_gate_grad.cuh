@@ -4,13 +4,11 @@
 //   dL/dB_s = q_s * dq_s - k_s * dk_s + [s = T] rowsum(S_T * dS_T)
 //   dg_t    = sum_{s >= t} dL/dB_s          (0 where g_t is at the floor, -inf included)
 // One thread block per (head, sequence) walks the sequence from its last visited token in tiles
-// of 32 tokens: each warp takes 4 rows, each lane K / 32 keys; a thread sums its own rows, and
+// of 64 tokens: each warp takes 8 rows, each lane K / 32 keys; a thread sums its own rows, and
 // the rows of the warps after it and of the tiles after the tile come from shared memory and a
-// carry. The loads of the next tile are issued before a tile's sums and stores (one block per
-// multiprocessor has little else to hide their latency). The sums run in a fixed order
-// (deterministic results). dq and dk come in float32 from the passes and leave here in the input
-// type: q * dq and k * dk cancel almost entirely over a sequence (dg_0 is only the boundary terms),
-// so their rounding to 16 bits would show in dg.
+// carry. The sums run in a fixed order (deterministic results). dq and dk come in float32 from
+// the passes and leave here in the input type: q * dq and k * dk cancel almost entirely over a
+// sequence (dg_0 is only the boundary terms), so their rounding to 16 bits would show in dg.
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 
@@ -24,7 +22,6 @@ struct GateGradArgs {
   StridedTensor q, k, g, dg, d_final_state;
   StridedTensor dq_float, dk_float;    // float32, from the passes
   StridedTensor dq, dk;                // the input type: written here
-  bool dg_rows = false;                // dg: 16-byte aligned rows of unit stride, not float64
   const float* final_state = nullptr;  // [N][H][K][V] float32 S_T, or null (no dS_T)
   SequenceTable sequences;
   int64_t num_heads = 0;
@@ -33,16 +30,8 @@ struct GateGradArgs {
 };
 
 constexpr int kWarps = 8;
-constexpr int kTileRows = 32;
+constexpr int kTileRows = 64;
 constexpr int kRowsPerWarp = kTileRows / kWarps;
-
-// One tile's inputs of a thread: its rows' q, k, dq, dk, and which gates are at the floor.
-template <int kKeys>
-struct TileData {
-  float q[kRowsPerWarp][kKeys], k[kRowsPerWarp][kKeys], dq[kRowsPerWarp][kKeys],
-      dk[kRowsPerWarp][kKeys];
-  uint32_t floored[kRowsPerWarp];
-};
 
 // kKeys consecutive features of a row as floats (16-byte aligned rows: rows_copyable).
 template <typename Elem, int kKeys>
@@ -73,22 +62,6 @@ __device__ __forceinline__ void store_row(Elem* row, const float (&x)[kKeys]) {
 #pragma unroll
   for (int c = 0; c < kKeys; ++c) piece.e[c] = from_float<Elem>(x[c]);
   *reinterpret_cast<Piece*>(row) = piece;
-}
-
-// dg's kKeys elements from `offset`: one store where the dtype allows (16-byte aligned rows of
-// unit stride: GateGradArgs::dg_rows), else one per element.
-template <int kKeys>
-__device__ __forceinline__ void store_gate_row(const StridedTensor& dg, bool rows, int64_t offset,
-                                               const float (&x)[kKeys]) {
-  if (rows && dg.dtype == Storage::kFloat32)
-    store_row(reinterpret_cast<float*>(dg.data) + offset, x);
-  else if (rows && dg.dtype == Storage::kBFloat16)
-    store_row(reinterpret_cast<__nv_bfloat16*>(dg.data) + offset, x);
-  else if (rows && dg.dtype == Storage::kFloat16)
-    store_row(reinterpret_cast<__half*>(dg.data) + offset, x);
-  else
-#pragma unroll
-    for (int c = 0; c < kKeys; ++c) store_float(dg, offset + c * dg.stride[3], x[c]);
 }
 
 template <typename Elem, int K>
@@ -122,67 +95,54 @@ __global__ void __launch_bounds__(32 * kWarps) gate_grad_kernel(const GateGradAr
 
   const int64_t length = seq.length;
   const int64_t num_tiles = (length + kTileRows - 1) / kTileRows;
-  auto token_of = [&](int64_t t) {
-    return args.reverse ? seq.start + length - 1 - t : seq.start + t;
-  };
-  // The loads of a tile: the warp's rows (past the end: zeros).
-  auto load_tile = [&](int64_t tile, TileData<kKeys>& d) {
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t t = tile * kTileRows + warp * kRowsPerWarp + r;
-      d.floored[r] = 0;
-#pragma unroll
-      for (int c = 0; c < kKeys; ++c) d.q[r][c] = d.k[r][c] = d.dq[r][c] = d.dk[r][c] = 0.f;
-      if (t >= length) continue;
-      const int64_t token = token_of(t);
-      load_row(reinterpret_cast<const Elem*>(args.q.data) +
-                   element_offset(args.q, seq.batch, token, head, key0),
-               d.q[r]);
-      load_row(reinterpret_cast<const Elem*>(args.k.data) +
-                   element_offset(args.k, seq.batch, token, head, key0),
-               d.k[r]);
-      load_row(reinterpret_cast<const float*>(args.dq_float.data) +
-                   element_offset(args.dq_float, seq.batch, token, head, key0),
-               d.dq[r]);
-      load_row(reinterpret_cast<const float*>(args.dk_float.data) +
-                   element_offset(args.dk_float, seq.batch, token, head, key0),
-               d.dk[r]);
-      float g[kKeys];
-      load_gate_row(args.g, element_offset(args.g, seq.batch, token, head, key0), g);
-#pragma unroll
-      for (int c = 0; c < kKeys; ++c) d.floored[r] |= (g[c] > kGateFloor ? 0u : 1u) << c;
-    }
-  };
-  // q * dq - k * dk summed from the warp's last row to its first, dq and dk in the input type,
-  // then (after the tile's barrier) dg of the rows.
-  auto finish_tile = [&](int64_t tile, const TileData<kKeys>& d) {
+  for (int64_t tile = num_tiles - 1; tile >= 0; --tile) {
     float suffix[kRowsPerWarp][kKeys], own[kKeys] = {};
+    bool floored[kRowsPerWarp][kKeys];
+    int64_t token[kRowsPerWarp];
+    // Rows from the warp's last to its first: the thread's own suffix sums.
 #pragma unroll
-    for (int r = kRowsPerWarp - 1; r >= 0; --r)
+    for (int r = kRowsPerWarp - 1; r >= 0; --r) {
+      const int64_t t = tile * kTileRows + warp * kRowsPerWarp + r;
+      token[r] = args.reverse ? seq.start + length - 1 - t : seq.start + t;
+      float q[kKeys] = {}, k[kKeys] = {}, dq[kKeys] = {}, dk[kKeys] = {}, g[kKeys] = {};
+      if (t < length) {
+        load_row(reinterpret_cast<const Elem*>(args.q.data) +
+                     element_offset(args.q, seq.batch, token[r], head, key0),
+                 q);
+        load_row(reinterpret_cast<const Elem*>(args.k.data) +
+                     element_offset(args.k, seq.batch, token[r], head, key0),
+                 k);
+        load_row(reinterpret_cast<const float*>(args.dq_float.data) +
+                     element_offset(args.dq_float, seq.batch, token[r], head, key0),
+                 dq);
+        load_row(reinterpret_cast<const float*>(args.dk_float.data) +
+                     element_offset(args.dk_float, seq.batch, token[r], head, key0),
+                 dk);
+        load_gate_row(args.g, element_offset(args.g, seq.batch, token[r], head, key0), g);
+        store_row(reinterpret_cast<Elem*>(args.dq.data) +
+                      element_offset(args.dq, seq.batch, token[r], head, key0),
+                  dq);
+        store_row(reinterpret_cast<Elem*>(args.dk.data) +
+                      element_offset(args.dk, seq.batch, token[r], head, key0),
+                  dk);
+      }
 #pragma unroll
       for (int c = 0; c < kKeys; ++c) {
-        own[c] += d.q[r][c] * d.dq[r][c] - d.k[r][c] * d.dk[r][c];
+        own[c] += q[c] * dq[c] - k[c] * dk[c];
         suffix[r][c] = own[c];
+        floored[r][c] = !(g[c] > kGateFloor);
       }
+    }
     float* sums = warp_sums[tile % 2][0];
 #pragma unroll
     for (int c = 0; c < kKeys; ++c) sums[warp * K + key0 + c] = own[c];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t t = tile * kTileRows + warp * kRowsPerWarp + r;
-      if (t >= length) continue;
-      const int64_t token = token_of(t);
-      store_row(reinterpret_cast<Elem*>(args.dq.data) +
-                    element_offset(args.dq, seq.batch, token, head, key0),
-                d.dq[r]);
-      store_row(reinterpret_cast<Elem*>(args.dk.data) +
-                    element_offset(args.dk, seq.batch, token, head, key0),
-                d.dk[r]);
-    }
     __syncthreads();
     float after[kKeys], total[kKeys];
 #pragma unroll
-    for (int c = 0; c < kKeys; ++c) after[c] = total[c] = carry[c];
+    for (int c = 0; c < kKeys; ++c) {
+      after[c] = carry[c];
+      total[c] = carry[c];
+    }
 #pragma unroll
     for (int w = kWarps - 1; w >= 0; --w)
 #pragma unroll
@@ -195,26 +155,14 @@ __global__ void __launch_bounds__(32 * kWarps) gate_grad_kernel(const GateGradAr
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int64_t t = tile * kTileRows + warp * kRowsPerWarp + r;
       if (t >= length) continue;
-      float x[kKeys];
+      const int64_t at = element_offset(args.dg, seq.batch, token[r], head, key0);
 #pragma unroll
       for (int c = 0; c < kKeys; ++c)
-        x[c] = (d.floored[r] >> c) & 1u ? 0.f : suffix[r][c] + after[c];
-      store_gate_row(args.dg, args.dg_rows,
-                     element_offset(args.dg, seq.batch, token_of(t), head, key0), x);
+        store_float(args.dg, at + c * args.dg.stride[3],
+                    floored[r][c] ? 0.f : suffix[r][c] + after[c]);
     }
 #pragma unroll
     for (int c = 0; c < kKeys; ++c) carry[c] = total[c];
-  };
-  // From the last tile to the first, the next tile's loads in flight while a tile finishes
-  // (two register sets, alternating).
-  TileData<kKeys> even, odd;
-  if (num_tiles > 0) load_tile(num_tiles - 1, even);
-  for (int64_t tile = num_tiles - 1; tile >= 0; tile -= 2) {
-    if (tile >= 1) load_tile(tile - 1, odd);
-    finish_tile(tile, even);
-    if (tile < 1) break;
-    if (tile >= 2) load_tile(tile - 2, even);
-    finish_tile(tile - 1, odd);
   }
 }
 
