@@ -4,11 +4,13 @@
 //   dL/dB_s = q_s * dq_s - k_s * dk_s + [s = T] rowsum(S_T * dS_T)
 //   dg_t    = sum_{s >= t} dL/dB_s          (0 where g_t is at the floor, -inf included)
 // One thread block per (head, sequence) walks the sequence from its last visited token in tiles
-// of 64 tokens: each warp takes 8 rows, each lane K / 32 keys; a thread sums its own rows, and
+// of 32 tokens: each warp takes 4 rows, each lane K / 32 keys; a thread sums its own rows, and
 // the rows of the warps after it and of the tiles after the tile come from shared memory and a
-// carry. The sums run in a fixed order (deterministic results). dq and dk come in float32 from
-// the passes and leave here in the input type: q * dq and k * dk cancel almost entirely over a
-// sequence (dg_0 is only the boundary terms), so their rounding to 16 bits would show in dg.
+// carry. A tile's loads are all issued before its stores, and two blocks fit per multiprocessor
+// (every block of B = 8, H = 32 at once: one block per multiprocessor took two waves). The sums run
+// in a fixed order (deterministic results). dq and dk come in float32 from the passes and leave
+// here in the input type: q * dq and k * dk cancel almost entirely over a sequence (dg_0 is only
+// the boundary terms), so their rounding to 16 bits would show in dg.
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 
@@ -30,7 +32,7 @@ struct GateGradArgs {
 };
 
 constexpr int kWarps = 8;
-constexpr int kTileRows = 64;
+constexpr int kTileRows = 32;
 constexpr int kRowsPerWarp = kTileRows / kWarps;
 
 // kKeys consecutive features of a row as floats (16-byte aligned rows: rows_copyable).
@@ -65,7 +67,7 @@ __device__ __forceinline__ void store_row(Elem* row, const float (&x)[kKeys]) {
 }
 
 template <typename Elem, int K>
-__global__ void __launch_bounds__(32 * kWarps) gate_grad_kernel(const GateGradArgs args) {
+__global__ void __launch_bounds__(32 * kWarps, 2) gate_grad_kernel(const GateGradArgs args) {
   constexpr int kKeys = K / 32;
   __shared__ float warp_sums[2][kWarps][K];  // double-buffered: one barrier per tile
   __shared__ float final_term[K];
@@ -96,42 +98,52 @@ __global__ void __launch_bounds__(32 * kWarps) gate_grad_kernel(const GateGradAr
   const int64_t length = seq.length;
   const int64_t num_tiles = (length + kTileRows - 1) / kTileRows;
   for (int64_t tile = num_tiles - 1; tile >= 0; --tile) {
-    float suffix[kRowsPerWarp][kKeys], own[kKeys] = {};
-    bool floored[kRowsPerWarp][kKeys];
+    // Every load of the warp's rows first (a store in between would keep the next loads
+    // waiting for it), then the thread's suffix sums from its last row to its first, then dq
+    // and dk in the input type.
+    float q[kRowsPerWarp][kKeys] = {}, k[kRowsPerWarp][kKeys] = {}, dq[kRowsPerWarp][kKeys] = {},
+          dk[kRowsPerWarp][kKeys] = {};
+    uint32_t floored[kRowsPerWarp] = {};  // bit c: gate c at the floor
     int64_t token[kRowsPerWarp];
-    // Rows from the warp's last to its first: the thread's own suffix sums.
 #pragma unroll
-    for (int r = kRowsPerWarp - 1; r >= 0; --r) {
+    for (int r = 0; r < kRowsPerWarp; ++r) {
       const int64_t t = tile * kTileRows + warp * kRowsPerWarp + r;
       token[r] = args.reverse ? seq.start + length - 1 - t : seq.start + t;
-      float q[kKeys] = {}, k[kKeys] = {}, dq[kKeys] = {}, dk[kKeys] = {}, g[kKeys] = {};
-      if (t < length) {
-        load_row(reinterpret_cast<const Elem*>(args.q.data) +
-                     element_offset(args.q, seq.batch, token[r], head, key0),
-                 q);
-        load_row(reinterpret_cast<const Elem*>(args.k.data) +
-                     element_offset(args.k, seq.batch, token[r], head, key0),
-                 k);
-        load_row(reinterpret_cast<const float*>(args.dq_float.data) +
-                     element_offset(args.dq_float, seq.batch, token[r], head, key0),
-                 dq);
-        load_row(reinterpret_cast<const float*>(args.dk_float.data) +
-                     element_offset(args.dk_float, seq.batch, token[r], head, key0),
-                 dk);
-        load_gate_row(args.g, element_offset(args.g, seq.batch, token[r], head, key0), g);
-        store_row(reinterpret_cast<Elem*>(args.dq.data) +
-                      element_offset(args.dq, seq.batch, token[r], head, key0),
-                  dq);
-        store_row(reinterpret_cast<Elem*>(args.dk.data) +
-                      element_offset(args.dk, seq.batch, token[r], head, key0),
-                  dk);
-      }
+      if (t >= length) continue;
+      load_row(reinterpret_cast<const Elem*>(args.q.data) +
+                   element_offset(args.q, seq.batch, token[r], head, key0),
+               q[r]);
+      load_row(reinterpret_cast<const Elem*>(args.k.data) +
+                   element_offset(args.k, seq.batch, token[r], head, key0),
+               k[r]);
+      load_row(reinterpret_cast<const float*>(args.dq_float.data) +
+                   element_offset(args.dq_float, seq.batch, token[r], head, key0),
+               dq[r]);
+      load_row(reinterpret_cast<const float*>(args.dk_float.data) +
+                   element_offset(args.dk_float, seq.batch, token[r], head, key0),
+               dk[r]);
+      float g[kKeys];
+      load_gate_row(args.g, element_offset(args.g, seq.batch, token[r], head, key0), g);
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) floored[r] |= (g[c] > kGateFloor ? 0u : 1u) << c;
+    }
+    float suffix[kRowsPerWarp][kKeys], own[kKeys] = {};
+#pragma unroll
+    for (int r = kRowsPerWarp - 1; r >= 0; --r)
 #pragma unroll
       for (int c = 0; c < kKeys; ++c) {
-        own[c] += q[c] * dq[c] - k[c] * dk[c];
+        own[c] += q[r][c] * dq[r][c] - k[r][c] * dk[r][c];
         suffix[r][c] = own[c];
-        floored[r][c] = !(g[c] > kGateFloor);
       }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      if (tile * kTileRows + warp * kRowsPerWarp + r >= length) continue;
+      store_row(reinterpret_cast<Elem*>(args.dq.data) +
+                    element_offset(args.dq, seq.batch, token[r], head, key0),
+                dq[r]);
+      store_row(reinterpret_cast<Elem*>(args.dk.data) +
+                    element_offset(args.dk, seq.batch, token[r], head, key0),
+                dk[r]);
     }
     float* sums = warp_sums[tile % 2][0];
 #pragma unroll
@@ -159,7 +171,7 @@ __global__ void __launch_bounds__(32 * kWarps) gate_grad_kernel(const GateGradAr
 #pragma unroll
       for (int c = 0; c < kKeys; ++c)
         store_float(args.dg, at + c * args.dg.stride[3],
-                    floored[r][c] ? 0.f : suffix[r][c] + after[c]);
+                    (floored[r] >> c) & 1u ? 0.f : suffix[r][c] + after[c]);
     }
 #pragma unroll
     for (int c = 0; c < kKeys; ++c) carry[c] = total[c];
