@@ -10,11 +10,11 @@
 //           (q_i * u * k_i)·1 v_i)
 //   S_end = 2^{r} * (S0' + sum_j k'_j v_j^T)
 // so a chunk runs like an ungated one. With ChunkArgs::shift_gates (the backward's passes in the
-// other direction) k'_j uses b_{j-1} too. Gates on the output's columns instead (ValueGates: the
-// backward's dq and dk, o_ic = sum_{j <= i} (q_i · k_j) 2^{a_ic - b_jc} v_jc + 2^{a_ic} (q_i
-// S0)_c):
-//   v'_j = v_j * 2^{r - b_j},  S0' = S0 * 2^{r},  o_i = scale * 2^{a_i - r} * [ q_i S0' +
-//          sum_{j <= i} (q_i · k_j) v'_j ],  S_end = (S0' + K^T V') * 2^{r}      (per column)
+// other direction) k'_j uses b_{j-1} too. Gates on the output's columns instead (ValueGates, the
+// backward's dq and dk), o_ic = 2^{a_ic} (q_i S0)_c + sum_{j <= i} (q_i k_j) 2^{a_ic - b_jc} v_jc:
+//   v'_j = v_j * 2^{r - b_j},  S0' = S0 * 2^{r},   (per column)
+//   o_i  = scale * 2^{a_i - r} * [ q_i S0' + sum_{j <= i} (q_i · k_j) v'_j ]
+//   S_end = (S0' + K^T V') * 2^{r}
 // Each factor lies within 2^{+-R/2} for a chunk whose widest
 // key range is R; where R passes max_midpoint_range<Elem>() (chunk.cuh) the kernel stops at that
 // chunk and flags its thread block in ChunkArgs::redo, and the mma.sync kernel (chunk_fwd.cuh)
