@@ -66,6 +66,13 @@ __device__ __forceinline__ void store_row(Elem* row, const float (&x)[kKeys]) {
   *reinterpret_cast<Piece*>(row) = piece;
 }
 
+// Feature `feature` of a token's row of `t` (element type T).
+template <typename T>
+__device__ __forceinline__ T* row_of(const StridedTensor& t, const SequenceSpan& seq, int64_t token,
+                                     int64_t head, int feature) {
+  return reinterpret_cast<T*>(t.data) + element_offset(t, seq.batch, token, head, feature);
+}
+
 template <typename Elem, int K>
 __global__ void __launch_bounds__(32 * kWarps, 2) gate_grad_kernel(const GateGradArgs args) {
   constexpr int kKeys = K / 32;
@@ -97,6 +104,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2) gate_grad_kernel(const GateGra
 
   const int64_t length = seq.length;
   const int64_t num_tiles = (length + kTileRows - 1) / kTileRows;
+
   for (int64_t tile = num_tiles - 1; tile >= 0; --tile) {
     // Every load of the warp's rows first (a store in between would keep the next loads
     // waiting for it), then the thread's suffix sums from its last row to its first, then dq
@@ -110,18 +118,10 @@ __global__ void __launch_bounds__(32 * kWarps, 2) gate_grad_kernel(const GateGra
       const int64_t t = tile * kTileRows + warp * kRowsPerWarp + r;
       token[r] = args.reverse ? seq.start + length - 1 - t : seq.start + t;
       if (t >= length) continue;
-      load_row(reinterpret_cast<const Elem*>(args.q.data) +
-                   element_offset(args.q, seq.batch, token[r], head, key0),
-               q[r]);
-      load_row(reinterpret_cast<const Elem*>(args.k.data) +
-                   element_offset(args.k, seq.batch, token[r], head, key0),
-               k[r]);
-      load_row(reinterpret_cast<const float*>(args.dq_float.data) +
-                   element_offset(args.dq_float, seq.batch, token[r], head, key0),
-               dq[r]);
-      load_row(reinterpret_cast<const float*>(args.dk_float.data) +
-                   element_offset(args.dk_float, seq.batch, token[r], head, key0),
-               dk[r]);
+      load_row(row_of<const Elem>(args.q, seq, token[r], head, key0), q[r]);
+      load_row(row_of<const Elem>(args.k, seq, token[r], head, key0), k[r]);
+      load_row(row_of<const float>(args.dq_float, seq, token[r], head, key0), dq[r]);
+      load_row(row_of<const float>(args.dk_float, seq, token[r], head, key0), dk[r]);
       float g[kKeys];
       load_gate_row(args.g, element_offset(args.g, seq.batch, token[r], head, key0), g);
 #pragma unroll
@@ -138,12 +138,8 @@ __global__ void __launch_bounds__(32 * kWarps, 2) gate_grad_kernel(const GateGra
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       if (tile * kTileRows + warp * kRowsPerWarp + r >= length) continue;
-      store_row(reinterpret_cast<Elem*>(args.dq.data) +
-                    element_offset(args.dq, seq.batch, token[r], head, key0),
-                dq[r]);
-      store_row(reinterpret_cast<Elem*>(args.dk.data) +
-                    element_offset(args.dk, seq.batch, token[r], head, key0),
-                dk[r]);
+      store_row(row_of<Elem>(args.dq, seq, token[r], head, key0), dq[r]);
+      store_row(row_of<Elem>(args.dk, seq, token[r], head, key0), dk[r]);
     }
     float* sums = warp_sums[tile % 2][0];
 #pragma unroll
