@@ -268,7 +268,8 @@ bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
 // Each pass reads three tensors and writes one, like the forward; none needs scratch.
 // Per-key gates (GLA; b_i a vector over the keys, D_ij = 2^{b_i - b_j} per key): the same
 // passes, dv's with its gates on the reduction (the keys) like the forward, dq's and dk's on the
-// output's columns (the keys again: forward_kernel's ValueGates); then dg from dq and dk
+// output's columns (the keys again: forward_kernel's ValueGates), which also write dq's and dk's
+// rounding residuals when dg is wanted; then dg from dq and dk to 16 more bits
 // (chunk_gate_grad.cuh), with rowsum(S_T * dS_T) from the dq pass's final state S_T^T. A pass's
 // thread block that meets a chunk too wide for the per-key scaling flags its (sequence, head),
 // and the mma.sync backward runs the flagged ones after the passes.
@@ -291,14 +292,13 @@ bool backward_as_forward(const RecurrenceParams& p) {
 }
 
 // The per-key backward's scratch: the mma.sync backward's (it runs the (sequence, head) pairs
-// the passes leave), the passes' flags, and when dg is wanted float32 dq and dk [B][T][H][K]
-// (dq in the mma.sync backward's q * dq, which it writes only after them) and S_T in float32
-// [N][H][K][V] if dS_T is given.
+// the passes leave; when dg is wanted its float32 q * dq [B][T][H][K] first holds the rounding
+// residuals of dq and dk, in the input type, which it overwrites only after they are used),
+// the passes' flags, and S_T in float32 [N][H][K][V] when dg and dS_T are wanted.
 struct PassLayout {
   BackwardLayout fallback;
   int flags_per_head = 0;  // dq's pass K / 64, dv's V / 64, dk's K / 64
-  size_t flags_at = 0, flags_bytes = 0, dk_float_at = 0, dk_float_bytes = 0, final_state_at = 0,
-         final_state_bytes = 0;
+  size_t flags_at = 0, flags_bytes = 0, final_state_at = 0, final_state_bytes = 0;
   size_t total() const { return final_state_at + final_state_bytes; }
 };
 PassLayout pass_layout(const RecurrenceParams& p) {
@@ -308,11 +308,7 @@ PassLayout pass_layout(const RecurrenceParams& p) {
   layout.flags_per_head = static_cast<int>((2 * p.key_dim + p.value_dim) / chunk_tc::kValueTile);
   layout.flags_at = layout.fallback.total;
   layout.flags_bytes = align_up(pairs * static_cast<size_t>(layout.flags_per_head) * sizeof(int));
-  layout.dk_float_at = layout.flags_at + layout.flags_bytes;
-  if (p.dg.present)
-    layout.dk_float_bytes = align_up(static_cast<size_t>(p.batch * p.time * p.num_heads) *
-                                     static_cast<size_t>(p.key_dim) * sizeof(float));
-  layout.final_state_at = layout.dk_float_at + layout.dk_float_bytes;
+  layout.final_state_at = layout.flags_at + layout.flags_bytes;
   if (p.dg.present && p.d_final_state.present)
     layout.final_state_bytes =
         align_up(pairs * static_cast<size_t>(p.key_dim * p.value_dim) * sizeof(float));
@@ -322,20 +318,20 @@ PassLayout pass_layout(const RecurrenceParams& p) {
 size_t pass_layout_total(const RecurrenceParams& p) { return pass_layout(p).total(); }
 
 // Per-key passes: their flags (ChunkArgs::redo), where the dq pass leaves S_T (or null), and
-// float32 dq and dk (for dg; else null: the passes write the gradients).
+// the rounding residuals of dq and dk (for dg; else null).
 struct PassScratch {
   int* flags = nullptr;
   int flags_per_head = 0;
   float* final_state = nullptr;
-  float *dq_float = nullptr, *dk_float = nullptr;
+  char *dq_residual = nullptr, *dk_residual = nullptr;
 };
 
-// A float32 [B][T][H][K] tensor over `data` (the passes' dq and dk for dg).
-StridedTensor float_token_tensor(float* data, const RecurrenceParams& p) {
+// A [B][T][H][K] tensor of the input type over `data` (the residuals of dq and dk for dg).
+StridedTensor residual_tensor(char* data, const RecurrenceParams& p) {
   StridedTensor t{};
   if (data == nullptr) return t;
-  t.data = reinterpret_cast<char*>(data);
-  t.dtype = Storage::kFloat32;
+  t.data = data;
+  t.dtype = p.q.dtype;
   t.stride[3] = 1;
   t.stride[2] = p.key_dim;
   t.stride[1] = p.num_heads * p.key_dim;
@@ -363,21 +359,20 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
   // gates on the keys or on the output's columns.
   struct Pass {
     const StridedTensor &q, &k, &v, &o;
-    StridedTensor initial, final;
+    StridedTensor o_residual, initial, final;
     int64_t key_dim, value_dim;
     bool other_direction, value_gates;
     bool wanted;
   };
   const StridedTensor none{};
-  const StridedTensor dq_float = float_token_tensor(scratch.dq_float, p);
-  const StridedTensor dk_float = float_token_tensor(scratch.dk_float, p);
   const Pass passes[] = {
-      {p.d_o, p.v, p.k, dq_float.present ? dq_float : p.dq, transposed_state(p.initial_state),
-       final_state, p.value_dim, p.key_dim, false, true, p.dq.present},
-      {p.k, p.q, p.d_o, p.dv, p.d_final_state, p.d_initial_state, p.key_dim, p.value_dim, true,
-       false, p.dv.present || p.d_initial_state.present},
-      {p.v, p.d_o, p.q, dk_float.present ? dk_float : p.dk, transposed_state(p.d_final_state), none,
-       p.value_dim, p.key_dim, true, true, p.dk.present},
+      {p.d_o, p.v, p.k, p.dq, residual_tensor(scratch.dq_residual, p),
+       transposed_state(p.initial_state), final_state, p.value_dim, p.key_dim, false, true,
+       p.dq.present},
+      {p.k, p.q, p.d_o, p.dv, none, p.d_final_state, p.d_initial_state, p.key_dim, p.value_dim,
+       true, false, p.dv.present || p.d_initial_state.present},
+      {p.v, p.d_o, p.q, p.dk, residual_tensor(scratch.dk_residual, p),
+       transposed_state(p.d_final_state), none, p.value_dim, p.key_dim, true, true, p.dk.present},
   };
   int flags_offset = 0;
   for (const Pass& pass : passes) {
@@ -387,6 +382,7 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
     args.k = pass.k;
     args.v = pass.v;
     args.o = pass.o;
+    args.o_residual = pass.o_residual;
     args.initial_state = pass.initial;
     args.final_state = pass.final;
     if (pass.other_direction) {
@@ -423,9 +419,11 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
   scratch.flags_per_head = layout.flags_per_head;
   if (layout.final_state_bytes > 0)
     scratch.final_state = reinterpret_cast<float*>(ctx.workspace + layout.final_state_at);
-  if (p.dg.present) {
-    scratch.dq_float = args.scratch.q_dq;
-    scratch.dk_float = reinterpret_cast<float*>(ctx.workspace + layout.dk_float_at);
+  if (p.dg.present) {  // both in the float32 q * dq: B T H K elements each
+    scratch.dq_residual = reinterpret_cast<char*>(args.scratch.q_dq);
+    scratch.dk_residual = scratch.dq_residual + static_cast<size_t>(p.batch * p.time) *
+                                                    static_cast<size_t>(p.num_heads * p.key_dim) *
+                                                    storage_bytes(p.q.dtype);
   }
   cudaError_t err = cudaMemsetAsync(scratch.flags, 0, layout.flags_bytes, ctx.stream);
   if (err != cudaSuccess) return err;
@@ -437,8 +435,8 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
     gate_args.k = p.k;
     gate_args.dq = p.dq;
     gate_args.dk = p.dk;
-    gate_args.dq_float = float_token_tensor(scratch.dq_float, p);
-    gate_args.dk_float = float_token_tensor(scratch.dk_float, p);
+    gate_args.dq_residual = residual_tensor(scratch.dq_residual, p);
+    gate_args.dk_residual = residual_tensor(scratch.dk_residual, p);
     gate_args.g = p.g;
     gate_args.dg = p.dg;
     gate_args.d_final_state = p.d_final_state;

@@ -78,6 +78,9 @@ struct ChunkArgs {
   // the grid's width).
   int* redo = nullptr;
   int redo_stride = 0, redo_offset = 0;
+  // Gates on the output's columns (the per-key backward's dq and dk passes): o - o rounded to the
+  // input type, in the input type, beside o (absent: not written).
+  StridedTensor o_residual;
 };
 
 // A state tensor (sequence, head, key, value) seen as (sequence, head, value, key).

@@ -620,37 +620,40 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     // conflict-free; wgmma reads only this warp's rows of q as A, and those products are done),
     // then written as 16-byte pieces, four rows of 128 bytes per warp-wide store. Rows past the
     // sequence end are not written; no o: a states-only pass. Gates on the output's columns may
-    // write float32 o (the backward's dq and dk for the gate gradient), pairs from the fragment.
-    if (ValueGates && args.o.present && args.o.dtype == Storage::kFloat32) {
-#pragma unroll
-      for (int e = 0; e < 32; e += 2) {
-        const int row = (e % 4) >= 2 ? row_b : row_a;
-        if (row >= rows_valid) continue;
-        const int64_t token = token_at(int64_t{chunk} * kChunk + row);
-        *reinterpret_cast<float2*>(
-            reinterpret_cast<float*>(args.o.data) +
-            element_offset(args.o, seq.batch, token, head, value0 + state_value(e))) =
-            make_float2(out[e] * args.scale, out[e + 1] * args.scale);
-      }
-    } else if (args.o.present) {
+    // also write o's rounding residual (o - o rounded to the input type, in the input type: the
+    // backward's dq and dk to 16 more bits for the gate gradient), staged the same way after o.
+    if (args.o.present) {
       char* out_tile = stage_q(chunk);
+      auto store_rows = [&](const StridedTensor& dst, bool residual) {
 #pragma unroll
-      for (int e = 0; e < 32; e += 2) {
-        const int row = (e % 4) >= 2 ? row_b : row_a;
-        *reinterpret_cast<uint32_t*>(out_tile + wg::tile_offset<kChunk>(row, state_value(e))) =
-            tile::pack<Elem>(out[e] * args.scale, out[e + 1] * args.scale);
-      }
-      __syncwarp();
+        for (int e = 0; e < 32; e += 2) {
+          const int row = (e % 4) >= 2 ? row_b : row_a;
+          const float x0 = out[e] * args.scale, x1 = out[e + 1] * args.scale;
+          uint32_t pair = tile::pack<Elem>(x0, x1);
+          if (residual) {
+            const float2 rounded = tile::unpack<Elem>(pair);
+            pair = tile::pack<Elem>(x0 - rounded.x, x1 - rounded.y);
+          }
+          *reinterpret_cast<uint32_t*>(out_tile + wg::tile_offset<kChunk>(row, state_value(e))) =
+              pair;
+        }
+        __syncwarp();
 #pragma unroll
-      for (int pass = 0; pass < 4; ++pass) {
-        const int row = 16 * warp + 4 * pass + lane / 8, piece = lane % 8;
-        if (row >= rows_valid) continue;
-        const uint4 x =
-            *reinterpret_cast<const uint4*>(out_tile + wg::tile_offset<kChunk>(row, 8 * piece));
-        const int64_t token = token_at(int64_t{chunk} * kChunk + row);
-        Elem* o_row = reinterpret_cast<Elem*>(args.o.data) +
-                      element_offset(args.o, seq.batch, token, head, value0);
-        *reinterpret_cast<uint4*>(o_row + 8 * piece) = x;
+        for (int pass = 0; pass < 4; ++pass) {
+          const int row = 16 * warp + 4 * pass + lane / 8, piece = lane % 8;
+          if (row >= rows_valid) continue;
+          const uint4 x =
+              *reinterpret_cast<const uint4*>(out_tile + wg::tile_offset<kChunk>(row, 8 * piece));
+          const int64_t token = token_at(int64_t{chunk} * kChunk + row);
+          Elem* o_row = reinterpret_cast<Elem*>(dst.data) +
+                        element_offset(dst, seq.batch, token, head, value0);
+          *reinterpret_cast<uint4*>(o_row + 8 * piece) = x;
+        }
+      };
+      store_rows(args.o, false);
+      if (ValueGates && args.o_residual.present) {
+        __syncwarp();  // the staged o is read
+        store_rows(args.o_residual, true);
       }
     }
     if constexpr (T::kPerKey) {

@@ -8,9 +8,10 @@
 // the rows of the warps after it and of the tiles after the tile come from shared memory and a
 // carry. A tile's loads are all issued before its stores, and two blocks fit per multiprocessor
 // (every block of B = 8, H = 32 at once: one block per multiprocessor took two waves). The sums run
-// in a fixed order (deterministic results). dq and dk come in float32 from the passes and leave
-// here in the input type: q * dq and k * dk cancel almost entirely over a sequence (dg_0 is only
-// the boundary terms), so their rounding to 16 bits would show in dg.
+// in a fixed order (deterministic results). dq and dk are read with their rounding residuals
+// (dq = hi + lo, two values of the input type: 16 more bits): q * dq and k * dk cancel almost
+// entirely over a sequence (dg_0 is only the boundary terms), so dq's and dk's rounding to 16
+// bits alone would show in dg.
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 
@@ -22,9 +23,9 @@ namespace flashlin::cuda::chunk_gate_grad {
 
 struct GateGradArgs {
   StridedTensor q, k, g, dg, d_final_state;
-  StridedTensor dq_float, dk_float;    // float32, from the passes
-  StridedTensor dq, dk;                // the input type: written here
-  const float* final_state = nullptr;  // [N][H][K][V] float32 S_T, or null (no dS_T)
+  StridedTensor dq, dk;                    // the passes' dq and dk, in the input type
+  StridedTensor dq_residual, dk_residual;  // and their rounding residuals (the input type)
+  const float* final_state = nullptr;      // [N][H][K][V] float32 S_T, or null (no dS_T)
   SequenceTable sequences;
   int64_t num_heads = 0;
   int value_dim = 0;
@@ -53,17 +54,6 @@ __device__ __forceinline__ void load_gate_row(const StridedTensor& g, int64_t of
     case Storage::kFloat16: load_row(reinterpret_cast<const __half*>(g.data) + offset, x); break;
     default: load_row(reinterpret_cast<const __nv_bfloat16*>(g.data) + offset, x); break;
   }
-}
-
-template <typename Elem, int kKeys>
-__device__ __forceinline__ void store_row(Elem* row, const float (&x)[kKeys]) {
-  struct alignas(sizeof(Elem) * kKeys) Piece {
-    Elem e[kKeys];
-  };
-  Piece piece;
-#pragma unroll
-  for (int c = 0; c < kKeys; ++c) piece.e[c] = from_float<Elem>(x[c]);
-  *reinterpret_cast<Piece*>(row) = piece;
 }
 
 // Feature `feature` of a token's row of `t` (element type T).
@@ -106,9 +96,8 @@ __global__ void __launch_bounds__(32 * kWarps, 2) gate_grad_kernel(const GateGra
   const int64_t num_tiles = (length + kTileRows - 1) / kTileRows;
 
   for (int64_t tile = num_tiles - 1; tile >= 0; --tile) {
-    // Every load of the warp's rows first (a store in between would keep the next loads
-    // waiting for it), then the thread's suffix sums from its last row to its first, then dq
-    // and dk in the input type.
+    // Every load of the warp's rows first, then the thread's suffix sums from its last row to
+    // its first.
     float q[kRowsPerWarp][kKeys] = {}, k[kRowsPerWarp][kKeys] = {}, dq[kRowsPerWarp][kKeys] = {},
           dk[kRowsPerWarp][kKeys] = {};
     uint32_t floored[kRowsPerWarp] = {};  // bit c: gate c at the floor
@@ -120,8 +109,16 @@ __global__ void __launch_bounds__(32 * kWarps, 2) gate_grad_kernel(const GateGra
       if (t >= length) continue;
       load_row(row_of<const Elem>(args.q, seq, token[r], head, key0), q[r]);
       load_row(row_of<const Elem>(args.k, seq, token[r], head, key0), k[r]);
-      load_row(row_of<const float>(args.dq_float, seq, token[r], head, key0), dq[r]);
-      load_row(row_of<const float>(args.dk_float, seq, token[r], head, key0), dk[r]);
+      float dq_low[kKeys], dk_low[kKeys];
+      load_row(row_of<const Elem>(args.dq, seq, token[r], head, key0), dq[r]);
+      load_row(row_of<const Elem>(args.dq_residual, seq, token[r], head, key0), dq_low);
+      load_row(row_of<const Elem>(args.dk, seq, token[r], head, key0), dk[r]);
+      load_row(row_of<const Elem>(args.dk_residual, seq, token[r], head, key0), dk_low);
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) {
+        dq[r][c] += dq_low[c];
+        dk[r][c] += dk_low[c];
+      }
       float g[kKeys];
       load_gate_row(args.g, element_offset(args.g, seq.batch, token[r], head, key0), g);
 #pragma unroll
@@ -135,12 +132,6 @@ __global__ void __launch_bounds__(32 * kWarps, 2) gate_grad_kernel(const GateGra
         own[c] += q[r][c] * dq[r][c] - k[r][c] * dk[r][c];
         suffix[r][c] = own[c];
       }
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      if (tile * kTileRows + warp * kRowsPerWarp + r >= length) continue;
-      store_row(row_of<Elem>(args.dq, seq, token[r], head, key0), dq[r]);
-      store_row(row_of<Elem>(args.dk, seq, token[r], head, key0), dk[r]);
-    }
     float* sums = warp_sums[tile % 2][0];
 #pragma unroll
     for (int c = 0; c < kKeys; ++c) sums[warp * K + key0 + c] = own[c];
