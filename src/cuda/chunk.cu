@@ -265,7 +265,8 @@ bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
 //          recurrence is dS_{t-1} = 2^{g} dS_t + q_t do_t^T; its final state times scale is dS0
 //   dk_j = scale sum_{i >= j} D_ij (v_j . do_i) q_i + 2^{b_T - b_j} dS_T v_j
 //        = the same with q = v, k = do, v = q, initial state dS_T^T / scale
-// Each pass reads three tensors and writes one, like the forward; none needs scratch.
+// Each pass reads three tensors and writes one, like the forward; with these gates none needs
+// scratch.
 // Per-key gates (GLA; b_i a vector over the keys, D_ij = 2^{b_i - b_j} per key): the same
 // passes, dv's with its gates on the reduction (the keys) like the forward, dq's and dk's on the
 // output's columns (the keys again: forward_kernel's ValueGates), which also write dq's and dk's
