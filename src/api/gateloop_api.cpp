@@ -43,19 +43,6 @@ ComplexTensor complex_parts(const DLTensor* t) {
   return z;
 }
 
-// A compact [d0, d1, d2, d3] tensor of `dtype` at `data`.
-StridedTensor compact(char* data, Storage dtype, int64_t d1, int64_t d2, int64_t d3) {
-  StridedTensor t;
-  t.present = true;
-  t.data = data;
-  t.dtype = dtype;
-  t.stride[3] = 1;
-  t.stride[2] = d3;
-  t.stride[1] = d2 * d3;
-  t.stride[0] = d1 * d2 * d3;
-  return t;
-}
-
 struct Validated : TokenSizes {
   int64_t num_seqs = 0;
   std::vector<SequenceSpan> sequences;

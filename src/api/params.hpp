@@ -32,6 +32,20 @@ struct StridedTensor {
   }
 };
 
+// A compact [d0, d1, d2, d3] tensor of `dtype` at `data` (present even without data: sizing):
+// token tensors [B][T][H][features] and state tensors [N][H][K][V] in a call's scratch.
+inline StridedTensor compact(char* data, Storage dtype, int64_t d1, int64_t d2, int64_t d3) {
+  StridedTensor t;
+  t.present = true;
+  t.data = data;
+  t.dtype = dtype;
+  t.stride[3] = 1;
+  t.stride[2] = d3;
+  t.stride[1] = d2 * d3;
+  t.stride[0] = d1 * d2 * d3;
+  return t;
+}
+
 // One sequence: where its tokens live in the (batch, time) dimensions of the token tensors.
 struct SequenceSpan {
   int64_t batch = 0;   // index in the batch dimension

@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/chunk.cuh"
 #include "cuda/chunk_bwd.cuh"
@@ -203,56 +204,48 @@ cudaError_t chunk_tc_forward(const RecurrenceParams& p, const LaunchContext& ctx
 
 namespace {
 
+// f(Elem{}, K) for the tensor-core family's instantiation of (elem, key_dim): Elem
+// __nv_bfloat16 or __half, K = std::integral_constant<int, 64 or 128> (callers check key_dim).
+template <typename F>
+auto with_instantiation(Storage elem, int64_t key_dim, F&& f) {
+  using K64 = std::integral_constant<int, 64>;
+  using K128 = std::integral_constant<int, 128>;
+  const bool bf16 = elem == Storage::kBFloat16;
+  if (key_dim == 64) return bf16 ? f(__nv_bfloat16{}, K64{}) : f(__half{}, K64{});
+  return bf16 ? f(__nv_bfloat16{}, K128{}) : f(__half{}, K128{});
+}
+
 // The forward kernels of (elem, key_dim) over value_dim columns.
 cudaError_t launch_forward_kernels(Storage elem, int64_t key_dim, int64_t value_dim, GateKind gate,
                                    bool bonus, const ChunkArgs& args, int64_t num_seqs,
                                    cudaStream_t stream) {
-  const int v = static_cast<int>(value_dim);
-  const bool bf16 = elem == Storage::kBFloat16;
-  if (key_dim == 64)
-    return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 64>(args, gate, bonus, v, num_seqs,
-                                                                stream)
-                : chunk_fwd::launch_for_gate<__half, 64>(args, gate, bonus, v, num_seqs, stream);
-  return bf16 ? chunk_fwd::launch_for_gate<__nv_bfloat16, 128>(args, gate, bonus, v, num_seqs,
-                                                               stream)
-              : chunk_fwd::launch_for_gate<__half, 128>(args, gate, bonus, v, num_seqs, stream);
+  return with_instantiation(elem, key_dim, [&](auto elem_type, auto k) {
+    return chunk_fwd::launch_for_gate<decltype(elem_type), decltype(k)::value>(
+        args, gate, bonus, static_cast<int>(value_dim), num_seqs, stream);
+  });
 }
 
 // The per-key backward's passes over a reduction of key_dim (chunk_fwd::launch_per_key_pass).
 bool per_key_passes_on_wgmma(Storage elem, int64_t key_dim) {
-  const bool bf16 = elem == Storage::kBFloat16;
-  if (key_dim == 64)
-    return bf16 ? chunk_fwd::per_key_pass_on_wgmma<__nv_bfloat16, 64>()
-                : chunk_fwd::per_key_pass_on_wgmma<__half, 64>();
-  if (key_dim == 128)
-    return bf16 ? chunk_fwd::per_key_pass_on_wgmma<__nv_bfloat16, 128>()
-                : chunk_fwd::per_key_pass_on_wgmma<__half, 128>();
-  return false;
+  if (key_dim != 64 && key_dim != 128) return false;
+  return with_instantiation(elem, key_dim, [](auto elem_type, auto k) {
+    return chunk_fwd::per_key_pass_on_wgmma<decltype(elem_type), decltype(k)::value>();
+  });
 }
 cudaError_t launch_per_key_pass(Storage elem, int64_t key_dim, bool value_gates,
                                 const ChunkArgs& args, int64_t value_dim, int64_t num_seqs,
                                 cudaStream_t stream) {
-  const bool bf16 = elem == Storage::kBFloat16;
-  const int v = static_cast<int>(value_dim);
-  if (key_dim == 64)
-    return bf16
-               ? chunk_fwd::launch_per_key_pass<__nv_bfloat16, 64>(args, value_gates, v, num_seqs,
-                                                                   stream)
-               : chunk_fwd::launch_per_key_pass<__half, 64>(args, value_gates, v, num_seqs, stream);
-  return bf16 ? chunk_fwd::launch_per_key_pass<__nv_bfloat16, 128>(args, value_gates, v, num_seqs,
-                                                                   stream)
-              : chunk_fwd::launch_per_key_pass<__half, 128>(args, value_gates, v, num_seqs, stream);
+  return with_instantiation(elem, key_dim, [&](auto elem_type, auto k) {
+    return chunk_fwd::launch_per_key_pass<decltype(elem_type), decltype(k)::value>(
+        args, value_gates, static_cast<int>(value_dim), num_seqs, stream);
+  });
 }
 
 bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
-  const bool bf16 = elem == Storage::kBFloat16;
-  if (key_dim == 64)
-    return bf16 ? chunk_fwd::on_wgmma<__nv_bfloat16, 64>(gate)
-                : chunk_fwd::on_wgmma<__half, 64>(gate);
-  if (key_dim == 128)
-    return bf16 ? chunk_fwd::on_wgmma<__nv_bfloat16, 128>(gate)
-                : chunk_fwd::on_wgmma<__half, 128>(gate);
-  return false;
+  if (key_dim != 64 && key_dim != 128) return false;
+  return with_instantiation(elem, key_dim, [&](auto elem_type, auto k) {
+    return chunk_fwd::on_wgmma<decltype(elem_type), decltype(k)::value>(gate);
+  });
 }
 
 // The backward as three passes of the forward kernel on wgmma. With a per-head decay g
@@ -318,43 +311,17 @@ PassLayout pass_layout(const RecurrenceParams& p) {
 
 size_t pass_layout_total(const RecurrenceParams& p) { return pass_layout(p).total(); }
 
-// Per-key passes: their flags (ChunkArgs::redo), where the dq pass leaves S_T (or null), and
-// the rounding residuals of dq and dk (for dg; else null).
+// Per-key passes: their flags (ChunkArgs::redo), where the dq pass leaves S_T^T, and the
+// rounding residuals of dq and dk (for dg; else absent).
 struct PassScratch {
   int* flags = nullptr;
   int flags_per_head = 0;
-  float* final_state = nullptr;
-  char *dq_residual = nullptr, *dk_residual = nullptr;
+  StridedTensor final_state, dq_residual, dk_residual;
 };
-
-// A [B][T][H][K] tensor of the input type over `data` (the residuals of dq and dk for dg).
-StridedTensor residual_tensor(char* data, const RecurrenceParams& p) {
-  StridedTensor t{};
-  if (data == nullptr) return t;
-  t.data = data;
-  t.dtype = p.q.dtype;
-  t.stride[3] = 1;
-  t.stride[2] = p.key_dim;
-  t.stride[1] = p.num_heads * p.key_dim;
-  t.stride[0] = p.time * t.stride[1];
-  t.present = true;
-  return t;
-}
 
 cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext& ctx,
                                  const PassScratch& scratch) {
   const bool per_key = p.gate == GateKind::kPerKey;
-  // S_T^T of the dq pass (rows: values, columns: keys) stored as [N][H][K][V].
-  StridedTensor final_state{};
-  if (scratch.final_state != nullptr) {
-    final_state.data = reinterpret_cast<char*>(scratch.final_state);
-    final_state.dtype = Storage::kFloat32;
-    final_state.stride[1] = p.key_dim * p.value_dim;
-    final_state.stride[0] = p.num_heads * final_state.stride[1];
-    final_state.stride[2] = 1;
-    final_state.stride[3] = p.value_dim;
-    final_state.present = true;
-  }
   // One pass: the forward over (q, k, v) -> o, from `initial` to `final`, in the call's direction
   // or the other one (then with the gates shifted and dS_T / scale as the initial state); per-key
   // gates on the keys or on the output's columns.
@@ -367,13 +334,12 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
   };
   const StridedTensor none{};
   const Pass passes[] = {
-      {p.d_o, p.v, p.k, p.dq, residual_tensor(scratch.dq_residual, p),
-       transposed_state(p.initial_state), final_state, p.value_dim, p.key_dim, false, true,
-       p.dq.present},
+      {p.d_o, p.v, p.k, p.dq, scratch.dq_residual, transposed_state(p.initial_state),
+       scratch.final_state, p.value_dim, p.key_dim, false, true, p.dq.present},
       {p.k, p.q, p.d_o, p.dv, none, p.d_final_state, p.d_initial_state, p.key_dim, p.value_dim,
        true, false, p.dv.present || p.d_initial_state.present},
-      {p.v, p.d_o, p.q, p.dk, residual_tensor(scratch.dk_residual, p),
-       transposed_state(p.d_final_state), none, p.value_dim, p.key_dim, true, true, p.dk.present},
+      {p.v, p.d_o, p.q, p.dk, scratch.dk_residual, transposed_state(p.d_final_state), none,
+       p.value_dim, p.key_dim, true, true, p.dk.present},
   };
   int flags_offset = 0;
   for (const Pass& pass : passes) {
@@ -418,13 +384,17 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
   PassScratch scratch;
   scratch.flags = reinterpret_cast<int*>(ctx.workspace + layout.flags_at);
   scratch.flags_per_head = layout.flags_per_head;
-  if (layout.final_state_bytes > 0)
-    scratch.final_state = reinterpret_cast<float*>(ctx.workspace + layout.final_state_at);
+  if (layout.final_state_bytes > 0)  // S_T^T of the dq pass (rows values) as [N][H][K][V]
+    scratch.final_state =
+        transposed_state(compact(ctx.workspace + layout.final_state_at, Storage::kFloat32,
+                                 p.num_heads, p.key_dim, p.value_dim));
   if (p.dg.present) {  // both in the float32 q * dq: B T H K elements each
-    scratch.dq_residual = reinterpret_cast<char*>(args.scratch.q_dq);
-    scratch.dk_residual = scratch.dq_residual + static_cast<size_t>(p.batch * p.time) *
-                                                    static_cast<size_t>(p.num_heads * p.key_dim) *
-                                                    storage_bytes(p.q.dtype);
+    char* residuals = reinterpret_cast<char*>(args.scratch.q_dq);
+    scratch.dq_residual = compact(residuals, p.q.dtype, p.time, p.num_heads, p.key_dim);
+    scratch.dk_residual =
+        compact(residuals + static_cast<size_t>(p.batch * p.time * p.num_heads * p.key_dim) *
+                                storage_bytes(p.q.dtype),
+                p.q.dtype, p.time, p.num_heads, p.key_dim);
   }
   cudaError_t err = cudaMemsetAsync(scratch.flags, 0, layout.flags_bytes, ctx.stream);
   if (err != cudaSuccess) return err;
@@ -436,22 +406,22 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
     gate_args.k = p.k;
     gate_args.dq = p.dq;
     gate_args.dk = p.dk;
-    gate_args.dq_residual = residual_tensor(scratch.dq_residual, p);
-    gate_args.dk_residual = residual_tensor(scratch.dk_residual, p);
+    gate_args.dq_residual = scratch.dq_residual;
+    gate_args.dk_residual = scratch.dk_residual;
     gate_args.g = p.g;
     gate_args.dg = p.dg;
     gate_args.d_final_state = p.d_final_state;
-    gate_args.final_state = scratch.final_state;
+    gate_args.final_state = scratch.final_state.present
+                                ? reinterpret_cast<const float*>(scratch.final_state.data)
+                                : nullptr;
     gate_args.sequences = ctx.sequences;
     gate_args.num_heads = p.num_heads;
     gate_args.value_dim = static_cast<int>(p.value_dim);
     gate_args.reverse = p.reverse;
-    const bool bf16 = p.q.dtype == Storage::kBFloat16;
-    err = p.key_dim == 64
-              ? (bf16 ? chunk_gate_grad::launch<__nv_bfloat16, 64>(gate_args, ctx.stream)
-                      : chunk_gate_grad::launch<__half, 64>(gate_args, ctx.stream))
-              : (bf16 ? chunk_gate_grad::launch<__nv_bfloat16, 128>(gate_args, ctx.stream)
-                      : chunk_gate_grad::launch<__half, 128>(gate_args, ctx.stream));
+    err = with_instantiation(p.q.dtype, p.key_dim, [&](auto elem_type, auto k) {
+      return chunk_gate_grad::launch<decltype(elem_type), decltype(k)::value>(gate_args,
+                                                                              ctx.stream);
+    });
     if (err != cudaSuccess) return err;
   }
   args.redo = scratch.flags;
@@ -520,13 +490,10 @@ cudaError_t chunk_tc_launch_backward(const RecurrenceParams& p, const chunk_bwd:
   if (p.value_dim != p.key_dim)
     return bf16 ? chunk_bwd::launch_wide<__nv_bfloat16>(args, num_seqs, stream)
                 : chunk_bwd::launch_wide<__half>(args, num_seqs, stream);
-  if (p.key_dim == 64)
-    return bf16 ? chunk_bwd::launch_for_gate<__nv_bfloat16, 64>(args, p.gate, p.bonus, num_seqs,
-                                                                stream)
-                : chunk_bwd::launch_for_gate<__half, 64>(args, p.gate, p.bonus, num_seqs, stream);
-  return bf16 ? chunk_bwd::launch_for_gate<__nv_bfloat16, 128>(args, p.gate, p.bonus, num_seqs,
-                                                               stream)
-              : chunk_bwd::launch_for_gate<__half, 128>(args, p.gate, p.bonus, num_seqs, stream);
+  return with_instantiation(p.q.dtype, p.key_dim, [&](auto elem_type, auto k) {
+    return chunk_bwd::launch_for_gate<decltype(elem_type), decltype(k)::value>(
+        args, p.gate, p.bonus, num_seqs, stream);
+  });
 }
 
 }  // namespace flashlin::cuda

@@ -17,7 +17,6 @@
 
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
-#include "cuda/mma.cuh"
 
 namespace flashlin::cuda::chunk_gate_grad {
 

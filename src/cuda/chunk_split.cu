@@ -96,15 +96,7 @@ PieceLayout piece_layout(const RecurrenceParams& p, bool backward, const SplitPl
 
 // A contiguous float32 [pieces, H, K, V] state tensor in the scratch.
 StridedTensor piece_states(char* data, const RecurrenceParams& p) {
-  StridedTensor t;
-  t.data = data;
-  t.dtype = Storage::kFloat32;
-  t.stride[3] = 1;
-  t.stride[2] = p.value_dim;
-  t.stride[1] = p.key_dim * p.value_dim;
-  t.stride[0] = p.num_heads * p.key_dim * p.value_dim;
-  t.present = true;
-  return t;
+  return compact(data, Storage::kFloat32, p.num_heads, p.key_dim, p.value_dim);
 }
 
 // gate_totals[j, h, k] = sum over the tokens of piece j of the clamped log gate (per key for

@@ -15,6 +15,7 @@
 
 namespace flashlin::cuda {
 
+using detail::compact;
 using detail::GateKind;
 using detail::RecurrenceParams;
 using detail::SequenceSpan;

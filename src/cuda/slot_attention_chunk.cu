@@ -47,15 +47,7 @@ constexpr int64_t kPiece = 64;       // tokens per piece of ABC's z scans
 // A contiguous [B, T, H, features] tensor of the call's token shape at `base`.
 StridedTensor token_tensor(char* base, Storage dtype, const SlotAttentionParams& p,
                            int64_t features) {
-  StridedTensor t;
-  t.data = base;
-  t.dtype = dtype;
-  t.present = true;
-  t.stride[3] = 1;
-  t.stride[2] = features;
-  t.stride[1] = p.num_heads * features;
-  t.stride[0] = p.time * t.stride[1];
-  return t;
+  return compact(base, dtype, p.time, p.num_heads, features);
 }
 
 size_t token_bytes(const SlotAttentionParams& p, Storage dtype) {

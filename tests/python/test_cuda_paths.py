@@ -5,7 +5,8 @@ multiple of 64 (up to 256); the general kernels run everything else, and every c
 FLASHLIN_CUDA_PATH=general. On Hopper the forward of the chunked family runs on wgmma (per-key gates:
 the chunks narrow enough for its scaling, the rest of a thread block's sequence on mma.sync), and
 so does the backward of retention, linear attention and GLA, as passes of that kernel (GLA: a head
-with a chunk too wide for them on the mma.sync backward); elsewhere (and with FLASHLIN_CUDA_MMA_SYNC=1) on mma.sync. Each case runs under the three settings
+with a chunk too wide for them on the mma.sync backward); elsewhere (and with
+FLASHLIN_CUDA_MMA_SYNC=1) on mma.sync. Each case runs under the three settings
 ("default", "general" and "mma_sync": the tensor-core kernels with the forward forced onto
 mma.sync), with the CUDA caching allocator filled with NaN first so that an output element the kernels forget to
 write shows up as NaN. Skipped without a GPU or without a CUDA build of the library.
