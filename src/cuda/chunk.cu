@@ -418,6 +418,7 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
     gate_args.num_heads = p.num_heads;
     gate_args.value_dim = static_cast<int>(p.value_dim);
     gate_args.reverse = p.reverse;
+    gate_args.dg_rows = p.dg.dtype == p.g.dtype && rows_copyable(p.dg);
     err = with_instantiation(p.q.dtype, p.key_dim, [&](auto elem_type, auto k) {
       return chunk_gate_grad::launch<decltype(elem_type), decltype(k)::value>(gate_args,
                                                                               ctx.stream);

@@ -3,20 +3,23 @@
 // k_s e^{-B_s} and the final state e^{B_T}(...), so with the passes' dq and dk
 //   dL/dB_s = q_s * dq_s - k_s * dk_s + [s = T] rowsum(S_T * dS_T)
 //   dg_t    = sum_{s >= t} dL/dB_s          (0 where g_t is at the floor, -inf included)
-// One thread block per (head, sequence) walks the sequence from its last visited token in tiles
-// of 32 tokens: each warp takes 4 rows, each lane K / 32 keys; a thread sums its own rows, and
-// the rows of the warps after it and of the tiles after the tile come from shared memory and a
-// carry. A tile's loads are all issued before its stores, and two blocks fit per multiprocessor
-// (every block of B = 8, H = 32 at once: one block per multiprocessor took two waves). The sums run
-// in a fixed order (deterministic results). dq and dk are read with their rounding residuals
-// (dq = hi + lo, two values of the input type: 16 more bits): q * dq and k * dk cancel almost
-// entirely over a sequence (dg_0 is only the boundary terms), so dq's and dk's rounding to 16
-// bits alone would show in dg.
+// A memory-bound reverse scan: one thread block per (head, sequence) walks the sequence from its
+// last visited token in stages of 2048 / K tokens, copied into shared memory by cp.async
+// kStages - 1 stages ahead, so that loads stream while the block sums (two blocks per
+// multiprocessor: every block of B = 8, H = 32 at once). Each warp takes kStageRows / 8 rows of a
+// stage and each lane K / 32 keys; a thread sums its own rows, and the rows of the warps after it
+// and of the stages after the stage come from shared memory and a carry. A stage's dg is stored
+// one stage later, behind the barrier that the pipeline needs anyway. The sums run in a fixed
+// order (deterministic results). dq and dk are read with their rounding residuals (dq = hi + lo,
+// two values of the input type: 16 more bits): q * dq and k * dk cancel almost entirely over a
+// sequence (dg_0 is only the boundary terms), so dq's and dk's rounding to 16 bits alone would
+// show in dg.
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 
 namespace flashlin::cuda::chunk_gate_grad {
 
@@ -29,50 +32,112 @@ struct GateGradArgs {
   int64_t num_heads = 0;
   int value_dim = 0;
   bool reverse = false;
+  bool dg_rows = false;  // dg has g's dtype and 16-byte rows: a lane's keys stored at once
 };
 
 constexpr int kWarps = 8;
-constexpr int kTileRows = 32;
-constexpr int kRowsPerWarp = kTileRows / kWarps;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kStages = 3;
 
-// kKeys consecutive features of a row as floats (16-byte aligned rows: rows_copyable).
-template <typename Elem, int kKeys>
-__device__ __forceinline__ void load_row(const Elem* row, float (&x)[kKeys]) {
-  struct alignas(sizeof(Elem) * kKeys) Piece {
-    Elem e[kKeys];
-  };
-  const Piece piece = *reinterpret_cast<const Piece*>(row);
+// The operands of a stage in shared memory, in this order, each [kStageRows][K].
+enum Operand { kQ, kK, kDq, kDqLow, kDk, kDkLow, kNumElemOperands };
+
+template <typename Elem, int K, int kGateBytes>
+struct Layout {
+  static constexpr int kStageRows = 2048 / K;  // one cp.async pass per operand of the input type
+  static constexpr int kRowsPerWarp = kStageRows / kWarps;
+  static constexpr int kKeys = K / 32;  // per lane
+  static constexpr int kOperandBytes = kStageRows * K * int{sizeof(Elem)};
+  static constexpr int kStageBytes = kNumElemOperands * kOperandBytes + kStageRows * K * kGateBytes;
+  static constexpr int kSumBytes = 2 * kWarps * K * 4;  // the warps' sums, double-buffered
+  static constexpr int kSmemBytes = kStages * kStageBytes + kSumBytes;
+};
+
+// kKeys consecutive features of a row as floats, and back (aligned rows).
+template <typename T, int kKeys>
+struct alignas(sizeof(T) * kKeys) RowPiece {
+  T e[kKeys];
+};
+template <typename T, int kKeys>
+__device__ __forceinline__ void load_row(const T* row, float (&x)[kKeys]) {
+  const RowPiece<T, kKeys> piece = *reinterpret_cast<const RowPiece<T, kKeys>*>(row);
 #pragma unroll
   for (int c = 0; c < kKeys; ++c) x[c] = to_float(piece.e[c]);
 }
+template <typename T, int kKeys>
+__device__ __forceinline__ void store_row(T* row, const float (&x)[kKeys]) {
+  RowPiece<T, kKeys> piece;
+#pragma unroll
+  for (int c = 0; c < kKeys; ++c) piece.e[c] = from_float<T>(x[c]);
+  *reinterpret_cast<RowPiece<T, kKeys>*>(row) = piece;
+}
+// A row of gates (any 16-bit or float32 storage) at `row`.
 template <int kKeys>
-__device__ __forceinline__ void load_gate_row(const StridedTensor& g, int64_t offset,
-                                              float (&x)[kKeys]) {
-  switch (g.dtype) {
-    case Storage::kFloat32: load_row(reinterpret_cast<const float*>(g.data) + offset, x); break;
-    case Storage::kFloat16: load_row(reinterpret_cast<const __half*>(g.data) + offset, x); break;
-    default: load_row(reinterpret_cast<const __nv_bfloat16*>(g.data) + offset, x); break;
+__device__ __forceinline__ void load_gate_row(Storage dtype, const void* row, float (&x)[kKeys]) {
+  switch (dtype) {
+    case Storage::kFloat32: load_row(static_cast<const float*>(row), x); break;
+    case Storage::kFloat16: load_row(static_cast<const __half*>(row), x); break;
+    default: load_row(static_cast<const __nv_bfloat16*>(row), x); break;
+  }
+}
+template <int kKeys>
+__device__ __forceinline__ void store_gate_row(const StridedTensor& dg, int64_t offset,
+                                               bool whole_rows, const float (&x)[kKeys]) {
+  if (!whole_rows) {
+#pragma unroll
+    for (int c = 0; c < kKeys; ++c) store_float(dg, offset + c * dg.stride[3], x[c]);
+    return;
+  }
+  switch (dg.dtype) {
+    case Storage::kFloat32: store_row(reinterpret_cast<float*>(dg.data) + offset, x); break;
+    case Storage::kFloat16: store_row(reinterpret_cast<__half*>(dg.data) + offset, x); break;
+    default: store_row(reinterpret_cast<__nv_bfloat16*>(dg.data) + offset, x); break;
   }
 }
 
-// Feature `feature` of a token's row of `t` (element type T).
-template <typename T>
-__device__ __forceinline__ T* row_of(const StridedTensor& t, const SequenceSpan& seq, int64_t token,
-                                     int64_t head, int feature) {
-  return reinterpret_cast<T*>(t.data) + element_offset(t, seq.batch, token, head, feature);
-}
-
-template <typename Elem, int K>
-__global__ void __launch_bounds__(32 * kWarps, 2) gate_grad_kernel(const GateGradArgs args) {
-  constexpr int kKeys = K / 32;
-  __shared__ float warp_sums[2][kWarps][K];  // double-buffered: one barrier per tile
-  __shared__ float final_term[K];
+template <typename Elem, int K, int kGateBytes>
+__global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradArgs args) {
+  using L = Layout<Elem, K, kGateBytes>;
+  constexpr int kKeys = L::kKeys, kRows = L::kStageRows;
+  extern __shared__ __align__(128) char smem[];
+  float* const warp_sums = reinterpret_cast<float*>(smem + kStages * L::kStageBytes);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t head = blockIdx.x, seq_index = blockIdx.y;
   const SequenceSpan seq = args.sequences[seq_index];
   const int key0 = kKeys * lane;
+  const int64_t length = seq.length;
+  const int64_t num_stages = (length + kRows - 1) / kRows;
 
-  // rowsum(S_T * dS_T) of each key: warp w takes keys w, w + 8, ...
+  // The operands' rows in visiting order; stage s (from the last) holds rows
+  // [(num_stages - 1 - s) kRows, +kRows).
+  const TokenRows rows[kNumElemOperands] = {
+      {args.q, seq, head, args.reverse, sizeof(Elem)},
+      {args.k, seq, head, args.reverse, sizeof(Elem)},
+      {args.dq, seq, head, args.reverse, sizeof(Elem)},
+      {args.dq_residual, seq, head, args.reverse, sizeof(Elem)},
+      {args.dk, seq, head, args.reverse, sizeof(Elem)},
+      {args.dk_residual, seq, head, args.reverse, sizeof(Elem)}};
+  const TokenRows gate_rows(args.g, seq, head, args.reverse, kGateBytes);
+  auto issue = [&](int64_t stage) {
+    if (stage < num_stages) {
+      const int64_t first = (num_stages - 1 - stage) * kRows;
+      const int valid = static_cast<int>(length - first < kRows ? length - first : kRows);
+      char* dst = smem + (stage % kStages) * L::kStageBytes;
+#pragma unroll
+      for (int op = 0; op < kNumElemOperands; ++op)
+        tile::copy_rows_async<K* int{sizeof(Elem)}, kThreads, kRows>(
+            dst + op * L::kOperandBytes, K * int{sizeof(Elem)}, rows[op].row(first), rows[op].step,
+            valid);
+      tile::copy_rows_async<K * kGateBytes, kThreads, kRows>(
+          dst + kNumElemOperands * L::kOperandBytes, K * kGateBytes, gate_rows.row(first),
+          gate_rows.step, valid);
+    }
+    tile::cp_async_commit();  // an empty group past the end keeps the wait counts uniform
+  };
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+
+  // The carry starts as rowsum(S_T * dS_T) per key (warp w takes keys w, w + 8, ...), through
+  // the first buffer of warp sums.
   for (int key = warp; key < K; key += kWarps) {
     float sum = 0.f;
     if (args.final_state != nullptr) {
@@ -84,83 +149,79 @@ __global__ void __launch_bounds__(32 * kWarps, 2) gate_grad_kernel(const GateGra
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (lane == 0) final_term[key] = sum;
+    if (lane == 0) warp_sums[K + key] = sum;
   }
   __syncthreads();
-  float carry[kKeys];  // the sums over every token after the tile, plus the final term
+  float carry[kKeys];  // the sums over every token after the current stage
 #pragma unroll
-  for (int c = 0; c < kKeys; ++c) carry[c] = final_term[key0 + c];
+  for (int c = 0; c < kKeys; ++c) carry[c] = warp_sums[K + key0 + c];
 
-  const int64_t length = seq.length;
-  const int64_t num_tiles = (length + kTileRows - 1) / kTileRows;
-
-  for (int64_t tile = num_tiles - 1; tile >= 0; --tile) {
-    // Every load of the warp's rows first, then the thread's suffix sums from its last row to
-    // its first.
-    float q[kRowsPerWarp][kKeys] = {}, k[kRowsPerWarp][kKeys] = {}, dq[kRowsPerWarp][kKeys] = {},
-          dk[kRowsPerWarp][kKeys] = {};
-    uint32_t floored[kRowsPerWarp] = {};  // bit c: gate c at the floor
-    int64_t token[kRowsPerWarp];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t t = tile * kTileRows + warp * kRowsPerWarp + r;
-      token[r] = args.reverse ? seq.start + length - 1 - t : seq.start + t;
-      if (t >= length) continue;
-      load_row(row_of<const Elem>(args.q, seq, token[r], head, key0), q[r]);
-      load_row(row_of<const Elem>(args.k, seq, token[r], head, key0), k[r]);
-      float dq_low[kKeys], dk_low[kKeys];
-      load_row(row_of<const Elem>(args.dq, seq, token[r], head, key0), dq[r]);
-      load_row(row_of<const Elem>(args.dq_residual, seq, token[r], head, key0), dq_low);
-      load_row(row_of<const Elem>(args.dk, seq, token[r], head, key0), dk[r]);
-      load_row(row_of<const Elem>(args.dk_residual, seq, token[r], head, key0), dk_low);
+  // Registers of the stage whose dg is stored one iteration later.
+  float suffix[L::kRowsPerWarp][kKeys];  // sums over the thread's rows from each row on
+  uint32_t floored[L::kRowsPerWarp];     // bit c: gate c at the floor
+  for (int64_t stage = 0; stage <= num_stages; ++stage) {
+    tile::cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage `stage` landed; every thread is done with stage - 1's buffers
+    issue(stage + kStages - 1);
+    if (stage > 0) {  // stage - 1: the warps after this one, then the rows, then the carry
+      const float* sums = warp_sums + ((stage - 1) % 2) * kWarps * K;
+      float after[kKeys];
 #pragma unroll
       for (int c = 0; c < kKeys; ++c) {
-        dq[r][c] += dq_low[c];
-        dk[r][c] += dk_low[c];
+        after[c] = carry[c];
+#pragma unroll
+        for (int w = kWarps - 1; w > 0; --w)
+          if (w > warp) after[c] += sums[w * K + key0 + c];
+        float total = after[c];
+        for (int w = warp; w >= 0; --w) total += sums[w * K + key0 + c];
+        carry[c] = total;
       }
-      float g[kKeys];
-      load_gate_row(args.g, element_offset(args.g, seq.batch, token[r], head, key0), g);
+      const int64_t first = (num_stages - stage) * kRows + warp * L::kRowsPerWarp;
 #pragma unroll
-      for (int c = 0; c < kKeys; ++c) floored[r] |= (g[c] > kGateFloor ? 0u : 1u) << c;
+      for (int r = 0; r < L::kRowsPerWarp; ++r) {
+        const int64_t t = first + r;
+        if (t >= length) continue;
+        const int64_t token = args.reverse ? seq.start + length - 1 - t : seq.start + t;
+        float dg[kKeys];
+#pragma unroll
+        for (int c = 0; c < kKeys; ++c)
+          dg[c] = (floored[r] >> c) & 1u ? 0.f : suffix[r][c] + after[c];
+        store_gate_row(args.dg, element_offset(args.dg, seq.batch, token, head, key0), args.dg_rows,
+                       dg);
+      }
     }
-    float suffix[kRowsPerWarp][kKeys], own[kKeys] = {};
+    if (stage == num_stages) break;
+    const char* buffer = smem + (stage % kStages) * L::kStageBytes;
+    auto operand = [&](Operand op, int r, float(&x)[kKeys]) {
+      load_row(reinterpret_cast<const Elem*>(buffer + op * L::kOperandBytes) +
+                   (warp * L::kRowsPerWarp + r) * K + key0,
+               x);
+    };
+    float own[kKeys] = {};
 #pragma unroll
-    for (int r = kRowsPerWarp - 1; r >= 0; --r)
+    for (int r = L::kRowsPerWarp - 1; r >= 0; --r) {
+      float q[kKeys], k[kKeys], dq[kKeys], dq_low[kKeys], dk[kKeys], dk_low[kKeys], g[kKeys];
+      operand(kQ, r, q);
+      operand(kK, r, k);
+      operand(kDq, r, dq);
+      operand(kDqLow, r, dq_low);
+      operand(kDk, r, dk);
+      operand(kDkLow, r, dk_low);
+      load_gate_row(args.g.dtype,
+                    buffer + kNumElemOperands * L::kOperandBytes +
+                        ((warp * L::kRowsPerWarp + r) * K + key0) * kGateBytes,
+                    g);
+      floored[r] = 0;
 #pragma unroll
       for (int c = 0; c < kKeys; ++c) {
-        own[c] += q[r][c] * dq[r][c] - k[r][c] * dk[r][c];
+        own[c] += q[c] * (dq[c] + dq_low[c]) - k[c] * (dk[c] + dk_low[c]);
         suffix[r][c] = own[c];
+        floored[r] |= (g[c] > kGateFloor ? 0u : 1u) << c;
       }
-    float* sums = warp_sums[tile % 2][0];
-#pragma unroll
-    for (int c = 0; c < kKeys; ++c) sums[warp * K + key0 + c] = own[c];
-    __syncthreads();
-    float after[kKeys], total[kKeys];
-#pragma unroll
-    for (int c = 0; c < kKeys; ++c) {
-      after[c] = carry[c];
-      total[c] = carry[c];
     }
 #pragma unroll
-    for (int w = kWarps - 1; w >= 0; --w)
-#pragma unroll
-      for (int c = 0; c < kKeys; ++c) {
-        const float x = sums[w * K + key0 + c];
-        if (w > warp) after[c] += x;
-        total[c] += x;
-      }
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t t = tile * kTileRows + warp * kRowsPerWarp + r;
-      if (t >= length) continue;
-      const int64_t at = element_offset(args.dg, seq.batch, token[r], head, key0);
-#pragma unroll
-      for (int c = 0; c < kKeys; ++c)
-        store_float(args.dg, at + c * args.dg.stride[3],
-                    (floored[r] >> c) & 1u ? 0.f : suffix[r][c] + after[c]);
-    }
-#pragma unroll
-    for (int c = 0; c < kKeys; ++c) carry[c] = total[c];
+    for (int c = 0; c < kKeys; ++c)
+      warp_sums[(stage % 2) * kWarps * K + warp * K + key0 + c] = own[c];
   }
 }
 
@@ -168,8 +229,16 @@ template <typename Elem, int K>
 cudaError_t launch(const GateGradArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(args.num_heads),
                   static_cast<unsigned>(args.sequences.count));
-  gate_grad_kernel<Elem, K><<<grid, 32 * kWarps, 0, stream>>>(args);
-  return cudaGetLastError();
+  auto run = [&](auto kernel, int smem_bytes) {
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
+    return cudaGetLastError();
+  };
+  if (args.g.dtype == Storage::kFloat32)
+    return run(gate_grad_kernel<Elem, K, 4>, Layout<Elem, K, 4>::kSmemBytes);
+  return run(gate_grad_kernel<Elem, K, 2>, Layout<Elem, K, 2>::kSmemBytes);
 }
 
 }  // namespace flashlin::cuda::chunk_gate_grad
