@@ -1,4 +1,4 @@
-"""A small workload for Nsight Compute: chunk_gla (per-key gates), chunk_retention or
+"""A small workload for Nsight Compute: chunk_gla (per-key gates), chunk_rwkv6, chunk_retention or
 chunk_gateloop forward + backward at B, H=32, T, K=V=128 (K = the environment's K), bf16 (B=2,
 T=2048 unless the environment's B and T say otherwise), run twice (the second call is the one to
 profile: ncu --launch-skip). With PROFILE=1 the second call runs under torch.profiler and the
@@ -20,6 +20,7 @@ q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires
 g = F.logsigmoid(torch.randn(B, T, H, D, device="cuda")).div(16).to(torch.bfloat16)
 g.requires_grad_(True)
 theta = (0.1 * torch.randn(B, T, H, D, device="cuda")).to(torch.bfloat16).requires_grad_(True)
+u = (0.1 * torch.randn(H, D, device="cuda")).to(torch.bfloat16).requires_grad_(True)
 do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
 profile = os.environ.get("PROFILE") == "1"
 for step in range(2):
@@ -30,6 +31,9 @@ for step in range(2):
     if op == "gla":
         o = ops.chunk_gla(q, k, v, g=g)[0]
         torch.autograd.grad(o, [q, k, v, g], do)
+    elif op == "rwkv6":
+        o = ops.chunk_rwkv6(q, k, v, g, u)[0]
+        torch.autograd.grad(o, [q, k, v, g, u], do)
     elif op == "gateloop":
         o = ops.chunk_gateloop(q, k, v, g, theta)[0]
         torch.autograd.grad(o, [q, k, v, g, theta], do)

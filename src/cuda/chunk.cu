@@ -26,18 +26,18 @@ extern template bool on_wgmma<__nv_bfloat16, 64>(GateKind);
 extern template bool on_wgmma<__nv_bfloat16, 128>(GateKind);
 extern template bool on_wgmma<__half, 64>(GateKind);
 extern template bool on_wgmma<__half, 128>(GateKind);
-extern template bool per_key_pass_on_wgmma<__nv_bfloat16, 64>();
-extern template bool per_key_pass_on_wgmma<__nv_bfloat16, 128>();
-extern template bool per_key_pass_on_wgmma<__half, 64>();
-extern template bool per_key_pass_on_wgmma<__half, 128>();
-extern template cudaError_t launch_per_key_pass<__nv_bfloat16, 64>(const ChunkArgs&, bool, int,
-                                                                   int64_t, cudaStream_t);
-extern template cudaError_t launch_per_key_pass<__nv_bfloat16, 128>(const ChunkArgs&, bool, int,
-                                                                    int64_t, cudaStream_t);
-extern template cudaError_t launch_per_key_pass<__half, 64>(const ChunkArgs&, bool, int, int64_t,
-                                                            cudaStream_t);
-extern template cudaError_t launch_per_key_pass<__half, 128>(const ChunkArgs&, bool, int, int64_t,
-                                                             cudaStream_t);
+extern template bool per_key_pass_on_wgmma<__nv_bfloat16, 64>(bool);
+extern template bool per_key_pass_on_wgmma<__nv_bfloat16, 128>(bool);
+extern template bool per_key_pass_on_wgmma<__half, 64>(bool);
+extern template bool per_key_pass_on_wgmma<__half, 128>(bool);
+extern template cudaError_t launch_per_key_pass<__nv_bfloat16, 64>(const ChunkArgs&, bool, bool,
+                                                                   int, int64_t, cudaStream_t);
+extern template cudaError_t launch_per_key_pass<__nv_bfloat16, 128>(const ChunkArgs&, bool, bool,
+                                                                    int, int64_t, cudaStream_t);
+extern template cudaError_t launch_per_key_pass<__half, 64>(const ChunkArgs&, bool, bool, int,
+                                                            int64_t, cudaStream_t);
+extern template cudaError_t launch_per_key_pass<__half, 128>(const ChunkArgs&, bool, bool, int,
+                                                             int64_t, cudaStream_t);
 }  // namespace chunk_fwd
 
 namespace chunk_bwd {
@@ -226,18 +226,18 @@ cudaError_t launch_forward_kernels(Storage elem, int64_t key_dim, int64_t value_
 }
 
 // The per-key backward's passes over a reduction of key_dim (chunk_fwd::launch_per_key_pass).
-bool per_key_passes_on_wgmma(Storage elem, int64_t key_dim) {
+bool per_key_passes_on_wgmma(Storage elem, int64_t key_dim, bool bonus) {
   if (key_dim != 64 && key_dim != 128) return false;
-  return with_instantiation(elem, key_dim, [](auto elem_type, auto k) {
-    return chunk_fwd::per_key_pass_on_wgmma<decltype(elem_type), decltype(k)::value>();
+  return with_instantiation(elem, key_dim, [&](auto elem_type, auto k) {
+    return chunk_fwd::per_key_pass_on_wgmma<decltype(elem_type), decltype(k)::value>(bonus);
   });
 }
-cudaError_t launch_per_key_pass(Storage elem, int64_t key_dim, bool value_gates,
+cudaError_t launch_per_key_pass(Storage elem, int64_t key_dim, bool value_gates, bool bonus,
                                 const ChunkArgs& args, int64_t value_dim, int64_t num_seqs,
                                 cudaStream_t stream) {
   return with_instantiation(elem, key_dim, [&](auto elem_type, auto k) {
     return chunk_fwd::launch_per_key_pass<decltype(elem_type), decltype(k)::value>(
-        args, value_gates, static_cast<int>(value_dim), num_seqs, stream);
+        args, value_gates, bonus, static_cast<int>(value_dim), num_seqs, stream);
   });
 }
 
@@ -267,16 +267,31 @@ bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
 // (chunk_gate_grad.cuh), with rowsum(S_T * dS_T) from the dq pass's final state S_T^T. A pass's
 // thread block that meets a chunk too wide for the per-key scaling flags its (sequence, head),
 // and the mma.sync backward runs the flagged ones after the passes.
+// RWKV-6 (the bonus form: r_t sees the gates before its row, o_t also has (r_t . u * k_t) v_t):
+//   dq_t = scale [ sum_{s < t} 2^{b_{t-1} - b_s} (do_t . v_s) k_s + 2^{b_{t-1}} S0 do_t ]
+//          + scale (do_t . v_t) u * k_t
+//   dv_s = scale sum_{t > s} 2^{b_{t-1} - b_s} (k_s . r_t) do_t + 2^{b_T - b_s} k_s dS_T
+//          + scale (r_s . u * k_s) do_s
+//   dk_s = scale sum_{t > s} 2^{b_{t-1} - b_s} (v_s . do_t) r_t + 2^{b_T - b_s} dS_T v_s
+//          + scale (do_s . v_s) u * r_s
+// In the other direction (position s' of token s, cumulative gates c) 2^{b_{t-1} - b_s} is
+// 2^{c_{s'-1} - c_{t'}}: the query side sees the gates before its row and the key side its own,
+// t' < s', the forward's bonus form. So dv's pass is the bonus form itself (unshifted, its bonus
+// the last term), and dq's and dk's passes its form with the gates on the output's columns (the
+// same decay and mask, no bonus); dq's pass also writes do_t . v_t, and the gate
+// gradient's kernel adds dq's and dk's bonus terms and sums du (chunk_gate_grad.cuh). The
+// passes run when dq, dk and dg are all wanted (else the mma.sync backward runs).
 bool backward_as_forward(const RecurrenceParams& p) {
   const bool per_key = p.gate == GateKind::kPerKey;
   if (p.gate != GateKind::kNone && p.gate != GateKind::kPerHead && !per_key) return false;
-  if (p.bonus || p.du.present) return false;
+  if (p.du.present && !p.bonus) return false;
+  if (p.bonus && (!p.dq.present || !p.dk.present || !p.dg.present)) return false;
   // dg comes from the passes' dq and dk: both are computed when it is wanted.
   if (p.dg.present && (!per_key || !p.dq.present || !p.dk.present)) return false;
   if (!(p.scale != 0.0 && std::isfinite(1.0 / p.scale))) return false;
   if (p.value_dim != 64 && p.value_dim != 128) return false;  // the key dim of dq's and dk's pass
-  if (per_key ? !per_key_passes_on_wgmma(p.q.dtype, p.key_dim) ||
-                    !per_key_passes_on_wgmma(p.q.dtype, p.value_dim)
+  if (per_key ? !per_key_passes_on_wgmma(p.q.dtype, p.key_dim, p.bonus) ||
+                    !per_key_passes_on_wgmma(p.q.dtype, p.value_dim, false)
               : !forward_on_wgmma(p.q.dtype, p.key_dim, p.gate) ||
                     !forward_on_wgmma(p.q.dtype, p.value_dim, p.gate))
     return false;
@@ -288,12 +303,14 @@ bool backward_as_forward(const RecurrenceParams& p) {
 // The per-key backward's scratch: the mma.sync backward's (it runs the (sequence, head) pairs
 // the passes leave; when dg is wanted its float32 q * dq [B][T][H][K] first holds the rounding
 // residuals of dq and dk, in the input type, which it overwrites only after they are used),
-// the passes' flags, and S_T in float32 [N][H][K][V] when dg and dS_T are wanted.
+// the passes' flags, S_T in float32 [N][H][K][V] when dg and dS_T are wanted, and with the bonus
+// do_t . v_t in float32 [B][H][T].
 struct PassLayout {
   BackwardLayout fallback;
   int flags_per_head = 0;  // dq's pass K / 64, dv's V / 64, dk's K / 64
-  size_t flags_at = 0, flags_bytes = 0, final_state_at = 0, final_state_bytes = 0;
-  size_t total() const { return final_state_at + final_state_bytes; }
+  size_t flags_at = 0, flags_bytes = 0, final_state_at = 0, final_state_bytes = 0, diagonal_at = 0,
+         diagonal_bytes = 0;
+  size_t total() const { return diagonal_at + diagonal_bytes; }
 };
 PassLayout pass_layout(const RecurrenceParams& p) {
   PassLayout layout;
@@ -306,6 +323,10 @@ PassLayout pass_layout(const RecurrenceParams& p) {
   if (p.dg.present && p.d_final_state.present)
     layout.final_state_bytes =
         align_up(pairs * static_cast<size_t>(p.key_dim * p.value_dim) * sizeof(float));
+  layout.diagonal_at = layout.final_state_at + layout.final_state_bytes;
+  if (p.bonus)
+    layout.diagonal_bytes =
+        align_up(static_cast<size_t>(p.batch * p.num_heads * p.time) * sizeof(float));
   return layout;
 }
 
@@ -316,7 +337,7 @@ size_t pass_layout_total(const RecurrenceParams& p) { return pass_layout(p).tota
 struct PassScratch {
   int* flags = nullptr;
   int flags_per_head = 0;
-  StridedTensor final_state, dq_residual, dk_residual;
+  StridedTensor final_state, dq_residual, dk_residual, diagonal;
 };
 
 cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext& ctx,
@@ -327,7 +348,7 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
   // gates on the keys or on the output's columns.
   struct Pass {
     const StridedTensor &q, &k, &v, &o;
-    StridedTensor o_residual, initial, final;
+    StridedTensor o_residual, initial, final, diagonal;
     int64_t key_dim, value_dim;
     bool other_direction, value_gates;
     bool wanted;
@@ -335,10 +356,10 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
   const StridedTensor none{};
   const Pass passes[] = {
       {p.d_o, p.v, p.k, p.dq, scratch.dq_residual, transposed_state(p.initial_state),
-       scratch.final_state, p.value_dim, p.key_dim, false, true, p.dq.present},
-      {p.k, p.q, p.d_o, p.dv, none, p.d_final_state, p.d_initial_state, p.key_dim, p.value_dim,
-       true, false, p.dv.present || p.d_initial_state.present},
-      {p.v, p.d_o, p.q, p.dk, scratch.dk_residual, transposed_state(p.d_final_state), none,
+       scratch.final_state, scratch.diagonal, p.value_dim, p.key_dim, false, true, p.dq.present},
+      {p.k, p.q, p.d_o, p.dv, none, p.d_final_state, p.d_initial_state, none, p.key_dim,
+       p.value_dim, true, false, p.dv.present || p.d_initial_state.present},
+      {p.v, p.d_o, p.q, p.dk, scratch.dk_residual, transposed_state(p.d_final_state), none, none,
        p.value_dim, p.key_dim, true, true, p.dk.present},
   };
   int flags_offset = 0;
@@ -352,9 +373,10 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
     args.o_residual = pass.o_residual;
     args.initial_state = pass.initial;
     args.final_state = pass.final;
+    args.diagonal = pass.diagonal;
     if (pass.other_direction) {
       args.reverse = !p.reverse;
-      args.shift_gates = true;
+      args.shift_gates = !p.bonus;
       args.initial_state_factor = static_cast<float>(1.0 / p.scale);
       args.final_state_factor = static_cast<float>(p.scale);  // dS0 from dS_T / scale
     }
@@ -364,7 +386,7 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
     flags_offset += blocks_per_head;
     if (!pass.wanted) continue;
     const cudaError_t err =
-        per_key ? launch_per_key_pass(p.q.dtype, pass.key_dim, pass.value_gates, args,
+        per_key ? launch_per_key_pass(p.q.dtype, pass.key_dim, pass.value_gates, p.bonus, args,
                                       pass.value_dim, ctx.sequences.count, ctx.stream)
                 : launch_forward_kernels(p.q.dtype, pass.key_dim, pass.value_dim, p.gate, false,
                                          args, ctx.sequences.count, ctx.stream);
@@ -388,6 +410,16 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
     scratch.final_state =
         transposed_state(compact(ctx.workspace + layout.final_state_at, Storage::kFloat32,
                                  p.num_heads, p.key_dim, p.value_dim));
+  if (layout.diagonal_bytes > 0) {  // [B][H][T]: one (sequence, head)'s tokens are adjacent
+    StridedTensor& diagonal = scratch.diagonal;
+    diagonal.data = ctx.workspace + layout.diagonal_at;
+    diagonal.dtype = Storage::kFloat32;
+    diagonal.present = true;
+    diagonal.stride[0] = p.num_heads * p.time;
+    diagonal.stride[1] = 1;
+    diagonal.stride[2] = p.time;
+    diagonal.stride[3] = 0;
+  }
   if (p.dg.present) {  // both in the float32 q * dq: B T H K elements each
     char* residuals = reinterpret_cast<char*>(args.scratch.q_dq);
     scratch.dq_residual = compact(residuals, p.q.dtype, p.time, p.num_heads, p.key_dim);
@@ -419,6 +451,12 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
     gate_args.value_dim = static_cast<int>(p.value_dim);
     gate_args.reverse = p.reverse;
     gate_args.dg_rows = p.dg.dtype == p.g.dtype && rows_copyable(p.dg);
+    if (p.bonus) {
+      gate_args.u = p.u;
+      gate_args.diagonal = scratch.diagonal;
+      gate_args.scale = static_cast<float>(p.scale);
+      gate_args.du_partial = p.du.present ? args.scratch.du_partial : nullptr;
+    }
     err = with_instantiation(p.q.dtype, p.key_dim, [&](auto elem_type, auto k) {
       return chunk_gate_grad::launch<decltype(elem_type), decltype(k)::value>(gate_args,
                                                                               ctx.stream);

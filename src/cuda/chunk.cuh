@@ -81,6 +81,9 @@ struct ChunkArgs {
   // Gates on the output's columns (the per-key backward's dq and dk passes): o - o rounded to the
   // input type, in the input type, beside o (absent: not written).
   StridedTensor o_residual;
+  // Gates on the output's columns in the bonus form (RWKV-6's dq and dk passes): the blocks of
+  // value tile 0 write q_i . k_i of every row here (float32; absent: not written).
+  StridedTensor diagonal;
 };
 
 // A state tensor (sequence, head, key, value) seen as (sequence, head, value, key).

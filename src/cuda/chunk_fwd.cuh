@@ -600,23 +600,30 @@ cudaError_t launch_per_key(ChunkArgs args, int value_dim, int64_t num_seqs, cuda
   return launch<Elem, K, GateKind::kPerKey, Bonus>(args, value_dim, num_seqs, stream);
 }
 
-// The per-key backward's passes (chunk.cu) with a reduction over K: gates on the keys (dv) or
-// on the output's columns (dq, dk), on the wgmma kernel only. A pass's thread block that meets a
-// chunk too wide for its scaling flags itself in args.redo (which must have room) and the
-// caller runs the mma.sync backward for it.
+// The per-key backward's passes (chunk.cu) with a reduction over K: gates on the keys (dv) or on
+// the output's columns (dq, dk), each also in RWKV-6's bonus form, on the wgmma kernel only. A
+// pass's thread block that meets a chunk too wide for its scaling flags itself in args.redo (which
+// must have room) and the caller runs the mma.sync backward for it.
 template <typename Elem, int K>
-bool per_key_pass_on_wgmma() {
-  return wgmma_chosen<Elem, K, GateKind::kPerKey, false, false>() &&
-         wgmma_chosen<Elem, K, GateKind::kPerKey, false, true>();
+bool per_key_pass_on_wgmma(bool bonus) {
+  return bonus ? wgmma_chosen<Elem, K, GateKind::kPerKey, true, false>() &&
+                     wgmma_chosen<Elem, K, GateKind::kPerKey, true, true>()
+               : wgmma_chosen<Elem, K, GateKind::kPerKey, false, false>() &&
+                     wgmma_chosen<Elem, K, GateKind::kPerKey, false, true>();
 }
 template <typename Elem, int K>
-cudaError_t launch_per_key_pass(const ChunkArgs& args, bool value_gates, int value_dim,
+cudaError_t launch_per_key_pass(const ChunkArgs& args, bool value_gates, bool bonus, int value_dim,
                                 int64_t num_seqs, cudaStream_t stream) {
   if (args.redo == nullptr) return cudaErrorInvalidValue;
-  return value_gates ? chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, false, true>(
-                           args, value_dim, num_seqs, stream)
-                     : chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, false, false>(
-                           args, value_dim, num_seqs, stream);
+  auto run = [&](auto bonus_form, auto gates_on_values) {
+    return chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, decltype(bonus_form)::value,
+                                   decltype(gates_on_values)::value>(args, value_dim, num_seqs,
+                                                                     stream);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (value_gates) return bonus ? run(Yes{}, Yes{}) : run(No{}, Yes{});
+  return bonus ? run(Yes{}, No{}) : run(No{}, No{});
 }
 
 // Whether launch_for_gate<Elem, K> runs `gate` on the wgmma kernel here. Instantiated once per

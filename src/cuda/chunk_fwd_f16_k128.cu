@@ -6,7 +6,7 @@ namespace flashlin::cuda::chunk_fwd {
 template cudaError_t launch_for_gate<__half, 128>(const ChunkArgs&, GateKind, bool, int, int64_t,
                                                   cudaStream_t);
 template bool on_wgmma<__half, 128>(GateKind);
-template bool per_key_pass_on_wgmma<__half, 128>();
-template cudaError_t launch_per_key_pass<__half, 128>(const ChunkArgs&, bool, int, int64_t,
+template bool per_key_pass_on_wgmma<__half, 128>(bool);
+template cudaError_t launch_per_key_pass<__half, 128>(const ChunkArgs&, bool, bool, int, int64_t,
                                                       cudaStream_t);
 }  // namespace flashlin::cuda::chunk_fwd

@@ -15,6 +15,8 @@
 //   v'_j = v_j * 2^{r - b_j},  S0' = S0 * 2^{r},   (per column)
 //   o_i  = scale * 2^{a_i - r} * [ q_i S0' + sum_{j <= i} (q_i · k_j) v'_j ]
 //   S_end = (S0' + K^T V') * 2^{r}
+// and in the bonus form (RWKV-6's dq and dk) a_i = b_{i-1} and j < i, the bonus form's decay and
+// mask without its bonus (q_i · k_i is written out instead).
 // Each factor lies within 2^{+-R/2} for a chunk whose widest
 // key range is R; where R passes max_midpoint_range<Elem>() (chunk.cuh) the kernel stops at that
 // chunk and flags its thread block in ChunkArgs::redo, and the mma.sync kernel (chunk_fwd.cuh)
@@ -61,9 +63,14 @@ template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = fal
 struct Traits {
   static_assert(K == 64 || K == 128, "K must be 64 or 128");
   static_assert(!Bonus || Gate == GateKind::kPerKey, "the bonus form has per-key gates");
-  static_assert(!ValueGates || (Gate == GateKind::kPerKey && !Bonus),
-                "gates on the output's columns are per-key gates without the bonus");
+  static_assert(!ValueGates || Gate == GateKind::kPerKey,
+                "gates on the output's columns are per-key gates");
   static constexpr bool kPerKey = Gate == GateKind::kPerKey;
+  // The bonus form (RWKV-6): q sees the gates before its row and the mask is strict, j < i. With
+  // gates on the keys the diagonal holds the bonus (q_i * u * k_i)·1; with gates on the output's
+  // columns (its backward's dq and dk) it is written out instead (ChunkArgs::diagonal).
+  static constexpr bool kBonusTerm = Bonus && !ValueGates;
+  static constexpr bool kDiagonalOut = Bonus && ValueGates;
   // Per-key gates on the keys (q and k scaled) or on the output's columns (v scaled, o times the
   // factor tile): each lane sums the gates of kGateColsPerLane of the kGateCols columns.
   static constexpr int kGateCols = ValueGates ? kValueTile : K;
@@ -251,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   // lane's keys, and the bonus dot of the row that lane 2 * (row % 16) of the row's warp holds.
   float key_factor[K / 64][2] = {}, column_mid[2] = {};
   float bonus_u[T::kGateColsPerLane] = {}, bonus_dot = 0.f;
-  if constexpr (Bonus) {
+  if constexpr (T::kBonusTerm) {
 #pragma unroll
     for (int c = 0; c < T::kGateColsPerLane; ++c)
       bonus_u[c] =
@@ -276,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         }
         key_factor[mb][h] = factor;
       }
-    if constexpr (Bonus) {
+    if constexpr (T::kBonusTerm) {
       // Sum the 16 rows' dots over the warp's lanes, halving the rows at each step: lane l ends
       // with row l / 2 (bits 4..1 of the lane select halves 8, 4, 2, 1 of the rows).
       auto halve = [&](auto half_rows) {  // one level; the row count a compile-time constant
@@ -405,7 +412,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 #pragma unroll
         for (int w = 0; w < kKeys / 2; ++w) {
           const float2 qv = tile::unpack<Elem>(q_at[w]), kv = tile::unpack<Elem>(k_at[w]);
-          if constexpr (Bonus)
+          if constexpr (T::kBonusTerm)
             dot += qv.x * bonus_u[2 * w] * kv.x + qv.y * bonus_u[2 * w + 1] * kv.y;
           q_at[w] = tile::pack<Elem>(qv.x * tile::fast_exp2(a[2 * w] - mid[2 * w]),
                                      qv.y * tile::fast_exp2(a[2 * w + 1] - mid[2 * w + 1]));
@@ -561,7 +568,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     }
     // Bonus: the dots of rows row_a and row_b (lanes 2 (row % 16) of this warp hold them).
     float bonus_a = 0.f, bonus_b = 0.f;
-    if constexpr (Bonus) {
+    if constexpr (T::kBonusTerm) {
       bonus_a = __shfl_sync(0xffffffffu, bonus_dot, 2 * group);
       bonus_b = __shfl_sync(0xffffffffu, bonus_dot, 2 * group + 16);
     }
@@ -571,6 +578,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 
     // Causal mask and decay of the scores, decay of the inter-chunk part of out.
     uint32_t p_frag[4][4];
+    float diagonal_a = 0.f, diagonal_b = 0.f;  // kDiagonalOut: q_i . k_i of rows row_a, row_b
 #pragma unroll
     for (int e = 0; e < 32; e += 2) {
       const bool second = (e % 4) >= 2;
@@ -584,9 +592,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
           if (j + h <= i)
             value[h] *= tile::fast_exp2((second ? gate_b : gate_a) - column_gate[2 * (e / 4) + h]);
         }
+        if constexpr (T::kDiagonalOut) {  // q_i . k_i, for the bonus terms of RWKV-6's backward
+          if (j + h == i) (second ? diagonal_b : diagonal_a) = value[h];
+        }
         // Selected, not multiplied: a masked per-key score may be infinite.
         value[h] = (Bonus ? j + h < i : j + h <= i) ? value[h] : 0.f;
-        if (Bonus && j + h == i) value[h] = second ? bonus_b : bonus_a;
+        if (T::kBonusTerm && j + h == i) value[h] = second ? bonus_b : bonus_a;
       }
       p_frag[e / 8][(e % 8) / 2] = tile::pack<Elem>(value[0], value[1]);
       if constexpr (T::kScalarGated) {
@@ -655,6 +666,22 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         __syncwarp();  // the staged o is read
         store_rows(args.o_residual, true);
       }
+    }
+    if constexpr (T::kDiagonalOut) {  // both diagonals of the thread's rows lie in quad group / 2
+      if (args.diagonal.present && blockIdx.x == 0 && quad == group / 2) {
+        const int rows[2] = {row_a, row_b};
+        const float values[2] = {diagonal_a, diagonal_b};
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (rows[h] < rows_valid)
+            *reinterpret_cast<float*>(
+                args.diagonal.data + 4 * element_offset(args.diagonal, seq.batch,
+                                                        token_at(int64_t{chunk} * kChunk + rows[h]),
+                                                        head, 0)) = values[h];
+      }
+    } else {
+      (void)diagonal_a;
+      (void)diagonal_b;
     }
     if constexpr (T::kPerKey) {
       // Every warp is done with this chunk's S0 and stage, and the next chunk's raw inputs are

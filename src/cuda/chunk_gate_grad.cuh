@@ -14,6 +14,13 @@
 // two values of the input type: 16 more bits): q * dq and k * dk cancel almost entirely over a
 // sequence (dg_0 is only the boundary terms), so dq's and dk's rounding to 16 bits alone would
 // show in dg.
+// RWKV-6 (Bonus: the query sees the gates before its row, o_t = r_t (S_{t-1} + diag(u) k_t v_t^T)):
+// the passes leave dq and dk without the bonus, and the dq pass writes s_t = do_t . v_t. Then
+//   dL/dB_s = r_{s+1} * dq_{s+1} - k_s * dk_s + [s = T] rowsum(S_T * dS_T)   (dq, dk: no bonus)
+//   dg_t    = sum_{s >= t} (r_s * dq_s - k_s * dk_s) - r_t * dq_t + rowsum(S_T * dS_T)
+// and this kernel adds the bonus terms dq_t += scale s_t u * k_t, dk_t += scale s_t u * r_t and
+// sums du = scale sum_t s_t r_t * k_t per (sequence, head) (chunk_bwd's du_kernel adds the
+// sequences).
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 
@@ -33,6 +40,11 @@ struct GateGradArgs {
   int value_dim = 0;
   bool reverse = false;
   bool dg_rows = false;  // dg has g's dtype and 16-byte rows: a lane's keys stored at once
+  // Bonus only: u [H][K], s_t = do_t . v_t (float32, unit token stride), the call's scale, and
+  // du per (sequence, head) [N][H][K] (null: no du).
+  StridedTensor u, diagonal;
+  float scale = 1.f;
+  float* du_partial = nullptr;
 };
 
 constexpr int kWarps = 8;
@@ -42,13 +54,15 @@ constexpr int kStages = 3;
 // The operands of a stage in shared memory, in this order, each [kStageRows][K].
 enum Operand { kQ, kK, kDq, kDqLow, kDk, kDkLow, kNumElemOperands };
 
-template <typename Elem, int K, int kGateBytes>
+template <typename Elem, int K, int kGateBytes, bool Bonus>
 struct Layout {
   static constexpr int kStageRows = 2048 / K;  // one cp.async pass per operand of the input type
   static constexpr int kRowsPerWarp = kStageRows / kWarps;
   static constexpr int kKeys = K / 32;  // per lane
   static constexpr int kOperandBytes = kStageRows * K * int{sizeof(Elem)};
-  static constexpr int kStageBytes = kNumElemOperands * kOperandBytes + kStageRows * K * kGateBytes;
+  static constexpr int kGateAt = kNumElemOperands * kOperandBytes;
+  static constexpr int kDiagonalAt = kGateAt + kStageRows * K * kGateBytes;  // Bonus: s_t
+  static constexpr int kStageBytes = kDiagonalAt + (Bonus ? kStageRows * 4 : 0);
   static constexpr int kSumBytes = 2 * kWarps * K * 4;  // the warps' sums, double-buffered
   static constexpr int kSmemBytes = kStages * kStageBytes + kSumBytes;
 };
@@ -95,9 +109,9 @@ __device__ __forceinline__ void store_gate_row(const StridedTensor& dg, int64_t 
   }
 }
 
-template <typename Elem, int K, int kGateBytes>
+template <typename Elem, int K, int kGateBytes, bool Bonus>
 __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradArgs args) {
-  using L = Layout<Elem, K, kGateBytes>;
+  using L = Layout<Elem, K, kGateBytes, Bonus>;
   constexpr int kKeys = L::kKeys, kRows = L::kStageRows;
   extern __shared__ __align__(128) char smem[];
   float* const warp_sums = reinterpret_cast<float*>(smem + kStages * L::kStageBytes);
@@ -118,6 +132,13 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
       {args.dk, seq, head, args.reverse, sizeof(Elem)},
       {args.dk_residual, seq, head, args.reverse, sizeof(Elem)}};
   const TokenRows gate_rows(args.g, seq, head, args.reverse, kGateBytes);
+  const TokenRows diagonal_rows(args.diagonal, seq, head, args.reverse, 4);
+  float bonus_u[kKeys] = {}, du[kKeys] = {};  // Bonus: the lane's u, and its sum of du
+  if constexpr (Bonus) {
+#pragma unroll
+    for (int c = 0; c < kKeys; ++c)
+      bonus_u[c] = load_float(args.u, element_offset(args.u, 0, 0, head, key0 + c));
+  }
   auto issue = [&](int64_t stage) {
     if (stage < num_stages) {
       const int64_t first = (num_stages - 1 - stage) * kRows;
@@ -129,8 +150,15 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
             dst + op * L::kOperandBytes, K * int{sizeof(Elem)}, rows[op].row(first), rows[op].step,
             valid);
       tile::copy_rows_async<K * kGateBytes, kThreads, kRows>(
-          dst + kNumElemOperands * L::kOperandBytes, K * kGateBytes, gate_rows.row(first),
-          gate_rows.step, valid);
+          dst + L::kGateAt, K * kGateBytes, gate_rows.row(first), gate_rows.step, valid);
+      if constexpr (Bonus) {
+        if (threadIdx.x < kRows) {
+          const bool row_valid = static_cast<int>(threadIdx.x) < valid;
+          tile::cp_async_4(dst + L::kDiagonalAt + 4 * threadIdx.x,
+                           diagonal_rows.row(first + (row_valid ? threadIdx.x : 0)),
+                           row_valid ? 4 : 0);
+        }
+      }
     }
     tile::cp_async_commit();  // an empty group past the end keeps the wait counts uniform
   };
@@ -157,8 +185,9 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
   for (int c = 0; c < kKeys; ++c) carry[c] = warp_sums[K + key0 + c];
 
   // Registers of the stage whose dg is stored one iteration later.
-  float suffix[L::kRowsPerWarp][kKeys];  // sums over the thread's rows from each row on
-  uint32_t floored[L::kRowsPerWarp];     // bit c: gate c at the floor
+  float suffix[L::kRowsPerWarp][kKeys];     // sums over the thread's rows from each row on
+  float own_query[L::kRowsPerWarp][kKeys];  // Bonus: r_t * dq_t, not in dg_t
+  uint32_t floored[L::kRowsPerWarp];        // bit c: gate c at the floor
   for (int64_t stage = 0; stage <= num_stages; ++stage) {
     tile::cp_async_wait<kStages - 2>();
     __syncthreads();  // stage `stage` landed; every thread is done with stage - 1's buffers
@@ -185,7 +214,9 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
         float dg[kKeys];
 #pragma unroll
         for (int c = 0; c < kKeys; ++c)
-          dg[c] = (floored[r] >> c) & 1u ? 0.f : suffix[r][c] + after[c];
+          dg[c] = (floored[r] >> c) & 1u
+                      ? 0.f
+                      : suffix[r][c] + after[c] - (Bonus ? own_query[r][c] : 0.f);
         store_gate_row(args.dg, element_offset(args.dg, seq.batch, token, head, key0), args.dg_rows,
                        dg);
       }
@@ -207,21 +238,60 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
       operand(kDqLow, r, dq_low);
       operand(kDk, r, dk);
       operand(kDkLow, r, dk_low);
-      load_gate_row(args.g.dtype,
-                    buffer + kNumElemOperands * L::kOperandBytes +
-                        ((warp * L::kRowsPerWarp + r) * K + key0) * kGateBytes,
-                    g);
+      const int row = warp * L::kRowsPerWarp + r;
+      load_gate_row(args.g.dtype, buffer + L::kGateAt + (row * K + key0) * kGateBytes, g);
       floored[r] = 0;
+      float dq_out[kKeys], dk_out[kKeys];
+      const float s =
+          Bonus ? args.scale * *reinterpret_cast<const float*>(buffer + L::kDiagonalAt + 4 * row)
+                : 0.f;
 #pragma unroll
       for (int c = 0; c < kKeys; ++c) {
-        own[c] += q[c] * (dq[c] + dq_low[c]) - k[c] * (dk[c] + dk_low[c]);
+        const float dq_full = dq[c] + dq_low[c], dk_full = dk[c] + dk_low[c];
+        own[c] += q[c] * dq_full - k[c] * dk_full;
         suffix[r][c] = own[c];
         floored[r] |= (g[c] > kGateFloor ? 0u : 1u) << c;
+        if constexpr (Bonus) {
+          own_query[r][c] = q[c] * dq_full;
+          dq_out[c] = dq_full + s * bonus_u[c] * k[c];
+          dk_out[c] = dk_full + s * bonus_u[c] * q[c];
+          du[c] += s * q[c] * k[c];
+        }
+      }
+      if constexpr (Bonus) {
+        const int64_t t = (num_stages - 1 - stage) * kRows + row;
+        if (t < length) {
+          const int64_t token = args.reverse ? seq.start + length - 1 - t : seq.start + t;
+          store_row(reinterpret_cast<Elem*>(args.dq.data) +
+                        element_offset(args.dq, seq.batch, token, head, key0),
+                    dq_out);
+          store_row(reinterpret_cast<Elem*>(args.dk.data) +
+                        element_offset(args.dk, seq.batch, token, head, key0),
+                    dk_out);
+        }
+      } else {
+        (void)dq_out;
+        (void)dk_out;
       }
     }
 #pragma unroll
     for (int c = 0; c < kKeys; ++c)
       warp_sums[(stage % 2) * kWarps * K + warp * K + key0 + c] = own[c];
+  }
+  if constexpr (Bonus) {  // du of the (sequence, head): the warps' sums in a fixed order
+    if (args.du_partial == nullptr) return;
+    __syncthreads();  // every warp is done with the warp sums
+#pragma unroll
+    for (int c = 0; c < kKeys; ++c) warp_sums[warp * K + key0 + c] = du[c];
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int c = 0; c < kKeys; ++c) {
+        float sum = 0.f;
+        for (int w = 0; w < kWarps; ++w) sum += warp_sums[w * K + key0 + c];
+        args.du_partial[(seq_index * args.num_heads + head) * K + key0 + c] = sum;
+      }
+    }
   }
 }
 
@@ -236,9 +306,13 @@ cudaError_t launch(const GateGradArgs& args, cudaStream_t stream) {
     kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
     return cudaGetLastError();
   };
-  if (args.g.dtype == Storage::kFloat32)
-    return run(gate_grad_kernel<Elem, K, 4>, Layout<Elem, K, 4>::kSmemBytes);
-  return run(gate_grad_kernel<Elem, K, 2>, Layout<Elem, K, 2>::kSmemBytes);
+  auto for_bonus = [&](auto bonus) {
+    constexpr bool kBonus = decltype(bonus)::value;
+    if (args.g.dtype == Storage::kFloat32)
+      return run(gate_grad_kernel<Elem, K, 4, kBonus>, Layout<Elem, K, 4, kBonus>::kSmemBytes);
+    return run(gate_grad_kernel<Elem, K, 2, kBonus>, Layout<Elem, K, 2, kBonus>::kSmemBytes);
+  };
+  return args.u.present ? for_bonus(std::true_type{}) : for_bonus(std::false_type{});
 }
 
 }  // namespace flashlin::cuda::chunk_gate_grad

@@ -81,6 +81,11 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* global, int 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)),
                "l"(global), "r"(src_bytes));
 }
+// 4-byte asynchronous copy global -> shared (src_bytes = 0: a zero).
+__device__ __forceinline__ void cp_async_4(void* smem, const void* global, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_address(smem)),
+               "l"(global), "r"(src_bytes));
+}
 // Starts the copies of kRows rows of kRowBytes bytes (16-byte aligned) into shared rows
 // `dst_stride` bytes apart, spread over the kThreads threads of the block: row r comes from
 // src_first + r * src_step. Rows at and past valid_rows (>= 1) are zero-filled. Each thread
