@@ -205,9 +205,10 @@ def test_long_sequence_matches_cpu(op, path):
     assert rel(ht, ht_cpu) < 2e-2, rel(ht, ht_cpu)
 
 
-def _backward_workspace_bytes(x, wanted, cu_seqlens=None):
+def _backward_workspace_bytes(x, wanted, cu_seqlens=None, d_final_state=False):
     """flashlin_recurrence_backward_workspace_size for a chunked per-key-gate + bonus (RWKV-6)
-    backward on x with the gradients named in `wanted`, and workspace_size(backward=1)."""
+    backward on x with the gradients named in `wanted` (and a gradient of the final state if
+    asked), and workspace_size(backward=1)."""
     import ctypes
 
     from flashlin import _lib
@@ -220,10 +221,11 @@ def _backward_workspace_bytes(x, wanted, cu_seqlens=None):
     grads = {n: torch.empty_like(t) if n in wanted else None for n, t in sources.items()}
     views = [_lib.TensorView(grads[n], n) for n in sources]
     d_o = _lib.TensorView(torch.randn_like(x["v"]), "d_o")
+    d_ht = _lib.TensorView(torch.randn_like(x["h0"]), "d_final_state") if d_final_state else None
     exact, bound = ctypes.c_size_t(0), ctypes.c_size_t(0)
     _lib.check(_lib.lib.flashlin_recurrence_backward_workspace_size(
-        config, inputs, d_o.pointer, None, _lib.RecurrenceGrads(*[v.pointer for v in views]),
-        ctypes.byref(exact)))
+        config, inputs, d_o.pointer, d_ht.pointer if d_ht else None,
+        _lib.RecurrenceGrads(*[v.pointer for v in views]), ctypes.byref(exact)))
     _lib.check(_lib.lib.flashlin_recurrence_workspace_size(config, inputs, 1, ctypes.byref(bound)))
     del keep
     return exact.value, bound.value
@@ -231,13 +233,16 @@ def _backward_workspace_bytes(x, wanted, cu_seqlens=None):
 
 def test_backward_workspace_queries(path):
     """The exact query sizes the scratch of the gradients asked for; the query without gradients
-    is an upper bound (every gradient). Tensor cores: q*dq [B, T, H, K] float32 + final terms for
-    dg, partials for du; general kernels: their own accumulators."""
+    is an upper bound (every gradient, and the final state's). Tensor cores: q*dq [B, T, H, K]
+    float32 + final terms for dg, partials for du, and on the passes S_T [N, H, K, V] float32 when
+    the final state has a gradient; general kernels: their own accumulators."""
     x = make_inputs(OPS_BY_ID["chunk_rwkv6"], 2, 150, 2, 64, 64, dtype=BF16, device="cuda")
     x["w"] = x["w"].float()
     everything = ["dq", "dk", "dv", "dg", "du", "d_initial_state"]
-    exact_all, bound = _backward_workspace_bytes(x, everything)
-    assert exact_all == bound, (exact_all, bound)
+    exact_every, bound = _backward_workspace_bytes(x, everything, d_final_state=True)
+    assert exact_every == bound, (exact_every, bound)
+    exact_all, _ = _backward_workspace_bytes(x, everything)
+    assert exact_all <= bound, (exact_all, bound)
     assert exact_all >= 2 * 150 * 2 * 64 * 4, "no room for the gate gradient's q*dq scratch"
     exact_no_gate, _ = _backward_workspace_bytes(x, ["dq", "dk", "dv"])
     assert exact_no_gate < exact_all
