@@ -123,6 +123,9 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
   const int key0 = kKeys * lane;
   const int64_t length = seq.length;
   const int64_t num_stages = (length + kRows - 1) / kRows;
+  auto token_at = [&](int64_t t) {  // time index of the t-th visited token
+    return args.reverse ? seq.start + length - 1 - t : seq.start + t;
+  };
 
   // The operands' rows in visiting order; stage s (from the last) holds rows
   // [(num_stages - 1 - s) kRows, +kRows).
@@ -211,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
       for (int r = 0; r < L::kRowsPerWarp; ++r) {
         const int64_t t = first + r;
         if (t >= length) continue;
-        const int64_t token = args.reverse ? seq.start + length - 1 - t : seq.start + t;
+        const int64_t token = token_at(t);
         float dg[kKeys];
 #pragma unroll
         for (int c = 0; c < kKeys; ++c)
@@ -262,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
       if constexpr (Bonus) {
         const int64_t t = (num_stages - 1 - stage) * kRows + row;
         if (t < length) {
-          const int64_t token = args.reverse ? seq.start + length - 1 - t : seq.start + t;
+          const int64_t token = token_at(t);
           store_row(reinterpret_cast<Elem*>(args.dq.data) +
                         element_offset(args.dq, seq.batch, token, head, key0),
                     dq_out);
