@@ -4,8 +4,9 @@ The fused chunked tensor-core kernels run float16/bfloat16 inputs with K in {64,
 multiple of 64 (up to 256); the general kernels run everything else, and every call when
 FLASHLIN_CUDA_PATH=general. On Hopper the forward of the chunked family runs on wgmma (per-key gates:
 the chunks narrow enough for its scaling, the rest of a thread block's sequence on mma.sync), and
-so does the backward of retention, linear attention and GLA, as passes of that kernel (GLA: a head
-with a chunk too wide for them on the mma.sync backward); elsewhere (and with
+so does the backward of retention, linear attention, GLA and RWKV-6, as passes of that kernel (per-key
+gates: a head with a chunk too wide for them on the mma.sync backward; RWKV-6 without dw on
+mma.sync); elsewhere (and with
 FLASHLIN_CUDA_MMA_SYNC=1) on mma.sync. Each case runs under the three settings
 ("default", "general" and "mma_sync": the tensor-core kernels with the forward forced onto
 mma.sync), with the CUDA caching allocator filled with NaN first so that an output element the kernels forget to
