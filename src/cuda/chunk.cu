@@ -267,12 +267,13 @@ bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
 // (chunk_gate_grad.cuh), with rowsum(S_T * dS_T) from the dq pass's final state S_T^T. A pass's
 // thread block that meets a chunk too wide for the per-key scaling flags its (sequence, head),
 // and the mma.sync backward runs the flagged ones after the passes.
-// RWKV-6 (the bonus form: r_t sees the gates before its row, o_t also has (r_t . u * k_t) v_t):
-//   dq_t = scale [ sum_{s < t} 2^{b_{t-1} - b_s} (do_t . v_s) k_s + 2^{b_{t-1}} S0 do_t ]
+// RWKV-6 (the bonus form: r_t sees the gates before its row, o_t also has (r_t . u * k_t) v_t;
+// the decays are per key, * is elementwise):
+//   dq_t = scale [ sum_{s < t} (do_t . v_s) 2^{b_{t-1} - b_s} * k_s + 2^{b_{t-1}} * S0 do_t ]
 //          + scale (do_t . v_t) u * k_t
-//   dv_s = scale sum_{t > s} 2^{b_{t-1} - b_s} (k_s . r_t) do_t + 2^{b_T - b_s} k_s dS_T
+//   dv_s = scale sum_{t > s} (k_s . 2^{b_{t-1} - b_s} * r_t) do_t + (2^{b_T - b_s} * k_s) dS_T
 //          + scale (r_s . u * k_s) do_s
-//   dk_s = scale sum_{t > s} 2^{b_{t-1} - b_s} (v_s . do_t) r_t + 2^{b_T - b_s} dS_T v_s
+//   dk_s = scale sum_{t > s} (v_s . do_t) 2^{b_{t-1} - b_s} * r_t + 2^{b_T - b_s} * dS_T v_s
 //          + scale (do_s . v_s) u * r_s
 // In the other direction (position s' of token s, cumulative gates c) 2^{b_{t-1} - b_s} is
 // 2^{c_{s'-1} - c_{t'}}: the query side sees the gates before its row and the key side its own,
@@ -291,7 +292,7 @@ bool backward_as_forward(const RecurrenceParams& p) {
   if (!(p.scale != 0.0 && std::isfinite(1.0 / p.scale))) return false;
   if (p.value_dim != 64 && p.value_dim != 128) return false;  // the key dim of dq's and dk's pass
   if (per_key ? !per_key_passes_on_wgmma(p.q.dtype, p.key_dim, p.bonus) ||
-                    !per_key_passes_on_wgmma(p.q.dtype, p.value_dim, false)
+                    !per_key_passes_on_wgmma(p.q.dtype, p.value_dim, p.bonus)
               : !forward_on_wgmma(p.q.dtype, p.key_dim, p.gate) ||
                     !forward_on_wgmma(p.q.dtype, p.value_dim, p.gate))
     return false;
