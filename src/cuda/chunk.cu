@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <type_traits>
+#include <utility>
 
 #include "cuda/chunk.cuh"
 #include "cuda/chunk_bwd.cuh"
@@ -333,8 +334,8 @@ PassLayout pass_layout(const RecurrenceParams& p) {
 
 size_t pass_layout_total(const RecurrenceParams& p) { return pass_layout(p).total(); }
 
-// Per-key passes: their flags (ChunkArgs::redo), where the dq pass leaves S_T^T, and the
-// rounding residuals of dq and dk (for dg; else absent).
+// Per-key passes: their flags (ChunkArgs::redo), where the dq pass leaves S_T^T, the rounding
+// residuals of dq and dk (for dg; else absent) and, with the bonus, do . v (ChunkArgs::diagonal).
 struct PassScratch {
   int* flags = nullptr;
   int flags_per_head = 0;
@@ -411,15 +412,11 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
     scratch.final_state =
         transposed_state(compact(ctx.workspace + layout.final_state_at, Storage::kFloat32,
                                  p.num_heads, p.key_dim, p.value_dim));
-  if (layout.diagonal_bytes > 0) {  // [B][H][T]: one (sequence, head)'s tokens are adjacent
-    StridedTensor& diagonal = scratch.diagonal;
-    diagonal.data = ctx.workspace + layout.diagonal_at;
-    diagonal.dtype = Storage::kFloat32;
-    diagonal.present = true;
-    diagonal.stride[0] = p.num_heads * p.time;
-    diagonal.stride[1] = 1;
-    diagonal.stride[2] = p.time;
-    diagonal.stride[3] = 0;
+  // do . v as [B][H][T] (a (sequence, head)'s tokens adjacent), seen as (batch, token, head).
+  if (layout.diagonal_bytes > 0) {
+    scratch.diagonal =
+        compact(ctx.workspace + layout.diagonal_at, Storage::kFloat32, p.num_heads, p.time, 1);
+    std::swap(scratch.diagonal.stride[1], scratch.diagonal.stride[2]);
   }
   if (p.dg.present) {  // both in the float32 q * dq: B T H K elements each
     char* residuals = reinterpret_cast<char*>(args.scratch.q_dq);
