@@ -297,9 +297,17 @@ bool backward_as_forward(const RecurrenceParams& p) {
               : !forward_on_wgmma(p.q.dtype, p.key_dim, p.gate) ||
                     !forward_on_wgmma(p.q.dtype, p.value_dim, p.gate))
     return false;
-  for (const StridedTensor* grad : {&p.dq, &p.dk, &p.dv})
-    if (grad->present && (grad->dtype != p.q.dtype || !rows_copyable(*grad))) return false;
-  return true;
+  // dq and dk in the input type, or (per-key gates, no bonus: the slot attention's core calls)
+  // in float32; with dg both in one type. dv in the input type.
+  auto pass_output = [&](const StridedTensor& grad, bool float32_ok) {
+    return !grad.present ||
+           ((grad.dtype == p.q.dtype || (float32_ok && grad.dtype == Storage::kFloat32)) &&
+            rows_copyable(grad));
+  };
+  const bool float32_ok = per_key && !p.bonus;
+  if (!pass_output(p.dq, float32_ok) || !pass_output(p.dk, float32_ok) || !pass_output(p.dv, false))
+    return false;
+  return !p.dg.present || p.dq.dtype == p.dk.dtype;
 }
 
 // The per-key backward's scratch: the mma.sync backward's (it runs the (sequence, head) pairs
@@ -418,7 +426,9 @@ cudaError_t per_key_backward(const RecurrenceParams& p, const LaunchContext& ctx
         compact(ctx.workspace + layout.diagonal_at, Storage::kFloat32, p.num_heads, p.time, 1);
     std::swap(scratch.diagonal.stride[1], scratch.diagonal.stride[2]);
   }
-  if (p.dg.present) {  // both in the float32 q * dq: B T H K elements each
+  // dq's and dk's rounding residuals (passes in the input type only), both in the float32
+  // q * dq: B T H K elements each.
+  if (p.dg.present && p.dq.dtype != Storage::kFloat32) {
     char* residuals = reinterpret_cast<char*>(args.scratch.q_dq);
     scratch.dq_residual = compact(residuals, p.q.dtype, p.time, p.num_heads, p.key_dim);
     scratch.dk_residual =

@@ -603,7 +603,9 @@ cudaError_t launch_per_key(ChunkArgs args, int value_dim, int64_t num_seqs, cuda
 // The per-key backward's passes (chunk.cu) with a reduction over K: gates on the keys (dv) or on
 // the output's columns (dq, dk), each also in RWKV-6's bonus form, on the wgmma kernel only. A
 // pass's thread block that meets a chunk too wide for its scaling flags itself in args.redo (which
-// must have room) and the caller runs the mma.sync backward for it.
+// must have room) and the caller runs the mma.sync backward for it. A float32 o (dq or dk in
+// float32, no bonus) takes the kernel's float32-output instantiation, built and loaded with the
+// others.
 template <typename Elem, int K>
 bool per_key_pass_on_wgmma(bool bonus) {
   return bonus ? wgmma_chosen<Elem, K, GateKind::kPerKey, true, false>() &&
@@ -622,6 +624,11 @@ cudaError_t launch_per_key_pass(const ChunkArgs& args, bool value_gates, bool bo
   };
   using Yes = std::true_type;
   using No = std::false_type;
+  if (args.o.present && args.o.dtype == Storage::kFloat32) {  // dq or dk in float32
+    if (!value_gates || bonus) return cudaErrorInvalidValue;
+    return chunk_fwd_wgmma::launch<Elem, K, GateKind::kPerKey, false, true, float>(
+        args, value_dim, num_seqs, stream);
+  }
   if (value_gates) return bonus ? run(Yes{}, Yes{}) : run(No{}, Yes{});
   return bonus ? run(Yes{}, No{}) : run(No{}, No{});
 }

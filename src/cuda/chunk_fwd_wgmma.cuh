@@ -109,10 +109,14 @@ struct Traits {
   }
 };
 
-template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates>
+// Out: o's storage, the input type, or float32 for gates on the output's columns without the
+// bonus (slot attention's scores and its backward's float32 gradients, slot_attention_chunk.cu).
+template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates, typename Out>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args) {
 #if defined(FLASHLIN_WGMMA_DEVICE)
   using T = Traits<Elem, K, Gate, Bonus, ValueGates>;
+  static_assert(std::is_same_v<Out, Elem> || (std::is_same_v<Out, float> && ValueGates && !Bonus),
+                "float32 o only with gates on the output's columns, without the bonus");
   extern __shared__ __align__(1024) char smem[];
   if (tile::smem_address(smem) % wg::kAtomBytes != 0) __trap();  // swizzled tiles need it
   auto stage_q = [&](int chunk) { return smem + (chunk % T::kStages) * T::kStageBytes; };
@@ -633,7 +637,27 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     // sequence end are not written; no o: a states-only pass. Gates on the output's columns may
     // also write o's rounding residual (o - o rounded to the input type, in the input type: the
     // backward's dq and dk to 16 more bits for the gate gradient), staged the same way after o.
-    if (args.o.present) {
+    if (std::is_same_v<Out, float> && args.o.present) {
+      // float32 o straight from the accumulators: a quad's four 8-byte stores fill one 32-byte
+      // sector of a row (no staging: a [64][64] float32 tile would not fit a K = 64 q tile).
+      const int rows[2] = {row_a, row_b};
+      float* o_rows[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        o_rows[h] =
+            rows[h] < rows_valid
+                ? reinterpret_cast<float*>(args.o.data) +
+                      element_offset(args.o, seq.batch, token_at(int64_t{chunk} * kChunk + rows[h]),
+                                     head, value0)
+                : nullptr;
+#pragma unroll
+      for (int e = 0; e < 32; e += 2) {
+        float* o_row = o_rows[(e % 4) >= 2 ? 1 : 0];
+        if (o_row != nullptr)
+          *reinterpret_cast<float2*>(o_row + state_value(e)) =
+              make_float2(out[e] * args.scale, out[e + 1] * args.scale);
+      }
+    } else if (args.o.present) {
       char* out_tile = stage_q(chunk);
       auto store_rows = [&](const StridedTensor& dst, bool residual) {
 #pragma unroll
@@ -732,7 +756,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 // Whether this build and the current device run forward_kernel: the library holds sm_90a code
 // (FLASHLIN_SM90A, set by CMake when CMAKE_CUDA_ARCHITECTURES has 90a) and the device loads it.
 // Asked once per device (a call may ask several times: the backward's passes).
-template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
+          typename Out = Elem>
 bool runs_here() {
 #if defined(FLASHLIN_SM90A)
   constexpr int kKnownDevices = 64;
@@ -748,7 +773,7 @@ bool runs_here() {
     if (answer != 0) return answer > 0;
   }
   cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate, Bonus, ValueGates>) !=
+  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out>) !=
       cudaSuccess) {
     (void)cudaGetLastError();
     return false;  // not cached: a failed query says nothing about the device
@@ -761,10 +786,11 @@ bool runs_here() {
 #endif
 }
 
-template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
+          typename Out = Elem>
 cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaStream_t stream) {
   using T = Traits<Elem, K, Gate, Bonus, ValueGates>;
-  auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates>;
+  auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out>;
   const size_t smem_bytes =
       T::smem_bytes(Gate == GateKind::kPerKey && args.g.dtype == Storage::kFloat32 ? 4 : 2);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

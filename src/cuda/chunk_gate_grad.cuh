@@ -22,8 +22,13 @@
 // and this kernel adds the bonus terms dq_t += scale s_t u * k_t, dk_t += scale s_t u * r_t and
 // sums du = scale sum_t s_t r_t * k_t per (sequence, head) (chunk_bwd's du_kernel adds the
 // sequences).
+// dq and dk may also come in float32 (Grad = float; no residuals, no bonus): the slot attention's
+// core calls (slot_attention_chunk.cu) keep their gradients in float32. A float32 row takes the
+// places of the value and residual rows in a stage, so the layout is the same.
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_GATE_GRAD_CUH_
+
+#include <type_traits>
 
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
@@ -33,8 +38,8 @@ namespace flashlin::cuda::chunk_gate_grad {
 
 struct GateGradArgs {
   StridedTensor q, k, g, dg, d_final_state;
-  StridedTensor dq, dk;                    // the passes' dq and dk, in the input type
-  StridedTensor dq_residual, dk_residual;  // and their rounding residuals (the input type)
+  StridedTensor dq, dk;                    // the passes' dq and dk, in the input type or float32
+  StridedTensor dq_residual, dk_residual;  // input type: their rounding residuals (same type)
   const float* final_state = nullptr;      // [N][H][K][V] float32 S_T, or null (no dS_T)
   SequenceTable sequences;
   int64_t num_heads = 0;
@@ -111,9 +116,11 @@ __device__ __forceinline__ void store_gate_row(const StridedTensor& dg, int64_t 
   }
 }
 
-template <typename Elem, int K, int kGateBytes, bool Bonus>
+template <typename Elem, int K, int kGateBytes, bool Bonus, typename Grad>
 __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradArgs args) {
   using L = Layout<Elem, K, kGateBytes, Bonus>;
+  constexpr bool kWideGrads = std::is_same_v<Grad, float>;  // dq, dk in float32, no residuals
+  static_assert(std::is_same_v<Grad, Elem> || (kWideGrads && !Bonus), "dq and dk type");
   constexpr int kKeys = L::kKeys, kRows = L::kStageRows;
   extern __shared__ __align__(128) char smem[];
   float* const warp_sums = reinterpret_cast<float*>(smem + kStages * L::kStageBytes);
@@ -132,9 +139,9 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
   const TokenRows rows[kNumElemOperands] = {
       {args.q, seq, head, args.reverse, sizeof(Elem)},
       {args.k, seq, head, args.reverse, sizeof(Elem)},
-      {args.dq, seq, head, args.reverse, sizeof(Elem)},
+      {args.dq, seq, head, args.reverse, sizeof(Grad)},
       {args.dq_residual, seq, head, args.reverse, sizeof(Elem)},
-      {args.dk, seq, head, args.reverse, sizeof(Elem)},
+      {args.dk, seq, head, args.reverse, sizeof(Grad)},
       {args.dk_residual, seq, head, args.reverse, sizeof(Elem)}};
   const TokenRows gate_rows(args.g, seq, head, args.reverse, kGateBytes);
   const TokenRows diagonal_rows(args.diagonal, seq, head, args.reverse, 4);
@@ -150,9 +157,16 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
       const int valid = static_cast<int>(length - first < kRows ? length - first : kRows);
       char* dst = smem + (stage % kStages) * L::kStageBytes;
 #pragma unroll
-      for (int op = 0; op < kNumElemOperands; ++op)
-        tile::copy_rows_async<L::kRowBytes, kThreads, kRows>(
-            dst + op * L::kOperandBytes, L::kRowBytes, rows[op].row(first), rows[op].step, valid);
+      for (int op = 0; op < kNumElemOperands; ++op) {
+        if (kWideGrads && (op == kDq || op == kDk)) {  // over its residual's place too
+          tile::copy_rows_async<2 * L::kRowBytes, kThreads, kRows>(
+              dst + op * L::kOperandBytes, 2 * L::kRowBytes, rows[op].row(first), rows[op].step,
+              valid);
+        } else if (!kWideGrads || (op != kDqLow && op != kDkLow)) {
+          tile::copy_rows_async<L::kRowBytes, kThreads, kRows>(
+              dst + op * L::kOperandBytes, L::kRowBytes, rows[op].row(first), rows[op].step, valid);
+        }
+      }
       tile::copy_rows_async<K * kGateBytes, kThreads, kRows>(
           dst + L::kGateAt, K * kGateBytes, gate_rows.row(first), gate_rows.step, valid);
       if constexpr (Bonus) {
@@ -238,10 +252,20 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
       float q[kKeys], k[kKeys], dq[kKeys], dq_low[kKeys], dk[kKeys], dk_low[kKeys], g[kKeys];
       operand(kQ, r, q);
       operand(kK, r, k);
-      operand(kDq, r, dq);
-      operand(kDqLow, r, dq_low);
-      operand(kDk, r, dk);
-      operand(kDkLow, r, dk_low);
+      if constexpr (kWideGrads) {
+        const int row = warp * L::kRowsPerWarp + r;
+        load_row(reinterpret_cast<const float*>(buffer + kDq * L::kOperandBytes) + row * K + key0,
+                 dq);
+        load_row(reinterpret_cast<const float*>(buffer + kDk * L::kOperandBytes) + row * K + key0,
+                 dk);
+#pragma unroll
+        for (int c = 0; c < kKeys; ++c) dq_low[c] = dk_low[c] = 0.f;
+      } else {
+        operand(kDq, r, dq);
+        operand(kDqLow, r, dq_low);
+        operand(kDk, r, dk);
+        operand(kDkLow, r, dk_low);
+      }
       const int row = warp * L::kRowsPerWarp + r;
       load_gate_row(args.g.dtype, buffer + L::kGateAt + (row * K + key0) * kGateBytes, g);
       floored[r] = 0;
@@ -310,13 +334,19 @@ cudaError_t launch(const GateGradArgs& args, cudaStream_t stream) {
     kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
     return cudaGetLastError();
   };
-  auto for_bonus = [&](auto bonus) {
+  auto for_form = [&](auto bonus, auto grad_type) {
     constexpr bool kBonus = decltype(bonus)::value;
+    using Grad = decltype(grad_type);
     if (args.g.dtype == Storage::kFloat32)
-      return run(gate_grad_kernel<Elem, K, 4, kBonus>, Layout<Elem, K, 4, kBonus>::kSmemBytes);
-    return run(gate_grad_kernel<Elem, K, 2, kBonus>, Layout<Elem, K, 2, kBonus>::kSmemBytes);
+      return run(gate_grad_kernel<Elem, K, 4, kBonus, Grad>,
+                 Layout<Elem, K, 4, kBonus>::kSmemBytes);
+    return run(gate_grad_kernel<Elem, K, 2, kBonus, Grad>, Layout<Elem, K, 2, kBonus>::kSmemBytes);
   };
-  return args.u.present ? for_bonus(std::true_type{}) : for_bonus(std::false_type{});
+  const bool wide_grads = args.dq.dtype == Storage::kFloat32;
+  if (wide_grads != (args.dk.dtype == Storage::kFloat32) || (wide_grads && args.u.present))
+    return cudaErrorInvalidValue;  // dq and dk in one type; float32 ones without the bonus
+  if (args.u.present) return for_form(std::true_type{}, Elem{});
+  return wide_grads ? for_form(std::false_type{}, float{}) : for_form(std::false_type{}, Elem{});
 }
 
 }  // namespace flashlin::cuda::chunk_gate_grad

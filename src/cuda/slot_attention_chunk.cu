@@ -187,11 +187,18 @@ Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
     c.keys_final.final_state = transposed_state(p.final_hk);
     return c;
   }
+  // The backward calls keep dq and dk in float32 (the passes' gate gradient wants both in one
+  // type, and dp feeds the softmax's cancelling difference): pass 2's dk (the writes' gradient)
+  // in ABC's d_write or, for GSA, in ds_part; pass 1's dk in the dp buffer and its dq (only for
+  // dg) in the scores buffer, both free once the softmax's backward has read them. ds is then
+  // summed from the two parts (Run::add).
+  const bool slot_grads = slots.d_write.present || slots.d_gate.present;
+  const bool gsa = p.kind == SlotKind::kGsa;
   c.values_grad = values_pass();
   c.values_grad.d_o = p.d_o;
   c.values_grad.d_final_state = p.d_final_hv;
   c.values_grad.dq = b.dp;
-  c.values_grad.dk = slots.d_write;
+  c.values_grad.dk = !slot_grads ? StridedTensor{} : gsa ? b.ds_part : slots.d_write;
   c.values_grad.dv = p.dv;
   c.values_grad.dg = slots.d_gate;
   c.values_grad.d_initial_state = p.d_initial_hv;
@@ -200,7 +207,8 @@ Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
   c.keys_grad = keys_pass(b.dscores);
   c.keys_grad.d_o = p.q;
   c.keys_grad.d_final_state = transposed_state(p.d_final_hk);
-  c.keys_grad.dk = slots.d_write.present ? b.ds_part : StridedTensor{};
+  c.keys_grad.dq = slots.d_gate.present ? b.scores : StridedTensor{};
+  c.keys_grad.dk = slot_grads ? b.dp : StridedTensor{};
   c.keys_grad.dv = p.dk;
   c.keys_grad.dg = slots.d_gate.present ? b.dg_part : StridedTensor{};
   c.keys_grad.d_initial_state = transposed_state(p.d_initial_hk);
@@ -282,19 +290,28 @@ __global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, 
   }
 }
 
-// total (ds or dg, strided, any dtype) += part (contiguous scratch) over the sequences' tokens.
+// total = first + second (strided, any dtype; first may be total) over the sequences' tokens,
+// each thread four adjacent slots of a (token, head) row: the index arithmetic once per four.
 __global__ void add_parts_kernel(SequenceTable sequences, int64_t num_heads, int num_slots,
-                                 StridedTensor total, StridedTensor part) {
+                                 StridedTensor total, StridedTensor first, StridedTensor second) {
   const SequenceSpan span = sequences[blockIdx.y];
+  const int groups = (num_slots + 3) / 4;
   const int64_t index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (index >= span.length * num_heads * num_slots) return;
-  const int64_t m = index % num_slots, row = index / num_slots;
-  const int64_t t = row / num_heads, h = row % num_heads;
-  const int64_t token = span.start + t;
-  const int64_t at = element_offset(total, span.batch, token, h, m);
-  store_float(
-      total, at,
-      load_float(total, at) + load_float(part, element_offset(part, span.batch, token, h, m)));
+  if (index >= span.length * num_heads * groups) return;
+  const int64_t row = index / groups, m0 = 4 * (index % groups);
+  const int64_t token = span.start + row / num_heads, h = row % num_heads;
+  const int64_t at = element_offset(total, span.batch, token, h, m0);
+  const int64_t first_at = element_offset(first, span.batch, token, h, m0);
+  const int64_t second_at = element_offset(second, span.batch, token, h, m0);
+  float sums[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    sums[i] = m0 + i < num_slots ? load_float(first, first_at + i * first.stride[3]) +
+                                       load_float(second, second_at + i * second.stride[3])
+                                 : 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    if (m0 + i < num_slots) store_float(total, at + i * total.stride[3], sums[i]);
 }
 
 // Launch geometry over the sequences' (token, head) rows, `per_block` rows per block.
@@ -367,9 +384,13 @@ __global__ void abc_entering_z_kernel(SequenceTable sequences, PieceIndex at,
   if (final_z.present) store_float(final_z, element_offset(final_z, n, h, 0, m), z);
 }
 
+// no_entering_state: no initial hk or hv, so where z is still -inf the state is zero and the
+// gate z_{t-1} - z_t = -inf may be stored as 0 (the same products; a gate of -inf would send the
+// whole (sequence, head) to the mma.sync kernels, whose per-key scaling has no range limit). The
+// backward takes no gate gradient there (abc_walk_back), as for a gate of -inf.
 __global__ void abc_gates_kernel(SequenceTable sequences, PieceIndex at, StridedTensor s,
                                  const float* entering_z, StridedTensor write, StridedTensor gate,
-                                 StridedTensor running_z) {
+                                 StridedTensor running_z, bool no_entering_state) {
   PieceThread th;
   if (!th.init(sequences, at)) return;
   float z = entering_z[at(th.n, th.c, th.h, th.m)];
@@ -380,7 +401,9 @@ __global__ void abc_gates_kernel(SequenceTable sequences, PieceIndex at, Strided
     const bool empty = z_new == -INFINITY;
     store_float(write, element_offset(write, b, token, th.h, th.m),
                 empty ? 0.f : __expf(logit - z_new));
-    store_float(gate, element_offset(gate, b, token, th.h, th.m), empty ? 0.f : z - z_new);
+    const bool first_write = z == -INFINITY && no_entering_state;
+    store_float(gate, element_offset(gate, b, token, th.h, th.m),
+                empty || first_write ? 0.f : z - z_new);
     if (running_z.present)
       store_float(running_z, element_offset(running_z, b, token, th.h, th.m), z_new);
     z = z_new;
@@ -407,7 +430,10 @@ __device__ float abc_walk_back(const PieceThread& th, const StridedTensor& s, fl
     const float write = empty ? 0.f : __expf(logit - z);
     const float decay = empty ? 1.f : __expf(z_prev - z);
     const float dw = load_float(d_write, element_offset(d_write, b, token, th.h, th.m));
-    const float dg = load_float(d_gate, element_offset(d_gate, b, token, th.h, th.m));
+    // A gate of -inf (z_prev = -inf; maybe stored as 0, abc_gates_kernel) has no gradient.
+    const float dg = z_prev == -INFINITY
+                         ? 0.f
+                         : load_float(d_gate, element_offset(d_gate, b, token, th.h, th.m));
     const float dz = carry - dg - dw * write;
     if (ds) store_float(*ds, element_offset(*ds, b, token, th.h, th.m), write * (dw + dz));
     carry = dg + dz * decay;
@@ -508,7 +534,8 @@ struct Run {
     check_cuda(cudaGetLastError(), "ABC's entering z");
     abc_gates_kernel<<<pieces_grid(), 128, 0, stream>>>(
         table, at, p.s, piece_buffer(1), buffers.write, buffers.gate,
-        backward ? buffers.running_z : StridedTensor{});
+        backward ? buffers.running_z : StridedTensor{},
+        !p.initial_hk.present && !p.initial_hv.present);
     check_cuda(cudaGetLastError(), "ABC's gate kernel");
   }
 
@@ -538,10 +565,11 @@ struct Run {
     check_cuda(cudaGetLastError(), "the slot softmax kernel");
   }
 
-  void add(const StridedTensor& total, const StridedTensor& part) {
+  // total = first + second over the sequences' rows (first may be total itself).
+  void add(const StridedTensor& total, const StridedTensor& first, const StridedTensor& second) {
     if (!total.present) return;
-    add_parts_kernel<<<rows_grid(p, p.num_slots, 256), 256, 0, stream>>>(
-        table, p.num_heads, static_cast<int>(p.num_slots), total, part);
+    add_parts_kernel<<<rows_grid(p, (p.num_slots + 3) / 4, 256), 256, 0, stream>>>(
+        table, p.num_heads, static_cast<int>(p.num_slots), total, first, second);
     check_cuda(cudaGetLastError(), "the slot gradient sum kernel");
   }
 };
@@ -611,8 +639,11 @@ void slot_chunk_backward(const SlotAttentionParams& p) {
   if (p.dq.present) recurrence_forward(c.queries_grad);
   if (keys_grad_wanted(p, slots)) {
     recurrence_backward(c.keys_grad);
-    run.add(slots.d_write, run.buffers.ds_part);
-    run.add(slots.d_gate, run.buffers.dg_part);
+    if (p.kind == SlotKind::kGsa)
+      run.add(slots.d_write, run.buffers.ds_part, run.buffers.dp);  // ds = the two parts
+    else
+      run.add(slots.d_write, slots.d_write, run.buffers.dp);
+    run.add(slots.d_gate, slots.d_gate, run.buffers.dg_part);
   }
   if (abc && slots.d_write.present) run.abc_gates_backward();
 }
