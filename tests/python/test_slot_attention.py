@@ -215,11 +215,15 @@ def test_against_reference(device, dtype, kind, T, M):
 # keys), so it is held to the core op's tolerances (tests/python/cases.py: bfloat16 2e-2).
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
 TC_TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2}
-# ABC's d initial_z sums, over the whole sequence, gate gradients that the tensor-core backward
-# forms from the identity dg = reverse-cumsum(q*dq - k*dk) (README, "Numerics"): in bfloat16 it
-# holds 5e-2 (measured 2.4-3.8e-2 at T = 130); with logits x8 (gates of -30 and below) its error
-# is bounded by the terms, not by d initial_z: checked finite only, like the core op's dg there.
-ABC_TC_GRAD_TOLS = {"z0": 5e-2}
+# The slot gate gradients come from the identity dg = reverse-cumsum(q*dq - k*dk) (README,
+# "Numerics"), whose terms cancel: with the backward on the wgmma passes (dq and dk in float32 from
+# bfloat16 operands) GSA's dg measured 1.9-2.2e-2 in bfloat16 at T = 130-300 (the mma.sync
+# backward: 1.1-1.2e-2), held to 3e-2. ABC's d initial_z sums those gate gradients over the whole
+# sequence: 4.8-5.4e-2 on the passes (mma.sync 3.7-4.1e-2), held to 7e-2; with logits x8 (gates
+# of -30 and below) its error is bounded by the terms, not by d initial_z: checked finite only,
+# like the core op's dg there.
+ABC_TC_GRAD_TOLS = {"z0": 7e-2}
+GSA_TC_GRAD_TOLS = {"g": 3e-2}
 
 
 @needs_cuda
@@ -229,7 +233,9 @@ ABC_TC_GRAD_TOLS = {"z0": 5e-2}
                                    (128, 256, 64)])
 @pytest.mark.parametrize("T", [1, 130])
 def test_tensor_core_path(kind, dtype, K, V, M, T):
-    grad_tols = ABC_TC_GRAD_TOLS if kind == "abc" and dtype == torch.bfloat16 else None
+    grad_tols = None
+    if dtype == torch.bfloat16:
+        grad_tols = ABC_TC_GRAD_TOLS if kind == "abc" else GSA_TC_GRAD_TOLS
     check_case(kind, "chunk", dtype, "cuda", B=2, T=T, H=2, K=K, V=V, M=M, tol=TC_TOL[dtype],
                grad_tols=grad_tols)
 
@@ -242,7 +248,7 @@ def test_tensor_core_path_cases(kind, case):
     logits x8); one long sequence that the core kernels split across thread blocks; no initial
     state and a scale."""
     shape = dict(K=128, V=128, M=64, tol=2e-2,
-                 grad_tols=ABC_TC_GRAD_TOLS if kind == "abc" else None)
+                 grad_tols=ABC_TC_GRAD_TOLS if kind == "abc" else GSA_TC_GRAD_TOLS)
     if case == "varlen":
         cu = torch.tensor([0, 0, 1, 40, 300], dtype=torch.int32, device="cuda")
         check_case(kind, "chunk", torch.bfloat16, "cuda", B=1, T=300, H=2, cu_seqlens=cu, **shape)
