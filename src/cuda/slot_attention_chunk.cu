@@ -26,11 +26,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/backend.hpp"
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
 #include "cuda/host.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/slot_attention_chunk.cuh"
 
 namespace flashlin::cuda {
@@ -40,9 +42,7 @@ using detail::Form;
 using detail::SlotAttentionParams;
 using detail::SlotKind;
 
-constexpr int kWarpsPerBlock = 8;
-constexpr int kMaxSlotsPerLane = 4;  // M <= 128
-constexpr int64_t kPiece = 64;       // tokens per piece of ABC's z scans
+constexpr int64_t kPiece = 64;  // tokens per piece of ABC's z scans
 
 // A contiguous [B, T, H, features] tensor of the call's token shape at `base`.
 StridedTensor token_tensor(char* base, Storage dtype, const SlotAttentionParams& p,
@@ -230,64 +230,61 @@ size_t buffers_bytes(const SlotAttentionParams& p, bool backward) {
   return place_buffers(p, backward, nullptr, &b);
 }
 
-// Row (sequence n, its token t, head h) of a contiguous [B, T, H, M] scratch tensor.
-__device__ __forceinline__ int64_t row_offset(const StridedTensor& t, const SequenceSpan& span,
-                                              int64_t t_in_seq, int64_t h) {
-  return element_offset(t, span.batch, span.start + t_in_seq, h, 0);
-}
-
-// One warp per (token, head) row: probs = softmax(scores); with dp, instead
-// dscores = scale probs (dp - probs . dp). Rows of tokens outside the sequences are not touched.
-template <bool kBackward>
-__global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, int num_slots,
-                                    float scale, StridedTensor scores, StridedTensor dp,
-                                    StridedTensor out) {
+// probs = softmax(scores) per (token, head) row; with dp, instead dscores = scale probs (dp -
+// probs . dp). kLanes lanes per row, each with 4 adjacent slots (one 16-byte load per operand, one
+// 8-byte store): M = 4 kLanes. The scratch rows are compact [B, T, H, M], so a sequence's rows
+// are adjacent from (batch T + start) H on. Rows of tokens outside the sequences are not touched.
+// (One warp per row, each lane a strided slot, ran at 2.5x the bytes: the row arithmetic and the
+// two-element lanes.)
+template <typename Elem, bool kBackward, int kLanes>
+__global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, int64_t time,
+                                    float scale, const float* scores, const float* dp, Elem* out) {
+  constexpr int kSlots = 4 * kLanes, kRowsPerBlock = 256 / kLanes;
   const SequenceSpan span = sequences[blockIdx.y];
-  const int lane = threadIdx.x % 32;
-  const int64_t row = int64_t{blockIdx.x} * kWarpsPerBlock + threadIdx.x / 32;
+  const int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / kLanes;
   if (row >= span.length * num_heads) return;
-  const int64_t t = row / num_heads, h = row % num_heads;
-  const int64_t base = row_offset(scores, span, t, h);
-  float x[kMaxSlotsPerLane], largest = -INFINITY;
+  const int64_t at =
+      ((span.batch * time + span.start) * num_heads + row) * kSlots + 4 * (threadIdx.x % kLanes);
+  const float4 x4 = *reinterpret_cast<const float4*>(scores + at);
+  float x[4] = {x4.x, x4.y, x4.z, x4.w};
+  auto row_sum = [](float v) {  // over the row's kLanes lanes (aligned groups of the warp)
 #pragma unroll
-  for (int i = 0; i < kMaxSlotsPerLane; ++i) {
-    const int m = lane + 32 * i;
-    x[i] = m < num_slots ? reinterpret_cast<const float*>(scores.data)[base + m] : -INFINITY;
-    largest = fmaxf(largest, x[i]);
-  }
-  for (int offset = 16; offset > 0; offset /= 2)
+    for (int offset = kLanes / 2; offset > 0; offset /= 2)
+      v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+  };
+  float largest = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2)
     largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
   float total = 0.f;
 #pragma unroll
-  for (int i = 0; i < kMaxSlotsPerLane; ++i) {
-    x[i] = lane + 32 * i < num_slots ? __expf(x[i] - largest) : 0.f;
+  for (int i = 0; i < 4; ++i) {
+    x[i] = __expf(x[i] - largest);
     total += x[i];
   }
-  for (int offset = 16; offset > 0; offset /= 2)
-    total += __shfl_xor_sync(0xffffffffu, total, offset);
-  const float inverse = 1.f / total;
+  const float inverse = 1.f / row_sum(total);
+  float y[4];
   if constexpr (!kBackward) {
 #pragma unroll
-    for (int i = 0; i < kMaxSlotsPerLane; ++i) {
-      const int m = lane + 32 * i;
-      if (m < num_slots) store_float(out, base + m, x[i] * inverse);
-    }
+    for (int i = 0; i < 4; ++i) y[i] = x[i] * inverse;
   } else {
-    float d[kMaxSlotsPerLane], dot = 0.f;
+    const float4 d4 = *reinterpret_cast<const float4*>(dp + at);
+    const float d[4] = {d4.x, d4.y, d4.z, d4.w};
+    float dot = 0.f;
 #pragma unroll
-    for (int i = 0; i < kMaxSlotsPerLane; ++i) {
-      const int m = lane + 32 * i;
+    for (int i = 0; i < 4; ++i) {
       x[i] *= inverse;
-      d[i] = m < num_slots ? reinterpret_cast<const float*>(dp.data)[base + m] : 0.f;
       dot += x[i] * d[i];
     }
-    for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+    dot = row_sum(dot);
 #pragma unroll
-    for (int i = 0; i < kMaxSlotsPerLane; ++i) {
-      const int m = lane + 32 * i;
-      if (m < num_slots) store_float(out, base + m, scale * x[i] * (d[i] - dot));
-    }
+    for (int i = 0; i < 4; ++i) y[i] = scale * x[i] * (d[i] - dot);
   }
+  uint2 packed;
+  packed.x = tile::pack<Elem>(y[0], y[1]);
+  packed.y = tile::pack<Elem>(y[2], y[3]);
+  *reinterpret_cast<uint2*>(out + at) = packed;
 }
 
 // total = first + second (strided, any dtype; first may be total) over the sequences' tokens,
@@ -357,14 +354,47 @@ struct PieceThread {
   __device__ int64_t token(int64_t t) const { return span.start + t; }
 };
 
+// One (sequence, head, slot) column of a [B, T, H, M] tensor from token `t0` of the thread's
+// sequence on, typed. A piece's walk is a chain of dependent steps, but its loads are not: the
+// walks below load kUnroll tokens before using them, so that a thread keeps that many loads in
+// flight instead of one (a thread per column and piece is ~4 waves of the device: one load at a
+// time left the kernels latency-bound at 4-8x their bytes).
+constexpr int kUnroll = 8;
+// logaddexp on the fast intrinsics, for the per-token walks (the accurate expf/log1pf were most of
+// their instructions): __logf(1 + e^-d) is within ~1e-7 absolute of log1p(e^-d), a relative 1e-7
+// in the writes e^{s_t - z_t} and decays e^{z_{t-1} - z_t} that z feeds.
+__device__ __forceinline__ float fast_logaddexp(float a, float b) {
+  const float larger = fmaxf(a, b);
+  if (larger == -INFINITY) return -INFINITY;
+  return larger + __logf(1.f + __expf(-fabsf(a - b)));
+}
+template <typename T>
+struct Column {
+  T* first;
+  int64_t step;
+  __device__ Column(const StridedTensor& x, const PieceThread& th, int64_t t0)
+      : first(reinterpret_cast<T*>(x.data) +
+              element_offset(x, th.span.batch, th.token(t0), th.h, th.m)),
+        step(x.stride[1]) {}
+  __device__ float operator[](int64_t i) const { return to_float(first[i * step]); }
+  __device__ void store(int64_t i, float x) const { first[i * step] = from_float<T>(x); }
+};
+
+template <typename S>
 __global__ void abc_piece_sums_kernel(SequenceTable sequences, PieceIndex at, StridedTensor s,
                                       float* piece_sum) {
   PieceThread th;
   if (!th.init(sequences, at)) return;
+  const Column<S> logits(s, th, th.first);
+  const int count = static_cast<int>(th.last - th.first);
   float total = -INFINITY;
-  for (int64_t t = th.first; t < th.last; ++t)
-    total =
-        logaddexp(total, load_float(s, element_offset(s, th.span.batch, th.token(t), th.h, th.m)));
+  for (int i0 = 0; i0 < count; i0 += kUnroll) {
+    float x[kUnroll];
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) x[i] = i0 + i < count ? logits[i0 + i] : -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) total = fast_logaddexp(total, x[i]);
+  }
   piece_sum[at(th.n, th.c, th.h, th.m)] = total;
 }
 
@@ -388,56 +418,80 @@ __global__ void abc_entering_z_kernel(SequenceTable sequences, PieceIndex at,
 // gate z_{t-1} - z_t = -inf may be stored as 0 (the same products; a gate of -inf would send the
 // whole (sequence, head) to the mma.sync kernels, whose per-key scaling has no range limit). The
 // backward takes no gate gradient there (abc_walk_back), as for a gate of -inf.
+// write: the input type of q; gate and running_z float32 (Buffers).
+template <typename S, typename Write>
 __global__ void abc_gates_kernel(SequenceTable sequences, PieceIndex at, StridedTensor s,
                                  const float* entering_z, StridedTensor write, StridedTensor gate,
                                  StridedTensor running_z, bool no_entering_state) {
   PieceThread th;
   if (!th.init(sequences, at)) return;
+  const Column<S> logits(s, th, th.first);
+  const Column<Write> writes(write, th, th.first);
+  const Column<float> gates(gate, th, th.first);
+  const bool keep_z = running_z.present;  // else z_out is gate's column, never stored to
+  const Column<float> z_out(keep_z ? running_z : gate, th, th.first);
   float z = entering_z[at(th.n, th.c, th.h, th.m)];
-  for (int64_t t = th.first; t < th.last; ++t) {
-    const int64_t token = th.token(t), b = th.span.batch;
-    const float logit = load_float(s, element_offset(s, b, token, th.h, th.m));
-    const float z_new = logaddexp(z, logit);
-    const bool empty = z_new == -INFINITY;
-    store_float(write, element_offset(write, b, token, th.h, th.m),
-                empty ? 0.f : __expf(logit - z_new));
-    const bool first_write = z == -INFINITY && no_entering_state;
-    store_float(gate, element_offset(gate, b, token, th.h, th.m),
-                empty || first_write ? 0.f : z - z_new);
-    if (running_z.present)
-      store_float(running_z, element_offset(running_z, b, token, th.h, th.m), z_new);
-    z = z_new;
+  const int count = static_cast<int>(th.last - th.first);
+  for (int i0 = 0; i0 < count; i0 += kUnroll) {
+    float x[kUnroll];
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) x[i] = i0 + i < count ? logits[i0 + i] : 0.f;
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      if (i0 + i >= count) break;
+      const float z_new = fast_logaddexp(z, x[i]);
+      const bool empty = z_new == -INFINITY;
+      const bool first_write = z == -INFINITY && no_entering_state;
+      writes.store(i0 + i, empty ? 0.f : __expf(x[i] - z_new));
+      gates.store(i0 + i, empty || first_write ? 0.f : z - z_new);
+      if (keep_z) z_out.store(i0 + i, z_new);
+      z = z_new;
+    }
   }
 }
 
 // Walks tokens [first, last) of a piece backward from `carry` (C at the piece's end); writes ds
 // when asked. Returns C before the piece's first token; *decay_product gets the product of the
-// decays (the map's slope).
+// decays (the map's slope). running_z, d_write and d_gate are float32 (Buffers).
+template <typename S>
 __device__ float abc_walk_back(const PieceThread& th, const StridedTensor& s, float z_start,
                                const StridedTensor& running_z, const StridedTensor& d_write,
                                const StridedTensor& d_gate, float carry, const StridedTensor* ds,
                                float* decay_product) {
   float product = 1.f;
-  const int64_t b = th.span.batch;
-  for (int64_t t = th.last - 1; t >= th.first; --t) {
-    const int64_t token = th.token(t);
-    const float z = load_float(running_z, element_offset(running_z, b, token, th.h, th.m));
-    const float z_prev =
-        t > 0 ? load_float(running_z, element_offset(running_z, b, token - 1, th.h, th.m))
-              : z_start;
-    const bool empty = z == -INFINITY;
-    const float logit = load_float(s, element_offset(s, b, token, th.h, th.m));
-    const float write = empty ? 0.f : __expf(logit - z);
-    const float decay = empty ? 1.f : __expf(z_prev - z);
-    const float dw = load_float(d_write, element_offset(d_write, b, token, th.h, th.m));
-    // A gate of -inf (z_prev = -inf; maybe stored as 0, abc_gates_kernel) has no gradient.
-    const float dg = z_prev == -INFINITY
-                         ? 0.f
-                         : load_float(d_gate, element_offset(d_gate, b, token, th.h, th.m));
-    const float dz = carry - dg - dw * write;
-    if (ds) store_float(*ds, element_offset(*ds, b, token, th.h, th.m), write * (dw + dz));
-    carry = dg + dz * decay;
-    product *= decay;
+  const Column<S> logits(s, th, th.first);
+  const Column<float> zs(running_z, th, th.first), dws(d_write, th, th.first),
+      dgs(d_gate, th, th.first);
+  const int count = static_cast<int>(th.last - th.first);
+  const Column<S> ds_out(ds ? *ds : s, th, th.first);  // s's column when there is no ds: unused
+  // Token first + i - 1's z: the previous token's, or z_start before the sequence's first.
+  auto z_before = [&](int i) { return i > 0 || th.first > 0 ? zs[i - 1] : z_start; };
+  for (int i0 = count - 1; i0 >= 0; i0 -= kUnroll) {
+    float z[kUnroll], z_prev[kUnroll], logit[kUnroll], dw[kUnroll], dg[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int i = i0 - j;
+      if (i < 0) break;
+      z[j] = zs[i];
+      z_prev[j] = z_before(i);
+      logit[j] = logits[i];
+      dw[j] = dws[i];
+      dg[j] = dgs[i];
+    }
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int i = i0 - j;
+      if (i < 0) break;
+      const bool empty = z[j] == -INFINITY;
+      const float write = empty ? 0.f : __expf(logit[j] - z[j]);
+      const float decay = empty ? 1.f : __expf(z_prev[j] - z[j]);
+      // A gate of -inf (z_prev = -inf; maybe stored as 0, abc_gates_kernel) has no gradient.
+      const float d_gate_j = z_prev[j] == -INFINITY ? 0.f : dg[j];
+      const float dz = carry - d_gate_j - dw[j] * write;
+      if (ds) ds_out.store(i, write * (dw[j] + dz));
+      carry = d_gate_j + dz * decay;
+      product *= decay;
+    }
   }
   if (decay_product) *decay_product = product;
   return carry;
@@ -454,12 +508,13 @@ struct AbcBackwardArgs {
   }
 };
 
+template <typename S>
 __global__ void abc_piece_maps_kernel(AbcBackwardArgs a) {
   PieceThread th;
   if (!th.init(a.sequences, a.at)) return;
   float product;
-  const float offset = abc_walk_back(th, a.s, a.z_start(th.n, th.h, th.m), a.running_z, a.d_write,
-                                     a.d_gate, 0.f, nullptr, &product);
+  const float offset = abc_walk_back<S>(th, a.s, a.z_start(th.n, th.h, th.m), a.running_z,
+                                        a.d_write, a.d_gate, 0.f, nullptr, &product);
   a.slope[a.at(th.n, th.c, th.h, th.m)] = product;
   a.offset[a.at(th.n, th.c, th.h, th.m)] = offset;
 }
@@ -479,11 +534,12 @@ __global__ void abc_leaving_carry_kernel(AbcBackwardArgs a) {
     store_float(a.d_initial_z, element_offset(a.d_initial_z, n, h, 0, m), carry);
 }
 
+template <typename S>
 __global__ void abc_ds_kernel(AbcBackwardArgs a) {
   PieceThread th;
   if (!th.init(a.sequences, a.at) || !a.ds.present) return;
-  abc_walk_back(th, a.s, a.z_start(th.n, th.h, th.m), a.running_z, a.d_write, a.d_gate,
-                a.leaving[a.at(th.n, th.c, th.h, th.m)], &a.ds, nullptr);
+  abc_walk_back<S>(th, a.s, a.z_start(th.n, th.h, th.m), a.running_z, a.d_write, a.d_gate,
+                   a.leaving[a.at(th.n, th.c, th.h, th.m)], &a.ds, nullptr);
 }
 
 size_t core_bytes(const SlotAttentionParams& p, bool backward);
@@ -524,18 +580,41 @@ struct Run {
   }
   float* piece_buffer(int i) const { return reinterpret_cast<float*>(buffers.piece[i].data); }
 
+  // Calls f with a value of the storage type of ABC's logits s (any floating dtype).
+  template <typename F>
+  void with_logit_type(F&& f) const {
+    switch (p.s.dtype) {
+      case Storage::kFloat32: f(float{}); break;
+      case Storage::kFloat64: f(double{}); break;
+      case Storage::kFloat16: f(__half{}); break;
+      default: f(__nv_bfloat16{}); break;
+    }
+  }
+
   void abc_gates(bool backward) {
     const PieceIndex at = pieces();
-    abc_piece_sums_kernel<<<pieces_grid(), 128, 0, stream>>>(table, at, p.s, piece_buffer(0));
+    with_logit_type([&](auto logit) {
+      abc_piece_sums_kernel<decltype(logit)>
+          <<<pieces_grid(), 128, 0, stream>>>(table, at, p.s, piece_buffer(0));
+    });
     check_cuda(cudaGetLastError(), "ABC's piece sums");
     abc_entering_z_kernel<<<slots_grid(), 128, 0, stream>>>(table, at, p.initial_z, piece_buffer(0),
                                                             piece_buffer(1),
                                                             backward ? StridedTensor{} : p.final_z);
     check_cuda(cudaGetLastError(), "ABC's entering z");
-    abc_gates_kernel<<<pieces_grid(), 128, 0, stream>>>(
-        table, at, p.s, piece_buffer(1), buffers.write, buffers.gate,
-        backward ? buffers.running_z : StridedTensor{},
-        !p.initial_hk.present && !p.initial_hv.present);
+    with_logit_type([&](auto logit) {
+      auto launch = [&](auto kernel) {
+        kernel<<<pieces_grid(), 128, 0, stream>>>(table, at, p.s, piece_buffer(1), buffers.write,
+                                                  buffers.gate,
+                                                  backward ? buffers.running_z : StridedTensor{},
+                                                  !p.initial_hk.present && !p.initial_hv.present);
+      };
+      using S = decltype(logit);
+      if (buffers.write.dtype == Storage::kFloat16)
+        launch(abc_gates_kernel<S, __half>);
+      else
+        launch(abc_gates_kernel<S, __nv_bfloat16>);
+    });
     check_cuda(cudaGetLastError(), "ABC's gate kernel");
   }
 
@@ -544,24 +623,46 @@ struct Run {
         table,          pieces(),    p.s,  p.initial_z,   buffers.running_z, buffers.d_write,
         buffers.d_gate, p.d_final_z, p.ds, p.d_initial_z, piece_buffer(0),   piece_buffer(1),
         piece_buffer(2)};
-    abc_piece_maps_kernel<<<pieces_grid(), 128, 0, stream>>>(a);
+    with_logit_type([&](auto logit) {
+      abc_piece_maps_kernel<decltype(logit)><<<pieces_grid(), 128, 0, stream>>>(a);
+    });
     check_cuda(cudaGetLastError(), "ABC's piece maps");
     abc_leaving_carry_kernel<<<slots_grid(), 128, 0, stream>>>(a);
     check_cuda(cudaGetLastError(), "ABC's carries");
-    abc_ds_kernel<<<pieces_grid(), 128, 0, stream>>>(a);
+    with_logit_type(
+        [&](auto logit) { abc_ds_kernel<decltype(logit)><<<pieces_grid(), 128, 0, stream>>>(a); });
     check_cuda(cudaGetLastError(), "ABC's ds kernel");
   }
 
   void softmax(bool with_grad) {
-    const dim3 grid = rows_grid(p, 1, kWarpsPerBlock);
-    const int M = static_cast<int>(p.num_slots);
-    if (with_grad)
-      slot_softmax_kernel<true><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(
-          table, p.num_heads, M, static_cast<float>(p.scale), buffers.scores, buffers.dp,
-          buffers.dscores);
+    const float scale = with_grad ? static_cast<float>(p.scale) : 1.f;
+    const float* dp = with_grad ? reinterpret_cast<const float*>(buffers.dp.data) : nullptr;
+    char* out = with_grad ? buffers.dscores.data : buffers.probs.data;
+    auto launch = [&](auto elem, auto backward, auto lanes) {
+      using Elem = decltype(elem);
+      constexpr int kLanes = decltype(lanes)::value;
+      slot_softmax_kernel<Elem, decltype(backward)::value, kLanes>
+          <<<rows_grid(p, kLanes, 256), 256, 0, stream>>>(
+              table, p.num_heads, p.time, scale,
+              reinterpret_cast<const float*>(buffers.scores.data), dp,
+              reinterpret_cast<Elem*>(out));
+    };
+    auto for_elem = [&](auto elem) {
+      auto for_lanes = [&](auto lanes) {
+        if (with_grad)
+          launch(elem, std::true_type{}, lanes);
+        else
+          launch(elem, std::false_type{}, lanes);
+      };
+      if (p.num_slots == 64)
+        for_lanes(std::integral_constant<int, 16>{});
+      else
+        for_lanes(std::integral_constant<int, 32>{});
+    };
+    if (p.q.dtype == Storage::kFloat16)
+      for_elem(__half{});
     else
-      slot_softmax_kernel<false><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(
-          table, p.num_heads, M, 1.f, buffers.scores, StridedTensor{}, buffers.probs);
+      for_elem(__nv_bfloat16{});
     check_cuda(cudaGetLastError(), "the slot softmax kernel");
   }
 
@@ -599,7 +700,8 @@ bool slot_chunk_supports(const SlotAttentionParams& p, bool backward) {
   if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype) return false;
   // GSA's s are the passes' keys; ABC's s are only read by its gate kernels (any dtype).
   if (p.kind == SlotKind::kGsa && p.s.dtype != p.q.dtype) return false;
-  if (p.num_slots > 32 * kMaxSlotsPerLane) return false;
+  // The softmax kernel's rows: 64 or 128 slots (also what the core calls take as key dims).
+  if (p.num_slots != 64 && p.num_slots != 128) return false;
   // Every core call must take the tensor-core kernels.
   const Calls c = calls_of(p, sized(p, backward), backward);
   if (!chunk_tc_supports(c.sweep, true)) return false;
