@@ -287,28 +287,34 @@ __global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, 
   *reinterpret_cast<uint2*>(out + at) = packed;
 }
 
-// total = first + second (strided, any dtype; first may be total) over the sequences' tokens,
-// each thread four adjacent slots of a (token, head) row: the index arithmetic once per four.
-__global__ void add_parts_kernel(SequenceTable sequences, int64_t num_heads, int num_slots,
-                                 StridedTensor total, StridedTensor first, StridedTensor second) {
+// total = (first or total) + second over the sequences' tokens: total (ds or dg) strided in its
+// own dtype T, first and second compact float32 scratch [B, T, H, M] (first null: total itself).
+// Each thread takes four adjacent slots of a (token, head) row (16-byte scratch loads).
+template <typename T>
+__global__ void add_parts_kernel(SequenceTable sequences, int64_t num_heads, int64_t time,
+                                 int num_slots, StridedTensor total, const float* first,
+                                 const float* second) {
   const SequenceSpan span = sequences[blockIdx.y];
-  const int groups = (num_slots + 3) / 4;
+  const int groups = num_slots / 4;
   const int64_t index = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (index >= span.length * num_heads * groups) return;
-  const int64_t row = index / groups, m0 = 4 * (index % groups);
+  const int64_t row = index / groups;
+  const int m0 = 4 * static_cast<int>(index % groups);
   const int64_t token = span.start + row / num_heads, h = row % num_heads;
-  const int64_t at = element_offset(total, span.batch, token, h, m0);
-  const int64_t first_at = element_offset(first, span.batch, token, h, m0);
-  const int64_t second_at = element_offset(second, span.batch, token, h, m0);
-  float sums[4];
+  T* out = reinterpret_cast<T*>(total.data) + element_offset(total, span.batch, token, h, m0);
+  const int64_t scratch_at = ((span.batch * time + token) * num_heads + h) * num_slots + m0;
+  const float4 b = *reinterpret_cast<const float4*>(second + scratch_at);
+  float a[4];
+  if (first != nullptr) {
+    const float4 f = *reinterpret_cast<const float4*>(first + scratch_at);
+    a[0] = f.x, a[1] = f.y, a[2] = f.z, a[3] = f.w;
+  } else {
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-    sums[i] = m0 + i < num_slots ? load_float(first, first_at + i * first.stride[3]) +
-                                       load_float(second, second_at + i * second.stride[3])
-                                 : 0.f;
+    for (int i = 0; i < 4; ++i) a[i] = to_float(out[i * total.stride[3]]);
+  }
+  const float sums[4] = {a[0] + b.x, a[1] + b.y, a[2] + b.z, a[3] + b.w};
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-    if (m0 + i < num_slots) store_float(total, at + i * total.stride[3], sums[i]);
+  for (int i = 0; i < 4; ++i) out[i * total.stride[3]] = from_float<T>(sums[i]);
 }
 
 // Launch geometry over the sequences' (token, head) rows, `per_block` rows per block.
@@ -666,11 +672,22 @@ struct Run {
     check_cuda(cudaGetLastError(), "the slot softmax kernel");
   }
 
-  // total = first + second over the sequences' rows (first may be total itself).
-  void add(const StridedTensor& total, const StridedTensor& first, const StridedTensor& second) {
+  // total = first + second over the sequences' rows; first null: total itself. first and second
+  // are compact float32 scratch.
+  void add(const StridedTensor& total, const StridedTensor* first, const StridedTensor& second) {
     if (!total.present) return;
-    add_parts_kernel<<<rows_grid(p, (p.num_slots + 3) / 4, 256), 256, 0, stream>>>(
-        table, p.num_heads, static_cast<int>(p.num_slots), total, first, second);
+    auto launch = [&](auto type) {
+      add_parts_kernel<decltype(type)><<<rows_grid(p, p.num_slots / 4, 256), 256, 0, stream>>>(
+          table, p.num_heads, p.time, static_cast<int>(p.num_slots), total,
+          first ? reinterpret_cast<const float*>(first->data) : nullptr,
+          reinterpret_cast<const float*>(second.data));
+    };
+    switch (total.dtype) {
+      case Storage::kFloat32: launch(float{}); break;
+      case Storage::kFloat64: launch(double{}); break;
+      case Storage::kFloat16: launch(__half{}); break;
+      default: launch(__nv_bfloat16{}); break;
+    }
     check_cuda(cudaGetLastError(), "the slot gradient sum kernel");
   }
 };
@@ -742,10 +759,10 @@ void slot_chunk_backward(const SlotAttentionParams& p) {
   if (keys_grad_wanted(p, slots)) {
     recurrence_backward(c.keys_grad);
     if (p.kind == SlotKind::kGsa)
-      run.add(slots.d_write, run.buffers.ds_part, run.buffers.dp);  // ds = the two parts
+      run.add(slots.d_write, &run.buffers.ds_part, run.buffers.dp);  // ds = the two parts
     else
-      run.add(slots.d_write, slots.d_write, run.buffers.dp);
-    run.add(slots.d_gate, slots.d_gate, run.buffers.dg_part);
+      run.add(slots.d_write, nullptr, run.buffers.dp);
+    run.add(slots.d_gate, nullptr, run.buffers.dg_part);
   }
   if (abc && slots.d_write.present) run.abc_gates_backward();
 }
