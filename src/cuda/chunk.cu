@@ -264,7 +264,8 @@ bool forward_on_wgmma(Storage elem, int64_t key_dim, GateKind gate) {
 // Per-key gates (GLA; b_i a vector over the keys, D_ij = 2^{b_i - b_j} per key): the same
 // passes, dv's with its gates on the reduction (the keys) like the forward, dq's and dk's on the
 // output's columns (the keys again: forward_kernel's ValueGates), which also write dq's and dk's
-// rounding residuals when dg is wanted; then dg from dq and dk to 16 more bits
+// rounding residuals when dg is wanted and they are in the input type (float32 ones, the slot
+// attention's calls, need none); then dg from dq and dk to 16 more bits
 // (chunk_gate_grad.cuh), with rowsum(S_T * dS_T) from the dq pass's final state S_T^T. A pass's
 // thread block that meets a chunk too wide for the per-key scaling flags its (sequence, head),
 // and the mma.sync backward runs the flagged ones after the passes.
@@ -311,8 +312,8 @@ bool backward_as_forward(const RecurrenceParams& p) {
 }
 
 // The per-key backward's scratch: the mma.sync backward's (it runs the (sequence, head) pairs
-// the passes leave; when dg is wanted its float32 q * dq [B][T][H][K] first holds the rounding
-// residuals of dq and dk, in the input type, which it overwrites only after they are used),
+// the passes leave; when dg is wanted with dq and dk in the input type, its float32 q * dq
+// [B][T][H][K] first holds their rounding residuals, which it overwrites only after they are used),
 // the passes' flags, S_T in float32 [N][H][K][V] when dg and dS_T are wanted, and with the bonus
 // do_t . v_t in float32 [B][H][T].
 struct PassLayout {
@@ -343,7 +344,8 @@ PassLayout pass_layout(const RecurrenceParams& p) {
 size_t pass_layout_total(const RecurrenceParams& p) { return pass_layout(p).total(); }
 
 // Per-key passes: their flags (ChunkArgs::redo), where the dq pass leaves S_T^T, the rounding
-// residuals of dq and dk (for dg; else absent) and, with the bonus, do . v (ChunkArgs::diagonal).
+// residuals of dq and dk (for dg with dq and dk in the input type; else absent) and, with the
+// bonus, do . v (ChunkArgs::diagonal).
 struct PassScratch {
   int* flags = nullptr;
   int flags_per_head = 0;

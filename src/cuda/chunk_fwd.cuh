@@ -573,9 +573,10 @@ inline bool mma_sync_forced() {
   const char* value = std::getenv("FLASHLIN_CUDA_MMA_SYNC");
   return value != nullptr && value[0] != '\0' && !(value[0] == '0' && value[1] == '\0');
 }
-template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false>
+template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
+          typename Out = Elem>
 bool wgmma_chosen() {
-  return !mma_sync_forced() && chunk_fwd_wgmma::runs_here<Elem, K, Gate, Bonus, ValueGates>();
+  return !mma_sync_forced() && chunk_fwd_wgmma::runs_here<Elem, K, Gate, Bonus, ValueGates, Out>();
 }
 template <typename Elem, int K, GateKind Gate>
 cudaError_t launch_scalar_gate(const ChunkArgs& args, int value_dim, int64_t num_seqs,
@@ -604,14 +605,14 @@ cudaError_t launch_per_key(ChunkArgs args, int value_dim, int64_t num_seqs, cuda
 // the output's columns (dq, dk), each also in RWKV-6's bonus form, on the wgmma kernel only. A
 // pass's thread block that meets a chunk too wide for its scaling flags itself in args.redo (which
 // must have room) and the caller runs the mma.sync backward for it. A float32 o (dq or dk in
-// float32, no bonus) takes the kernel's float32-output instantiation, built and loaded with the
-// others.
+// float32, no bonus) takes the kernel's float32-output instantiation.
 template <typename Elem, int K>
 bool per_key_pass_on_wgmma(bool bonus) {
   return bonus ? wgmma_chosen<Elem, K, GateKind::kPerKey, true, false>() &&
                      wgmma_chosen<Elem, K, GateKind::kPerKey, true, true>()
                : wgmma_chosen<Elem, K, GateKind::kPerKey, false, false>() &&
-                     wgmma_chosen<Elem, K, GateKind::kPerKey, false, true>();
+                     wgmma_chosen<Elem, K, GateKind::kPerKey, false, true>() &&
+                     wgmma_chosen<Elem, K, GateKind::kPerKey, false, true, float>();
 }
 template <typename Elem, int K>
 cudaError_t launch_per_key_pass(const ChunkArgs& args, bool value_gates, bool bonus, int value_dim,

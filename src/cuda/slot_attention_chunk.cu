@@ -56,7 +56,8 @@ size_t token_bytes(const SlotAttentionParams& p, Storage dtype) {
 }
 
 // The scratch of a call: float32 scores, their softmax in the input type, and for the backward
-// dp (float32), dscores (input type) and pass 1's parts of ds and dg (float32). ABC adds its
+// dp (float32), dscores (input type), GSA's pass-2 part of ds and pass 1's part of dg (float32;
+// calls_of says which buffer holds what when). ABC adds its
 // writes (input type) and gates (float32), and backward the running z_t and the gradients of
 // the writes and gates (float32: ABC's chain through z sums them over the whole sequence). The
 // core calls' own workspace follows.
@@ -101,7 +102,7 @@ size_t place_buffers(const SlotAttentionParams& p, bool backward, char* base, Bu
   if (backward) {
     next(&b->dp, Storage::kFloat32);
     next(&b->dscores, elem);
-    next(&b->ds_part, Storage::kFloat32);
+    if (!abc) next(&b->ds_part, Storage::kFloat32);  // ABC's pass-2 part goes to d_write
     next(&b->dg_part, Storage::kFloat32);
     if (abc) {
       next(&b->running_z, Storage::kFloat32);
@@ -326,7 +327,8 @@ dim3 rows_grid(const SlotAttentionParams& p, int64_t per_row, int64_t per_block)
 
 // ---- ABC's running log-sum-exp z, in pieces of kPiece tokens walked in parallel ----------------
 // Forward: z_t = logaddexp(z_{t-1}, s_t), write_t = exp(s_t - z_t), gate_t = z_{t-1} - z_t (write
-// 0 and gate 0 while z_t is still -inf). (1) each piece's logsumexp of s; (2) per (sequence,
+// 0 and gate 0 while z_t is still -inf; gate 0 also at the first write when no state enters,
+// abc_gates_kernel). (1) each piece's logsumexp of s; (2) per (sequence,
 // head, slot) the z entering each piece, a walk over the pieces; (3) each piece walked again
 // from its entering z. Backward, with C_t the gradient reaching z_t from later tokens (d final_z
 // at the end): Dz_t = C_t - dgate_t - dwrite_t write_t, ds_t = write_t (dwrite_t + Dz_t) and
@@ -367,8 +369,12 @@ struct PieceThread {
 // time left the kernels latency-bound at 4-8x their bytes).
 constexpr int kUnroll = 8;
 // logaddexp on the fast intrinsics, for the per-token walks (the accurate expf/log1pf were most of
-// their instructions): __logf(1 + e^-d) is within ~1e-7 absolute of log1p(e^-d), a relative 1e-7
-// in the writes e^{s_t - z_t} and decays e^{z_{t-1} - z_t} that z feeds.
+// their instructions): each step within ~5e-7 absolute of the accurate one, so a piece's walk of
+// 64 tokens drifts by ~1e-5 in z (at most ~3e-5; that relative error in the writes e^{s_t - z_t}
+// and decays e^{z_{t-1} - z_t} that z feeds; the bf16 products around them round at 4e-3). Each
+// piece starts from its entering z, a walk over the pieces' sums; the backward's decay at a piece's
+// first token uses the walked z of the token before, so it can differ from the forward's gate there
+// by that drift.
 __device__ __forceinline__ float fast_logaddexp(float a, float b) {
   const float larger = fmaxf(a, b);
   if (larger == -INFINITY) return -INFINITY;
