@@ -362,12 +362,6 @@ struct PieceThread {
   __device__ int64_t token(int64_t t) const { return span.start + t; }
 };
 
-// One (sequence, head, slot) column of a [B, T, H, M] tensor from token `t0` of the thread's
-// sequence on, typed. A piece's walk is a chain of dependent steps, but its loads are not: the
-// walks below load kUnroll tokens before using them, so that a thread keeps that many loads in
-// flight instead of one (a thread per column and piece is ~4 waves of the device: one load at a
-// time left the kernels latency-bound at 4-8x their bytes).
-constexpr int kUnroll = 8;
 // logaddexp on the fast intrinsics, for the per-token walks (the accurate expf/log1pf were most of
 // their instructions): each step within ~5e-7 absolute of the accurate one, so a piece's walk of
 // 64 tokens drifts by ~1e-5 in z (at most ~3e-5; that relative error in the writes e^{s_t - z_t}
@@ -380,6 +374,13 @@ __device__ __forceinline__ float fast_logaddexp(float a, float b) {
   if (larger == -INFINITY) return -INFINITY;
   return larger + __logf(1.f + __expf(-fabsf(a - b)));
 }
+
+// One (sequence, head, slot) column of a [B, T, H, M] tensor from token `t0` of the thread's
+// sequence on, typed. A piece's walk is a chain of dependent steps, but its loads are not: the
+// walks below load kUnroll tokens before using them, so that a thread keeps that many loads in
+// flight instead of one (a thread per column and piece is ~4 waves of the device: one load at a
+// time left the kernels latency-bound at 4-8x their bytes).
+constexpr int kUnroll = 8;
 template <typename T>
 struct Column {
   T* first;
