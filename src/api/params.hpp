@@ -74,6 +74,10 @@ struct RecurrenceParams {
   // Backward inputs and outputs (absent gradients are not written).
   StridedTensor d_o, d_final_state;
   StridedTensor dq, dk, dv, dg, du, d_initial_state;
+  // Internal calls only (never set by the C ABI): dq already holds this backward's dq, computed
+  // by the caller (the slot attention's composition keeps pass 1's scores), so the CUDA per-key
+  // passes may use it for dg instead of running dq's pass again.
+  bool dq_given = false;
 
   // Execution.
   int device_id = 0;  // CUDA device of the tensors (CUDA backend only)

@@ -374,6 +374,10 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
       {p.v, p.d_o, p.q, p.dk, scratch.dk_residual, transposed_state(p.d_final_state), none, none,
        p.value_dim, p.key_dim, true, true, p.dk.present},
   };
+  // dq given by the caller (RecurrenceParams::dq_given): its pass is skipped unless dg needs the
+  // S_T it leaves (with dS_T). The given dq is right however it was computed, so no (sequence,
+  // head) needs the mma.sync backward on its account: the flags of the passes that run suffice.
+  const bool dq_from_caller = p.dq_given && per_key && !p.bonus && !p.d_final_state.present;
   int flags_offset = 0;
   for (const Pass& pass : passes) {
     const int blocks_per_head = static_cast<int>(pass.value_dim / chunk_tc::kValueTile);
@@ -396,7 +400,7 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
     args.redo_stride = scratch.flags_per_head;
     args.redo_offset = flags_offset;
     flags_offset += blocks_per_head;
-    if (!pass.wanted) continue;
+    if (!pass.wanted || (&pass == &passes[0] && dq_from_caller)) continue;
     const cudaError_t err =
         per_key ? launch_per_key_pass(p.q.dtype, pass.key_dim, pass.value_gates, p.bonus, args,
                                       pass.value_dim, ctx.sequences.count, ctx.stream)

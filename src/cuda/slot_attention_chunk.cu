@@ -2,11 +2,11 @@
 // chunked recurrence (chunk.cuh), with the softmax over slots between them. Per sequence and head
 // (hk [K, M], hv [M, V]; write w_t and log decay g_t per slot; see slot_attention_params.hpp):
 //
-//   pass 1   scores_t = scale hk_t^T q_t,   hk_t = hk_{t-1} diag(e^{g_t}) + k_t w_t^T.
+//   pass 1   scores_t = hk_t^T q_t,   hk_t = hk_{t-1} diag(e^{g_t}) + k_t w_t^T.
 //            hk^T is the state of the core recurrence with keys w (gated, dimension M) and
 //            values k (dimension K), and hk_t^T q_t = S_t d_o_t is what the core backward's dq
-//            sweep computes for d_o = q: pass 1 is that sweep run alone (float32 output).
-//   p_t    = softmax_M(scores_t), in float32 (rounded to the input type for pass 2).
+//            sweep computes for d_o = q: pass 1 is that sweep run alone (float32 output, scale 1).
+//   p_t    = softmax_M(scale scores_t), in float32 (rounded to the input type for pass 2).
 //   pass 2   o_t = hv_t^T p_t: the core forward with queries p, keys w, values v, scale 1.
 // GSA: w = s, g given. ABC: a first kernel walks each (sequence, head, slot) computing
 //   z_t = logaddexp(z_{t-1}, s_t), w_t = exp(s_t - z_t), g_t = z_{t-1} - z_t.
@@ -16,8 +16,10 @@
 // L1 = sum_t dscores_t . hk_t^T q_t (+ <d hk_T, hk_T>), which is the core recurrence's
 // sum_t d_o_t . o_t with queries dscores, keys w, values k, d_o = q. So dq is the core forward's
 // output for those queries, and dk, pass 1's parts of dw and dg, and d hk_0 are that core
-// backward's dv, dk, dg and d_initial_state. The two parts of dw and dg are summed; for ABC the
-// chain through z (a scan, below) gives ds and d z_0.
+// backward's dv, dk, dg and d_initial_state. That backward's own dq (for its dg) is again the
+// sweep's, hk_t^T q_t: the backward's pass-1 scores are handed to it (RecurrenceParams::dq_given)
+// instead of running that pass twice. The two parts of dw and dg are summed; for ABC the chain
+// through z (a scan, below) gives ds and d z_0.
 //
 // Bytes (B = 8, H = 32, T = 4096, K = V = 128, M = 64, bf16 data, float32 gates): pass 1 reads
 // q, k, w, g and writes float32 scores; the softmax reads them and writes p; pass 2 reads p, w,
@@ -178,8 +180,7 @@ Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
   Calls c;
   c.sweep = keys_pass(slots.write);
   c.sweep.d_o = p.q;
-  c.sweep.dq = b.scores;
-  c.sweep.scale = p.scale;
+  c.sweep.dq = b.scores;  // scale 1: the softmax applies the call's scale
   if (!backward) {
     c.values = values_pass();
     c.values.o = p.o;
@@ -190,9 +191,9 @@ Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
   }
   // The backward calls keep dq and dk in float32 (the passes' gate gradient wants both in one
   // type, and dp feeds the softmax's cancelling difference): pass 2's dk (the writes' gradient)
-  // in ABC's d_write or, for GSA, in ds_part; pass 1's dk in the dp buffer and its dq (only for
-  // dg) in the scores buffer, both free once the softmax's backward has read them. ds is then
-  // summed from the two parts (Run::add).
+  // in ABC's d_write or, for GSA, in ds_part; pass 1's dk in the dp buffer, free once the
+  // softmax's backward has read it, and its dq (only for dg) is the scores buffer as the sweep
+  // left it. ds is then summed from the two parts (Run::add).
   const bool slot_grads = slots.d_write.present || slots.d_gate.present;
   const bool gsa = p.kind == SlotKind::kGsa;
   c.values_grad = values_pass();
@@ -209,6 +210,7 @@ Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
   c.keys_grad.d_o = p.q;
   c.keys_grad.d_final_state = transposed_state(p.d_final_hk);
   c.keys_grad.dq = slots.d_gate.present ? b.scores : StridedTensor{};
+  c.keys_grad.dq_given = true;  // the sweep's scores (where not recomputed, the same values)
   c.keys_grad.dk = slot_grads ? b.dp : StridedTensor{};
   c.keys_grad.dv = p.dk;
   c.keys_grad.dg = slots.d_gate.present ? b.dg_part : StridedTensor{};
@@ -231,12 +233,12 @@ size_t buffers_bytes(const SlotAttentionParams& p, bool backward) {
   return place_buffers(p, backward, nullptr, &b);
 }
 
-// probs = softmax(scores) per (token, head) row; with dp, instead dscores = scale probs (dp -
-// probs . dp). kLanes lanes per row, each with 4 adjacent slots (one 16-byte load per operand, one
-// 8-byte store): M = 4 kLanes. The scratch rows are compact [B, T, H, M], so a sequence's rows
-// are adjacent from (batch T + start) H on. Rows of tokens outside the sequences are not touched.
-// (One warp per row, each lane a strided slot, ran at 2.5x the bytes: the row arithmetic and the
-// two-element lanes.)
+// probs = softmax(scale scores) per (token, head) row; with dp, instead dscores = scale probs
+// (dp - probs . dp). kLanes lanes per row, each with 4 adjacent slots (one 16-byte load per
+// operand, one 8-byte store): M = 4 kLanes. The scratch rows are compact [B, T, H, M], so a
+// sequence's rows are adjacent from (batch T + start) H on. Rows of tokens outside the sequences
+// are not touched. (One warp per row, each lane a strided slot, ran at 2.5x the bytes: the row
+// arithmetic and the two-element lanes.)
 template <typename Elem, bool kBackward, int kLanes>
 __global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, int64_t time,
                                     float scale, const float* scores, const float* dp, Elem* out) {
@@ -247,7 +249,7 @@ __global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, 
   const int64_t at =
       ((span.batch * time + span.start) * num_heads + row) * kSlots + 4 * (threadIdx.x % kLanes);
   const float4 x4 = *reinterpret_cast<const float4*>(scores + at);
-  float x[4] = {x4.x, x4.y, x4.z, x4.w};
+  float x[4] = {scale * x4.x, scale * x4.y, scale * x4.z, scale * x4.w};
   auto row_sum = [](float v) {  // over the row's kLanes lanes (aligned groups of the warp)
 #pragma unroll
     for (int offset = kLanes / 2; offset > 0; offset /= 2)
@@ -648,7 +650,7 @@ struct Run {
   }
 
   void softmax(bool with_grad) {
-    const float scale = with_grad ? static_cast<float>(p.scale) : 1.f;
+    const float scale = static_cast<float>(p.scale);
     const float* dp = with_grad ? reinterpret_cast<const float*>(buffers.dp.data) : nullptr;
     char* out = with_grad ? buffers.dscores.data : buffers.probs.data;
     auto launch = [&](auto elem, auto backward, auto lanes) {
