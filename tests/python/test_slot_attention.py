@@ -131,11 +131,11 @@ def make_inputs(kind, B, T, H, K, V, M, N, dtype, device, with_state=True, gate=
     return q, k, v, s, g, state
 
 
-def run_op(kind, form, q, k, v, s, g, scale, state, cu_seqlens=None):
+def run_op(kind, form, q, k, v, s, g, scale, state, cu_seqlens=None, final_state=True):
     op = OPS[(kind, form)]
     gates = (g,) if kind == "gsa" else ()
-    return op(q, k, v, s, *gates, scale=scale, initial_state=state, output_final_state=True,
-              cu_seqlens=cu_seqlens)
+    return op(q, k, v, s, *gates, scale=scale, initial_state=state,
+              output_final_state=final_state, cu_seqlens=cu_seqlens)
 
 
 def run_reference(kind, q, k, v, s, g, scale, state, cu_seqlens=None):
@@ -152,16 +152,20 @@ def run_reference(kind, q, k, v, s, g, scale, state, cu_seqlens=None):
 
 
 def check_case(kind, form, dtype, device, B, T, H, K, V, M, cu_seqlens=None, gate="normal",
-               with_state=True, scale=None, tol=None, grad_tols=None):
-    """grad_tols: per-gradient tolerance overrides by name (None: finite only)."""
+               with_state=True, scale=None, tol=None, grad_tols=None, final_state=True):
+    """grad_tols: per-gradient tolerance overrides by name (None: finite only). final_state:
+    whether the op returns (and the loss sees) the final state."""
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     q, k, v, s, g, state = make_inputs(kind, B, T, H, K, V, M, N, dtype, device, with_state, gate)
-    o, final = run_op(kind, form, q, k, v, s, g, scale, state, cu_seqlens)
+    o, final = run_op(kind, form, q, k, v, s, g, scale, state, cu_seqlens, final_state)
     (ref_o, *ref_final), leaves, ref_state = run_reference(kind, q, k, v, s, g, scale, state,
                                                            cu_seqlens)
     tol = tol or (CUDA_TOL if device == "cuda" else TOL)[dtype]
     assert o.dtype == dtype and o.shape == v.shape
-    assert len(final) == (3 if kind == "abc" else 2)
+    if not final_state:
+        assert final is None
+        final, ref_final = (), []
+    assert len(final) == (0 if not final_state else 3 if kind == "abc" else 2)
     assert rel_err(o, ref_o) <= tol, f"o: {rel_err(o, ref_o):.3g}"
     for name, out, ref in zip(("hk", "hv", "z"), final, ref_final):
         assert out.dtype == (F64 if dtype == F64 else torch.float32)
@@ -277,6 +281,29 @@ def test_tensor_core_path_on_mma_sync(kind, M, with_state, monkeypatch):
     check_case(kind, "chunk", torch.bfloat16, "cuda", B=2, T=130, H=2, K=128, V=128, M=M,
                with_state=with_state, tol=2e-2,
                grad_tols={"z0": 5e-2} if kind == "abc" else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+@pytest.mark.parametrize("mma_sync", [False, True])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_without_final_state(device, kind, mma_sync, with_state, monkeypatch):
+    """Only o (no gradient flows into the final state), varlen. On Hopper the backward then hands
+    pass 1's scores to pass 1's backward as its dq (RecurrenceParams::dq_given) instead of running
+    that pass again; every gradient against the reference, on CUDA also on the mma.sync kernels
+    (float32 on the CPU)."""
+    if device == "cpu" and mma_sync:
+        pytest.skip("FLASHLIN_CUDA_MMA_SYNC is a CUDA setting")
+    cu = torch.tensor([0, 1, 70, 200], dtype=torch.int32, device=device)
+    shape = dict(B=1, T=200, H=2, K=128, V=128, M=64, cu_seqlens=cu, with_state=with_state,
+                 final_state=False)
+    if device == "cpu":
+        check_case(kind, "chunk", torch.float32, "cpu", **shape)
+        return
+    if mma_sync:
+        monkeypatch.setenv("FLASHLIN_CUDA_MMA_SYNC", "1")
+    tols = {"z0": 7e-2} if kind == "abc" else GSA_TC_GRAD_TOLS
+    check_case(kind, "chunk", torch.bfloat16, "cuda", tol=2e-2, grad_tols=tols, **shape)
 
 
 @pytest.mark.parametrize("device", DEVICES)
