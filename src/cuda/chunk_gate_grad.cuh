@@ -249,15 +249,17 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
     float own[kKeys] = {};
 #pragma unroll
     for (int r = L::kRowsPerWarp - 1; r >= 0; --r) {
+      const int row = warp * L::kRowsPerWarp + r;
       float q[kKeys], k[kKeys], dq[kKeys], dq_low[kKeys], dk[kKeys], dk_low[kKeys], g[kKeys];
       operand(kQ, r, q);
       operand(kK, r, k);
-      if constexpr (kWideGrads) {
-        const int row = warp * L::kRowsPerWarp + r;
-        load_row(reinterpret_cast<const float*>(buffer + kDq * L::kOperandBytes) + row * K + key0,
-                 dq);
-        load_row(reinterpret_cast<const float*>(buffer + kDk * L::kOperandBytes) + row * K + key0,
-                 dk);
+      if constexpr (kWideGrads) {  // float32 rows over the value and residual places
+        auto wide_operand = [&](Operand op, float(&x)[kKeys]) {
+          load_row(reinterpret_cast<const float*>(buffer + op * L::kOperandBytes) + row * K + key0,
+                   x);
+        };
+        wide_operand(kDq, dq);
+        wide_operand(kDk, dk);
 #pragma unroll
         for (int c = 0; c < kKeys; ++c) dq_low[c] = dk_low[c] = 0.f;
       } else {
@@ -266,7 +268,6 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
         operand(kDk, r, dk);
         operand(kDkLow, r, dk_low);
       }
-      const int row = warp * L::kRowsPerWarp + r;
       load_gate_row(args.g.dtype, buffer + L::kGateAt + (row * K + key0) * kGateBytes, g);
       floored[r] = 0;
       float dq_out[kKeys], dk_out[kKeys];

@@ -76,6 +76,18 @@ int64_t pieces_per_sequence(const SlotAttentionParams& p) {
   return std::max<int64_t>(1, (longest_sequence(p.sequences) + kPiece - 1) / kPiece);
 }
 
+// Calls f with a value of the C++ type of a floating storage (the kernels typed by a tensor's
+// dtype: ABC's logits, the gradient sums' totals).
+template <typename F>
+void with_storage_type(Storage dtype, F&& f) {
+  switch (dtype) {
+    case Storage::kFloat32: f(float{}); break;
+    case Storage::kFloat64: f(double{}); break;
+    case Storage::kFloat16: f(__half{}); break;
+    default: f(__nv_bfloat16{}); break;
+  }
+}
+
 // Places the buffers from `base` (nullptr: sizes only) and returns the bytes before the core
 // workspace.
 size_t place_buffers(const SlotAttentionParams& p, bool backward, char* base, Buffers* b) {
@@ -233,12 +245,18 @@ size_t buffers_bytes(const SlotAttentionParams& p, bool backward) {
   return place_buffers(p, backward, nullptr, &b);
 }
 
+// Element offset of row `row` ((token - start) H + head) of a sequence's rows in a compact
+// [B, T, H, M] scratch tensor: a sequence's rows are adjacent from (batch T + start) H on.
+__device__ __forceinline__ int64_t scratch_row_at(const SequenceSpan& span, int64_t time,
+                                                  int64_t num_heads, int64_t row, int num_slots) {
+  return ((span.batch * time + span.start) * num_heads + row) * num_slots;
+}
+
 // probs = softmax(scale scores) per (token, head) row; with dp, instead dscores = scale probs
 // (dp - probs . dp). kLanes lanes per row, each with 4 adjacent slots (one 16-byte load per
-// operand, one 8-byte store): M = 4 kLanes. The scratch rows are compact [B, T, H, M], so a
-// sequence's rows are adjacent from (batch T + start) H on. Rows of tokens outside the sequences
-// are not touched. (One warp per row, each lane a strided slot, ran at 2.5x the bytes: the row
-// arithmetic and the two-element lanes.)
+// operand, one 8-byte store): M = 4 kLanes, the rows compact scratch (scratch_row_at). Rows of
+// tokens outside the sequences are not touched. (One warp per row, each lane a strided slot, ran
+// at 2.5x the bytes: the row arithmetic and the two-element lanes.)
 template <typename Elem, bool kBackward, int kLanes>
 __global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, int64_t time,
                                     float scale, const float* scores, const float* dp, Elem* out) {
@@ -247,7 +265,7 @@ __global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, 
   const int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / kLanes;
   if (row >= span.length * num_heads) return;
   const int64_t at =
-      ((span.batch * time + span.start) * num_heads + row) * kSlots + 4 * (threadIdx.x % kLanes);
+      scratch_row_at(span, time, num_heads, row, kSlots) + 4 * (threadIdx.x % kLanes);
   const float4 x4 = *reinterpret_cast<const float4*>(scores + at);
   float x[4] = {scale * x4.x, scale * x4.y, scale * x4.z, scale * x4.w};
   auto row_sum = [](float v) {  // over the row's kLanes lanes (aligned groups of the warp)
@@ -305,7 +323,7 @@ __global__ void add_parts_kernel(SequenceTable sequences, int64_t num_heads, int
   const int m0 = 4 * static_cast<int>(index % groups);
   const int64_t token = span.start + row / num_heads, h = row % num_heads;
   T* out = reinterpret_cast<T*>(total.data) + element_offset(total, span.batch, token, h, m0);
-  const int64_t scratch_at = ((span.batch * time + token) * num_heads + h) * num_slots + m0;
+  const int64_t scratch_at = scratch_row_at(span, time, num_heads, row, num_slots) + m0;
   const float4 b = *reinterpret_cast<const float4*>(second + scratch_at);
   float a[4];
   if (first != nullptr) {
@@ -388,8 +406,7 @@ struct Column {
   T* first;
   int64_t step;
   __device__ Column(const StridedTensor& x, const PieceThread& th, int64_t t0)
-      : first(reinterpret_cast<T*>(x.data) +
-              element_offset(x, th.span.batch, th.token(t0), th.h, th.m)),
+      : first(reinterpret_cast<T*>(TokenRows(x, th.span, th.h, false, sizeof(T), th.m).row(t0))),
         step(x.stride[1]) {}
   __device__ float operator[](int64_t i) const { return to_float(first[i * step]); }
   __device__ void store(int64_t i, float x) const { first[i * step] = from_float<T>(x); }
@@ -595,20 +612,9 @@ struct Run {
   }
   float* piece_buffer(int i) const { return reinterpret_cast<float*>(buffers.piece[i].data); }
 
-  // Calls f with a value of the storage type of ABC's logits s (any floating dtype).
-  template <typename F>
-  void with_logit_type(F&& f) const {
-    switch (p.s.dtype) {
-      case Storage::kFloat32: f(float{}); break;
-      case Storage::kFloat64: f(double{}); break;
-      case Storage::kFloat16: f(__half{}); break;
-      default: f(__nv_bfloat16{}); break;
-    }
-  }
-
   void abc_gates(bool backward) {
     const PieceIndex at = pieces();
-    with_logit_type([&](auto logit) {
+    with_storage_type(p.s.dtype, [&](auto logit) {
       abc_piece_sums_kernel<decltype(logit)>
           <<<pieces_grid(), 128, 0, stream>>>(table, at, p.s, piece_buffer(0));
     });
@@ -617,7 +623,7 @@ struct Run {
                                                             piece_buffer(1),
                                                             backward ? StridedTensor{} : p.final_z);
     check_cuda(cudaGetLastError(), "ABC's entering z");
-    with_logit_type([&](auto logit) {
+    with_storage_type(p.s.dtype, [&](auto logit) {
       auto launch = [&](auto kernel) {
         kernel<<<pieces_grid(), 128, 0, stream>>>(table, at, p.s, piece_buffer(1), buffers.write,
                                                   buffers.gate,
@@ -638,14 +644,15 @@ struct Run {
         table,          pieces(),    p.s,  p.initial_z,   buffers.running_z, buffers.d_write,
         buffers.d_gate, p.d_final_z, p.ds, p.d_initial_z, piece_buffer(0),   piece_buffer(1),
         piece_buffer(2)};
-    with_logit_type([&](auto logit) {
+    with_storage_type(p.s.dtype, [&](auto logit) {
       abc_piece_maps_kernel<decltype(logit)><<<pieces_grid(), 128, 0, stream>>>(a);
     });
     check_cuda(cudaGetLastError(), "ABC's piece maps");
     abc_leaving_carry_kernel<<<slots_grid(), 128, 0, stream>>>(a);
     check_cuda(cudaGetLastError(), "ABC's carries");
-    with_logit_type(
-        [&](auto logit) { abc_ds_kernel<decltype(logit)><<<pieces_grid(), 128, 0, stream>>>(a); });
+    with_storage_type(p.s.dtype, [&](auto logit) {
+      abc_ds_kernel<decltype(logit)><<<pieces_grid(), 128, 0, stream>>>(a);
+    });
     check_cuda(cudaGetLastError(), "ABC's ds kernel");
   }
 
@@ -691,12 +698,7 @@ struct Run {
           first ? reinterpret_cast<const float*>(first->data) : nullptr,
           reinterpret_cast<const float*>(second.data));
     };
-    switch (total.dtype) {
-      case Storage::kFloat32: launch(float{}); break;
-      case Storage::kFloat64: launch(double{}); break;
-      case Storage::kFloat16: launch(__half{}); break;
-      default: launch(__nv_bfloat16{}); break;
-    }
+    with_storage_type(total.dtype, launch);
     check_cuda(cudaGetLastError(), "the slot gradient sum kernel");
   }
 };
