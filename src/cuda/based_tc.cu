@@ -25,9 +25,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 
 #include "api/based_params.hpp"
 #include "cuda/based_tc.cuh"
+#include "cuda/based_tc_common.cuh"
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
 #include "cuda/host.cuh"
@@ -36,6 +39,11 @@
 namespace flashlin::cuda {
 namespace {
 
+using based_tc::Args;
+using based_tc::kD;
+using based_tc::kDStride;
+using based_tc::kNormEps;
+using based_tc::Poly;
 using detail::BasedParams;
 
 constexpr int kTile = 64;     // keys per streamed tile; keys per dk/dv block
@@ -43,20 +51,8 @@ constexpr int kRowTiles = 2;  // m-tiles of 16 query rows per warp (forward, dq)
 constexpr int kWarps = 4;
 constexpr int kQueryTile = 16 * kRowTiles * kWarps;  // queries per forward / dq block
 constexpr int kThreads = 32 * kWarps;
-constexpr int kD = 16;
-constexpr int kDStride = kD + 8;  // shared-memory row stride (elements) of q, k tiles
-constexpr float kNormEps = static_cast<float>(detail::kBasedNormEps);
 // The quadratic form is used for sequences up to this length (past it, the linear-time kernels).
 constexpr int64_t kMaxParallelLength = 32768;
-
-struct Args {
-  StridedTensor q, k, v, o, d_o, dq, dk, dv;
-  StridedTensor g;  // backward: do / den (use_norm, scratch in the input type) or do itself
-  float* e;         // backward: e_i, [B, T, H] (use_norm)
-  SequenceTable sequences;
-  int64_t num_heads, time;
-  float scale;
-};
 
 template <int V>
 struct Shape {
@@ -72,29 +68,11 @@ struct Shape {
   static constexpr size_t kDkdvSmem = 3 * (kQkBytes + kVBytes) + 2 * kTile * sizeof(float);
 };
 
-// Rows [first, first + rows) of the sequence's tokens of x (row_elems 16-bit features), rows at
-// or past the sequence's length zero-filled.
 template <typename Elem>
 __device__ void issue_rows(Elem* dst, int stride, const StridedTensor& x, const SequenceSpan& seq,
                            int64_t head, int64_t first, int row_elems, int rows) {
-  const int parts = row_elems / 8;
-  for (int idx = threadIdx.x; idx < rows * parts; idx += kThreads) {
-    const int row = idx / parts, part = idx % parts;
-    const bool valid = first + row < seq.length;
-    const int64_t token = seq.start + (valid ? first + row : 0);
-    const char* src = x.data + 2 * element_offset(x, seq.batch, token, head, part * 8);
-    tile::cp_async_16(dst + row * stride + part * 8, src, valid ? 16 : 0);
-  }
+  based_tc::issue_rows<kThreads>(dst, stride, x, seq, head, first, row_elems, rows);
 }
-
-// w and dw/ds of a raw score x = q.k with the scale c folded in: w = 1 + c x + (c x)^2 / 2 =
-// 1 + x (c + (c^2 / 2) x) and 1 + s = 1 + c x: two and one FMA per element.
-struct Poly {
-  float c, half_c2;
-  __device__ explicit Poly(float scale) : c(scale), half_c2(0.5f * scale * scale) {}
-  __device__ float weight(float x) const { return fmaf(x, fmaf(half_c2, x, c), 1.f); }
-  __device__ float slope(float x) const { return fmaf(c, x, 1.f); }
-};
 
 // Largest key index within the tile starting at `tile_first` that row `row` keeps (j <= row,
 // j < length), as an int in [-1, 63]: the mask is then one compare of a small constant.
@@ -530,6 +508,20 @@ void launch(Kernel kernel, size_t smem, int tokens_per_block, const BasedParams&
   check_cuda(cudaGetLastError(), what);
 }
 
+// The forward (and the backward's prologue) in the chunked form, linear in T, from sequences of
+// kChunkedFrom tokens (bfloat16 only: a float16 copy of the state's sums would overflow), unless
+// FLASHLIN_BASED_QUADRATIC is set to anything but 0 (to compare the two forms).
+constexpr int64_t kChunkedFrom = 256;
+bool quadratic_forced() {
+  const char* value = std::getenv("FLASHLIN_BASED_QUADRATIC");
+  return value != nullptr && value[0] != '\0' && !(value[0] == '0' && value[1] == '\0');
+}
+template <typename Elem>
+bool chunked_form_chosen(const BasedParams& p) {
+  return std::is_same_v<Elem, __nv_bfloat16> && longest_sequence(p.sequences) >= kChunkedFrom &&
+         !quadratic_forced();
+}
+
 template <typename Elem, int V, bool kNorm>
 void run(const BasedParams& p, bool backward) {
   const cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
@@ -544,9 +536,15 @@ void run(const BasedParams& p, bool backward) {
   args.scale = static_cast<float>(p.scale);
   args.sequences = upload_sequences(p.sequences, p.batch, p.time, scratch.base(), stream);
   using Sh = Shape<V>;
+  const bool chunked = chunked_form_chosen<Elem>(p);
+  const auto num_sequences = static_cast<int64_t>(p.sequences.size());
   if (!backward) {
-    launch(forward_kernel<Elem, V, kNorm, false>, Sh::kForwardSmem, kQueryTile, p, args, stream,
-           "the Based tensor-core forward");
+    if (chunked)
+      check_cuda(based_tc::launch_chunked_forward<V, kNorm, false>(args, num_sequences, stream),
+                 "the Based tensor-core chunked forward");
+    else
+      launch(forward_kernel<Elem, V, kNorm, false>, Sh::kForwardSmem, kQueryTile, p, args, stream,
+             "the Based tensor-core forward");
     return;
   }
   args.g = p.d_o;
@@ -560,8 +558,12 @@ void run(const BasedParams& p, bool backward) {
     args.g.stride[0] = p.time * args.g.stride[1];
     args.e =
         reinterpret_cast<float*>(base + align_up(tokens * static_cast<size_t>(p.value_dim) * 2));
-    launch(forward_kernel<Elem, V, true, true>, Sh::kForwardSmem, kQueryTile, p, args, stream,
-           "the Based tensor-core gradient prologue");
+    if (chunked)
+      check_cuda(based_tc::launch_chunked_forward<V, true, true>(args, num_sequences, stream),
+                 "the Based tensor-core chunked gradient prologue");
+    else
+      launch(forward_kernel<Elem, V, true, true>, Sh::kForwardSmem, kQueryTile, p, args, stream,
+             "the Based tensor-core gradient prologue");
   }
   if (p.dk.present || p.dv.present)
     launch(dkdv_kernel<Elem, V, kNorm>, Sh::kDkdvSmem, kTile, p, args, stream,

@@ -313,6 +313,33 @@ def test_tensor_core_path_varlen_and_scale(op_name):
                final_state=False, cu_seqlens=[0, 0, 1, 64, 200, 333], scale=0.3)
 
 
+# bfloat16 sequences of 256 tokens and more run the forward and the backward's prologue in the
+# chunked form (src/cuda/based_chunk_tc.cu); FLASHLIN_BASED_QUADRATIC=1 keeps the quadratic one.
+# Both against the float64 reference: sequences ending inside a chunk and on a chunk's edge.
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("form", ["chunked", "quadratic"])
+@pytest.mark.parametrize("op_name", ["parallel", "chunk"])
+@pytest.mark.parametrize("V,use_norm", [(64, True), (128, True), (128, False)])
+def test_tensor_core_forms_long_varlen(monkeypatch, form, op_name, V, use_norm):
+    if form == "quadratic":
+        monkeypatch.setenv("FLASHLIN_BASED_QUADRATIC", "1")
+    check_case(op_name, "cuda", torch.bfloat16, 1, 1000, 3, 16, V, use_norm=use_norm,
+               with_state=False, final_state=False, cu_seqlens=[0, 5, 261, 517, 1000], scale=0.3)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("T", [256, 2048])
+def test_chunked_form_matches_quadratic_form(monkeypatch, T):
+    """The two forms of the bfloat16 forward agree (to rounding) on inputs of the size of a model."""
+    torch.manual_seed(T)
+    q, k = (torch.randn(2, T, 4, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(2, T, 4, 128, device="cuda", dtype=torch.bfloat16)
+    chunked = parallel_based(q, k, v)
+    monkeypatch.setenv("FLASHLIN_BASED_QUADRATIC", "1")
+    quadratic = parallel_based(q, k, v)
+    assert rel_err(chunked, quadratic) <= 1e-2
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op_name", ["parallel", "chunk"])
 def test_all_sequences_empty(device, op_name):
