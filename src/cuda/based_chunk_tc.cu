@@ -120,7 +120,7 @@ __device__ __forceinline__ void load_vector(float (&x)[18], const Elem* row, flo
   x[16] = one, x[17] = 0.f;
 }
 
-template <int V>
+template <int V, bool kWithDo>
 struct Layout {
   static constexpr int kVStride = V + 8;  // values; the state: V columns and the normaliser's tile
   static constexpr size_t kQkBytes = size_t{kChunk} * kDStride * 2;   // q or k of one chunk
@@ -132,7 +132,9 @@ struct Layout {
   static constexpr size_t kPhiOffset = kVOffset + 2 * kVBytes;          // phi_q, phi_k
   static constexpr size_t kStateOffset = kPhiOffset + 2 * kPhiBytes;    // [n % 2]
   static constexpr size_t kDotOffset = kStateOffset + 2 * kStateBytes;  // [half][row] float
-  static constexpr size_t kSmemBytes = kDotOffset + 2 * kChunk * sizeof(float);
+  // The gradient prologue's do, [stage] like v (prefetched: its loads would stall each chunk).
+  static constexpr size_t kDoOffset = kDotOffset + 2 * kChunk * sizeof(float);
+  static constexpr size_t kSmemBytes = kDoOffset + (kWithDo ? 2 * kVBytes : 0);
 };
 
 // The 64 threads of warps w and w + 4 (the two value halves of the same query rows).
@@ -140,12 +142,102 @@ __device__ __forceinline__ void sync_row_pair(int query_tile) {
   asm volatile("bar.sync %0, 64;\n" ::"r"(1 + query_tile));
 }
 
+// The update warp's share of S (float32) and its chunk step S += phi^T [Y | ext]: warp w holds
+// the value columns 8 (V / 64) w .. of all 160 features, and the normaliser's column (ext) of
+// feature m-tiles w and w + 8 (warps 0, 1).
+template <int V>
+struct StateShare {
+  static constexpr int kVStride = V + 8;
+  static constexpr int kTiles = V / 64;  // value n-tiles per warp
+  float values[kFeatureSteps][kTiles][4] = {};
+  float norm[2][4] = {};
+
+  // phi: [token][feature] rows; y: [token][value] rows; ext: per-token column (nullptr: ones).
+  __device__ __forceinline__ void accumulate(const Elem* phi, const Elem* y, const float* ext) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+    const int v_first = warp * 8 * kTiles;
+#pragma unroll
+    for (int kt = 0; kt < kChunk / 16; ++kt) {
+      uint32_t b[kTiles][2];
+      if constexpr (kTiles == 2)
+        tile::load_b_kn(b[0], b[1], y, kVStride, v_first, 16 * kt);
+      else
+        tile::ldmatrix_x2_trans(b[0], y + (16 * kt + lane % 16) * kVStride + v_first);
+      uint32_t b_ext[2] = {0u, 0u};  // column 0 of the normaliser's n-tile: ext of the tokens
+      if (group == 0) {
+        const int token = 16 * kt + 2 * quad;
+        b_ext[0] = ext ? tile::pack<Elem>(ext[token], ext[token + 1]) : tile::pack<Elem>(1.f, 1.f);
+        b_ext[1] = ext ? tile::pack<Elem>(ext[token + 8], ext[token + 9]) : b_ext[0];
+      }
+#pragma unroll
+      for (int mf = 0; mf < kFeatureSteps; ++mf) {
+        uint32_t a[4];  // phi^T (features x tokens) from the [token][feature] rows
+        tile::ldmatrix_x4_trans(a, phi + (16 * kt + (lane / 16) * 8 + lane % 8) * kFStride +
+                                       16 * mf + ((lane / 8) % 2) * 8);
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) tile::mma<Elem>(values[mf][t], a, b[t]);
+        if (mf == warp) tile::mma<Elem>(norm[0], a, b_ext);
+        if (mf == warp + 8) tile::mma<Elem>(norm[1], a, b_ext);
+      }
+    }
+  }
+  // The bfloat16 copy, [feature][V + 8] (column V: the normaliser; V + 1 .. V + 7: zeros).
+  __device__ __forceinline__ void store(Elem* state_s) const {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+    auto put = [&](int row, int col, float lo, float hi) {
+      *reinterpret_cast<uint32_t*>(state_s + row * kVStride + col) = tile::pack<Elem>(lo, hi);
+    };
+    const int v_first = warp * 8 * kTiles;
+#pragma unroll
+    for (int mf = 0; mf < kFeatureSteps; ++mf)
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) {
+        const int col = v_first + 8 * t + 2 * quad;
+        put(16 * mf + group, col, values[mf][t][0], values[mf][t][1]);
+        put(16 * mf + group + 8, col, values[mf][t][2], values[mf][t][3]);
+      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int mf = warp + 8 * i;
+      if (mf >= kFeatureSteps) continue;
+      put(16 * mf + group, V + 2 * quad, norm[i][0], norm[i][1]);
+      put(16 * mf + group + 8, V + 2 * quad, norm[i][2], norm[i][3]);
+    }
+  }
+};
+
+// acc[0 .. kTiles) += phi(rows 16 row_tile ..) S[:, col_first ..] over the 160 features, and with
+// kNorm acc[kTiles] += phi S[:, V] (the normaliser's n-tile).
+template <int V, int kTiles, bool kNorm>
+__device__ __forceinline__ void features_times_state(float (&acc)[kTiles + (kNorm ? 1 : 0)][4],
+                                                     const Elem* phi, const Elem* state_s,
+                                                     int row_tile, int col_first) {
+  constexpr int kVStride = V + 8;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int kf = 0; kf < kFeatureSteps; ++kf) {
+    uint32_t a[4];
+    tile::load_a(a, phi, kFStride, 16 * row_tile, 16 * kf);
+#pragma unroll
+    for (int np = 0; np < kTiles / 2; ++np) {
+      uint32_t b0[2], b1[2];
+      tile::load_b_kn(b0, b1, state_s, kVStride, col_first + 16 * np, 16 * kf);
+      tile::mma<Elem>(acc[2 * np], a, b0);
+      tile::mma<Elem>(acc[2 * np + 1], a, b1);
+    }
+    if constexpr (kNorm) {
+      uint32_t b[2];
+      tile::ldmatrix_x2_trans(b, state_s + (16 * kf + lane % 16) * kVStride + V);
+      tile::mma<Elem>(acc[kTiles], a, b);
+    }
+  }
+}
+
 template <int V, bool kNorm, bool kGradPrologue>
 __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args args) {
-  using L = Layout<V>;
+  using L = Layout<V, kGradPrologue>;
   constexpr int kVStride = L::kVStride;
-  constexpr int kHalfTiles = V / 16;    // value n-tiles of an output warp
-  constexpr int kUpdateTiles = V / 64;  // value n-tiles of an update warp
+  constexpr int kHalfTiles = V / 16;  // value n-tiles of an output warp
   extern __shared__ __align__(128) char smem[];
   Elem* qk_s = reinterpret_cast<Elem*>(smem + L::kQkOffset);
   Elem* v_s = reinterpret_cast<Elem*>(smem + L::kVOffset);
@@ -153,6 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
   Elem* phi_k = phi_q + kChunk * kFStride;
   Elem* state_s = reinterpret_cast<Elem*>(smem + L::kStateOffset);
   float* dot_s = reinterpret_cast<float*>(smem + L::kDotOffset);
+  Elem* do_s = reinterpret_cast<Elem*>(smem + L::kDoOffset);
 
   const SequenceSpan seq = args.sequences[blockIdx.y];
   const int64_t head = blockIdx.x;
@@ -172,6 +265,9 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
                          first, kD, kChunk);
     issue_rows<kThreads>(v_s + stage * kChunk * kVStride, kVStride, args.v, seq, head, first, V,
                          kChunk);
+    if constexpr (kGradPrologue)
+      issue_rows<kThreads>(do_s + stage * kChunk * kVStride, kVStride, args.d_o, seq, head, first,
+                           V, kChunk);
     tile::cp_async_commit();
   };
   issue_chunk(0);
@@ -179,10 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
   for (int idx = threadIdx.x; idx < kFeatures * kVStride / 8; idx += kThreads)
     reinterpret_cast<uint4*>(state_s + kFeatures * kVStride)[idx] = make_uint4(0, 0, 0, 0);
 
-  // The update warp's share of S (float32): [feature m-tile][value n-tile], and of the
-  // normaliser's column: feature m-tiles warp and warp + 8 (warps 0, 1).
-  float state[kFeatureSteps][kUpdateTiles][4] = {};
-  float norm_state[2][4] = {};
+  StateShare<V> state;
   const int query_tile = warp % 4, half = warp / 4;
   const int half_first = half * (V / 2);
 
@@ -193,6 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
     const Elem* q_n = qk_s + (2 * (n % 2)) * kChunk * kDStride;
     const Elem* k_n = q_n + kChunk * kDStride;
     const Elem* v_n = v_s + (n % 2) * kChunk * kVStride;
+    const Elem* do_n = do_s + (n % 2) * kChunk * kVStride;
     const Elem* state_prev = state_s + ((n + 1) % 2) * kFeatures * kVStride;
     Elem* state_next = state_s + (n % 2) * kFeatures * kVStride;
     const int64_t first = int64_t{n} * kChunk;
@@ -210,21 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
 
     {  // outputs: [num | den] = phi_q(Q) S_{n-1} + (w masked) [V | 1]
       float acc[kHalfTiles + 1][4] = {};  // the last n-tile: column V of S, the normaliser
-#pragma unroll
-      for (int kf = 0; kf < kFeatureSteps; ++kf) {
-        uint32_t a[4];
-        tile::load_a(a, phi_q, kFStride, 16 * query_tile, 16 * kf);
-#pragma unroll
-        for (int np = 0; np < kHalfTiles / 2; ++np) {
-          uint32_t b0[2], b1[2];
-          tile::load_b_kn(b0, b1, state_prev, kVStride, half_first + 16 * np, 16 * kf);
-          tile::mma<Elem>(acc[2 * np], a, b0);
-          tile::mma<Elem>(acc[2 * np + 1], a, b1);
-        }
-        uint32_t b[2];
-        tile::ldmatrix_x2_trans(b, state_prev + (16 * kf + lane % 16) * kVStride + V);
-        tile::mma<Elem>(acc[kHalfTiles], a, b);
-      }
+      features_times_state<V, kHalfTiles, true>(acc, phi_q, state_prev, query_tile, half_first);
       // The chunk's own pairs: w = poly(q.k) for key <= query (both in the chunk, so a query
       // before the sequence's end only meets keys before it).
       uint32_t q_frag[4];
@@ -283,9 +363,8 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
                                          element_offset(args.o, seq.batch, token, head, col)) =
                 tile::pack<Elem>(num0 * inv, num1 * inv);
           } else {
-            const float2 d_o = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
-                reinterpret_cast<const Elem*>(args.d_o.data) +
-                element_offset(args.d_o, seq.batch, token, head, col)));
+            const float2 d_o =
+                tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(do_n + row * kVStride + col));
             dot[r] += d_o.x * num0 + d_o.y * num1;
             *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.g.data) +
                                          element_offset(args.g, seq.batch, token, head, col)) =
@@ -312,47 +391,311 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
       }
     }
 
-    {  // update: S_n = S_{n-1} + phi_k(K)^T [V | 1], then its bfloat16 copy
-      const int v_first = warp * 8 * kUpdateTiles;
-      const uint32_t one = group == 0 ? tile::pack<Elem>(1.f, 1.f) : 0u;
-      const uint32_t ones[2] = {one, one};  // B of the normaliser's tile: column 0 all ones
+    // update: S_n = S_{n-1} + phi_k(K)^T [V | 1], then its bfloat16 copy
+    state.accumulate(phi_k, v_n, nullptr);
+    state.store(state_next);
+  }
+}
+
+// ---- the backward: dq (the queries' walk, in chunk order), dk and dv (the keys' walk, reversed)
+// -- Each walk carries the state of the partner side over the chunks it has visited:
+//   queries (kKeyRows false): rows q, [g | e]; partners k, [v | 1];
+//     S = sum_{j in earlier chunks} phi_k(k_j) [v_j | 1]^T,   D_i = S [g_i | e_i] = dL/dphi_q(q_i)
+//   keys (kKeyRows true): rows k, [v | 1]; partners q, [g | e];
+//     dS = sum_{i in later chunks} phi_q(q_i) [g_i | e_i]^T,  D_j = dS [v_j | 1] = dL/dphi_k(k_j)
+//     dv_j = phi_k(k_j) dS[:, :V] + sum_{i >= j in the chunk} w_ij g_i
+// and dx_a = sum_f D_f dphi_f/dx_a (the features' Jacobian: contract below) + c sum_p ds_rp x_p
+// over the chunk's causal partners (p <= r for queries, p >= r for keys), with
+//   ds_rp = ([y_r | ext_r] . [y_p | ext_p]) (1 + c x_r . x_p)   (= (g_i . v_j + e_i)(1 + s_ij)).
+// Per chunk, 8 warps: warp w takes rows 16 (w % 4) ..; of the chunk's pairs the partners
+// 32 (w / 4) ..; of D the features 80 (w / 4) ..; of dv the value half w / 4; the Jacobian's
+// contraction: thread t row t % 64, components 4 (t / 64) .. + 3; the state update as the forward.
+
+// Index of the cross feature x_i x_j, i < j.
+__host__ __device__ constexpr int cross_feature(int i, int j) {
+  return 33 + 15 * i - i * (i - 1) / 2 + (j - i - 1);
+}
+static_assert(cross_feature(0, 1) == 33 && cross_feature(14, 15) == 152 &&
+                  feature(cross_feature(3, 9)).a == 3 && feature(cross_feature(3, 9)).b == 9,
+              "cross_feature inverts feature");
+
+// dx_a, a = 4 Part .. 4 Part + 3, of one row from its D (160 floats): the row side's features are
+// lin x_a, sq x_a^2, cross x_a x_b with coefficients lin, sq, cross (dsq = d(sq x_a^2)/dx_a / x_a).
+template <int Part>
+__device__ __forceinline__ void contract(float (&dx)[4], const float* d_row, const float (&x)[18],
+                                         float lin, float dsq, float cross) {
 #pragma unroll
-      for (int kt = 0; kt < kChunk / 16; ++kt) {
-        uint32_t b[kUpdateTiles][2];
-        if constexpr (kUpdateTiles == 2)
-          tile::load_b_kn(b[0], b[1], v_n, kVStride, v_first, 16 * kt);
-        else
-          tile::ldmatrix_x2_trans(b[0], v_n + (16 * kt + lane % 16) * kVStride + v_first);
+  for (int i = 0; i < 4; ++i) {
+    constexpr int kFirst = 4 * Part;
+    const int a = kFirst + i;
+    float cross_sum = 0.f;
 #pragma unroll
-        for (int mf = 0; mf < kFeatureSteps; ++mf) {
-          uint32_t a[4];  // phi_k^T (features x tokens) from the [token][feature] rows
-          tile::ldmatrix_x4_trans(a, phi_k + (16 * kt + (lane / 16) * 8 + lane % 8) * kFStride +
-                                         16 * mf + ((lane / 8) % 2) * 8);
-#pragma unroll
-          for (int t = 0; t < kUpdateTiles; ++t) tile::mma<Elem>(state[mf][t], a, b[t]);
-          if (mf == warp) tile::mma<Elem>(norm_state[0], a, ones);
-          if (mf == warp + 8) tile::mma<Elem>(norm_state[1], a, ones);
-        }
-      }
-      auto store = [&](int row, int col, float lo, float hi) {
-        *reinterpret_cast<uint32_t*>(state_next + row * kVStride + col) = tile::pack<Elem>(lo, hi);
-      };
-#pragma unroll
-      for (int mf = 0; mf < kFeatureSteps; ++mf)
-#pragma unroll
-        for (int t = 0; t < kUpdateTiles; ++t) {
-          const int col = v_first + 8 * t + 2 * quad;
-          store(16 * mf + group, col, state[mf][t][0], state[mf][t][1]);
-          store(16 * mf + group + 8, col, state[mf][t][2], state[mf][t][3]);
-        }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int mf = warp + 8 * i;
-        if (mf >= kFeatureSteps) continue;
-        store(16 * mf + group, V + 2 * quad, norm_state[i][0], norm_state[i][1]);
-        store(16 * mf + group + 8, V + 2 * quad, norm_state[i][2], norm_state[i][3]);
+    for (int b = 0; b < 16; ++b) {
+      if (b == a) continue;
+      cross_sum = fmaf(x[b], d_row[b < a ? cross_feature(b, a) : cross_feature(a, b)], cross_sum);
+    }
+    dx[i] = lin * d_row[1 + a] + dsq * x[a] * d_row[17 + a] + cross * cross_sum;
+  }
+}
+
+template <int V>
+struct WalkLayout {
+  static constexpr int kVStride = V + 8;
+  static constexpr int kDStrideF = kFeatures + 5;  // D rows (floats): odd, column reads spread
+  static constexpr size_t kXBytes = size_t{kChunk} * kDStride * 2;  // q or k
+  static constexpr size_t kYBytes = size_t{kChunk} * kVStride * 2;  // v or g
+  // A stage: q, k, v, g, e (float).
+  static constexpr size_t kStageBytes = 2 * kXBytes + 2 * kYBytes + kChunk * sizeof(float);
+  static constexpr size_t kPhiBytes = size_t{kChunk} * kFStride * 2;
+  static constexpr size_t kPhiOffset = 2 * kStageBytes;  // the partners', the rows' (keys)
+  static constexpr size_t kStateOffset = kPhiOffset + 2 * kPhiBytes;
+  static constexpr size_t kDOffset = kStateOffset + size_t{kFeatures} * kVStride * 2;
+  static constexpr size_t kDxOffset = kDOffset + size_t{kChunk} * kDStrideF * sizeof(float);
+  static constexpr size_t kSmemBytes =
+      kDxOffset + 2 * kChunk * 17 * sizeof(float);  // [half][row][17]
+  static_assert(kStageBytes % 16 == 0 && kSmemBytes <= 227 * 1024, "layout");
+};
+
+template <int V, bool kKeyRows>
+__global__ void __launch_bounds__(kThreads, 1) gradient_walk_kernel(const Args args) {
+  using L = WalkLayout<V>;
+  constexpr int kVStride = L::kVStride;
+  constexpr int kHalfTiles = V / 16;
+  extern __shared__ __align__(128) char smem[];
+  Elem* phi_partner = reinterpret_cast<Elem*>(smem + L::kPhiOffset);
+  Elem* phi_rows = phi_partner + kChunk * kFStride;
+  Elem* state_s = reinterpret_cast<Elem*>(smem + L::kStateOffset);
+  float* d_s = reinterpret_cast<float*>(smem + L::kDOffset);
+  float* dx_pairs = reinterpret_cast<float*>(smem + L::kDxOffset);
+
+  const SequenceSpan seq = args.sequences[blockIdx.y];
+  const int64_t head = blockIdx.x;
+  const int chunks = static_cast<int>((seq.length + kChunk - 1) / kChunk);
+  if (chunks == 0) return;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+  const Poly poly(args.scale);
+  const float c = args.scale;
+  const float query_coef[5] = {1.f, c, 0.5f * c * c, c * c, 0.f};
+  const int row_tile = warp % 4, half = warp / 4;
+  const int half_first = half * (V / 2);
+  auto chunk_at = [&](int step) { return kKeyRows ? chunks - 1 - step : step; };
+
+  auto issue_chunk = [&](int n, int stage) {
+    char* base = smem + stage * L::kStageBytes;
+    const int64_t first = int64_t{n} * kChunk;
+    issue_rows<kThreads>(reinterpret_cast<Elem*>(base), kDStride, args.q, seq, head, first, kD,
+                         kChunk);
+    issue_rows<kThreads>(reinterpret_cast<Elem*>(base + L::kXBytes), kDStride, args.k, seq, head,
+                         first, kD, kChunk);
+    issue_rows<kThreads>(reinterpret_cast<Elem*>(base + 2 * L::kXBytes), kVStride, args.v, seq,
+                         head, first, V, kChunk);
+    issue_rows<kThreads>(reinterpret_cast<Elem*>(base + 2 * L::kXBytes + L::kYBytes), kVStride,
+                         args.g, seq, head, first, V, kChunk);
+    float* e_s = reinterpret_cast<float*>(base + 2 * L::kXBytes + 2 * L::kYBytes);
+    if (threadIdx.x < kChunk) {  // e prefetched too (a plain load would stall the chunk)
+      const int64_t row = first + threadIdx.x;
+      if (args.e == nullptr)
+        e_s[threadIdx.x] = 0.f;
+      else
+        tile::cp_async_4(e_s + threadIdx.x,
+                         args.e +
+                             (seq.batch * args.time + seq.start + (row < seq.length ? row : 0)) *
+                                 args.num_heads +
+                             head,
+                         row < seq.length ? 4 : 0);
+    }
+    tile::cp_async_commit();
+  };
+  issue_chunk(chunk_at(0), 0);
+  for (int idx = threadIdx.x; idx < kFeatures * kVStride / 8; idx += kThreads)
+    reinterpret_cast<uint4*>(state_s)[idx] = make_uint4(0, 0, 0, 0);
+  StateShare<V> state;
+
+  for (int step = 0; step < chunks; ++step) {
+    const int n = chunk_at(step);
+    tile::cp_async_wait<0>();
+    __syncthreads();  // chunk n landed; every warp is done with the previous chunk
+    if (step + 1 < chunks) issue_chunk(chunk_at(step + 1), (step + 1) % 2);
+    const char* base = smem + (step % 2) * L::kStageBytes;
+    const Elem* q_n = reinterpret_cast<const Elem*>(base);
+    const Elem* k_n = reinterpret_cast<const Elem*>(base + L::kXBytes);
+    const Elem* v_n = reinterpret_cast<const Elem*>(base + 2 * L::kXBytes);
+    const Elem* g_n = reinterpret_cast<const Elem*>(base + 2 * L::kXBytes + L::kYBytes);
+    const float* e_n = reinterpret_cast<const float*>(base + 2 * L::kXBytes + 2 * L::kYBytes);
+    const Elem* x_rows = kKeyRows ? k_n : q_n;
+    const Elem* x_partners = kKeyRows ? q_n : k_n;
+    const Elem* y_rows = kKeyRows ? v_n : g_n;
+    const Elem* y_partners = kKeyRows ? g_n : v_n;
+    const int64_t first = int64_t{n} * kChunk;
+
+    {  // features: the partners' (for the update) and, for keys, the rows' (for dv)
+      const int token = threadIdx.x % kChunk, part = threadIdx.x / kChunk;
+      const float key_one = first + token < seq.length ? 1.f : 0.f;
+      float x[18];
+      if constexpr (kKeyRows) {
+        load_vector(x, q_n + token * kDStride, 1.f);
+        write_feature_part<true>(part, phi_partner + token * kFStride, x, query_coef);
+        load_vector(x, k_n + token * kDStride, key_one);
+        write_feature_part<false>(part, phi_rows + token * kFStride, x, query_coef);
+      } else {
+        load_vector(x, k_n + token * kDStride, key_one);
+        write_feature_part<false>(part, phi_partner + token * kFStride, x, query_coef);
       }
     }
+    __syncthreads();
+
+    auto causal = [](int partner, int row) { return kKeyRows ? partner >= row : partner <= row; };
+    // Scores x_r . x_p of the warp's rows against the chunk's 64 partners.
+    float s[8][4] = {};
+    {
+      uint32_t a[4];
+      tile::load_a(a, x_rows, kDStride, 16 * row_tile, 0);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b0[2], b1[2];
+        tile::load_b_nk(b0, b1, x_partners, kDStride, 16 * np, 0);
+        tile::mma<Elem>(s[2 * np], a, b0);
+        tile::mma<Elem>(s[2 * np + 1], a, b1);
+      }
+    }
+    if constexpr (kKeyRows) {
+      if (args.dv.present) {  // dv = phi_k(K) dS[:, half] + (w masked) G[:, half]
+        float acc[kHalfTiles][4] = {};
+        features_times_state<V, kHalfTiles, false>(acc, phi_rows, state_s, row_tile, half_first);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          float w[2][4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int partner = 8 * (2 * kk + h) + 2 * quad + (e & 1);
+              const int row = 16 * row_tile + group + 8 * (e / 2);
+              w[h][e] = causal(partner, row) ? poly.weight(s[2 * kk + h][e]) : 0.f;
+            }
+          uint32_t a[4];
+          tile::a_from_c<Elem>(a, w[0], w[1]);
+#pragma unroll
+          for (int np = 0; np < kHalfTiles / 2; ++np) {
+            uint32_t b0[2], b1[2];
+            tile::load_b_kn(b0, b1, g_n, kVStride, half_first + 16 * np, 16 * kk);
+            tile::mma<Elem>(acc[2 * np], a, b0);
+            tile::mma<Elem>(acc[2 * np + 1], a, b1);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = 16 * row_tile + group + 8 * r;
+          if (first + row >= seq.length) continue;
+#pragma unroll
+          for (int nt = 0; nt < kHalfTiles; ++nt)
+            *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.dv.data) +
+                                         element_offset(args.dv, seq.batch, seq.start + first + row,
+                                                        head, half_first + 8 * nt + 2 * quad)) =
+                tile::pack<Elem>(acc[nt][2 * r], acc[nt][2 * r + 1]);
+        }
+      }
+    }
+
+    {  // dw over the warp's partner half and D over its feature half (one A per k-step)
+      float dw[4][4] = {}, d_acc[10][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < V / 16; ++ks) {
+        uint32_t a[4];
+        tile::load_a(a, y_rows, kVStride, 16 * row_tile, 16 * ks);
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t b0[2], b1[2];
+          tile::load_b_nk(b0, b1, y_partners, kVStride, 32 * half + 16 * np, 16 * ks);
+          tile::mma<Elem>(dw[2 * np], a, b0);
+          tile::mma<Elem>(dw[2 * np + 1], a, b1);
+        }
+#pragma unroll
+        for (int np = 0; np < 5; ++np) {
+          uint32_t b0[2], b1[2];
+          tile::load_b_nk(b0, b1, state_s, kVStride, 80 * half + 16 * np, 16 * ks);
+          tile::mma<Elem>(d_acc[2 * np], a, b0);
+          tile::mma<Elem>(d_acc[2 * np + 1], a, b1);
+        }
+      }
+      // D += ext_r S[:, V] (the normaliser's column: e_i for queries, 1 for keys).
+      float ext_row[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) ext_row[r] = kKeyRows ? 1.f : e_n[16 * row_tile + group + 8 * r];
+#pragma unroll
+      for (int nt = 0; nt < 10; ++nt) {
+        const int f = 80 * half + 8 * nt + 2 * quad;
+        const float z0 = __bfloat162float(state_s[f * kVStride + V]);
+        const float z1 = __bfloat162float(state_s[(f + 1) * kVStride + V]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float* d_row = d_s + (16 * row_tile + group + 8 * r) * L::kDStrideF;
+          d_row[f] = fmaf(ext_row[r], z0, d_acc[nt][2 * r]);
+          d_row[f + 1] = fmaf(ext_row[r], z1, d_acc[nt][2 * r + 1]);
+        }
+      }
+      // The chunk's own pairs: ds = (dw + ext) (1 + c s), causal; dx_pairs = ds x_partners.
+      float ds[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int partner = 32 * half + 8 * nt + 2 * quad + (e & 1);
+          const int row = 16 * row_tile + group + 8 * (e / 2);
+          const float score = half == 0 ? s[nt][e] : s[4 + nt][e];
+          const float ext = kKeyRows ? e_n[partner] : e_n[row];
+          ds[nt][e] = causal(partner, row) ? (dw[nt][e] + ext) * poly.slope(score) : 0.f;
+        }
+      float dx[2][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t a[4], b0[2], b1[2];
+        tile::a_from_c<Elem>(a, ds[2 * kk], ds[2 * kk + 1]);
+        tile::load_b_kn(b0, b1, x_partners, kDStride, 0, 32 * half + 16 * kk);
+        tile::mma<Elem>(dx[0], a, b0);
+        tile::mma<Elem>(dx[1], a, b1);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = 16 * row_tile + group + 8 * (e / 2);
+          dx_pairs[(half * kChunk + row) * 17 + 8 * nt + 2 * quad + (e & 1)] = dx[nt][e];
+        }
+    }
+    __syncthreads();
+
+    {  // dx of the chunk's rows: the Jacobian's contraction of D, plus c times the pairs' part
+      const int row = threadIdx.x % kChunk, part = threadIdx.x / kChunk;
+      const StridedTensor& dx_out = kKeyRows ? args.dk : args.dq;
+      if (dx_out.present && first + row < seq.length) {
+        float x[18];
+        load_vector(x, x_rows + row * kDStride, 1.f);
+        // The rows' coefficients: queries [c, c^2 / 2, c^2] (d(c^2 q_a^2 / 2) = c^2 q_a),
+        // keys [1, 1, 1] (d(k_a^2) = 2 k_a).
+        const float lin = kKeyRows ? 1.f : c, dsq = kKeyRows ? 2.f : c * c,
+                    cross = kKeyRows ? 1.f : c * c;
+        const float* d_row = d_s + row * L::kDStrideF;
+        float dx[4];
+        switch (part) {  // warp-uniform
+          case 0: contract<0>(dx, d_row, x, lin, dsq, cross); break;
+          case 1: contract<1>(dx, d_row, x, lin, dsq, cross); break;
+          case 2: contract<2>(dx, d_row, x, lin, dsq, cross); break;
+          default: contract<3>(dx, d_row, x, lin, dsq, cross); break;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          dx[i] += c * (dx_pairs[row * 17 + 4 * part + i] +
+                        dx_pairs[(kChunk + row) * 17 + 4 * part + i]);
+        *reinterpret_cast<uint2*>(
+            reinterpret_cast<Elem*>(dx_out.data) +
+            element_offset(dx_out, seq.batch, seq.start + first + row, head, 4 * part)) =
+            make_uint2(tile::pack<Elem>(dx[0], dx[1]), tile::pack<Elem>(dx[2], dx[3]));
+      }
+    }
+    // The update (D no longer needs S): queries S += phi_k^T [v | 1], keys dS += phi_q^T [g | e].
+    state.accumulate(phi_partner, y_partners, kKeyRows ? e_n : nullptr);
+    state.store(state_s);
   }
 }
 
@@ -361,7 +704,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
 template <int V, bool kNorm, bool kGradPrologue>
 cudaError_t launch_chunked_forward(const Args& args, int64_t num_sequences, cudaStream_t stream) {
   auto kernel = chunked_forward_kernel<V, kNorm, kGradPrologue>;
-  constexpr size_t kSmem = Layout<V>::kSmemBytes;
+  constexpr size_t kSmem = Layout<V, kGradPrologue>::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kSmem));
   if (err != cudaSuccess) return err;
@@ -370,6 +713,25 @@ cudaError_t launch_chunked_forward(const Args& args, int64_t num_sequences, cuda
   return cudaGetLastError();
 }
 
+template <int V>
+cudaError_t launch_chunked_backward(const Args& args, int64_t num_sequences, cudaStream_t stream) {
+  constexpr size_t kSmem = WalkLayout<V>::kSmemBytes;
+  const dim3 grid(static_cast<unsigned>(args.num_heads), static_cast<unsigned>(num_sequences));
+  for (const bool key_rows : {false, true}) {
+    if (key_rows ? !(args.dk.present || args.dv.present) : !args.dq.present) continue;
+    auto kernel = key_rows ? gradient_walk_kernel<V, true> : gradient_walk_kernel<V, false>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kSmem));
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kThreads, kSmem, stream>>>(args);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template cudaError_t launch_chunked_backward<64>(const Args&, int64_t, cudaStream_t);
+template cudaError_t launch_chunked_backward<128>(const Args&, int64_t, cudaStream_t);
 template cudaError_t launch_chunked_forward<64, true, false>(const Args&, int64_t, cudaStream_t);
 template cudaError_t launch_chunked_forward<64, false, false>(const Args&, int64_t, cudaStream_t);
 template cudaError_t launch_chunked_forward<64, true, true>(const Args&, int64_t, cudaStream_t);

@@ -565,6 +565,11 @@ void run(const BasedParams& p, bool backward) {
       launch(forward_kernel<Elem, V, true, true>, Sh::kForwardSmem, kQueryTile, p, args, stream,
              "the Based tensor-core gradient prologue");
   }
+  if (chunked) {
+    check_cuda(based_tc::launch_chunked_backward<V>(args, num_sequences, stream),
+               "the Based tensor-core chunked backward");
+    return;
+  }
   if (p.dk.present || p.dv.present)
     launch(dkdv_kernel<Elem, V, kNorm>, Sh::kDkdvSmem, kTile, p, args, stream,
            "the Based tensor-core dk/dv");

@@ -56,6 +56,10 @@ struct Poly {
 // (kGradPrologue true, kNorm true). One thread block per (sequence, head): grid (H, sequences).
 template <int V, bool kNorm, bool kGradPrologue>
 cudaError_t launch_chunked_forward(const Args& args, int64_t num_sequences, cudaStream_t stream);
+// The chunked form's dq, dk, dv from the prologue's g and e (args.g, args.e; e = nullptr without
+// the normaliser): two walks over the chunks, each one block per (sequence, head).
+template <int V>
+cudaError_t launch_chunked_backward(const Args& args, int64_t num_sequences, cudaStream_t stream);
 
 }  // namespace flashlin::cuda::based_tc
 
