@@ -1,17 +1,18 @@
-// Based on the tensor cores, in the parallel form (per sequence and head, d = 16, scale c):
+// Based on the tensor cores, in the parallel (quadratic) form (per sequence and head, d = 16,
+// scale c):
 //   s_ij = c q_i.k_j,  w_ij = 1 + s_ij + s_ij^2 / 2 (j <= i),  num_i = sum_j w_ij v_j,
 //   den_i = sum_j w_ij + 1e-6,  o_i = num_i / den_i (use_norm) or num_i.
 // Backward, with g_i = do_i / den_i and e_i = -(do_i . o_i) / den_i (use_norm; else g = do,
 // e = 0): dw_ij = g_i.v_j + e_i, ds_ij = dw_ij (1 + s_ij),
 //   dq_i = c sum_j ds_ij k_j,  dk_j = c sum_i ds_ij q_i,  dv_j = sum_{i >= j} w_ij g_i.
 //
-// Why the parallel form here: with d = 16 the scores cost 16 of the 16 + V multiply-adds per
-// (query, key) pair, and the weights are a polynomial (no running maximum, unlike softmax
-// attention), so this is flash attention's loop without its rescaling, on mma.sync m16n8k16;
-// the 273 features never exist anywhere. Work: T^2 / 2 (16 + V) multiply-adds per head forward
-// (2.4 GFLOP at T = 4096, V = 128), about 3x that backward; the chunked form would do
-// ~4x less at T = 4096 but carries a 273 x (V + 1) state (the SIMT kernels of based.cu, which
-// also serve states, long sequences and other shapes).
+// With d = 16 the scores cost 16 of the 16 + V multiply-adds per (query, key) pair, and the
+// weights are a polynomial (no running maximum, unlike softmax attention), so this is flash
+// attention's loop without its rescaling, on mma.sync m16n8k16; the 273 features never exist
+// anywhere. Work: T^2 / 2 (16 + V) multiply-adds per head forward (2.4 GFLOP at T = 4096,
+// V = 128), about 3x that backward. bfloat16 calls with a sequence of kChunkedFrom tokens or
+// more run the chunked form instead (based_chunk_tc.cu: ~5x fewer FLOPs at T = 4096, linear in
+// T); float16 ones stay here (a float16 copy of the chunked state's sums would overflow).
 //
 // Kernels (4 warps, tiles of 64 tokens, K/V (or Q/G) tiles double-buffered with cp.async):
 //   forward_kernel  one block per 128 queries (heaviest first), loops over key tiles of 64;
@@ -595,7 +596,9 @@ bool based_tc_supports(const BasedParams& p, bool backward) {
   if (p.value_dim != 64 && p.value_dim != 128) return false;
   if (p.initial_state.present || p.final_state.present) return false;
   if (p.num_heads > 65535 || p.sequences.size() > 65535) return false;
-  if (p.form == detail::Form::kChunked && longest_sequence(p.sequences) > kMaxParallelLength)
+  // A chunked-form call past kMaxParallelLength tokens only where the chunked kernels take it.
+  if (p.form == detail::Form::kChunked && longest_sequence(p.sequences) > kMaxParallelLength &&
+      (p.q.dtype != Storage::kBFloat16 || quadratic_forced()))
     return false;
   if (!aligned_rows(p.q) || !aligned_rows(p.k) || !aligned_rows(p.v)) return false;
   if (!backward) return !p.o.present || (p.o.dtype == p.q.dtype && aligned_rows(p.o));

@@ -1,4 +1,5 @@
-// Based on the tensor cores, parallel form (based_tc.cu).
+// Based on the tensor cores: the parallel form (based_tc.cu), the chunked form for bfloat16
+// (based_chunk_tc.cu).
 #ifndef FLASHLIN_SRC_CUDA_BASED_TC_CUH_
 #define FLASHLIN_SRC_CUDA_BASED_TC_CUH_
 
@@ -9,7 +10,8 @@
 namespace flashlin::cuda {
 
 // Whether the tensor-core kernels run p: float16/bfloat16 q, k, v with 16-byte aligned rows,
-// d = 16, V in {64, 128}, no states, the chunked (sequences up to 32768 tokens) or parallel form.
+// d = 16, V in {64, 128}, no states; the parallel or the chunked form (float16 sequences up to
+// 32768 tokens in the chunked form: past it only the linear-time kernels are worth running).
 bool based_tc_supports(const detail::BasedParams& p, bool backward);
 size_t based_tc_workspace_bytes(const detail::BasedParams& p, bool backward);
 void based_tc_forward(const detail::BasedParams& p);

@@ -406,6 +406,25 @@ def test_cuda_backward_is_bitwise_repeatable():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+def test_tensor_core_chunked_form_past_32768_tokens():
+    """A bfloat16 sequence longer than the quadratic form's limit (the chunked tensor-core
+    kernels, forward and backward) against the CPU's float32 on the same rounded inputs."""
+    torch.manual_seed(0)
+    B, T, H, V = 1, 33000, 2, 64
+    q, k = (torch.randn(B, T, H, 16).bfloat16() for _ in range(2))
+    v, d_o = (torch.randn(B, T, H, V).bfloat16() for _ in range(2))
+    cpu = [t.float().requires_grad_() for t in (q, k, v)]
+    o_cpu = fused_chunk_based(*cpu)
+    grads_cpu = torch.autograd.grad(o_cpu, cpu, d_o.float())
+    gpu = [t.cuda().requires_grad_() for t in (q, k, v)]
+    o_gpu = fused_chunk_based(*gpu)
+    grads_gpu = torch.autograd.grad(o_gpu, gpu, d_o.cuda())
+    assert rel_err(o_gpu, o_cpu) <= 1e-2
+    for name, got, want in zip("qkv", grads_gpu, grads_cpu):
+        assert rel_err(got, want) <= 2e-2, f"d{name} error {rel_err(got, want):.3g}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_cuda_long_sequence_matches_cpu(dtype):
     """T = 1000 on CUDA (several chunks, a state carried far) against the CPU's float32."""
