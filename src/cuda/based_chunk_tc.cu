@@ -47,6 +47,7 @@ constexpr int kFStride = kFeatures + 8;        // 336-byte rows: ldmatrix rows i
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kFeaturesPerThread = kFeatures * kChunk / kThreads;  // 40: five 16-byte stores
+constexpr float kSqrt2 = 1.41421356237309505f, kInvSqrt2 = 0.70710678118654752f;
 
 // Feature f: x_a x_b, and which query-side coefficient multiplies it (x_16 = 1, x_17 = 0).
 enum Coefficient : int { kOne = 0, kScale = 1, kHalfScale2 = 2, kScale2 = 3, kZero = 4 };
@@ -71,38 +72,50 @@ static_assert(feature(152).a == 14 && feature(152).b == 15 && feature(153).coeff
               "120 cross features i < j end at f = 152");
 
 // Two adjacent features (f, f + 1) of x as one packed pair; query side: times the coefficients.
-template <int F, bool kQuery>
-__device__ __forceinline__ uint32_t feature_pair(const float (&x)[18], const float (&coef)[5]) {
-  constexpr Feature lo = feature(F), hi = feature(F + 1);
-  float v0 = x[lo.a] * x[lo.b], v1 = x[hi.a] * x[hi.b];
-  if constexpr (kQuery) v0 *= coef[lo.coefficient], v1 *= coef[hi.coefficient];
-  return tile::pack<Elem>(v0, v1);
+// kSplit: also the pair of their rounding residuals (value - bfloat16(value), 8 more bits).
+template <int F, bool kQuery, bool kSplit>
+__device__ __forceinline__ void feature_pair(uint32_t& hi, uint32_t& lo, const float (&x)[18],
+                                             const float (&coef)[5]) {
+  constexpr Feature first = feature(F), second = feature(F + 1);
+  float v0 = x[first.a] * x[first.b], v1 = x[second.a] * x[second.b];
+  if constexpr (kQuery) v0 *= coef[first.coefficient], v1 *= coef[second.coefficient];
+  hi = tile::pack<Elem>(v0, v1);
+  if constexpr (kSplit) {
+    const float2 rounded = tile::unpack<Elem>(hi);
+    lo = tile::pack<Elem>(v0 - rounded.x, v1 - rounded.y);
+  }
 }
-template <int F, bool kQuery>
-__device__ __forceinline__ uint4 feature_octet(const float (&x)[18], const float (&coef)[5]) {
-  return make_uint4(feature_pair<F, kQuery>(x, coef), feature_pair<F + 2, kQuery>(x, coef),
-                    feature_pair<F + 4, kQuery>(x, coef), feature_pair<F + 6, kQuery>(x, coef));
+// Features [F, F + 8) of one token into its shared row (and row_lo: the residuals).
+template <int F, bool kQuery, bool kSplit>
+__device__ __forceinline__ void write_octet(Elem* row, Elem* row_lo, const float (&x)[18],
+                                            const float (&coef)[5]) {
+  uint32_t hi[4], lo[4];
+  feature_pair<F, kQuery, kSplit>(hi[0], lo[0], x, coef);
+  feature_pair<F + 2, kQuery, kSplit>(hi[1], lo[1], x, coef);
+  feature_pair<F + 4, kQuery, kSplit>(hi[2], lo[2], x, coef);
+  feature_pair<F + 6, kQuery, kSplit>(hi[3], lo[3], x, coef);
+  *reinterpret_cast<uint4*>(row + F) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+  if constexpr (kSplit)
+    *reinterpret_cast<uint4*>(row_lo + F) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
 }
-// Features [First, First + 40) of one token into its shared row.
-template <int First, bool kQuery>
-__device__ __forceinline__ void write_features(Elem* row, const float (&x)[18],
+template <int First, bool kQuery, bool kSplit>
+__device__ __forceinline__ void write_features(Elem* row, Elem* row_lo, const float (&x)[18],
                                                const float (&coef)[5]) {
-  uint4* dst = reinterpret_cast<uint4*>(row + First);
-  dst[0] = feature_octet<First, kQuery>(x, coef);
-  dst[1] = feature_octet<First + 8, kQuery>(x, coef);
-  dst[2] = feature_octet<First + 16, kQuery>(x, coef);
-  dst[3] = feature_octet<First + 24, kQuery>(x, coef);
-  dst[4] = feature_octet<First + 32, kQuery>(x, coef);
+  write_octet<First, kQuery, kSplit>(row, row_lo, x, coef);
+  write_octet<First + 8, kQuery, kSplit>(row, row_lo, x, coef);
+  write_octet<First + 16, kQuery, kSplit>(row, row_lo, x, coef);
+  write_octet<First + 24, kQuery, kSplit>(row, row_lo, x, coef);
+  write_octet<First + 32, kQuery, kSplit>(row, row_lo, x, coef);
 }
-template <bool kQuery>
+template <bool kQuery, bool kSplit = false>
 __device__ __forceinline__ void write_feature_part(int part, Elem* row, const float (&x)[18],
-                                                   const float (&coef)[5]) {
+                                                   const float (&coef)[5], Elem* row_lo = nullptr) {
   static_assert(kFeaturesPerThread == 40 && kThreads / kChunk == 4, "four parts of 40");
   switch (part) {  // warp-uniform: threads t and t + 32 build the same part
-    case 0: write_features<0, kQuery>(row, x, coef); break;
-    case 1: write_features<40, kQuery>(row, x, coef); break;
-    case 2: write_features<80, kQuery>(row, x, coef); break;
-    default: write_features<120, kQuery>(row, x, coef); break;
+    case 0: write_features<0, kQuery, kSplit>(row, row_lo, x, coef); break;
+    case 1: write_features<40, kQuery, kSplit>(row, row_lo, x, coef); break;
+    case 2: write_features<80, kQuery, kSplit>(row, row_lo, x, coef); break;
+    default: write_features<120, kQuery, kSplit>(row, row_lo, x, coef); break;
   }
 }
 // x[0..15] from a shared row of 16 features, x_16 = one, x_17 = 0.
@@ -120,7 +133,7 @@ __device__ __forceinline__ void load_vector(float (&x)[18], const Elem* row, flo
   x[16] = one, x[17] = 0.f;
 }
 
-template <int V, bool kWithDo>
+template <int V, bool kGradPrologue, bool kFinal>
 struct Layout {
   static constexpr int kVStride = V + 8;  // values; the state: V columns and the normaliser's tile
   static constexpr size_t kQkBytes = size_t{kChunk} * kDStride * 2;   // q or k of one chunk
@@ -132,9 +145,11 @@ struct Layout {
   static constexpr size_t kPhiOffset = kVOffset + 2 * kVBytes;          // phi_q, phi_k
   static constexpr size_t kStateOffset = kPhiOffset + 2 * kPhiBytes;    // [n % 2]
   static constexpr size_t kDotOffset = kStateOffset + 2 * kStateBytes;  // [half][row] float
-  // The gradient prologue's do, [stage] like v (prefetched: its loads would stall each chunk).
-  static constexpr size_t kDoOffset = kDotOffset + 2 * kChunk * sizeof(float);
-  static constexpr size_t kSmemBytes = kDoOffset + (kWithDo ? 2 * kVBytes : 0);
+  // The gradient prologue's do, [stage] like v (prefetched: its loads would stall each chunk),
+  // or (kFinal) phi_k's rounding residuals.
+  static constexpr size_t kExtraOffset = kDotOffset + 2 * kChunk * sizeof(float);
+  static constexpr size_t kSmemBytes =
+      kExtraOffset + (kGradPrologue ? 2 * kVBytes : (kFinal ? kPhiBytes : 0));
 };
 
 // The 64 threads of warps w and w + 4 (the two value halves of the same query rows).
@@ -152,8 +167,81 @@ struct StateShare {
   float values[kFeatureSteps][kTiles][4] = {};
   float norm[2][4] = {};
 
-  // phi: [token][feature] rows; y: [token][value] rows; ext: per-token column (nullptr: ones).
-  __device__ __forceinline__ void accumulate(const Elem* phi, const Elem* y, const float* ext) {
+  // Calls fn(x, feature, column) for every element this thread holds (the normaliser's n-tile:
+  // column V only; its other columns stay 0).
+  template <typename Fn>
+  __device__ __forceinline__ void for_each(Fn fn) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
+    const int v_first = warp * 8 * kTiles;
+#pragma unroll
+    for (int mf = 0; mf < kFeatureSteps; ++mf)
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          fn(values[mf][t][e], 16 * mf + group + 8 * (e / 2), v_first + 8 * t + 2 * quad + (e & 1));
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int mf = warp + 8 * i;
+      if (mf >= kFeatureSteps || quad != 0) continue;
+      fn(norm[i][0], 16 * mf + group, V);
+      fn(norm[i][2], 16 * mf + group + 8, V);
+    }
+  }
+  // From a state a in DESIGN.md's 273-feature order (rows: 1, x_j, x_a x_b / sqrt(2) row-major):
+  // the same products in these features. The query side's square feature carries c^2 / 2, the
+  // key side's 1: a square row is square_factor a_aa (sqrt(2) for a state met by query
+  // features, 1 / sqrt(2) for one met by key features), a cross row (a_ab + a_ba) / sqrt(2).
+  __device__ void load_state(const StridedTensor& a, int64_t n, int64_t head, float square_factor) {
+    for_each([&](float& x, int f, int col) {
+      auto at = [&](int row) { return load_float(a, element_offset(a, n, head, row, col)); };
+      const Feature ft = feature(f);
+      switch (ft.coefficient) {
+        case kOne: x = at(0); break;
+        case kScale: x = at(1 + ft.a); break;
+        case kHalfScale2: x = square_factor * at(17 + 17 * ft.a); break;
+        case kScale2:
+          x = (at(17 + 16 * ft.a + ft.b) + at(17 + 16 * ft.b + ft.a)) * kInvSqrt2;
+          break;
+        default: x = 0.f; break;
+      }
+    });
+  }
+  // The inverse into `out` (273 rows), with a square row square_factor x; a cross row pair gets
+  // x / sqrt(2) each plus, with `a` present (the state loaded first), a's antisymmetric part
+  // +-(a_ab - a_ba) / 2, which the symmetric features do not carry. Each element is read and
+  // written by one thread, so `out` may be `a` itself (a state updated in place).
+  __device__ void store_state(const StridedTensor& out, const StridedTensor& a, int64_t n,
+                              int64_t head, float square_factor) {
+    for_each([&](float& x, int f, int col) {
+      auto put = [&](int row, float value) {
+        store_float(out, element_offset(out, n, head, row, col), value);
+      };
+      const Feature ft = feature(f);
+      switch (ft.coefficient) {
+        case kOne: put(0, x); break;
+        case kScale: put(1 + ft.a, x); break;
+        case kHalfScale2: put(17 + 17 * ft.a, square_factor * x); break;
+        case kScale2: {
+          const int ab = 17 + 16 * ft.a + ft.b, ba = 17 + 16 * ft.b + ft.a;
+          float half_difference = 0.f;
+          if (a.present)
+            half_difference = 0.5f * (load_float(a, element_offset(a, n, head, ab, col)) -
+                                      load_float(a, element_offset(a, n, head, ba, col)));
+          put(ab, x * kInvSqrt2 + half_difference);
+          put(ba, x * kInvSqrt2 - half_difference);
+          break;
+        }
+        default: break;
+      }
+    });
+  }
+
+  // phi: [token][feature] rows; y: [token][value] rows; ext: per-token column (nullptr: ones);
+  // phi_lo (kExact): phi's rounding residuals, for a float32 state exact to ~2^-16 per product.
+  template <bool kExact = false>
+  __device__ __forceinline__ void accumulate(const Elem* phi, const Elem* y, const float* ext,
+                                             const Elem* phi_lo = nullptr) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
     const int v_first = warp * 8 * kTiles;
 #pragma unroll
@@ -178,6 +266,14 @@ struct StateShare {
         for (int t = 0; t < kTiles; ++t) tile::mma<Elem>(values[mf][t], a, b[t]);
         if (mf == warp) tile::mma<Elem>(norm[0], a, b_ext);
         if (mf == warp + 8) tile::mma<Elem>(norm[1], a, b_ext);
+        if constexpr (kExact) {
+          tile::ldmatrix_x4_trans(a, phi_lo + (16 * kt + (lane / 16) * 8 + lane % 8) * kFStride +
+                                         16 * mf + ((lane / 8) % 2) * 8);
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) tile::mma<Elem>(values[mf][t], a, b[t]);
+          if (mf == warp) tile::mma<Elem>(norm[0], a, b_ext);
+          if (mf == warp + 8) tile::mma<Elem>(norm[1], a, b_ext);
+        }
       }
     }
   }
@@ -233,9 +329,10 @@ __device__ __forceinline__ void features_times_state(float (&acc)[kTiles + (kNor
   }
 }
 
-template <int V, bool kNorm, bool kGradPrologue>
+template <int V, bool kNorm, bool kGradPrologue, bool kFinal>
 __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args args) {
-  using L = Layout<V, kGradPrologue>;
+  static_assert(!(kGradPrologue && kFinal), "the prologue writes no state");
+  using L = Layout<V, kGradPrologue, kFinal>;
   constexpr int kVStride = L::kVStride;
   constexpr int kHalfTiles = V / 16;  // value n-tiles of an output warp
   extern __shared__ __align__(128) char smem[];
@@ -245,12 +342,13 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
   Elem* phi_k = phi_q + kChunk * kFStride;
   Elem* state_s = reinterpret_cast<Elem*>(smem + L::kStateOffset);
   float* dot_s = reinterpret_cast<float*>(smem + L::kDotOffset);
-  Elem* do_s = reinterpret_cast<Elem*>(smem + L::kDoOffset);
+  Elem* do_s = reinterpret_cast<Elem*>(smem + L::kExtraOffset);
+  Elem* phi_k_lo = reinterpret_cast<Elem*>(smem + L::kExtraOffset);
 
   const SequenceSpan seq = args.sequences[blockIdx.y];
   const int64_t head = blockIdx.x;
   const int chunks = static_cast<int>((seq.length + kChunk - 1) / kChunk);
-  if (chunks == 0) return;
+  if (chunks == 0 && !kFinal) return;  // (an empty sequence still has a final state: S_0)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
   const Poly poly(args.scale);
   const float c = args.scale;
@@ -270,12 +368,11 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
                            V, kChunk);
     tile::cp_async_commit();
   };
-  issue_chunk(0);
-  // S_{-1} = 0 (buffer 1 is chunk 0's "previous" state).
-  for (int idx = threadIdx.x; idx < kFeatures * kVStride / 8; idx += kThreads)
-    reinterpret_cast<uint4*>(state_s + kFeatures * kVStride)[idx] = make_uint4(0, 0, 0, 0);
-
+  if (chunks > 0) issue_chunk(0);
+  // S_{-1}: the initial state (met by query features) or 0; buffer 1 is chunk 0's previous one.
   StateShare<V> state;
+  if (args.s0.present) state.load_state(args.s0, blockIdx.y, head, kSqrt2);
+  state.store(state_s + kFeatures * kVStride);
   const int query_tile = warp % 4, half = warp / 4;
   const int half_first = half * (V / 2);
 
@@ -298,7 +395,8 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
       write_feature_part<true>(part, phi_q + token * kFStride, x, query_coef);
       // A token past the end has k = 0 (zero-filled); its constant feature must be 0 as well.
       load_vector(x, k_n + token * kDStride, first + token < seq.length ? 1.f : 0.f);
-      write_feature_part<false>(part, phi_k + token * kFStride, x, query_coef);
+      write_feature_part<false, kFinal>(part, phi_k + token * kFStride, x, query_coef,
+                                        phi_k_lo + token * kFStride);
     }
     __syncthreads();
 
@@ -392,9 +490,10 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
     }
 
     // update: S_n = S_{n-1} + phi_k(K)^T [V | 1], then its bfloat16 copy
-    state.accumulate(phi_k, v_n, nullptr);
+    state.accumulate<kFinal>(phi_k, v_n, nullptr, phi_k_lo);
     state.store(state_next);
   }
+  if constexpr (kFinal) state.store_state(args.s_final, args.s0, blockIdx.y, head, kInvSqrt2);
 }
 
 // ---- the backward: dq (the queries' walk, in chunk order), dk and dv (the keys' walk, reversed)
@@ -471,7 +570,7 @@ __global__ void __launch_bounds__(kThreads, 1) gradient_walk_kernel(const Args a
   const SequenceSpan seq = args.sequences[blockIdx.y];
   const int64_t head = blockIdx.x;
   const int chunks = static_cast<int>((seq.length + kChunk - 1) / kChunk);
-  if (chunks == 0) return;
+  if (chunks == 0 && !(kKeyRows && args.d_s0.present)) return;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, group = lane / 4, quad = lane % 4;
   const Poly poly(args.scale);
   const float c = args.scale;
@@ -506,10 +605,14 @@ __global__ void __launch_bounds__(kThreads, 1) gradient_walk_kernel(const Args a
     }
     tile::cp_async_commit();
   };
-  issue_chunk(chunk_at(0), 0);
-  for (int idx = threadIdx.x; idx < kFeatures * kVStride / 8; idx += kThreads)
-    reinterpret_cast<uint4*>(state_s)[idx] = make_uint4(0, 0, 0, 0);
+  if (chunks > 0) issue_chunk(chunk_at(0), 0);
+  // The first state: queries S_{-1} = the initial state (met by query features); keys dS_T =
+  // d_final_state (met by key features); else 0.
   StateShare<V> state;
+  const StridedTensor& first_state = kKeyRows ? args.d_s_final : args.s0;
+  if (first_state.present)
+    state.load_state(first_state, blockIdx.y, head, kKeyRows ? kInvSqrt2 : kSqrt2);
+  state.store(state_s);
 
   for (int step = 0; step < chunks; ++step) {
     const int n = chunk_at(step);
@@ -697,14 +800,17 @@ __global__ void __launch_bounds__(kThreads, 1) gradient_walk_kernel(const Args a
     state.accumulate(phi_partner, y_partners, kKeyRows ? e_n : nullptr);
     state.store(state_s);
   }
+  // d_initial_state = d_final_state + sum_i phi(q_i) [g_i | e_i]^T, back in the 273 features.
+  if (kKeyRows && args.d_s0.present)
+    state.store_state(args.d_s0, args.d_s_final, blockIdx.y, head, kSqrt2);
 }
 
 }  // namespace
 
-template <int V, bool kNorm, bool kGradPrologue>
+template <int V, bool kNorm, bool kGradPrologue, bool kFinal>
 cudaError_t launch_chunked_forward(const Args& args, int64_t num_sequences, cudaStream_t stream) {
-  auto kernel = chunked_forward_kernel<V, kNorm, kGradPrologue>;
-  constexpr size_t kSmem = Layout<V, kGradPrologue>::kSmemBytes;
+  auto kernel = chunked_forward_kernel<V, kNorm, kGradPrologue, kFinal>;
+  constexpr size_t kSmem = Layout<V, kGradPrologue, kFinal>::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kSmem));
   if (err != cudaSuccess) return err;
@@ -718,7 +824,8 @@ cudaError_t launch_chunked_backward(const Args& args, int64_t num_sequences, cud
   constexpr size_t kSmem = WalkLayout<V>::kSmemBytes;
   const dim3 grid(static_cast<unsigned>(args.num_heads), static_cast<unsigned>(num_sequences));
   for (const bool key_rows : {false, true}) {
-    if (key_rows ? !(args.dk.present || args.dv.present) : !args.dq.present) continue;
+    if (key_rows ? !(args.dk.present || args.dv.present || args.d_s0.present) : !args.dq.present)
+      continue;
     auto kernel = key_rows ? gradient_walk_kernel<V, true> : gradient_walk_kernel<V, false>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(kSmem));
@@ -732,11 +839,25 @@ cudaError_t launch_chunked_backward(const Args& args, int64_t num_sequences, cud
 
 template cudaError_t launch_chunked_backward<64>(const Args&, int64_t, cudaStream_t);
 template cudaError_t launch_chunked_backward<128>(const Args&, int64_t, cudaStream_t);
-template cudaError_t launch_chunked_forward<64, true, false>(const Args&, int64_t, cudaStream_t);
-template cudaError_t launch_chunked_forward<64, false, false>(const Args&, int64_t, cudaStream_t);
-template cudaError_t launch_chunked_forward<64, true, true>(const Args&, int64_t, cudaStream_t);
-template cudaError_t launch_chunked_forward<128, true, false>(const Args&, int64_t, cudaStream_t);
-template cudaError_t launch_chunked_forward<128, false, false>(const Args&, int64_t, cudaStream_t);
-template cudaError_t launch_chunked_forward<128, true, true>(const Args&, int64_t, cudaStream_t);
+template cudaError_t launch_chunked_forward<64, true, false, false>(const Args&, int64_t,
+                                                                    cudaStream_t);
+template cudaError_t launch_chunked_forward<64, false, false, false>(const Args&, int64_t,
+                                                                     cudaStream_t);
+template cudaError_t launch_chunked_forward<64, true, false, true>(const Args&, int64_t,
+                                                                   cudaStream_t);
+template cudaError_t launch_chunked_forward<64, false, false, true>(const Args&, int64_t,
+                                                                    cudaStream_t);
+template cudaError_t launch_chunked_forward<64, true, true, false>(const Args&, int64_t,
+                                                                   cudaStream_t);
+template cudaError_t launch_chunked_forward<128, true, false, false>(const Args&, int64_t,
+                                                                     cudaStream_t);
+template cudaError_t launch_chunked_forward<128, false, false, false>(const Args&, int64_t,
+                                                                      cudaStream_t);
+template cudaError_t launch_chunked_forward<128, true, false, true>(const Args&, int64_t,
+                                                                    cudaStream_t);
+template cudaError_t launch_chunked_forward<128, false, false, true>(const Args&, int64_t,
+                                                                     cudaStream_t);
+template cudaError_t launch_chunked_forward<128, true, true, false>(const Args&, int64_t,
+                                                                    cudaStream_t);
 
 }  // namespace flashlin::cuda::based_tc

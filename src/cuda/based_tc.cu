@@ -509,18 +509,24 @@ void launch(Kernel kernel, size_t smem, int tokens_per_block, const BasedParams&
   check_cuda(cudaGetLastError(), what);
 }
 
-// The forward (and the backward's prologue) in the chunked form, linear in T, from sequences of
-// kChunkedFrom tokens (bfloat16 only: a float16 copy of the state's sums would overflow), unless
-// FLASHLIN_BASED_QUADRATIC is set to anything but 0 (to compare the two forms).
+// The chunked form (based_chunk_tc.cu), linear in T, runs bfloat16 calls (a float16 copy of the
+// state's sums would overflow) with a sequence of kChunkedFrom tokens or more, or with states
+// (which only it takes), unless FLASHLIN_BASED_QUADRATIC is set to anything but 0 (to compare the
+// two forms; calls with states then go to the CUDA-core kernels).
 constexpr int64_t kChunkedFrom = 256;
 bool quadratic_forced() {
   const char* value = std::getenv("FLASHLIN_BASED_QUADRATIC");
   return value != nullptr && value[0] != '\0' && !(value[0] == '0' && value[1] == '\0');
 }
-template <typename Elem>
+bool has_states(const BasedParams& p) {
+  return p.initial_state.present || p.final_state.present || p.d_final_state.present ||
+         p.d_initial_state.present;
+}
+bool chunked_form_runs(const BasedParams& p) {
+  return p.q.dtype == Storage::kBFloat16 && !quadratic_forced();
+}
 bool chunked_form_chosen(const BasedParams& p) {
-  return std::is_same_v<Elem, __nv_bfloat16> && longest_sequence(p.sequences) >= kChunkedFrom &&
-         !quadratic_forced();
+  return chunked_form_runs(p) && (longest_sequence(p.sequences) >= kChunkedFrom || has_states(p));
 }
 
 template <typename Elem, int V, bool kNorm>
@@ -535,14 +541,21 @@ void run(const BasedParams& p, bool backward) {
   args.num_heads = p.num_heads;
   args.time = p.time;
   args.scale = static_cast<float>(p.scale);
+  args.s0 = p.initial_state, args.s_final = p.final_state;
+  args.d_s_final = p.d_final_state, args.d_s0 = p.d_initial_state;
   args.sequences = upload_sequences(p.sequences, p.batch, p.time, scratch.base(), stream);
   using Sh = Shape<V>;
-  const bool chunked = chunked_form_chosen<Elem>(p);
+  const bool chunked = chunked_form_chosen(p);
   const auto num_sequences = static_cast<int64_t>(p.sequences.size());
   if (!backward) {
-    if (chunked)
-      check_cuda(based_tc::launch_chunked_forward<V, kNorm, false>(args, num_sequences, stream),
-                 "the Based tensor-core chunked forward");
+    if (chunked && p.final_state.present)
+      check_cuda(
+          based_tc::launch_chunked_forward<V, kNorm, false, true>(args, num_sequences, stream),
+          "the Based tensor-core chunked forward");
+    else if (chunked)
+      check_cuda(
+          based_tc::launch_chunked_forward<V, kNorm, false, false>(args, num_sequences, stream),
+          "the Based tensor-core chunked forward");
     else
       launch(forward_kernel<Elem, V, kNorm, false>, Sh::kForwardSmem, kQueryTile, p, args, stream,
              "the Based tensor-core forward");
@@ -560,8 +573,9 @@ void run(const BasedParams& p, bool backward) {
     args.e =
         reinterpret_cast<float*>(base + align_up(tokens * static_cast<size_t>(p.value_dim) * 2));
     if (chunked)
-      check_cuda(based_tc::launch_chunked_forward<V, true, true>(args, num_sequences, stream),
-                 "the Based tensor-core chunked gradient prologue");
+      check_cuda(
+          based_tc::launch_chunked_forward<V, true, true, false>(args, num_sequences, stream),
+          "the Based tensor-core chunked gradient prologue");
     else
       launch(forward_kernel<Elem, V, true, true>, Sh::kForwardSmem, kQueryTile, p, args, stream,
              "the Based tensor-core gradient prologue");
@@ -594,15 +608,18 @@ bool based_tc_supports(const BasedParams& p, bool backward) {
   if (p.q.dtype != Storage::kBFloat16 && p.q.dtype != Storage::kFloat16) return false;
   if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype) return false;
   if (p.value_dim != 64 && p.value_dim != 128) return false;
-  if (p.initial_state.present || p.final_state.present) return false;
+  // States: the chunked form's, float32 (the state sums stay float32 on chip).
+  if (has_states(p) && !chunked_form_runs(p)) return false;
+  for (const StridedTensor* t :
+       {&p.initial_state, &p.final_state, &p.d_final_state, &p.d_initial_state})
+    if (t->present && t->dtype != Storage::kFloat32) return false;
   if (p.num_heads > 65535 || p.sequences.size() > 65535) return false;
   // A chunked-form call past kMaxParallelLength tokens only where the chunked kernels take it.
   if (p.form == detail::Form::kChunked && longest_sequence(p.sequences) > kMaxParallelLength &&
-      (p.q.dtype != Storage::kBFloat16 || quadratic_forced()))
+      !chunked_form_runs(p))
     return false;
   if (!aligned_rows(p.q) || !aligned_rows(p.k) || !aligned_rows(p.v)) return false;
   if (!backward) return !p.o.present || (p.o.dtype == p.q.dtype && aligned_rows(p.o));
-  if (p.d_final_state.present || p.d_initial_state.present) return false;
   if (p.d_o.dtype != p.q.dtype || !aligned_rows(p.d_o)) return false;
   for (const StridedTensor* t : {&p.dq, &p.dk, &p.dv})
     if (t->present && (t->dtype != p.q.dtype || !aligned_rows(*t))) return false;

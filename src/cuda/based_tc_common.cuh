@@ -21,6 +21,9 @@ struct Args {
   StridedTensor q, k, v, o, d_o, dq, dk, dv;
   StridedTensor g;  // backward: do / den (use_norm, scratch in the input type) or do itself
   float* e;         // backward: e_i, [B, T, H] (use_norm)
+  // The states, [N, H, 273, V + 1] in DESIGN.md's feature order (the chunked form only):
+  // initial_state, final_state, d_final_state, d_initial_state.
+  StridedTensor s0, s_final, d_s_final, d_s0;
   SequenceTable sequences;
   int64_t num_heads, time;
   float scale;
@@ -53,11 +56,13 @@ struct Poly {
 
 // The chunked form (based_chunk_tc.cu), bfloat16 only (float16 cannot hold the state's sums):
 // o from q, k, v (kGradPrologue false), or the backward's g = do / den and e = -(do . o) / den
-// (kGradPrologue true, kNorm true). One thread block per (sequence, head): grid (H, sequences).
-template <int V, bool kNorm, bool kGradPrologue>
+// (kGradPrologue true, kNorm true); from args.s0 when present, and with kFinal (not with
+// kGradPrologue) writing args.s_final. One thread block per (sequence, head): grid (H, sequences).
+template <int V, bool kNorm, bool kGradPrologue, bool kFinal>
 cudaError_t launch_chunked_forward(const Args& args, int64_t num_sequences, cudaStream_t stream);
-// The chunked form's dq, dk, dv from the prologue's g and e (args.g, args.e; e = nullptr without
-// the normaliser): two walks over the chunks, each one block per (sequence, head).
+// The chunked form's dq, dk, dv and d_initial_state (args.d_s0, from args.d_s_final when present)
+// from the prologue's g and e (args.g, args.e; e = nullptr without the normaliser): two walks
+// over the chunks, each one block per (sequence, head).
 template <int V>
 cudaError_t launch_chunked_backward(const Args& args, int64_t num_sequences, cudaStream_t stream);
 

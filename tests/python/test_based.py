@@ -327,6 +327,34 @@ def test_tensor_core_forms_long_varlen(monkeypatch, form, op_name, V, use_norm):
                with_state=False, final_state=False, cu_seqlens=[0, 5, 261, 517, 1000], scale=0.3)
 
 
+# States (initial and final, their gradients) take the chunked form at any length on bfloat16.
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("V,use_norm", [(64, True), (128, False)])
+@pytest.mark.parametrize("T,cu_seqlens", [(300, None), (700, [0, 0, 3, 260, 700])])
+def test_tensor_core_chunked_form_with_states(V, use_norm, T, cu_seqlens):
+    check_case("chunk", "cuda", torch.bfloat16, 1 if cu_seqlens else 2, T, 2, 16, V,
+               use_norm=use_norm, with_state=True, final_state=True, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+def test_tensor_core_prefill_then_decode_bfloat16():
+    """The chunked tensor-core form's final state continues in the recurrent kernels as one call
+    over the whole sequence does."""
+    torch.manual_seed(3)
+    B, T, H, V = 2, 300, 2, 64
+    q, k = (torch.randn(B, T, H, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+    o_full, s_full = fused_chunk_based(q, k, v, output_final_state=True)
+    o_pre, state = fused_chunk_based(q[:, :290], k[:, :290], v[:, :290], output_final_state=True)
+    steps = [o_pre]
+    for t in range(290, T):
+        o_t, state = fused_recurrent_based(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1],
+                                           initial_state=state, output_final_state=True)
+        steps.append(o_t)
+    assert rel_err(torch.cat(steps, 1), o_full) <= 1e-2
+    assert rel_err(state, s_full) <= 1e-4
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("T", [256, 2048])
 def test_chunked_form_matches_quadratic_form(monkeypatch, T):
