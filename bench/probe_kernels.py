@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one op's forward+backward (torch.profiler, after warm-up): where the
 time of a composite op goes. A diagnostic for bench/NOTES.md, not a benchmark of record.
-    python3 bench/probe_kernels.py gsa abc based gla vq vq_window (B=8, H=32, T=4096, K=V=128, M=64, bf16)"""
+    python3 bench/probe_kernels.py gsa abc based retention gla vq vq_window (B=8, H=32, T=4096, K=V=128, M=64, bf16)"""
 import os
 import sys
 
@@ -30,6 +30,8 @@ def inputs(op):
     if op == "based":
         q16, k16 = leaf(B, T, H, 16), leaf(B, T, H, 16)
         return lambda: ops.fused_chunk_based(q16, k16, v)
+    if op == "retention":
+        return lambda: ops.chunk_retention(q, k, v)[0]
     if op == "gla":
         g = (F.logsigmoid(torch.randn(B, T, H, D, device=dev)) / 16).to(dt).requires_grad_()
         return lambda: ops.chunk_gla(q, k, v, g)[0]

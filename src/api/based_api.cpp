@@ -1,6 +1,7 @@
 // C ABI entry points of Based linear attention (DESIGN.md §4; the math is stated in
 // api/based_params.hpp and flashlin.h): argument checking, layout normalisation into BasedParams,
 // and dispatch to a backend. All checks run before any backend writes anything.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -240,7 +241,14 @@ flashlin_status flashlin_based_workspace_size(const flashlin_based_config* confi
     p.dk = p.k;
     p.d_initial_state = p.initial_state;
     p.exec = detail::execution_of(nullptr, check.device());
-    *bytes = detail::workspace_bytes(p, backward != 0, check.device());
+    // With and without a final state (and its gradient), which the inputs do not say and which
+    // can change the kernels a call takes: the larger of the two sizes.
+    detail::BasedParams with_final = p;
+    with_final.final_state = detail::compact(nullptr, detail::Storage::kFloat32, p.num_heads,
+                                             p.num_features(), p.value_dim + 1);
+    with_final.d_final_state = with_final.final_state;
+    *bytes = std::max(detail::workspace_bytes(p, backward != 0, check.device()),
+                      detail::workspace_bytes(with_final, backward != 0, check.device()));
     return FLASHLIN_SUCCESS;
   });
 }

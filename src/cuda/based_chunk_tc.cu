@@ -1,5 +1,6 @@
-// Based on the tensor cores, in the chunked (linear-time) form: the forward, and the backward's
-// prologue g_i = do_i / den_i, e_i = -(do_i . o_i) / den_i (based_tc.cu has the rest).
+// Based on the tensor cores, in the chunked (linear-time) form: the forward, the backward's
+// prologue g_i = do_i / den_i, e_i = -(do_i . o_i) / den_i, and the backward's two walks (below);
+// with states. based_tc.cu has the parallel (quadratic) form and chooses between the two.
 //
 // Per sequence and head, with the scale c and a 16-vector x extended by x_16 = 1, the features
 //   phi(x) = [x_16 x_16, x_j x_16 (j < 16), x_i x_i (i < 16), x_i x_j (i < j)]   (153, padded to

@@ -10,8 +10,8 @@
 namespace flashlin::cuda {
 
 // Whether the tensor-core kernels run p: float16/bfloat16 q, k, v with 16-byte aligned rows,
-// d = 16, V in {64, 128}, no states; the parallel or the chunked form (float16 sequences up to
-// 32768 tokens in the chunked form: past it only the linear-time kernels are worth running).
+// d = 16, V in {64, 128}; states (float32) on bfloat16 only (the chunked form); float16 sequences
+// in the chunked op up to 32768 tokens (past it only the linear-time kernels are worth running).
 bool based_tc_supports(const detail::BasedParams& p, bool backward);
 size_t based_tc_workspace_bytes(const detail::BasedParams& p, bool backward);
 void based_tc_forward(const detail::BasedParams& p);

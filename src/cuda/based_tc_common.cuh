@@ -1,5 +1,5 @@
-// What the two Based tensor-core files share: based_tc.cu (the quadratic form, the backward) and
-// based_chunk_tc.cu (the chunked form of the forward and of the backward's prologue).
+// What the two Based tensor-core files share: based_tc.cu (the parallel, quadratic form, and the
+// choice between the forms) and based_chunk_tc.cu (the chunked form, forward and backward).
 #ifndef FLASHLIN_SRC_CUDA_BASED_TC_COMMON_CUH_
 #define FLASHLIN_SRC_CUDA_BASED_TC_COMMON_CUH_
 
