@@ -440,8 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
       float den[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+        row_sum[r] = quad_sum(row_sum[r]);
         // Column V of the normaliser's tile: c[0] / c[2] of the quad's first lane.
         den[r] =
             __shfl_sync(0xffffffffu, acc[kHalfTiles][2 * r], lane & ~3) + row_sum[r] + kNormEps;
@@ -458,16 +457,12 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
           const int col = half_first + 8 * nt + 2 * quad;
           const float num0 = acc[nt][2 * r], num1 = acc[nt][2 * r + 1];
           if constexpr (!kGradPrologue) {
-            *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.o.data) +
-                                         element_offset(args.o, seq.batch, token, head, col)) =
-                tile::pack<Elem>(num0 * inv, num1 * inv);
+            store_pair<Elem>(args.o, seq.batch, token, head, col, num0 * inv, num1 * inv);
           } else {
             const float2 d_o =
                 tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(do_n + row * kVStride + col));
             dot[r] += d_o.x * num0 + d_o.y * num1;
-            *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.g.data) +
-                                         element_offset(args.g, seq.batch, token, head, col)) =
-                tile::pack<Elem>(d_o.x * inv, d_o.y * inv);
+            store_pair<Elem>(args.g, seq.batch, token, head, col, d_o.x * inv, d_o.y * inv);
           }
         }
       }
@@ -475,8 +470,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
         // e_i = -(do_i . num_i) / den_i^2, the dot summed over both halves in a fixed order.
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
-          dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
+          dot[r] = quad_sum(dot[r]);
           if (quad == 0) dot_s[half * kChunk + 16 * query_tile + group + 8 * r] = dot[r];
         }
         sync_row_pair(query_tile);
@@ -693,10 +687,8 @@ __global__ void __launch_bounds__(kThreads, 1) gradient_walk_kernel(const Args a
           if (first + row >= seq.length) continue;
 #pragma unroll
           for (int nt = 0; nt < kHalfTiles; ++nt)
-            *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.dv.data) +
-                                         element_offset(args.dv, seq.batch, seq.start + first + row,
-                                                        head, half_first + 8 * nt + 2 * quad)) =
-                tile::pack<Elem>(acc[nt][2 * r], acc[nt][2 * r + 1]);
+            store_pair<Elem>(args.dv, seq.batch, seq.start + first + row, head,
+                             half_first + 8 * nt + 2 * quad, acc[nt][2 * r], acc[nt][2 * r + 1]);
         }
       }
     }

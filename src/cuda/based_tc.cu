@@ -45,6 +45,8 @@ using based_tc::kD;
 using based_tc::kDStride;
 using based_tc::kNormEps;
 using based_tc::Poly;
+using based_tc::quad_sum;
+using based_tc::store_pair;
 using detail::BasedParams;
 
 constexpr int kTile = 64;     // keys per streamed tile; keys per dk/dv block
@@ -234,25 +236,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args args) {
         const float num0 = acc[mt][nt][2 * r], num1 = acc[mt][nt][2 * r + 1];
         if constexpr (!kGradPrologue) {
           const float inv = kNorm ? 1.f / den[r] : 1.f;
-          *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.o.data) +
-                                       element_offset(args.o, seq.batch, token, head, col)) =
-              tile::pack<Elem>(num0 * inv, num1 * inv);
+          store_pair<Elem>(args.o, seq.batch, token, head, col, num0 * inv, num1 * inv);
         } else {
           const float2 d_o = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
               reinterpret_cast<const Elem*>(args.d_o.data) +
               element_offset(args.d_o, seq.batch, token, head, col)));
           const float inv = 1.f / den[r];
           dot[r] += d_o.x * num0 + d_o.y * num1;
-          *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(args.g.data) +
-                                       element_offset(args.g, seq.batch, token, head, col)) =
-              tile::pack<Elem>(d_o.x * inv, d_o.y * inv);
+          store_pair<Elem>(args.g, seq.batch, token, head, col, d_o.x * inv, d_o.y * inv);
         }
       }
     if constexpr (kGradPrologue) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 1);
-        dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], 2);
+        dot[r] = quad_sum(dot[r]);
         const int64_t row = blk.row(mt, r);
         if (quad == 0 && row < seq.length)
           args.e[(seq.batch * args.time + seq.start + row) * args.num_heads + head] =
@@ -382,17 +379,13 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Args args) {
     if (args.dk.present)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
-        *reinterpret_cast<uint32_t*>(
-            reinterpret_cast<Elem*>(args.dk.data) +
-            element_offset(args.dk, seq.batch, token, head, nt * 8 + 2 * quad)) =
-            tile::pack<Elem>(args.scale * dk[nt][2 * r], args.scale * dk[nt][2 * r + 1]);
+        store_pair<Elem>(args.dk, seq.batch, token, head, nt * 8 + 2 * quad,
+                         args.scale * dk[nt][2 * r], args.scale * dk[nt][2 * r + 1]);
     if (args.dv.present)
 #pragma unroll
       for (int nt = 0; nt < V / 8; ++nt)
-        *reinterpret_cast<uint32_t*>(
-            reinterpret_cast<Elem*>(args.dv.data) +
-            element_offset(args.dv, seq.batch, token, head, nt * 8 + 2 * quad)) =
-            tile::pack<Elem>(dv[nt][2 * r], dv[nt][2 * r + 1]);
+        store_pair<Elem>(args.dv, seq.batch, token, head, nt * 8 + 2 * quad, dv[nt][2 * r],
+                         dv[nt][2 * r + 1]);
   }
 }
 
@@ -477,10 +470,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Args args) {
       if (row >= seq.length) continue;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
-        *reinterpret_cast<uint32_t*>(
-            reinterpret_cast<Elem*>(args.dq.data) +
-            element_offset(args.dq, seq.batch, seq.start + row, head, nt * 8 + 2 * quad)) =
-            tile::pack<Elem>(args.scale * dq[mt][nt][2 * r], args.scale * dq[mt][nt][2 * r + 1]);
+        store_pair<Elem>(args.dq, seq.batch, seq.start + row, head, nt * 8 + 2 * quad,
+                         args.scale * dq[mt][nt][2 * r], args.scale * dq[mt][nt][2 * r + 1]);
     }
 }
 

@@ -45,6 +45,20 @@ __device__ void issue_rows(Elem* dst, int stride, const StridedTensor& x, const 
   }
 }
 
+// Columns (col, col + 1) of token `token` of a [B, T, H, *] 16-bit tensor: one 32-bit store.
+template <typename Elem>
+__device__ __forceinline__ void store_pair(const StridedTensor& t, int64_t batch, int64_t token,
+                                           int64_t head, int col, float lo, float hi) {
+  *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(t.data) +
+                               element_offset(t, batch, token, head, col)) =
+      tile::pack<Elem>(lo, hi);
+}
+// The sum over the four lanes of a quad (one row of an mma fragment).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
 // w and dw/ds of a raw score x = q.k with the scale c folded in: w = 1 + c x + (c x)^2 / 2 =
 // 1 + x (c + (c^2 / 2) x) and 1 + s = 1 + c x: two and one FMA per element.
 struct Poly {
