@@ -485,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
     }
 
     // update: S_n = S_{n-1} + phi_k(K)^T [V | 1], then its bfloat16 copy
-    state.accumulate<kFinal>(phi_k, v_n, nullptr, phi_k_lo);
+    state.template accumulate<kFinal>(phi_k, v_n, nullptr, phi_k_lo);
     state.store(state_next);
   }
   if constexpr (kFinal) state.store_state(args.s_final, args.s0, blockIdx.y, head, kInvSqrt2);
@@ -530,6 +530,22 @@ __device__ __forceinline__ void contract(float (&dx)[4], const float* d_row, con
     }
     dx[i] = lin * d_row[1 + a] + dsq * x[a] * d_row[17 + a] + cross * cross_sum;
   }
+}
+
+// e of the chunk's 64 tokens into shared memory (0 past the end, or without the normaliser),
+// prefetched with cp.async like the rows (a plain load would stall the chunk).
+__device__ __forceinline__ void issue_e(float* e_s, const Args& args, const SequenceSpan& seq,
+                                        int64_t head, int64_t first) {
+  if (threadIdx.x >= kChunk) return;
+  const int64_t row = first + threadIdx.x;
+  if (args.e == nullptr) {
+    e_s[threadIdx.x] = 0.f;
+    return;
+  }
+  const int64_t token = seq.start + (row < seq.length ? row : 0);
+  tile::cp_async_4(e_s + threadIdx.x,
+                   args.e + (seq.batch * args.time + token) * args.num_heads + head,
+                   row < seq.length ? 4 : 0);
 }
 
 template <int V>
@@ -585,19 +601,8 @@ __global__ void __launch_bounds__(kThreads, 1) gradient_walk_kernel(const Args a
                          head, first, V, kChunk);
     issue_rows<kThreads>(reinterpret_cast<Elem*>(base + 2 * L::kXBytes + L::kYBytes), kVStride,
                          args.g, seq, head, first, V, kChunk);
-    float* e_s = reinterpret_cast<float*>(base + 2 * L::kXBytes + 2 * L::kYBytes);
-    if (threadIdx.x < kChunk) {  // e prefetched too (a plain load would stall the chunk)
-      const int64_t row = first + threadIdx.x;
-      if (args.e == nullptr)
-        e_s[threadIdx.x] = 0.f;
-      else
-        tile::cp_async_4(e_s + threadIdx.x,
-                         args.e +
-                             (seq.batch * args.time + seq.start + (row < seq.length ? row : 0)) *
-                                 args.num_heads +
-                             head,
-                         row < seq.length ? 4 : 0);
-    }
+    issue_e(reinterpret_cast<float*>(base + 2 * L::kXBytes + 2 * L::kYBytes), args, seq, head,
+            first);
     tile::cp_async_commit();
   };
   if (chunks > 0) issue_chunk(chunk_at(0), 0);
@@ -798,6 +803,93 @@ __global__ void __launch_bounds__(kThreads, 1) gradient_walk_kernel(const Args a
     state.store_state(args.d_s0, args.d_s_final, blockIdx.y, head, kSqrt2);
 }
 
+// ---- a sequence split across blocks (few sequences and heads): each piece's own sum --------
+// F_j = sum_{t in piece j} phi_k(k_t) [v_t | 1]^T (kQuerySide false: what the forward adds to
+// the state) or E_j = sum phi_q(q_t) [g_t | e_t]^T (true: what the backward adds to dS), float32
+// in DESIGN.md's 273-feature order and exact to ~2^-16 per product (the residuals' second mma),
+// so that the states the pieces start from are the unsplit walk's to float32 rounding.
+template <int V>
+struct PieceLayout {
+  static constexpr int kVStride = V + 8;
+  static constexpr size_t kXBytes = size_t{kChunk} * kDStride * 2;
+  static constexpr size_t kYBytes = size_t{kChunk} * kVStride * 2;
+  static constexpr size_t kStageBytes = kXBytes + kYBytes + kChunk * sizeof(float);  // x, y, e
+  static constexpr size_t kPhiOffset = 2 * kStageBytes;  // phi, its residuals
+  static constexpr size_t kSmemBytes = kPhiOffset + 2 * size_t{kChunk} * kFStride * 2;
+};
+
+template <int V, bool kQuerySide>
+__global__ void __launch_bounds__(kThreads, 1)
+    piece_sum_kernel(const Args args, const StridedTensor sums) {
+  using L = PieceLayout<V>;
+  extern __shared__ __align__(128) char smem[];
+  Elem* phi = reinterpret_cast<Elem*>(smem + L::kPhiOffset);
+  Elem* phi_lo = phi + kChunk * kFStride;
+  const SequenceSpan seq = args.sequences[blockIdx.y];
+  const int64_t head = blockIdx.x;
+  const int chunks = static_cast<int>((seq.length + kChunk - 1) / kChunk);
+  const float c = args.scale;
+  const float query_coef[5] = {1.f, c, 0.5f * c * c, c * c, 0.f};
+
+  auto issue_chunk = [&](int n, int stage) {
+    char* base = smem + stage * L::kStageBytes;
+    const int64_t first = int64_t{n} * kChunk;
+    issue_rows<kThreads>(reinterpret_cast<Elem*>(base), kDStride, kQuerySide ? args.q : args.k, seq,
+                         head, first, kD, kChunk);
+    issue_rows<kThreads>(reinterpret_cast<Elem*>(base + L::kXBytes), L::kVStride,
+                         kQuerySide ? args.g : args.v, seq, head, first, V, kChunk);
+    if constexpr (kQuerySide)
+      issue_e(reinterpret_cast<float*>(base + L::kXBytes + L::kYBytes), args, seq, head, first);
+    tile::cp_async_commit();
+  };
+  if (chunks > 0) issue_chunk(0, 0);
+  StateShare<V> state;
+  for (int n = 0; n < chunks; ++n) {
+    tile::cp_async_wait<0>();
+    __syncthreads();  // chunk n landed; every warp is done with chunk n - 1's features
+    if (n + 1 < chunks) issue_chunk(n + 1, (n + 1) % 2);
+    const char* base = smem + (n % 2) * L::kStageBytes;
+    const Elem* x_n = reinterpret_cast<const Elem*>(base);
+    const Elem* y_n = reinterpret_cast<const Elem*>(base + L::kXBytes);
+    const float* e_n = reinterpret_cast<const float*>(base + L::kXBytes + L::kYBytes);
+    {
+      const int token = threadIdx.x % kChunk, part = threadIdx.x / kChunk;
+      // Keys past the end: a zero constant feature too; queries past the end meet g = e = 0.
+      const float one = kQuerySide || int64_t{n} * kChunk + token < seq.length ? 1.f : 0.f;
+      float x[18];
+      load_vector(x, x_n + token * kDStride, one);
+      write_feature_part<kQuerySide, true>(part, phi + token * kFStride, x, query_coef,
+                                           phi_lo + token * kFStride);
+    }
+    __syncthreads();
+    state.template accumulate<true>(phi, y_n, kQuerySide ? e_n : nullptr, phi_lo);
+  }
+  state.store_state(sums, StridedTensor{}, blockIdx.y, head, kQuerySide ? kSqrt2 : kInvSqrt2);
+}
+
+// Per (sequence, head) and state element: the state entering each of the sequence's pieces, in
+// order from `first_state` adding F_j (forward) or in reverse from it adding E_j (backward,
+// first_state = d_final_state); `last` (if present) gets the state past the last piece added
+// (the final state; d_initial_state). Sums in float32, in a fixed order.
+__global__ void scan_pieces_kernel(const StridedTensor first_state, const int64_t* first_piece,
+                                   const StridedTensor piece_sums, const StridedTensor entering,
+                                   const StridedTensor last, bool reverse, int rows, int cols) {
+  const int64_t element = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (element >= int64_t{rows} * cols) return;
+  const int64_t head = blockIdx.y, seq = blockIdx.z;
+  const int row = static_cast<int>(element / cols), col = static_cast<int>(element % cols);
+  float state = first_state.present
+                    ? load_float(first_state, element_offset(first_state, seq, head, row, col))
+                    : 0.f;
+  const int64_t begin = first_piece[seq], end = first_piece[seq + 1];
+  for (int64_t i = 0; i < end - begin; ++i) {
+    const int64_t j = reverse ? end - 1 - i : begin + i;
+    store_float(entering, element_offset(entering, j, head, row, col), state);
+    state += load_float(piece_sums, element_offset(piece_sums, j, head, row, col));
+  }
+  if (last.present) store_float(last, element_offset(last, seq, head, row, col), state);
+}
+
 }  // namespace
 
 template <int V, bool kNorm, bool kGradPrologue, bool kFinal>
@@ -830,6 +922,39 @@ cudaError_t launch_chunked_backward(const Args& args, int64_t num_sequences, cud
   return cudaSuccess;
 }
 
+template <int V, bool kQuerySide>
+cudaError_t launch_piece_sums(const Args& args, const StridedTensor& sums, int64_t num_pieces,
+                              cudaStream_t stream) {
+  auto kernel = piece_sum_kernel<V, kQuerySide>;
+  constexpr size_t kSmem = PieceLayout<V>::kSmemBytes;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kSmem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(args.num_heads), static_cast<unsigned>(num_pieces));
+  kernel<<<grid, kThreads, kSmem, stream>>>(args, sums);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scan_pieces(const StridedTensor& first_state, const int64_t* first_piece,
+                               const StridedTensor& piece_sums, const StridedTensor& entering,
+                               const StridedTensor& last, bool reverse, int64_t num_sequences,
+                               int64_t num_heads, int rows, int cols, cudaStream_t stream) {
+  constexpr int kScanThreads = 256;
+  const dim3 grid(static_cast<unsigned>((int64_t{rows} * cols + kScanThreads - 1) / kScanThreads),
+                  static_cast<unsigned>(num_heads), static_cast<unsigned>(num_sequences));
+  scan_pieces_kernel<<<grid, kScanThreads, 0, stream>>>(first_state, first_piece, piece_sums,
+                                                        entering, last, reverse, rows, cols);
+  return cudaGetLastError();
+}
+
+template cudaError_t launch_piece_sums<64, false>(const Args&, const StridedTensor&, int64_t,
+                                                  cudaStream_t);
+template cudaError_t launch_piece_sums<64, true>(const Args&, const StridedTensor&, int64_t,
+                                                 cudaStream_t);
+template cudaError_t launch_piece_sums<128, false>(const Args&, const StridedTensor&, int64_t,
+                                                   cudaStream_t);
+template cudaError_t launch_piece_sums<128, true>(const Args&, const StridedTensor&, int64_t,
+                                                  cudaStream_t);
 template cudaError_t launch_chunked_backward<64>(const Args&, int64_t, cudaStream_t);
 template cudaError_t launch_chunked_backward<128>(const Args&, int64_t, cudaStream_t);
 template cudaError_t launch_chunked_forward<64, true, false, false>(const Args&, int64_t,

@@ -520,12 +520,49 @@ bool chunked_form_chosen(const BasedParams& p) {
   return chunked_form_runs(p) && (longest_sequence(p.sequences) >= kChunkedFrom || has_states(p));
 }
 
+// A chunked-form call with too few (sequence, head) blocks to fill the GPU (one block per SM)
+// runs its sequences cut into pieces (chunk_split.cu's policy; FLASHLIN_CUDA_SPLIT=0 turns it
+// off). Based has no decay, so the state entering piece j is the initial state plus the pieces
+// before it, each piece's own sum computed from a zero state; likewise backward in reverse:
+//   forward:  F_j = sum_{piece j} phi_k [v | 1]^T; S_in(j) = S_0 + sum_{i < j} F_i; the forward
+//             over the pieces from S_in(j); final_state = S_0 + sum F
+//   backward: S_in(j) as above; the prologue and the queries' walk over the pieces from S_in(j);
+//             E_j = sum_{piece j} phi_q [g | e]^T; dS_out(j) = dS_T + sum_{i > j} E_i; the keys'
+//             walk over the pieces from dS_out(j); d_initial_state = dS_T + sum E
+constexpr int64_t kMinPiece = 1024;
+bool plan_based_split(const BasedParams& p, SplitPlan* plan) {
+  return plan_pieces(p.sequences, static_cast<int64_t>(p.sequences.size()) * p.num_heads,
+                     multiprocessors(p.exec.device_id), kMinPiece, plan);
+}
+struct SplitLayout {
+  size_t table = 0, first_piece = 0, sums = 0, entering = 0, total = 0;
+};
+SplitLayout split_layout(const BasedParams& p, const SplitPlan& plan) {
+  const size_t pieces = plan.pieces.size();
+  const size_t states =
+      align_up(pieces * static_cast<size_t>(p.num_heads * p.num_features() * (p.value_dim + 1)) *
+               sizeof(float));
+  SplitLayout l;
+  l.first_piece = l.table + align_up(pieces * sizeof(SequenceSpan));
+  l.sums = l.first_piece + align_up(plan.first_piece.size() * sizeof(int64_t));
+  l.entering = l.sums + states;
+  l.total = l.entering + states;
+  return l;
+}
+StridedTensor piece_states(char* data, const BasedParams& p) {
+  return compact(data, Storage::kFloat32, p.num_heads, p.num_features(), p.value_dim + 1);
+}
+
 template <typename Elem, int V, bool kNorm>
 void run(const BasedParams& p, bool backward) {
   const cudaStream_t stream = static_cast<cudaStream_t>(p.exec.stream);
   const size_t table = table_bytes(p.sequences, p.batch, p.time);
   const size_t grads = backward ? gradient_scratch_bytes(p) : 0;
-  Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, table + grads, stream);
+  const bool chunked = chunked_form_chosen(p);
+  SplitPlan plan;
+  const bool split = chunked && plan_based_split(p, &plan);
+  const SplitLayout layout = split ? split_layout(p, plan) : SplitLayout{};
+  Scratch scratch(p.exec.workspace, p.exec.workspace_bytes, table + grads + layout.total, stream);
   Args args{};
   args.q = p.q, args.k = p.k, args.v = p.v, args.o = p.o, args.d_o = p.d_o;
   args.dq = p.dq, args.dk = p.dk, args.dv = p.dv;
@@ -535,11 +572,38 @@ void run(const BasedParams& p, bool backward) {
   args.s0 = p.initial_state, args.s_final = p.final_state;
   args.d_s_final = p.d_final_state, args.d_s0 = p.d_initial_state;
   args.sequences = upload_sequences(p.sequences, p.batch, p.time, scratch.base(), stream);
+  auto num_sequences = static_cast<int64_t>(p.sequences.size());
+
+  // Split: the pieces become the sequences, entering from S_in(j) (no state leaves them).
+  char* split_base = scratch.base() + table + grads;
+  const StridedTensor piece_sums = piece_states(split_base + layout.sums, p);
+  const StridedTensor entering = piece_states(split_base + layout.entering, p);
+  const auto* first_piece = reinterpret_cast<const int64_t*>(split_base + layout.first_piece);
+  const int rows = static_cast<int>(p.num_features()), cols = static_cast<int>(p.value_dim + 1);
+  if (split) {
+    check_cuda(
+        cudaMemcpyAsync(split_base + layout.first_piece, plan.first_piece.data(),
+                        plan.first_piece.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream),
+        "the Based piece table");
+    Args pieces = args;
+    pieces.sequences =
+        upload_sequences(plan.pieces, p.batch, p.time, split_base + layout.table, stream);
+    check_cuda(based_tc::launch_piece_sums<V, false>(
+                   pieces, piece_sums, static_cast<int64_t>(plan.pieces.size()), stream),
+               "the Based pieces' state sums");
+    check_cuda(based_tc::launch_scan_pieces(p.initial_state, first_piece, piece_sums, entering,
+                                            backward ? StridedTensor{} : p.final_state, false,
+                                            num_sequences, p.num_heads, rows, cols, stream),
+               "the Based pieces' entering states");
+    pieces.s0 = entering;
+    pieces.s_final = pieces.d_s_final = pieces.d_s0 = StridedTensor{};
+    args = pieces;
+    num_sequences = static_cast<int64_t>(plan.pieces.size());
+  }
+
   using Sh = Shape<V>;
-  const bool chunked = chunked_form_chosen(p);
-  const auto num_sequences = static_cast<int64_t>(p.sequences.size());
   if (!backward) {
-    if (chunked && p.final_state.present)
+    if (chunked && args.s_final.present)
       check_cuda(
           based_tc::launch_chunked_forward<V, kNorm, false, true>(args, num_sequences, stream),
           "the Based tensor-core chunked forward");
@@ -570,6 +634,28 @@ void run(const BasedParams& p, bool backward) {
     else
       launch(forward_kernel<Elem, V, true, true>, Sh::kForwardSmem, kQueryTile, p, args, stream,
              "the Based tensor-core gradient prologue");
+  }
+  if (split) {
+    // The queries' walk from S_in(j); then E_j, dS_out(j) (into the entering states' buffer,
+    // which nothing reads any more) and the keys' walk from dS_out(j).
+    Args queries = args;
+    queries.dk = queries.dv = StridedTensor{};
+    check_cuda(based_tc::launch_chunked_backward<V>(queries, num_sequences, stream),
+               "the Based tensor-core chunked backward (queries)");
+    if (!(p.dk.present || p.dv.present || p.d_initial_state.present)) return;
+    check_cuda(based_tc::launch_piece_sums<V, true>(args, piece_sums, num_sequences, stream),
+               "the Based pieces' gradient sums");
+    check_cuda(based_tc::launch_scan_pieces(
+                   p.d_final_state, first_piece, piece_sums, entering, p.d_initial_state, true,
+                   static_cast<int64_t>(p.sequences.size()), p.num_heads, rows, cols, stream),
+               "the Based pieces' leaving gradients");
+    Args keys = args;
+    keys.dq = StridedTensor{};
+    keys.s0 = StridedTensor{};
+    keys.d_s_final = entering;
+    check_cuda(based_tc::launch_chunked_backward<V>(keys, num_sequences, stream),
+               "the Based tensor-core chunked backward (keys)");
+    return;
   }
   if (chunked) {
     check_cuda(based_tc::launch_chunked_backward<V>(args, num_sequences, stream),
@@ -618,7 +704,11 @@ bool based_tc_supports(const BasedParams& p, bool backward) {
 }
 
 size_t based_tc_workspace_bytes(const BasedParams& p, bool backward) {
-  return table_bytes(p.sequences, p.batch, p.time) + (backward ? gradient_scratch_bytes(p) : 0);
+  SplitPlan plan;
+  const size_t split =
+      chunked_form_chosen(p) && plan_based_split(p, &plan) ? split_layout(p, plan).total : 0;
+  return table_bytes(p.sequences, p.batch, p.time) + (backward ? gradient_scratch_bytes(p) : 0) +
+         split;
 }
 
 void based_tc_forward(const BasedParams& p) {

@@ -80,6 +80,18 @@ cudaError_t launch_chunked_forward(const Args& args, int64_t num_sequences, cuda
 template <int V>
 cudaError_t launch_chunked_backward(const Args& args, int64_t num_sequences, cudaStream_t stream);
 
+// A sequence split into pieces (args.sequences: the pieces): each piece's own state sum into
+// `sums` ([pieces, H, 273, V + 1] float32): sum phi_k [v | 1]^T (forward) or, kQuerySide,
+// sum phi_q [g | e]^T (backward); then, per sequence, the state entering each piece
+// (scan_pieces: in order from first_state, or reversed for the backward) and past the last one.
+template <int V, bool kQuerySide>
+cudaError_t launch_piece_sums(const Args& args, const StridedTensor& sums, int64_t num_pieces,
+                              cudaStream_t stream);
+cudaError_t launch_scan_pieces(const StridedTensor& first_state, const int64_t* first_piece,
+                               const StridedTensor& piece_sums, const StridedTensor& entering,
+                               const StridedTensor& last, bool reverse, int64_t num_sequences,
+                               int64_t num_heads, int rows, int cols, cudaStream_t stream);
+
 }  // namespace flashlin::cuda::based_tc
 
 #endif  // FLASHLIN_SRC_CUDA_BASED_TC_COMMON_CUH_

@@ -151,6 +151,12 @@ struct SplitPlan {
   std::vector<int64_t> first_piece;  // N + 1: pieces of sequence n are [first[n], first[n+1])
 };
 bool plan_split(const RecurrenceParams& p, bool backward, SplitPlan* plan);  // false: unsplit
+// The policy behind plan_split, for any kernel family: `blocks` thread blocks unsplit, `wanted`
+// to fill the GPU; pieces of whole chunks, at least min_piece tokens. False: no split (enough
+// blocks, short sequences, or FLASHLIN_CUDA_SPLIT=0/off).
+bool plan_pieces(const std::vector<SequenceSpan>& sequences, int64_t blocks, int64_t wanted,
+                 int64_t min_piece, SplitPlan* plan);
+int multiprocessors(int device);  // 0 when the device cannot say
 size_t split_workspace_bytes(const RecurrenceParams& p, bool backward, const SplitPlan& plan);
 cudaError_t chunk_tc_forward_split(const RecurrenceParams& p, const LaunchContext& ctx,
                                    const SplitPlan& plan, ChunkArgs args);

@@ -33,6 +33,7 @@
 #include "cuda/chunk.cuh"
 #include "cuda/chunk_bwd.cuh"
 #include "cuda/common.cuh"
+#include "cuda/host.cuh"
 
 namespace flashlin::cuda {
 namespace {
@@ -42,20 +43,6 @@ constexpr int64_t kMinPiece = 1024;      // below this the two passes cost more 
 constexpr int kForwardBlocksPerSm = 2;   // the per-key forward runs two blocks per SM
 constexpr int kBackwardBlocksPerSm = 1;  // 8 warps and a whole K x V state per block
 constexpr int kScanThreads = 256;
-
-bool split_disabled() {
-  const char* value = std::getenv("FLASHLIN_CUDA_SPLIT");
-  return value && (std::strcmp(value, "off") == 0 || std::strcmp(value, "0") == 0);
-}
-
-int multiprocessors(int device) {
-  int count = 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;  // no split (the call itself reports a broken device)
-  }
-  return count;
-}
 
 struct PieceLayout {
   size_t table = 0, first_piece = 0, gate_totals = 0;
@@ -176,22 +163,32 @@ __global__ void gather_final_states(const float* piece_final, const int64_t* fir
 
 }  // namespace
 
-bool plan_split(const RecurrenceParams& p, bool backward, SplitPlan* plan) {
-  if (p.reverse || p.sequences.empty() || p.num_heads == 0 || split_disabled()) return false;
-  const int64_t blocks = static_cast<int64_t>(p.sequences.size()) * p.num_heads *
-                         (backward ? 1 : p.value_dim / chunk_tc::kValueTile);
-  const int64_t wanted =
-      int64_t{backward ? kBackwardBlocksPerSm : kForwardBlocksPerSm} * multiprocessors(p.device_id);
-  if (blocks <= 0 || blocks >= wanted) return false;
-  const int64_t longest = p.max_sequence_length();
+bool split_disabled() {
+  const char* value = std::getenv("FLASHLIN_CUDA_SPLIT");
+  return value && (std::strcmp(value, "off") == 0 || std::strcmp(value, "0") == 0);
+}
+
+int multiprocessors(int device) {
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;  // no split (the call itself reports a broken device)
+  }
+  return count;
+}
+
+bool plan_pieces(const std::vector<SequenceSpan>& sequences, int64_t blocks, int64_t wanted,
+                 int64_t min_piece, SplitPlan* plan) {
+  if (sequences.empty() || split_disabled() || blocks <= 0 || blocks >= wanted) return false;
+  const int64_t longest = longest_sequence(sequences);
   const int64_t splits = (wanted + blocks - 1) / blocks;
   int64_t piece = (longest + splits - 1) / splits;
-  piece = std::max(kMinPiece, (piece + kPieceAlign - 1) / kPieceAlign * kPieceAlign);
+  piece = std::max(min_piece, (piece + kPieceAlign - 1) / kPieceAlign * kPieceAlign);
   if (piece >= longest) return false;
   plan->piece_length = piece;
   plan->pieces.clear();
   plan->first_piece.assign(1, 0);
-  for (const SequenceSpan& seq : p.sequences) {
+  for (const SequenceSpan& seq : sequences) {
     int64_t done = 0;
     do {  // a sequence of no tokens is one empty piece (its final state is its initial state)
       SequenceSpan span;
@@ -204,6 +201,15 @@ bool plan_split(const RecurrenceParams& p, bool backward, SplitPlan* plan) {
     plan->first_piece.push_back(static_cast<int64_t>(plan->pieces.size()));
   }
   return true;
+}
+
+bool plan_split(const RecurrenceParams& p, bool backward, SplitPlan* plan) {
+  if (p.reverse || p.num_heads == 0) return false;
+  const int64_t blocks = static_cast<int64_t>(p.sequences.size()) * p.num_heads *
+                         (backward ? 1 : p.value_dim / chunk_tc::kValueTile);
+  const int64_t wanted =
+      int64_t{backward ? kBackwardBlocksPerSm : kForwardBlocksPerSm} * multiprocessors(p.device_id);
+  return plan_pieces(p.sequences, blocks, wanted, kMinPiece, plan);
 }
 
 size_t split_workspace_bytes(const RecurrenceParams& p, bool backward, const SplitPlan& plan) {

@@ -336,6 +336,36 @@ def test_tensor_core_chunked_form_with_states(V, use_norm, T, cu_seqlens):
                use_norm=use_norm, with_state=True, final_state=True, cu_seqlens=cu_seqlens)
 
 
+# Few (sequence, head) blocks: sequences longer than a piece (1024 tokens or more) are cut into
+# pieces run by separate blocks, the state entering each piece summed from the pieces before it
+# (and the gradient leaving it from those after it).
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("use_norm", [True, False])
+def test_tensor_core_split_sequences(use_norm):
+    # lengths 300 (one piece), 0 (one empty piece), 2700 (three pieces, the last one partial)
+    check_case("chunk", "cuda", torch.bfloat16, 1, 3000, 2, 16, 64, use_norm=use_norm,
+               with_state=True, final_state=True, cu_seqlens=[0, 300, 300, 3000])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
+def test_tensor_core_split_equals_unsplit(monkeypatch):
+    torch.manual_seed(5)
+    q, k = (torch.randn(1, 2500, 2, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, 2500, 2, 128, device="cuda", dtype=torch.bfloat16)
+    s0 = torch.randn(1, 2, num_features(16), 129, device="cuda") * 0.1
+    s0[..., -1] = s0[..., -1].abs()
+    do = torch.randn_like(v)
+    results = []
+    for split in ("1", "0"):
+        monkeypatch.setenv("FLASHLIN_CUDA_SPLIT", split)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, s0)]
+        o, s = fused_chunk_based(*leaves[:3], initial_state=leaves[3], output_final_state=True)
+        ds = torch.randn(s.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+        results.append([o, s] + list(torch.autograd.grad((o, s), leaves, (do, ds))))
+    for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "d_initial_state"], *results):
+        assert rel_err(a, b) <= 2e-3, f"{name}: split and unsplit differ by {rel_err(a, b):.3g}"
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
 def test_tensor_core_prefill_then_decode_bfloat16():
     """The chunked tensor-core form's final state continues in the recurrent kernels as one call
