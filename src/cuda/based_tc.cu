@@ -585,19 +585,20 @@ void run(const BasedParams& p, bool backward) {
         cudaMemcpyAsync(split_base + layout.first_piece, plan.first_piece.data(),
                         plan.first_piece.size() * sizeof(int64_t), cudaMemcpyHostToDevice, stream),
         "the Based piece table");
-    Args pieces = args;
-    pieces.sequences =
+    args.sequences =
         upload_sequences(plan.pieces, p.batch, p.time, split_base + layout.table, stream);
-    check_cuda(based_tc::launch_piece_sums<V, false>(
-                   pieces, piece_sums, static_cast<int64_t>(plan.pieces.size()), stream),
-               "the Based pieces' state sums");
-    check_cuda(based_tc::launch_scan_pieces(p.initial_state, first_piece, piece_sums, entering,
-                                            backward ? StridedTensor{} : p.final_state, false,
-                                            num_sequences, p.num_heads, rows, cols, stream),
-               "the Based pieces' entering states");
-    pieces.s0 = entering;
-    pieces.s_final = pieces.d_s_final = pieces.d_s0 = StridedTensor{};
-    args = pieces;
+    args.s0 = entering;
+    args.s_final = args.d_s_final = args.d_s0 = StridedTensor{};
+    // The states entering the pieces, read by the forward, the prologue and the queries' walk.
+    if (!backward || kNorm || p.dq.present) {
+      check_cuda(based_tc::launch_piece_sums<V, false>(
+                     args, piece_sums, static_cast<int64_t>(plan.pieces.size()), stream),
+                 "the Based pieces' state sums");
+      check_cuda(based_tc::launch_scan_pieces(p.initial_state, first_piece, piece_sums, entering,
+                                              backward ? StridedTensor{} : p.final_state, false,
+                                              num_sequences, p.num_heads, rows, cols, stream),
+                 "the Based pieces' entering states");
+    }
     num_sequences = static_cast<int64_t>(plan.pieces.size());
   }
 

@@ -38,7 +38,7 @@
 namespace flashlin::cuda {
 namespace {
 
-constexpr int64_t kPieceAlign = 64;      // whole chunks
+constexpr int64_t kPieceAlign = 64;      // whole chunks (of the core kernels and of Based's)
 constexpr int64_t kMinPiece = 1024;      // below this the two passes cost more than they gain
 constexpr int kForwardBlocksPerSm = 2;   // the per-key forward runs two blocks per SM
 constexpr int kBackwardBlocksPerSm = 1;  // 8 warps and a whole K x V state per block
@@ -163,10 +163,12 @@ __global__ void gather_final_states(const float* piece_final, const int64_t* fir
 
 }  // namespace
 
+namespace {
 bool split_disabled() {
   const char* value = std::getenv("FLASHLIN_CUDA_SPLIT");
   return value && (std::strcmp(value, "off") == 0 || std::strcmp(value, "0") == 0);
 }
+}  // namespace
 
 int multiprocessors(int device) {
   int count = 0;

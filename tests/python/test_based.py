@@ -4,6 +4,7 @@ w_ij = 1 + s + s^2/2 (s = scale q_i.k_j) for the tokens of the call, plus the ex
 features phi(x) = [1, x, vec(x x^T)/sqrt(2)] for the initial state and the final state
 S = S_0 + sum_j phi(k_j) [v_j, 1]^T. Every output and every gradient is compared with the
 reference's float64 autograd (relative L2, DESIGN.md §5), on the CPU and (when present) CUDA."""
+import functools
 import math
 
 import pytest
@@ -415,18 +416,21 @@ def test_all_sequences_empty(device, op_name):
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build")
 @pytest.mark.parametrize("wanted", ["q", "k", "v", "kv"])
-def test_tensor_core_partial_gradients(wanted):
-    """Gradients of some inputs only (one walk of the chunked backward, or dk without dv): the
-    same bits as when all three are wanted."""
+@pytest.mark.parametrize("T,use_norm", [(300, True), (2500, True), (2500, False)])
+def test_tensor_core_partial_gradients(wanted, T, use_norm):
+    """Gradients of some inputs only (one walk of the chunked backward, or dk without dv; at
+    T = 2500 with the sequences split across blocks): the same bits as when all three are
+    wanted."""
     torch.manual_seed(1)
-    q, k = (torch.randn(2, 300, 2, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(2, 300, 2, 128, device="cuda", dtype=torch.bfloat16)
+    q, k = (torch.randn(2, T, 2, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(2, T, 2, 128, device="cuda", dtype=torch.bfloat16)
     do = torch.randn_like(v)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    full = dict(zip("qkv", torch.autograd.grad(parallel_based(*leaves), leaves, do)))
+    op = functools.partial(parallel_based, use_norm=use_norm)
+    full = dict(zip("qkv", torch.autograd.grad(op(*leaves), leaves, do)))
     some = {name: t.detach().requires_grad_(name in wanted) for name, t in zip("qkv", (q, k, v))}
     names = [name for name in "qkv" if name in wanted]
-    part = torch.autograd.grad(parallel_based(*some.values()), [some[n] for n in names], do)
+    part = torch.autograd.grad(op(*some.values()), [some[n] for n in names], do)
     for name, grad in zip(names, part):
         assert torch.equal(grad, full[name]), f"d{name} differs"
 
