@@ -9,7 +9,7 @@
 //   phi_q(q_i) . phi_k(k_j) = 1 + c q.k + (c q.k)^2 / 2 = w_ij
 // (the square's cross terms x_i x_j = x_j x_i are one feature with twice the weight: 153 features
 // instead of the 273 of DESIGN.md's map, 10 k-steps of 16 instead of 18). With chunks of 64
-// tokens n = 0, 1, ... and S_{-1} = 0:
+// tokens n = 0, 1, ... and S_{-1} = 0 (or the initial state):
 //   [num | den]_i = phi_q(q_i) S_{n-1} + sum_{j in chunk n, j <= i} w_ij [v_j | 1]
 //   S_n = S_{n-1} + phi_k(K_n)^T [V_n | 1]          (160 x (V + 1): values and the normaliser)
 //   o_i = num_i / (den_i + 1e-6) (use_norm), num_i (otherwise).
@@ -132,6 +132,21 @@ __device__ __forceinline__ void load_vector(float (&x)[18], const Elem* row, flo
     }
   }
   x[16] = one, x[17] = 0.f;
+}
+
+// The features of this thread's part (t / 64) of its token (t % 64) of a chunk's [token][16]
+// tile into [token][feature] rows (with kSplit also their rounding residuals into phi_lo). Key
+// side: x_16 = 0 past the sequence's end, so a zero-filled token has no constant feature either;
+// query side: x_16 = 1 (a query past the end meets zero g and e, or is not written).
+template <bool kQuery, bool kSplit = false>
+__device__ __forceinline__ void chunk_features(Elem* phi, const Elem* x_tile, int64_t chunk_first,
+                                               int64_t length, const float (&query_coef)[5],
+                                               Elem* phi_lo = nullptr) {
+  const int token = threadIdx.x % kChunk, part = threadIdx.x / kChunk;
+  float x[18];
+  load_vector(x, x_tile + token * kDStride, kQuery || chunk_first + token < length ? 1.f : 0.f);
+  write_feature_part<kQuery, kSplit>(part, phi + token * kFStride, x, query_coef,
+                                     kSplit ? phi_lo + token * kFStride : nullptr);
 }
 
 template <int V, bool kGradPrologue, bool kFinal>
@@ -390,14 +405,8 @@ __global__ void __launch_bounds__(kThreads, 1) chunked_forward_kernel(const Args
     const int64_t first = int64_t{n} * kChunk;
 
     {  // features of the chunk's tokens
-      const int token = threadIdx.x % kChunk, part = threadIdx.x / kChunk;
-      float x[18];
-      load_vector(x, q_n + token * kDStride, 1.f);
-      write_feature_part<true>(part, phi_q + token * kFStride, x, query_coef);
-      // A token past the end has k = 0 (zero-filled); its constant feature must be 0 as well.
-      load_vector(x, k_n + token * kDStride, first + token < seq.length ? 1.f : 0.f);
-      write_feature_part<false, kFinal>(part, phi_k + token * kFStride, x, query_coef,
-                                        phi_k_lo + token * kFStride);
+      chunk_features<true>(phi_q, q_n, first, seq.length, query_coef);
+      chunk_features<false, kFinal>(phi_k, k_n, first, seq.length, query_coef, phi_k_lo);
     }
     __syncthreads();
 
@@ -632,17 +641,11 @@ __global__ void __launch_bounds__(kThreads, 1) gradient_walk_kernel(const Args a
     const int64_t first = int64_t{n} * kChunk;
 
     {  // features: the partners' (for the update) and, for keys, the rows' (for dv)
-      const int token = threadIdx.x % kChunk, part = threadIdx.x / kChunk;
-      const float key_one = first + token < seq.length ? 1.f : 0.f;
-      float x[18];
       if constexpr (kKeyRows) {
-        load_vector(x, q_n + token * kDStride, 1.f);
-        write_feature_part<true>(part, phi_partner + token * kFStride, x, query_coef);
-        load_vector(x, k_n + token * kDStride, key_one);
-        write_feature_part<false>(part, phi_rows + token * kFStride, x, query_coef);
+        chunk_features<true>(phi_partner, q_n, first, seq.length, query_coef);
+        chunk_features<false>(phi_rows, k_n, first, seq.length, query_coef);
       } else {
-        load_vector(x, k_n + token * kDStride, key_one);
-        write_feature_part<false>(part, phi_partner + token * kFStride, x, query_coef);
+        chunk_features<false>(phi_partner, k_n, first, seq.length, query_coef);
       }
     }
     __syncthreads();
@@ -852,15 +855,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const Elem* x_n = reinterpret_cast<const Elem*>(base);
     const Elem* y_n = reinterpret_cast<const Elem*>(base + L::kXBytes);
     const float* e_n = reinterpret_cast<const float*>(base + L::kXBytes + L::kYBytes);
-    {
-      const int token = threadIdx.x % kChunk, part = threadIdx.x / kChunk;
-      // Keys past the end: a zero constant feature too; queries past the end meet g = e = 0.
-      const float one = kQuerySide || int64_t{n} * kChunk + token < seq.length ? 1.f : 0.f;
-      float x[18];
-      load_vector(x, x_n + token * kDStride, one);
-      write_feature_part<kQuerySide, true>(part, phi + token * kFStride, x, query_coef,
-                                           phi_lo + token * kFStride);
-    }
+    chunk_features<kQuerySide, true>(phi, x_n, int64_t{n} * kChunk, seq.length, query_coef, phi_lo);
     __syncthreads();
     state.template accumulate<true>(phi, y_n, kQuerySide ? e_n : nullptr, phi_lo);
   }
