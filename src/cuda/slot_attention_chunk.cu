@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/backend.hpp"
@@ -62,7 +63,7 @@ size_t token_bytes(const SlotAttentionParams& p, Storage dtype) {
 // calls_of says which buffer holds what when). ABC adds its
 // writes (input type) and gates (float32), and backward the running z_t and the gradients of
 // the writes and gates (float32: ABC's chain through z sums them over the whole sequence). The
-// core calls' own workspace follows.
+// core calls' own workspace follows. The sizes do not depend on which backward runs.
 struct Buffers {
   StridedTensor scores, probs, dp, dscores, ds_part, dg_part;
   StridedTensor write, gate, running_z, d_write, d_gate;  // ABC
@@ -70,6 +71,30 @@ struct Buffers {
   char* core = nullptr;
   size_t core_bytes = 0;
 };
+
+// Whether the backward's slot gradients come from one walk after the core calls
+// (slot_attention_grad.cu) instead of the core calls' gate-gradient kernels, the sums of their
+// parts and ABC's piece walks. Not with d final_hk or d final_hv (their term of dg needs the
+// final states, which the core calls' own dg kernels have); FLASHLIN_SLOT_GRAD_WALK=0 keeps the
+// kernels per call (to compare the two).
+bool gradient_walk(const SlotAttentionParams& p) {
+  const char* value = std::getenv("FLASHLIN_SLOT_GRAD_WALK");
+  if (value != nullptr && value[0] == '0' && value[1] == '\0') return false;
+  if (p.d_final_hk.present || p.d_final_hv.present ||
+      !slot_grad_supports(p.q.dtype, p.num_slots, p.kind == SlotKind::kAbc, p.s, p.g, p.ds, p.dg))
+    return false;
+  // Where the core backward splits sequences across thread blocks (too few (sequence, head)
+  // pairs for the GPU), it runs the mma.sync kernels, whose own dg holds tighter over long
+  // sequences than the identity of the passes and the walk (GSA's dg at T = 2100, bf16: 0.021
+  // against 0.053 relative to the float64 reference): keep them there.
+  RecurrenceParams shape;
+  shape.sequences = p.sequences;
+  shape.num_heads = p.num_heads;
+  shape.value_dim = p.value_dim;
+  shape.device_id = p.exec.device_id;
+  SplitPlan plan;
+  return !plan_split(shape, true, &plan);
+}
 
 // ABC's piece-level scratch holds this many pieces of kPiece tokens per sequence (at least 1).
 int64_t pieces_per_sequence(const SlotAttentionParams& p) {
@@ -206,26 +231,30 @@ Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
   // in ABC's d_write or, for GSA, in ds_part; pass 1's dk in the dp buffer, free once the
   // softmax's backward has read it, and its dq (only for dg) is the scores buffer as the sweep
   // left it. ds is then summed from the two parts (Run::add).
+  // With the gradient walk (gradient_walk) the core calls leave dg to it: pass 1's dk goes to
+  // GSA's dg_part or ABC's d_gate buffer instead, and dp keeps p * dp for it (Run::softmax).
   const bool slot_grads = slots.d_write.present || slots.d_gate.present;
   const bool gsa = p.kind == SlotKind::kGsa;
+  const bool walk = gradient_walk(p);
   c.values_grad = values_pass();
   c.values_grad.d_o = p.d_o;
   c.values_grad.d_final_state = p.d_final_hv;
   c.values_grad.dq = b.dp;
   c.values_grad.dk = !slot_grads ? StridedTensor{} : gsa ? b.ds_part : slots.d_write;
   c.values_grad.dv = p.dv;
-  c.values_grad.dg = slots.d_gate;
+  c.values_grad.dg = walk ? StridedTensor{} : slots.d_gate;
   c.values_grad.d_initial_state = p.d_initial_hv;
   c.queries_grad = keys_pass(b.dscores);
   c.queries_grad.o = p.dq;
   c.keys_grad = keys_pass(b.dscores);
   c.keys_grad.d_o = p.q;
   c.keys_grad.d_final_state = transposed_state(p.d_final_hk);
-  c.keys_grad.dq = slots.d_gate.present ? b.scores : StridedTensor{};
+  const bool core_dg = slots.d_gate.present && !walk;
+  c.keys_grad.dq = core_dg ? b.scores : StridedTensor{};
   c.keys_grad.dq_given = true;  // the sweep's scores (where not recomputed, the same values)
-  c.keys_grad.dk = slot_grads ? b.dp : StridedTensor{};
+  c.keys_grad.dk = !slot_grads ? StridedTensor{} : !walk ? b.dp : gsa ? b.dg_part : b.d_gate;
   c.keys_grad.dv = p.dk;
-  c.keys_grad.dg = slots.d_gate.present ? b.dg_part : StridedTensor{};
+  c.keys_grad.dg = core_dg ? b.dg_part : StridedTensor{};
   c.keys_grad.d_initial_state = transposed_state(p.d_initial_hk);
   return c;
 }
@@ -257,9 +286,12 @@ __device__ __forceinline__ int64_t scratch_row_at(const SequenceSpan& span, int6
 // operand, one 8-byte store): M = 4 kLanes, the rows compact scratch (scratch_row_at). Rows of
 // tokens outside the sequences are not touched. (One warp per row, each lane a strided slot, ran
 // at 2.5x the bytes: the row arithmetic and the two-element lanes.)
+// With query_part (backward, the gradient walk), also p * dp there (in place over dp), p rounded
+// to the input type as pass 2 read it: that pass's q * dq for dg.
 template <typename Elem, bool kBackward, int kLanes>
 __global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, int64_t time,
-                                    float scale, const float* scores, const float* dp, Elem* out) {
+                                    float scale, const float* scores, const float* dp, Elem* out,
+                                    float* query_part) {
   constexpr int kSlots = 4 * kLanes, kRowsPerBlock = 256 / kLanes;
   const SequenceSpan span = sequences[blockIdx.y];
   const int64_t row = int64_t{blockIdx.x} * kRowsPerBlock + threadIdx.x / kLanes;
@@ -301,6 +333,14 @@ __global__ void slot_softmax_kernel(SequenceTable sequences, int64_t num_heads, 
     dot = row_sum(dot);
 #pragma unroll
     for (int i = 0; i < 4; ++i) y[i] = scale * x[i] * (d[i] - dot);
+    if (query_part != nullptr) {
+      float4 part;
+      part.x = to_float(from_float<Elem>(x[0])) * d[0];
+      part.y = to_float(from_float<Elem>(x[1])) * d[1];
+      part.z = to_float(from_float<Elem>(x[2])) * d[2];
+      part.w = to_float(from_float<Elem>(x[3])) * d[3];
+      *reinterpret_cast<float4*>(query_part + at) = part;
+    }
   }
   uint2 packed;
   packed.x = tile::pack<Elem>(y[0], y[1]);
@@ -347,7 +387,7 @@ dim3 rows_grid(const SlotAttentionParams& p, int64_t per_row, int64_t per_block)
 
 // ---- ABC's running log-sum-exp z, in pieces of kPiece tokens walked in parallel ----------------
 // Forward: z_t = logaddexp(z_{t-1}, s_t), write_t = exp(s_t - z_t), gate_t = z_{t-1} - z_t (write
-// 0 and gate 0 while z_t is still -inf; gate 0 also at the first write when no state enters,
+// 0 and gate -0 while z_t is still -inf; gate -0 also at the first write when no state enters,
 // abc_gates_kernel). (1) each piece's logsumexp of s; (2) per (sequence,
 // head, slot) the z entering each piece, a walk over the pieces; (3) each piece walked again
 // from its entering z. Backward, with C_t the gradient reaching z_t from later tokens (d final_z
@@ -379,7 +419,6 @@ struct PieceThread {
     last = min(first + kPiece, span.length);
     return c < at.pieces && first < span.length;
   }
-  __device__ int64_t token(int64_t t) const { return span.start + t; }
 };
 
 // logaddexp on the fast intrinsics, for the per-token walks (the accurate expf/log1pf were most of
@@ -400,7 +439,7 @@ __device__ __forceinline__ float fast_logaddexp(float a, float b) {
 // walks below load kUnroll tokens before using them, so that a thread keeps that many loads in
 // flight instead of one (a thread per column and piece is ~4 waves of the device: one load at a
 // time left the kernels latency-bound at 4-8x their bytes).
-constexpr int kUnroll = 8;
+constexpr int kUnroll = 16;
 template <typename T>
 struct Column {
   T* first;
@@ -450,6 +489,9 @@ __global__ void abc_entering_z_kernel(SequenceTable sequences, PieceIndex at,
 // gate z_{t-1} - z_t = -inf may be stored as 0 (the same products; a gate of -inf would send the
 // whole (sequence, head) to the mma.sync kernels, whose per-key scaling has no range limit). The
 // backward takes no gate gradient there (abc_walk_back), as for a gate of -inf.
+// The gates without a gradient (z_{t-1} = -inf: while empty, and the first write into a zero
+// state) are stored as -0, not +0: the same decay for the passes, and the gradient walk
+// (slot_attention_grad.cu) tells them from a true 0 (s_t = -inf after a finite z) by the sign.
 // write: the input type of q; gate and running_z float32 (Buffers).
 template <typename S, typename Write>
 __global__ void abc_gates_kernel(SequenceTable sequences, PieceIndex at, StridedTensor s,
@@ -475,7 +517,7 @@ __global__ void abc_gates_kernel(SequenceTable sequences, PieceIndex at, Strided
       const bool empty = z_new == -INFINITY;
       const bool first_write = z == -INFINITY && no_entering_state;
       writes.store(i0 + i, empty ? 0.f : __expf(x[i] - z_new));
-      gates.store(i0 + i, empty || first_write ? 0.f : z - z_new);
+      gates.store(i0 + i, empty || first_write ? -0.f : z - z_new);
       if (keep_z) z_out.store(i0 + i, z_new);
       z = z_new;
     }
@@ -612,7 +654,8 @@ struct Run {
   }
   float* piece_buffer(int i) const { return reinterpret_cast<float*>(buffers.piece[i].data); }
 
-  void abc_gates(bool backward) {
+  // backward: running z for the piece walks, or the walk's checkpoints.
+  void abc_gates(bool backward, bool walk) {
     const PieceIndex at = pieces();
     with_storage_type(p.s.dtype, [&](auto logit) {
       abc_piece_sums_kernel<decltype(logit)>
@@ -625,10 +668,10 @@ struct Run {
     check_cuda(cudaGetLastError(), "ABC's entering z");
     with_storage_type(p.s.dtype, [&](auto logit) {
       auto launch = [&](auto kernel) {
-        kernel<<<pieces_grid(), 128, 0, stream>>>(table, at, p.s, piece_buffer(1), buffers.write,
-                                                  buffers.gate,
-                                                  backward ? buffers.running_z : StridedTensor{},
-                                                  !p.initial_hk.present && !p.initial_hv.present);
+        kernel<<<pieces_grid(), 128, 0, stream>>>(
+            table, at, p.s, piece_buffer(1), buffers.write, buffers.gate,
+            backward && !walk ? buffers.running_z : StridedTensor{},
+            !p.initial_hk.present && !p.initial_hv.present);
       };
       using S = decltype(logit);
       if (buffers.write.dtype == Storage::kFloat16)
@@ -656,9 +699,30 @@ struct Run {
     check_cuda(cudaGetLastError(), "ABC's ds kernel");
   }
 
-  void softmax(bool with_grad) {
+  // The slot gradients in one walk (slot_attention_grad.cu), from the core calls' dk's (calls_of),
+  // p * dp in dp, the scores and dscores.
+  void walk_gradients() {
+    const bool abc = p.kind == SlotKind::kAbc;
+    SlotGradArgs a;
+    a.sequences = table;
+    a.num_heads = p.num_heads;
+    a.query_part = buffers.dp;
+    a.scores = buffers.scores;
+    a.dscores = buffers.dscores;
+    a.d_write_values = abc ? buffers.d_write : buffers.ds_part;
+    a.d_write_keys = abc ? buffers.d_gate : buffers.dg_part;
+    a.write = abc ? buffers.write : p.s;
+    a.gate = abc ? buffers.gate : p.g;
+    a.ds = p.ds;
+    a.dg = abc ? StridedTensor{} : p.dg;
+    a.d_final_z = p.d_final_z;
+    a.d_initial_z = p.d_initial_z;
+    check_cuda(slot_grad_launch(a, p.q.dtype, p.num_slots, abc, stream), "the slot gradient walk");
+  }
+
+  void softmax(bool with_grad, bool query_part = false) {
     const float scale = static_cast<float>(p.scale);
-    const float* dp = with_grad ? reinterpret_cast<const float*>(buffers.dp.data) : nullptr;
+    float* dp = with_grad ? reinterpret_cast<float*>(buffers.dp.data) : nullptr;
     char* out = with_grad ? buffers.dscores.data : buffers.probs.data;
     auto launch = [&](auto elem, auto backward, auto lanes) {
       using Elem = decltype(elem);
@@ -666,8 +730,8 @@ struct Run {
       slot_softmax_kernel<Elem, decltype(backward)::value, kLanes>
           <<<rows_grid(p, kLanes, 256), 256, 0, stream>>>(
               table, p.num_heads, p.time, scale,
-              reinterpret_cast<const float*>(buffers.scores.data), dp,
-              reinterpret_cast<Elem*>(out));
+              reinterpret_cast<const float*>(buffers.scores.data), dp, reinterpret_cast<Elem*>(out),
+              query_part ? dp : nullptr);
     };
     auto for_elem = [&](auto elem) {
       auto for_lanes = [&](auto lanes) {
@@ -747,7 +811,7 @@ size_t slot_chunk_workspace_bytes(const SlotAttentionParams& p, bool backward) {
 void slot_chunk_forward(const SlotAttentionParams& p) {
   DeviceGuard guard(p.exec.device_id);
   Run run(p, false);
-  if (p.kind == SlotKind::kAbc) run.abc_gates(false);
+  if (p.kind == SlotKind::kAbc) run.abc_gates(false, false);
   const Calls c = calls_of(p, run.buffers, false);
   recurrence_backward(c.sweep);
   run.softmax(false);
@@ -759,23 +823,29 @@ void slot_chunk_backward(const SlotAttentionParams& p) {
   DeviceGuard guard(p.exec.device_id);
   Run run(p, true);
   const bool abc = p.kind == SlotKind::kAbc;
-  if (abc) run.abc_gates(true);
+  const bool walk = gradient_walk(p);
+  if (abc) run.abc_gates(true, walk);
   const Calls c = calls_of(p, run.buffers, true);
   const SlotView slots = view_of(p, run.buffers);
+  const bool slot_grads = slots.d_write.present || slots.d_gate.present;
   recurrence_backward(c.sweep);
   run.softmax(false);
   recurrence_backward(c.values_grad);
-  run.softmax(true);
+  run.softmax(true, walk && slot_grads);
   if (p.dq.present) recurrence_forward(c.queries_grad);
   if (keys_grad_wanted(p, slots)) {
     recurrence_backward(c.keys_grad);
-    if (p.kind == SlotKind::kGsa)
-      run.add(slots.d_write, &run.buffers.ds_part, run.buffers.dp);  // ds = the two parts
-    else
-      run.add(slots.d_write, nullptr, run.buffers.dp);
-    run.add(slots.d_gate, nullptr, run.buffers.dg_part);
+    if (walk) {
+      if (slot_grads) run.walk_gradients();
+    } else {
+      if (p.kind == SlotKind::kGsa)
+        run.add(slots.d_write, &run.buffers.ds_part, run.buffers.dp);  // ds = the two parts
+      else
+        run.add(slots.d_write, nullptr, run.buffers.dp);
+      run.add(slots.d_gate, nullptr, run.buffers.dg_part);
+    }
   }
-  if (abc && slots.d_write.present) run.abc_gates_backward();
+  if (abc && slots.d_write.present && !walk) run.abc_gates_backward();
 }
 
 }  // namespace flashlin::cuda

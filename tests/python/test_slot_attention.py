@@ -306,6 +306,102 @@ def test_without_final_state(device, kind, mma_sync, with_state, monkeypatch):
     check_case(kind, "chunk", torch.bfloat16, "cuda", tol=2e-2, grad_tols=tols, **shape)
 
 
+# The slot gradients' walk (src/cuda/slot_attention_grad.cu) runs the tensor-core backward when
+# no gradient reaches the final hk or hv (the usual training call); FLASHLIN_SLOT_GRAD_WALK=0 keeps
+# the core calls' own gate-gradient kernels, which calls with those gradients take.
+def _walk_grads(kind, q, k, v, s, g, state, cu, d_o, d_z):
+    """Gradients of every leaf for cotangent d_o on o and (ABC, d_z not None) d_z on final z."""
+    leaves = [t for t in (q, k, v, s, g, *(state or ())) if t is not None]
+    for t in leaves:
+        t.grad = None
+    o, final = run_op(kind, "chunk", q, k, v, s, g, None, state, cu, final_state=d_z is not None)
+    outs, cots = [o], [d_o]
+    if d_z is not None:
+        outs.append(final[2])
+        cots.append(d_z)
+    torch.autograd.backward(outs, cots)
+    return [t.grad.clone() for t in leaves]
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["gsa", "abc"])
+@pytest.mark.parametrize("case", ["plain", "m128", "float16", "varlen", "extreme", "typed",
+                                  "final_z", "long", "split"])
+def test_gradient_walk(kind, case, monkeypatch):
+    """Every gradient through the walk against the float64 reference (the tensor-core path's
+    tolerances), and against the per-call kernels on the same inputs: dq, dk, dv and the initial
+    states' from the same core calls (equal), ds, dg and d initial_z the same sums in another
+    order. Cases: M = 64 and 128 (stages of 16 and 8 tokens), float16, varlen with sequences
+    ending inside and on stage edges (no state), extreme gates, ABC's float32 logits and GSA's
+    bfloat16 gates, ABC's d final_z alone (it seeds the chain), and a sequence of 2100 tokens
+    (GSA: the dense ABC reference is T x T x M) unsplit ("long": the passes and the walk; the
+    identity's dg error grows like sqrt(T): 0.020 at T = 300, 0.035 at 1000, 0.055 at 2100,
+    the per-call passes the same) and split across thread blocks ("split": the mma.sync
+    backward, where the walk is not taken: both runs the same)."""
+    if case == "final_z" and kind == "gsa":
+        pytest.skip("GSA has no z")
+    dtype = torch.float16 if case == "float16" else torch.bfloat16
+    M = 128 if case == "m128" else 64
+    T, B, H, cu, with_state = 130, 2, 2, None, True
+    if case == "m128":
+        T = 77
+    if case == "varlen":
+        cu = torch.tensor([0, 0, 1, 5, 70, 203], dtype=torch.int32, device="cuda")
+        T, B, with_state = 203, 1, False
+    if case in ("long", "split"):
+        if kind == "abc":
+            pytest.skip("the dense ABC reference is T x T x M; GSA covers the walk's length")
+        T, B, H = 2100, 1, 1
+        if case == "long":
+            monkeypatch.setenv("FLASHLIN_CUDA_SPLIT", "off")
+    N = B if cu is None else cu.numel() - 1
+    gate = "extreme" if case == "extreme" else "normal"
+    q, k, v, s, g, state = make_inputs(kind, B, T, H, 128, 128, M, N, dtype, "cuda", with_state,
+                                       gate)
+    if case == "typed":
+        if kind == "abc":
+            s = s.detach().float().requires_grad_()
+        else:
+            g = g.detach().to(dtype).requires_grad_()
+    d_o = torch.randn(v.shape, dtype=F64)
+    d_z = torch.randn(N, H, M, dtype=F64) if case == "final_z" else None
+    cuda_cot = (d_o.to(dtype).cuda(), None if d_z is None else d_z.float().cuda())
+    walk = _walk_grads(kind, q, k, v, s, g, state, cu, *cuda_cot)
+    monkeypatch.setenv("FLASHLIN_SLOT_GRAD_WALK", "0")
+    per_call = _walk_grads(kind, q, k, v, s, g, state, cu, *cuda_cot)
+    monkeypatch.delenv("FLASHLIN_SLOT_GRAD_WALK")
+
+    outs, ref_leaves, ref_state = run_reference(kind, q, k, v, s, g, None, state, cu)
+    ref_outs, ref_cots = [outs[0]], [d_o]
+    if d_z is not None:
+        ref_outs.append(outs[3])
+        ref_cots.append(d_z)
+    torch.autograd.backward(ref_outs, ref_cots)
+    names = [n for n, t in zip("q k v s g".split(), (q, k, v, s, g)) if t is not None]
+    names += ["hk0", "hv0", "z0"][:len(state or ())]
+    refs = [r.grad if r.grad is not None else torch.zeros_like(r)
+            for r in [t for t in ref_leaves if t is not None] + list(ref_state or ())]
+    tols = dict(ABC_TC_GRAD_TOLS if kind == "abc" else GSA_TC_GRAD_TOLS)
+    if case == "long":
+        tols["g"] = 7e-2
+    if case == "extreme" and kind == "abc":
+        tols["z0"] = None  # bounded by its terms, not by d initial_z (test_tensor_core_path_cases)
+    for name, got, other, ref in zip(names, walk, per_call, refs):
+        assert torch.isfinite(got).all(), name
+        limit = tols.get(name, TC_TOL[dtype])
+        if limit is not None and ref.norm() > 0:
+            assert rel_err(got, ref) <= limit, f"d{name}: {rel_err(got, ref):.3g}"
+        if case == "split":
+            assert torch.equal(got, other), f"d{name}: the walk ran on a split call"
+        elif name in ("g", "z0") or (name == "s" and kind == "abc"):  # through the gate sums
+            if limit is not None:
+                assert rel_err(got, other) <= limit, f"d{name} walk vs per call: {rel_err(got, other):.3g}"
+        elif name == "s":  # GSA: dw_1 + dw_2, the same float32 sum
+            assert torch.equal(got, other), "ds: walk vs per call"
+        else:
+            assert torch.equal(got, other), f"d{name}: the walk changed the core calls"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["gsa", "abc"])
 def test_all_sequences_empty(device, kind):
