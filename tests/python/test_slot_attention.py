@@ -329,7 +329,7 @@ def _walk_grads(kind, q, k, v, s, g, state, cu, d_o, d_z):
                                   "final_z", "long", "split"])
 def test_gradient_walk(kind, case, monkeypatch):
     """Every gradient through the walk against the float64 reference (the tensor-core path's
-    tolerances), and against the per-call kernels on the same inputs: dq, dk, dv and the initial
+    tolerances), bitwise repeatable (fixed orders, no atomics), and against the per-call kernels on the same inputs: dq, dk, dv and the initial
     states' from the same core calls (equal), ds, dg and d initial_z the same sums in another
     order. Cases: M = 64 and 128 (stages of 16 and 8 tokens), float16, varlen with sequences
     ending inside and on stage edges (no state), extreme gates, ABC's float32 logits and GSA's
@@ -367,6 +367,8 @@ def test_gradient_walk(kind, case, monkeypatch):
     d_z = torch.randn(N, H, M, dtype=F64) if case == "final_z" else None
     cuda_cot = (d_o.to(dtype).cuda(), None if d_z is None else d_z.float().cuda())
     walk = _walk_grads(kind, q, k, v, s, g, state, cu, *cuda_cot)
+    again = _walk_grads(kind, q, k, v, s, g, state, cu, *cuda_cot)
+    assert all(torch.equal(x, y) for x, y in zip(walk, again)), "not bitwise repeatable"
     monkeypatch.setenv("FLASHLIN_SLOT_GRAD_WALK", "0")
     per_call = _walk_grads(kind, q, k, v, s, g, state, cu, *cuda_cot)
     monkeypatch.delenv("FLASHLIN_SLOT_GRAD_WALK")
