@@ -61,7 +61,10 @@ size_t token_bytes(const SlotAttentionParams& p, Storage dtype) {
 // The scratch of a call: float32 scores, their softmax in the input type, and for the backward
 // dp (float32), dscores (input type), GSA's pass-2 part of ds and pass 1's part of dg (float32;
 // calls_of says which buffer holds what when). ABC adds its
-// writes (input type) and gates (float32), and backward the running z_t and the gradients of
+// writes (input type) and gates (float16: relative 2^-11 for the passes, which read them ~9
+// times a step; bfloat16's 2^-9 would reach ABC's ds through the walk's w = 1 - e^g; float32 cost
+// 0.2 ms of the passes' reads at B = 8, H = 32, T = 4096, M = 64), and backward the running z_t
+// and the gradients of
 // the writes and gates (float32: ABC's chain through z sums them over the whole sequence). The
 // core calls' own workspace follows. The sizes do not depend on which backward runs.
 struct Buffers {
@@ -127,7 +130,7 @@ size_t place_buffers(const SlotAttentionParams& p, bool backward, char* base, Bu
   next(&b->probs, elem);
   if (abc) {
     next(&b->write, elem);
-    next(&b->gate, Storage::kFloat32);
+    next(&b->gate, Storage::kFloat16);
     const size_t piece_bytes =
         align_up(p.sequences.size() * static_cast<size_t>(pieces_per_sequence(p)) *
                  static_cast<size_t>(p.num_heads * p.num_slots) * sizeof(float));
@@ -492,7 +495,7 @@ __global__ void abc_entering_z_kernel(SequenceTable sequences, PieceIndex at,
 // The gates without a gradient (z_{t-1} = -inf: while empty, and the first write into a zero
 // state) are stored as -0, not +0: the same decay for the passes, and the gradient walk
 // (slot_attention_grad.cu) tells them from a true 0 (s_t = -inf after a finite z) by the sign.
-// write: the input type of q; gate and running_z float32 (Buffers).
+// write: the input type of q; gate float16 and running_z float32 (Buffers).
 template <typename S, typename Write>
 __global__ void abc_gates_kernel(SequenceTable sequences, PieceIndex at, StridedTensor s,
                                  const float* entering_z, StridedTensor write, StridedTensor gate,
@@ -501,7 +504,7 @@ __global__ void abc_gates_kernel(SequenceTable sequences, PieceIndex at, Strided
   if (!th.init(sequences, at)) return;
   const Column<S> logits(s, th, th.first);
   const Column<Write> writes(write, th, th.first);
-  const Column<float> gates(gate, th, th.first);
+  const Column<__half> gates(gate, th, th.first);
   const bool keep_z = running_z.present;  // else z_out is gate's column, never stored to
   const Column<float> z_out(keep_z ? running_z : gate, th, th.first);
   float z = entering_z[at(th.n, th.c, th.h, th.m)];

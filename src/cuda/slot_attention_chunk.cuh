@@ -30,7 +30,7 @@ struct SlotGradArgs {
   StridedTensor d_write_values;  // float32: pass 2's dk
   StridedTensor d_write_keys;    // float32: pass 1's dk
   StridedTensor write, gate;     // the passes' keys (input type) and log decays (GSA: s and g;
-                                 // ABC: its gate kernel's, the gates float32)
+                                 // ABC: its gate kernel's, the gates float16)
   StridedTensor ds, dg;          // outputs (ABC: ds)
   StridedTensor d_final_z, d_initial_z;  // ABC
 };
