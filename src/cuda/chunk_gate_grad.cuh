@@ -129,7 +129,8 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
   const SequenceSpan seq = args.sequences[seq_index];
   const int key0 = kKeys * lane;
   const int64_t length = seq.length;
-  const int64_t num_stages = (length + kRows - 1) / kRows;
+  const ReverseStages<kRows> stages(length);
+  const int64_t num_stages = stages.count;
   auto token_at = [&](int64_t t) {  // time index of the t-th visited token
     return args.reverse ? seq.start + length - 1 - t : seq.start + t;
   };
@@ -153,8 +154,8 @@ __global__ void __launch_bounds__(kThreads, 2) gate_grad_kernel(const GateGradAr
   }
   auto issue = [&](int64_t stage) {
     if (stage < num_stages) {
-      const int64_t first = (num_stages - 1 - stage) * kRows;
-      const int valid = static_cast<int>(length - first < kRows ? length - first : kRows);
+      const int64_t first = stages.first(stage);
+      const int valid = stages.valid(stage);
       char* dst = smem + (stage % kStages) * L::kStageBytes;
 #pragma unroll
       for (int op = 0; op < kNumElemOperands; ++op) {

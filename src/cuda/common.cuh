@@ -128,6 +128,23 @@ struct TokenRows {
   __device__ __forceinline__ char* row(int64_t r) const { return first + r * step; }
 };
 
+// The stages of kRows tokens that a walk from a sequence's end visits (the gate gradient's and
+// the slot gradients' kernels): stage s holds tokens [first(s), first(s) + valid(s)) of the
+// sequence, the last stage visited the partial one at its start.
+template <int kRows>
+struct ReverseStages {
+  int64_t length, count;
+  __device__ __forceinline__ explicit ReverseStages(int64_t sequence_length)
+      : length(sequence_length), count((sequence_length + kRows - 1) / kRows) {}
+  __device__ __forceinline__ int64_t first(int64_t stage) const {
+    return (count - 1 - stage) * kRows;
+  }
+  __device__ __forceinline__ int valid(int64_t stage) const {
+    const int64_t left = length - first(stage);
+    return left < kRows ? static_cast<int>(left) : kRows;
+  }
+};
+
 // Runtime-dtype scalar load/store, for tensors read a few times per token (gates, states). Hot
 // token data uses the typed pointers of the kernel's template instead.
 __device__ __forceinline__ float load_float(const StridedTensor& t, int64_t offset) {

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/backend.hpp"
@@ -78,11 +79,12 @@ struct Buffers {
 // Whether the backward's slot gradients come from one walk after the core calls
 // (slot_attention_grad.cu) instead of the core calls' gate-gradient kernels, the sums of their
 // parts and ABC's piece walks. Not with d final_hk or d final_hv (their term of dg needs the
-// final states, which the core calls' own dg kernels have); FLASHLIN_SLOT_GRAD_WALK=0 keeps the
-// kernels per call (to compare the two).
+// final states, which the core calls' own dg kernels have); FLASHLIN_SLOT_GRAD_WALK=0 (or off)
+// keeps the kernels per call (to compare the two).
 bool gradient_walk(const SlotAttentionParams& p) {
   const char* value = std::getenv("FLASHLIN_SLOT_GRAD_WALK");
-  if (value != nullptr && value[0] == '0' && value[1] == '\0') return false;
+  if (value != nullptr && (std::strcmp(value, "0") == 0 || std::strcmp(value, "off") == 0))
+    return false;
   if (p.d_final_hk.present || p.d_final_hv.present ||
       !slot_grad_supports(p.q.dtype, p.num_slots, p.kind == SlotKind::kAbc, p.s, p.g, p.ds, p.dg))
     return false;
@@ -520,7 +522,9 @@ __global__ void abc_gates_kernel(SequenceTable sequences, PieceIndex at, Strided
       const bool empty = z_new == -INFINITY;
       const bool first_write = z == -INFINITY && no_entering_state;
       writes.store(i0 + i, empty ? 0.f : __expf(x[i] - z_new));
-      gates.store(i0 + i, empty || first_write ? -0.f : z - z_new);
+      // A true gate above -2^-25 would round to -0 in float16: stored as +0 (the same decay).
+      const float gate_value = z - z_new > -0x1p-25f ? 0.f : z - z_new;
+      gates.store(i0 + i, empty || first_write ? -0.f : gate_value);
       if (keep_z) z_out.store(i0 + i, z_new);
       z = z_new;
     }

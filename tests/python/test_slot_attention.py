@@ -325,14 +325,14 @@ def _walk_grads(kind, q, k, v, s, g, state, cu, d_o, d_z):
 
 @needs_cuda
 @pytest.mark.parametrize("kind", ["gsa", "abc"])
-@pytest.mark.parametrize("case", ["plain", "m128", "float16", "varlen", "extreme", "typed",
-                                  "final_z", "long", "split"])
+@pytest.mark.parametrize("case", ["plain", "m128", "float16", "varlen", "varlen_m128", "extreme",
+                                  "typed", "final_z", "long", "split"])
 def test_gradient_walk(kind, case, monkeypatch):
     """Every gradient through the walk against the float64 reference (the tensor-core path's
     tolerances), bitwise repeatable (fixed orders, no atomics), and against the per-call kernels on the same inputs: dq, dk, dv and the initial
     states' from the same core calls (equal), ds, dg and d initial_z the same sums in another
     order. Cases: M = 64 and 128 (stages of 16 and 8 tokens), float16, varlen with sequences
-    ending inside and on stage edges (no state), extreme gates, ABC's float32 logits and GSA's
+    ending inside and on stage edges (no state; M = 64 and 128), extreme gates, ABC's float32 logits and GSA's
     bfloat16 gates, ABC's d final_z alone (it seeds the chain), and a sequence of 2100 tokens
     (GSA: the dense ABC reference is T x T x M) unsplit ("long": the passes and the walk; the
     identity's dg error grows like sqrt(T): 0.020 at T = 300, 0.035 at 1000, 0.055 at 2100,
@@ -341,12 +341,12 @@ def test_gradient_walk(kind, case, monkeypatch):
     if case == "final_z" and kind == "gsa":
         pytest.skip("GSA has no z")
     dtype = torch.float16 if case == "float16" else torch.bfloat16
-    M = 128 if case == "m128" else 64
+    M = 128 if case in ("m128", "varlen_m128") else 64
     T, B, H, cu, with_state = 130, 2, 2, None, True
     if case == "m128":
         T = 77
-    if case == "varlen":
-        cu = torch.tensor([0, 0, 1, 5, 70, 203], dtype=torch.int32, device="cuda")
+    if case.startswith("varlen"):  # lengths 0, 1, 4, 64 and 64 (stage edges), 70
+        cu = torch.tensor([0, 0, 1, 5, 69, 133, 203], dtype=torch.int32, device="cuda")
         T, B, with_state = 203, 1, False
     if case in ("long", "split"):
         if kind == "abc":
@@ -396,6 +396,8 @@ def test_gradient_walk(kind, case, monkeypatch):
         if case == "split":
             assert torch.equal(got, other), f"d{name}: the walk ran on a split call"
         elif name in ("g", "z0") or (name == "s" and kind == "abc"):  # through the gate sums
+            if (name, kind) in (("g", "gsa"), ("s", "abc")):  # other sums: the walk did run
+                assert not torch.equal(got, other), f"d{name}: the walk did not run"
             if limit is not None:
                 assert rel_err(got, other) <= limit, f"d{name} walk vs per call: {rel_err(got, other):.3g}"
         elif name == "s":  # GSA: dw_1 + dw_2, the same float32 sum
