@@ -862,29 +862,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   state.store_state(sums, StridedTensor{}, blockIdx.y, head, kQuerySide ? kSqrt2 : kInvSqrt2);
 }
 
-// Per (sequence, head) and state element: the state entering each of the sequence's pieces, in
-// order from `first_state` adding F_j (forward) or in reverse from it adding E_j (backward,
-// first_state = d_final_state); `last` (if present) gets the state past the last piece added
-// (the final state; d_initial_state). Sums in float32, in a fixed order.
-__global__ void scan_pieces_kernel(const StridedTensor first_state, const int64_t* first_piece,
-                                   const StridedTensor piece_sums, const StridedTensor entering,
-                                   const StridedTensor last, bool reverse, int rows, int cols) {
-  const int64_t element = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (element >= int64_t{rows} * cols) return;
-  const int64_t head = blockIdx.y, seq = blockIdx.z;
-  const int row = static_cast<int>(element / cols), col = static_cast<int>(element % cols);
-  float state = first_state.present
-                    ? load_float(first_state, element_offset(first_state, seq, head, row, col))
-                    : 0.f;
-  const int64_t begin = first_piece[seq], end = first_piece[seq + 1];
-  for (int64_t i = 0; i < end - begin; ++i) {
-    const int64_t j = reverse ? end - 1 - i : begin + i;
-    store_float(entering, element_offset(entering, j, head, row, col), state);
-    state += load_float(piece_sums, element_offset(piece_sums, j, head, row, col));
-  }
-  if (last.present) store_float(last, element_offset(last, seq, head, row, col), state);
-}
-
 }  // namespace
 
 template <int V, bool kNorm, bool kGradPrologue, bool kFinal>
@@ -927,18 +904,6 @@ cudaError_t launch_piece_sums(const Args& args, const StridedTensor& sums, int64
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(args.num_heads), static_cast<unsigned>(num_pieces));
   kernel<<<grid, kThreads, kSmem, stream>>>(args, sums);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_scan_pieces(const StridedTensor& first_state, const int64_t* first_piece,
-                               const StridedTensor& piece_sums, const StridedTensor& entering,
-                               const StridedTensor& last, bool reverse, int64_t num_sequences,
-                               int64_t num_heads, int rows, int cols, cudaStream_t stream) {
-  constexpr int kScanThreads = 256;
-  const dim3 grid(static_cast<unsigned>((int64_t{rows} * cols + kScanThreads - 1) / kScanThreads),
-                  static_cast<unsigned>(num_heads), static_cast<unsigned>(num_sequences));
-  scan_pieces_kernel<<<grid, kScanThreads, 0, stream>>>(first_state, first_piece, piece_sums,
-                                                        entering, last, reverse, rows, cols);
   return cudaGetLastError();
 }
 

@@ -594,9 +594,9 @@ void run(const BasedParams& p, bool backward) {
       check_cuda(based_tc::launch_piece_sums<V, false>(
                      args, piece_sums, static_cast<int64_t>(plan.pieces.size()), stream),
                  "the Based pieces' state sums");
-      check_cuda(based_tc::launch_scan_pieces(p.initial_state, first_piece, piece_sums, entering,
-                                              backward ? StridedTensor{} : p.final_state, false,
-                                              num_sequences, p.num_heads, rows, cols, stream),
+      check_cuda(launch_scan_pieces(p.initial_state, first_piece, nullptr, piece_sums, entering,
+                                    backward ? StridedTensor{} : p.final_state, false,
+                                    num_sequences, p.num_heads, rows, cols, stream),
                  "the Based pieces' entering states");
     }
     num_sequences = static_cast<int64_t>(plan.pieces.size());
@@ -646,9 +646,9 @@ void run(const BasedParams& p, bool backward) {
     if (!(p.dk.present || p.dv.present || p.d_initial_state.present)) return;
     check_cuda(based_tc::launch_piece_sums<V, true>(args, piece_sums, num_sequences, stream),
                "the Based pieces' gradient sums");
-    check_cuda(based_tc::launch_scan_pieces(
-                   p.d_final_state, first_piece, piece_sums, entering, p.d_initial_state, true,
-                   static_cast<int64_t>(p.sequences.size()), p.num_heads, rows, cols, stream),
+    check_cuda(launch_scan_pieces(p.d_final_state, first_piece, nullptr, piece_sums, entering,
+                                  p.d_initial_state, true, static_cast<int64_t>(p.sequences.size()),
+                                  p.num_heads, rows, cols, stream),
                "the Based pieces' leaving gradients");
     Args keys = args;
     keys.dq = StridedTensor{};

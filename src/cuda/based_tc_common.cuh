@@ -53,11 +53,7 @@ __device__ __forceinline__ void store_pair(const StridedTensor& t, int64_t batch
                                element_offset(t, batch, token, head, col)) =
       tile::pack<Elem>(lo, hi);
 }
-// The sum over the four lanes of a quad (one row of an mma fragment).
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
+using tile::quad_sum;
 
 // w and dw/ds of a raw score x = q.k with the scale c folded in: w = 1 + c x + (c x)^2 / 2 =
 // 1 + x (c + (c^2 / 2) x) and 1 + s = 1 + c x: two and one FMA per element.
@@ -83,14 +79,11 @@ cudaError_t launch_chunked_backward(const Args& args, int64_t num_sequences, cud
 // A sequence split into pieces (args.sequences: the pieces): each piece's own state sum into
 // `sums` ([pieces, H, 273, V + 1] float32): sum phi_k [v | 1]^T (forward) or, kQuerySide,
 // sum phi_q [g | e]^T (backward); then, per sequence, the state entering each piece
-// (scan_pieces: in order from first_state, or reversed for the backward) and past the last one.
+// (launch_scan_pieces, chunk.cuh: in order from first_state, or reversed for the backward) and
+// past the last one.
 template <int V, bool kQuerySide>
 cudaError_t launch_piece_sums(const Args& args, const StridedTensor& sums, int64_t num_pieces,
                               cudaStream_t stream);
-cudaError_t launch_scan_pieces(const StridedTensor& first_state, const int64_t* first_piece,
-                               const StridedTensor& piece_sums, const StridedTensor& entering,
-                               const StridedTensor& last, bool reverse, int64_t num_sequences,
-                               int64_t num_heads, int rows, int cols, cudaStream_t stream);
 
 }  // namespace flashlin::cuda::based_tc
 

@@ -158,6 +158,14 @@ bool plan_pieces(const std::vector<SequenceSpan>& sequences, int64_t blocks, int
                  int64_t min_piece, SplitPlan* plan);
 int multiprocessors(int device);  // 0 when the device cannot say
 size_t split_workspace_bytes(const RecurrenceParams& p, bool backward, const SplitPlan& plan);
+// The states entering each piece of every sequence (and, `last`, past its last piece), a scan
+// over the pieces' own sums [pieces, H, rows, cols] with the pieces' decays e^{gate_totals}
+// ([pieces, H, rows] float32; null: none), reversed for gradients. Split core calls and Based's.
+cudaError_t launch_scan_pieces(const StridedTensor& first_state, const int64_t* first_piece,
+                               const float* gate_totals, const StridedTensor& piece_sums,
+                               const StridedTensor& entering, const StridedTensor& last,
+                               bool reverse, int64_t num_sequences, int64_t num_heads, int rows,
+                               int cols, cudaStream_t stream);
 cudaError_t chunk_tc_forward_split(const RecurrenceParams& p, const LaunchContext& ctx,
                                    const SplitPlan& plan, ChunkArgs args);
 cudaError_t chunk_tc_backward_split(const RecurrenceParams& p, const LaunchContext& ctx,

@@ -102,52 +102,6 @@ __global__ void piece_gate_totals(const StridedTensor g, bool per_key, const Seq
   }
 }
 
-// Element (k, v) of every piece's entering state, for one (sequence, head).
-__global__ void scan_piece_states(const StridedTensor initial_state, const int64_t* first_piece,
-                                  const float* gate_totals, bool gated, const float* piece_final,
-                                  float* piece_initial, int64_t num_heads, int key_dim,
-                                  int value_dim) {
-  const int64_t element = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (element >= int64_t{key_dim} * value_dim) return;
-  const int64_t head = blockIdx.y, seq = blockIdx.z;
-  const int kk = static_cast<int>(element / value_dim), vv = static_cast<int>(element % value_dim);
-  float state = initial_state.present
-                    ? load_float(initial_state, element_offset(initial_state, seq, head, kk, vv))
-                    : 0.f;
-  const int64_t state_size = int64_t{key_dim} * value_dim;
-  for (int64_t j = first_piece[seq]; j < first_piece[seq + 1]; ++j) {
-    const int64_t at = (j * num_heads + head) * state_size + element;
-    piece_initial[at] = state;
-    const float decay = gated ? expf(gate_totals[(j * num_heads + head) * key_dim + kk]) : 1.f;
-    state = decay * state + piece_final[at];
-  }
-}
-
-// Element (k, v) of the gradient leaving every piece, last piece first, for one (sequence,
-// head); what reaches the first piece's entering state is the call's d_initial_state.
-__global__ void scan_piece_gradients(const StridedTensor d_final_state, const int64_t* first_piece,
-                                     const float* gate_totals, bool gated,
-                                     const float* piece_d_initial, float* piece_d_final,
-                                     StridedTensor d_initial_state, int64_t num_heads, int key_dim,
-                                     int value_dim) {
-  const int64_t element = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  if (element >= int64_t{key_dim} * value_dim) return;
-  const int64_t head = blockIdx.y, seq = blockIdx.z;
-  const int kk = static_cast<int>(element / value_dim), vv = static_cast<int>(element % value_dim);
-  float d_state = d_final_state.present
-                      ? load_float(d_final_state, element_offset(d_final_state, seq, head, kk, vv))
-                      : 0.f;
-  const int64_t state_size = int64_t{key_dim} * value_dim;
-  for (int64_t j = first_piece[seq + 1] - 1; j >= first_piece[seq]; --j) {
-    const int64_t at = (j * num_heads + head) * state_size + element;
-    piece_d_final[at] = d_state;
-    const float decay = gated ? expf(gate_totals[(j * num_heads + head) * key_dim + kk]) : 1.f;
-    d_state = piece_d_initial[at] + decay * d_state;
-  }
-  if (d_initial_state.present)
-    store_float(d_initial_state, element_offset(d_initial_state, seq, head, kk, vv), d_state);
-}
-
 // final_state[n] = the final state of sequence n's last piece.
 __global__ void gather_final_states(const float* piece_final, const int64_t* first_piece,
                                     StridedTensor final_state, int64_t num_heads, int key_dim,
@@ -203,6 +157,46 @@ bool plan_pieces(const std::vector<SequenceSpan>& sequences, int64_t blocks, int
     plan->first_piece.push_back(static_cast<int64_t>(plan->pieces.size()));
   }
   return true;
+}
+
+namespace {
+// Per (sequence, head) and state element (row, col): the state entering each of the sequence's
+// pieces, from first_state in piece order, or (reverse: gradients, from d_final_state) from the
+// last piece back; past each piece it decays by e^{gate_totals} (per piece, head and row; null:
+// no decay) and adds the piece's own sum. Float32, in a fixed order.
+__global__ void scan_pieces_kernel(const StridedTensor first_state, const int64_t* first_piece,
+                                   const float* gate_totals, const StridedTensor piece_sums,
+                                   const StridedTensor entering, const StridedTensor last,
+                                   bool reverse, int64_t num_heads, int rows, int cols) {
+  const int64_t element = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (element >= int64_t{rows} * cols) return;
+  const int64_t head = blockIdx.y, seq = blockIdx.z;
+  const int row = static_cast<int>(element / cols), col = static_cast<int>(element % cols);
+  float state = first_state.present
+                    ? load_float(first_state, element_offset(first_state, seq, head, row, col))
+                    : 0.f;
+  const int64_t begin = first_piece[seq], end = first_piece[seq + 1];
+  for (int64_t i = 0; i < end - begin; ++i) {
+    const int64_t j = reverse ? end - 1 - i : begin + i;
+    store_float(entering, element_offset(entering, j, head, row, col), state);
+    const float decay = gate_totals ? expf(gate_totals[(j * num_heads + head) * rows + row]) : 1.f;
+    state = decay * state + load_float(piece_sums, element_offset(piece_sums, j, head, row, col));
+  }
+  if (last.present) store_float(last, element_offset(last, seq, head, row, col), state);
+}
+}  // namespace
+
+cudaError_t launch_scan_pieces(const StridedTensor& first_state, const int64_t* first_piece,
+                               const float* gate_totals, const StridedTensor& piece_sums,
+                               const StridedTensor& entering, const StridedTensor& last,
+                               bool reverse, int64_t num_sequences, int64_t num_heads, int rows,
+                               int cols, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((int64_t{rows} * cols + kScanThreads - 1) / kScanThreads),
+                  static_cast<unsigned>(num_heads), static_cast<unsigned>(num_sequences));
+  scan_pieces_kernel<<<grid, kScanThreads, 0, stream>>>(first_state, first_piece, gate_totals,
+                                                        piece_sums, entering, last, reverse,
+                                                        num_heads, rows, cols);
+  return cudaGetLastError();
 }
 
 bool plan_split(const RecurrenceParams& p, bool backward, SplitPlan* plan) {
@@ -276,10 +270,11 @@ cudaError_t entering_states(const RecurrenceParams& p, const SplitPlan& plan, co
                                           key_dim, b.gate_totals);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  scan_piece_states<<<state_grid(p), kScanThreads, 0, stream>>>(
-      p.initial_state, b.first_piece, b.gate_totals, p.gate != GateKind::kNone, b.piece_final,
-      b.piece_initial, p.num_heads, key_dim, value_dim);
-  return cudaGetLastError();
+  return launch_scan_pieces(
+      p.initial_state, b.first_piece, p.gate != GateKind::kNone ? b.gate_totals : nullptr,
+      piece_states(reinterpret_cast<char*>(b.piece_final), p),
+      piece_states(reinterpret_cast<char*>(b.piece_initial), p), StridedTensor{}, false,
+      static_cast<int64_t>(p.sequences.size()), p.num_heads, key_dim, value_dim, stream);
 }
 
 }  // namespace
@@ -336,11 +331,12 @@ cudaError_t chunk_tc_backward_split(const RecurrenceParams& p, const LaunchConte
   err = chunk_tc_launch_backward(p, own, num_pieces, ctx.stream);
   if (err != cudaSuccess) return err;
 
-  scan_piece_gradients<<<state_grid(p), kScanThreads, 0, ctx.stream>>>(
-      p.d_final_state, b.first_piece, b.gate_totals, p.gate != GateKind::kNone, b.piece_final,
-      b.piece_d_final, p.d_initial_state, p.num_heads, static_cast<int>(p.key_dim),
-      static_cast<int>(p.value_dim));
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  err = launch_scan_pieces(p.d_final_state, b.first_piece,
+                           p.gate != GateKind::kNone ? b.gate_totals : nullptr, own_d_initial,
+                           leaving_grad, p.d_initial_state, true,
+                           static_cast<int64_t>(p.sequences.size()), p.num_heads,
+                           static_cast<int>(p.key_dim), static_cast<int>(p.value_dim), ctx.stream);
+  if (err != cudaSuccess) return err;
 
   // Pass B': every piece with its true entering state and outgoing gradient.
   pieces.d_final_state = leaving_grad;

@@ -89,24 +89,34 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* global, int s
 // Starts the copies of kRows rows of kRowBytes bytes (16-byte aligned) into shared rows
 // `dst_stride` bytes apart, spread over the kThreads threads of the block: row r comes from
 // src_first + r * src_step. Rows at and past valid_rows (>= 1) are zero-filled. Each thread
-// keeps one 16-byte column of the rows, so its addresses advance by a constant per pass.
+// keeps one 16-byte column of the rows, so its addresses advance by a constant per pass. Fewer
+// rows than one pass covers leave the threads past them idle.
 template <int kRowBytes, int kThreads, int kRows>
 __device__ __forceinline__ void copy_rows_async(char* dst, int dst_stride, const char* src_first,
                                                 int64_t src_step, int valid_rows) {
   constexpr int kParts = kRowBytes / 16;
   constexpr int kRowsPerPass = kThreads / kParts;
-  static_assert(kRowBytes % 16 == 0 && kThreads % kParts == 0 && kRows % kRowsPerPass == 0,
+  static_assert(kRowBytes % 16 == 0 && kThreads % kParts == 0 &&
+                    (kRows % kRowsPerPass == 0 || kRows < kRowsPerPass),
                 "rows must split evenly over the threads");
   const int part = threadIdx.x % kParts, row0 = threadIdx.x / kParts;
+  if constexpr (kRows < kRowsPerPass) {
+    if (row0 >= kRows) return;
+  }
   const char* first_piece = src_first + part * 16;  // row 0: the address of zero-filled rows
   const char* src = first_piece + row0 * src_step;
   char* to = dst + row0 * dst_stride + part * 16;
 #pragma unroll
-  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+  for (int pass = 0; pass < (kRows + kRowsPerPass - 1) / kRowsPerPass; ++pass) {
     const bool valid = row0 + pass * kRowsPerPass < valid_rows;
     cp_async_16(to + pass * kRowsPerPass * dst_stride,
                 valid ? src + pass * kRowsPerPass * src_step : first_piece, valid ? 16 : 0);
   }
+}
+// The sum over the four lanes of a quad (the lanes holding one row of an mma accumulator).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Brings the line of global memory holding `p` into L2 (no register written, nothing to wait for).

@@ -200,7 +200,8 @@ struct Calls {
   RecurrenceParams keys_grad;           // backward of pass 1 (d_o = q)
 };
 
-Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
+// walk: the backward's slot gradients from the walk (gradient_walk(p), decided once a call).
+Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward, bool walk) {
   const SlotView slots = view_of(p, b);
   // Pass 1 with queries `queries` (s stands in where they are unused: the shape is right).
   auto keys_pass = [&](const StridedTensor& queries) {
@@ -240,7 +241,6 @@ Calls calls_of(const SlotAttentionParams& p, const Buffers& b, bool backward) {
   // GSA's dg_part or ABC's d_gate buffer instead, and dp keeps p * dp for it (Run::softmax).
   const bool slot_grads = slots.d_write.present || slots.d_gate.present;
   const bool gsa = p.kind == SlotKind::kGsa;
-  const bool walk = gradient_walk(p);
   c.values_grad = values_pass();
   c.values_grad.d_o = p.d_o;
   c.values_grad.d_final_state = p.d_final_hv;
@@ -623,7 +623,7 @@ __global__ void abc_ds_kernel(AbcBackwardArgs a) {
                    a.leaving[a.at(th.n, th.c, th.h, th.m)], &a.ds, nullptr);
 }
 
-size_t core_bytes(const SlotAttentionParams& p, bool backward);
+size_t core_bytes(const SlotAttentionParams& p, bool backward, bool walk);
 
 struct Run {
   const SlotAttentionParams& p;
@@ -633,11 +633,11 @@ struct Run {
   Buffers buffers;
   SequenceTable table;
 
-  Run(const SlotAttentionParams& params, bool backward)
+  Run(const SlotAttentionParams& params, bool backward, bool walk)
       : p(params),
         stream(static_cast<cudaStream_t>(params.exec.stream)),
         buffer_bytes(buffers_bytes(params, backward)),
-        core_size(core_bytes(params, backward)),
+        core_size(core_bytes(params, backward, walk)),
         scratch(params.exec.workspace, params.exec.workspace_bytes,
                 buffer_bytes + core_size + table_bytes(params.sequences, params.batch, params.time),
                 stream) {
@@ -774,9 +774,9 @@ struct Run {
   }
 };
 
-size_t core_bytes(const SlotAttentionParams& p, bool backward) {
+size_t core_bytes(const SlotAttentionParams& p, bool backward, bool walk) {
   const Buffers none = sized(p, backward);
-  const Calls c = calls_of(p, none, backward);
+  const Calls c = calls_of(p, none, backward, walk);
   size_t bytes = recurrence_workspace_bytes(c.sweep, true);
   if (!backward) {
     bytes = std::max(bytes, recurrence_workspace_bytes(c.values, false));
@@ -802,7 +802,7 @@ bool slot_chunk_supports(const SlotAttentionParams& p, bool backward) {
   // The softmax kernel's rows: 64 or 128 slots (also what the core calls take as key dims).
   if (p.num_slots != 64 && p.num_slots != 128) return false;
   // Every core call must take the tensor-core kernels.
-  const Calls c = calls_of(p, sized(p, backward), backward);
+  const Calls c = calls_of(p, sized(p, backward), backward, backward && gradient_walk(p));
   if (!chunk_tc_supports(c.sweep, true)) return false;
   if (!backward)
     return chunk_tc_supports(c.values, false) && chunk_tc_supports(c.keys_final, false);
@@ -811,15 +811,15 @@ bool slot_chunk_supports(const SlotAttentionParams& p, bool backward) {
 }
 
 size_t slot_chunk_workspace_bytes(const SlotAttentionParams& p, bool backward) {
-  return buffers_bytes(p, backward) + core_bytes(p, backward) +
+  return buffers_bytes(p, backward) + core_bytes(p, backward, backward && gradient_walk(p)) +
          table_bytes(p.sequences, p.batch, p.time);
 }
 
 void slot_chunk_forward(const SlotAttentionParams& p) {
   DeviceGuard guard(p.exec.device_id);
-  Run run(p, false);
+  Run run(p, false, false);
   if (p.kind == SlotKind::kAbc) run.abc_gates(false, false);
-  const Calls c = calls_of(p, run.buffers, false);
+  const Calls c = calls_of(p, run.buffers, false, false);
   recurrence_backward(c.sweep);
   run.softmax(false);
   recurrence_forward(c.values);
@@ -828,11 +828,11 @@ void slot_chunk_forward(const SlotAttentionParams& p) {
 
 void slot_chunk_backward(const SlotAttentionParams& p) {
   DeviceGuard guard(p.exec.device_id);
-  Run run(p, true);
-  const bool abc = p.kind == SlotKind::kAbc;
   const bool walk = gradient_walk(p);
+  Run run(p, true, walk);
+  const bool abc = p.kind == SlotKind::kAbc;
   if (abc) run.abc_gates(true, walk);
-  const Calls c = calls_of(p, run.buffers, true);
+  const Calls c = calls_of(p, run.buffers, true, walk);
   const SlotView slots = view_of(p, run.buffers);
   const bool slot_grads = slots.d_write.present || slots.d_gate.present;
   recurrence_backward(c.sweep);

@@ -61,20 +61,6 @@ struct GradLayout {
   static constexpr int kSmemBytes = kStages * kStageBytes + kMapBytes;
 };
 
-// Starts the copies of kRows rows of kRowBytes bytes into adjacent shared rows; row r from
-// src + r * step. Rows at and past `valid` (>= 1) are zero-filled.
-template <int kRowBytes, int kRows>
-__device__ __forceinline__ void copy_rows(char* dst, const char* src, int64_t step, int valid) {
-  constexpr int kPieces = kRowBytes / 16;
-  static_assert(kRowBytes % 16 == 0, "16-byte rows");
-  for (int i = threadIdx.x; i < kRows * kPieces; i += kThreads) {
-    const int row = i / kPieces, piece = i % kPieces;
-    const bool present = row < valid;
-    tile::cp_async_16(dst + row * kRowBytes + piece * 16,
-                      present ? src + row * step + piece * 16 : src, present ? 16 : 0);
-  }
-}
-
 // Ds: the type of ds (s's); GSA's dg has Gate's.
 template <typename Elem, int M, typename Gate, typename Ds, bool kAbc>
 __global__ void __launch_bounds__(kThreads, 2) slot_grad_kernel(const SlotGradArgs a) {
@@ -108,14 +94,16 @@ __global__ void __launch_bounds__(kThreads, 2) slot_grad_kernel(const SlotGradAr
       char* dst = smem + (stage % kStages) * L::kStageBytes;
 #pragma unroll
       for (int op = 0; op < kNumFloatOperands; ++op)
-        copy_rows<M * 4, kRows>(dst + op * L::kFloatBytes, float_rows[op].row(first),
-                                float_rows[op].step, valid);
-      copy_rows<M* int{sizeof(Elem)}, kRows>(dst + L::kDScoresAt, dscores_rows.row(first),
-                                             dscores_rows.step, valid);
-      copy_rows<M* int{sizeof(Elem)}, kRows>(dst + L::kWriteAt, write_rows.row(first),
-                                             write_rows.step, valid);
-      copy_rows<M* int{sizeof(Gate)}, kRows>(dst + L::kGateAt, gate_rows.row(first), gate_rows.step,
-                                             valid);
+        tile::copy_rows_async<M * 4, kThreads, kRows>(dst + op * L::kFloatBytes, M * 4,
+                                                      float_rows[op].row(first),
+                                                      float_rows[op].step, valid);
+      tile::copy_rows_async<M* int{sizeof(Elem)}, kThreads, kRows>(
+          dst + L::kDScoresAt, M * int{sizeof(Elem)}, dscores_rows.row(first), dscores_rows.step,
+          valid);
+      tile::copy_rows_async<M* int{sizeof(Elem)}, kThreads, kRows>(
+          dst + L::kWriteAt, M * int{sizeof(Elem)}, write_rows.row(first), write_rows.step, valid);
+      tile::copy_rows_async<M* int{sizeof(Gate)}, kThreads, kRows>(
+          dst + L::kGateAt, M * int{sizeof(Gate)}, gate_rows.row(first), gate_rows.step, valid);
     }
     tile::cp_async_commit();  // an empty group past the end keeps the wait counts uniform
   };

@@ -185,11 +185,7 @@ __device__ __forceinline__ void accumulate_tile(float (&acc)[D / 8][4], const fl
 // min(x, limit) that keeps a NaN (fminf would return the limit).
 __device__ __forceinline__ float clamp_above(float x, float limit) { return x > limit ? limit : x; }
 
-// Sum over the 4 lanes of a quad (the lanes holding one accumulator row).
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
+using tile::quad_sum;
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
