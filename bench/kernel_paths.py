@@ -7,8 +7,11 @@ logsigmoid(randn), u = 0.1 randn), gates in bf16 like gpu_bench.py. B=8, H=32, K
 the two paths alternate in blocks of 5 queued runs so that both see the same clocks. Also the
 largest difference between their outputs (o, and dq, dk, dv, dg, du) relative to the largest value.
 Prints a table; no assertions (tests/python checks both paths against the float64 reference).
+With --against groups1 the other path is the wgmma kernels with one value tile per thread block
+(FLASHLIN_WGMMA_GROUPS=1) instead of the mma.sync kernels.
 
-usage: python3 bench/kernel_paths.py [T ...] [op ...]   (default 2048 4096 8192, every op)
+usage: python3 bench/kernel_paths.py [--against groups1] [T ...] [op ...]
+       (default 2048 4096 8192, every op)
 """
 import os
 import statistics
@@ -52,19 +55,30 @@ def timed_block(fn, runs):
     return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
 
 
+SWITCHES = {"mma.sync": "FLASHLIN_CUDA_MMA_SYNC", "groups1": "FLASHLIN_WGMMA_GROUPS"}
+
+
 def use_kernel(kernel):
-    if kernel == "mma.sync":
-        os.environ["FLASHLIN_CUDA_MMA_SYNC"] = "1"
-    else:
-        os.environ.pop("FLASHLIN_CUDA_MMA_SYNC", None)
+    for path, variable in SWITCHES.items():
+        if path == kernel:
+            os.environ[variable] = "1"
+        else:
+            os.environ.pop(variable, None)
 
 
 def main():
-    lengths = [int(a) for a in sys.argv[1:] if a.isdigit()] or [2048, 4096, 8192]
-    names = [a for a in sys.argv[1:] if not a.isdigit()] or list(OPS)
+    args = sys.argv[1:]
+    other = "mma.sync"
+    if "--against" in args:
+        at = args.index("--against")
+        other = args[at + 1]
+        del args[at:at + 2]
+    assert other in SWITCHES, f"--against takes one of {tuple(SWITCHES)}"
+    lengths = [int(a) for a in args if a.isdigit()] or [2048, 4096, 8192]
+    names = [a for a in args if not a.isdigit()] or list(OPS)
     assert all(n in OPS for n in names), f"ops are {OPS}"
     print(f"B={B} H={H} K=V={D} bf16, median ms of {RUNS} runs each; default = wgmma paths")
-    print(f"{'op':10} {'T':>6} {'pass':5} {'default':>8} {'mma.sync':>9} {'speedup':>8} "
+    print(f"{'op':10} {'T':>6} {'pass':5} {'default':>8} {other:>9} {'speedup':>8} "
           f"{'max rel diff':>13}")
     for T in lengths:
         torch.manual_seed(0)
@@ -92,7 +106,7 @@ def main():
                 return tuple(x for x in grads if x is not None)
 
             for which, fn in (("fwd", forward), ("f+b", backward)):
-                times = {"wgmma": [], "mma.sync": []}
+                times = {"wgmma": [], other: []}
                 outputs = {}
                 for kernel in times:  # warm-up, and the results to compare
                     use_kernel(kernel)
@@ -104,10 +118,10 @@ def main():
                     for kernel in times:
                         use_kernel(kernel)
                         times[kernel] += timed_block(fn, BLOCK)
-                os.environ.pop("FLASHLIN_CUDA_MMA_SYNC", None)
+                use_kernel("wgmma")
                 diff = max(((a - b).abs().max() / b.abs().max()).item()
-                           for a, b in zip(outputs["wgmma"], outputs["mma.sync"]))
-                fast, slow = (statistics.median(times[kernel]) for kernel in ("wgmma", "mma.sync"))
+                           for a, b in zip(outputs["wgmma"], outputs[other]))
+                fast, slow = (statistics.median(times[kernel]) for kernel in ("wgmma", other))
                 print(f"{name:10} {T:6d} {which:5} {fast:8.3f} {slow:9.3f} {slow / fast:7.2f}x "
                       f"{diff:13.2e}", flush=True)
                 del outputs

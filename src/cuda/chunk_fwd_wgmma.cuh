@@ -22,9 +22,12 @@
 // chunk and flags its thread block in ChunkArgs::redo, and the mma.sync kernel (chunk_fwd.cuh)
 // runs those blocks again from the start with products relative to nearby references.
 //
-// Work split: grid (V / 64, H, N), one warpgroup (4 warps) per block, the chunk's 64 rows over
-// the warpgroup's m64 tiles. Per chunk, all products are 64x64 wgmma tiles with float32
-// accumulators:
+// Work split: grid (V / (64 G), H, N), G warpgroups (4 warps each) per block, each with its own
+// 64 value columns, the chunk's 64 rows over the warpgroup's m64 tiles. G = 2 (K = 128, V a
+// multiple of 128; kPairsValueTiles) shares the chunk's q and k tiles, their copies and their
+// scaling between the two value tiles (gates on the keys: each warp scales 8 rows instead of 16);
+// one block per multiprocessor instead of two. Per chunk, all products are
+// 64x64 wgmma tiles with float32 accumulators:
 //   (a) scores = Q K^T        (Q, K from shared memory, K-major)               K/16 steps
 //   (b) out    = Q S0         (S0 rounded to the input type in shared memory)  K/16 steps
 //   (c) S      = 2^{b_C} S + K^T (2^{b_C - b_j} v_j)   (K as the M-major A operand)  K/64 x 4
@@ -40,11 +43,13 @@
 // sums every key's gates over the chunk itself (the sums are identical in every warp) and scales
 // q and k of its own 16 rows in place, and the next copies are issued after the top barrier (the
 // raw gates have one buffer). o is staged per warp in its rows of the chunk's q tile, which no
-// wgmma reads once the chunk's products are done.
+// wgmma reads once the chunk's products are done (G = 2: in a tile of its own, as the other
+// warpgroup may still read those rows).
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 
 #include <atomic>
+#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/chunk.cuh"
@@ -57,11 +62,26 @@ namespace flashlin::cuda::chunk_fwd_wgmma {
 using chunk_tc::kChunk;
 using chunk_tc::kLog2e;
 using chunk_tc::kValueTile;
-constexpr int kThreads = 128;
 
-template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = false>
+// Whether a thread block takes two value tiles (two warpgroups sharing the chunk's q and k and,
+// with gates on the keys, their scaling): K = 128 with no gates, per-head gates or gates on the
+// keys (H200, T = 4096, forward, the same process: no gates 0.323 -> 0.307 ms, retention 0.338 ->
+// 0.331, GLA 0.780 -> 0.582, RWKV-6 0.799 -> 0.616). Not per-token gates: their exp2 per score
+// then runs in all eight warps at once (0.432 -> 0.472); not gates on the output's columns
+// (nothing of their scaling would be shared).
+template <int K, GateKind Gate, bool ValueGates>
+constexpr bool kPairsValueTiles =
+    K == 128 && !ValueGates &&
+    (Gate == GateKind::kNone || Gate == GateKind::kPerHead || Gate == GateKind::kPerKey);
+
+template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = false, int Groups = 1>
 struct Traits {
   static_assert(K == 64 || K == 128, "K must be 64 or 128");
+  static_assert(Groups == 1 || (Groups == 2 && kPairsValueTiles<K, Gate, ValueGates>),
+                "two value tiles per block only where kPairsValueTiles allows them");
+  // Warpgroups per block, each with its own 64 value columns, state and output.
+  static constexpr int kGroups = Groups;
+  static constexpr int kThreads = 128 * Groups;
   static_assert(!Bonus || Gate == GateKind::kPerKey, "the bonus form has per-key gates");
   static_assert(!ValueGates || Gate == GateKind::kPerKey,
                 "gates on the output's columns are per-key gates");
@@ -77,27 +97,37 @@ struct Traits {
   static constexpr int kGateColsPerLane = kGateCols / 32;
   static constexpr bool kScalarGated = Gate == GateKind::kPerHead || Gate == GateKind::kPerToken;
   static constexpr int kKeySteps = K / 16;
+  // Rows of a chunk each warp scales (gates on the keys: the block's warps split the 64 rows).
+  static constexpr int kScaleRows = kChunk / (4 * Groups);
   // Shared memory (bytes), every tile 1024-byte aligned: two stages of q, k ([64][K]) and v
   // ([64][64]); the published state ([K][64]); the gate-weighted v (scalar gates); the per-token
   // gates; the raw 16-bit per-key gates of the next chunk ([64][K]; float32 ones are read from
   // global memory, prefetched into L2 a chunk ahead: their 32 KB would leave one block per
   // multiprocessor).
   static constexpr size_t kQkBytes = size_t{kChunk} * K * 2;
-  static constexpr size_t kVBytes = size_t{kChunk} * kValueTile * 2;
+  // One warpgroup's [64][64] column block of v (and of the weighted v and the staged o).
+  static constexpr size_t kGroupVBytes = size_t{kChunk} * kValueTile * 2;
+  static constexpr size_t kVBytes = kGroupVBytes * Groups;
   static constexpr size_t kStageBytes = 2 * kQkBytes + kVBytes;
   static constexpr int kStages = 2;
-  static constexpr size_t kStateBytes = size_t{K} * kValueTile * 2;
+  static constexpr size_t kGroupStateBytes = size_t{K} * kValueTile * 2;
+  static constexpr size_t kStateBytes = kGroupStateBytes * Groups;
   static constexpr size_t kWeightedVBytes = kScalarGated ? kVBytes : 0;
   // Per-token gates: 64 floats per warp (each warp scans its own copy); per-head gates are
   // computed from the constant.
-  static constexpr size_t kGateBytes = Gate == GateKind::kPerToken ? wg::kAtomBytes : 0;
-  static constexpr size_t kFixedBytes =
-      kStages * kStageBytes + kStateBytes + kWeightedVBytes + kGateBytes;
+  static constexpr size_t kGateBytes = Gate == GateKind::kPerToken ? wg::kAtomBytes * Groups : 0;
+  // Two warpgroups stage o in a tile of their own (the q tile's rows are read by both), and the
+  // bonus dots of the rows cross warps there (64 floats, padded to keep the tiles aligned).
+  static constexpr size_t kOutStageBytes = Groups > 1 ? kVBytes : 0;
+  static constexpr size_t kBonusRowBytes = Groups > 1 && kBonusTerm ? wg::kAtomBytes : 0;
+  static constexpr size_t kFixedBytes = kStages * kStageBytes + kStateBytes + kWeightedVBytes +
+                                        kGateBytes + kOutStageBytes + kBonusRowBytes;
   // At K = 128: 105 KB for scalar gates, 112 KB with 16-bit per-key gates, 96 KB with float32
-  // ones: two blocks per multiprocessor. The dynamic shared memory starts 1024-byte aligned:
-  // there is no static shared memory, and the kernel checks.
-  // Gates on the output's columns: their gates are read from global memory like float32 ones,
-  // and the chunk's output factors 2^{a - r} take a float32 [64][64] tile (also 112 KB).
+  // ones: two blocks per multiprocessor; with two warpgroups 162 / 161 / 145 KB, one block. The
+  // dynamic shared memory starts 1024-byte aligned: there is no static shared memory, and the
+  // kernel checks. Gates on the output's columns: their gates are read from global memory like
+  // float32 ones, and the chunk's output factors 2^{a - r} take a float32 [64][64] tile (also 112
+  // KB).
   static constexpr size_t kFactorTileBytes = ValueGates ? size_t{kChunk} * kValueTile * 4 : 0;
   static constexpr size_t smem_bytes(int gate_bytes) {
     return kFixedBytes + kFactorTileBytes +
@@ -111,10 +141,11 @@ struct Traits {
 
 // Out: o's storage, the input type, or float32 for gates on the output's columns without the
 // bonus (slot attention's scores and its backward's float32 gradients, slot_attention_chunk.cu).
-template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates, typename Out>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args) {
+template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates, typename Out,
+          int Groups>
+__global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs args) {
 #if defined(FLASHLIN_WGMMA_DEVICE)
-  using T = Traits<Elem, K, Gate, Bonus, ValueGates>;
+  using T = Traits<Elem, K, Gate, Bonus, ValueGates, Groups>;
   static_assert(std::is_same_v<Out, Elem> || (std::is_same_v<Out, float> && ValueGates && !Bonus),
                 "float32 o only with gates on the output's columns, without the bonus");
   extern __shared__ __align__(1024) char smem[];
@@ -122,18 +153,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   auto stage_q = [&](int chunk) { return smem + (chunk % T::kStages) * T::kStageBytes; };
   auto stage_k = [&](int chunk) { return stage_q(chunk) + T::kQkBytes; };
   auto stage_v = [&](int chunk) { return stage_q(chunk) + 2 * T::kQkBytes; };
-  char* state_tile = smem + T::kStages * T::kStageBytes;
-  char* weighted_v = state_tile + T::kStateBytes;
-  char* key_gates = weighted_v + T::kWeightedVBytes + T::kGateBytes;  // per-key: [64][K] raw
+  const int tid = threadIdx.x, lane = tid % 32, block_warp = tid / 32;
+  const int group = lane / 4, quad = lane % 4;
+  // The thread's warpgroup (its value tile) and its warp in it (rows of its fragments); the warp
+  // among the block's (block_warp) picks the rows it scales and its per-token gate copy.
+  const int warpgroup = Groups > 1 ? tid / 128 : 0, warp = Groups > 1 ? block_warp % 4 : block_warp;
+  // This warpgroup's column block of a [64][64 Groups] v-shaped tile.
+  auto own_block = [&](char* tile_base) { return tile_base + warpgroup * T::kGroupVBytes; };
+  char* state_tile = smem + T::kStages * T::kStageBytes + warpgroup * T::kGroupStateBytes;
+  char* weighted_v = smem + T::kStages * T::kStageBytes + T::kStateBytes;
+  char* out_stage = weighted_v + T::kWeightedVBytes + T::kGateBytes;
+  float* bonus_rows = reinterpret_cast<float*>(out_stage + T::kOutStageBytes);
+  char* key_gates = out_stage + T::kOutStageBytes + T::kBonusRowBytes;  // per-key: [64][K] raw
   // Gates on the output's columns: 2^{a_i - r} of row i, column c at [i][c ^ 8 (i % 8)].
   float* factor_tile = reinterpret_cast<float*>(key_gates);
   auto factor_at = [](int row, int col) { return row * kValueTile + (col ^ ((row % 8) << 3)); };
 
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int group = lane / 4, quad = lane % 4;
   // Per-token gates: b of the chunk's rows (log2 units), this warp's copy.
-  float* gates = reinterpret_cast<float*>(weighted_v + T::kWeightedVBytes) + warp * kChunk;
-  const int value0 = blockIdx.x * kValueTile;
+  float* gates = reinterpret_cast<float*>(weighted_v + T::kWeightedVBytes) + block_warp * kChunk;
+  const int value0 = (blockIdx.x * Groups + warpgroup) * kValueTile;
   const int64_t head = blockIdx.y, seq_index = blockIdx.z;
   const SequenceSpan seq = args.sequences[seq_index];
   const int64_t length = seq.length;
@@ -148,30 +186,30 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 
   const TokenRows q_rows(args.q, seq, head, args.reverse, 2);
   const TokenRows k_rows(args.k, seq, head, args.reverse, 2);
-  const TokenRows v_rows(args.v, seq, head, args.reverse, 2, value0);
+  const TokenRows v_rows(args.v, seq, head, args.reverse, 2, blockIdx.x * Groups * kValueTile);
   const int key_gate_bytes = T::kPerKey ? (args.g.dtype == Storage::kFloat32 ? 4 : 2) : 0;
   auto issue_chunk = [&](int chunk) {
     const int64_t first_row = int64_t{chunk} * kChunk;
     const int valid = rows_valid_of(chunk);
-    wg::copy_rows_async<K * 2, kThreads, kChunk>(stage_q(chunk), q_rows.row(first_row), q_rows.step,
-                                                 valid);
-    wg::copy_rows_async<K * 2, kThreads, kChunk>(stage_k(chunk), k_rows.row(first_row), k_rows.step,
-                                                 valid);
-    wg::copy_rows_async<kValueTile * 2, kThreads, kChunk>(stage_v(chunk), v_rows.row(first_row),
-                                                          v_rows.step, valid);
+    wg::copy_rows_async<K * 2, T::kThreads, kChunk>(stage_q(chunk), q_rows.row(first_row),
+                                                    q_rows.step, valid);
+    wg::copy_rows_async<K * 2, T::kThreads, kChunk>(stage_k(chunk), k_rows.row(first_row),
+                                                    k_rows.step, valid);
+    wg::copy_rows_async<kValueTile * 2 * Groups, T::kThreads, kChunk>(
+        stage_v(chunk), v_rows.row(first_row), v_rows.step, valid);
     if constexpr (T::kPerKey) {
       const TokenRows g_rows(args.g, seq, head, args.reverse, key_gate_bytes,
                              ValueGates ? value0 : 0);
       if (T::gates_from_global(key_gate_bytes)) {  // into L2, in 128-byte lines
         const int lines_per_row = T::kGateCols * key_gate_bytes / 128;
-        for (int line = tid; line < kChunk * lines_per_row; line += kThreads) {
+        for (int line = tid; line < kChunk * lines_per_row; line += T::kThreads) {
           const int row = line / lines_per_row;
           if (row < valid)
             tile::prefetch_l2(g_rows.row(first_row + row) + (line % lines_per_row) * 128);
         }
       } else {
-        tile::copy_rows_async<K * 2, kThreads, kChunk>(key_gates, K * 2, g_rows.row(first_row),
-                                                       g_rows.step, valid);
+        tile::copy_rows_async<K * 2, T::kThreads, kChunk>(key_gates, K * 2, g_rows.row(first_row),
+                                                          g_rows.step, valid);
       }
     }
   };
@@ -207,16 +245,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       return gates[row];
   };
   // 2^{b_C - b_j} v_j of the pieces of v this thread copied (wg::copy_rows_async: 16-byte column
-  // tid % 8 of rows tid / 8 + 16 p), into the same places of weighted_v.
+  // tid % kParts of rows tid / kParts + 16 p), into the same places of weighted_v.
   auto weigh_v = [&](int chunk) {
     if constexpr (T::kScalarGated) {
+      constexpr int kParts = kValueTile * 2 * Groups / 16, kRowsPerPass = T::kThreads / kParts;
       const char* v_tile = stage_v(chunk);
       const int rows_valid = rows_valid_of(chunk);
       const float end = cum_gate(kChunk - 1, rows_valid);
 #pragma unroll
-      for (int pass = 0; pass < 4; ++pass) {
-        const int row = tid / 8 + 16 * pass;
-        const uint32_t at = wg::tile_offset<kChunk>(row, 8 * (tid % 8));
+      for (int pass = 0; pass < kChunk / kRowsPerPass; ++pass) {
+        const int row = tid / kParts + kRowsPerPass * pass;
+        const uint32_t at = wg::tile_offset<kChunk>(row, 8 * (tid % kParts));
         const float factor = tile::fast_exp2(end - cum_gate(row, rows_valid));
         uint4 x = *reinterpret_cast<const uint4*>(v_tile + at);
         uint32_t* words = reinterpret_cast<uint32_t*>(&x);
@@ -259,7 +298,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   // Gates on the keys: 2^{r} of the thread's state rows (key 64 mb + 16 warp + group + 8 h at
   // [mb][h]): S0' and the update's end factor. Gates on the output's columns: 2^{r} of the
   // lane's two columns (column_mid; the state's columns take them by shuffles). Bonus: u of the
-  // lane's keys, and the bonus dot of the row that lane 2 * (row % 16) of the row's warp holds.
+  // lane's keys, and the bonus dot of the row that lane 2 * (row % kScaleRows) of the warp that
+  // scaled the row holds (two warpgroups: also in bonus_rows).
   float key_factor[K / 64][2] = {}, column_mid[2] = {};
   float bonus_u[T::kGateColsPerLane] = {}, bonus_dot = 0.f;
   if constexpr (T::kBonusTerm) {
@@ -271,7 +311,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   // Gates on the keys: key_factor of the thread's state rows from the lanes' 2^{r}, and the
   // bonus dot of the rows from the lanes' per-row partial dots.
   auto key_factors_and_bonus = [&](const float(&mid_factor)[T::kGateColsPerLane],
-                                   float(&dots)[16]) {
+                                   float(&dots)[T::kScaleRows]) {
     constexpr int kKeys = T::kGateColsPerLane;
     // 2^{r} of the thread's state rows, from the lane that holds the key.
 #pragma unroll
@@ -288,8 +328,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
         key_factor[mb][h] = factor;
       }
     if constexpr (T::kBonusTerm) {
-      // Sum the 16 rows' dots over the warp's lanes, halving the rows at each step: lane l ends
-      // with row l / 2 (bits 4..1 of the lane select halves 8, 4, 2, 1 of the rows).
+      // Sum the rows' dots over the warp's lanes, halving the rows at each step: lane l ends with
+      // row (l / 2) % kScaleRows (lane bits 4..1 select halves 8, 4, 2, 1 of 16 rows; of 8 rows,
+      // bits 3..1 and bit 4 is summed over).
       auto halve = [&](auto half_rows) {  // one level; the row count a compile-time constant
         constexpr int kHalf = decltype(half_rows)::value;
         const bool upper = lane & (2 * kHalf);
@@ -303,12 +344,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
           dots[r] = upper ? high : low;
         }
       };
-      halve(std::integral_constant<int, 8>{});
+      if constexpr (T::kScaleRows == 16) halve(std::integral_constant<int, 8>{});
       halve(std::integral_constant<int, 4>{});
       halve(std::integral_constant<int, 2>{});
       halve(std::integral_constant<int, 1>{});
       dots[0] += __shfl_xor_sync(0xffffffffu, dots[0], 1);
+      if constexpr (T::kScaleRows == 8) dots[0] += __shfl_xor_sync(0xffffffffu, dots[0], 16);
       bonus_dot = dots[0];
+      if constexpr (Groups > 1) {  // for the warps whose fragments hold the row
+        if (lane < 2 * T::kScaleRows && lane % 2 == 0)
+          bonus_rows[T::kScaleRows * block_warp + lane / 2] = bonus_dot;
+      }
     } else {
       (void)dots;
     }
@@ -324,7 +370,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   auto scale_per_key = [&](int chunk, auto gate_type) -> bool {
     using GateElem = decltype(gate_type);
     constexpr int kKeys = T::kGateColsPerLane;
-    const int key0 = kKeys * lane, row0 = 16 * warp;
+    constexpr int kRows = T::kScaleRows, kWarps = 4 * Groups;
+    const int key0 = kKeys * lane, row0 = kRows * block_warp;
     struct alignas(sizeof(GateElem) * kKeys) LaneGates {
       GateElem x[kKeys];
     };
@@ -348,30 +395,30 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     };
     // The chunk's sum per key (rows past the end were zero-filled: they add nothing), and the
     // sum over the rows before the warp's: each warp sums its own rows into the other stage's q
-    // tile (free: its next copies are issued after the top barrier), then reads all four sums
+    // tile (free: its next copies are issued after the top barrier), then reads every warp's sums
     // in the same order (the same totals in every warp).
-    float* row_sums = reinterpret_cast<float*>(stage_q(chunk + 1));  // [4][kGateCols]
+    float* row_sums = reinterpret_cast<float*>(stage_q(chunk + 1));  // [kWarps][kGateCols]
     constexpr int kCols = T::kGateCols;
     {
       float own[kKeys] = {};
 #pragma unroll
-      for (int r = 0; r < 16; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         float g[kKeys];
         gates_of(row0 + r, g);
 #pragma unroll
         for (int c = 0; c < kKeys; ++c) own[c] += g[c];
       }
 #pragma unroll
-      for (int c = 0; c < kKeys; ++c) row_sums[warp * kCols + key0 + c] = own[c];
+      for (int c = 0; c < kKeys; ++c) row_sums[block_warp * kCols + key0 + c] = own[c];
     }
     __syncthreads();
     float total[kKeys] = {}, before[kKeys] = {};
 #pragma unroll
-    for (int w = 0; w < 4; ++w)
+    for (int w = 0; w < kWarps; ++w)
 #pragma unroll
       for (int c = 0; c < kKeys; ++c) {
         const float sum = row_sums[w * kCols + key0 + c];
-        before[c] += w < warp ? sum : 0.f;
+        before[c] += w < block_warp ? sum : 0.f;
         total[c] += sum;
       }
     bool wide = false;
@@ -379,7 +426,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     for (int c = 0; c < kKeys; ++c) wide |= -total[c] > max_midpoint_range<Elem>();
     if (__any_sync(0xffffffffu, wide)) return false;  // the same in every warp
 
-    float mid[kKeys], mid_factor[kKeys], b[kKeys], dots[16];
+    float mid[kKeys], mid_factor[kKeys], b[kKeys], dots[kRows];
 #pragma unroll
     for (int c = 0; c < kKeys; ++c) {
       mid[c] = 0.5f * total[c];
@@ -389,7 +436,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     char* q_tile = stage_q(chunk);
     char* k_tile = stage_k(chunk);
 #pragma unroll
-    for (int r = 0; r < 16; ++r) {
+    for (int r = 0; r < kRows; ++r) {
       const int row = row0 + r;
       float g[kKeys], a[kKeys], key_side[kKeys];
       gates_of(row, g);
@@ -401,8 +448,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       }
       if constexpr (ValueGates) {
         // v_j * 2^{r - b_j} in place; the output factors 2^{a_i - r} of the row.
-        uint32_t* v_at =
-            reinterpret_cast<uint32_t*>(stage_v(chunk) + wg::tile_offset<kChunk>(row, key0));
+        uint32_t* v_at = reinterpret_cast<uint32_t*>(own_block(stage_v(chunk)) +
+                                                     wg::tile_offset<kChunk>(row, key0));
         const float2 vv = tile::unpack<Elem>(*v_at);
         *v_at = tile::pack<Elem>(vv.x * tile::fast_exp2(mid[0] - key_side[0]),
                                  vv.y * tile::fast_exp2(mid[1] - key_side[1]));
@@ -495,7 +542,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
   }
 
   const uint64_t state_desc = wg::descriptor(state_tile, K * wg::kRowBytes);
-  const uint64_t weighted_v_desc = wg::descriptor(weighted_v, T::kVBytes);
+  const uint64_t weighted_v_desc = wg::descriptor(own_block(weighted_v), T::kGroupVBytes);
   constexpr uint32_t kStep16Rows = 16 * wg::kRowBytes >> 4;  // descriptor units
   for (int chunk = 0; chunk < num_chunks; ++chunk) {
     const int rows_valid = rows_valid_of(chunk);
@@ -524,7 +571,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
     const uint64_t q_desc = wg::descriptor(stage_q(chunk), 16);
     const uint64_t k_desc = wg::descriptor(stage_k(chunk), 16);
     const uint64_t k_mn_desc = wg::descriptor(stage_k(chunk), kChunk * wg::kRowBytes);
-    const uint64_t v_desc = wg::descriptor(stage_v(chunk), T::kVBytes);
+    const uint64_t v_desc = wg::descriptor(own_block(stage_v(chunk)), T::kGroupVBytes);
     auto key_step = [](int s) {  // k16 step s of a K-major [64][K] tile, descriptor units
       return static_cast<uint32_t>(((s / 4) * (kChunk * wg::kRowBytes) + (s % 4) * 32) >> 4);
     };
@@ -570,11 +617,39 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 #pragma unroll
       for (int c = 0; c < 16; ++c) column_gate[c] = gates[8 * (c / 2) + 2 * quad + c % 2];
     }
-    // Bonus: the dots of rows row_a and row_b (lanes 2 (row % 16) of this warp hold them).
+    // Per-head decays of this thread's scores, 2^{d g} for d = i - j: d = base_h + 8 m with
+    // base_h = row_a - 2 quad - h, m = -c for row_a and 1 - c for row_b (column block c), so the
+    // thread needs m = -7 .. 1 at [h][m + 7]. From the first m with d >= 0 (d in 0 .. 7: one exp2)
+    // each next one is the previous times 2^{8 g} <= 1 (a decreasing chain: an underflow to 0 is
+    // below the true value's 2^-126), and the ones before it (d < 0, masked) are 0. Two exp2 per
+    // h instead of one per score.
+    float head_decay[2][9];
+    if constexpr (Gate == GateKind::kPerHead) {
+      const float step = tile::fast_exp2(8.f * head_gate);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int base = row_a - 2 * quad - h;
+        const int first = (7 - base) >> 3;  // ceil(-base / 8): the first m with d >= 0
+        const float start = tile::fast_exp2(static_cast<float>(base + 8 * first) * head_gate);
+        float x = 0.f;
+#pragma unroll
+        for (int m = -7; m <= 1; ++m) {
+          x = m == first ? start : x * step;
+          head_decay[h][m + 7] = x;
+        }
+      }
+    }
+    // Bonus: the dots of rows row_a and row_b (one warpgroup: lanes 2 (row % 16) of this warp
+    // hold them).
     float bonus_a = 0.f, bonus_b = 0.f;
     if constexpr (T::kBonusTerm) {
-      bonus_a = __shfl_sync(0xffffffffu, bonus_dot, 2 * group);
-      bonus_b = __shfl_sync(0xffffffffu, bonus_dot, 2 * group + 16);
+      if constexpr (Groups > 1) {  // scaled by other warps: published with the inputs
+        bonus_a = bonus_rows[row_a];
+        bonus_b = bonus_rows[row_b];
+      } else {
+        bonus_a = __shfl_sync(0xffffffffu, bonus_dot, 2 * group);
+        bonus_b = __shfl_sync(0xffffffffu, bonus_dot, 2 * group + 16);
+      }
     }
     wg::wait<1>();
     wg::fence_operand(scores);
@@ -590,8 +665,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
       float value[2] = {scores[e], scores[e + 1]};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        if constexpr (Gate == GateKind::kPerHead) {  // 2^{(i - j) g}, exactly the decay
-          if (j + h <= i) value[h] *= tile::fast_exp2(static_cast<float>(i - j - h) * head_gate);
+        if constexpr (Gate == GateKind::kPerHead) {  // 2^{(i - j) g}, the decay
+          value[h] *= head_decay[h][(second ? 8 : 7) - e / 4];
         } else if constexpr (Gate == GateKind::kPerToken) {
           if (j + h <= i)
             value[h] *= tile::fast_exp2((second ? gate_b : gate_a) - column_gate[2 * (e / 4) + h]);
@@ -658,7 +733,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
               make_float2(out[e] * args.scale, out[e + 1] * args.scale);
       }
     } else if (args.o.present) {
-      char* out_tile = stage_q(chunk);
+      char* out_tile = Groups > 1 ? own_block(out_stage) : stage_q(chunk);
       auto store_rows = [&](const StridedTensor& dst, bool residual) {
 #pragma unroll
         for (int e = 0; e < 32; e += 2) {
@@ -730,10 +805,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ChunkArgs args)
 
   if constexpr (T::kPerKey) {
     // Whether the mma.sync kernel has to run this block (ChunkArgs::redo).
-    if (args.redo != nullptr && tid == 0) {
-      const int stride = args.redo_stride > 0 ? args.redo_stride : static_cast<int>(gridDim.x);
-      args.redo[(seq_index * gridDim.y + head) * stride + args.redo_offset + blockIdx.x] =
-          narrow ? 0 : 1;
+    if (args.redo != nullptr && tid < Groups) {  // one flag per value tile
+      const int stride =
+          args.redo_stride > 0 ? args.redo_stride : static_cast<int>(gridDim.x) * Groups;
+      args.redo[(seq_index * gridDim.y + head) * stride + args.redo_offset + blockIdx.x * Groups +
+                tid] = narrow ? 0 : 1;
     }
     if (!narrow) return;
   }
@@ -773,8 +849,8 @@ bool runs_here() {
     if (answer != 0) return answer > 0;
   }
   cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out>) !=
-      cudaSuccess) {
+  if (cudaFuncGetAttributes(
+          &attributes, forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out, 1>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;  // not cached: a failed query says nothing about the device
   }
@@ -786,20 +862,36 @@ bool runs_here() {
 #endif
 }
 
+// FLASHLIN_WGMMA_GROUPS=1: one value tile per block everywhere (read at every launch, so that a
+// benchmark can compare the two forms in one process).
+inline bool single_value_tiles_forced() {
+  const char* value = std::getenv("FLASHLIN_WGMMA_GROUPS");
+  return value != nullptr && value[0] == '1' && value[1] == '\0';
+}
+
+// Two value tiles per block where kPairsValueTiles allows them and V is a multiple of 128.
 template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
           typename Out = Elem>
 cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaStream_t stream) {
-  using T = Traits<Elem, K, Gate, Bonus, ValueGates>;
-  auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out>;
-  const size_t smem_bytes =
-      T::smem_bytes(Gate == GateKind::kPerKey && args.g.dtype == Storage::kFloat32 ? 4 : 2);
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem_bytes));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(value_dim / kValueTile),
-                  static_cast<unsigned>(args.num_heads), static_cast<unsigned>(num_seqs));
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(args);
-  return cudaGetLastError();
+  auto run = [&](auto groups) {
+    constexpr int kGroups = decltype(groups)::value;
+    using T = Traits<Elem, K, Gate, Bonus, ValueGates, kGroups>;
+    auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out, kGroups>;
+    const size_t smem_bytes =
+        T::smem_bytes(Gate == GateKind::kPerKey && args.g.dtype == Storage::kFloat32 ? 4 : 2);
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem_bytes));
+    if (err != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(value_dim / (kValueTile * kGroups)),
+                    static_cast<unsigned>(args.num_heads), static_cast<unsigned>(num_seqs));
+    kernel<<<grid, T::kThreads, smem_bytes, stream>>>(args);
+    return cudaGetLastError();
+  };
+  if constexpr (kPairsValueTiles<K, Gate, ValueGates>) {
+    if (value_dim % (2 * kValueTile) == 0 && !single_value_tiles_forced())
+      return run(std::integral_constant<int, 2>{});
+  }
+  return run(std::integral_constant<int, 1>{});
 }
 
 }  // namespace flashlin::cuda::chunk_fwd_wgmma
