@@ -378,6 +378,12 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
   // S_T it leaves (with dS_T). The given dq is right however it was computed, so no (sequence,
   // head) needs the mma.sync backward on its account: the flags of the passes that run suffice.
   const bool dq_from_caller = p.dq_given && per_key && !p.bonus && !p.d_final_state.present;
+  // No gate or a per-head decay at K = V = 128: dk comes from dv's pass as its partner output
+  // (ChunkArgs::partner_o: the pass's blocks hold all of dS, and dk's pass would read the same
+  // chunks in the same direction), and dk's own pass does not run.
+  const bool dk_beside_dv =
+      !per_key && p.dv.present && p.dk.present &&
+      chunk_fwd_wgmma::partner_output_supported(p.gate, p.key_dim, p.value_dim);
   int flags_offset = 0;
   for (const Pass& pass : passes) {
     const int blocks_per_head = static_cast<int>(pass.value_dim / chunk_tc::kValueTile);
@@ -401,6 +407,11 @@ cudaError_t backward_via_forward(const RecurrenceParams& p, const LaunchContext&
     args.redo_offset = flags_offset;
     flags_offset += blocks_per_head;
     if (!pass.wanted || (&pass == &passes[0] && dq_from_caller)) continue;
+    if (dk_beside_dv && &pass == &passes[2]) continue;
+    if (dk_beside_dv && &pass == &passes[1]) {
+      args.partner_q = p.v;
+      args.partner_o = p.dk;
+    }
     const cudaError_t err =
         per_key ? launch_per_key_pass(p.q.dtype, pass.key_dim, pass.value_gates, p.bonus, args,
                                       pass.value_dim, ctx.sequences.count, ctx.stream)

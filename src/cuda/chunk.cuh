@@ -70,12 +70,12 @@ struct ChunkArgs {
   float initial_state_factor = 1.0f;
   float final_state_factor = 1.0f;
   bool shift_gates = false;
-  // Per-key gates: one flag per thread block (grid (V / 64, H, N), x fastest), written by the
-  // wgmma kernel (1: it stopped at a chunk wider than max_midpoint_range) and read by the
-  // mma.sync kernel launched after it, which runs only the flagged blocks. Null: no wgmma kernel
-  // ran, the mma.sync kernel runs every block. The backward's passes share one array: a pass's
-  // flag of block (x, head, seq) is at (seq H + head) redo_stride + redo_offset + x (stride 0:
-  // the grid's width).
+  // Per-key gates: one flag per 64-column value tile x of (head, seq) (the mma.sync kernel's
+  // grid (V / 64, H, N), x fastest), written by the wgmma kernel (1: it stopped at a chunk wider
+  // than max_midpoint_range; a block of two value tiles writes both) and read by the mma.sync
+  // kernel launched after it, which runs only the flagged blocks. Null: no wgmma kernel ran, the
+  // mma.sync kernel runs every block. The backward's passes share one array: a pass's flag of
+  // tile (x, head, seq) is at (seq H + head) redo_stride + redo_offset + x (stride 0: V / 64).
   int* redo = nullptr;
   int redo_stride = 0, redo_offset = 0;
   // Gates on the output's columns (the per-key backward's dq and dk passes): o - o rounded to the
@@ -84,6 +84,12 @@ struct ChunkArgs {
   // Gates on the output's columns in the bonus form (RWKV-6's dq and dk passes): the blocks of
   // value tile 0 write q_i . k_i of every row here (float32; absent: not written).
   StridedTensor diagonal;
+  // A partner output from the same chunks and state S ([K][V]; scalar gates, K = V = 128, two
+  // value tiles per block, so a block holds all of S): rows of partner_q meet S from the other
+  // side and the chunk's v, with k's rows as the values,
+  //   partner_o_i = scale [ 2^{b_i} S partner_q_i + sum_{j <= i} D_ij (partner_q_i . v_j) k_j ]
+  // (the backward's dk beside dv's pass: q = k, k = q, v = do, partner_q = v). Absent: not run.
+  StridedTensor partner_q, partner_o;
 };
 
 // A state tensor (sequence, head, key, value) seen as (sequence, head, value, key).

@@ -583,6 +583,7 @@ cudaError_t launch_scalar_gate(const ChunkArgs& args, int value_dim, int64_t num
                                cudaStream_t stream) {
   if (wgmma_chosen<Elem, K, Gate>())
     return chunk_fwd_wgmma::launch<Elem, K, Gate>(args, value_dim, num_seqs, stream);
+  if (args.partner_o.present) return cudaErrorInvalidValue;  // the wgmma kernel's only
   return launch<Elem, K, Gate, false>(args, value_dim, num_seqs, stream);
 }
 

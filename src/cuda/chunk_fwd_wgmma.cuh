@@ -41,10 +41,10 @@
 // done) precedes the publication of the next S0; each warp scans the chunk's scalar gates itself.
 // Per-key gates: the second barrier also publishes the next chunk's raw inputs; then each warp
 // sums every key's gates over the chunk itself (the sums are identical in every warp) and scales
-// q and k of its own 16 rows in place, and the next copies are issued after the top barrier (the
-// raw gates have one buffer). o is staged per warp in its rows of the chunk's q tile, which no
-// wgmma reads once the chunk's products are done (G = 2: in a tile of its own, as the other
-// warpgroup may still read those rows).
+// q and k of its own rows (16; 8 with two warpgroups) in place, and the next copies are issued
+// after the top barrier (the raw gates have one buffer). o is staged per warp in its rows of the
+// chunk's q tile, which no wgmma reads once the chunk's products are done (G = 2: in a tile of its
+// own, as the other warpgroup may still read those rows).
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 
@@ -74,11 +74,17 @@ constexpr bool kPairsValueTiles =
     K == 128 && !ValueGates &&
     (Gate == GateKind::kNone || Gate == GateKind::kPerHead || Gate == GateKind::kPerKey);
 
-template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = false, int Groups = 1>
+template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = false, int Groups = 1,
+          bool Partner = false>
 struct Traits {
   static_assert(K == 64 || K == 128, "K must be 64 or 128");
   static_assert(Groups == 1 || (Groups == 2 && kPairsValueTiles<K, Gate, ValueGates>),
                 "two value tiles per block only where kPairsValueTiles allows them");
+  // ChunkArgs::partner_o: K = V = 128 over two warpgroups, no gates or per-head gates.
+  static_assert(!Partner || (Groups == 2 && !Bonus && !ValueGates &&
+                             (Gate == GateKind::kNone || Gate == GateKind::kPerHead)),
+                "the partner output needs two value tiles and no or per-head gates");
+  static constexpr bool kPartner = Partner;
   // Warpgroups per block, each with its own 64 value columns, state and output.
   static constexpr int kGroups = Groups;
   static constexpr int kThreads = 128 * Groups;
@@ -108,7 +114,9 @@ struct Traits {
   // One warpgroup's [64][64] column block of v (and of the weighted v and the staged o).
   static constexpr size_t kGroupVBytes = size_t{kChunk} * kValueTile * 2;
   static constexpr size_t kVBytes = kGroupVBytes * Groups;
-  static constexpr size_t kStageBytes = 2 * kQkBytes + kVBytes;
+  // A stage: q, k, v and with the partner output its q ([64][V], V = 128).
+  static constexpr size_t kPartnerQBytes = Partner ? kVBytes : 0;
+  static constexpr size_t kStageBytes = 2 * kQkBytes + kVBytes + kPartnerQBytes;
   static constexpr int kStages = 2;
   static constexpr size_t kGroupStateBytes = size_t{K} * kValueTile * 2;
   static constexpr size_t kStateBytes = kGroupStateBytes * Groups;
@@ -123,11 +131,11 @@ struct Traits {
   static constexpr size_t kFixedBytes = kStages * kStageBytes + kStateBytes + kWeightedVBytes +
                                         kGateBytes + kOutStageBytes + kBonusRowBytes;
   // At K = 128: 105 KB for scalar gates, 112 KB with 16-bit per-key gates, 96 KB with float32
-  // ones: two blocks per multiprocessor; with two warpgroups 162 / 161 / 145 KB, one block. The
-  // dynamic shared memory starts 1024-byte aligned: there is no static shared memory, and the
-  // kernel checks. Gates on the output's columns: their gates are read from global memory like
-  // float32 ones, and the chunk's output factors 2^{a - r} take a float32 [64][64] tile (also 112
-  // KB).
+  // ones: two blocks per multiprocessor; with two warpgroups 160 / 160-161 / 144-145 KB, one block
+  // (192 KB with the partner output's q). The dynamic shared memory starts 1024-byte aligned: there
+  // is no static shared memory, and the kernel checks. Gates on the output's columns: their gates
+  // are read from global memory like float32 ones, and the chunk's output factors 2^{a - r} take a
+  // float32 [64][64] tile (also 112 KB).
   static constexpr size_t kFactorTileBytes = ValueGates ? size_t{kChunk} * kValueTile * 4 : 0;
   static constexpr size_t smem_bytes(int gate_bytes) {
     return kFixedBytes + kFactorTileBytes +
@@ -142,10 +150,10 @@ struct Traits {
 // Out: o's storage, the input type, or float32 for gates on the output's columns without the
 // bonus (slot attention's scores and its backward's float32 gradients, slot_attention_chunk.cu).
 template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates, typename Out,
-          int Groups>
+          int Groups, bool Partner = false>
 __global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs args) {
 #if defined(FLASHLIN_WGMMA_DEVICE)
-  using T = Traits<Elem, K, Gate, Bonus, ValueGates, Groups>;
+  using T = Traits<Elem, K, Gate, Bonus, ValueGates, Groups, Partner>;
   static_assert(std::is_same_v<Out, Elem> || (std::is_same_v<Out, float> && ValueGates && !Bonus),
                 "float32 o only with gates on the output's columns, without the bonus");
   extern __shared__ __align__(1024) char smem[];
@@ -153,6 +161,7 @@ __global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs a
   auto stage_q = [&](int chunk) { return smem + (chunk % T::kStages) * T::kStageBytes; };
   auto stage_k = [&](int chunk) { return stage_q(chunk) + T::kQkBytes; };
   auto stage_v = [&](int chunk) { return stage_q(chunk) + 2 * T::kQkBytes; };
+  auto stage_partner_q = [&](int chunk) { return stage_v(chunk) + T::kVBytes; };
   const int tid = threadIdx.x, lane = tid % 32, block_warp = tid / 32;
   const int group = lane / 4, quad = lane % 4;
   // The thread's warpgroup (its value tile) and its warp in it (rows of its fragments); the warp
@@ -187,6 +196,7 @@ __global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs a
   const TokenRows q_rows(args.q, seq, head, args.reverse, 2);
   const TokenRows k_rows(args.k, seq, head, args.reverse, 2);
   const TokenRows v_rows(args.v, seq, head, args.reverse, 2, blockIdx.x * Groups * kValueTile);
+  const TokenRows partner_q_rows(T::kPartner ? args.partner_q : args.v, seq, head, args.reverse, 2);
   const int key_gate_bytes = T::kPerKey ? (args.g.dtype == Storage::kFloat32 ? 4 : 2) : 0;
   auto issue_chunk = [&](int chunk) {
     const int64_t first_row = int64_t{chunk} * kChunk;
@@ -197,6 +207,9 @@ __global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs a
                                                     k_rows.step, valid);
     wg::copy_rows_async<kValueTile * 2 * Groups, T::kThreads, kChunk>(
         stage_v(chunk), v_rows.row(first_row), v_rows.step, valid);
+    if constexpr (T::kPartner)
+      wg::copy_rows_async<kValueTile * 2 * Groups, T::kThreads, kChunk>(
+          stage_partner_q(chunk), partner_q_rows.row(first_row), partner_q_rows.step, valid);
     if constexpr (T::kPerKey) {
       const TokenRows g_rows(args.g, seq, head, args.reverse, key_gate_bytes,
                              ValueGates ? value0 : 0);
@@ -617,28 +630,6 @@ __global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs a
 #pragma unroll
       for (int c = 0; c < 16; ++c) column_gate[c] = gates[8 * (c / 2) + 2 * quad + c % 2];
     }
-    // Per-head decays of this thread's scores, 2^{d g} for d = i - j: d = base_h + 8 m with
-    // base_h = row_a - 2 quad - h, m = -c for row_a and 1 - c for row_b (column block c), so the
-    // thread needs m = -7 .. 1 at [h][m + 7]. From the first m with d >= 0 (d in 0 .. 7: one exp2)
-    // each next one is the previous times 2^{8 g} <= 1 (a decreasing chain: an underflow to 0 is
-    // below the true value's 2^-126), and the ones before it (d < 0, masked) are 0. Two exp2 per
-    // h instead of one per score.
-    float head_decay[2][9];
-    if constexpr (Gate == GateKind::kPerHead) {
-      const float step = tile::fast_exp2(8.f * head_gate);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int base = row_a - 2 * quad - h;
-        const int first = (7 - base) >> 3;  // ceil(-base / 8): the first m with d >= 0
-        const float start = tile::fast_exp2(static_cast<float>(base + 8 * first) * head_gate);
-        float x = 0.f;
-#pragma unroll
-        for (int m = -7; m <= 1; ++m) {
-          x = m == first ? start : x * step;
-          head_decay[h][m + 7] = x;
-        }
-      }
-    }
     // Bonus: the dots of rows row_a and row_b (one warpgroup: lanes 2 (row % 16) of this warp
     // hold them).
     float bonus_a = 0.f, bonus_b = 0.f;
@@ -655,35 +646,69 @@ __global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs a
     wg::fence_operand(scores);
     wg::fence_operand(out);
 
-    // Causal mask and decay of the scores, decay of the inter-chunk part of out.
-    uint32_t p_frag[4][4];
+    // Causal mask and decay of the scores, decay of the inter-chunk part of out (also the
+    // partner output's, the same rows and columns).
+    // Per-head decays of this thread's scores, 2^{d g} for d = i - j: d = base_h + 8 m with
+    // base_h = row_a - 2 quad - h, m = -c for row_a and 1 - c for row_b (column block c), so the
+    // thread needs m = -7 .. 1 at [h][m + 7]. From the first m with d >= 0 (d in 0 .. 7: one exp2)
+    // each next one is the previous times 2^{8 g} <= 1 (a decreasing chain: an underflow to 0 is
+    // below the true value's 2^-126), and the ones before it (d < 0, masked) are 0. Two exp2 per
+    // h instead of one per score.
+    // Formed where the masking runs, not kept: the partner output's masking forms them again
+    // from a copy of g the compiler cannot see through (else it keeps the first ones live across
+    // the partner's products, 48 bytes of spill).
+    auto form_head_decays = [&](float(&head_decay)[2][9], float decay_gate) {
+      if constexpr (Gate == GateKind::kPerHead) {
+        const float step = tile::fast_exp2(8.f * decay_gate);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int base = row_a - 2 * quad - h;
+          const int first = (7 - base) >> 3;  // ceil(-base / 8): the first m with d >= 0
+          const float start = tile::fast_exp2(static_cast<float>(base + 8 * first) * decay_gate);
+          float x = 0.f;
+#pragma unroll
+          for (int m = -7; m <= 1; ++m) {
+            x = m == first ? start : x * step;
+            head_decay[h][m + 7] = x;
+          }
+        }
+      }
+    };
     float diagonal_a = 0.f, diagonal_b = 0.f;  // kDiagonalOut: q_i . k_i of rows row_a, row_b
+    auto mask_and_decay = [&](const float(&chunk_scores)[32], float(&chunk_out)[32],
+                              uint32_t(&p_frag)[4][4], float decay_gate) {
+      float head_decay[2][9];
+      form_head_decays(head_decay, decay_gate);
 #pragma unroll
-    for (int e = 0; e < 32; e += 2) {
-      const bool second = (e % 4) >= 2;
-      const int i = second ? row_b : row_a, j = 8 * (e / 4) + 2 * quad;
-      float value[2] = {scores[e], scores[e + 1]};
+      for (int e = 0; e < 32; e += 2) {
+        const bool second = (e % 4) >= 2;
+        const int i = second ? row_b : row_a, j = 8 * (e / 4) + 2 * quad;
+        float value[2] = {chunk_scores[e], chunk_scores[e + 1]};
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if constexpr (Gate == GateKind::kPerHead) {  // 2^{(i - j) g}, the decay
-          value[h] *= head_decay[h][(second ? 8 : 7) - e / 4];
-        } else if constexpr (Gate == GateKind::kPerToken) {
-          if (j + h <= i)
-            value[h] *= tile::fast_exp2((second ? gate_b : gate_a) - column_gate[2 * (e / 4) + h]);
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (Gate == GateKind::kPerHead) {  // 2^{(i - j) g}, the decay
+            value[h] *= head_decay[h][(second ? 8 : 7) - e / 4];
+          } else if constexpr (Gate == GateKind::kPerToken) {
+            if (j + h <= i)
+              value[h] *=
+                  tile::fast_exp2((second ? gate_b : gate_a) - column_gate[2 * (e / 4) + h]);
+          }
+          if constexpr (T::kDiagonalOut) {  // q_i . k_i, for the bonus terms of RWKV-6's backward
+            if (j + h == i) (second ? diagonal_b : diagonal_a) = value[h];
+          }
+          // Selected, not multiplied: a masked per-key score may be infinite.
+          value[h] = (Bonus ? j + h < i : j + h <= i) ? value[h] : 0.f;
+          if (T::kBonusTerm && j + h == i) value[h] = second ? bonus_b : bonus_a;
         }
-        if constexpr (T::kDiagonalOut) {  // q_i . k_i, for the bonus terms of RWKV-6's backward
-          if (j + h == i) (second ? diagonal_b : diagonal_a) = value[h];
+        p_frag[e / 8][(e % 8) / 2] = tile::pack<Elem>(value[0], value[1]);
+        if constexpr (T::kScalarGated) {
+          chunk_out[e] *= second ? decay_b : decay_a;
+          chunk_out[e + 1] *= second ? decay_b : decay_a;
         }
-        // Selected, not multiplied: a masked per-key score may be infinite.
-        value[h] = (Bonus ? j + h < i : j + h <= i) ? value[h] : 0.f;
-        if (T::kBonusTerm && j + h == i) value[h] = second ? bonus_b : bonus_a;
       }
-      p_frag[e / 8][(e % 8) / 2] = tile::pack<Elem>(value[0], value[1]);
-      if constexpr (T::kScalarGated) {
-        out[e] *= second ? decay_b : decay_a;
-        out[e + 1] *= second ? decay_b : decay_a;
-      }
-    }
+    };
+    uint32_t p_frag[4][4];
+    mask_and_decay(scores, out, p_frag, head_gate);
     // (d) out += P V.
     wg::fence();
 #pragma unroll
@@ -706,12 +731,40 @@ __global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs a
       }
     }
 
-    // Store o: the warp's 16 rows staged in its rows of the chunk's q tile (swizzled:
+    // Store o: the warp's 16 rows staged in its rows of the chunk's q tile (two warpgroups: of
+    // out_stage's block of its warpgroup) (swizzled:
     // conflict-free; wgmma reads only this warp's rows of q as A, and those products are done),
     // then written as 16-byte pieces, four rows of 128 bytes per warp-wide store. Rows past the
     // sequence end are not written; no o: a states-only pass. Gates on the output's columns may
     // also write o's rounding residual (o - o rounded to the input type, in the input type: the
     // backward's dq and dk to 16 more bits for the gate gradient), staged the same way after o.
+    char* out_tile = Groups > 1 ? own_block(out_stage) : stage_q(chunk);
+    auto store_rows = [&](const float(&acc)[32], const StridedTensor& dst, bool residual) {
+#pragma unroll
+      for (int e = 0; e < 32; e += 2) {
+        const int row = (e % 4) >= 2 ? row_b : row_a;
+        const float x0 = acc[e] * args.scale, x1 = acc[e + 1] * args.scale;
+        uint32_t pair = tile::pack<Elem>(x0, x1);
+        if (residual) {
+          const float2 rounded = tile::unpack<Elem>(pair);
+          pair = tile::pack<Elem>(x0 - rounded.x, x1 - rounded.y);
+        }
+        *reinterpret_cast<uint32_t*>(out_tile + wg::tile_offset<kChunk>(row, state_value(e))) =
+            pair;
+      }
+      __syncwarp();
+#pragma unroll
+      for (int pass = 0; pass < 4; ++pass) {
+        const int row = 16 * warp + 4 * pass + lane / 8, piece = lane % 8;
+        if (row >= rows_valid) continue;
+        const uint4 x =
+            *reinterpret_cast<const uint4*>(out_tile + wg::tile_offset<kChunk>(row, 8 * piece));
+        const int64_t token = token_at(int64_t{chunk} * kChunk + row);
+        Elem* o_row =
+            reinterpret_cast<Elem*>(dst.data) + element_offset(dst, seq.batch, token, head, value0);
+        *reinterpret_cast<uint4*>(o_row + 8 * piece) = x;
+      }
+    };
     if (std::is_same_v<Out, float> && args.o.present) {
       // float32 o straight from the accumulators: a quad's four 8-byte stores fill one 32-byte
       // sector of a row (no staging: a [64][64] float32 tile would not fit a K = 64 q tile).
@@ -733,37 +786,50 @@ __global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs a
               make_float2(out[e] * args.scale, out[e + 1] * args.scale);
       }
     } else if (args.o.present) {
-      char* out_tile = Groups > 1 ? own_block(out_stage) : stage_q(chunk);
-      auto store_rows = [&](const StridedTensor& dst, bool residual) {
-#pragma unroll
-        for (int e = 0; e < 32; e += 2) {
-          const int row = (e % 4) >= 2 ? row_b : row_a;
-          const float x0 = out[e] * args.scale, x1 = out[e + 1] * args.scale;
-          uint32_t pair = tile::pack<Elem>(x0, x1);
-          if (residual) {
-            const float2 rounded = tile::unpack<Elem>(pair);
-            pair = tile::pack<Elem>(x0 - rounded.x, x1 - rounded.y);
-          }
-          *reinterpret_cast<uint32_t*>(out_tile + wg::tile_offset<kChunk>(row, state_value(e))) =
-              pair;
-        }
-        __syncwarp();
-#pragma unroll
-        for (int pass = 0; pass < 4; ++pass) {
-          const int row = 16 * warp + 4 * pass + lane / 8, piece = lane % 8;
-          if (row >= rows_valid) continue;
-          const uint4 x =
-              *reinterpret_cast<const uint4*>(out_tile + wg::tile_offset<kChunk>(row, 8 * piece));
-          const int64_t token = token_at(int64_t{chunk} * kChunk + row);
-          Elem* o_row = reinterpret_cast<Elem*>(dst.data) +
-                        element_offset(dst, seq.batch, token, head, value0);
-          *reinterpret_cast<uint4*>(o_row + 8 * piece) = x;
-        }
-      };
-      store_rows(args.o, false);
+      store_rows(out, args.o, false);
       if (ValueGates && args.o_residual.present) {
         __syncwarp();  // the staged o is read
-        store_rows(args.o_residual, true);
+        store_rows(out, args.o_residual, true);
+      }
+    }
+    if constexpr (T::kPartner) {
+      // The partner output (ChunkArgs::partner_o), columns value0.. of K: its scores with the
+      // chunk's v (a K-major [64][V] tile), S partner_q from both warpgroups' published tiles of
+      // S0 read from the other side (rows value0.. of each [K][64] tile, a K-major B over the
+      // tile's 64 value columns), then P k with this warpgroup's column block of the k tile.
+      if (args.partner_o.present) {
+        float partner_scores[32], partner_out[32];
+        const uint64_t partner_desc = wg::descriptor(stage_partner_q(chunk), 16);
+        const uint64_t v_key_major_desc = wg::descriptor(stage_v(chunk), 16);
+        const char* states = smem + T::kStages * T::kStageBytes + value0 * wg::kRowBytes;
+        wg::fence();
+#pragma unroll
+        for (int s = 0; s < 2 * kValueTile / 16; ++s)
+          wg::mma<Elem, 0, 0>(partner_scores, partner_desc + key_step(s),
+                              v_key_major_desc + key_step(s), s > 0);
+#pragma unroll
+        for (int s = 0; s < 2 * kValueTile / 16; ++s)
+          wg::mma<Elem, 0, 0>(
+              partner_out, partner_desc + key_step(s),
+              wg::descriptor(states + (s / 4) * T::kGroupStateBytes, 16) + (s % 4) * 2, s > 0);
+        wg::commit();
+        wg::wait<0>();
+        wg::fence_operand(partner_scores);
+        wg::fence_operand(partner_out);
+        uint32_t partner_frag[4][4];
+        float partner_gate = head_gate;
+        asm volatile("" : "+f"(partner_gate));
+        mask_and_decay(partner_scores, partner_out, partner_frag, partner_gate);
+        const uint64_t k_values_desc = wg::descriptor(own_block(stage_k(chunk)), T::kGroupVBytes);
+        wg::fence();
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+          wg::mma<Elem, 1>(partner_out, partner_frag[s], k_values_desc + s * kStep16Rows, 1);
+        wg::commit();
+        wg::wait<0>();
+        wg::fence_operand(partner_out);
+        __syncwarp();  // the staged o is read
+        store_rows(partner_out, args.partner_o, false);
       }
     }
     if constexpr (T::kDiagonalOut) {  // both diagonals of the thread's rows lie in quad group / 2
@@ -869,14 +935,23 @@ inline bool single_value_tiles_forced() {
   return value != nullptr && value[0] == '1' && value[1] == '\0';
 }
 
-// Two value tiles per block where kPairsValueTiles allows them and V is a multiple of 128.
+// Whether a call can ask for ChunkArgs::partner_o (on this kernel: launch_scalar_gate checks that
+// it runs).
+inline bool partner_output_supported(GateKind gate, int64_t key_dim, int64_t value_dim) {
+  return (gate == GateKind::kNone || gate == GateKind::kPerHead) && key_dim == 128 &&
+         value_dim == 128 && !single_value_tiles_forced();
+}
+
+// Two value tiles per block where kPairsValueTiles allows them and V is a multiple of 128; the
+// partner output where partner_output_supported.
 template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
           typename Out = Elem>
 cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaStream_t stream) {
-  auto run = [&](auto groups) {
+  auto run = [&](auto groups, auto partner) {
     constexpr int kGroups = decltype(groups)::value;
-    using T = Traits<Elem, K, Gate, Bonus, ValueGates, kGroups>;
-    auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out, kGroups>;
+    constexpr bool kPartner = decltype(partner)::value;
+    using T = Traits<Elem, K, Gate, Bonus, ValueGates, kGroups, kPartner>;
+    auto kernel = forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out, kGroups, kPartner>;
     const size_t smem_bytes =
         T::smem_bytes(Gate == GateKind::kPerKey && args.g.dtype == Storage::kFloat32 ? 4 : 2);
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -887,11 +962,20 @@ cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaS
     kernel<<<grid, T::kThreads, smem_bytes, stream>>>(args);
     return cudaGetLastError();
   };
+  using Two = std::integral_constant<int, 2>;
+  using One = std::integral_constant<int, 1>;
+  if (args.partner_o.present) {
+    if constexpr (K == 128 && !Bonus && !ValueGates && std::is_same_v<Out, Elem> &&
+                  (Gate == GateKind::kNone || Gate == GateKind::kPerHead)) {
+      if (partner_output_supported(Gate, K, value_dim)) return run(Two{}, std::true_type{});
+    }
+    return cudaErrorInvalidValue;
+  }
   if constexpr (kPairsValueTiles<K, Gate, ValueGates>) {
     if (value_dim % (2 * kValueTile) == 0 && !single_value_tiles_forced())
-      return run(std::integral_constant<int, 2>{});
+      return run(Two{}, std::false_type{});
   }
-  return run(std::integral_constant<int, 1>{});
+  return run(One{}, std::false_type{});
 }
 
 }  // namespace flashlin::cuda::chunk_fwd_wgmma

@@ -40,7 +40,7 @@ namespace {
 
 constexpr int64_t kPieceAlign = 64;      // whole chunks (of the core kernels and of Based's)
 constexpr int64_t kMinPiece = 1024;      // below this the two passes cost more than they gain
-constexpr int kForwardBlocksPerSm = 2;   // the per-key forward runs two blocks per SM
+constexpr int kForwardBlocksPerSm = 2;   // value tiles per SM: two blocks, or one of two
 constexpr int kBackwardBlocksPerSm = 1;  // 8 warps and a whole K x V state per block
 constexpr int kScanThreads = 256;
 

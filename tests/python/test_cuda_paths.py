@@ -157,13 +157,15 @@ def test_per_key_gate_ranges(op, KV, gate_dtype, path):
     check_against_reference(op, x, cu_seqlens=cu.cuda())
 
 
+@pytest.mark.parametrize("KV", [(64, 64), (128, 128)], ids=lambda kv: "%dx%d" % kv)
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bfloat16", "float16"])
-def test_per_head_decay_range(dtype, path):
+def test_per_head_decay_range(dtype, KV, path):
     """Per-head decays from almost none to e^-30 per token, one per head (the kernels form each
     score's decay 2^{(i - j) g} and the chunk's state decay from the constant): outputs, final
-    state and every gradient against the reference."""
+    state and every gradient against the reference. 128x128 takes two value tiles per block on
+    Hopper, and its backward dk beside dv's pass."""
     op = OPS_BY_ID["chunk_simple_gla[g_gamma]"]
-    x = make_inputs(op, 2, 150, 6, 64, 64, dtype=dtype, device="cuda")
+    x = make_inputs(op, 2, 150, 6, KV[0], KV[1], dtype=dtype, device="cuda")
     x["g_gamma"] = torch.tensor([-1e-3, -0.3, -1.0, -1.1, -5.0, -30.0], device="cuda")
     check_against_reference(op, x)
 
