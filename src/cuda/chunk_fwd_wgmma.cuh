@@ -132,10 +132,10 @@ struct Traits {
                                         kGateBytes + kOutStageBytes + kBonusRowBytes;
   // At K = 128: 105 KB for scalar gates, 112 KB with 16-bit per-key gates, 96 KB with float32
   // ones: two blocks per multiprocessor; with two warpgroups 160 / 160-161 / 144-145 KB, one block
-  // (192 KB with the partner output's q). The dynamic shared memory starts 1024-byte aligned: there
-  // is no static shared memory, and the kernel checks. Gates on the output's columns: their gates
-  // are read from global memory like float32 ones, and the chunk's output factors 2^{a - r} take a
-  // float32 [64][64] tile (also 112 KB).
+  // (with the partner output's q: 192 KB per-head, 176 KB without gates). The dynamic shared memory
+  // starts 1024-byte aligned: there is no static shared memory, and the kernel checks. Gates on the
+  // output's columns: their gates are read from global memory like float32 ones, and the chunk's
+  // output factors 2^{a - r} take a float32 [64][64] tile (also 112 KB).
   static constexpr size_t kFactorTileBytes = ValueGates ? size_t{kChunk} * kValueTile * 4 : 0;
   static constexpr size_t smem_bytes(int gate_bytes) {
     return kFixedBytes + kFactorTileBytes +
@@ -965,6 +965,9 @@ cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaS
   using Two = std::integral_constant<int, 2>;
   using One = std::integral_constant<int, 1>;
   if (args.partner_o.present) {
+    if (!args.partner_q.present || args.partner_q.dtype != args.q.dtype ||
+        args.partner_o.dtype != args.q.dtype)
+      return cudaErrorInvalidValue;
     if constexpr (K == 128 && !Bonus && !ValueGates && std::is_same_v<Out, Elem> &&
                   (Gate == GateKind::kNone || Gate == GateKind::kPerHead)) {
       if (partner_output_supported(Gate, K, value_dim)) return run(Two{}, std::true_type{});
