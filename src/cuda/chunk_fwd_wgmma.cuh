@@ -74,6 +74,12 @@ constexpr bool kPairsValueTiles =
     K == 128 && !ValueGates &&
     (Gate == GateKind::kNone || Gate == GateKind::kPerHead || Gate == GateKind::kPerKey);
 
+// Whether the kernel has the partner output's form (ChunkArgs::partner_o): K = 128 (and V = 128,
+// two warpgroups), no gates or per-head gates. Also asked at run time (partner_output_supported).
+constexpr bool partner_form(int64_t key_dim, GateKind gate) {
+  return key_dim == 128 && (gate == GateKind::kNone || gate == GateKind::kPerHead);
+}
+
 template <typename Elem, int K, GateKind Gate, bool Bonus, bool ValueGates = false, int Groups = 1,
           bool Partner = false>
 struct Traits {
@@ -81,8 +87,7 @@ struct Traits {
   static_assert(Groups == 1 || (Groups == 2 && kPairsValueTiles<K, Gate, ValueGates>),
                 "two value tiles per block only where kPairsValueTiles allows them");
   // ChunkArgs::partner_o: K = V = 128 over two warpgroups, no gates or per-head gates.
-  static_assert(!Partner || (Groups == 2 && !Bonus && !ValueGates &&
-                             (Gate == GateKind::kNone || Gate == GateKind::kPerHead)),
+  static_assert(!Partner || (Groups == 2 && !Bonus && !ValueGates && partner_form(K, Gate)),
                 "the partner output needs two value tiles and no or per-head gates");
   static constexpr bool kPartner = Partner;
   // Warpgroups per block, each with its own 64 value columns, state and output.
@@ -938,8 +943,7 @@ inline bool single_value_tiles_forced() {
 // Whether a call can ask for ChunkArgs::partner_o (on this kernel: launch_scalar_gate checks that
 // it runs).
 inline bool partner_output_supported(GateKind gate, int64_t key_dim, int64_t value_dim) {
-  return (gate == GateKind::kNone || gate == GateKind::kPerHead) && key_dim == 128 &&
-         value_dim == 128 && !single_value_tiles_forced();
+  return partner_form(key_dim, gate) && value_dim == 128 && !single_value_tiles_forced();
 }
 
 // Two value tiles per block where kPairsValueTiles allows them and V is a multiple of 128; the
@@ -968,8 +972,7 @@ cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaS
     if (!args.partner_q.present || args.partner_q.dtype != args.q.dtype ||
         args.partner_o.dtype != args.q.dtype)
       return cudaErrorInvalidValue;
-    if constexpr (K == 128 && !Bonus && !ValueGates && std::is_same_v<Out, Elem> &&
-                  (Gate == GateKind::kNone || Gate == GateKind::kPerHead)) {
+    if constexpr (partner_form(K, Gate) && !Bonus && !ValueGates && std::is_same_v<Out, Elem>) {
       if (partner_output_supported(Gate, K, value_dim)) return run(Two{}, std::true_type{});
     }
     return cudaErrorInvalidValue;
