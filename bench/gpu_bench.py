@@ -56,7 +56,9 @@ Outputs: fixed-width tables on stdout (the summary, with the issue's targets at 
 CSV (--csv) and a PNG (--png; time against T, one line per implementation, one subplot per op and
 pass). Nothing is asserted: an error is printed in its cell ("err: <type>", "unsupported") with
 the full message under the table, and the run goes on. fla is optional (its columns are skipped
-when `fla.ops` cannot be imported); so are matplotlib and triton.
+when `fla.ops` cannot be imported); so are matplotlib and triton. fla's cold first calls (Triton
+compile and autotune, minutes per op) are best paid beforehand: bench/fla_device.sh runs
+bench/fla_warm.py, which fills Triton's cache in parallel, then this script.
 
     FLASHLIN_LIBRARY=build-device/libflashlin.so PYTHONPATH=python python3 bench/gpu_bench.py
     ... python3 bench/gpu_bench.py --device cpu --quick      # logic check on the CPU, tiny shapes
@@ -406,6 +408,8 @@ def percent(record):
 
 def ratio(fla, ours):
     if fla is None or ours is None or fla["status"] != "ok" or ours["status"] != "ok":
+        return None
+    if fla["ms"] in ("", None) or ours["ms"] in ("", None):  # rows without a time (memory)
         return None
     return fla["ms"] / ours["ms"]
 
@@ -868,6 +872,8 @@ def run_memory(cfg, device, impls):
                            extra_mib=extra / 2 ** 20, fwd_extra_mib=fwd_extra / 2 ** 20,
                            message=f"one [B,T,H,K] tensor = {B * T * H * cfg.K * cfg.elt / 2**20:.0f}"
                                    f" MiB; q,k,v(,g) = {held / 2**20:.0f} MiB")
+                print(f"   {op} {impl}: extra {extra / 2 ** 20:.0f} MiB fwd+bwd, "
+                      f"{fwd_extra / 2 ** 20:.0f} MiB fwd", flush=True)
             except Exception as error:  # noqa: BLE001
                 note_error(error, device)
                 error_record(cfg, "memory", op, impl, "fwd+bwd", B, H, T, None, error)
