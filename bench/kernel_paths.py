@@ -8,9 +8,12 @@ the two paths alternate in blocks of 5 queued runs so that both see the same clo
 largest difference between their outputs (o, and dq, dk, dv, dg, du) relative to the largest value.
 Prints a table; no assertions (tests/python checks both paths against the float64 reference).
 With --against groups1 the other path is the wgmma kernels with one value tile per thread block
-(FLASHLIN_WGMMA_GROUPS=1) instead of the mma.sync kernels.
+(FLASHLIN_WGMMA_GROUPS=1) instead of the mma.sync kernels. Op vq: Transformer-VQ attention
+(vq_attention, S = 512 codes, block_len 512, the dense key gradient), whose backward's key kernel
+runs on wgmma by default; --against vq-mma.sync compares it with the mma.sync key kernel
+(FLASHLIN_VQ_KEY_WGMMA=0).
 
-usage: python3 bench/kernel_paths.py [--against groups1] [T ...] [op ...]
+usage: python3 bench/kernel_paths.py [--against groups1|vq-mma.sync] [T ...] [op ...]
        (default 2048 4096 8192, every op)
 """
 import os
@@ -28,7 +31,7 @@ RUNS = 30
 BLOCK = 5
 
 
-OPS = ("retention", "linear", "per-token", "gla", "rwkv6")
+OPS = ("retention", "linear", "per-token", "gla", "rwkv6", "vq")
 
 
 def call_of(name, q, k, v, gates):
@@ -40,6 +43,8 @@ def call_of(name, q, k, v, gates):
         return lambda: ops.chunk_gla(q, k, v, gates["per-key"])[0]
     if name == "rwkv6":
         return lambda: ops.chunk_rwkv6(q, k, v, gates["rwkv6"], gates["u"])[0]
+    if name == "vq":
+        return lambda: ops.vq_attention(q, k, v, gates["codebook"], block_len=512)[0]
     return lambda: ops.chunk_simple_gla(q, k, v, g=gates["per-token"])[0]
 
 
@@ -55,13 +60,14 @@ def timed_block(fn, runs):
     return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
 
 
-SWITCHES = {"mma.sync": "FLASHLIN_CUDA_MMA_SYNC", "groups1": "FLASHLIN_WGMMA_GROUPS"}
+SWITCHES = {"mma.sync": ("FLASHLIN_CUDA_MMA_SYNC", "1"), "groups1": ("FLASHLIN_WGMMA_GROUPS", "1"),
+            "vq-mma.sync": ("FLASHLIN_VQ_KEY_WGMMA", "0")}
 
 
 def use_kernel(kernel):
-    for path, variable in SWITCHES.items():
+    for path, (variable, value) in SWITCHES.items():
         if path == kernel:
-            os.environ[variable] = "1"
+            os.environ[variable] = value
         else:
             os.environ.pop(variable, None)
 
@@ -92,6 +98,7 @@ def main():
         }
         for tensor in gates.values():
             tensor.requires_grad_(True)
+        gates["codebook"] = torch.randn(H, 512, D, device="cuda", dtype=torch.bfloat16)
         do = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
         for name in names:
             call = call_of(name, q, k, v, gates)
@@ -101,7 +108,8 @@ def main():
                     return call()
 
             def backward():  # the op's inputs among q, k, v and the gates (the others: None)
-                grads = torch.autograd.grad(call(), [q, k, v, *gates.values()], do,
+                wanted = [x for x in (q, k, v, *gates.values()) if x.requires_grad]
+                grads = torch.autograd.grad(call(), wanted, do,
                                             allow_unused=True)
                 return tuple(x for x in grads if x is not None)
 

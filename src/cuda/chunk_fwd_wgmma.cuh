@@ -900,37 +900,13 @@ __global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs a
 #endif  // FLASHLIN_WGMMA_DEVICE
 }
 
-// Whether this build and the current device run forward_kernel: the library holds sm_90a code
-// (FLASHLIN_SM90A, set by CMake when CMAKE_CUDA_ARCHITECTURES has 90a) and the device loads it.
-// Asked once per device (a call may ask several times: the backward's passes).
+// Whether this build and the current device run forward_kernel (wg::runs_sm90a). Asked once per
+// device (a call may ask several times: the backward's passes).
 template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
           typename Out = Elem>
 bool runs_here() {
-#if defined(FLASHLIN_SM90A)
-  constexpr int kKnownDevices = 64;
-  static std::atomic<signed char> known[kKnownDevices];  // 0: not asked yet, 1: yes, -1: no
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  const bool cached = device >= 0 && device < kKnownDevices;
-  if (cached) {
-    const signed char answer = known[device].load(std::memory_order_relaxed);
-    if (answer != 0) return answer > 0;
-  }
-  cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(
-          &attributes, forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out, 1>) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;  // not cached: a failed query says nothing about the device
-  }
-  const bool runs = attributes.binaryVersion == 90;
-  if (cached) known[device].store(runs ? 1 : -1, std::memory_order_relaxed);
-  return runs;
-#else
-  return false;
-#endif
+  static std::atomic<signed char> known[wg::kKnownDevices];
+  return wg::runs_sm90a(forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out, 1>, known);
 }
 
 // FLASHLIN_WGMMA_GROUPS=1: one value tile per block everywhere (read at every launch, so that a

@@ -35,19 +35,25 @@
 //                      with R_s = dF_s + sum_{later tiles} w_is do_i per code: writes dv_j =
 //                      R_{code_j} (dv's aggregated part) and d initial_state.
 //   key_kernel         one block per (sequence, head, 64 keys): dk, and dv's own-tile part added
-//                      to what code_kernel wrote.
+//                      to what code_kernel wrote; on sm_90a key_kernel_wgmma does the same per 128
+//                      keys with warpgroup MMA (wgmma.cuh), FLASHLIN_VQ_KEY_WGMMA=0 forcing the
+//                      first.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
 #include "cuda/host.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/vq_attention_tc.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace flashlin::cuda {
 namespace {
@@ -847,6 +853,257 @@ __global__ void __launch_bounds__(kTileThreads) key_kernel(const Args a) {
   }
 }
 
+// ---- the same on wgmma (sm_90a), per 128 keys ---------------------------------------------------
+// The sums of key_kernel with a block of two warpgroups, 64 keys each, walking the queries in
+// steps of 64: per step each warpgroup forms S^T = K^ Q^T and dP^T = V dO^T (64 x 64, both
+// operands in shared memory), then P and dS in registers as the A operand of dK += dS^T Q and,
+// over the keys' own query tile (the block's first two steps), dV += P^T dO. Tiles in the
+// 128-byte swizzle (wgmma.cuh), copied with cp.async in three stages (one barrier per step; the
+// softmax statistics too: a synchronous load there stalled the whole block). The dense key gradient
+// is three products per (query, key) pair, like SDPA's backward minus two: this kernel is where the
+// dense gradient's time goes.
+constexpr int kWgKeys = 128;  // keys per block: two warpgroups of 64
+constexpr int kWgQueries = 64;
+constexpr int kWgKeyThreads = 256;
+constexpr int kWgStages = 3;  // a stage is refilled two steps after it was read
+static_assert(kWgKeys == kQueryTile, "a block's keys are one query tile: dv's own part");
+
+template <int D>
+struct WgKeyShape {
+  static constexpr int kKeyTileBytes = kWgKeys * D * 2;       // K^ or V, D / 64 column blocks
+  static constexpr int kQueryTileBytes = kWgQueries * D * 2;  // q or do of one step
+  static constexpr int kStatsOffset = 2 * kKeyTileBytes + 2 * kWgStages * kQueryTileBytes;
+  static constexpr size_t kSmem = kStatsOffset + kWgStages * 2 * kWgQueries * sizeof(float);
+  static_assert(kQueryTileBytes % wg::kAtomBytes == 0, "tiles stay 1024-byte aligned");
+};
+
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args a) {
+#if defined(FLASHLIN_WGMMA_DEVICE)
+  using Sh = WgKeyShape<D>;
+  extern __shared__ __align__(1024) char smem[];
+  if (tile::smem_address(smem) % wg::kAtomBytes != 0) __trap();  // swizzled tiles need it
+  char* const keys_tile = smem;  // K^ of the block's keys, [key][feature]
+  char* const values_tile = smem + Sh::kKeyTileBytes;
+  auto stage_q = [&](int stage) {
+    return smem + 2 * Sh::kKeyTileBytes + stage * 2 * Sh::kQueryTileBytes;
+  };
+  auto stage_do = [&](int stage) { return stage_q(stage) + Sh::kQueryTileBytes; };
+  float* const stats = reinterpret_cast<float*>(smem + Sh::kStatsOffset);  // [stage][lse, D]
+
+  const int64_t nh = blockIdx.y, n = nh / a.num_heads, head = nh % a.num_heads;
+  const SequenceSpan seq = a.sequences[n];
+  const int64_t length = seq.length, key0 = int64_t{blockIdx.x} * kWgKeys;
+  if (key0 >= length) return;
+  const int tid = threadIdx.x, warpgroup = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
+  const int group = lane / 4, quad = lane % 4;
+
+  // Queries that reach these keys: dv's own tile; dk's every later query or two blocks.
+  const int64_t dv_end = min(length, key0 + kWgKeys);
+  const int64_t block = a.key_grad_block;
+  const int64_t dk_end = block > 0 ? min(length, ((dv_end - 1) / block + 2) * block) : length;
+  const int64_t query_end = a.dk.present ? max(dv_end, dk_end) : dv_end;
+  const int steps = static_cast<int>((query_end - key0 + kWgQueries - 1) / kWgQueries);
+
+  const char* const q_rows =
+      reinterpret_cast<const char*>(row_of<Elem>(a.q, seq.batch, seq.start, head));
+  const char* const do_rows =
+      reinterpret_cast<const char*>(row_of<Elem>(a.d_o, seq.batch, seq.start, head));
+  const int64_t q_step = a.q.stride[1] * int64_t{sizeof(Elem)};
+  const int64_t do_step = a.d_o.stride[1] * int64_t{sizeof(Elem)};
+  auto issue_step = [&](int step) {  // queries key0 + 64 step .. (at least one is valid)
+    const int stage = step % kWgStages;
+    const int64_t first = key0 + int64_t{step} * kWgQueries;
+    const int valid = static_cast<int>(min(int64_t{kWgQueries}, length - first));
+    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(stage_q(stage), q_rows + first * q_step,
+                                                          q_step, valid);
+    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(
+        stage_do(stage), do_rows + first * do_step, do_step, valid);
+    // lse and D of the queries; zeros past the end, where the rows of q and do are zeros too,
+    // so that P = 1 there multiplies only zeros: dS = P (dP - D) = 0, and dO's rows are 0.
+    if (tid < 2 * kWgQueries) {
+      const int i = tid % kWgQueries;
+      const bool in = i < valid;
+      const float* const source = tid < kWgQueries ? a.lse : a.delta;
+      tile::cp_async_4(stats + stage * 2 * kWgQueries + tid,
+                       source + token_index(a, seq, in ? first + i : first, head), in ? 4 : 0);
+    }
+  };
+  {
+    const int valid_keys = static_cast<int>(min(int64_t{kWgKeys}, length - key0));
+    constexpr int kParts = D / 8;
+    const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
+    for (int idx = tid; idx < kWgKeys * kParts; idx += kWgKeyThreads) {
+      const int row = idx / kParts, part = idx % kParts;
+      const bool in = row < valid_keys;
+      const Elem* const code_row =
+          in ? codebook + a.codes[token_index(a, seq, key0 + row, head)] * a.codebook.stride[2]
+             : codebook;
+      tile::cp_async_16(keys_tile + wg::tile_offset<kWgKeys>(row, part * 8), code_row + part * 8,
+                        in ? 16 : 0);
+    }
+    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgKeys>(
+        values_tile,
+        reinterpret_cast<const char*>(row_of<Elem>(a.v, seq.batch, seq.start + key0, head)),
+        a.v.stride[1] * int64_t{sizeof(Elem)}, valid_keys);
+  }
+  issue_step(0);
+  tile::cp_async_commit();
+
+  // Fragment rows: keys wg_key0 + row_a and + 8; columns: queries (accumulator layout).
+  const int64_t wg_key0 = key0 + 64 * warpgroup;
+  const int row_a = 16 * warp + group;
+  const int key_rel0 = 64 * warpgroup + row_a;  // the fragment's first key - key0 (then + 8)
+  int dk_limit_rel[2];  // queries (- key0) at and past this do not reach the key's dk
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    dk_limit_rel[r] = static_cast<int>(
+        block > 0 ? min(((key0 + key_rel0 + 8 * r) / block + 2) * block, length) - key0
+                  : length - key0);
+  constexpr int kBlocks = D / 64;  // column blocks of a tile, one 64 x 64 accumulator each
+  using Accumulators = float[kBlocks][32];
+  const uint64_t keys_desc = wg::descriptor(keys_tile + 64 * warpgroup * wg::kRowBytes, 16);
+  const uint64_t values_desc = wg::descriptor(values_tile + 64 * warpgroup * wg::kRowBytes, 16);
+  auto key_major_step = [](int s, int rows) {  // k16 step s of a K-major [rows][D] tile
+    return static_cast<uint32_t>(((s / 4) * rows * wg::kRowBytes + (s % 4) * 32) >> 4);
+  };
+  constexpr uint32_t kStep16Rows = (16 * wg::kRowBytes) >> 4;          // MN-major k16 step
+  constexpr uint32_t kQueryBlock = (kWgQueries * wg::kRowBytes) >> 4;  // next 64 features
+
+  // One step; WithDv: the keys' own query tile (the first two steps), where dv's own part is
+  // summed too -- its accumulators live only there, which leaves the registers of the long walk
+  // to dk's.
+  auto run_step = [&](int step, auto with_dv, Accumulators& dk_acc, Accumulators& dv_acc) {
+    constexpr bool kWithDv = decltype(with_dv)::value;
+    const int stage = step % kWgStages;
+    if (step + 1 < steps) {
+      issue_step(step + 1);
+      tile::cp_async_commit();
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    wg::fence_async_shared();  // this thread's copies -> the wgmma of every warpgroup
+    // Also: every warp is done with step - 1, so the stage refilled at step + 1 (read at step - 2)
+    // is free at the next step's issue.
+    __syncthreads();
+    const int64_t query0 = key0 + int64_t{step} * kWgQueries;
+    if (query0 + kWgQueries > wg_key0) {  // else every query is before this warpgroup's keys
+      const float* const lse = stats + stage * 2 * kWgQueries;
+      const float* const delta = lse + kWgQueries;
+      const uint64_t q_desc = wg::descriptor(stage_q(stage), 16);
+      const uint64_t do_desc = wg::descriptor(stage_do(stage), 16);
+      float scores[32], dp[32];  // S^T and dP^T: [key][query]
+      // Two groups: P is formed (the exponentials) while dP^T is still being multiplied.
+      wg::fence();
+#pragma unroll
+      for (int s = 0; s < D / 16; ++s)
+        wg::mma<Elem, 0, 0>(scores, keys_desc + key_major_step(s, kWgKeys),
+                            q_desc + key_major_step(s, kWgQueries), s > 0);
+      wg::commit();
+#pragma unroll
+      for (int s = 0; s < D / 16; ++s)
+        wg::mma<Elem, 0, 0>(dp, values_desc + key_major_step(s, kWgKeys),
+                            do_desc + key_major_step(s, kWgQueries), s > 0);
+      wg::commit();
+      wg::wait<1>();
+      wg::fence_operand(scores);
+      // Masks only where a query can precede a key (the diagonal steps) or the window key
+      // gradient cuts; offsets from key0 in 32 bits.
+      const int query_rel0 = step * kWgQueries;
+      const bool masked = block > 0 || query_rel0 < 64 * warpgroup + 64;
+      float* const prob = scores;  // P^T in place
+#pragma unroll
+      for (int e = 0; e < 32; ++e) {
+        const int col = 8 * (e / 4) + 2 * quad + e % 2;
+        const float value = tile::fast_exp2(fmaf(scores[e], a.scale_log2, -lse[col]));
+        prob[e] = !masked || query_rel0 + col >= key_rel0 + 8 * ((e % 4) / 2) ? value : 0.f;
+      }
+      wg::wait<0>();
+      wg::fence_operand(dp);
+      uint32_t p_frag[4][4], ds_frag[4][4];
+#pragma unroll
+      for (int e = 0; e < 32; e += 2) {
+        float ds[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int col = 8 * (e / 4) + 2 * quad + h;
+          ds[h] = prob[e + h] * (dp[e + h] - delta[col]);
+          if (masked && query_rel0 + col >= dk_limit_rel[(e % 4) / 2]) ds[h] = 0.f;
+        }
+        if constexpr (kWithDv) p_frag[e / 8][(e % 8) / 2] = tile::pack<Elem>(prob[e], prob[e + 1]);
+        ds_frag[e / 8][(e % 8) / 2] = tile::pack<Elem>(ds[0], ds[1]);
+      }
+      const uint64_t q_mn_desc = wg::descriptor(stage_q(stage), kWgQueries * wg::kRowBytes);
+      const uint64_t do_mn_desc = wg::descriptor(stage_do(stage), kWgQueries * wg::kRowBytes);
+      // Unconditional products (also without dk or dv, whose sums are then dropped): a branch
+      // around them would make ptxas serialise every wgmma of the kernel.
+      wg::fence();
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int nb = 0; nb < kBlocks; ++nb)
+          wg::mma<Elem, 1>(dk_acc[nb], ds_frag[s], q_mn_desc + nb * kQueryBlock + s * kStep16Rows,
+                           1);
+      if constexpr (kWithDv) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+          for (int nb = 0; nb < kBlocks; ++nb)
+            wg::mma<Elem, 1>(dv_acc[nb], p_frag[s], do_mn_desc + nb * kQueryBlock + s * kStep16Rows,
+                             1);
+      }
+      wg::commit();
+      wg::wait<0>();
+#pragma unroll
+      for (int nb = 0; nb < kBlocks; ++nb) {
+        wg::fence_operand(dk_acc[nb]);
+        if constexpr (kWithDv) wg::fence_operand(dv_acc[nb]);
+      }
+    }
+  };
+  // Stores the pairs of the thread's two rows (keys) of acc: dk (scaled), or added to dv.
+  auto store_rows = [&](const Accumulators& acc, bool is_dk) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t key = wg_key0 + row_a + 8 * r;
+      if (key >= length) continue;
+      const int64_t token = seq.start + key;
+#pragma unroll
+      for (int nb = 0; nb < kBlocks; ++nb)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int col = 64 * nb + 8 * j + 2 * quad;
+          const float* const pair = &acc[nb][4 * j + 2 * r];
+          if (is_dk) {
+            *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dk.data) +
+                                         element_offset(a.dk, seq.batch, token, head, col)) =
+                tile::pack<Elem>(a.scale * pair[0], a.scale * pair[1]);
+          } else {
+            uint32_t* at =
+                reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dv.data) +
+                                            element_offset(a.dv, seq.batch, token, head, col));
+            const float2 aggregated = tile::unpack<Elem>(*at);
+            *at = tile::pack<Elem>(aggregated.x + pair[0], aggregated.y + pair[1]);
+          }
+        }
+    }
+  };
+
+  float dk_acc[kBlocks][32] = {};
+  const int own_steps = min(steps, kWgKeys / kWgQueries);  // the queries of the keys' own tile
+  {
+    float dv_acc[kBlocks][32] = {};
+    for (int step = 0; step < own_steps; ++step) run_step(step, std::true_type{}, dk_acc, dv_acc);
+    if (a.dv.present) store_rows(dv_acc, false);
+  }
+  for (int step = own_steps; step < steps; ++step)
+    run_step(step, std::false_type{}, dk_acc, dk_acc);  // (no dv: the last argument is unused)
+  if (a.dk.present) store_rows(dk_acc, true);
+
+#endif  // FLASHLIN_WGMMA_DEVICE
+}
+
 // ---- host ---------------------------------------------------------------------------------------
 bool half_storage(Storage s) { return s == Storage::kBFloat16 || s == Storage::kFloat16; }
 
@@ -879,6 +1136,16 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t str
              what);
   kernel<<<grid, threads, smem, stream>>>(a);
   check_cuda(cudaGetLastError(), what);
+}
+
+// key_kernel_wgmma where this build and the device run it, unless FLASHLIN_VQ_KEY_WGMMA=0 (read
+// at every call, so that a benchmark can compare both kernels in one process).
+template <typename Elem, int D>
+bool key_kernel_on_wgmma() {
+  const char* value = std::getenv("FLASHLIN_VQ_KEY_WGMMA");
+  if (value != nullptr && value[0] == '0' && value[1] == '\0') return false;
+  static std::atomic<signed char> known[wg::kKnownDevices];
+  return wg::runs_sm90a(key_kernel_wgmma<Elem, D>, known);
 }
 
 template <typename Elem, int D>
@@ -922,7 +1189,12 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
   if (p.dv.present || p.d_initial_state.present)
     launch(code_kernel<Elem, D>, dim3(static_cast<unsigned>(codes / kKeyTile), pairs), kTileThreads,
            Sh::kCodeSmem, stream, a, "vq_attention: the codes' dv");
-  if (p.dk.present || p.dv.present)
+  if (!p.dk.present && !p.dv.present) return;
+  if (key_kernel_on_wgmma<Elem, D>())
+    launch(key_kernel_wgmma<Elem, D>,
+           dim3(static_cast<unsigned>((longest + kWgKeys - 1) / kWgKeys), pairs), kWgKeyThreads,
+           WgKeyShape<D>::kSmem, stream, a, "vq_attention: dk, dv");
+  else
     launch(key_kernel<Elem, D>,
            dim3(static_cast<unsigned>((longest + kKeyTile - 1) / kKeyTile), pairs), kTileThreads,
            Sh::kKeySmem, stream, a, "vq_attention: dk, dv");

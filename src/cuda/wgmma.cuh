@@ -25,7 +25,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -82,6 +84,38 @@ __device__ __forceinline__ void copy_rows_async(char* tile_base, const char* src
     tile::cp_async_16(to + pass * kRowsPerPass * kRowBytes,
                       valid ? src + pass * kRowsPerPass * src_step : first_piece, valid ? 16 : 0);
   }
+}
+
+// Whether `kernel` runs here as sm_90a code: the library holds sm_90a code (FLASHLIN_SM90A, set by
+// CMake when CMAKE_CUDA_ARCHITECTURES has 90a) and the current device loads it. `known` caches
+// the answer per device (0: not asked yet, 1: yes, -1: no); each kernel family keeps its own.
+constexpr int kKnownDevices = 64;
+template <typename Kernel>
+bool runs_sm90a(Kernel kernel, std::atomic<signed char> (&known)[kKnownDevices]) {
+#if defined(FLASHLIN_SM90A)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const bool cached = device >= 0 && device < kKnownDevices;
+  if (cached) {
+    const signed char answer = known[device].load(std::memory_order_relaxed);
+    if (answer != 0) return answer > 0;
+  }
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;  // not cached: a failed query says nothing about the device
+  }
+  const bool runs = attributes.binaryVersion == 90;
+  if (cached) known[device].store(runs ? 1 : -1, std::memory_order_relaxed);
+  return runs;
+#else
+  (void)kernel;
+  (void)known;
+  return false;
+#endif
 }
 
 #if defined(FLASHLIN_WGMMA_DEVICE)

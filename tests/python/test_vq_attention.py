@@ -537,12 +537,39 @@ def test_cuda_tensor_core_path(dtype, D, S, key_grad):
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
-def test_cuda_tensor_core_varlen():
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_tensor_core_varlen(D):
     cu = torch.tensor([0, 0, 1, 130, 130, 400], dtype=torch.int32)
-    q, k, v, codebook = make_inputs(1, 400, 2, 64, 64, 64, torch.bfloat16)
-    state = random_state(5, 2, 64, 64)
+    q, k, v, codebook = make_inputs(1, 400, 2, D, D, 64, torch.bfloat16)
+    state = random_state(5, 2, 64, D)
     run_and_compare(q, k, v, codebook, 32, initial_state=state, cu_seqlens=cu, device="cuda")
     run_and_compare(q, k, v, codebook, 128, cu_seqlens=cu, device="cuda", key_grad="window")
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
+@pytest.mark.parametrize("key_grad", ["dense", "window"])
+def test_cuda_key_kernels_agree(monkeypatch, key_grad):
+    """dk and dv of the wgmma key kernel (sm_90a; the default there) and of the mma.sync one
+    (FLASHLIN_VQ_KEY_WGMMA=0) agree to rounding, beside their float64 checks elsewhere: packed
+    sequences of 1500 tokens (twelve blocks of 128 keys, the last partial) and 77, an empty one
+    between, D = 128, scores large enough that P spans many orders of magnitude."""
+    torch.manual_seed(5)
+    cu = torch.tensor([0, 1500, 1500, 1577], dtype=torch.int32)
+    q, k, v, codebook = [t.cuda() for t in make_inputs(1, 1577, 2, 128, 128, 128,
+                                                       torch.bfloat16, q_scale=3.0)]
+    d_o = torch.randn(v.shape, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FLASHLIN_VQ_KEY_WGMMA", flag)
+        ins = leaves([q, k, v])
+        o = vq_attention(*ins, codebook, block_len=256, cu_seqlens=cu, key_grad=key_grad)[0]
+        torch.autograd.backward(o, d_o)
+        grads.append([t.grad.float() for t in ins])
+    for name, new, old in zip(("dq", "dk", "dv"), *grads):
+        assert torch.isfinite(new).all(), name
+        scale = old.abs().max().item()
+        assert scale > 0, name
+        assert (new - old).abs().max().item() <= 1e-2 * scale, (name, key_grad)
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
