@@ -858,10 +858,10 @@ __global__ void __launch_bounds__(kTileThreads) key_kernel(const Args a) {
 // steps of 64: per step each warpgroup forms S^T = K^ Q^T and dP^T = V dO^T (64 x 64, both
 // operands in shared memory), then P and dS in registers as the A operand of dK += dS^T Q and,
 // over the keys' own query tile (the block's first two steps), dV += P^T dO. Tiles in the
-// 128-byte swizzle (wgmma.cuh), copied with cp.async in three stages (one barrier per step; the
-// softmax statistics too: a synchronous load there stalled the whole block). The dense key gradient
-// is three products per (query, key) pair, like SDPA's backward minus two: this kernel is where the
-// dense gradient's time goes.
+// 128-byte swizzle (wgmma.cuh), copied with cp.async in three stages (the softmax statistics
+// too: a synchronous load there stalled the whole block); one barrier per step, passed while
+// the step's last products are still being multiplied. The dense key gradient is three products
+// per (query, key) pair, like SDPA's backward minus two: this kernel is where its time goes.
 constexpr int kWgKeys = 128;  // keys per block: two warpgroups of 64
 constexpr int kWgQueries = 64;
 constexpr int kWgKeyThreads = 256;
@@ -970,23 +970,23 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
   constexpr uint32_t kStep16Rows = (16 * wg::kRowBytes) >> 4;          // MN-major k16 step
   constexpr uint32_t kQueryBlock = (kWgQueries * wg::kRowBytes) >> 4;  // next 64 features
 
+  // Makes `step`'s tiles visible and starts the copies of the step after it. Past the barrier
+  // every warp has retired the products of step - 2, whose stage is the one refilled.
+  auto next_step_tiles = [&](int step) {
+    tile::cp_async_wait<0>();
+    wg::fence_async_shared();  // this thread's copies -> the wgmma of every warpgroup
+    __syncthreads();
+    if (step + 1 < steps) {
+      issue_step(step + 1);
+      tile::cp_async_commit();
+    }
+  };
   // One step; WithDv: the keys' own query tile (the first two steps), where dv's own part is
   // summed too -- its accumulators live only there, which leaves the registers of the long walk
   // to dk's.
   auto run_step = [&](int step, auto with_dv, Accumulators& dk_acc, Accumulators& dv_acc) {
     constexpr bool kWithDv = decltype(with_dv)::value;
     const int stage = step % kWgStages;
-    if (step + 1 < steps) {
-      issue_step(step + 1);
-      tile::cp_async_commit();
-      tile::cp_async_wait<1>();
-    } else {
-      tile::cp_async_wait<0>();
-    }
-    wg::fence_async_shared();  // this thread's copies -> the wgmma of every warpgroup
-    // Also: every warp is done with step - 1, so the stage refilled at step + 1 (read at step - 2)
-    // is free at the next step's issue.
-    __syncthreads();
     const int64_t query0 = key0 + int64_t{step} * kWgQueries;
     if (query0 + kWgQueries > wg_key0) {  // else every query is before this warpgroup's keys
       const float* const lse = stats + stage * 2 * kWgQueries;
@@ -1054,12 +1054,13 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
                              1);
       }
       wg::commit();
-      wg::wait<0>();
+    }
+    if (step + 1 < steps) next_step_tiles(step + 1);  // while dK (and dV) are multiplied
+    wg::wait<0>();
 #pragma unroll
-      for (int nb = 0; nb < kBlocks; ++nb) {
-        wg::fence_operand(dk_acc[nb]);
-        if constexpr (kWithDv) wg::fence_operand(dv_acc[nb]);
-      }
+    for (int nb = 0; nb < kBlocks; ++nb) {
+      wg::fence_operand(dk_acc[nb]);
+      if constexpr (kWithDv) wg::fence_operand(dv_acc[nb]);
     }
   };
   // Stores the pairs of the thread's two rows (keys) of acc: dk (scaled), or added to dv.
@@ -1091,6 +1092,7 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
   };
 
   float dk_acc[kBlocks][32] = {};
+  next_step_tiles(0);
   const int own_steps = min(steps, kWgKeys / kWgQueries);  // the queries of the keys' own tile
   {
     float dv_acc[kBlocks][32] = {};
