@@ -970,6 +970,16 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
   constexpr uint32_t kStep16Rows = (16 * wg::kRowBytes) >> 4;          // MN-major k16 step
   constexpr uint32_t kQueryBlock = (kWgQueries * wg::kRowBytes) >> 4;  // next 64 features
 
+  // acc (64 keys x D) += frag (64 keys x 64 queries, A fragments) . the [query][D] tile at
+  // tile_desc (MN-major: the queries are the reduction).
+  auto accumulate_over_queries = [&](Accumulators& acc, const uint32_t(&frag)[4][4],
+                                     uint64_t tile_desc) {
+#pragma unroll
+    for (int s = 0; s < 4; ++s)
+#pragma unroll
+      for (int nb = 0; nb < kBlocks; ++nb)
+        wg::mma<Elem, 1>(acc[nb], frag[s], tile_desc + nb * kQueryBlock + s * kStep16Rows, 1);
+  };
   // Makes `step`'s tiles visible and starts the copies of the step after it. Past the barrier
   // every warp has retired the products of step - 2, whose stage is the one refilled.
   auto next_step_tiles = [&](int step) {
@@ -1039,20 +1049,8 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
       // Unconditional products (also without dk or dv, whose sums are then dropped): a branch
       // around them would make ptxas serialise every wgmma of the kernel.
       wg::fence();
-#pragma unroll
-      for (int s = 0; s < 4; ++s)
-#pragma unroll
-        for (int nb = 0; nb < kBlocks; ++nb)
-          wg::mma<Elem, 1>(dk_acc[nb], ds_frag[s], q_mn_desc + nb * kQueryBlock + s * kStep16Rows,
-                           1);
-      if constexpr (kWithDv) {
-#pragma unroll
-        for (int s = 0; s < 4; ++s)
-#pragma unroll
-          for (int nb = 0; nb < kBlocks; ++nb)
-            wg::mma<Elem, 1>(dv_acc[nb], p_frag[s], do_mn_desc + nb * kQueryBlock + s * kStep16Rows,
-                             1);
-      }
+      accumulate_over_queries(dk_acc, ds_frag, q_mn_desc);
+      if constexpr (kWithDv) accumulate_over_queries(dv_acc, p_frag, do_mn_desc);
       wg::commit();
     }
     if (step + 1 < steps) next_step_tiles(step + 1);  // while dK (and dV) are multiplied
