@@ -1101,6 +1101,8 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
     run_step(step, std::false_type{}, dk_acc, dk_acc);  // (no dv: the last argument is unused)
   if (a.dk.present) store_rows(dk_acc, true);
 
+#elif defined(__CUDA_ARCH__)
+  __trap();  // code for a device without wgmma: the host never launches it (key_kernel_on_wgmma)
 #endif  // FLASHLIN_WGMMA_DEVICE
 }
 
