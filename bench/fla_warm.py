@@ -74,6 +74,20 @@ def run_calls(args):
     dtype = gpu_bench.DTYPES[args.dtype]
     gate_dtype = gpu_bench.DTYPES[args.gate_dtype]
     failures = 0
+
+    def timed(label, step):
+        """Runs step once (compiles and tunes what it launches), prints its wall time."""
+        nonlocal failures
+        start = time.perf_counter()
+        try:
+            step()
+            torch.cuda.synchronize()
+            status = "ok"
+        except Exception as error:  # noqa: BLE001 -- reported, the others go on
+            failures += 1
+            status = f"{type(error).__name__}: {gpu_bench.first_line(error)}"
+        print(f"   {label}: {time.perf_counter() - start:.1f} s {status}", flush=True)
+
     for text in args.shapes:
         B, H, T = parse_shape(text, 3)
         for op in args.ops:
@@ -81,16 +95,8 @@ def run_calls(args):
             d_o = torch.randn(B, T, H, args.K, device=device, dtype=dtype)
             call = gpu_bench.chunk_call(fla["chunk"], op)
             for which in gpu_bench.PASSES:
-                start = time.perf_counter()
-                try:
-                    gpu_bench.pass_step(call, inputs, d_o, which)()
-                    torch.cuda.synchronize()
-                    status = "ok"
-                except Exception as error:  # noqa: BLE001 -- reported, the others go on
-                    failures += 1
-                    status = f"{type(error).__name__}: {gpu_bench.first_line(error)}"
-                print(f"   {op} B={B} H={H} T={T} {which}: {time.perf_counter() - start:.1f} s "
-                      f"{status}", flush=True)
+                timed(f"{op} B={B} H={H} T={T} {which}",
+                      gpu_bench.pass_step(call, inputs, d_o, which))
             del inputs, d_o
             torch.cuda.empty_cache()
     for text in args.model_shapes if args.model_ops else []:
@@ -103,16 +109,8 @@ def run_calls(args):
             inputs, kwargs = gpu_bench.model_inputs(op, B, T, H, args.K, device, dtype)
             d_o = torch.randn_like(inputs[2])
             for which in gpu_bench.PASSES:
-                start = time.perf_counter()
-                try:
-                    gpu_bench.pass_step(lambda *xs: call(*xs, **kwargs), inputs, d_o, which)()
-                    torch.cuda.synchronize()
-                    status = "ok"
-                except Exception as error:  # noqa: BLE001
-                    failures += 1
-                    status = f"{type(error).__name__}: {gpu_bench.first_line(error)}"
-                print(f"   models {op} B={B} H={H} T={T} {which}: "
-                      f"{time.perf_counter() - start:.1f} s {status}", flush=True)
+                timed(f"models {op} B={B} H={H} T={T} {which}",
+                      gpu_bench.pass_step(lambda *xs: call(*xs, **kwargs), inputs, d_o, which))
             del inputs, kwargs, d_o
             torch.cuda.empty_cache()
     for text in args.decode:
@@ -121,17 +119,11 @@ def run_calls(args):
         for op in args.ops:
             inputs = [x.detach() for x in gpu_bench.make_inputs(op, B, 1, H, args.K, args.K,
                                                                 device, dtype, gate_dtype)]
-            start = time.perf_counter()
-            try:
+
+            def decode_step(fn=fla["recurrent"][op], inputs=inputs):
                 with torch.no_grad():
-                    fla["recurrent"][op](*inputs, initial_state=state, output_final_state=True)
-                torch.cuda.synchronize()
-                status = "ok"
-            except Exception as error:  # noqa: BLE001
-                failures += 1
-                status = f"{type(error).__name__}: {gpu_bench.first_line(error)}"
-            print(f"   decode {op} B={B} H={H}: {time.perf_counter() - start:.1f} s {status}",
-                  flush=True)
+                    fn(*inputs, initial_state=state, output_final_state=True)
+            timed(f"decode {op} B={B} H={H}", decode_step)
     return failures
 
 
@@ -163,7 +155,7 @@ def main():
             slice_autotuners(index, count)
         sys.exit(1 if run_calls(args) else 0)
 
-    forwarded = [a for a in sys.argv[1:]]
+    forwarded = sys.argv[1:]
     stages = [("compile", args.jobs), ("tune", 1)]
     for stage, count in stages:
         start = time.perf_counter()

@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 #include "api/based_params.hpp"
@@ -34,6 +33,7 @@
 #include "cuda/based_tc_common.cuh"
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
+#include "cuda/env_switch.hpp"
 #include "cuda/host.cuh"
 #include "cuda/mma.cuh"
 
@@ -505,10 +505,7 @@ void launch(Kernel kernel, size_t smem, int tokens_per_block, const BasedParams&
 // (which only it takes), unless FLASHLIN_BASED_QUADRATIC is set to anything but 0 (to compare the
 // two forms; calls with states then go to the CUDA-core kernels).
 constexpr int64_t kChunkedFrom = 256;
-bool quadratic_forced() {
-  const char* value = std::getenv("FLASHLIN_BASED_QUADRATIC");
-  return value != nullptr && value[0] != '\0' && !(value[0] == '0' && value[1] == '\0');
-}
+bool quadratic_forced() { return env_on("FLASHLIN_BASED_QUADRATIC"); }
 bool has_states(const BasedParams& p) {
   return p.initial_state.present || p.final_state.present || p.d_final_state.present ||
          p.d_initial_state.present;

@@ -20,11 +20,10 @@
 #ifndef FLASHLIN_SRC_CUDA_CHUNK_FWD_CUH_
 #define FLASHLIN_SRC_CUDA_CHUNK_FWD_CUH_
 
-#include <cstdlib>
-
 #include "cuda/chunk.cuh"
 #include "cuda/chunk_fwd_wgmma.cuh"
 #include "cuda/common.cuh"
+#include "cuda/env_switch.hpp"
 #include "cuda/mma.cuh"
 
 namespace flashlin::cuda::chunk_fwd {
@@ -569,10 +568,7 @@ cudaError_t launch(const ChunkArgs& args, int value_dim, int64_t num_seqs, cudaS
 // The forward runs on Hopper's wgmma (chunk_fwd_wgmma.cuh) where the build and the device have
 // it; elsewhere, or with FLASHLIN_CUDA_MMA_SYNC set to anything but 0 (to compare the two
 // kernels), on the mma.sync kernel above.
-inline bool mma_sync_forced() {
-  const char* value = std::getenv("FLASHLIN_CUDA_MMA_SYNC");
-  return value != nullptr && value[0] != '\0' && !(value[0] == '0' && value[1] == '\0');
-}
+inline bool mma_sync_forced() { return env_on("FLASHLIN_CUDA_MMA_SYNC"); }
 template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
           typename Out = Elem>
 bool wgmma_chosen() {

@@ -49,11 +49,11 @@
 #define FLASHLIN_SRC_CUDA_CHUNK_FWD_WGMMA_CUH_
 
 #include <atomic>
-#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
+#include "cuda/env_switch.hpp"
 #include "cuda/mma.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -911,10 +911,7 @@ bool runs_here() {
 
 // FLASHLIN_WGMMA_GROUPS=1: one value tile per block everywhere (read at every launch, so that a
 // benchmark can compare the two forms in one process).
-inline bool single_value_tiles_forced() {
-  const char* value = std::getenv("FLASHLIN_WGMMA_GROUPS");
-  return value != nullptr && value[0] == '1' && value[1] == '\0';
-}
+inline bool single_value_tiles_forced() { return env_is("FLASHLIN_WGMMA_GROUPS", {"1"}); }
 
 // Whether a call can ask for ChunkArgs::partner_o (on this kernel: launch_scalar_gate checks that
 // it runs).

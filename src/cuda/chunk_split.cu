@@ -26,13 +26,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "cuda/chunk.cuh"
 #include "cuda/chunk_bwd.cuh"
 #include "cuda/common.cuh"
+#include "cuda/env_switch.hpp"
 #include "cuda/host.cuh"
 
 namespace flashlin::cuda {
@@ -118,10 +117,7 @@ __global__ void gather_final_states(const float* piece_final, const int64_t* fir
 }  // namespace
 
 namespace {
-bool split_disabled() {
-  const char* value = std::getenv("FLASHLIN_CUDA_SPLIT");
-  return value && (std::strcmp(value, "off") == 0 || std::strcmp(value, "0") == 0);
-}
+bool split_disabled() { return env_is("FLASHLIN_CUDA_SPLIT", {"off", "0"}); }
 }  // namespace
 
 int multiprocessors(int device) {

@@ -28,13 +28,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "cuda/backend.hpp"
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
+#include "cuda/env_switch.hpp"
 #include "cuda/host.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/slot_attention_chunk.cuh"
@@ -82,9 +81,7 @@ struct Buffers {
 // final states, which the core calls' own dg kernels have); FLASHLIN_SLOT_GRAD_WALK=0 (or off)
 // keeps the kernels per call (to compare the two).
 bool gradient_walk(const SlotAttentionParams& p) {
-  const char* value = std::getenv("FLASHLIN_SLOT_GRAD_WALK");
-  if (value != nullptr && (std::strcmp(value, "0") == 0 || std::strcmp(value, "off") == 0))
-    return false;
+  if (env_is("FLASHLIN_SLOT_GRAD_WALK", {"0", "off"})) return false;
   if (p.d_final_hk.present || p.d_final_hv.present ||
       !slot_grad_supports(p.q.dtype, p.num_slots, p.kind == SlotKind::kAbc, p.s, p.g, p.ds, p.dg))
     return false;

@@ -45,11 +45,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 #include "cuda/chunk.cuh"
 #include "cuda/common.cuh"
+#include "cuda/env_switch.hpp"
 #include "cuda/host.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/vq_attention_tc.cuh"
@@ -1144,8 +1144,7 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t str
 // at every call, so that a benchmark can compare both kernels in one process).
 template <typename Elem, int D>
 bool key_kernel_on_wgmma() {
-  const char* value = std::getenv("FLASHLIN_VQ_KEY_WGMMA");
-  if (value != nullptr && value[0] == '0' && value[1] == '\0') return false;
+  if (env_is("FLASHLIN_VQ_KEY_WGMMA", {"0"})) return false;
   static std::atomic<signed char> known[wg::kKnownDevices];
   return wg::runs_sm90a(key_kernel_wgmma<Elem, D>, known);
 }
