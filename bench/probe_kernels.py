@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one op's forward+backward (torch.profiler, after warm-up): where the
 time of a composite op goes. A diagnostic for bench/NOTES.md, not a benchmark of record.
-    python3 bench/probe_kernels.py gsa abc based retention gla vq vq_window (B=8, H=32, T=4096, K=V=128, M=64, bf16)"""
+    python3 bench/probe_kernels.py gsa abc based retention gla vq vq_window (B=8, H=32, T=4096 or $T, K=V=128, M=64, bf16)"""
 import os
 import sys
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import flashlin.ops as ops  # noqa: E402
 
-B, H, T, D, M = 8, 32, 4096, 128, 64
+B, H, T, D, M = 8, 32, int(os.environ.get("T", 4096)), 128, 64
 dev, dt = "cuda", torch.bfloat16
 
 

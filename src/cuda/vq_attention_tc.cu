@@ -30,14 +30,15 @@
 //                      in token order (no atomics: every call gives the same bits). Passes:
 //                      forward (o, final_state, softmax_lse), prologue (lse, D), dq. A backward
 //                      given the forward's o and softmax_lse skips the prologue: lse and D come
-//                      from saved_statistics_kernel.
+//                      from saved_statistics_kernel. On sm_90a sequential_kernel_wgmma walks
+//                      the same way with warpgroup MMA (two warpgroups of 64 queries).
 //   code_kernel        one block per (sequence, head, 64 codes) walks the query tiles backwards
 //                      with R_s = dF_s + sum_{later tiles} w_is do_i per code: writes dv_j =
 //                      R_{code_j} (dv's aggregated part) and d initial_state.
 //   key_kernel         one block per (sequence, head, 64 keys): dk, and dv's own-tile part added
 //                      to what code_kernel wrote; on sm_90a key_kernel_wgmma does the same per 128
-//                      keys with warpgroup MMA (wgmma.cuh), FLASHLIN_VQ_KEY_WGMMA=0 forcing the
-//                      first.
+//                      keys with warpgroup MMA (wgmma.cuh).
+// FLASHLIN_VQ_WGMMA=0 keeps the mma.sync kernels on sm_90a too.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -94,14 +95,40 @@ struct Args {
   float* code_norms = nullptr;  // [H, S]
 };
 
+// The per-code arrays of a sequential pass in shared memory, after its tiles.
+struct CodeTable {
+  float* count;       // earlier tokens with the code (and initial_state's count)
+  float* bias;        // log2 count, -inf for count 0
+  float* inverse;     // 1 / count
+  uint32_t* members;  // per code, 4 words: bit u of the tile's tokens with the code (0 between
+                      // joins)
+  int* tile_codes;    // the code of each token of the tile
+  int* next_same;     // the next token of the tile with the same code (-1: none)
+  int* leads;         // whether the token is the first of the tile with its code
+  static constexpr size_t bytes(int codes) {
+    return (3 * sizeof(float) + kQueryTile / 8) * static_cast<size_t>(codes) +
+           3 * sizeof(int) * kQueryTile;
+  }
+  __device__ static CodeTable at(char* base, int codes) {
+    CodeTable t;
+    t.count = reinterpret_cast<float*>(base);
+    t.bias = t.count + codes;
+    t.inverse = t.bias + codes;
+    t.members = reinterpret_cast<uint32_t*>(t.inverse + codes);  // 16-byte aligned: codes % 64 == 0
+    t.tile_codes = reinterpret_cast<int*>(t.members + kQueryTile / 32 * codes);
+    t.next_same = t.tile_codes + kQueryTile;
+    t.leads = t.next_same + kQueryTile;
+    return t;
+  }
+};
+
 template <int D>
 struct Shape {
   static constexpr int kStride = D + 8;  // shared-memory row stride (elements)
   static constexpr size_t kTileBytes = size_t{kKeyTile} * kStride * 2;
   static constexpr size_t kQueryBytes = size_t{kQueryTile} * kStride * 2;
   static size_t sequential_smem(Pass pass, int codes) {
-    return kQueryBytes * (pass == Pass::kDq ? 2 : 1) + 4 * kTileBytes +
-           4 * sizeof(float) * static_cast<size_t>(codes) + 3 * sizeof(int) * kQueryTile;
+    return kQueryBytes * (pass == Pass::kDq ? 2 : 1) + 4 * kTileBytes + CodeTable::bytes(codes);
   }
   // codes, two stages of (queries, d_o) (R, float [64][D + 4], is staged in the free one), two
   // of lse, the tile's (token, code) pairs to write and their count.
@@ -286,35 +313,21 @@ __global__ void saved_codes_kernel(const Args a) {
       static_cast<int32_t>(code < 0 ? 0 : (code >= a.num_codes ? a.num_codes - 1 : code));
 }
 
-// ---- the sequential pass: forward, backward prologue, dq ---------------------------------------
-template <typename Elem, int D, Pass kPass>
-__global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a) {
-  constexpr int kStride = D + 8;
-  constexpr bool kDq = kPass == Pass::kDq;
-  extern __shared__ __align__(128) char smem[];
-  Elem* const q_s = reinterpret_cast<Elem*>(smem);
-  Elem* const g_s = q_s + kQueryTile * kStride;  // d_o (dq pass)
-  Elem* const key_s = g_s + (kDq ? kQueryTile * kStride : 0);
-  Elem* const val_s = key_s + 2 * kKeyTile * kStride;
-  float* const count_s = reinterpret_cast<float*>(val_s + 2 * kKeyTile * kStride);
-  float* const bias_s = count_s + a.num_codes;    // log2 count_s, -inf for count 0
-  float* const inverse_s = bias_s + a.num_codes;  // 1 / count_s
-  int* const first_of = reinterpret_cast<int*>(inverse_s + a.num_codes);  // per code, in a tile
-  int* const tile_codes = first_of + a.num_codes;
-  int* const next_same = tile_codes + kQueryTile;  // next token of the tile with the same code
-  int* const leads = next_same + kQueryTile;       // first token of the tile with its code
+// ---- the sequential passes: forward, backward prologue, dq -------------------------------------
+// One block per (sequence, head) walks the query tiles in order; 8 warps, warp w holding the
+// tile's rows 16 w .. 16 w + 15. Per tile: key tiles of 64, the codes first (keys C_s, values
+// mean_s, bias log2 count_s), then the tile's own tokens (keys C[code_j], values v_j, causal),
+// in one online softmax (forward, prologue) or dq's sums; then the tile's tokens join the
+// aggregates. sequential_kernel multiplies with mma.sync, sequential_kernel_wgmma (below the key
+// kernels) with warpgroup MMA; their accumulators hold the same rows and columns in the same
+// registers, so that everything but the products and the tiles' layout is shared here.
 
-  const int64_t nh = blockIdx.x, n = nh / a.num_heads, head = nh % a.num_heads;
-  const SequenceSpan seq = a.sequences[n];
-  const int S = a.num_codes, code_tiles = S / kKeyTile;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane % 4;
-  float* const sums = a.sums + nh * S * D;
-  Elem* const means = reinterpret_cast<Elem*>(a.means) + nh * S * D;
-  const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
-  const int64_t code_stride = a.codebook.stride[2];
-
-  // The aggregates of initial_state (a code with count <= 0 summarises nothing).
+// The aggregates of initial_state (a code with count <= 0 summarises nothing).
+template <typename Elem, int D>
+__device__ void load_aggregates(const Args& a, int64_t n, int64_t head, float* sums, Elem* means,
+                                const CodeTable& table) {
   const StridedTensor& init = a.initial_state;
+  const int S = a.num_codes;
   for (int idx = threadIdx.x; idx < S * D; idx += kSeqThreads) {
     const int s = idx / D;
     float count = 0.f, sum = 0.f;
@@ -327,12 +340,281 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
   }
   for (int s = threadIdx.x; s < S; s += kSeqThreads) {
     const float count = init.present ? load_float(init, element_offset(init, n, head, s, D)) : 0.f;
-    count_s[s] = count > 0.f ? count : 0.f;
-    bias_s[s] = count > 0.f ? log2f(count) : -INFINITY;
-    inverse_s[s] = count > 0.f ? 1.f / count : 0.f;
-    first_of[s] = kQueryTile;  // "no token yet"
+    table.count[s] = count > 0.f ? count : 0.f;
+    table.bias[s] = count > 0.f ? log2f(count) : -INFINITY;
+    table.inverse[s] = count > 0.f ? 1.f / count : 0.f;
+  }
+  for (int w = threadIdx.x; w < S * kQueryTile / 32; w += kSeqThreads) table.members[w] = 0;
+  __syncthreads();
+}
+
+// The codes of the tile's tokens into the table (read by other threads after a barrier).
+__device__ __forceinline__ void load_tile_codes(const Args& a, const SequenceSpan& seq,
+                                                int64_t head, int64_t first, int tokens,
+                                                const CodeTable& table) {
+  static_assert(kSeqThreads >= kQueryTile, "a thread per token");
+  if (static_cast<int>(threadIdx.x) < tokens)
+    table.tile_codes[threadIdx.x] = a.codes[token_index(a, seq, first + threadIdx.x, head)];
+}
+
+// One key tile's scores (the warp's 16 rows x 64 keys, accumulator layout; rows row0 and
+// row0 + 8) in log2 units: a code's c log2(e) q.C_s + log2 count_s (code_bias: the tile's 64
+// biases), an own key's c log2(e) q.k^_j where key0 + column <= row and < length, else -inf.
+__device__ __forceinline__ void to_logits(float (&s)[8][4], const float* code_bias, int64_t row0,
+                                          int64_t length, int64_t key0, float scale_log2) {
+  const int quad = threadIdx.x % 4;
+  if (code_bias) {
+    const float2* bias = reinterpret_cast<const float2*>(code_bias);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const float2 b = bias[nt * 4 + quad];  // columns nt * 8 + 2 quad (+ 1)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = fmaf(s[nt][e], scale_log2, e & 1 ? b.y : b.x);
+    }
+    return;
+  }
+  int limit[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t last = min(row0 + 8 * r, length - 1) - key0;
+    limit[r] = static_cast<int>(last < -1 ? -1 : (last > 63 ? 63 : last));
+  }
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      s[nt][e] = nt * 8 + 2 * quad + (e & 1) <= limit[e / 2] ? s[nt][e] * scale_log2 : -INFINITY;
+}
+
+// The online softmax over one key tile's logits: s becomes P relative to the rows' running
+// maximum; the rows' sums and acc are rescaled where a maximum moved.
+template <int kAccTiles>
+__device__ __forceinline__ void online_softmax(float (&s)[8][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float (&acc)[kAccTiles][4]) {
+  float new_max[2], base[2], alpha[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) new_max[r] = row_max[r];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) new_max[e / 2] = fmaxf(new_max[e / 2], s[nt][e]);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    new_max[r] = quad_max(new_max[r]);
+    base[r] = new_max[r] == -INFINITY ? 0.f : new_max[r];  // nothing seen yet
+    alpha[r] = tile::fast_exp2(row_max[r] - base[r]);
+    row_max[r] = new_max[r];
+    row_sum[r] *= alpha[r];
+  }
+  // Rescale only when some row's maximum moved (after the first tiles, rarely).
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+#pragma unroll
+    for (int nt = 0; nt < kAccTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] *= alpha[e / 2];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] = tile::fast_exp2(s[nt][e] - base[e / 2]);
+      row_sum[e / 2] += s[nt][e];
+    }
+}
+
+// P = 2^(logit - lse) in place (rows past the end: lse = inf, P = 0).
+__device__ __forceinline__ void to_probabilities(float (&s)[8][4], const float (&row_lse)[2]) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = tile::fast_exp2(s[nt][e] - row_lse[e / 2]);
+}
+
+// dS = P (dP - D), in place of dp.
+__device__ __forceinline__ void score_gradient(const float (&p)[8][4], float (&dp)[8][4],
+                                               const float (&row_delta)[2]) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dp[nt][e] = p[nt][e] * (dp[nt][e] - row_delta[e / 2]);
+}
+
+// The rows' lse and D (dq pass; rows past the end: P = 0).
+__device__ __forceinline__ void load_row_statistics(const Args& a, const SequenceSpan& seq,
+                                                    int64_t head, int64_t row0, float (&row_lse)[2],
+                                                    float (&row_delta)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool valid = row0 + 8 * r < seq.length;
+    const int64_t at = token_index(a, seq, valid ? row0 + 8 * r : 0, head);
+    row_lse[r] = valid ? a.lse[at] : INFINITY;
+    row_delta[r] = valid ? a.delta[at] : 0.f;
+  }
+}
+
+// The tile's epilogue for the thread's rows row0, row0 + 8: o (and softmax_lse); or lse and D;
+// or dq.
+template <typename Elem, int D, Pass kPass>
+__device__ __forceinline__ void finish_rows(const Args& a, const SequenceSpan& seq, int64_t head,
+                                            int64_t row0, const float (&acc)[D / 8][4],
+                                            const float (&row_max)[2], const float (&row_sum)[2]) {
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = row0 + 8 * r;
+    const bool valid = row < seq.length;
+    const int64_t token = seq.start + (valid ? row : 0);
+    if constexpr (kPass == Pass::kDq) {
+      if (!valid) continue;
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt)
+        *reinterpret_cast<uint32_t*>(
+            reinterpret_cast<Elem*>(a.dq.data) +
+            element_offset(a.dq, seq.batch, token, head, nt * 8 + 2 * quad)) =
+            tile::pack<Elem>(a.scale * acc[nt][2 * r], a.scale * acc[nt][2 * r + 1]);
+    } else {
+      const float total = quad_sum(row_sum[r]);
+      const float inv = valid ? 1.f / total : 0.f;
+      float dot = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        const int col = nt * 8 + 2 * quad;
+        const float o0 = acc[nt][2 * r] * inv, o1 = acc[nt][2 * r + 1] * inv;
+        if (!valid) continue;
+        if constexpr (kPass == Pass::kForward) {
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.o.data) +
+                                       element_offset(a.o, seq.batch, token, head, col)) =
+              tile::pack<Elem>(o0, o1);
+          if (nt == 0 && quad == 0 && a.softmax_lse.present)  // natural log
+            *reinterpret_cast<float*>(
+                a.softmax_lse.data + 4 * element_offset(a.softmax_lse, seq.batch, token, head, 0)) =
+                (row_max[r] + log2f(total)) * kLn2;
+        } else {
+          const float2 g = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
+              row_of<Elem>(a.d_o, seq.batch, token, head) + col));
+          dot += g.x * o0 + g.y * o1;
+        }
+      }
+      if constexpr (kPass == Pass::kPrologue) {
+        dot = quad_sum(dot);
+        if (valid && quad == 0) {
+          const int64_t at = token_index(a, seq, row, head);
+          a.lse[at] = row_max[r] + log2f(total);
+          a.delta[at] = dot;
+        }
+      }
+    }
+  }
+}
+
+// The tile's tokens (their codes in the table) join the aggregates: counts, biases and inverses
+// in the table, float32 sums and input-type means in scratch. Tokens with the same code form a
+// chain; the chain's first token adds the chain's values in token order: no two threads touch
+// one code, and every call gives the same bits. value_at(u, x): token u's features x .. x + 3
+// in shared memory.
+template <typename Elem, int D, typename ValueAt>
+__device__ void join_aggregates(int tokens, float* sums, Elem* means, const CodeTable& table,
+                                ValueAt value_at) {
+  static_assert(kQueryTile == 128, "four member words per code");
+  const int token = threadIdx.x;
+  const bool in_tile = token < tokens;
+  const int code = in_tile ? table.tile_codes[token] : 0;
+  uint32_t* const members = table.members + 4 * code;
+  if (in_tile) atomicOr(members + token / 32, 1u << (token % 32));
+  __syncthreads();
+  if (in_tile) {
+    const uint4 words = *reinterpret_cast<const uint4*>(members);
+    const uint32_t word[4] = {words.x, words.y, words.z, words.w};
+    int next = -1, size = 0;
+    bool lead = true;
+#pragma unroll
+    for (int w = 3; w >= 0; --w) {  // the lowest member above token, any below it
+      const int own = token / 32, bit = token % 32;
+      const uint32_t above = w > own ? word[w] : (w == own ? word[w] & ~((2u << bit) - 1u) : 0u);
+      const uint32_t below = w < own ? word[w] : (w == own ? word[w] & ((1u << bit) - 1u) : 0u);
+      if (above) next = 32 * w + __ffs(above) - 1;
+      if (below) lead = false;
+      size += __popc(word[w]);
+    }
+    table.next_same[token] = next;
+    table.leads[token] = lead;
+    if (lead) {
+      const float count = table.count[code] + static_cast<float>(size);
+      table.count[code] = count;
+      table.bias[code] = log2f(count);
+      table.inverse[code] = 1.f / count;
+    }
   }
   __syncthreads();
+  if (in_tile && table.leads[token])  // every member read its words: empty them for the next tile
+    *reinterpret_cast<uint4*>(members) = make_uint4(0u, 0u, 0u, 0u);
+  // Items of 4 columns of a chain's first token.
+  constexpr int kCols = 4, kGroups = D / kCols;
+  constexpr int kBatch = 8;  // independent sums loads in flight per thread
+  for (int base = threadIdx.x; base < tokens * kGroups; base += kBatch * kSeqThreads) {
+    int at[kBatch];
+    float4 old[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int idx = base + b * kSeqThreads, j = idx / kGroups;
+      at[b] = idx < tokens * kGroups && table.leads[j]
+                  ? table.tile_codes[j] * D + (idx % kGroups) * kCols
+                  : -1;
+      old[b] = at[b] >= 0 ? *reinterpret_cast<const float4*>(sums + at[b])
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (at[b] < 0) continue;
+      const int idx = base + b * kSeqThreads, x = (idx % kGroups) * kCols;
+      float4 total = old[b];
+      for (int u = idx / kGroups; u >= 0; u = table.next_same[u]) {
+        const Elem* row = value_at(u, x);
+        const float2 lo = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(row));
+        const float2 hi = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(row + 2));
+        total.x += lo.x, total.y += lo.y, total.z += hi.x, total.w += hi.y;
+      }
+      *reinterpret_cast<float4*>(sums + at[b]) = total;
+      const float inverse = table.inverse[at[b] / D];
+      *reinterpret_cast<uint2*>(means + at[b]) =
+          make_uint2(tile::pack<Elem>(total.x * inverse, total.y * inverse),
+                     tile::pack<Elem>(total.z * inverse, total.w * inverse));
+    }
+  }
+  __syncthreads();
+}
+
+// The forward's final_state: per code the value sums, then the count.
+template <int D>
+__device__ void store_final_state(const Args& a, int64_t n, int64_t head, const float* sums,
+                                  const CodeTable& table) {
+  for (int idx = threadIdx.x; idx < a.num_codes * (D + 1); idx += kSeqThreads) {
+    const int s = idx / (D + 1), x = idx % (D + 1);
+    store_float(a.final_state, element_offset(a.final_state, n, head, s, x),
+                x < D ? sums[s * D + x] : table.count[s]);
+  }
+}
+
+template <typename Elem, int D, Pass kPass>
+__global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a) {
+  constexpr int kStride = D + 8;
+  constexpr bool kDq = kPass == Pass::kDq;
+  extern __shared__ __align__(128) char smem[];
+  Elem* const q_s = reinterpret_cast<Elem*>(smem);
+  Elem* const g_s = q_s + kQueryTile * kStride;  // d_o (dq pass)
+  Elem* const key_s = g_s + (kDq ? kQueryTile * kStride : 0);
+  Elem* const val_s = key_s + 2 * kKeyTile * kStride;
+  const CodeTable table =
+      CodeTable::at(reinterpret_cast<char*>(val_s + 2 * kKeyTile * kStride), a.num_codes);
+
+  const int64_t nh = blockIdx.x, n = nh / a.num_heads, head = nh % a.num_heads;
+  const SequenceSpan seq = a.sequences[n];
+  const int S = a.num_codes, code_tiles = S / kKeyTile;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float* const sums = a.sums + nh * S * D;
+  Elem* const means = reinterpret_cast<Elem*>(a.means) + nh * S * D;
+  const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
+  const int64_t code_stride = a.codebook.stride[2];
+  load_aggregates<Elem, D>(a, n, head, sums, means, table);
 
   const int64_t length = seq.length;
   const int tiles = static_cast<int>((length + kQueryTile - 1) / kQueryTile);
@@ -341,6 +623,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
     const int64_t first = int64_t{t} * kQueryTile;
     const int tokens = static_cast<int>(min(int64_t{kQueryTile}, length - first));
     const int key_tiles = code_tiles + (tokens + kKeyTile - 1) / kKeyTile;
+    load_tile_codes(a, seq, head, first, tokens, table);
     // Key tile kt: codes first (keys C_s, values mean_s), then the tile's own tokens (keys
     // C[code_j], values v_j), which stay resident for the aggregate update.
     auto issue_keys = [&](int kt) {
@@ -372,15 +655,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
     const int64_t row0 = first + warp * 16 + lane / 4;  // rows row0 and row0 + 8
     const int64_t warp_last = first + warp * 16 + 15;
     float row_lse[2] = {0.f, 0.f}, row_delta[2] = {0.f, 0.f};
-    if constexpr (kDq) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const bool valid = row0 + 8 * r < length;
-        const int64_t at = token_index(a, seq, valid ? row0 + 8 * r : 0, head);
-        row_lse[r] = valid ? a.lse[at] : INFINITY;  // rows past the end: P = 0
-        row_delta[r] = valid ? a.delta[at] : 0.f;
-      }
-    }
+    if constexpr (kDq) load_row_statistics(a, seq, head, row0, row_lse, row_delta);
     uint32_t q_frag[D / 16][4], g_frag[kDq ? D / 16 : 1][4];
     float acc[D / 8][4] = {};  // o's numerator, or dq / c
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
@@ -400,196 +675,32 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
       if (is_code || key0 <= warp_last) {  // else every key of the tile is after the warp's rows
         float s[8][4];
         score_tile<Elem, D>(s, q_frag, keys);
-        if (is_code) {  // logit in log2 units: c log2(e) q.C_s + log2 count_s
-          const float2* bias = reinterpret_cast<const float2*>(bias_s + kt * kKeyTile);
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt) {
-            const float2 b = bias[nt * 4 + quad];  // columns nt * 8 + 2 quad (+ 1)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[nt][e] = fmaf(s[nt][e], a.scale_log2, e & 1 ? b.y : b.x);
-          }
-        } else {  // causal: key <= row, key < length
-          int limit[2];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int64_t last = min(row0 + 8 * r, length - 1) - key0;
-            limit[r] = static_cast<int>(last < -1 ? -1 : (last > 63 ? 63 : last));
-          }
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              s[nt][e] =
-                  nt * 8 + 2 * quad + (e & 1) <= limit[e / 2] ? s[nt][e] * a.scale_log2 : -INFINITY;
-        }
-        if constexpr (!kDq) {  // online softmax
-          float new_max[2], base[2], alpha[2];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) new_max[r] = row_max[r];
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) new_max[e / 2] = fmaxf(new_max[e / 2], s[nt][e]);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            new_max[r] = quad_max(new_max[r]);
-            base[r] = new_max[r] == -INFINITY ? 0.f : new_max[r];  // nothing seen yet
-            alpha[r] = tile::fast_exp2(row_max[r] - base[r]);
-            row_max[r] = new_max[r];
-            row_sum[r] *= alpha[r];
-          }
-          // Rescale only when some row's maximum moved (after the first tiles, rarely).
-          if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
-#pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) acc[nt][e] *= alpha[e / 2];
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              s[nt][e] = tile::fast_exp2(s[nt][e] - base[e / 2]);
-              row_sum[e / 2] += s[nt][e];
-            }
+        to_logits(s, is_code ? table.bias + kt * kKeyTile : nullptr, row0, length, key0,
+                  a.scale_log2);
+        if constexpr (!kDq) {
+          online_softmax(s, row_max, row_sum, acc);
           accumulate_tile<Elem, D>(acc, s, values);
-        } else {  // dS = P (do.value - D), dq += dS key
+        } else {  // dq += dS key
           float dp[8][4];
           score_tile<Elem, D>(dp, g_frag, values);
-#pragma unroll
-          for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              dp[nt][e] =
-                  tile::fast_exp2(s[nt][e] - row_lse[e / 2]) * (dp[nt][e] - row_delta[e / 2]);
+          to_probabilities(s, row_lse);
+          score_gradient(s, dp, row_delta);
           accumulate_tile<Elem, D>(acc, dp, keys);
         }
       }
       __syncthreads();  // the stage is refilled next
     }
-
-    // Epilogue: o; or lse and D; or dq.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = row0 + 8 * r;
-      const bool valid = row < length;
-      const int64_t token = seq.start + (valid ? row : 0);
-      if constexpr (kDq) {
-        if (!valid) continue;
-#pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt)
-          *reinterpret_cast<uint32_t*>(
-              reinterpret_cast<Elem*>(a.dq.data) +
-              element_offset(a.dq, seq.batch, token, head, nt * 8 + 2 * quad)) =
-              tile::pack<Elem>(a.scale * acc[nt][2 * r], a.scale * acc[nt][2 * r + 1]);
-      } else {
-        const float total = quad_sum(row_sum[r]);
-        const float inv = valid ? 1.f / total : 0.f;
-        float dot = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < D / 8; ++nt) {
-          const int col = nt * 8 + 2 * quad;
-          const float o0 = acc[nt][2 * r] * inv, o1 = acc[nt][2 * r + 1] * inv;
-          if (!valid) continue;
-          if constexpr (kPass == Pass::kForward) {
-            *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.o.data) +
-                                         element_offset(a.o, seq.batch, token, head, col)) =
-                tile::pack<Elem>(o0, o1);
-            if (nt == 0 && quad == 0 && a.softmax_lse.present)  // natural log
-              *reinterpret_cast<float*>(a.softmax_lse.data +
-                                        4 * element_offset(a.softmax_lse, seq.batch, token, head,
-                                                           0)) = (row_max[r] + log2f(total)) * kLn2;
-          } else {
-            const float2 g = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(
-                row_of<Elem>(a.d_o, seq.batch, token, head) + col));
-            dot += g.x * o0 + g.y * o1;
-          }
-        }
-        if constexpr (kPass == Pass::kPrologue) {
-          dot = quad_sum(dot);
-          if (valid && quad == 0) {
-            const int64_t at = token_index(a, seq, row, head);
-            a.lse[at] = row_max[r] + log2f(total);
-            a.delta[at] = dot;
-          }
-        }
-      }
-    }
-
-    // The tile's tokens join the aggregates (not needed after the last tile, except for the
-    // forward's final_state). Tokens with the same code form a chain; the chain's first token
-    // adds the chain's values in token order: no two threads touch one code.
+    finish_rows<Elem, D, kPass>(a, seq, head, row0, acc, row_max, row_sum);
+    // The aggregates are not needed after the last tile, except for the forward's final_state.
     if (t + 1 == tiles && !(kPass == Pass::kForward && a.final_state.present)) break;
-    if (threadIdx.x < tokens) {
-      const int code = a.codes[token_index(a, seq, first + threadIdx.x, head)];
-      tile_codes[threadIdx.x] = code;
-      atomicMin(first_of + code, static_cast<int>(threadIdx.x));
-    }
-    __syncthreads();
-    if (threadIdx.x < tokens) {
-      const int j = threadIdx.x, code = tile_codes[j];
-      int next = -1;
-      for (int u = j + 1; u < tokens && next < 0; ++u)
-        if (tile_codes[u] == code) next = u;
-      next_same[j] = next;
-      leads[j] = first_of[code] == j;
-    }
-    __syncthreads();
-    if (threadIdx.x < tokens && leads[threadIdx.x]) {
-      int size = 0;
-      for (int u = threadIdx.x; u >= 0; u = next_same[u]) ++size;
-      const int code = tile_codes[threadIdx.x];
-      const float count = count_s[code] + static_cast<float>(size);
-      count_s[code] = count;
-      bias_s[code] = log2f(count);
-      inverse_s[code] = 1.f / count;
-      first_of[code] = kQueryTile;
-    }
-    __syncthreads();
-    // Items of 4 columns of a chain's first token; the tile's values are the last key tiles'
-    // values, still in shared memory.
-    constexpr int kCols = 4, kGroups = D / kCols;
-    constexpr int kBatch = 4;  // independent sums loads in flight per thread
-    for (int base = threadIdx.x; base < tokens * kGroups; base += kBatch * kSeqThreads) {
-      int at[kBatch];
-      float4 old[kBatch];
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const int idx = base + b * kSeqThreads, j = idx / kGroups;
-        at[b] =
-            idx < tokens * kGroups && leads[j] ? tile_codes[j] * D + (idx % kGroups) * kCols : -1;
-        old[b] = at[b] >= 0 ? *reinterpret_cast<const float4*>(sums + at[b])
-                            : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        if (at[b] < 0) continue;
-        const int idx = base + b * kSeqThreads, x = (idx % kGroups) * kCols;
-        float4 total = old[b];
-        for (int u = idx / kGroups; u >= 0; u = next_same[u]) {
-          const Elem* row = val_s + ((code_tiles + u / kKeyTile) % 2) * kKeyTile * kStride +
-                            (u % kKeyTile) * kStride + x;
-          const float2 lo = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(row));
-          const float2 hi = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(row + 2));
-          total.x += lo.x, total.y += lo.y, total.z += hi.x, total.w += hi.y;
-        }
-        *reinterpret_cast<float4*>(sums + at[b]) = total;
-        const float inverse = inverse_s[at[b] / D];
-        *reinterpret_cast<uint2*>(means + at[b]) =
-            make_uint2(tile::pack<Elem>(total.x * inverse, total.y * inverse),
-                       tile::pack<Elem>(total.z * inverse, total.w * inverse));
-      }
-    }
-    __syncthreads();
+    // The tile's values are the last key tiles' values, still in shared memory.
+    join_aggregates<Elem, D>(tokens, sums, means, table, [&](int u, int x) {
+      return val_s + ((code_tiles + u / kKeyTile) % 2) * kKeyTile * kStride +
+             (u % kKeyTile) * kStride + x;
+    });
   }
-
-  if constexpr (kPass == Pass::kForward) {
-    if (!a.final_state.present) return;
-    for (int idx = threadIdx.x; idx < S * (D + 1); idx += kSeqThreads) {
-      const int s = idx / (D + 1), x = idx % (D + 1);
-      store_float(a.final_state, element_offset(a.final_state, n, head, s, x),
-                  x < D ? sums[s * D + x] : count_s[s]);
-    }
-  }
+  if constexpr (kPass == Pass::kForward)
+    if (a.final_state.present) store_final_state<D>(a, n, head, sums, table);
 }
 
 // ---- the backward's statistics from the forward's saved o and softmax_lse ----------------------
@@ -964,11 +1075,7 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
   using Accumulators = float[kBlocks][32];
   const uint64_t keys_desc = wg::descriptor(keys_tile + 64 * warpgroup * wg::kRowBytes, 16);
   const uint64_t values_desc = wg::descriptor(values_tile + 64 * warpgroup * wg::kRowBytes, 16);
-  auto key_major_step = [](int s, int rows) {  // k16 step s of a K-major [rows][D] tile
-    return static_cast<uint32_t>(((s / 4) * rows * wg::kRowBytes + (s % 4) * 32) >> 4);
-  };
-  constexpr uint32_t kStep16Rows = (16 * wg::kRowBytes) >> 4;          // MN-major k16 step
-  constexpr uint32_t kQueryBlock = (kWgQueries * wg::kRowBytes) >> 4;  // next 64 features
+  using wg::k_major_step;
 
   // acc (64 keys x D) += frag (64 keys x 64 queries, A fragments) . the [query][D] tile at
   // tile_desc (MN-major: the queries are the reduction).
@@ -978,7 +1085,8 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
     for (int s = 0; s < 4; ++s)
 #pragma unroll
       for (int nb = 0; nb < kBlocks; ++nb)
-        wg::mma<Elem, 1>(acc[nb], frag[s], tile_desc + nb * kQueryBlock + s * kStep16Rows, 1);
+        wg::mma<Elem, 1>(acc[nb], frag[s],
+                         tile_desc + nb * wg::column_block(kWgQueries) + s * wg::kMnMajorStep, 1);
   };
   // Makes `step`'s tiles visible and starts the copies of the step after it. Past the barrier
   // every warp has retired the products of step - 2, whose stage is the one refilled.
@@ -1008,13 +1116,13 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
       wg::fence();
 #pragma unroll
       for (int s = 0; s < D / 16; ++s)
-        wg::mma<Elem, 0, 0>(scores, keys_desc + key_major_step(s, kWgKeys),
-                            q_desc + key_major_step(s, kWgQueries), s > 0);
+        wg::mma<Elem, 0, 0>(scores, keys_desc + k_major_step(s, kWgKeys),
+                            q_desc + k_major_step(s, kWgQueries), s > 0);
       wg::commit();
 #pragma unroll
       for (int s = 0; s < D / 16; ++s)
-        wg::mma<Elem, 0, 0>(dp, values_desc + key_major_step(s, kWgKeys),
-                            do_desc + key_major_step(s, kWgQueries), s > 0);
+        wg::mma<Elem, 0, 0>(dp, values_desc + k_major_step(s, kWgKeys),
+                            do_desc + k_major_step(s, kWgQueries), s > 0);
       wg::commit();
       wg::wait<1>();
       wg::fence_operand(scores);
@@ -1102,7 +1210,232 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
   if (a.dk.present) store_rows(dk_acc, true);
 
 #elif defined(__CUDA_ARCH__)
-  __trap();  // code for a device without wgmma: the host never launches it (key_kernel_on_wgmma)
+  __trap();  // code for a device without wgmma: the host never launches it (on_wgmma)
+#endif  // FLASHLIN_WGMMA_DEVICE
+}
+
+// ---- the sequential passes on wgmma (sm_90a)
+// ----------------------------------------------------- sequential_kernel's walk with its products
+// on warpgroup MMA: warpgroup w takes the tile's rows 64 w .. 64 w + 63 (its warps hold the rows
+// they hold in sequential_kernel), S = Q K^T (and dP = dO V^T) with both operands in shared memory,
+// then P (or dS) from registers as the A operand of O += P V (dq += dS K^). Tiles in the 128-byte
+// swizzle, key tiles in three cp.async stages of (keys, values): one barrier per key tile, passed
+// while the previous tile's O += P V is multiplied, and the tile's S is issued right behind it. A
+// stage is refilled after every warpgroup has waited for the products that read it (two key tiles
+// earlier).
+constexpr int kWgSeqStages = 3;
+static_assert(kSeqThreads == 256 && kQueryTile == 128, "two warpgroups of 64 rows");
+
+template <int D>
+struct WgSeqShape {
+  static constexpr int kQueryTileBytes = kQueryTile * D * 2;  // q (and do), D / 64 column blocks
+  static constexpr int kKeyTileBytes = kKeyTile * D * 2;
+  static constexpr int kStageBytes = 2 * kKeyTileBytes;  // keys, then values
+  static size_t smem(Pass pass, int codes) {
+    return size_t{kQueryTileBytes} * (pass == Pass::kDq ? 2 : 1) +
+           size_t{kWgSeqStages} * kStageBytes + CodeTable::bytes(codes);
+  }
+  static_assert(kKeyTileBytes % wg::kAtomBytes == 0, "tiles stay 1024-byte aligned");
+};
+
+template <typename Elem, int D, Pass kPass>
+__global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel_wgmma(const Args a) {
+#if defined(FLASHLIN_WGMMA_DEVICE)
+  using Sh = WgSeqShape<D>;
+  constexpr bool kDq = kPass == Pass::kDq;
+  extern __shared__ __align__(1024) char smem[];
+  if (tile::smem_address(smem) % wg::kAtomBytes != 0) __trap();  // swizzled tiles need it
+  char* const q_tile = smem;
+  char* const do_tile = smem + Sh::kQueryTileBytes;  // the dq pass's
+  char* const stages = do_tile + (kDq ? Sh::kQueryTileBytes : 0);
+  auto keys_of = [&](int kt) { return stages + (kt % kWgSeqStages) * Sh::kStageBytes; };
+  auto values_of = [&](int kt) { return keys_of(kt) + Sh::kKeyTileBytes; };
+  const CodeTable table = CodeTable::at(stages + kWgSeqStages * Sh::kStageBytes, a.num_codes);
+
+  const int64_t nh = blockIdx.x, n = nh / a.num_heads, head = nh % a.num_heads;
+  const SequenceSpan seq = a.sequences[n];
+  const int S = a.num_codes, code_tiles = S / kKeyTile;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warpgroup = warp / 4;
+  float* const sums = a.sums + nh * S * D;
+  Elem* const means = reinterpret_cast<Elem*>(a.means) + nh * S * D;
+  const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
+  const int64_t code_stride = a.codebook.stride[2];
+  load_aggregates<Elem, D>(a, n, head, sums, means, table);
+
+  auto rows_of = [&](const StridedTensor& x) {
+    return reinterpret_cast<const char*>(row_of<Elem>(x, seq.batch, seq.start, head));
+  };
+  const char* const q_rows = rows_of(a.q);
+  const char* const v_rows = rows_of(a.v);
+  const int64_t q_step = a.q.stride[1] * int64_t{sizeof(Elem)};
+  const int64_t v_step = a.v.stride[1] * int64_t{sizeof(Elem)};
+  const char* const do_rows = kDq ? rows_of(a.d_o) : q_rows;
+  const int64_t do_step = kDq ? a.d_o.stride[1] * int64_t{sizeof(Elem)} : q_step;
+  // The warpgroup's 64 rows of the query tiles (A operands, K-major).
+  const uint64_t q_desc = wg::descriptor(q_tile + 64 * warpgroup * wg::kRowBytes, 16);
+  const uint64_t do_desc = wg::descriptor(do_tile + 64 * warpgroup * wg::kRowBytes, 16);
+
+  const int64_t length = seq.length;
+  const int tiles = static_cast<int>((length + kQueryTile - 1) / kQueryTile);
+  for (int t = 0; t < tiles; ++t) {
+    const int64_t first = int64_t{t} * kQueryTile;
+    const int tokens = static_cast<int>(min(int64_t{kQueryTile}, length - first));
+    const int key_tiles = code_tiles + (tokens + kKeyTile - 1) / kKeyTile;
+    load_tile_codes(a, seq, head, first, tokens, table);
+    // Key tile kt: codes first (keys C_s, values mean_s), then the tile's own tokens (keys
+    // C[code_j] by the table's codes, values v_j), which stay resident for the join.
+    auto issue_keys = [&](int kt) {
+      if (kt < code_tiles) {
+        const int c0 = kt * kKeyTile;
+        wg::copy_rows_async<D * 2, kSeqThreads, kKeyTile>(
+            keys_of(kt), reinterpret_cast<const char*>(codebook + c0 * code_stride),
+            code_stride * int64_t{sizeof(Elem)}, kKeyTile);
+        wg::copy_rows_async<D * 2, kSeqThreads, kKeyTile>(
+            values_of(kt), reinterpret_cast<const char*>(means + c0 * D), D * 2, kKeyTile);
+        return;
+      }
+      const int u0 = (kt - code_tiles) * kKeyTile;  // the tile's tokens u0 .. u0 + 63
+      const int valid = min(kKeyTile, tokens - u0);
+      constexpr int kParts = D / 8;
+      for (int idx = threadIdx.x; idx < kKeyTile * kParts; idx += kSeqThreads) {
+        const int row = idx / kParts, part = idx % kParts;
+        const bool in = row < valid;
+        const Elem* const code_row =
+            in ? codebook + table.tile_codes[u0 + row] * code_stride : codebook;
+        tile::cp_async_16(keys_of(kt) + wg::tile_offset<kKeyTile>(row, part * 8),
+                          code_row + part * 8, in ? 16 : 0);
+      }
+      wg::copy_rows_async<D * 2, kSeqThreads, kKeyTile>(
+          values_of(kt), v_rows + (first + u0) * v_step, v_step, valid);
+    };
+    wg::copy_rows_async<D * 2, kSeqThreads, kQueryTile>(q_tile, q_rows + first * q_step, q_step,
+                                                        tokens);
+    if constexpr (kDq)
+      wg::copy_rows_async<D * 2, kSeqThreads, kQueryTile>(do_tile, do_rows + first * do_step,
+                                                          do_step, tokens);
+    issue_keys(0);
+    tile::cp_async_commit();
+
+    const int64_t row0 = first + warp * 16 + lane / 4;  // rows row0 and row0 + 8
+    const int64_t warpgroup_last = first + 64 * warpgroup + 63;
+    float row_lse[2] = {0.f, 0.f}, row_delta[2] = {0.f, 0.f};
+    if constexpr (kDq) load_row_statistics(a, seq, head, row0, row_lse, row_delta);
+    float acc[D / 8][4] = {};  // o's numerator, or dq / c
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    // s: the logits (then P) of the key tile being finished; ahead (forward): S of the next key
+    // tile, multiplied during this one's softmax; dp (dq pass): dP, then dS.
+    float s[8][4], ahead[kDq ? 1 : 8][4], dp[kDq ? 8 : 1][4];
+    // Whether the warpgroup's rows meet key tile kt (the second own tile is after the first
+    // warpgroup's rows).
+    auto needed = [&](int kt) {
+      return kt < code_tiles || first + (kt - code_tiles) * kKeyTile <= warpgroup_last;
+    };
+    // Key tile kt visible to every warpgroup; the copies of kt + 1 started. The stage refilled
+    // held key tile kt - 2, whose products every warpgroup waited for before this barrier.
+    auto next_tiles = [&](int kt) {
+      tile::cp_async_wait<0>();
+      wg::fence_async_shared();  // this thread's copies -> the wgmma of every warpgroup
+      __syncthreads();
+      if (kt + 1 < key_tiles) {
+        issue_keys(kt + 1);
+        tile::cp_async_commit();
+      }
+    };
+    // into = A K^T over the key tile's keys (A: q) or values (A: do), one commit group.
+    auto issue_scores = [&](float(&into)[8][4], uint64_t rows_desc, const char* tile) {
+      const uint64_t tile_desc = wg::descriptor(tile, 16);
+      wg::fence();
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k)
+        wg::mma<Elem, 0, 0>(wg::columns(into, 0), rows_desc + wg::k_major_step(k, kQueryTile),
+                            tile_desc + wg::k_major_step(k, kKeyTile), k > 0);
+      wg::commit();
+    };
+    // acc += p . rows, p (64 x 64 keys) from registers, rows the [key][D] tile (MN-major).
+    auto accumulate = [&](const float(&p)[8][4], const char* rows) {
+      uint32_t frag[4][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) tile::a_from_c<Elem>(frag[kk], p[2 * kk], p[2 * kk + 1]);
+      const uint64_t rows_desc = wg::descriptor(rows, kKeyTile * wg::kRowBytes);
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int nb = 0; nb < D / 64; ++nb)
+          wg::mma<Elem, 1>(wg::columns(acc, nb), frag[kk],
+                           rows_desc + nb * wg::column_block(kKeyTile) + kk * wg::kMnMajorStep, 1);
+      wg::commit();
+    };
+    auto logits = [&](int kt) {
+      to_logits(s, kt < code_tiles ? table.bias + kt * kKeyTile : nullptr, row0, length,
+                first + (kt - code_tiles) * kKeyTile, a.scale_log2);
+    };
+    // Every product is waited for within its key tile's iteration (a product in flight across
+    // the loop's back edge makes ptxas serialise the kernel's wgmma).
+    auto wait_all = [&] {
+      wg::wait<0>();
+#pragma unroll
+      for (int nb = 0; nb < D / 64; ++nb) wg::fence_operand(wg::columns(acc, nb));
+      wg::fence_operand(wg::columns(s, 0));
+    };
+
+    next_tiles(0);
+    if constexpr (!kDq) {
+      issue_scores(s, q_desc, keys_of(0));  // key tile 0: codes, needed by every row
+      wait_all();
+    }
+    for (int kt = 0; kt < key_tiles; ++kt) {
+      const bool more = kt + 1 < key_tiles;
+      if constexpr (!kDq) {
+        // S of the next tile on the tensor cores while this one's softmax runs. (Alternating
+        // the roles of s and ahead instead of copying made ptxas serialise the kernel's wgmma.)
+        if (more) {
+          next_tiles(kt + 1);
+          if (needed(kt + 1)) issue_scores(ahead, q_desc, keys_of(kt + 1));
+        }
+        if (needed(kt)) {
+          logits(kt);
+          online_softmax(s, row_max, row_sum, acc);  // acc's products were waited for
+          accumulate(s, values_of(kt));
+        }
+        wait_all();
+        wg::fence_operand(wg::columns(ahead, 0));
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[nt][e] = ahead[nt][e];
+      } else {
+        // dP on the tensor cores while P is formed; dq += dS K^ while the block passes the next
+        // tile's barrier. (S of the next tile issued behind dq's products made ptxas serialise
+        // the kernel's wgmma.)
+        if (needed(kt)) {
+          issue_scores(s, q_desc, keys_of(kt));
+          issue_scores(dp, do_desc, values_of(kt));
+          wg::wait<1>();
+          wg::fence_operand(wg::columns(s, 0));
+          logits(kt);
+          to_probabilities(s, row_lse);
+          wg::wait<0>();
+          wg::fence_operand(wg::columns(dp, 0));
+          score_gradient(s, dp, row_delta);
+          accumulate(dp, keys_of(kt));
+        }
+        if (more) next_tiles(kt + 1);
+        wait_all();
+      }
+    }
+    finish_rows<Elem, D, kPass>(a, seq, head, row0, acc, row_max, row_sum);
+    // The aggregates are not needed after the last tile, except for the forward's final_state.
+    if (t + 1 == tiles && !(kPass == Pass::kForward && a.final_state.present)) break;
+    join_aggregates<Elem, D>(tokens, sums, means, table, [&](int u, int x) {
+      return reinterpret_cast<const Elem*>(values_of(code_tiles + u / kKeyTile) +
+                                           wg::tile_offset<kKeyTile>(u % kKeyTile, x));
+    });
+  }
+  if constexpr (kPass == Pass::kForward)
+    if (a.final_state.present) store_final_state<D>(a, n, head, sums, table);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // code for a device without wgmma: the host never launches it (on_wgmma)
 #endif  // FLASHLIN_WGMMA_DEVICE
 }
 
@@ -1140,13 +1473,24 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t str
   check_cuda(cudaGetLastError(), what);
 }
 
-// key_kernel_wgmma where this build and the device run it, unless FLASHLIN_VQ_KEY_WGMMA=0 (read
-// at every call, so that a benchmark can compare both kernels in one process).
-template <typename Elem, int D>
-bool key_kernel_on_wgmma() {
-  if (env_is("FLASHLIN_VQ_KEY_WGMMA", {"0"})) return false;
+// Whether `kernel`, one of the wgmma kernels, runs here: this build and the device run sm_90a
+// code, and FLASHLIN_VQ_WGMMA=0 does not ask for the mma.sync kernels (read at every call, so
+// that a test or a benchmark can compare both in one process). `known`: the kernel's own cache.
+template <typename Kernel>
+bool on_wgmma(Kernel kernel, std::atomic<signed char> (&known)[wg::kKnownDevices]) {
+  if (env_is("FLASHLIN_VQ_WGMMA", {"0"})) return false;
+  return wg::runs_sm90a(kernel, known);
+}
+
+template <typename Elem, int D, Pass kPass>
+void launch_sequential(const Args& a, unsigned pairs, cudaStream_t stream, const char* what) {
   static std::atomic<signed char> known[wg::kKnownDevices];
-  return wg::runs_sm90a(key_kernel_wgmma<Elem, D>, known);
+  if (on_wgmma(sequential_kernel_wgmma<Elem, D, kPass>, known))
+    launch(sequential_kernel_wgmma<Elem, D, kPass>, dim3(pairs), kSeqThreads,
+           WgSeqShape<D>::smem(kPass, a.num_codes), stream, a, what);
+  else
+    launch(sequential_kernel<Elem, D, kPass>, dim3(pairs), kSeqThreads,
+           Shape<D>::sequential_smem(kPass, a.num_codes), stream, a, what);
 }
 
 template <typename Elem, int D>
@@ -1170,8 +1514,7 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
            kSeqThreads, Sh::kQuantizeSmem, stream, a, "vq_attention: the quantization");
   }
   if (!backward) {
-    launch(sequential_kernel<Elem, D, Pass::kForward>, dim3(pairs), kSeqThreads,
-           Sh::sequential_smem(Pass::kForward, codes), stream, a, "vq_attention: the forward");
+    launch_sequential<Elem, D, Pass::kForward>(a, pairs, stream, "vq_attention: the forward");
     return;
   }
   if (p.softmax_lse.present && p.o.present)  // saved by the forward: lse and D from them
@@ -1180,18 +1523,16 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
         dim3(static_cast<unsigned>((p.batch * p.time * p.num_heads + kSeqWarps - 1) / kSeqWarps)),
         kSeqThreads, 0, stream, a, "vq_attention: the saved statistics");
   else
-    launch(sequential_kernel<Elem, D, Pass::kPrologue>, dim3(pairs), kSeqThreads,
-           Sh::sequential_smem(Pass::kPrologue, codes), stream, a,
-           "vq_attention: the backward's softmax statistics");
-  if (p.dq.present)
-    launch(sequential_kernel<Elem, D, Pass::kDq>, dim3(pairs), kSeqThreads,
-           Sh::sequential_smem(Pass::kDq, codes), stream, a, "vq_attention: dq");
+    launch_sequential<Elem, D, Pass::kPrologue>(a, pairs, stream,
+                                                "vq_attention: the backward's softmax statistics");
+  if (p.dq.present) launch_sequential<Elem, D, Pass::kDq>(a, pairs, stream, "vq_attention: dq");
   const int64_t longest = longest_sequence(p.sequences);
   if (p.dv.present || p.d_initial_state.present)
     launch(code_kernel<Elem, D>, dim3(static_cast<unsigned>(codes / kKeyTile), pairs), kTileThreads,
            Sh::kCodeSmem, stream, a, "vq_attention: the codes' dv");
   if (!p.dk.present && !p.dv.present) return;
-  if (key_kernel_on_wgmma<Elem, D>())
+  static std::atomic<signed char> key_known[wg::kKnownDevices];
+  if (on_wgmma(key_kernel_wgmma<Elem, D>, key_known))
     launch(key_kernel_wgmma<Elem, D>,
            dim3(static_cast<unsigned>((longest + kWgKeys - 1) / kWgKeys), pairs), kWgKeyThreads,
            WgKeyShape<D>::kSmem, stream, a, "vq_attention: dk, dv");

@@ -61,6 +61,26 @@ __device__ __forceinline__ uint64_t descriptor(const void* start, uint32_t leadi
   return desc;
 }
 
+// Descriptor offsets, in the descriptor's 16-byte units: k16 step `step` of a K-major tile of
+// `rows` rows (32 bytes inside a column block, the next column block every four steps); a k16
+// step of an MN-major tile (16 rows); the next column block (64 columns) of a tile of `rows` rows.
+__host__ __device__ constexpr uint32_t k_major_step(int step, int rows) {
+  return static_cast<uint32_t>(((step / 4) * rows * kRowBytes + (step % 4) * 32) >> 4);
+}
+constexpr uint32_t kMnMajorStep = (16 * kRowBytes) >> 4;
+__host__ __device__ constexpr uint32_t column_block(int rows) {
+  return static_cast<uint32_t>((rows * kRowBytes) >> 4);
+}
+
+// Columns 64 nb .. 64 nb + 63 of a 64-row accumulator held as mma.sync n8 tiles (float[N / 8][4],
+// the rows of each warp as in mma.sync): the wgmma accumulator of those columns is the same 32
+// registers in the same order.
+template <int Tiles>
+__device__ __forceinline__ float (&columns(float (&acc)[Tiles][4], int nb))[32] {
+  static_assert(Tiles % 8 == 0, "whole blocks of 64 columns");
+  return *reinterpret_cast<float(*)[32]>(&acc[8 * nb][0]);
+}
+
 // Copies kRows rows of kRowBytesIn bytes (a multiple of 128) from global memory into a swizzled
 // tile with cp.async, spread over kThreads threads; row r comes from src_first + r * src_step,
 // rows at and past valid_rows (>= 1) are zero-filled. Each thread keeps one 16-byte column, and

@@ -527,9 +527,12 @@ def test_bad_saved_statistics_are_rejected():
 @pytest.mark.parametrize("key_grad", ["dense", "window"])
 @pytest.mark.parametrize("D,S", [(64, 64), (128, 128), (128, 512)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_tensor_core_path(dtype, D, S, key_grad):
+@pytest.mark.parametrize("kernels", ["default", "mma.sync"])
+def test_cuda_tensor_core_path(monkeypatch, kernels, dtype, D, S, key_grad):
     """T = 1000: eight query tiles of 128 (the last one partial), codes entering the aggregates
-    tile by tile; an initial state; both key gradients (window: block_len 64)."""
+    tile by tile; an initial state; both key gradients (window: block_len 64). The default
+    kernels (on sm_90a the wgmma ones) and the mma.sync ones (FLASHLIN_VQ_WGMMA=0)."""
+    monkeypatch.setenv("FLASHLIN_VQ_WGMMA", "0" if kernels == "mma.sync" else "1")
     q, k, v, codebook = make_inputs(2, 1000, 2, D, D, S, dtype)
     state = random_state(2, 2, S, D)
     run_and_compare(q, k, v, codebook, 64, initial_state=state, device="cuda",
@@ -547,31 +550,39 @@ def test_cuda_tensor_core_varlen(D):
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
-@pytest.mark.parametrize("key_grad,block_len,wanted", [
-    ("dense", 256, "qkv"), ("window", 256, "qkv"), ("window", 17, "qkv"), ("window", 100, "qkv"),
-    ("dense", 64, "qv")], ids=str)
-def test_cuda_key_kernels_agree(monkeypatch, key_grad, block_len, wanted):
-    """dk and dv of the wgmma key kernel (sm_90a; the default there) and of the mma.sync one
-    (FLASHLIN_VQ_KEY_WGMMA=0) agree to rounding, beside their float64 checks elsewhere: packed
-    sequences of 1500 tokens (twelve blocks of 128 keys, the last partial) and 77, an empty one
-    between, D = 128, scores large enough that P spans many orders of magnitude; window limits
-    that cut the 64-query steps (block_len 17, 100), and dv without dk."""
+@pytest.mark.parametrize("key_grad,block_len,wanted,D", [
+    ("dense", 256, "qkv", 128), ("window", 256, "qkv", 128), ("window", 17, "qkv", 128),
+    ("window", 100, "qkv", 128), ("dense", 64, "qv", 128), ("dense", 256, "qkv", 64)], ids=str)
+def test_cuda_wgmma_and_mma_sync_kernels_agree(monkeypatch, key_grad, block_len, wanted, D):
+    """The wgmma kernels (sm_90a, the default there: the sequential passes and the key kernel)
+    and the mma.sync ones (FLASHLIN_VQ_WGMMA=0) agree to rounding -- o, final_state and the
+    gradients of q, k, v and initial_state -- beside their float64 checks elsewhere: packed
+    sequences of 1500 tokens (twelve query tiles, the last partial) and 77, an empty one
+    between, with initial states; scores large enough that P spans many orders of magnitude;
+    window limits that cut the 64-query steps (block_len 17, 100), and dv without dk."""
     torch.manual_seed(5)
+    S = 128
     cu = torch.tensor([0, 1500, 1500, 1577], dtype=torch.int32)
-    q, k, v, codebook = [t.cuda() for t in make_inputs(1, 1577, 2, 128, 128, 128,
-                                                       torch.bfloat16, q_scale=3.0)]
+    q, k, v, codebook = [t.cuda() for t in make_inputs(1, 1577, 2, D, D, S, torch.bfloat16,
+                                                       q_scale=3.0)]
+    state = random_state(3, 2, S, D).cuda()
     d_o = torch.randn(v.shape, device="cuda", dtype=torch.bfloat16)
-    names = [name for name in ("q", "k", "v") if name in wanted]
-    grads = []
+    d_final = torch.randn(state.shape, device="cuda")
+    names = ["o", "final_state"] + [name for name in ("q", "k", "v") if name in wanted] + [
+        "initial_state"]
+    results = []
     for flag in ("1", "0"):
-        monkeypatch.setenv("FLASHLIN_VQ_KEY_WGMMA", flag)
+        monkeypatch.setenv("FLASHLIN_VQ_WGMMA", flag)
         ins = [t.detach().requires_grad_(name in wanted) for t, name in zip((q, k, v), "qkv")]
-        o = vq_attention(*ins, codebook, block_len=block_len, cu_seqlens=cu,
-                         key_grad=key_grad)[0]
-        torch.autograd.backward(o, d_o)
+        init = state.clone().requires_grad_()
+        o, _, final = vq_attention(*ins, codebook, block_len=block_len, cu_seqlens=cu,
+                                   key_grad=key_grad, initial_state=init,
+                                   output_final_state=True)
+        torch.autograd.backward([o, final], [d_o, d_final])
         assert (ins[1].grad is None) == ("k" not in wanted)
-        grads.append([t.grad.float() for t in ins if t.requires_grad])
-    for name, new, old in zip(names, *grads):
+        results.append([o.float(), final] + [t.grad.float() for t in ins if t.requires_grad] +
+                       [init.grad])
+    for name, new, old in zip(names, *results):
         assert torch.isfinite(new).all(), name
         scale = old.abs().max().item()
         assert scale > 0, name
