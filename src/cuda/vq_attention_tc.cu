@@ -130,11 +130,10 @@ struct Shape {
   static size_t sequential_smem(Pass pass, int codes) {
     return kQueryBytes * (pass == Pass::kDq ? 2 : 1) + 4 * kTileBytes + CodeTable::bytes(codes);
   }
-  // codes, two stages of (queries, d_o) (R, float [64][D + 4], is staged in the free one), two
-  // of lse, the tile's (token, code) pairs to write and their count.
+  // codes, two stages of (queries, d_o) (R, input type [64][D + 8], is staged in the free one),
+  // two of lse, the tile's (token, code) pairs to write and their count.
   static constexpr size_t kCodeSmem =
       5 * kTileBytes + 2 * kKeyTile * sizeof(float) + (2 * kQueryTile + 1) * sizeof(int);
-  static_assert(size_t{kKeyTile} * (D + 4) * sizeof(float) <= 2 * kTileBytes, "R's staging");
   // 128 keys, two stages of codes.
   static constexpr size_t kQuantizeSmem = kQueryBytes + 2 * kTileBytes;
   // keys, values, two stages of (queries, d_o, lse, D).
@@ -730,9 +729,106 @@ __global__ void __launch_bounds__(kSeqThreads) saved_statistics_kernel(const Arg
 }
 
 // ---- dv's aggregated part and d initial_state, per 64 codes ------------------------------------
+// w = 2^(c log2(e) C_s.q_i - lse_i) in place of the scores C_s.q_i ([code][query], accumulator
+// layout; lse: the 64 queries' lse in log2 units).
+__device__ __forceinline__ void to_code_weights(float (&w)[8][4], const float* lse,
+                                                float scale_log2) {
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      w[nt][e] = tile::fast_exp2(clamp_above(
+          fmaf(w[nt][e], scale_log2, -lse[nt * 8 + 2 * quad + (e & 1)]), kMaxCodeLog2Weight));
+}
+
+// R's rows held by a warp (16 codes, the mma.sync / wgmma accumulator layout) into shared rows
+// of the input type (D + 8 apart; `rows`: the warp's first): what dv stores, rounded once.
+template <typename Elem, int D>
+__device__ __forceinline__ void stage_code_rows(const float (&acc)[D / 8][4], Elem* rows) {
+  const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<uint32_t*>(rows + (group + 8 * r) * (D + 8) + nt * 8 + 2 * quad) =
+          tile::pack<Elem>(acc[nt][2 * r], acc[nt][2 * r + 1]);
+}
+
+// dv's aggregated part of the tokens of query tile `tile` whose codes are code0 .. code0 +
+// codes - 1: each such token's row of R (staged: `staged`, rows D + 8 apart, after a barrier).
+// Lists the (token, code) pairs in shared memory, then a warp per pair copies the row.
+template <typename Elem, int D, int kThreads>
+__device__ void write_code_rows(const Args& a, const SequenceSpan& seq, int64_t head, int tile,
+                                int code0, int codes, const Elem* staged, int* pair_token,
+                                int* pair_code, int* pair_count) {
+  const int64_t tile_first = int64_t{tile} * kQueryTile;
+  const int tokens = static_cast<int>(min(int64_t{kQueryTile}, seq.length - tile_first));
+  if (threadIdx.x == 0) *pair_count = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < tokens; i += kThreads) {
+    const int c = a.codes[token_index(a, seq, tile_first + i, head)] - code0;
+    if (c >= 0 && c < codes) {  // one of these codes: list it (any order)
+      const int at = atomicAdd(pair_count, 1);
+      pair_token[at] = i, pair_code[at] = c;
+    }
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  for (int pair = threadIdx.x / 32; pair < *pair_count; pair += kThreads / 32) {
+    const Elem* from = staged + pair_code[pair] * (D + 8);
+    Elem* row = reinterpret_cast<Elem*>(a.dv.data) +
+                element_offset(a.dv, seq.batch, seq.start + tile_first + pair_token[pair], head, 0);
+    for (int x = 2 * lane; x < D; x += 64)
+      *reinterpret_cast<uint32_t*>(row + x) = *reinterpret_cast<const uint32_t*>(from + x);
+  }
+  __syncthreads();
+}
+
+// R (rows code_row, code_row + 8) as d initial_state where the initial state used the code; the
+// counts get no gradient.
+template <int D>
+__device__ void store_initial_state_gradient(const Args& a, int64_t n, int64_t head, int code_row,
+                                             const float (&acc)[D / 8][4]) {
+  const StridedTensor& init = a.initial_state;
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int code = code_row + 8 * r;
+    if (code >= a.num_codes) continue;
+    const bool used = load_float(init, element_offset(init, n, head, code, D)) > 0.f;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        store_float(a.d_initial_state,
+                    element_offset(a.d_initial_state, n, head, code, nt * 8 + 2 * quad + e),
+                    used ? acc[nt][2 * r + e] : 0.f);
+    if (quad == 0)
+      store_float(a.d_initial_state, element_offset(a.d_initial_state, n, head, code, D), 0.f);
+  }
+}
+
+// R = dF + sum_{later tiles} w do starts as d_final_state's rows code_row, code_row + 8.
+template <int D>
+__device__ void load_final_state_gradient(const Args& a, int64_t n, int64_t head, int code_row,
+                                          float (&acc)[D / 8][4]) {
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int code = code_row + 8 * (e / 2);
+      acc[nt][e] = a.d_final_state.present && code < a.num_codes
+                       ? load_float(a.d_final_state, element_offset(a.d_final_state, n, head, code,
+                                                                    nt * 8 + 2 * quad + (e & 1)))
+                       : 0.f;
+    }
+}
+
 template <typename Elem, int D>
 __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
-  constexpr int kStride = D + 8, kRStride = D + 4;
+  constexpr int kStride = D + 8;
   extern __shared__ __align__(128) char smem[];
   Elem* const code_s = reinterpret_cast<Elem*>(smem);
   Elem* const stages = code_s + kKeyTile * kStride;  // per stage: queries, then d_o
@@ -746,7 +842,7 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
   const int64_t nh = blockIdx.y, n = nh / a.num_heads, head = nh % a.num_heads;
   const SequenceSpan seq = a.sequences[n];
   const int c0 = blockIdx.x * kKeyTile;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane % 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
   const int64_t code_stride = a.codebook.stride[2];
   const int64_t length = seq.length;
@@ -770,15 +866,7 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
   // R: rows = codes c0 + 16 warp + lane / 4 (+ 8), columns nt * 8 + 2 quad (+ 1).
   float acc[D / 8][4];
   const int code_row = c0 + warp * 16 + lane / 4;
-#pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      acc[nt][e] = a.d_final_state.present
-                       ? load_float(a.d_final_state,
-                                    element_offset(a.d_final_state, n, head, code_row + 8 * (e / 2),
-                                                   nt * 8 + 2 * quad + (e & 1)))
-                       : 0.f;
+  load_final_state_gradient<D>(a, n, head, code_row, acc);
   uint32_t code_frag[D / 16][4];
   for (int step = 0; step < steps; ++step) {
     const int u = steps - 1 - step, stage = step % 2;
@@ -786,35 +874,11 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
     // aggregated part for the tile's own tokens with these codes. R is staged in the stage that
     // is refilled next (free until then).
     if (a.dv.present && (u == steps - 1 || u % 2 == 1)) {
-      float* const r_s = reinterpret_cast<float*>(queries_of((step + 1) % 2));
-#pragma unroll
-      for (int nt = 0; nt < D / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          r_s[(warp * 16 + lane / 4 + 8 * (e / 2)) * kRStride + nt * 8 + 2 * quad + (e & 1)] =
-              acc[nt][e];
-      const int64_t tile_first = int64_t{u / 2} * kQueryTile;
-      const int tokens = static_cast<int>(min(int64_t{kQueryTile}, length - tile_first));
-      if (threadIdx.x == 0) *pair_count = 0;
+      Elem* const r_s = queries_of((step + 1) % 2);
+      stage_code_rows<Elem, D>(acc, r_s + (warp * 16) * kStride);
       __syncthreads();
-      for (int i = threadIdx.x; i < tokens; i += kTileThreads) {
-        const int c = a.codes[token_index(a, seq, tile_first + i, head)] - c0;
-        if (c >= 0 && c < kKeyTile) {  // one of these codes: list it (any order)
-          const int at = atomicAdd(pair_count, 1);
-          pair_token[at] = i, pair_code[at] = c;
-        }
-      }
-      __syncthreads();
-      for (int pair = warp; pair < *pair_count; pair += kTileWarps) {
-        const int c = pair_code[pair];
-        Elem* row =
-            reinterpret_cast<Elem*>(a.dv.data) +
-            element_offset(a.dv, seq.batch, seq.start + tile_first + pair_token[pair], head, 0);
-        for (int x = 2 * lane; x < D; x += 64)
-          *reinterpret_cast<uint32_t*>(row + x) =
-              tile::pack<Elem>(r_s[c * kRStride + x], r_s[c * kRStride + x + 1]);
-      }
-      __syncthreads();
+      write_code_rows<Elem, D, kTileThreads>(a, seq, head, u / 2, c0, kKeyTile, r_s, pair_token,
+                                             pair_code, pair_count);
     }
     tile::pipeline_step(step + 1 < steps, [&] { issue_step(u - 1, (step + 1) % 2); });
     if (step == 0)
@@ -825,31 +889,11 @@ __global__ void __launch_bounds__(kTileThreads) code_kernel(const Args a) {
     const float* lse = lse_s + stage * kKeyTile;
     float w[8][4];
     score_tile<Elem, D>(w, code_frag, queries);  // [codes][queries]
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        w[nt][e] = tile::fast_exp2(clamp_above(
-            fmaf(w[nt][e], a.scale_log2, -lse[nt * 8 + 2 * quad + (e & 1)]), kMaxCodeLog2Weight));
+    to_code_weights(w, lse, a.scale_log2);
     accumulate_tile<Elem, D>(acc, w, grads_of(stage));
     __syncthreads();
   }
-  if (!a.d_initial_state.present) return;
-  const StridedTensor& init = a.initial_state;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int code = code_row + 8 * r;
-    const bool used = load_float(init, element_offset(init, n, head, code, D)) > 0.f;
-#pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-        store_float(a.d_initial_state,
-                    element_offset(a.d_initial_state, n, head, code, nt * 8 + 2 * quad + e),
-                    used ? acc[nt][2 * r + e] : 0.f);
-    if (quad == 0)  // counts get no gradient
-      store_float(a.d_initial_state, element_offset(a.d_initial_state, n, head, code, D), 0.f);
-  }
+  if (a.d_initial_state.present) store_initial_state_gradient<D>(a, n, head, code_row, acc);
 }
 
 // ---- dk and dv's own-tile part, per 64 keys ----------------------------------------------------
@@ -1214,6 +1258,143 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
 #endif  // FLASHLIN_WGMMA_DEVICE
 }
 
+// ---- the codes' dv on wgmma (sm_90a), per 128 codes
+// ---------------------------------------------- code_kernel's reverse walk with a block of two
+// warpgroups, 64 codes each: per step of 64 queries W^T = C Q^T (both operands in shared memory),
+// then w in registers as the A operand of R += w dO. Query steps (q, do, lse) in three cp.async
+// stages; one barrier per step, passed while the step's R += w dO is multiplied. Before the steps
+// of a query tile R is dv's aggregated part of the tile's tokens with these codes: staged in shared
+// memory and written.
+constexpr int kWgCodes = 128;  // codes per block: two warpgroups of 64
+
+template <int D>
+struct WgCodeShape {
+  static constexpr int kCodeTileBytes = kWgCodes * D * 2;
+  static constexpr int kQueryTileBytes = kWgQueries * D * 2;  // q or do of one step
+  static constexpr int kStagedOffset = kCodeTileBytes + 2 * kWgStages * kQueryTileBytes;
+  static constexpr int kStagedBytes = kWgCodes * (D + 8) * 2;  // R, input type
+  static constexpr int kLseOffset = kStagedOffset + kStagedBytes;
+  static constexpr int kPairsOffset = kLseOffset + kWgStages * kWgQueries * 4;
+  static constexpr size_t kSmem = kPairsOffset + (2 * kQueryTile + 1) * sizeof(int);
+  static_assert(kQueryTileBytes % wg::kAtomBytes == 0, "tiles stay 1024-byte aligned");
+};
+
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kWgKeyThreads, 1) code_kernel_wgmma(const Args a) {
+#if defined(FLASHLIN_WGMMA_DEVICE)
+  using Sh = WgCodeShape<D>;
+  extern __shared__ __align__(1024) char smem[];
+  if (tile::smem_address(smem) % wg::kAtomBytes != 0) __trap();  // swizzled tiles need it
+  char* const code_tile = smem;  // C of the block's codes, [code][feature]
+  auto stage_q = [&](int stage) {
+    return smem + Sh::kCodeTileBytes + stage * 2 * Sh::kQueryTileBytes;
+  };
+  auto stage_do = [&](int stage) { return stage_q(stage) + Sh::kQueryTileBytes; };
+  Elem* const staged = reinterpret_cast<Elem*>(smem + Sh::kStagedOffset);
+  float* const lse_s = reinterpret_cast<float*>(smem + Sh::kLseOffset);
+  int* const pair_token = reinterpret_cast<int*>(smem + Sh::kPairsOffset);
+  int* const pair_code = pair_token + kQueryTile;
+  int* const pair_count = pair_code + kQueryTile;
+
+  const int64_t nh = blockIdx.y, n = nh / a.num_heads, head = nh % a.num_heads;
+  const SequenceSpan seq = a.sequences[n];
+  const int c0 = blockIdx.x * kWgCodes, codes = min(kWgCodes, a.num_codes - c0);
+  const int tid = threadIdx.x, warpgroup = tid / 128, warp = tid / 32, lane = tid % 32;
+  const int64_t length = seq.length;
+  const int steps = static_cast<int>((length + kWgQueries - 1) / kWgQueries);
+
+  const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
+  const int64_t code_step = a.codebook.stride[2] * int64_t{sizeof(Elem)};
+  wg::copy_rows_async<D * 2, kWgKeyThreads, kWgCodes>(
+      code_tile, reinterpret_cast<const char*>(codebook) + c0 * code_step, code_step, codes);
+  const char* const q_rows =
+      reinterpret_cast<const char*>(row_of<Elem>(a.q, seq.batch, seq.start, head));
+  const char* const do_rows =
+      reinterpret_cast<const char*>(row_of<Elem>(a.d_o, seq.batch, seq.start, head));
+  const int64_t q_step = a.q.stride[1] * int64_t{sizeof(Elem)};
+  const int64_t do_step = a.d_o.stride[1] * int64_t{sizeof(Elem)};
+  // Step `step` of the walk: queries u * 64 .. (u = steps - 1 - step, at least one valid); lse
+  // and the rows of q and do past the end are zeros: w = 1 there multiplies zero rows of do.
+  auto issue_step = [&](int step) {
+    const int stage = step % kWgStages;
+    const int64_t first = int64_t{steps - 1 - step} * kWgQueries;
+    const int valid = static_cast<int>(min(int64_t{kWgQueries}, length - first));
+    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(stage_q(stage), q_rows + first * q_step,
+                                                          q_step, valid);
+    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(
+        stage_do(stage), do_rows + first * do_step, do_step, valid);
+    if (tid < kWgQueries) {
+      const bool in = tid < valid;
+      tile::cp_async_4(lse_s + stage * kWgQueries + tid,
+                       a.lse + token_index(a, seq, in ? first + tid : first, head), in ? 4 : 0);
+    }
+  };
+  if (steps > 0) issue_step(0);
+  tile::cp_async_commit();
+
+  // R: rows = codes c0 + 16 warp + lane / 4 (+ 8) (warp of the block), the accumulator layout.
+  float acc[D / 8][4];
+  const int code_row = c0 + warp * 16 + lane / 4;
+  load_final_state_gradient<D>(a, n, head, code_row, acc);
+  const uint64_t codes_desc = wg::descriptor(code_tile + 64 * warpgroup * wg::kRowBytes, 16);
+  // Makes `step`'s tiles visible and starts the copies of the step after it. Past the barrier
+  // every warp has retired the products of step - 2, whose stage is the one refilled.
+  auto next_step_tiles = [&](int step) {
+    tile::cp_async_wait<0>();
+    wg::fence_async_shared();  // this thread's copies -> the wgmma of every warpgroup
+    __syncthreads();
+    if (step + 1 < steps) {
+      issue_step(step + 1);
+      tile::cp_async_commit();
+    }
+  };
+  if (steps > 0)
+    next_step_tiles(0);
+  else
+    tile::cp_async_wait<0>();  // an empty sequence: only the codes' copies, before exiting
+  for (int step = 0; step < steps; ++step) {
+    const int u = steps - 1 - step, stage = step % kWgStages;
+    // Before the first (in reverse) step of a query tile, R = dF + the later tiles.
+    if (a.dv.present && (u == steps - 1 || u % 2 == 1)) {
+      stage_code_rows<Elem, D>(acc, staged + (warp * 16) * (D + 8));
+      __syncthreads();
+      write_code_rows<Elem, D, kWgKeyThreads>(a, seq, head, u / 2, c0, codes, staged, pair_token,
+                                              pair_code, pair_count);
+    }
+    float w[8][4];  // W^T: [code][query]
+    const uint64_t q_desc = wg::descriptor(stage_q(stage), 16);
+    wg::fence();
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k)
+      wg::mma<Elem, 0, 0>(wg::columns(w, 0), codes_desc + wg::k_major_step(k, kWgCodes),
+                          q_desc + wg::k_major_step(k, kWgQueries), k > 0);
+    wg::commit();
+    wg::wait<0>();
+    wg::fence_operand(wg::columns(w, 0));
+    to_code_weights(w, lse_s + stage * kWgQueries, a.scale_log2);
+    uint32_t frag[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) tile::a_from_c<Elem>(frag[kk], w[2 * kk], w[2 * kk + 1]);
+    const uint64_t do_desc = wg::descriptor(stage_do(stage), kWgQueries * wg::kRowBytes);
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int nb = 0; nb < D / 64; ++nb)
+        wg::mma<Elem, 1>(wg::columns(acc, nb), frag[kk],
+                         do_desc + nb * wg::column_block(kWgQueries) + kk * wg::kMnMajorStep, 1);
+    wg::commit();
+    if (step + 1 < steps) next_step_tiles(step + 1);  // while R += w dO is multiplied
+    wg::wait<0>();
+#pragma unroll
+    for (int nb = 0; nb < D / 64; ++nb) wg::fence_operand(wg::columns(acc, nb));
+  }
+  if (a.d_initial_state.present) store_initial_state_gradient<D>(a, n, head, code_row, acc);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // code for a device without wgmma: the host never launches it (on_wgmma)
+#endif  // FLASHLIN_WGMMA_DEVICE
+}
+
 // ---- the sequential passes on wgmma (sm_90a)
 // ----------------------------------------------------- sequential_kernel's walk with its products
 // on warpgroup MMA: warpgroup w takes the tile's rows 64 w .. 64 w + 63 (its warps hold the rows
@@ -1527,9 +1708,16 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
                                                 "vq_attention: the backward's softmax statistics");
   if (p.dq.present) launch_sequential<Elem, D, Pass::kDq>(a, pairs, stream, "vq_attention: dq");
   const int64_t longest = longest_sequence(p.sequences);
-  if (p.dv.present || p.d_initial_state.present)
-    launch(code_kernel<Elem, D>, dim3(static_cast<unsigned>(codes / kKeyTile), pairs), kTileThreads,
-           Sh::kCodeSmem, stream, a, "vq_attention: the codes' dv");
+  if (p.dv.present || p.d_initial_state.present) {
+    static std::atomic<signed char> code_known[wg::kKnownDevices];
+    if (on_wgmma(code_kernel_wgmma<Elem, D>, code_known))
+      launch(code_kernel_wgmma<Elem, D>,
+             dim3(static_cast<unsigned>((codes + kWgCodes - 1) / kWgCodes), pairs), kWgKeyThreads,
+             WgCodeShape<D>::kSmem, stream, a, "vq_attention: the codes' dv");
+    else
+      launch(code_kernel<Elem, D>, dim3(static_cast<unsigned>(codes / kKeyTile), pairs),
+             kTileThreads, Sh::kCodeSmem, stream, a, "vq_attention: the codes' dv");
+  }
   if (!p.dk.present && !p.dv.present) return;
   static std::atomic<signed char> key_known[wg::kKnownDevices];
   if (on_wgmma(key_kernel_wgmma<Elem, D>, key_known))

@@ -550,18 +550,20 @@ def test_cuda_tensor_core_varlen(D):
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU or library built without CUDA")
-@pytest.mark.parametrize("key_grad,block_len,wanted,D", [
-    ("dense", 256, "qkv", 128), ("window", 256, "qkv", 128), ("window", 17, "qkv", 128),
-    ("window", 100, "qkv", 128), ("dense", 64, "qv", 128), ("dense", 256, "qkv", 64)], ids=str)
-def test_cuda_wgmma_and_mma_sync_kernels_agree(monkeypatch, key_grad, block_len, wanted, D):
+@pytest.mark.parametrize("key_grad,block_len,wanted,D,S", [
+    ("dense", 256, "qkv", 128, 128), ("window", 256, "qkv", 128, 128),
+    ("window", 17, "qkv", 128, 128), ("window", 100, "qkv", 128, 128),
+    ("dense", 64, "qv", 128, 128), ("dense", 256, "qkv", 64, 128),
+    ("dense", 256, "qkv", 128, 192)], ids=str)
+def test_cuda_wgmma_and_mma_sync_kernels_agree(monkeypatch, key_grad, block_len, wanted, D, S):
     """The wgmma kernels (sm_90a, the default there: the sequential passes and the key kernel)
     and the mma.sync ones (FLASHLIN_VQ_WGMMA=0) agree to rounding -- o, final_state and the
     gradients of q, k, v and initial_state -- beside their float64 checks elsewhere: packed
     sequences of 1500 tokens (twelve query tiles, the last partial) and 77, an empty one
     between, with initial states; scores large enough that P spans many orders of magnitude;
-    window limits that cut the 64-query steps (block_len 17, 100), and dv without dk."""
+    window limits that cut the 64-query steps (block_len 17, 100), dv without dk, and S = 192
+    (the codes' dv in blocks of 128 codes, the last one half full)."""
     torch.manual_seed(5)
-    S = 128
     cu = torch.tensor([0, 1500, 1500, 1577], dtype=torch.int32)
     q, k, v, codebook = [t.cuda() for t in make_inputs(1, 1577, 2, D, D, S, torch.bfloat16,
                                                        q_scale=3.0)]
