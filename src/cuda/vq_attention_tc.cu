@@ -236,6 +236,43 @@ __global__ void code_norms_kernel(const Args a) {
   a.code_norms[item] = sum;
 }
 
+// The running nearest code of the thread's rows over one tile of 64 codes: s = k.C_s in the
+// accumulator layout, norms the tile's |C_s|^2; in increasing code order, so that the first
+// minimum stays.
+__device__ __forceinline__ void update_nearest(const float (&s)[8][4], const float* norms,
+                                               int code0, float (&best)[2], int (&best_code)[2]) {
+  const int quad = threadIdx.x % 4;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = nt * 8 + 2 * quad + (e & 1);
+      const float distance = fmaf(-2.f, s[nt][e], norms[col]);
+      if (distance < best[e / 2]) best[e / 2] = distance, best_code[e / 2] = code0 + col;
+    }
+}
+
+// The quad's minimum (lowest code on ties) of the thread's rows row and row + 8 (of the
+// flattened (batch, time) rows of `head`): the codes' table and the caller's codes.
+__device__ __forceinline__ void store_nearest(const Args& a, int64_t head, int64_t row,
+                                              float (&best)[2], int (&best_code)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int offset = 1; offset < 4; offset *= 2) {
+      const float other = __shfl_xor_sync(0xffffffffu, best[r], offset);
+      const int other_code = __shfl_xor_sync(0xffffffffu, best_code[r], offset);
+      if (other < best[r] || (other == best[r] && other_code < best_code[r]))
+        best[r] = other, best_code[r] = other_code;
+    }
+    const int64_t at = row + 8 * r;
+    if (threadIdx.x % 4 != 0 || at >= a.batch * a.time) continue;
+    const int64_t b = at / a.time, t = at % a.time;
+    a.codes[(b * a.time + t) * a.num_heads + head] = best_code[r];
+    if (a.codes_out.present) a.codes_out.store(b, t, head, best_code[r]);
+  }
+}
+
 // One block per 128 rows (batch, time) of one head, 16 per warp; the codebook streams in tiles
 // of 64 codes.
 template <typename Elem, int D>
@@ -245,7 +282,7 @@ __global__ void __launch_bounds__(kSeqThreads) quantize_kernel(const Args a) {
   Elem* const k_s = reinterpret_cast<Elem*>(smem);
   Elem* const code_s = k_s + kQueryTile * kStride;  // two stages
   const int64_t head = blockIdx.y, rows = a.batch * a.time, row0 = int64_t{blockIdx.x} * kQueryTile;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane % 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
   const int64_t code_stride = a.codebook.stride[2];
   const int code_tiles = a.num_codes / kKeyTile;
@@ -273,31 +310,10 @@ __global__ void __launch_bounds__(kSeqThreads) quantize_kernel(const Args a) {
         tile::load_a(k_frag[ks], k_s, kStride, warp * 16, ks * 16);
     float s[8][4];
     score_tile<Elem, D>(s, k_frag, codes);
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {  // increasing code order: the first minimum stays
-        const int col = nt * 8 + 2 * quad + (e & 1);
-        const float distance = fmaf(-2.f, s[nt][e], norms[col]);
-        if (distance < best[e / 2]) best[e / 2] = distance, best_code[e / 2] = ct * kKeyTile + col;
-      }
+    update_nearest(s, norms, ct * kKeyTile, best, best_code);
     __syncthreads();  // the stage is refilled next
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-#pragma unroll
-    for (int offset = 1; offset < 4; offset *= 2) {  // the quad's minimum, lowest code on ties
-      const float other = __shfl_xor_sync(0xffffffffu, best[r], offset);
-      const int other_code = __shfl_xor_sync(0xffffffffu, best_code[r], offset);
-      if (other < best[r] || (other == best[r] && other_code < best_code[r]))
-        best[r] = other, best_code[r] = other_code;
-    }
-    const int64_t row = row0 + warp * 16 + lane / 4 + 8 * r;
-    if (quad != 0 || row >= rows) continue;
-    const int64_t b = row / a.time, t = row % a.time;
-    a.codes[(b * a.time + t) * a.num_heads + head] = best_code[r];
-    if (a.codes_out.present) a.codes_out.store(b, t, head, best_code[r]);
-  }
+  store_nearest(a, head, row0 + warp * 16 + lane / 4, best, best_code);
 }
 
 // The forward's codes (int32 or int64, strided) into the path's int32 table.
@@ -703,24 +719,34 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel(const Args a
 }
 
 // ---- the backward's statistics from the forward's saved o and softmax_lse ----------------------
-// lse in log2 units and D_i = do_i.o_i of every (batch, time, head) row, one warp each.
+// lse in log2 units and D_i = do_i.o_i of every (batch, time, head) row, D / 8 lanes each
+// (16-byte loads).
+template <int D>
+constexpr int kStatisticsRowsPerBlock = kSeqThreads / (D / 8);
+
 template <typename Elem, int D>
 __global__ void __launch_bounds__(kSeqThreads) saved_statistics_kernel(const Args a) {
-  const int64_t row = blockIdx.x * int64_t{kSeqWarps} + threadIdx.x / 32;
-  if (row >= a.batch * a.time * a.num_heads) return;
-  const int lane = threadIdx.x % 32;
+  constexpr int kLanes = D / 8;
+  const int64_t row = blockIdx.x * int64_t{kStatisticsRowsPerBlock<D>} + threadIdx.x / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const bool valid = row < a.batch * a.time * a.num_heads;
   const int64_t head = row % a.num_heads, t = (row / a.num_heads) % a.time,
                 b = row / (a.num_heads * a.time);
-  const Elem* o = row_of<Elem>(a.o, b, t, head);
-  const Elem* g = row_of<Elem>(a.d_o, b, t, head);
   float dot = 0.f;
-  for (int x = 2 * lane; x < D; x += 64) {
-    const float2 ox = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(o + x));
-    const float2 gx = tile::unpack<Elem>(*reinterpret_cast<const uint32_t*>(g + x));
-    dot += ox.x * gx.x + ox.y * gx.y;
+  if (valid) {
+    const uint4 o = *reinterpret_cast<const uint4*>(row_of<Elem>(a.o, b, t, head) + lane * 8);
+    const uint4 g = *reinterpret_cast<const uint4*>(row_of<Elem>(a.d_o, b, t, head) + lane * 8);
+    const uint32_t o_pairs[4] = {o.x, o.y, o.z, o.w}, g_pairs[4] = {g.x, g.y, g.z, g.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 ox = tile::unpack<Elem>(o_pairs[i]), gx = tile::unpack<Elem>(g_pairs[i]);
+      dot += ox.x * gx.x + ox.y * gx.y;
+    }
   }
-  for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-  if (lane == 0) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2)  // within the row's lanes
+    dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  if (valid && lane == 0) {
     a.delta[row] = dot;
     a.lse[row] =
         kLog2e * *reinterpret_cast<const float*>(a.softmax_lse.data +
@@ -1620,6 +1646,82 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel_wgmma(const 
 #endif  // FLASHLIN_WGMMA_DEVICE
 }
 
+// ---- the quantization on wgmma (sm_90a)
+// ----------------------------------------------------------- quantize_kernel with two warpgroups
+// of 64 rows: per tile of 64 codes S = K C^T with both operands in shared memory, the distances and
+// the running argmin in registers; code tiles in two cp.async stages, one barrier per tile (80 KB
+// with D = 128: three blocks per SM).
+template <int D>
+struct WgQuantizeShape {
+  static constexpr int kStages = 2;
+  static constexpr int kRowTileBytes = kQueryTile * D * 2;
+  static constexpr int kCodeTileBytes = kKeyTile * D * 2;
+  static constexpr size_t kSmem = kRowTileBytes + size_t{kStages} * kCodeTileBytes;
+};
+
+template <typename Elem, int D>
+__global__ void __launch_bounds__(kSeqThreads) quantize_kernel_wgmma(const Args a) {
+#if defined(FLASHLIN_WGMMA_DEVICE)
+  using Sh = WgQuantizeShape<D>;
+  extern __shared__ __align__(1024) char smem[];
+  if (tile::smem_address(smem) % wg::kAtomBytes != 0) __trap();  // swizzled tiles need it
+  char* const k_tile = smem;
+  auto codes_of = [&](int ct) {
+    return smem + Sh::kRowTileBytes + (ct % Sh::kStages) * Sh::kCodeTileBytes;
+  };
+  const int64_t head = blockIdx.y, rows = a.batch * a.time, row0 = int64_t{blockIdx.x} * kQueryTile;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warpgroup = warp / 4;
+  const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
+  const int64_t code_step = a.codebook.stride[2] * int64_t{sizeof(Elem)};
+  const int code_tiles = a.num_codes / kKeyTile;
+  const float* const norms_of_head = a.code_norms + head * a.num_codes;
+  constexpr int kParts = D / 8;
+  for (int idx = threadIdx.x; idx < kQueryTile * kParts; idx += kSeqThreads) {
+    const int row = idx / kParts, part = idx % kParts;
+    const int64_t at = row0 + row;
+    const Elem* const key =
+        at < rows ? row_of<Elem>(a.k, at / a.time, at % a.time, head) : codebook;
+    tile::cp_async_16(k_tile + wg::tile_offset<kQueryTile>(row, part * 8), key + part * 8,
+                      at < rows ? 16 : 0);
+  }
+  auto issue_codes = [&](int ct) {
+    wg::copy_rows_async<D * 2, kSeqThreads, kKeyTile>(
+        codes_of(ct), reinterpret_cast<const char*>(codebook) + ct * kKeyTile * code_step,
+        code_step, kKeyTile);
+  };
+  issue_codes(0);
+  tile::cp_async_commit();
+  const uint64_t k_desc = wg::descriptor(k_tile + 64 * warpgroup * wg::kRowBytes, 16);
+  float best[2] = {INFINITY, INFINITY};
+  int best_code[2] = {0, 0};
+  for (int ct = 0; ct < code_tiles; ++ct) {
+    // The tile visible; the next one's copies started into the stage of ct - 1, whose products
+    // every warpgroup waited for before this barrier.
+    tile::cp_async_wait<0>();
+    wg::fence_async_shared();
+    __syncthreads();
+    if (ct + 1 < code_tiles) {
+      issue_codes(ct + 1);
+      tile::cp_async_commit();
+    }
+    float s[8][4];
+    const uint64_t codes_desc = wg::descriptor(codes_of(ct), 16);
+    wg::fence();
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k)
+      wg::mma<Elem, 0, 0>(wg::columns(s, 0), k_desc + wg::k_major_step(k, kQueryTile),
+                          codes_desc + wg::k_major_step(k, kKeyTile), k > 0);
+    wg::commit();
+    wg::wait<0>();
+    wg::fence_operand(wg::columns(s, 0));
+    update_nearest(s, norms_of_head + ct * kKeyTile, ct * kKeyTile, best, best_code);
+  }
+  store_nearest(a, head, row0 + warp * 16 + lane / 4, best, best_code);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // code for a device without wgmma: the host never launches it (on_wgmma)
+#endif  // FLASHLIN_WGMMA_DEVICE
+}
+
 // ---- host ---------------------------------------------------------------------------------------
 bool half_storage(Storage s) { return s == Storage::kBFloat16 || s == Storage::kFloat16; }
 
@@ -1689,20 +1791,26 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
     launch(code_norms_kernel<Elem, D>,
            dim3(static_cast<unsigned>((p.num_heads * codes + kTileThreads - 1) / kTileThreads)),
            kTileThreads, 0, stream, a, "vq_attention: the code norms");
-    launch(quantize_kernel<Elem, D>,
-           dim3(static_cast<unsigned>((p.batch * p.time + kQueryTile - 1) / kQueryTile),
-                static_cast<unsigned>(p.num_heads)),
-           kSeqThreads, Sh::kQuantizeSmem, stream, a, "vq_attention: the quantization");
+    const dim3 grid(static_cast<unsigned>((p.batch * p.time + kQueryTile - 1) / kQueryTile),
+                    static_cast<unsigned>(p.num_heads));
+    static std::atomic<signed char> quantize_known[wg::kKnownDevices];
+    if (on_wgmma(quantize_kernel_wgmma<Elem, D>, quantize_known))
+      launch(quantize_kernel_wgmma<Elem, D>, grid, kSeqThreads, WgQuantizeShape<D>::kSmem, stream,
+             a, "vq_attention: the quantization");
+    else
+      launch(quantize_kernel<Elem, D>, grid, kSeqThreads, Sh::kQuantizeSmem, stream, a,
+             "vq_attention: the quantization");
   }
   if (!backward) {
     launch_sequential<Elem, D, Pass::kForward>(a, pairs, stream, "vq_attention: the forward");
     return;
   }
   if (p.softmax_lse.present && p.o.present)  // saved by the forward: lse and D from them
-    launch(
-        saved_statistics_kernel<Elem, D>,
-        dim3(static_cast<unsigned>((p.batch * p.time * p.num_heads + kSeqWarps - 1) / kSeqWarps)),
-        kSeqThreads, 0, stream, a, "vq_attention: the saved statistics");
+    launch(saved_statistics_kernel<Elem, D>,
+           dim3(static_cast<unsigned>(
+               (p.batch * p.time * p.num_heads + kStatisticsRowsPerBlock<D> - 1) /
+               kStatisticsRowsPerBlock<D>)),
+           kSeqThreads, 0, stream, a, "vq_attention: the saved statistics");
   else
     launch_sequential<Elem, D, Pass::kPrologue>(a, pairs, stream,
                                                 "vq_attention: the backward's softmax statistics");
@@ -1755,9 +1863,12 @@ bool vq_tc_supports(const VqAttentionParams& p) {
     return false;
   if (p.key_dim != p.value_dim || (p.key_dim != 64 && p.key_dim != 128)) return false;
   if (p.num_codes % kKeyTile != 0 || p.num_codes > kMaxCodes) return false;
-  // Grid sizes (x < 2^31): the quantization's, and the per-row kernels' of the saved statistics.
+  // Grid sizes (x < 2^31): the quantization's, and the per-row kernels' of the saved codes and
+  // statistics (the statistics' blocks take the fewest rows).
+  constexpr int64_t kFewestRows =
+      std::min(int64_t{kTileThreads}, int64_t{kStatisticsRowsPerBlock<128>});
   if ((p.batch * p.time + kQueryTile - 1) / kQueryTile >= (int64_t{1} << 31) ||
-      (p.batch * p.time * p.num_heads + kTileThreads - 1) / kTileThreads >= (int64_t{1} << 31))
+      (p.batch * p.time * p.num_heads + kFewestRows - 1) / kFewestRows >= (int64_t{1} << 31))
     return false;
   // Rows are read with cp.async and written in pairs: unit feature strides, 16-byte alignment.
   for (const StridedTensor* t : {&p.q, &p.k, &p.v, &p.codebook, &p.d_o, &p.o, &p.dq, &p.dk, &p.dv})
