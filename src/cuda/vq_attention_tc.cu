@@ -1284,13 +1284,12 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
 #endif  // FLASHLIN_WGMMA_DEVICE
 }
 
-// ---- the codes' dv on wgmma (sm_90a), per 128 codes
-// ---------------------------------------------- code_kernel's reverse walk with a block of two
-// warpgroups, 64 codes each: per step of 64 queries W^T = C Q^T (both operands in shared memory),
-// then w in registers as the A operand of R += w dO. Query steps (q, do, lse) in three cp.async
-// stages; one barrier per step, passed while the step's R += w dO is multiplied. Before the steps
-// of a query tile R is dv's aggregated part of the tile's tokens with these codes: staged in shared
-// memory and written.
+// ---- the codes' dv on wgmma (sm_90a), per 128 codes -------------------------------------------
+// code_kernel's reverse walk with a block of two warpgroups, 64 codes each: per step of 64
+// queries W^T = C Q^T (both operands in shared memory), then w in registers as the A operand of
+// R += w dO. Query steps (q, do, lse) in three cp.async stages; one barrier per step, passed
+// while the step's R += w dO is multiplied. Before the steps of a query tile R is dv's
+// aggregated part of the tile's tokens with these codes: staged in shared memory and written.
 constexpr int kWgCodes = 128;  // codes per block: two warpgroups of 64
 
 template <int D>
@@ -1421,15 +1420,15 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) code_kernel_wgmma(const Args
 #endif  // FLASHLIN_WGMMA_DEVICE
 }
 
-// ---- the sequential passes on wgmma (sm_90a)
-// ----------------------------------------------------- sequential_kernel's walk with its products
-// on warpgroup MMA: warpgroup w takes the tile's rows 64 w .. 64 w + 63 (its warps hold the rows
-// they hold in sequential_kernel), S = Q K^T (and dP = dO V^T) with both operands in shared memory,
-// then P (or dS) from registers as the A operand of O += P V (dq += dS K^). Tiles in the 128-byte
-// swizzle, key tiles in three cp.async stages of (keys, values): one barrier per key tile, passed
-// while the previous tile's O += P V is multiplied, and the tile's S is issued right behind it. A
-// stage is refilled after every warpgroup has waited for the products that read it (two key tiles
-// earlier).
+// ---- the sequential passes on wgmma (sm_90a) ----------------------------------------------------
+// sequential_kernel's walk with its products on warpgroup MMA: warpgroup w takes the tile's rows
+// 64 w .. 64 w + 63 (its warps hold the rows they hold in sequential_kernel), S = Q K^T (and
+// dP = dO V^T) with both operands in shared memory, then P (or dS) from registers as the A
+// operand of O += P V (dq += dS K^). Tiles in the 128-byte swizzle, key tiles in three cp.async
+// stages of (keys, values), copied one key tile ahead; one barrier per key tile. The forward
+// multiplies the next tile's S during this tile's softmax; dq's pass forms P while dP is
+// multiplied and passes the next barrier while dq += dS K^ is. A stage is refilled after every
+// warpgroup has waited for the products that read it (two key tiles earlier).
 constexpr int kWgSeqStages = 3;
 static_assert(kSeqThreads == 256 && kQueryTile == 128, "two warpgroups of 64 rows");
 
@@ -1646,11 +1645,10 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel_wgmma(const 
 #endif  // FLASHLIN_WGMMA_DEVICE
 }
 
-// ---- the quantization on wgmma (sm_90a)
-// ----------------------------------------------------------- quantize_kernel with two warpgroups
-// of 64 rows: per tile of 64 codes S = K C^T with both operands in shared memory, the distances and
-// the running argmin in registers; code tiles in two cp.async stages, one barrier per tile (80 KB
-// with D = 128: three blocks per SM).
+// ---- the quantization on wgmma (sm_90a) ---------------------------------------------------------
+// quantize_kernel with two warpgroups of 64 rows: per tile of 64 codes S = K C^T with both
+// operands in shared memory, the distances and the running argmin in registers; code tiles in
+// two cp.async stages, one barrier per tile (80 KB with D = 128: three blocks per SM).
 template <int D>
 struct WgQuantizeShape {
   static constexpr int kStages = 2;
