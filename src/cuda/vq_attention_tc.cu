@@ -1049,6 +1049,43 @@ constexpr int kWgKeyThreads = 256;
 constexpr int kWgStages = 3;  // a stage is refilled two steps after it was read
 static_assert(kWgKeys == kQueryTile, "a block's keys are one query tile: dv's own part");
 
+// The sequence's rows of q and do, streamed in steps of 64 queries by the key and code kernels.
+template <typename Elem, int D>
+struct QueryStepRows {
+  const char* q_rows;
+  const char* do_rows;
+  int64_t q_step, do_step;  // bytes between rows
+  __device__ QueryStepRows(const Args& a, const SequenceSpan& seq, int64_t head)
+      : q_rows(reinterpret_cast<const char*>(row_of<Elem>(a.q, seq.batch, seq.start, head))),
+        do_rows(reinterpret_cast<const char*>(row_of<Elem>(a.d_o, seq.batch, seq.start, head))),
+        q_step(a.q.stride[1] * int64_t{sizeof(Elem)}),
+        do_step(a.d_o.stride[1] * int64_t{sizeof(Elem)}) {}
+  // Starts the copies of queries first .. first + 63 (the first `valid` of them, at least one;
+  // zeros past them) into swizzled 64-row tiles.
+  __device__ void issue(char* q_tile, char* do_tile, int64_t first, int valid) const {
+    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(q_tile, q_rows + first * q_step, q_step,
+                                                          valid);
+    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(do_tile, do_rows + first * do_step,
+                                                          do_step, valid);
+  }
+};
+
+// Starts the copies of a step's per-query statistics into `to` ([array][64]): lse, then (with
+// kArrays = 2) D; zeros past `valid`, where the rows of q and do are zeros too, so that the
+// weights there (P = 1, w = 1) multiply only zeros.
+template <int kArrays>
+__device__ __forceinline__ void issue_query_statistics(const Args& a, const SequenceSpan& seq,
+                                                       int64_t head, int64_t first, int valid,
+                                                       float* to) {
+  if (threadIdx.x < kArrays * kWgQueries) {
+    const int i = threadIdx.x % kWgQueries;
+    const bool in = i < valid;
+    const float* const source = threadIdx.x < kWgQueries ? a.lse : a.delta;
+    tile::cp_async_4(to + threadIdx.x, source + token_index(a, seq, in ? first + i : first, head),
+                     in ? 4 : 0);
+  }
+}
+
 template <int D>
 struct WgKeyShape {
   static constexpr int kKeyTileBytes = kWgKeys * D * 2;       // K^ or V, D / 64 column blocks
@@ -1086,29 +1123,14 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
   const int64_t query_end = a.dk.present ? max(dv_end, dk_end) : dv_end;
   const int steps = static_cast<int>((query_end - key0 + kWgQueries - 1) / kWgQueries);
 
-  const char* const q_rows =
-      reinterpret_cast<const char*>(row_of<Elem>(a.q, seq.batch, seq.start, head));
-  const char* const do_rows =
-      reinterpret_cast<const char*>(row_of<Elem>(a.d_o, seq.batch, seq.start, head));
-  const int64_t q_step = a.q.stride[1] * int64_t{sizeof(Elem)};
-  const int64_t do_step = a.d_o.stride[1] * int64_t{sizeof(Elem)};
+  const QueryStepRows<Elem, D> query_rows(a, seq, head);
   auto issue_step = [&](int step) {  // queries key0 + 64 step .. (at least one is valid)
     const int stage = step % kWgStages;
     const int64_t first = key0 + int64_t{step} * kWgQueries;
     const int valid = static_cast<int>(min(int64_t{kWgQueries}, length - first));
-    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(stage_q(stage), q_rows + first * q_step,
-                                                          q_step, valid);
-    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(
-        stage_do(stage), do_rows + first * do_step, do_step, valid);
-    // lse and D of the queries; zeros past the end, where the rows of q and do are zeros too,
-    // so that P = 1 there multiplies only zeros: dS = P (dP - D) = 0, and dO's rows are 0.
-    if (tid < 2 * kWgQueries) {
-      const int i = tid % kWgQueries;
-      const bool in = i < valid;
-      const float* const source = tid < kWgQueries ? a.lse : a.delta;
-      tile::cp_async_4(stats + stage * 2 * kWgQueries + tid,
-                       source + token_index(a, seq, in ? first + i : first, head), in ? 4 : 0);
-    }
+    query_rows.issue(stage_q(stage), stage_do(stage), first, valid);
+    // lse and D (past the end: P = 1 multiplies zero rows: dS = P (dP - D) = 0, dO's rows 0).
+    issue_query_statistics<2>(a, seq, head, first, valid, stats + stage * 2 * kWgQueries);
   };
   {
     const int valid_keys = static_cast<int>(min(int64_t{kWgKeys}, length - key0));
@@ -1141,33 +1163,15 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
     dk_limit_rel[r] = static_cast<int>(
         block > 0 ? min(((key0 + key_rel0 + 8 * r) / block + 2) * block, length) - key0
                   : length - key0);
-  constexpr int kBlocks = D / 64;  // column blocks of a tile, one 64 x 64 accumulator each
-  using Accumulators = float[kBlocks][32];
+  using Accumulators = float[D / 8][4];  // 64 keys x D, the mma.sync layout (wg::columns)
   const uint64_t keys_desc = wg::descriptor(keys_tile + 64 * warpgroup * wg::kRowBytes, 16);
   const uint64_t values_desc = wg::descriptor(values_tile + 64 * warpgroup * wg::kRowBytes, 16);
   using wg::k_major_step;
 
-  // acc (64 keys x D) += frag (64 keys x 64 queries, A fragments) . the [query][D] tile at
-  // tile_desc (MN-major: the queries are the reduction).
-  auto accumulate_over_queries = [&](Accumulators& acc, const uint32_t(&frag)[4][4],
-                                     uint64_t tile_desc) {
-#pragma unroll
-    for (int s = 0; s < 4; ++s)
-#pragma unroll
-      for (int nb = 0; nb < kBlocks; ++nb)
-        wg::mma<Elem, 1>(acc[nb], frag[s],
-                         tile_desc + nb * wg::column_block(kWgQueries) + s * wg::kMnMajorStep, 1);
-  };
-  // Makes `step`'s tiles visible and starts the copies of the step after it. Past the barrier
-  // every warp has retired the products of step - 2, whose stage is the one refilled.
+  // Makes `step`'s tiles visible and starts the copies of the step after it, into the stage of
+  // step - 2, whose products every warp has retired before the barrier.
   auto next_step_tiles = [&](int step) {
-    tile::cp_async_wait<0>();
-    wg::fence_async_shared();  // this thread's copies -> the wgmma of every warpgroup
-    __syncthreads();
-    if (step + 1 < steps) {
-      issue_step(step + 1);
-      tile::cp_async_commit();
-    }
+    wg::stage_ready(step + 1 < steps, [&] { issue_step(step + 1); });
   };
   // One step; WithDv: the keys' own query tile (the first two steps), where dv's own part is
   // summed too -- its accumulators live only there, which leaves the registers of the long walk
@@ -1222,21 +1226,20 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
         if constexpr (kWithDv) p_frag[e / 8][(e % 8) / 2] = tile::pack<Elem>(prob[e], prob[e + 1]);
         ds_frag[e / 8][(e % 8) / 2] = tile::pack<Elem>(ds[0], ds[1]);
       }
-      const uint64_t q_mn_desc = wg::descriptor(stage_q(stage), kWgQueries * wg::kRowBytes);
-      const uint64_t do_mn_desc = wg::descriptor(stage_do(stage), kWgQueries * wg::kRowBytes);
-      // Unconditional products (also without dk or dv, whose sums are then dropped): a branch
-      // around them would make ptxas serialise every wgmma of the kernel.
+      // dK += dS^T Q (and dV += P^T dO) over the step's queries. Unconditional products (also
+      // without dk or dv, whose sums are then dropped): a branch around them would make ptxas
+      // serialise every wgmma of the kernel.
       wg::fence();
-      accumulate_over_queries(dk_acc, ds_frag, q_mn_desc);
-      if constexpr (kWithDv) accumulate_over_queries(dv_acc, p_frag, do_mn_desc);
+      wg::accumulate_mn<Elem>(dk_acc, ds_frag, stage_q(stage));
+      if constexpr (kWithDv) wg::accumulate_mn<Elem>(dv_acc, p_frag, stage_do(stage));
       wg::commit();
     }
     if (step + 1 < steps) next_step_tiles(step + 1);  // while dK (and dV) are multiplied
     wg::wait<0>();
 #pragma unroll
-    for (int nb = 0; nb < kBlocks; ++nb) {
-      wg::fence_operand(dk_acc[nb]);
-      if constexpr (kWithDv) wg::fence_operand(dv_acc[nb]);
+    for (int nb = 0; nb < D / 64; ++nb) {
+      wg::fence_operand(wg::columns(dk_acc, nb));
+      if constexpr (kWithDv) wg::fence_operand(wg::columns(dv_acc, nb));
     }
   };
   // Stores the pairs of the thread's two rows (keys) of acc: dk (scaled), or added to dv.
@@ -1247,31 +1250,29 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
       if (key >= length) continue;
       const int64_t token = seq.start + key;
 #pragma unroll
-      for (int nb = 0; nb < kBlocks; ++nb)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int col = 64 * nb + 8 * j + 2 * quad;
-          const float* const pair = &acc[nb][4 * j + 2 * r];
-          if (is_dk) {
-            *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dk.data) +
-                                         element_offset(a.dk, seq.batch, token, head, col)) =
-                tile::pack<Elem>(a.scale * pair[0], a.scale * pair[1]);
-          } else {
-            uint32_t* at =
-                reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dv.data) +
-                                            element_offset(a.dv, seq.batch, token, head, col));
-            const float2 aggregated = tile::unpack<Elem>(*at);
-            *at = tile::pack<Elem>(aggregated.x + pair[0], aggregated.y + pair[1]);
-          }
+      for (int nt = 0; nt < D / 8; ++nt) {
+        const int col = 8 * nt + 2 * quad;
+        const float* const pair = &acc[nt][2 * r];
+        if (is_dk) {
+          *reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dk.data) +
+                                       element_offset(a.dk, seq.batch, token, head, col)) =
+              tile::pack<Elem>(a.scale * pair[0], a.scale * pair[1]);
+        } else {
+          uint32_t* at =
+              reinterpret_cast<uint32_t*>(reinterpret_cast<Elem*>(a.dv.data) +
+                                          element_offset(a.dv, seq.batch, token, head, col));
+          const float2 aggregated = tile::unpack<Elem>(*at);
+          *at = tile::pack<Elem>(aggregated.x + pair[0], aggregated.y + pair[1]);
         }
+      }
     }
   };
 
-  float dk_acc[kBlocks][32] = {};
+  Accumulators dk_acc = {};
   next_step_tiles(0);
   const int own_steps = min(steps, kWgKeys / kWgQueries);  // the queries of the keys' own tile
   {
-    float dv_acc[kBlocks][32] = {};
+    Accumulators dv_acc = {};
     for (int step = 0; step < own_steps; ++step) run_step(step, std::true_type{}, dk_acc, dv_acc);
     if (a.dv.present) store_rows(dv_acc, false);
   }
@@ -1332,27 +1333,15 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) code_kernel_wgmma(const Args
   const int64_t code_step = a.codebook.stride[2] * int64_t{sizeof(Elem)};
   wg::copy_rows_async<D * 2, kWgKeyThreads, kWgCodes>(
       code_tile, reinterpret_cast<const char*>(codebook) + c0 * code_step, code_step, codes);
-  const char* const q_rows =
-      reinterpret_cast<const char*>(row_of<Elem>(a.q, seq.batch, seq.start, head));
-  const char* const do_rows =
-      reinterpret_cast<const char*>(row_of<Elem>(a.d_o, seq.batch, seq.start, head));
-  const int64_t q_step = a.q.stride[1] * int64_t{sizeof(Elem)};
-  const int64_t do_step = a.d_o.stride[1] * int64_t{sizeof(Elem)};
+  const QueryStepRows<Elem, D> query_rows(a, seq, head);
   // Step `step` of the walk: queries u * 64 .. (u = steps - 1 - step, at least one valid); lse
   // and the rows of q and do past the end are zeros: w = 1 there multiplies zero rows of do.
   auto issue_step = [&](int step) {
     const int stage = step % kWgStages;
     const int64_t first = int64_t{steps - 1 - step} * kWgQueries;
     const int valid = static_cast<int>(min(int64_t{kWgQueries}, length - first));
-    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(stage_q(stage), q_rows + first * q_step,
-                                                          q_step, valid);
-    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(
-        stage_do(stage), do_rows + first * do_step, do_step, valid);
-    if (tid < kWgQueries) {
-      const bool in = tid < valid;
-      tile::cp_async_4(lse_s + stage * kWgQueries + tid,
-                       a.lse + token_index(a, seq, in ? first + tid : first, head), in ? 4 : 0);
-    }
+    query_rows.issue(stage_q(stage), stage_do(stage), first, valid);
+    issue_query_statistics<1>(a, seq, head, first, valid, lse_s + stage * kWgQueries);
   };
   if (steps > 0) issue_step(0);
   tile::cp_async_commit();
@@ -1362,16 +1351,10 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) code_kernel_wgmma(const Args
   const int code_row = c0 + warp * 16 + lane / 4;
   load_final_state_gradient<D>(a, n, head, code_row, acc);
   const uint64_t codes_desc = wg::descriptor(code_tile + 64 * warpgroup * wg::kRowBytes, 16);
-  // Makes `step`'s tiles visible and starts the copies of the step after it. Past the barrier
-  // every warp has retired the products of step - 2, whose stage is the one refilled.
+  // Makes `step`'s tiles visible and starts the copies of the step after it, into the stage of
+  // step - 2, whose products every warp has retired before the barrier.
   auto next_step_tiles = [&](int step) {
-    tile::cp_async_wait<0>();
-    wg::fence_async_shared();  // this thread's copies -> the wgmma of every warpgroup
-    __syncthreads();
-    if (step + 1 < steps) {
-      issue_step(step + 1);
-      tile::cp_async_commit();
-    }
+    wg::stage_ready(step + 1 < steps, [&] { issue_step(step + 1); });
   };
   if (steps > 0)
     next_step_tiles(0);
@@ -1400,14 +1383,8 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) code_kernel_wgmma(const Args
     uint32_t frag[4][4];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) tile::a_from_c<Elem>(frag[kk], w[2 * kk], w[2 * kk + 1]);
-    const uint64_t do_desc = wg::descriptor(stage_do(stage), kWgQueries * wg::kRowBytes);
     wg::fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int nb = 0; nb < D / 64; ++nb)
-        wg::mma<Elem, 1>(wg::columns(acc, nb), frag[kk],
-                         do_desc + nb * wg::column_block(kWgQueries) + kk * wg::kMnMajorStep, 1);
+    wg::accumulate_mn<Elem>(acc, frag, stage_do(stage));  // R += w dO
     wg::commit();
     if (step + 1 < steps) next_step_tiles(step + 1);  // while R += w dO is multiplied
     wg::wait<0>();
@@ -1539,13 +1516,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel_wgmma(const 
     // Key tile kt visible to every warpgroup; the copies of kt + 1 started. The stage refilled
     // held key tile kt - 2, whose products every warpgroup waited for before this barrier.
     auto next_tiles = [&](int kt) {
-      tile::cp_async_wait<0>();
-      wg::fence_async_shared();  // this thread's copies -> the wgmma of every warpgroup
-      __syncthreads();
-      if (kt + 1 < key_tiles) {
-        issue_keys(kt + 1);
-        tile::cp_async_commit();
-      }
+      wg::stage_ready(kt + 1 < key_tiles, [&] { issue_keys(kt + 1); });
     };
     // into = A K^T over the key tile's keys (A: q) or values (A: do), one commit group.
     auto issue_scores = [&](float(&into)[8][4], uint64_t rows_desc, const char* tile) {
@@ -1562,14 +1533,8 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel_wgmma(const 
       uint32_t frag[4][4];
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) tile::a_from_c<Elem>(frag[kk], p[2 * kk], p[2 * kk + 1]);
-      const uint64_t rows_desc = wg::descriptor(rows, kKeyTile * wg::kRowBytes);
       wg::fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int nb = 0; nb < D / 64; ++nb)
-          wg::mma<Elem, 1>(wg::columns(acc, nb), frag[kk],
-                           rows_desc + nb * wg::column_block(kKeyTile) + kk * wg::kMnMajorStep, 1);
+      wg::accumulate_mn<Elem>(acc, frag, rows);
       wg::commit();
     };
     auto logits = [&](int kt) {
@@ -1695,13 +1660,7 @@ __global__ void __launch_bounds__(kSeqThreads) quantize_kernel_wgmma(const Args 
   for (int ct = 0; ct < code_tiles; ++ct) {
     // The tile visible; the next one's copies started into the stage of ct - 1, whose products
     // every warpgroup waited for before this barrier.
-    tile::cp_async_wait<0>();
-    wg::fence_async_shared();
-    __syncthreads();
-    if (ct + 1 < code_tiles) {
-      issue_codes(ct + 1);
-      tile::cp_async_commit();
-    }
+    wg::stage_ready(ct + 1 < code_tiles, [&] { issue_codes(ct + 1); });
     float s[8][4];
     const uint64_t codes_desc = wg::descriptor(codes_of(ct), 16);
     wg::fence();

@@ -206,6 +206,36 @@ __device__ __forceinline__ void mma(float (&d)[32], const uint32_t (&a)[4], uint
     FLASHLIN_WG_RS("f16");
 }
 
+// acc (64 rows x 8 Tiles columns, held as mma.sync n8 tiles: see columns) += A B with A (64 x 64)
+// from registers as four k16 fragments and B the swizzled 64-row tile at `tile`, MN-major: its
+// 64 rows are the reduction. No fence or commit: the caller groups the products.
+template <typename Elem, int Tiles>
+__device__ __forceinline__ void accumulate_mn(float (&acc)[Tiles][4], const uint32_t (&frag)[4][4],
+                                              const void* tile) {
+  const uint64_t tile_desc = descriptor(tile, 64 * kRowBytes);
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int nb = 0; nb < Tiles / 8; ++nb)
+      mma<Elem, 1>(columns(acc, nb), frag[kk],
+                   tile_desc + nb * column_block(64) + kk * kMnMajorStep, 1);
+}
+
+// Makes the copies this thread started visible to every warpgroup's wgmma (cp.async complete,
+// proxy fence, block barrier), then, when has_next, starts and commits the next stage's copies
+// (issue_next()). A stage may be refilled here once every warp has waited, before this barrier,
+// for the products that read it.
+template <typename IssueNext>
+__device__ __forceinline__ void stage_ready(bool has_next, IssueNext issue_next) {
+  tile::cp_async_wait<0>();
+  fence_async_shared();
+  __syncthreads();
+  if (has_next) {
+    issue_next();
+    tile::cp_async_commit();
+  }
+}
+
 #undef FLASHLIN_WG_SS
 #undef FLASHLIN_WG_RS
 #undef FLASHLIN_WG_D32_OPERANDS
