@@ -1613,7 +1613,7 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel_wgmma(const 
 // ---- the quantization on wgmma (sm_90a) ---------------------------------------------------------
 // quantize_kernel with two warpgroups of 64 rows: per tile of 64 codes S = K C^T with both
 // operands in shared memory, the distances and the running argmin in registers; code tiles in
-// two cp.async stages, one barrier per tile (80 KB with D = 128: three blocks per SM).
+// two cp.async stages, one barrier per tile (64 KB with D = 128: three blocks per SM).
 template <int D>
 struct WgQuantizeShape {
   static constexpr int kStages = 2;
