@@ -9,9 +9,8 @@ largest difference between their outputs (o, and dq, dk, dv, dg, du) relative to
 Prints a table; no assertions (tests/python checks both paths against the float64 reference).
 With --against groups1 the other path is the wgmma kernels with one value tile per thread block
 (FLASHLIN_WGMMA_GROUPS=1) instead of the mma.sync kernels. Op vq: Transformer-VQ attention
-(vq_attention, S = 512 codes, block_len 512, the dense key gradient), whose sequential passes and
-backward's key kernel run on wgmma by default; --against vq-mma.sync compares them with the
-mma.sync kernels (FLASHLIN_VQ_WGMMA=0).
+(vq_attention, S = 512 codes, block_len 512, the dense key gradient), whose kernels run on wgmma
+by default; --against vq-mma.sync compares them with the mma.sync kernels (FLASHLIN_VQ_WGMMA=0).
 
 usage: python3 bench/kernel_paths.py [--against groups1|vq-mma.sync] [T ...] [op ...]
        (default 2048 4096 8192, every op)

@@ -905,8 +905,7 @@ __global__ void __launch_bounds__(128 * Groups) forward_kernel(const ChunkArgs a
 template <typename Elem, int K, GateKind Gate, bool Bonus = false, bool ValueGates = false,
           typename Out = Elem>
 bool runs_here() {
-  static std::atomic<signed char> known[wg::kKnownDevices];
-  return wg::runs_sm90a(forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out, 1>, known);
+  return wg::runs_sm90a<forward_kernel<Elem, K, Gate, Bonus, ValueGates, Out, 1>>();
 }
 
 // FLASHLIN_WGMMA_GROUPS=1: one value tile per block everywhere (read at every launch, so that a

@@ -1043,6 +1043,33 @@ __global__ void __launch_bounds__(kTileThreads) key_kernel(const Args a) {
 // too: a synchronous load there stalled the whole block); one barrier per step, passed while
 // the step's last products are still being multiplied. The dense key gradient is three products
 // per (query, key) pair, like SDPA's backward minus two: this kernel is where its time goes.
+// A [batch, time, head, feature] tensor's rows of one (sequence, head), for the wgmma kernels'
+// row copies: the sequence's first row and the bytes between rows.
+template <typename Elem>
+struct SequenceRows {
+  const char* first;
+  int64_t step;
+  __device__ SequenceRows(const StridedTensor& x, const SequenceSpan& seq, int64_t head)
+      : first(reinterpret_cast<const char*>(row_of<Elem>(x, seq.batch, seq.start, head))),
+        step(x.stride[1] * int64_t{sizeof(Elem)}) {}
+  __device__ const char* at(int64_t row) const { return first + row * step; }
+};
+
+// Starts the copies of the codebook rows C[code_of(r)] into a swizzled tile of kRows rows (the
+// quantized keys k^); rows at and past `valid` zero-filled.
+template <typename Elem, int D, int kThreads, int kRows, typename CodeOf>
+__device__ __forceinline__ void gather_code_rows(char* tile, const Elem* codebook,
+                                                 int64_t code_stride, int valid, CodeOf code_of) {
+  constexpr int kParts = D / 8;
+  for (int idx = threadIdx.x; idx < kRows * kParts; idx += kThreads) {
+    const int row = idx / kParts, part = idx % kParts;
+    const bool in = row < valid;
+    const Elem* const code_row = in ? codebook + code_of(row) * code_stride : codebook;
+    tile::cp_async_16(tile + wg::tile_offset<kRows>(row, part * 8), code_row + part * 8,
+                      in ? 16 : 0);
+  }
+}
+
 constexpr int kWgKeys = 128;  // keys per block: two warpgroups of 64
 constexpr int kWgQueries = 64;
 constexpr int kWgKeyThreads = 256;
@@ -1052,21 +1079,14 @@ static_assert(kWgKeys == kQueryTile, "a block's keys are one query tile: dv's ow
 // The sequence's rows of q and do, streamed in steps of 64 queries by the key and code kernels.
 template <typename Elem, int D>
 struct QueryStepRows {
-  const char* q_rows;
-  const char* do_rows;
-  int64_t q_step, do_step;  // bytes between rows
+  SequenceRows<Elem> q, d_o;
   __device__ QueryStepRows(const Args& a, const SequenceSpan& seq, int64_t head)
-      : q_rows(reinterpret_cast<const char*>(row_of<Elem>(a.q, seq.batch, seq.start, head))),
-        do_rows(reinterpret_cast<const char*>(row_of<Elem>(a.d_o, seq.batch, seq.start, head))),
-        q_step(a.q.stride[1] * int64_t{sizeof(Elem)}),
-        do_step(a.d_o.stride[1] * int64_t{sizeof(Elem)}) {}
+      : q(a.q, seq, head), d_o(a.d_o, seq, head) {}
   // Starts the copies of queries first .. first + 63 (the first `valid` of them, at least one;
   // zeros past them) into swizzled 64-row tiles.
   __device__ void issue(char* q_tile, char* do_tile, int64_t first, int valid) const {
-    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(q_tile, q_rows + first * q_step, q_step,
-                                                          valid);
-    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(do_tile, do_rows + first * do_step,
-                                                          do_step, valid);
+    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(q_tile, q.at(first), q.step, valid);
+    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgQueries>(do_tile, d_o.at(first), d_o.step, valid);
   }
 };
 
@@ -1134,21 +1154,12 @@ __global__ void __launch_bounds__(kWgKeyThreads, 1) key_kernel_wgmma(const Args 
   };
   {
     const int valid_keys = static_cast<int>(min(int64_t{kWgKeys}, length - key0));
-    constexpr int kParts = D / 8;
-    const Elem* const codebook = row_of<Elem>(a.codebook, 0, head, 0);
-    for (int idx = tid; idx < kWgKeys * kParts; idx += kWgKeyThreads) {
-      const int row = idx / kParts, part = idx % kParts;
-      const bool in = row < valid_keys;
-      const Elem* const code_row =
-          in ? codebook + a.codes[token_index(a, seq, key0 + row, head)] * a.codebook.stride[2]
-             : codebook;
-      tile::cp_async_16(keys_tile + wg::tile_offset<kWgKeys>(row, part * 8), code_row + part * 8,
-                        in ? 16 : 0);
-    }
-    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgKeys>(
-        values_tile,
-        reinterpret_cast<const char*>(row_of<Elem>(a.v, seq.batch, seq.start + key0, head)),
-        a.v.stride[1] * int64_t{sizeof(Elem)}, valid_keys);
+    gather_code_rows<Elem, D, kWgKeyThreads, kWgKeys>(
+        keys_tile, row_of<Elem>(a.codebook, 0, head, 0), a.codebook.stride[2], valid_keys,
+        [&](int r) { return a.codes[token_index(a, seq, key0 + r, head)]; });
+    const SequenceRows<Elem> values(a.v, seq, head);
+    wg::copy_rows_async<D * 2, kWgKeyThreads, kWgKeys>(values_tile, values.at(key0), values.step,
+                                                       valid_keys);
   }
   issue_step(0);
   tile::cp_async_commit();
@@ -1445,15 +1456,8 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel_wgmma(const 
   const int64_t code_stride = a.codebook.stride[2];
   load_aggregates<Elem, D>(a, n, head, sums, means, table);
 
-  auto rows_of = [&](const StridedTensor& x) {
-    return reinterpret_cast<const char*>(row_of<Elem>(x, seq.batch, seq.start, head));
-  };
-  const char* const q_rows = rows_of(a.q);
-  const char* const v_rows = rows_of(a.v);
-  const int64_t q_step = a.q.stride[1] * int64_t{sizeof(Elem)};
-  const int64_t v_step = a.v.stride[1] * int64_t{sizeof(Elem)};
-  const char* const do_rows = kDq ? rows_of(a.d_o) : q_rows;
-  const int64_t do_step = kDq ? a.d_o.stride[1] * int64_t{sizeof(Elem)} : q_step;
+  const SequenceRows<Elem> q_rows(a.q, seq, head), v_rows(a.v, seq, head),
+      do_rows(kDq ? a.d_o : a.q, seq, head);
   // The warpgroup's 64 rows of the query tiles (A operands, K-major).
   const uint64_t q_desc = wg::descriptor(q_tile + 64 * warpgroup * wg::kRowBytes, 16);
   const uint64_t do_desc = wg::descriptor(do_tile + 64 * warpgroup * wg::kRowBytes, 16);
@@ -1479,23 +1483,17 @@ __global__ void __launch_bounds__(kSeqThreads, 1) sequential_kernel_wgmma(const 
       }
       const int u0 = (kt - code_tiles) * kKeyTile;  // the tile's tokens u0 .. u0 + 63
       const int valid = min(kKeyTile, tokens - u0);
-      constexpr int kParts = D / 8;
-      for (int idx = threadIdx.x; idx < kKeyTile * kParts; idx += kSeqThreads) {
-        const int row = idx / kParts, part = idx % kParts;
-        const bool in = row < valid;
-        const Elem* const code_row =
-            in ? codebook + table.tile_codes[u0 + row] * code_stride : codebook;
-        tile::cp_async_16(keys_of(kt) + wg::tile_offset<kKeyTile>(row, part * 8),
-                          code_row + part * 8, in ? 16 : 0);
-      }
-      wg::copy_rows_async<D * 2, kSeqThreads, kKeyTile>(
-          values_of(kt), v_rows + (first + u0) * v_step, v_step, valid);
+      gather_code_rows<Elem, D, kSeqThreads, kKeyTile>(
+          keys_of(kt), codebook, code_stride, valid,
+          [&](int r) { return table.tile_codes[u0 + r]; });
+      wg::copy_rows_async<D * 2, kSeqThreads, kKeyTile>(values_of(kt), v_rows.at(first + u0),
+                                                        v_rows.step, valid);
     };
-    wg::copy_rows_async<D * 2, kSeqThreads, kQueryTile>(q_tile, q_rows + first * q_step, q_step,
+    wg::copy_rows_async<D * 2, kSeqThreads, kQueryTile>(q_tile, q_rows.at(first), q_rows.step,
                                                         tokens);
     if constexpr (kDq)
-      wg::copy_rows_async<D * 2, kSeqThreads, kQueryTile>(do_tile, do_rows + first * do_step,
-                                                          do_step, tokens);
+      wg::copy_rows_async<D * 2, kSeqThreads, kQueryTile>(do_tile, do_rows.at(first), do_rows.step,
+                                                          tokens);
     issue_keys(0);
     tile::cp_async_commit();
 
@@ -1713,19 +1711,17 @@ void launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t str
   check_cuda(cudaGetLastError(), what);
 }
 
-// Whether `kernel`, one of the wgmma kernels, runs here: this build and the device run sm_90a
-// code, and FLASHLIN_VQ_WGMMA=0 does not ask for the mma.sync kernels (read at every call, so
-// that a test or a benchmark can compare both in one process). `known`: the kernel's own cache.
-template <typename Kernel>
-bool on_wgmma(Kernel kernel, std::atomic<signed char> (&known)[wg::kKnownDevices]) {
-  if (env_is("FLASHLIN_VQ_WGMMA", {"0"})) return false;
-  return wg::runs_sm90a(kernel, known);
+// Whether Kernel, one of the wgmma kernels, runs here: this build and the device run sm_90a code,
+// and FLASHLIN_VQ_WGMMA=0 does not ask for the mma.sync kernels (read at every call, so that a
+// test or a benchmark can compare both in one process).
+template <auto Kernel>
+bool on_wgmma() {
+  return !env_is("FLASHLIN_VQ_WGMMA", {"0"}) && wg::runs_sm90a<Kernel>();
 }
 
 template <typename Elem, int D, Pass kPass>
 void launch_sequential(const Args& a, unsigned pairs, cudaStream_t stream, const char* what) {
-  static std::atomic<signed char> known[wg::kKnownDevices];
-  if (on_wgmma(sequential_kernel_wgmma<Elem, D, kPass>, known))
+  if (on_wgmma<sequential_kernel_wgmma<Elem, D, kPass>>())
     launch(sequential_kernel_wgmma<Elem, D, kPass>, dim3(pairs), kSeqThreads,
            WgSeqShape<D>::smem(kPass, a.num_codes), stream, a, what);
   else
@@ -1750,8 +1746,7 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
            kTileThreads, 0, stream, a, "vq_attention: the code norms");
     const dim3 grid(static_cast<unsigned>((p.batch * p.time + kQueryTile - 1) / kQueryTile),
                     static_cast<unsigned>(p.num_heads));
-    static std::atomic<signed char> quantize_known[wg::kKnownDevices];
-    if (on_wgmma(quantize_kernel_wgmma<Elem, D>, quantize_known))
+    if (on_wgmma<quantize_kernel_wgmma<Elem, D>>())
       launch(quantize_kernel_wgmma<Elem, D>, grid, kSeqThreads, WgQuantizeShape<D>::kSmem, stream,
              a, "vq_attention: the quantization");
     else
@@ -1774,8 +1769,7 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
   if (p.dq.present) launch_sequential<Elem, D, Pass::kDq>(a, pairs, stream, "vq_attention: dq");
   const int64_t longest = longest_sequence(p.sequences);
   if (p.dv.present || p.d_initial_state.present) {
-    static std::atomic<signed char> code_known[wg::kKnownDevices];
-    if (on_wgmma(code_kernel_wgmma<Elem, D>, code_known))
+    if (on_wgmma<code_kernel_wgmma<Elem, D>>())
       launch(code_kernel_wgmma<Elem, D>,
              dim3(static_cast<unsigned>((codes + kWgCodes - 1) / kWgCodes), pairs), kWgKeyThreads,
              WgCodeShape<D>::kSmem, stream, a, "vq_attention: the codes' dv");
@@ -1784,8 +1778,7 @@ void run(const VqAttentionParams& p, const VqTcBuffers& b, cudaStream_t stream, 
              kTileThreads, Sh::kCodeSmem, stream, a, "vq_attention: the codes' dv");
   }
   if (!p.dk.present && !p.dv.present) return;
-  static std::atomic<signed char> key_known[wg::kKnownDevices];
-  if (on_wgmma(key_kernel_wgmma<Elem, D>, key_known))
+  if (on_wgmma<key_kernel_wgmma<Elem, D>>())
     launch(key_kernel_wgmma<Elem, D>,
            dim3(static_cast<unsigned>((longest + kWgKeys - 1) / kWgKeys), pairs), kWgKeyThreads,
            WgKeyShape<D>::kSmem, stream, a, "vq_attention: dk, dv");

@@ -106,13 +106,14 @@ __device__ __forceinline__ void copy_rows_async(char* tile_base, const char* src
   }
 }
 
-// Whether `kernel` runs here as sm_90a code: the library holds sm_90a code (FLASHLIN_SM90A, set by
-// CMake when CMAKE_CUDA_ARCHITECTURES has 90a) and the current device loads it. `known` caches
-// the answer per device (0: not asked yet, 1: yes, -1: no); each kernel family keeps its own.
-constexpr int kKnownDevices = 64;
-template <typename Kernel>
-bool runs_sm90a(Kernel kernel, std::atomic<signed char> (&known)[kKnownDevices]) {
+// Whether Kernel runs here as sm_90a code: the library holds sm_90a code (FLASHLIN_SM90A, set by
+// CMake when CMAKE_CUDA_ARCHITECTURES has 90a) and the current device loads it. The answer is
+// cached per kernel and device (0: not asked yet, 1: yes, -1: no).
+template <auto Kernel>
+bool runs_sm90a() {
 #if defined(FLASHLIN_SM90A)
+  constexpr int kKnownDevices = 64;
+  static std::atomic<signed char> known[kKnownDevices];
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -124,7 +125,7 @@ bool runs_sm90a(Kernel kernel, std::atomic<signed char> (&known)[kKnownDevices])
     if (answer != 0) return answer > 0;
   }
   cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, Kernel) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;  // not cached: a failed query says nothing about the device
   }
@@ -132,8 +133,6 @@ bool runs_sm90a(Kernel kernel, std::atomic<signed char> (&known)[kKnownDevices])
   if (cached) known[device].store(runs ? 1 : -1, std::memory_order_relaxed);
   return runs;
 #else
-  (void)kernel;
-  (void)known;
   return false;
 #endif
 }
